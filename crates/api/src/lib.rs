@@ -1,0 +1,20 @@
+//! The `LlmProxy` API: the custom resource types, their generated CRD, and the checked runtime
+//! [`Policy`] that the proxy and the operator both derive from a spec.
+
+pub mod duration;
+pub mod manifest;
+pub mod policy;
+pub mod spec;
+
+pub use duration::Duration;
+pub use manifest::{ManifestError, crd_yaml, from_yaml};
+pub use policy::{FieldError, Policy, PolicyError};
+pub use spec::{
+    CacheSpec, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec, SecretKeyRef,
+    UpstreamSpec,
+};
+
+/// The API group, for label keys and RBAC rules.
+pub const GROUP: &str = "llmproxy.io";
+/// The served version.
+pub const VERSION: &str = "v1alpha1";

@@ -1,0 +1,323 @@
+//! The runtime policy: an `LlmProxySpec` checked once and turned into plain numbers, so the
+//! proxy's hot path never re-validates and a bad spec never reaches it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::spec::{LlmProxySpec, SecretKeyRef};
+
+/// Everything the data plane needs to serve one LlmProxy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Where requests go.
+    pub upstream: UpstreamPolicy,
+    /// The quota to stay inside.
+    pub limits: LimitsPolicy,
+    /// How requests over the quota wait.
+    pub queue: QueuePolicy,
+    /// How transient failures are retried.
+    pub retry: RetryPolicy,
+    /// `None` when caching is off.
+    pub cache: Option<CachePolicy>,
+}
+
+/// The upstream endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamPolicy {
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub url: String,
+    /// Where the API key lives in cluster mode.
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+}
+
+/// Rates, already resolved (burst defaults applied).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitsPolicy {
+    /// Requests per minute.
+    pub requests_per_minute: u64,
+    /// Requests that may start back to back.
+    pub request_burst: u64,
+    /// Tokens per minute, `None` for unlimited.
+    pub tokens_per_minute: Option<u64>,
+    /// Token bucket capacity.
+    pub token_burst: u64,
+    /// Upstream requests in flight at once.
+    pub max_concurrent: u32,
+    /// Completion tokens reserved when a request names no maximum.
+    pub default_max_tokens: u32,
+}
+
+/// The admission queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// Waiting requests at once.
+    pub max_size: usize,
+    /// Longest wait for admission.
+    pub max_wait: Duration,
+}
+
+/// Retry schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, first included (>= 1).
+    pub max_attempts: u32,
+    /// First back-off.
+    pub initial_backoff: Duration,
+    /// Cap on any back-off.
+    pub max_backoff: Duration,
+    /// Growth factor (>= 1).
+    pub multiplier: f64,
+    /// Randomise back-offs.
+    pub jitter: bool,
+}
+
+/// The response cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachePolicy {
+    /// Time to live of an entry (> 0).
+    pub ttl: Duration,
+    /// Entries held at most.
+    pub max_entries: u64,
+}
+
+/// One reason a spec cannot run, naming the field the way `kubectl explain` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path such as `spec.limits.requestsPerMinute`.
+    pub field: &'static str,
+    /// What is wrong, e.g. `must be > 0`.
+    pub message: String,
+}
+
+/// Every reason a spec cannot run, so a user fixes them all in one edit.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError(pub Vec<FieldError>);
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects field errors while a spec is checked.
+struct Check(Vec<FieldError>);
+
+impl Check {
+    fn fail(&mut self, field: &'static str, message: impl Into<String>) {
+        self.0.push(FieldError { field, message: message.into() });
+    }
+
+    /// A positive integer as u64, or an error naming the field.
+    fn positive(&mut self, field: &'static str, v: i64) -> u64 {
+        if v <= 0 {
+            self.fail(field, "must be > 0");
+            return 1;
+        }
+        v.unsigned_abs()
+    }
+
+    fn non_negative(&mut self, field: &'static str, v: i64) -> u64 {
+        if v < 0 {
+            self.fail(field, "must be >= 0");
+            return 0;
+        }
+        v.unsigned_abs()
+    }
+}
+
+/// One second's worth of a per-minute rate, at least 1.
+pub fn per_second(per_minute: u64) -> u64 {
+    per_minute.div_ceil(60).max(1)
+}
+
+impl Policy {
+    /// Check a spec and resolve its defaults; the error names every bad field.
+    pub fn from_spec(spec: &LlmProxySpec) -> Result<Self, PolicyError> {
+        let mut c = Check(Vec::new());
+
+        let url = spec.upstream.url.trim_end_matches('/').to_owned();
+        let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+        if !scheme_ok || url.len() <= "https://".len() || url.contains(char::is_whitespace) {
+            c.fail("spec.upstream.url", format!("must be an http(s) URL, got {url:?}"));
+        }
+        let timeout = spec.upstream.timeout.get();
+        if timeout.is_zero() {
+            c.fail("spec.upstream.timeout", "must be greater than 0s");
+        }
+
+        let l = &spec.limits;
+        let rpm = c.positive("spec.limits.requestsPerMinute", l.requests_per_minute);
+        let tpm = l.tokens_per_minute.map(|t| c.positive("spec.limits.tokensPerMinute", t));
+        let request_burst = match l.burst {
+            Some(b) => {
+                let b = c.positive("spec.limits.burst", b);
+                if b > rpm {
+                    c.fail("spec.limits.burst", "must not exceed requestsPerMinute");
+                }
+                b
+            }
+            None => per_second(rpm),
+        };
+        let max_concurrent = c.positive("spec.limits.maxConcurrent", l.max_concurrent.into());
+        let default_max_tokens = c.positive("spec.limits.defaultMaxTokens", l.default_max_tokens.into());
+
+        let max_size = c.non_negative("spec.queue.maxSize", spec.queue.max_size.into());
+
+        let r = &spec.retry;
+        let max_attempts = c.positive("spec.retry.maxAttempts", r.max_attempts.into());
+        if r.initial_backoff.get() > r.max_backoff.get() {
+            c.fail("spec.retry.initialBackoff", "must not exceed maxBackoff");
+        }
+        if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+            c.fail("spec.retry.multiplier", "must be >= 1");
+        }
+
+        let cache = match &spec.cache {
+            Some(cache) if !cache.ttl.get().is_zero() => Some(CachePolicy {
+                ttl: cache.ttl.get(),
+                max_entries: c.positive("spec.cache.maxEntries", cache.max_entries),
+            }),
+            _ => None,
+        };
+
+        if !c.0.is_empty() {
+            return Err(PolicyError(c.0));
+        }
+        Ok(Self {
+            upstream: UpstreamPolicy {
+                url,
+                api_key_secret_ref: spec.upstream.api_key_secret_ref.clone(),
+                timeout,
+            },
+            limits: LimitsPolicy {
+                requests_per_minute: rpm,
+                request_burst,
+                tokens_per_minute: tpm,
+                token_burst: tpm.map_or(0, per_second),
+                max_concurrent: u32::try_from(max_concurrent).unwrap_or(u32::MAX),
+                default_max_tokens: u32::try_from(default_max_tokens).unwrap_or(u32::MAX),
+            },
+            queue: QueuePolicy {
+                max_size: usize::try_from(max_size).unwrap_or(usize::MAX),
+                max_wait: spec.queue.max_wait.get(),
+            },
+            retry: RetryPolicy {
+                max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
+                initial_backoff: r.initial_backoff.get(),
+                max_backoff: r.max_backoff.get(),
+                multiplier: r.multiplier,
+                jitter: r.jitter,
+            },
+            cache,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> LlmProxySpec {
+        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn errors(yaml: &str) -> String {
+        Policy::from_spec(&spec(yaml)).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    const MINIMAL: &str = "
+upstream: {url: 'https://api.openai.com/v1/'}
+limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
+";
+
+    #[test]
+    fn minimal_spec_resolves_documented_defaults() {
+        let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.upstream.url, "https://api.openai.com/v1", "trailing slash trimmed");
+        assert_eq!(p.upstream.timeout, Duration::from_secs(60));
+        assert_eq!(p.limits.request_burst, 59, "one second's worth of 3500 RPM, rounded up");
+        assert_eq!(p.limits.token_burst, 1500, "one second's worth of 90000 TPM");
+        assert_eq!(p.limits.max_concurrent, 64);
+        assert_eq!(p.limits.default_max_tokens, 1024);
+        assert_eq!(p.queue.max_size, 1000);
+        assert_eq!(p.queue.max_wait, Duration::from_secs(30));
+        assert_eq!(p.retry.max_attempts, 4);
+        assert_eq!(p.retry.initial_backoff, Duration::from_secs(1));
+        assert_eq!(p.retry.max_backoff, Duration::from_secs(30));
+        assert!(p.retry.jitter);
+        assert_eq!(p.cache, None);
+    }
+
+    #[test]
+    fn small_rates_still_get_a_burst_of_one() {
+        let p = Policy::from_spec(&spec("upstream: {url: 'http://x:1'}\nlimits: {requestsPerMinute: 10}"));
+        assert_eq!(p.map(|p| (p.limits.request_burst, p.limits.tokens_per_minute)), Ok((1, None)));
+    }
+
+    #[test]
+    fn explicit_burst_and_cache() {
+        let p = Policy::from_spec(&spec(
+            "upstream: {url: 'http://x:1'}\nlimits: {requestsPerMinute: 600, burst: 30}\ncache: {ttl: 5m}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.limits.request_burst, 30);
+        assert_eq!(p.cache, Some(CachePolicy { ttl: Duration::from_secs(300), max_entries: 10_000 }));
+    }
+
+    #[test]
+    fn zero_ttl_turns_the_cache_off() {
+        let yaml = format!("{MINIMAL}cache: {{ttl: 0s}}");
+        assert_eq!(Policy::from_spec(&spec(&yaml)).map(|p| p.cache), Ok(None));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("limits: {requestsPerMinute: 0}", "spec.limits.requestsPerMinute: must be > 0"),
+            ("limits: {requestsPerMinute: -3}", "spec.limits.requestsPerMinute: must be > 0"),
+            (
+                "limits: {requestsPerMinute: 60, tokensPerMinute: 0}",
+                "spec.limits.tokensPerMinute: must be > 0",
+            ),
+            (
+                "limits: {requestsPerMinute: 60, burst: 61}",
+                "spec.limits.burst: must not exceed requestsPerMinute",
+            ),
+            ("limits: {requestsPerMinute: 60, maxConcurrent: 0}", "spec.limits.maxConcurrent: must be > 0"),
+            ("limits: {requestsPerMinute: 60}\nqueue: {maxSize: -1}", "spec.queue.maxSize: must be >= 0"),
+            (
+                "limits: {requestsPerMinute: 60}\nretry: {initialBackoff: 10s, maxBackoff: 5s}",
+                "spec.retry.initialBackoff: must not exceed maxBackoff",
+            ),
+            (
+                "limits: {requestsPerMinute: 60}\nretry: {multiplier: 0.5}",
+                "spec.retry.multiplier: must be >= 1",
+            ),
+            (
+                "limits: {requestsPerMinute: 60}\nretry: {maxAttempts: 0}",
+                "spec.retry.maxAttempts: must be > 0",
+            ),
+        ];
+        for (limits, want) in cases {
+            let got = errors(&format!("upstream: {{url: 'https://api.openai.com/v1'}}\n{limits}"));
+            assert!(got.contains(want), "{limits}: got {got:?}, want {want:?}");
+        }
+        let got = errors("upstream: {url: 'ftp://x', timeout: 0s}\nlimits: {requestsPerMinute: 60}");
+        assert!(got.contains("spec.upstream.url: must be an http(s) URL"), "{got}");
+        assert!(got.contains("spec.upstream.timeout: must be greater than 0s"), "{got}");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let got = errors("upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 0, maxConcurrent: 0}");
+        assert_eq!(got, "spec.limits.requestsPerMinute: must be > 0; spec.limits.maxConcurrent: must be > 0");
+    }
+}

@@ -1,0 +1,289 @@
+//! The `LlmProxy` custom resource. Field docs become the CRD's schema descriptions.
+// clippy reads the repeated `type_ = ...` inside separate `printcolumn(...)`s as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+
+/// The desired LlmProxy: one upstream API, its quota, and how requests over it queue, retry and
+/// are cached. The operator turns it into proxy pods that queue clients instead of returning 429s.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "llmproxy.io",
+    version = "v1alpha1",
+    kind = "LlmProxy",
+    plural = "llmproxies",
+    namespaced,
+    shortname = "llmp",
+    category = "llmproxy",
+    status = "LlmProxyStatus",
+    doc = "A rate-limited, retrying, caching gateway to one OpenAI-compatible LLM API.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "RPM", type_ = "integer", json_path = ".spec.limits.requestsPerMinute"),
+    printcolumn(name = "TPM", type_ = "integer", json_path = ".spec.limits.tokensPerMinute"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmProxySpec {
+    /// The API the proxy forwards to, and the credentials it uses there.
+    pub upstream: UpstreamSpec,
+
+    /// The upstream's quota for this LlmProxy, shared by all its replicas. The proxy admits
+    /// requests only as fast as these limits allow and queues the rest.
+    pub limits: LimitsSpec,
+
+    /// How requests over the limits wait for their turn instead of failing.
+    #[serde(default)]
+    pub queue: QueueSpec,
+
+    /// How transient upstream failures (429, 408, 5xx, connection errors, timeouts) are retried.
+    #[serde(default)]
+    pub retry: RetrySpec,
+
+    /// Answer identical requests from a short-lived cache instead of spending quota. Absent:
+    /// caching is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+
+    /// Number of proxy pods. The limits above hold for all of them together.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+}
+
+/// The upstream API and how to reach it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "duration(self.timeout) > duration('0s')",
+    "message": "timeout must be greater than 0s",
+    "fieldPath": ".timeout",
+}]))]
+pub struct UpstreamSpec {
+    /// Base URL of the OpenAI-compatible API including its version prefix, for example
+    /// `https://api.openai.com/v1`. A client request to `/v1/<path>` is sent to `<url>/<path>`.
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: String,
+
+    /// Secret key holding the upstream API key, sent as `Authorization: Bearer <key>` in place
+    /// of whatever the client sent. Absent: no key is sent (for upstreams that need none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// How long one upstream attempt may take before it is abandoned and retried.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout: Duration,
+}
+
+/// A key in a Secret in the LlmProxy's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Key within the Secret's data.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The upstream quota, as the provider states it (per minute), for all replicas together.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.burst) || self.burst <= self.requestsPerMinute",
+    "message": "burst must not exceed requestsPerMinute",
+    "fieldPath": ".burst",
+}]))]
+pub struct LimitsSpec {
+    /// Requests per minute the upstream allows (OpenAI's RPM).
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub requests_per_minute: i64,
+
+    /// Tokens per minute the upstream allows (OpenAI's TPM), prompt and completion together.
+    /// Each request reserves its estimated tokens before it is sent and settles against the
+    /// real `usage` afterwards. Absent: tokens are not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub tokens_per_minute: Option<i64>,
+
+    /// How many requests may start back to back before pacing sets in. Providers enforce
+    /// per-minute limits at sub-minute granularity (60,000 RPM acts like 1,000 per second), so
+    /// a whole minute's worth at once is refused. Absent: one second's worth of
+    /// requestsPerMinute (at least 1); the token bucket likewise holds one second's worth of
+    /// tokensPerMinute, and a single request larger than that waits until the bucket is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<i64>,
+
+    /// Upper bound on requests in flight to the upstream at once, across streaming and
+    /// non-streaming requests, per proxy replica.
+    #[serde(default = "default_max_concurrent")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub max_concurrent: i32,
+
+    /// Completion tokens reserved for a request that sets neither `max_tokens` nor
+    /// `max_completion_tokens`. The reservation is settled against the real usage afterwards.
+    #[serde(default = "default_max_tokens")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub default_max_tokens: i32,
+}
+
+/// The admission queue in front of the limiter.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// Requests that may wait at once per replica; one more gets an immediate 429.
+    /// 0: no queue, requests over the limit fail at once.
+    #[serde(default = "default_queue_size")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_size: i32,
+
+    /// Longest a request waits for admission, including retries' back-off; past it the
+    /// client gets a 429 with a Retry-After header.
+    #[serde(default = "default_max_wait")]
+    pub max_wait: Duration,
+}
+
+impl Default for QueueSpec {
+    fn default() -> Self {
+        Self { max_size: default_queue_size(), max_wait: default_max_wait() }
+    }
+}
+
+/// Retry with exponential back-off: attempt n waits `initialBackoff * multiplier^(n-1)`, at
+/// most `maxBackoff`. An upstream `Retry-After`, `retry-after-ms` or `x-ratelimit-reset-*`
+/// header takes precedence over the computed delay.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "duration(self.initialBackoff) <= duration(self.maxBackoff)",
+    "message": "initialBackoff must not exceed maxBackoff",
+    "fieldPath": ".initialBackoff",
+}]))]
+pub struct RetrySpec {
+    /// Attempts in all, the first one included; 1 disables retries.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_attempts: i32,
+
+    /// Wait before the first retry.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff: Duration,
+
+    /// Longest wait between two attempts.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Duration,
+
+    /// Factor by which the wait grows after each retry.
+    #[serde(default = "default_multiplier")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub multiplier: f64,
+
+    /// Randomise each wait ("full jitter" between half and all of it) so that many clients
+    /// retrying at once do not arrive together.
+    #[serde(default = "default_true")]
+    pub jitter: bool,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            multiplier: default_multiplier(),
+            jitter: true,
+        }
+    }
+}
+
+/// The exact-match response cache.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// How long a successful response is served from the cache. `0s` turns caching off.
+    pub ttl: Duration,
+
+    /// Most responses held at once per replica; the least recently used leave first.
+    #[serde(default = "default_cache_entries")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_entries: i64,
+}
+
+/// What the operator and the proxies report about an LlmProxy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmProxyStatus {
+    /// `Ready`, `Progressing` and `Degraded`, with reasons a person can act on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Proxy pods that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+
+    /// Proxy pods ready to serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+
+    /// Base URL clients use, e.g. `http://openai.team-a.svc:8080/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_std(std::time::Duration::from_secs(60))
+}
+fn default_secret_key() -> String {
+    "api-key".to_owned()
+}
+fn default_max_concurrent() -> i32 {
+    64
+}
+fn default_max_tokens() -> i32 {
+    1024
+}
+fn default_queue_size() -> i32 {
+    1000
+}
+fn default_max_wait() -> Duration {
+    Duration::from_std(std::time::Duration::from_secs(30))
+}
+fn default_max_attempts() -> i32 {
+    4
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_std(std::time::Duration::from_secs(1))
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_std(std::time::Duration::from_secs(30))
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cache_entries() -> i64 {
+    10_000
+}

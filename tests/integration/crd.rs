@@ -1,0 +1,237 @@
+//! The LlmProxy CRD on a real API server: it installs, defaults, validates and versions.
+
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use llmproxy_api::LlmProxy;
+use serde_json::{Value, json};
+
+use crate::support::{self, KubeEnv, MANAGER};
+
+fn example(rel: &str) -> Value {
+    let text = std::fs::read_to_string(support::repo_path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+async fn env_with_crd(prefix: &str) -> (KubeEnv, Api<LlmProxy>) {
+    let env = KubeEnv::start().await;
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = env.namespace(&client, prefix).await;
+    (env, Api::namespaced(client, &ns))
+}
+
+fn strict_apply() -> PatchParams {
+    PatchParams::apply(MANAGER).validation_strict()
+}
+
+#[test]
+fn committed_crd_matches_generated() {
+    let path = support::repo_path("crds/llmproxy.io_llmproxies.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == llmproxy_api::crd_yaml(),
+        "{} is stale: regenerate it with `cargo run -- crd > crds/llmproxy.io_llmproxies.yaml`",
+        path.display()
+    );
+}
+
+#[test]
+fn examples_pass_and_fail_the_standalone_check_like_the_server() {
+    let read = |rel: &str| std::fs::read_to_string(support::repo_path(rel)).unwrap_or_default();
+    let (_, policy) =
+        llmproxy_api::from_yaml(&read("examples/openai.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(policy.limits.requests_per_minute, 3500);
+    let err = llmproxy_api::from_yaml(&read("examples/invalid/backoff-exceeds-max.yaml"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("spec.limits.requestsPerMinute: must be > 0"), "{err}");
+    assert!(err.contains("spec.retry.initialBackoff: must not exceed maxBackoff"), "{err}");
+}
+
+#[tokio::test]
+async fn crd_installs_and_becomes_established() {
+    let env = KubeEnv::start().await;
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    // Served: an empty list, not a 404.
+    let list = Api::<LlmProxy>::all(client).list(&Default::default()).await;
+    assert!(list.is_ok_and(|l| l.items.is_empty()));
+}
+
+#[tokio::test]
+async fn openai_example_applies_and_reads_back_with_defaults() {
+    let (_env, api) = env_with_crd("example").await;
+    let mut manifest = example("examples/openai.yaml");
+    // Leave some fields out so the schema has to fill them in.
+    let spec = &mut manifest["spec"];
+    spec["queue"].as_object_mut().map(|q| q.remove("maxWait"));
+    spec["upstream"].as_object_mut().map(|u| u.remove("timeout"));
+    spec.as_object_mut().map(|s| s.remove("retry"));
+    spec["upstream"]["apiKeySecretRef"].as_object_mut().map(|r| r.remove("key"));
+
+    let applied = api
+        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .unwrap_or_else(|e| panic!("apply examples/openai.yaml: {e}"));
+    let back = api.get("openai").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(applied.spec, back.spec);
+    let s = back.spec;
+    assert_eq!(s.limits.requests_per_minute, 3500);
+    assert_eq!(s.limits.tokens_per_minute, Some(90_000));
+    assert_eq!(s.limits.default_max_tokens, 1024, "limits.defaultMaxTokens default");
+    assert_eq!(s.queue.max_wait.as_str(), "30s", "queue.maxWait default");
+    assert_eq!(s.upstream.timeout.as_str(), "1m", "upstream.timeout default");
+    assert_eq!(s.upstream.api_key_secret_ref.map(|r| r.key).as_deref(), Some("api-key"));
+    assert_eq!(s.retry.max_attempts, 4, "retry defaulted as a whole object");
+    assert_eq!(s.retry.initial_backoff.as_str(), "1s");
+    assert_eq!(s.retry.max_backoff.as_str(), "30s");
+    assert!(s.retry.jitter);
+    assert_eq!(s.cache.map(|c| c.ttl.get()), Some(Duration::from_secs(300)));
+    // And the defaulted object is a valid runtime policy.
+    let spec = api.get("openai").await.map(|p| p.spec).unwrap_or_else(|e| panic!("{e}"));
+    assert!(llmproxy_api::Policy::from_spec(&spec).is_ok());
+}
+
+/// Each case breaks one thing in the valid example; the server must refuse it and say why.
+#[tokio::test]
+async fn invalid_specs_are_rejected_with_clear_messages() {
+    let (_env, api) = env_with_crd("invalid").await;
+    type Mutate = fn(&mut Value);
+    let cases: Vec<(&str, Mutate, &[&str])> = vec![
+        (
+            "zero rpm",
+            |s| s["limits"]["requestsPerMinute"] = json!(0),
+            &["spec.limits.requestsPerMinute", "greater than or equal to 1"],
+        ),
+        (
+            "negative tpm",
+            |s| s["limits"]["tokensPerMinute"] = json!(-5),
+            &["spec.limits.tokensPerMinute", "greater than or equal to 1"],
+        ),
+        ("zero maxConcurrent", |s| s["limits"]["maxConcurrent"] = json!(0), &["spec.limits.maxConcurrent"]),
+        (
+            "burst over rpm",
+            |s| s["limits"]["burst"] = json!(5000),
+            &["spec.limits.burst", "burst must not exceed requestsPerMinute"],
+        ),
+        (
+            "malformed duration",
+            |s| s["queue"]["maxWait"] = json!("30 seconds"),
+            &["spec.queue.maxWait", "should match"],
+        ),
+        ("days are not a Go unit", |s| s["cache"]["ttl"] = json!("1d"), &["spec.cache.ttl"]),
+        (
+            "initialBackoff > maxBackoff",
+            |s| s["retry"]["initialBackoff"] = json!("1m"),
+            &["spec.retry.initialBackoff", "initialBackoff must not exceed maxBackoff"],
+        ),
+        (
+            "zero timeout",
+            |s| s["upstream"]["timeout"] = json!("0s"),
+            &["spec.upstream.timeout", "timeout must be greater than 0s"],
+        ),
+        ("not a URL", |s| s["upstream"]["url"] = json!("api.openai.com"), &["spec.upstream.url"]),
+        ("multiplier below 1", |s| s["retry"]["multiplier"] = json!(0.5), &["spec.retry.multiplier"]),
+        (
+            "missing limits",
+            |s| {
+                s.as_object_mut().map(|o| o.remove("limits"));
+            },
+            &["spec.limits", "Required value"],
+        ),
+    ];
+    for (name, mutate, expected) in cases {
+        let mut manifest = example("examples/openai.yaml");
+        mutate(&mut manifest["spec"]);
+        let result = api.patch("openai", &strict_apply(), &Patch::Apply(&manifest)).await;
+        let err = match result {
+            Ok(_) => panic!("case {name:?}: the server accepted an invalid LlmProxy"),
+            Err(kube::Error::Api(status)) => status,
+            Err(other) => panic!("case {name:?}: unexpected error {other}"),
+        };
+        assert!(err.code == 422 || err.code == 400, "case {name:?}: code {} ({})", err.code, err.message);
+        for fragment in expected {
+            assert!(err.message.contains(fragment), "case {name:?}: {:?} lacks {fragment:?}", err.message);
+        }
+    }
+    // Unknown fields: a strict create (what `kubectl create --validate=strict` sends) is a 400
+    // naming the field; server-side apply refuses to build a typed patch with it.
+    let mut manifest = example("examples/openai.yaml");
+    manifest["spec"]["limits"]["requestsPerHour"] = json!(10);
+    let ns = api.namespace().unwrap_or_default().to_owned();
+    let url = format!("/apis/llmproxy.io/v1alpha1/namespaces/{ns}/llmproxies?fieldValidation=Strict");
+    let body = serde_json::to_vec(&manifest).unwrap_or_default();
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let created: Result<LlmProxy, _> = api.clone().into_client().request(req).await;
+    match created {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 400, "{}", s.message);
+            assert!(s.message.contains(r#"unknown field "spec.limits.requestsPerHour""#), "{}", s.message);
+        }
+        other => panic!("strict create with an unknown field: {other:?}"),
+    }
+    let err = api
+        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains(".spec.limits.requestsPerHour: field not declared in schema"), "{err}");
+
+    // Nothing invalid was stored.
+    assert!(api.get_opt("openai").await.is_ok_and(|o| o.is_none()));
+
+    // The committed invalid example is refused as a whole, with both of its faults named.
+    let broken = example("examples/invalid/backoff-exceeds-max.yaml");
+    let err = api
+        .patch("broken", &strict_apply(), &Patch::Apply(&broken))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("requestsPerMinute") && err.contains("initialBackoff must not exceed maxBackoff"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn server_side_apply_of_a_changed_limit_bumps_generation() {
+    let (_env, api) = env_with_crd("generation").await;
+    let mut manifest = example("examples/openai.yaml");
+    let generation = |p: &LlmProxy| p.metadata.generation.unwrap_or_default();
+
+    let first = api
+        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(generation(&first), 1);
+
+    let same = api
+        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(generation(&same), 1, "re-applying the same spec is a no-op");
+
+    manifest["spec"]["limits"]["requestsPerMinute"] = json!(5000);
+    let changed = api
+        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(generation(&changed), 2);
+    assert_eq!(changed.spec.limits.requests_per_minute, 5000);
+
+    // Status lives in its own subresource and does not move the generation.
+    let status = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "status": {"observedGeneration": 2, "replicas": 2}});
+    let after = api
+        .patch_status("openai", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&status))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(generation(&after), 2);
+    assert_eq!(after.status.and_then(|s| s.observed_generation), Some(2));
+}

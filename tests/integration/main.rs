@@ -1,0 +1,5 @@
+//! Integration tests against real servers: a Kubernetes API server (etcd + kube-apiserver-lite
+//! or the official binary) started per test by `support::KubeEnv`.
+
+mod crd;
+mod support;
