@@ -2,4 +2,6 @@
 //! or the official binary) started per test by `support::KubeEnv`.
 
 mod crd;
+mod proxy;
+mod proxy_process;
 mod support;

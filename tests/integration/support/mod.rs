@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod kube_env;
+pub mod proxy_env;
+pub mod python;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

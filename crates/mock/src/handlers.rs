@@ -1,0 +1,508 @@
+//! The mock's OpenAI endpoints: chat completions (JSON and SSE), completions, embeddings,
+//! responses, models; plus `/mock/stats` and `/mock/faults` for out-of-process control.
+
+// Handlers return a ready `Response` as their error: large, but built once per failed request.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::quota::go_duration;
+use crate::server::Kill;
+use crate::{Fault, Mock, Seen, lock};
+
+pub(crate) fn router(mock: Arc<Mock>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/mock/stats", get(stats))
+        .route("/mock/faults", post(faults))
+        .fallback(not_found)
+        .with_state(mock)
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+async fn not_found(uri: http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("Unknown request URL: {}", uri.path()),
+        "invalid_request_error",
+        Some("unknown_url"),
+    )
+}
+
+/// Decrements the in-flight count when the answer (or stream) is done.
+struct Inflight(Arc<Mock>);
+
+impl Inflight {
+    fn enter(mock: &Arc<Mock>) -> Self {
+        let mut n = lock(&mock.inflight);
+        *n += 1;
+        let mut stats = lock(&mock.stats);
+        stats.max_inflight = stats.max_inflight.max(*n);
+        Self(Arc::clone(mock))
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        *lock(&self.0.inflight) -= 1;
+    }
+}
+
+/// A request that passed auth, faults and limits.
+struct Admitted {
+    prompt: u64,
+    completion: u64,
+    headers: HeaderMap,
+    cut_after: Option<usize>,
+    inflight: Inflight,
+}
+
+fn text_len(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(text_len).sum(),
+        Value::Object(map) => map.get("content").or_else(|| map.get("text")).map_or(0, text_len),
+        _ => 0,
+    }
+}
+
+/// The mock's own count of prompt tokens: 4 bytes of message text per token.
+fn prompt_tokens(body: &Value) -> u64 {
+    let len: usize = ["messages", "prompt", "input"].iter().filter_map(|k| body.get(*k)).map(text_len).sum();
+    (len as u64).div_ceil(4).max(1)
+}
+
+fn fnv(v: &Value) -> u64 {
+    v.to_string().bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+fn rate_headers(mock: &Mock, now: Instant) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let limits = lock(&mock.limits);
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    if let Some(q) = &limits.requests {
+        put("x-ratelimit-limit-requests", q.limit.to_string());
+        put("x-ratelimit-remaining-requests", q.remaining(now).to_string());
+        put("x-ratelimit-reset-requests", go_duration(q.reset(now)));
+    }
+    if let Some(q) = &limits.tokens {
+        put("x-ratelimit-limit-tokens", q.limit.to_string());
+        put("x-ratelimit-remaining-tokens", q.remaining(now).to_string());
+        put("x-ratelimit-reset-tokens", go_duration(q.reset(now)));
+    }
+    h
+}
+
+fn record(mock: &Mock, path: &str, status: u16, key: Option<String>, at: Instant) {
+    lock(&mock.seen).push(Seen { at, path: path.to_owned(), status, key });
+    let mut s = lock(&mock.stats);
+    match status {
+        200..=299 => s.ok += 1,
+        401 => s.unauthorized += 1,
+        _ => {}
+    }
+}
+
+/// Everything before the answer: auth, faults, limits, latency.
+async fn gate(
+    mock: &Arc<Mock>,
+    headers: &HeaderMap,
+    kill: &Kill,
+    path: &str,
+    body: &Value,
+) -> Result<Admitted, Response> {
+    let at = Instant::now();
+    lock(&mock.stats).requests += 1;
+    let inflight = Inflight::enter(mock);
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let config = lock(&mock.config).clone();
+    if config.api_key.is_some() && key != config.api_key {
+        record(mock, path, 401, key, at);
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided.",
+            "invalid_request_error",
+            Some("invalid_api_key"),
+        ));
+    }
+
+    let fault = lock(&mock.faults).pop_front();
+    let mut cut_after = None;
+    if let Some(f) = &fault {
+        lock(&mock.stats).faults += 1;
+        match f {
+            Fault::Status { status, retry_after_secs } => {
+                let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                record(mock, path, code.as_u16(), key, at);
+                let mut resp = error(
+                    code,
+                    "The server had an error while processing your request.",
+                    "server_error",
+                    None,
+                );
+                if let Some(secs) = retry_after_secs {
+                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+                }
+                return Err(resp);
+            }
+            Fault::Drop => {
+                record(mock, path, 0, key.clone(), at);
+                kill.0.cancel();
+                std::future::pending::<()>().await;
+            }
+            Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
+            Fault::CutStream { after_chunks } => cut_after = Some(*after_chunks),
+        }
+    }
+
+    let prompt = prompt_tokens(body);
+    let max = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64));
+    let generates = path != "/v1/embeddings";
+    let completion =
+        if generates { max.map_or(config.completion_tokens, |m| m.min(config.completion_tokens)) } else { 0 };
+    let charged = prompt + if generates { max.unwrap_or(config.completion_tokens) } else { 0 };
+    let refused = {
+        let mut limits = lock(&mock.limits);
+        let requests =
+            limits.requests.as_mut().map_or(Ok(()), |q| q.try_take(at, 1)).map_err(|w| (w, "requests"));
+        requests.and_then(|()| {
+            let tokens = limits.tokens.as_mut().map_or(Ok(()), |q| q.try_take(at, charged));
+            tokens.map_err(|w| (w, "tokens"))
+        })
+    };
+    if let Err((wait, what)) = refused {
+        record(mock, path, 429, key, at);
+        lock(&mock.stats).rate_limited += 1;
+        let msg = format!("Rate limit reached for {what}. Please try again in {}.", go_duration(wait));
+        let mut resp = error(StatusCode::TOO_MANY_REQUESTS, &msg, what, Some("rate_limit_exceeded"));
+        let h = resp.headers_mut();
+        h.extend(rate_headers(mock, at));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)));
+        h.insert(
+            "retry-after-ms",
+            HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
+        );
+        return Err(resp);
+    }
+    // It knows its answer now: charge what it will really use.
+    if let Some(q) = lock(&mock.limits).tokens.as_mut() {
+        q.refund(at, charged.saturating_sub(prompt + completion));
+    }
+    lock(&mock.stats).tokens += prompt + completion;
+    record(mock, path, 200, key, at);
+    let headers = rate_headers(mock, at);
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency).await;
+    }
+    Ok(Admitted { prompt, completion, headers, cut_after, inflight })
+}
+
+fn parse(body: &Bytes) -> Result<Value, Response> {
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("We could not parse the JSON body of your request: {e}"),
+            "invalid_request_error",
+            None,
+        )
+    })
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn words(body: &Value, n: u64) -> Vec<String> {
+    let mut out = vec![format!("m{:08x}", fnv(body) as u32)];
+    out.extend((1..n).map(|i| format!(" w{i}")));
+    out.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+    out
+}
+
+fn usage(a: &Admitted) -> Value {
+    json!({"prompt_tokens": a.prompt, "completion_tokens": a.completion, "total_tokens": a.prompt + a.completion})
+}
+
+struct Endpoint {
+    path: &'static str,
+    /// Chat (`message`/`delta`) or legacy completions (`text`).
+    chat: bool,
+}
+
+async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
+    let req = match parse(&body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let admitted = match gate(&mock, &headers, &kill, ep.path, &req).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let model = req.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_owned();
+    let text = words(&req, admitted.completion);
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let (object, chunk_object) = if ep.chat {
+        ("chat.completion", "chat.completion.chunk")
+    } else {
+        ("text_completion", "text_completion")
+    };
+    let id = format!("cmpl-mock-{:x}", fnv(&req));
+    if !stream {
+        let choice = if ep.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": "stop"})
+        } else {
+            json!({"index": 0, "text": text.concat(), "finish_reason": "stop"})
+        };
+        let body = json!({"id": id, "object": object, "created": now_unix(), "model": model, "choices": [choice], "usage": usage(&admitted)});
+        let mut resp = Json(body).into_response();
+        resp.headers_mut().extend(admitted.headers.clone());
+        return resp;
+    }
+
+    let include_usage =
+        req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let base = |choices: Value| {
+        let mut v = json!({"id": id, "object": chunk_object, "created": now_unix(), "model": model, "choices": choices});
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    let mut events: Vec<String> = Vec::new();
+    let delta = |content: &str| if ep.chat { json!({"content": content}) } else { json!(content) };
+    let key = if ep.chat { "delta" } else { "text" };
+    if ep.chat {
+        events.push(
+            base(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))
+                .to_string(),
+        );
+    }
+    for w in &text {
+        events.push(base(json!([{"index": 0, key: delta(w), "finish_reason": null}])).to_string());
+    }
+    let end = if ep.chat { json!({}) } else { json!("") };
+    events.push(base(json!([{"index": 0, key: end, "finish_reason": "stop"}])).to_string());
+    if include_usage {
+        let mut last = base(json!([]));
+        last["usage"] = usage(&admitted);
+        events.push(last.to_string());
+    }
+    events.push("[DONE]".to_owned());
+    sse_response(mock, admitted, events)
+}
+
+fn sse_response(mock: Arc<Mock>, admitted: Admitted, events: Vec<String>) -> Response {
+    let delay = lock(&mock.config).chunk_delay;
+    let cut_after = admitted.cut_after;
+    let mut headers = admitted.headers.clone();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let state = (events.into_iter().enumerate(), admitted.inflight, mock);
+    let stream = futures_util::stream::unfold(state, move |(mut events, inflight, mock)| async move {
+        let (i, event) = events.next()?;
+        if i > 0 && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if cut_after.is_some_and(|n| i >= n) {
+            return Some((Err(std::io::Error::other("mock: stream cut")), (events, inflight, mock)));
+        }
+        *lock(&mock.last_chunk_at) = Some(Instant::now());
+        Some((Ok(Bytes::from(format!("data: {event}\n\n"))), (events, inflight, mock)))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.headers_mut() = headers;
+    resp
+}
+
+async fn chat(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(mock, kill, headers, body, Endpoint { path: "/v1/chat/completions", chat: true }).await
+}
+
+async fn completions(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(mock, kill, headers, body, Endpoint { path: "/v1/completions", chat: false }).await
+}
+
+async fn embeddings(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match parse(&body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let admitted = match gate(&mock, &headers, &kill, "/v1/embeddings", &req).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let inputs = match req.get("input") {
+        Some(Value::Array(items)) => items.clone(),
+        Some(v) => vec![v.clone()],
+        None => Vec::new(),
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let h = fnv(input);
+            let vector: Vec<f64> = (0..8).map(|k| f64::from(((h >> (k * 8)) & 0xff) as u8) / 255.0).collect();
+            json!({"object": "embedding", "index": i, "embedding": vector})
+        })
+        .collect();
+    let model = req.get("model").and_then(Value::as_str).unwrap_or("mock-embedding");
+    let body = json!({"object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": admitted.prompt, "total_tokens": admitted.prompt}});
+    let mut resp = Json(body).into_response();
+    resp.headers_mut().extend(admitted.headers.clone());
+    resp
+}
+
+async fn responses(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match parse(&body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let admitted = match gate(&mock, &headers, &kill, "/v1/responses", &req).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let text = words(&req, admitted.completion).concat();
+    let model = req.get("model").and_then(Value::as_str).unwrap_or("mock-model");
+    let body = json!({"id": format!("resp_mock{:x}", fnv(&req)), "object": "response", "created_at": now_unix(),
+        "status": "completed", "model": model,
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}],
+        "usage": {"input_tokens": admitted.prompt, "output_tokens": admitted.completion,
+                  "total_tokens": admitted.prompt + admitted.completion}});
+    let mut resp = Json(body).into_response();
+    resp.headers_mut().extend(admitted.headers.clone());
+    resp
+}
+
+const MODELS: &[&str] = &["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"];
+
+async fn models(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    headers: HeaderMap,
+) -> Response {
+    let admitted = match gate(&mock, &headers, &kill, "/v1/models", &json!({})).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let data: Vec<Value> = MODELS
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"}))
+        .collect();
+    let mut resp = Json(json!({"object": "list", "data": data})).into_response();
+    resp.headers_mut().extend(admitted.headers.clone());
+    resp
+}
+
+async fn model(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(resp) = gate(&mock, &headers, &kill, "/v1/models", &json!({})).await {
+        return resp;
+    }
+    if !MODELS.contains(&id.as_str()) {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("The model '{id}' does not exist"),
+            "invalid_request_error",
+            Some("model_not_found"),
+        );
+    }
+    Json(json!({"id": id, "object": "model", "created": 0, "owned_by": "mock"})).into_response()
+}
+
+async fn stats(State(mock): State<Arc<Mock>>) -> Json<crate::Stats> {
+    Json(mock.stats())
+}
+
+#[derive(serde::Deserialize)]
+struct Inject {
+    #[serde(flatten)]
+    fault: Fault,
+    #[serde(default = "one")]
+    count: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+async fn faults(State(mock): State<Arc<Mock>>, Json(req): Json<Inject>) -> StatusCode {
+    mock.inject(req.fault, req.count);
+    StatusCode::NO_CONTENT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_tokens_count_message_text() {
+        let body = json!({"messages": [{"role": "user", "content": "12345678"}, {"role": "user", "content": [{"type": "text", "text": "abcd"}]}]});
+        assert_eq!(prompt_tokens(&body), 3);
+        assert_eq!(prompt_tokens(&json!({"input": ["aaaa", "bbbb"]})), 2);
+    }
+
+    #[test]
+    fn answers_are_deterministic_per_prompt() {
+        let a = words(&json!({"messages": "a"}), 3);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a, words(&json!({"messages": "a"}), 3));
+        assert_ne!(a[0], words(&json!({"messages": "b"}), 3)[0]);
+    }
+}

@@ -1,0 +1,226 @@
+//! An OpenAI-compatible mock upstream for tests, benchmarks and `llmproxy demo`. It enforces
+//! requests and tokens per minute with real 429s (`Retry-After`, `retry-after-ms`,
+//! `x-ratelimit-*`), checks the bearer key, can inject 5xx, dropped connections, slow answers
+//! and broken streams, and counts everything it served.
+
+mod handlers;
+pub mod load;
+mod quota;
+mod server;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::quota::Quota;
+
+/// How the mock behaves.
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    /// Requests per minute; `None`: unlimited.
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per minute (prompt estimate + max tokens, settled to real usage); `None`: unlimited.
+    pub tokens_per_minute: Option<u64>,
+    /// Granularity of enforcement: at most this window's share of the per-minute limit may
+    /// arrive back to back (OpenAI enforces per-minute limits over shorter periods).
+    pub window: Duration,
+    /// The bearer key clients must send; `None`: any or none.
+    pub api_key: Option<String>,
+    /// Wait before sending response headers.
+    pub latency: Duration,
+    /// Wait between streamed chunks.
+    pub chunk_delay: Duration,
+    /// Completion tokens per answer (fewer if the request's max is lower).
+    pub completion_tokens: u64,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            window: Duration::from_secs(1),
+            api_key: None,
+            latency: Duration::ZERO,
+            chunk_delay: Duration::ZERO,
+            completion_tokens: 16,
+        }
+    }
+}
+
+/// A misbehaviour for the next request(s).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer with this status (an OpenAI-style error body), optionally with `Retry-After`.
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Seconds for `Retry-After`.
+        #[serde(default)]
+        retry_after_secs: Option<u64>,
+    },
+    /// Close the connection without answering.
+    Drop,
+    /// Wait this long before answering.
+    Delay {
+        /// Milliseconds.
+        ms: u64,
+    },
+    /// Stream this many chunks, then break the connection.
+    CutStream {
+        /// Chunks sent before the break.
+        after_chunks: usize,
+    },
+}
+
+/// What the mock has seen and done.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    /// Requests received on `/v1/...`.
+    pub requests: u64,
+    /// Answered 2xx.
+    pub ok: u64,
+    /// Answered 429 because a limit was exceeded.
+    pub rate_limited: u64,
+    /// Answered 401.
+    pub unauthorized: u64,
+    /// Requests that met an injected fault.
+    pub faults: u64,
+    /// Most requests in flight at once.
+    pub max_inflight: u64,
+    /// Tokens used (prompt + completion) by successful requests.
+    pub tokens: u64,
+}
+
+/// One request as the mock saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Arrival.
+    pub at: Instant,
+    /// Path.
+    pub path: String,
+    /// Status answered (0 for a dropped connection).
+    pub status: u16,
+    /// The bearer key sent, if any.
+    pub key: Option<String>,
+}
+
+pub(crate) struct Limits {
+    requests: Option<Quota>,
+    tokens: Option<Quota>,
+}
+
+/// Shared state of a running mock.
+pub struct Mock {
+    config: Mutex<MockConfig>,
+    limits: Mutex<Limits>,
+    faults: Mutex<VecDeque<Fault>>,
+    stats: Mutex<Stats>,
+    seen: Mutex<Vec<Seen>>,
+    inflight: Mutex<u64>,
+    /// When the last streamed chunk of any stream was written.
+    last_chunk_at: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Mock {
+    /// State for a mock with `config`.
+    pub fn new(config: MockConfig) -> Arc<Self> {
+        let now = Instant::now();
+        let limits = Limits {
+            requests: config.requests_per_minute.map(|l| Quota::new(l, config.window, now)),
+            tokens: config.tokens_per_minute.map(|l| Quota::new(l, config.window, now)),
+        };
+        Arc::new(Self {
+            config: Mutex::new(config),
+            limits: Mutex::new(limits),
+            faults: Mutex::new(VecDeque::new()),
+            stats: Mutex::new(Stats::default()),
+            seen: Mutex::new(Vec::new()),
+            inflight: Mutex::new(0),
+            last_chunk_at: Mutex::new(None),
+        })
+    }
+
+    /// Queue `fault` for the next `count` requests.
+    pub fn inject(&self, fault: Fault, count: usize) {
+        lock(&self.faults).extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Change the accepted key (rotation tests).
+    pub fn set_api_key(&self, key: Option<String>) {
+        lock(&self.config).api_key = key;
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        lock(&self.stats).clone()
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.seen).clone()
+    }
+
+    /// When the most recent stream chunk was written.
+    pub fn last_chunk_at(&self) -> Option<Instant> {
+        *lock(&self.last_chunk_at)
+    }
+
+    /// Forget counters and the request log (limits keep their state).
+    pub fn reset_stats(&self) {
+        *lock(&self.stats) = Stats::default();
+        lock(&self.seen).clear();
+    }
+}
+
+/// A mock serving on loopback; stops when dropped.
+pub struct MockServer {
+    /// Shared state, for injecting faults and reading stats.
+    pub mock: Arc<Mock>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl MockServer {
+    /// Start on `addr` (port 0 for any free port).
+    pub async fn start(config: MockConfig, addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let mock = Mock::new(config);
+        let stop = CancellationToken::new();
+        tokio::spawn(server::serve(listener, Arc::clone(&mock), stop.clone()));
+        Ok(Self { mock, addr, stop })
+    }
+
+    /// Start on a free loopback port.
+    pub async fn start_local(config: MockConfig) -> anyhow::Result<Self> {
+        Self::start(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// The base URL to configure as `upstream.url`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Stop accepting and close every connection.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,121 @@
+//! Naive clients: fire requests with no retry of their own and record what came back. The demo
+//! and the benchmark drive the mock and the proxy with these.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// One request's result.
+#[derive(Clone, Copy, Debug)]
+pub struct Shot {
+    /// HTTP status, `None` for a transport error.
+    pub status: Option<u16>,
+    /// Send to last byte of the body.
+    pub latency: Duration,
+}
+
+/// A batch of results.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// 2xx answers.
+    pub ok: usize,
+    /// 429 answers.
+    pub rate_limited: usize,
+    /// Anything else, transport errors included.
+    pub other: usize,
+    /// First send to last answer.
+    pub wall: Duration,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+/// The percentile `p` (0..=100) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+impl Summary {
+    /// Summarise shots fired over `wall`.
+    pub fn of(shots: &[Shot], wall: Duration) -> Self {
+        let mut lat: Vec<Duration> = shots.iter().map(|s| s.latency).collect();
+        lat.sort();
+        Self {
+            ok: shots.iter().filter(|s| s.status.is_some_and(|c| (200..300).contains(&c))).count(),
+            rate_limited: shots.iter().filter(|s| s.status == Some(429)).count(),
+            other: shots
+                .iter()
+                .filter(|s| !s.status.is_some_and(|c| (200..300).contains(&c) || c == 429))
+                .count(),
+            wall,
+            p50: percentile(&lat, 50.0),
+            p99: percentile(&lat, 99.0),
+        }
+    }
+}
+
+/// A small chat request; `i` varies the prompt so nothing is served from a cache.
+pub fn chat_body(i: usize) -> Value {
+    json!({"model": "gpt-4o-mini", "max_tokens": 16,
+           "messages": [{"role": "user", "content": format!("Say hello to user number {i}.")}]})
+}
+
+/// Send one request and read the whole answer.
+pub async fn shoot(client: &reqwest::Client, url: &str, key: Option<&str>, body: &Value) -> Shot {
+    let start = Instant::now();
+    let mut req = client.post(url).header("content-type", "application/json").body(body.to_string());
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let status = match req.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            resp.bytes().await.ok().map(|_| status)
+        }
+        Err(_) => None,
+    };
+    Shot { status, latency: start.elapsed() }
+}
+
+/// `n` clients at once, each sending one request.
+pub async fn burst(client: &reqwest::Client, url: &str, key: Option<&str>, n: usize) -> Summary {
+    let start = Instant::now();
+    let shots = join_all((0..n).map(|i| {
+        let body = chat_body(i);
+        async move { shoot(client, url, key, &body).await }
+    }))
+    .await;
+    Summary::of(&shots, start.elapsed())
+}
+
+/// Requests at a fixed `rate` per second for `duration`, each on its own task (open loop, so a
+/// slow answer does not slow the schedule).
+pub async fn constant_rate(
+    client: &reqwest::Client,
+    url: &str,
+    rate: f64,
+    duration: Duration,
+) -> (Vec<Shot>, Duration) {
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut tasks = Vec::new();
+    let mut next = start;
+    let mut i = 0;
+    while next < start + duration {
+        tokio::time::sleep_until(next).await;
+        let (client, url, body) = (client.clone(), url.to_owned(), chat_body(i));
+        tasks.push(tokio::spawn(async move { shoot(&client, &url, None, &body).await }));
+        next += interval;
+        i += 1;
+    }
+    let shots = join_all(tasks).await.into_iter().filter_map(Result::ok).collect();
+    (shots, start.elapsed())
+}

@@ -1,0 +1,52 @@
+//! The mock's accept loop. Each connection carries a kill switch in its requests' extensions so a
+//! handler can drop the connection without answering, as a crashed upstream would.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use crate::Mock;
+
+/// Cancelling it closes the connection the request came on.
+#[derive(Clone)]
+pub(crate) struct Kill(pub(crate) CancellationToken);
+
+pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, stop: CancellationToken) {
+    let router = crate::handlers::router(mock);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mock upstream: accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let kill = CancellationToken::new();
+        let router = router.clone();
+        let conn_kill = kill.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            req.extensions_mut().insert(Kill(conn_kill.clone()));
+            let mut router = router.clone();
+            async move { router.call(req.map(Body::new)).await }
+        });
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                () = kill.cancelled() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}

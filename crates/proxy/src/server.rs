@@ -1,0 +1,167 @@
+//! The proxy's shared state and its two routers: the OpenAI-compatible API and the admin port.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http::{StatusCode, header};
+use llmproxy_api::Policy;
+
+use crate::metrics::Metrics;
+use crate::queue::Admission;
+use crate::upstream::{self, ApiKey};
+
+/// Settings of the process, as opposed to the policy (which reloads).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Largest request body accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Connect timeout towards the upstream.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { max_request_bytes: 8 << 20, connect_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// What a policy reload did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// The new policy is in force.
+    Applied,
+    /// Identical to the one in force; nothing changed.
+    Unchanged,
+}
+
+/// One running proxy: the policy snapshot, the admission gate, the upstream client.
+pub struct Proxy {
+    policy: ArcSwap<Policy>,
+    api_key: ArcSwapOption<ApiKey>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) client: reqwest::Client,
+    metrics: Metrics,
+    pub(crate) options: Options,
+    ready: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl Proxy {
+    /// A proxy serving `policy`, with its metrics in `metrics`.
+    pub fn new(policy: Policy, metrics: Metrics, options: Options) -> anyhow::Result<Arc<Self>> {
+        let proxy = Arc::new(Self {
+            admission: Admission::new(&policy.limits, metrics.clone()),
+            client: upstream::client(options.connect_timeout)?,
+            policy: ArcSwap::from_pointee(policy),
+            api_key: ArcSwapOption::empty(),
+            metrics,
+            options,
+            ready: AtomicBool::new(true),
+            next_id: AtomicU64::new(0),
+        });
+        proxy.update_gauges();
+        Ok(proxy)
+    }
+
+    /// The policy in force (a snapshot; reloads swap it atomically).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Put a new policy in force. Limiter state carries over; limits that did not change keep
+    /// their buckets exactly as they were.
+    pub fn apply_policy(&self, policy: Policy) -> Reload {
+        if **self.policy.load() == policy {
+            self.metrics.policy_reloads.with_label_values(&["unchanged"]).inc();
+            return Reload::Unchanged;
+        }
+        self.admission.reconfigure(&policy.limits);
+        self.policy.store(Arc::new(policy));
+        self.update_gauges();
+        self.metrics.policy_reloads.with_label_values(&["applied"]).inc();
+        Reload::Applied
+    }
+
+    /// Count a policy that was refused (the last good one keeps serving).
+    pub fn reject_policy(&self) {
+        self.metrics.policy_reloads.with_label_values(&["rejected"]).inc();
+    }
+
+    fn update_gauges(&self) {
+        let p = self.policy.load();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.metrics.limit_requests_per_minute.set(as_i64(p.limits.requests_per_minute));
+        self.metrics.limit_tokens_per_minute.set(as_i64(p.limits.tokens_per_minute.unwrap_or(0)));
+        self.metrics.queue_capacity.set(as_i64(p.queue.max_size as u64));
+    }
+
+    /// Set or rotate the upstream key; the next upstream request uses it.
+    pub fn set_api_key(&self, key: Option<ApiKey>) {
+        self.api_key.store(key.map(Arc::new));
+    }
+
+    pub(crate) fn api_key(&self) -> Option<Arc<ApiKey>> {
+        self.api_key.load_full()
+    }
+
+    /// The metrics this proxy reports to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The admission gate (queue depth and limiter state, for tests and status).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Report not-ready (during shutdown, so load balancers stop sending).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub(crate) fn request_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("req-{:08x}{n:08x}", std::process::id())
+    }
+
+    /// The OpenAI-compatible API: every `/v1/...` path is forwarded.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/{*rest}", any(crate::forward::handle))
+            .fallback(not_found)
+            .with_state(Arc::clone(self))
+    }
+
+    /// The admin port: `/livez`, `/readyz`, `/metrics`.
+    pub fn admin_router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/livez", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(Arc::clone(self))
+    }
+}
+
+async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
+    if proxy.ready.load(Ordering::SeqCst) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    }
+}
+
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], proxy.metrics.render())
+        .into_response()
+}
+
+async fn not_found(uri: http::Uri) -> Response {
+    let msg = format!("unknown path {}: llmproxy serves the OpenAI API under /v1/", uri.path());
+    crate::error::ApiError::invalid(StatusCode::NOT_FOUND, msg, Some("unknown_url")).into_response()
+}

@@ -1,0 +1,149 @@
+//! The pooled HTTP client to the upstream, and which headers cross the proxy in each direction.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The upstream API key. Never printed: `Debug` and `Display` show a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(Arc<str>);
+
+impl ApiKey {
+    /// Wrap a key, trimming the newline that files and Secrets often carry.
+    pub fn new(key: &str) -> Option<Self> {
+        let key = key.trim();
+        (!key.is_empty()).then(|| Self(Arc::from(key)))
+    }
+
+    /// The key itself, only for building the Authorization header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Build the client shared by all requests: connection pooling, no overall timeout (streams may
+/// run long; the proxy times the wait for headers and each gap between chunks itself).
+pub fn client(connect_timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    // kube and reqwest both use rustls; pick the ring provider once for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and headers the proxy sets itself.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName, connection: &HeaderMap) -> bool {
+    if HOP_BY_HOP.contains(name) || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection" {
+        return true;
+    }
+    // Headers named in `Connection` are hop-by-hop too.
+    connection
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case(name.as_str())))
+}
+
+/// Client request headers to send upstream: end-to-end headers kept; hop-by-hop, `Host`,
+/// `Content-Length` (recomputed), `Accept-Encoding` (the proxy reads usage from bodies) and every
+/// client credential dropped; the upstream key added.
+pub fn request_headers(client: &HeaderMap, key: Option<&ApiKey>) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + 1);
+    for (name, value) in client {
+        let dropped = is_hop_by_hop(name, client)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::ACCEPT_ENCODING
+            || name == header::AUTHORIZATION
+            || name.as_str() == "api-key"
+            || name.as_str() == "x-api-key";
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(key) = key
+        && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+    {
+        v.set_sensitive(true);
+        out.insert(header::AUTHORIZATION, v);
+    }
+    out
+}
+
+/// Upstream response headers to return: everything end-to-end, `x-ratelimit-*` included.
+pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (name, value) in upstream {
+        if !is_hop_by_hop(name, upstream) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
+    }
+
+    #[test]
+    fn client_credentials_are_replaced_and_hop_by_hop_dropped() {
+        let client = map(&[
+            ("authorization", "Bearer client-key"),
+            ("x-api-key", "other"),
+            ("connection", "keep-alive, x-trace"),
+            ("x-trace", "1"),
+            ("keep-alive", "timeout=5"),
+            ("host", "proxy:8080"),
+            ("content-length", "12"),
+            ("accept-encoding", "gzip"),
+            ("openai-organization", "org-1"),
+            ("content-type", "application/json"),
+        ]);
+        let key = ApiKey::new("sk-upstream\n");
+        let out = request_headers(&client, key.as_ref());
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["openai-organization", "content-type", "authorization"]);
+        assert_eq!(out.get("authorization").and_then(|v| v.to_str().ok()), Some("Bearer sk-upstream"));
+        assert!(request_headers(&client, None).get("authorization").is_none());
+    }
+
+    #[test]
+    fn rate_limit_headers_come_back() {
+        let up = map(&[("x-ratelimit-remaining-requests", "5"), ("transfer-encoding", "chunked")]);
+        let out = response_headers(&up);
+        assert!(out.contains_key("x-ratelimit-remaining-requests"));
+        assert!(!out.contains_key("transfer-encoding"));
+    }
+
+    #[test]
+    fn keys_are_never_printed() {
+        let key = ApiKey::new("sk-secret");
+        assert_eq!(format!("{key:?}"), "Some(ApiKey(<redacted>))");
+    }
+}

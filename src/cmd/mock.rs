@@ -1,0 +1,56 @@
+//! `llmproxy mock-upstream`: the OpenAI-compatible mock, as a process (for benchmarks and manual
+//! experiments; tests and the demo run it in-process).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use llmproxy_mock::{MockConfig, MockServer};
+
+use super::LogFormat;
+
+/// Flags of `llmproxy mock-upstream`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Requests per minute to enforce (unlimited when absent).
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// Tokens per minute to enforce (unlimited when absent).
+    #[arg(long)]
+    tpm: Option<u64>,
+    /// Enforcement window in milliseconds: this share of the per-minute limit may arrive at once.
+    #[arg(long, default_value_t = 1000)]
+    window_ms: u64,
+    /// Bearer key to require.
+    #[arg(long, env = "MOCK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Delay before each response's headers, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Delay between streamed chunks, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    chunk_delay_ms: u64,
+    /// Completion tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    completion_tokens: u64,
+}
+
+/// Serve until SIGTERM/SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    super::init_logging(LogFormat::Text, "info");
+    let config = MockConfig {
+        requests_per_minute: args.rpm,
+        tokens_per_minute: args.tpm,
+        window: Duration::from_millis(args.window_ms),
+        api_key: args.api_key,
+        latency: Duration::from_millis(args.latency_ms),
+        chunk_delay: Duration::from_millis(args.chunk_delay_ms),
+        completion_tokens: args.completion_tokens,
+    };
+    let server = MockServer::start(config, args.listen).await?;
+    tracing::info!(url = %server.url(), "mock upstream serving; GET /mock/stats, POST /mock/faults");
+    super::shutdown_signal().await;
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The subcommands.
+
+mod demo;
+mod mock;
+mod proxy;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Safe, fast, rate-limited access to LLM APIs for every team: a proxy that queues bursts
+/// instead of returning 429s, and a Kubernetes operator that runs those proxies.
+#[derive(Parser)]
+#[command(name = "llmproxy", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the point in ten seconds, no key and no cluster: a burst of clients straight at a
+    /// rate-limited mock upstream (429s), then the same burst through llmproxy (none).
+    Demo(demo::Args),
+    /// Run the proxy for one LlmProxy manifest file (standalone, no Kubernetes needed).
+    Proxy(proxy::Args),
+    /// Run the OpenAI-compatible mock upstream that enforces RPM/TPM with real 429s.
+    MockUpstream(mock::Args),
+    /// Print the LlmProxy CustomResourceDefinition as YAML (pipe it to `kubectl apply -f -`).
+    Crd,
+    /// Check an LlmProxy manifest the way the proxy will read it, and print the resolved policy.
+    Check {
+        /// Path to an LlmProxy YAML manifest.
+        file: PathBuf,
+    },
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (for log pipelines).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Log to stderr; `RUST_LOG` overrides the default level.
+pub fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Run one subcommand to completion.
+#[allow(clippy::print_stdout)]
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Crd => print!("{}", llmproxy_api::crd_yaml()),
+        Command::Check { file } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let (_, policy) = llmproxy_api::from_yaml(&text)
+                .with_context(|| format!("{} is not a usable LlmProxy", file.display()))?;
+            println!("{}: ok\n{policy:#?}", file.display());
+        }
+        Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
+        Command::Proxy(args) => runtime()?.block_on(proxy::run(args))?,
+        Command::MockUpstream(args) => runtime()?.block_on(mock::run(args))?,
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

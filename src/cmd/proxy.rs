@@ -1,0 +1,83 @@
+//! `llmproxy proxy`: serve one LlmProxy from a manifest file, reloading it on change.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use llmproxy_proxy::reload::{self, FileWatcher};
+use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy};
+
+use super::LogFormat;
+
+/// Flags of `llmproxy proxy`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// LlmProxy manifest (the YAML you would `kubectl apply`); edits apply within a second.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Address of the OpenAI-compatible API.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Address of /livez, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
+    /// File holding the upstream API key (re-read when it changes).
+    #[arg(long, value_name = "PATH", conflicts_with = "upstream_api_key")]
+    upstream_api_key_file: Option<PathBuf>,
+    /// The upstream API key (prefer the file: environment variables leak into process listings
+    /// less than flags, files less than both).
+    #[arg(long, env = "LLMPROXY_UPSTREAM_API_KEY", hide_env_values = true)]
+    upstream_api_key: Option<String>,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_request_bytes: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+/// Run until SIGTERM/SIGINT, then drain and exit.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    super::init_logging(args.log_format, "info");
+    let (resource, policy) = reload::load_policy(&args.config)?;
+    if policy.upstream.api_key_secret_ref.is_some()
+        && args.upstream_api_key_file.is_none()
+        && args.upstream_api_key.is_none()
+    {
+        tracing::warn!(
+            "spec.upstream.apiKeySecretRef is only read in cluster mode; standalone, pass --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY"
+        );
+    }
+    let options = Options { max_request_bytes: args.max_request_bytes, ..Options::default() };
+    let proxy = Proxy::new(policy, Metrics::new(prometheus_registry())?, options)?;
+    let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
+        (Some(path), _) => reload::load_key(path)?,
+        (None, Some(key)) => ApiKey::new(key),
+        (None, None) => None,
+    };
+    proxy.set_api_key(key);
+
+    let api = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    tracing::info!(
+        name = resource.metadata.name.as_deref().unwrap_or(""),
+        listen = %api.local_addr()?,
+        admin = %admin.local_addr()?,
+        upstream = %proxy.policy().upstream.url,
+        "llmproxy serving"
+    );
+    let watcher = FileWatcher::new(proxy.clone(), args.config.clone(), args.upstream_api_key_file.clone());
+    let watch = tokio::spawn(watcher.run());
+    llmproxy_proxy::serve(proxy, api, admin, super::shutdown_signal()).await?;
+    watch.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn prometheus_registry() -> llmproxy_proxy::metrics::Registry {
+    llmproxy_proxy::metrics::Registry::new()
+}

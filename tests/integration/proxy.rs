@@ -1,0 +1,339 @@
+//! The proxy over real loopback HTTP, in front of the mock upstream that enforces real limits.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use llmproxy_mock::load;
+use llmproxy_mock::{Fault, MockConfig};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::support::proxy_env::{TestProxy, manifest, metric, mock, post_json};
+
+fn chat(max_tokens: u64) -> Value {
+    json!({"model": "gpt-4o-mini", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello there"}]})
+}
+
+fn error_message(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    let err = &v["error"];
+    assert!(
+        err["type"].is_string() && err.get("code").is_some() && err.get("param").is_some(),
+        "not an OpenAI error: {body}"
+    );
+    err["message"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_succeeds_at_the_upstream_rate_without_429s() {
+    let upstream = mock(MockConfig { requests_per_minute: Some(600), ..MockConfig::default() }).await;
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 600}", ""), None).await;
+    let client = reqwest::Client::new();
+    let clients = 50;
+    let summary = load::burst(&client, &proxy.url("/chat/completions"), None, clients).await;
+
+    assert_eq!((summary.ok, summary.rate_limited, summary.other), (clients, 0, 0), "{summary:?}");
+    let upstream_429 = upstream.mock.stats().rate_limited;
+    assert!(upstream_429 <= 2, "upstream 429s should stay near zero, got {upstream_429}");
+    // 10 at once (one second's burst), then 40 at 10/s: 4 s at best.
+    let ideal = Duration::from_secs(4);
+    assert!(summary.wall < ideal.mul_f64(1.5), "took {:?}, ideal {ideal:?}", summary.wall);
+    assert!(summary.wall >= Duration::from_millis(3900), "faster than the limit allows: {:?}", summary.wall);
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "llmproxy_requests_total{outcome=\"ok\"}"), 50.0);
+}
+
+#[tokio::test]
+async fn retry_after_from_the_upstream_is_honoured() {
+    let upstream = mock(MockConfig::default()).await;
+    upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: Some(1) }, 1);
+    let proxy = TestProxy::start(
+        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", "  retry: {initialBackoff: 10ms}\n"),
+        None,
+    )
+    .await;
+    let (status, headers, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("2"));
+    let seen = upstream.mock.seen();
+    assert_eq!(seen.len(), 2);
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_secs(1), "retried after {gap:?}, the upstream asked for 1s");
+    assert_eq!(metric(&proxy.metrics().await, "llmproxy_retries_total{reason=\"status_429\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn backoff_grows_between_retries_of_5xx() {
+    let upstream = mock(MockConfig::default()).await;
+    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None }, 3);
+    let retry =
+        "  retry: {maxAttempts: 4, initialBackoff: 100ms, multiplier: 2, maxBackoff: 1s, jitter: false}\n";
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", retry), None).await;
+    let (status, _, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 200);
+    let at: Vec<Instant> = upstream.mock.seen().iter().map(|s| s.at).collect();
+    assert_eq!(at.len(), 4, "three failures and a success");
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, want) in gaps.iter().zip([100, 200, 400]) {
+        assert!(*gap >= Duration::from_millis(want), "gaps {gaps:?}: expected at least {want} ms");
+    }
+    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "back-off should grow: {gaps:?}");
+}
+
+#[tokio::test]
+async fn exhausted_retries_return_the_upstream_error() {
+    let upstream = mock(MockConfig::default()).await;
+    upstream.mock.inject(Fault::Status { status: 500, retry_after_secs: None }, 5);
+    let retry = "  retry: {maxAttempts: 2, initialBackoff: 10ms}\n";
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", retry), None).await;
+    let (status, _, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 500);
+    assert!(!error_message(&body).is_empty());
+    assert_eq!(upstream.mock.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn client_errors_are_not_retried() {
+    let upstream = mock(MockConfig { api_key: Some("sk-right".into()), ..MockConfig::default() }).await;
+    let limits = "{requestsPerMinute: 6000}";
+    let retry = "  retry: {initialBackoff: 10ms}\n";
+    // 401: the proxy holds the wrong key.
+    let proxy = TestProxy::start(&manifest(&upstream.url(), limits, retry), Some("sk-wrong")).await;
+    let (status, _, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 401);
+    assert_eq!(upstream.mock.seen().len(), 1);
+    // 400 from the upstream.
+    proxy.proxy.set_api_key(llmproxy_proxy::ApiKey::new("sk-right"));
+    upstream.mock.inject(Fault::Status { status: 400, retry_after_secs: None }, 1);
+    let (status, _, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 400);
+    assert_eq!(upstream.mock.seen().len(), 2);
+    assert_eq!(metric(&proxy.metrics().await, "llmproxy_retries_total"), 0.0);
+}
+
+#[tokio::test]
+async fn dropped_connections_and_timeouts_are_retried() {
+    let upstream = mock(MockConfig::default()).await;
+    upstream.mock.inject(Fault::Drop, 1);
+    upstream.mock.inject(Fault::Delay { ms: 2_000 }, 1);
+    let spec = "  retry: {initialBackoff: 10ms}\n";
+    let with_timeout =
+        manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec).replace("'}", "', timeout: 300ms}");
+    let proxy = TestProxy::start(&with_timeout, None).await;
+    let (status, headers, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("3"));
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "llmproxy_retries_total{reason=\"connect_error\"}"), 1.0, "{m}");
+    assert_eq!(metric(&m, "llmproxy_retries_total{reason=\"timeout\"}"), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_not_retried_once_bytes_went_out() {
+    // Chunks 50 ms apart, so the first ones are on the wire before the upstream breaks off.
+    let upstream = mock(MockConfig { chunk_delay: Duration::from_millis(50), ..MockConfig::default() }).await;
+    upstream.mock.inject(Fault::CutStream { after_chunks: 3 }, 1);
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
+    let mut body = chat(10);
+    body["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(proxy.url("/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut received = Vec::new();
+    let mut broke = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => received.extend_from_slice(&c),
+            Err(_) => broke = true,
+        }
+    }
+    assert!(broke, "the client must see the stream break, not a clean end");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.contains("data: ") && !text.contains("[DONE]"), "{text}");
+    assert_eq!(upstream.mock.seen().len(), 1, "no second attempt after the first byte");
+}
+
+#[tokio::test]
+async fn an_unmeetable_deadline_gets_a_clear_429_not_a_hang() {
+    let upstream = mock(MockConfig::default()).await;
+    let spec = "  queue: {maxSize: 10, maxWait: 500ms}\n";
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 30}", spec), None).await;
+    let (first, _, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(first, 200);
+    let start = Instant::now();
+    let (status, headers, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 429);
+    assert!(start.elapsed() < Duration::from_secs(5), "answered after {:?}", start.elapsed());
+    let retry_after: u64 =
+        headers.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    assert!(retry_after >= 1, "Retry-After: {retry_after}");
+    let msg = error_message(&body);
+    assert!(msg.contains("requests-per-minute"), "{msg}");
+    assert!(body.contains("rate_limit_exceeded"), "{body}");
+    assert_eq!(upstream.mock.seen().len(), 1, "the refused request never reached the upstream");
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_429() {
+    let upstream = mock(MockConfig::default()).await;
+    let spec = "  queue: {maxSize: 1, maxWait: 30s}\n";
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 60}", spec), None).await;
+    let client = reqwest::Client::new();
+    // One goes at once, one waits its second, the third finds the queue full.
+    let summary = load::burst(&client, &proxy.url("/chat/completions"), None, 3).await;
+    assert_eq!((summary.ok, summary.rate_limited), (2, 1), "{summary:?}");
+    assert_eq!(metric(&proxy.metrics().await, "llmproxy_requests_total{outcome=\"queue_full\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn unused_token_reservations_are_released_for_the_next_request() {
+    // The proxy limits tokens (600/min = 10/s, a bucket of 10); the mock does not.
+    let upstream = mock(MockConfig { completion_tokens: 8, ..MockConfig::default() }).await;
+    let spec = "  queue: {maxWait: 8s}\n";
+    let proxy = TestProxy::start(
+        &manifest(&upstream.url(), "{requestsPerMinute: 6000, tokensPerMinute: 600}", spec),
+        None,
+    )
+    .await;
+    // Each request reserves ~205 tokens (prompt + max_tokens 200) and really uses ~11.
+    let (a, _, _) = post_json(&proxy.url("/chat/completions"), &chat(200)).await;
+    assert_eq!(a, 200);
+    let debt = proxy.proxy.admission().tokens_available().unwrap_or(f64::NAN);
+    assert!(debt > -50.0, "after settling, the bucket owes only the real usage, got {debt}");
+    // Unsettled, the second request would owe ~195 tokens at 10/s (~20 s): more than maxWait,
+    // so it would be refused at once. Settled, it waits ~2 s and succeeds.
+    let (b, _, body) = post_json(&proxy.url("/chat/completions"), &chat(200)).await;
+    assert_eq!(b, 200, "{body}");
+    let m = proxy.metrics().await;
+    assert!(metric(&m, "llmproxy_tokens_total{kind=\"completion\"}") >= 16.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reach_the_client_before_the_upstream_finishes() {
+    let upstream = mock(MockConfig {
+        chunk_delay: Duration::from_millis(200),
+        completion_tokens: 5,
+        ..MockConfig::default()
+    })
+    .await;
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
+    let mut body = chat(5);
+    body["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(proxy.url("/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        resp.headers()
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/event-stream"))
+    );
+    let mut stream = resp.bytes_stream();
+    let mut first_at = None;
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap_or_else(|e| panic!("{e}"));
+        first_at.get_or_insert_with(Instant::now);
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let last_sent = upstream.mock.last_chunk_at().unwrap_or_else(|| panic!("the mock streamed nothing"));
+    let first_at = first_at.unwrap_or_else(|| panic!("no chunk received"));
+    assert!(first_at < last_sent, "the first chunk arrived only after the upstream sent its last: buffered");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The proxy asked for usage on the client's behalf and removed that event again.
+    assert!(!text.contains("\"usage\":{"), "usage event leaked to a client that did not ask: {text}");
+    let m = proxy.metrics().await;
+    assert!(
+        metric(&m, "llmproxy_tokens_total{kind=\"completion\"}") >= 5.0,
+        "usage was read from the stream: {m}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_openai_style_errors() {
+    let upstream = mock(MockConfig::default()).await;
+    let options = llmproxy_proxy::Options { max_request_bytes: 1024, ..Default::default() };
+    let proxy =
+        TestProxy::start_with(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None, options)
+            .await;
+    let client = reqwest::Client::new();
+    let send = |path: &str, body: String| {
+        client.post(proxy.url(path)).header("content-type", "application/json").body(body).send()
+    };
+
+    let resp = send("/chat/completions", "{\"model\": ".into()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 400);
+    let msg = error_message(&resp.text().await.unwrap_or_default());
+    assert!(msg.contains("invalid JSON"), "{msg}");
+
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4096)}]}).to_string();
+    let resp = send("/chat/completions", big).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 413);
+    assert!(error_message(&resp.text().await.unwrap_or_default()).contains("1024 bytes"));
+
+    let resp = client
+        .get(format!("http://{}/admin/secret", proxy.addr))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 404);
+    assert!(error_message(&resp.text().await.unwrap_or_default()).contains("/v1/"));
+
+    assert!(upstream.mock.seen().is_empty(), "nothing bad reached the upstream");
+    assert_eq!(metric(&proxy.metrics().await, "llmproxy_requests_total{outcome=\"bad_request\"}"), 2.0);
+}
+
+#[tokio::test]
+async fn every_openai_path_passes_through_with_headers_and_the_upstream_key() {
+    let upstream = mock(MockConfig {
+        api_key: Some("sk-upstream".into()),
+        requests_per_minute: Some(6000),
+        ..MockConfig::default()
+    })
+    .await;
+    let proxy =
+        TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), Some("sk-upstream"))
+            .await;
+    let client = reqwest::Client::new();
+
+    let resp = client
+        .get(proxy.url("/models?limit=2"))
+        .bearer_auth("client-key")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200, "client's Authorization replaced by the upstream key");
+    assert!(resp.headers().contains_key("x-ratelimit-remaining-requests"), "x-ratelimit-* come back");
+    assert!(resp.headers().contains_key("x-request-id"));
+    let models: Value = serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
+    assert_eq!(models["object"], "list");
+
+    let (status, _, body) = post_json(
+        &proxy.url("/embeddings"),
+        &json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap_or_default()["data"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    let (status, _, body) =
+        post_json(&proxy.url("/completions"), &json!({"model": "m", "prompt": "hi", "max_tokens": 3})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = post_json(&proxy.url("/responses"), &json!({"model": "m", "input": "hi"})).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = client.get(proxy.url("/models/nope")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 404, "upstream 404 passed through");
+    assert!(upstream.mock.seen().iter().all(|s| s.key.as_deref() == Some("sk-upstream")));
+}

@@ -1,0 +1,194 @@
+//! The real `llmproxy proxy` binary: hot reload from its file, graceful shutdown on SIGTERM,
+//! secrets kept out of logs, metrics and errors, and the official OpenAI Python SDK as a client.
+
+use std::time::Duration;
+
+use llmproxy_mock::{Fault, MockConfig, load};
+use serde_json::json;
+
+use crate::support::eventually;
+use crate::support::proxy_env::{ProxyProcess, get_text, manifest, metric, mock, post_json};
+use crate::support::python::python_with_openai;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_file_reloads_the_policy_in_place() {
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    let queue = "  queue: {maxSize: 100, maxWait: 500ms}\n";
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", queue))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let pid = proxy.pid();
+    let client = reqwest::Client::new();
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+
+    let fast = load::burst(&client, &proxy.url("/chat/completions"), None, 5).await;
+    assert_eq!(fast.ok, 5, "{fast:?}");
+
+    // Lower the rate to one per second.
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 60}", queue))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the new limit to be in force", Duration::from_secs(2), || {
+        let url = metrics_url.clone();
+        async move { (metric(&get_text(&url).await, "llmproxy_limit_requests_per_minute") == 60.0).then_some(()) }
+    })
+    .await;
+    // One goes at once; the others would wait a second, longer than maxWait allows.
+    let slow = load::burst(&client, &proxy.url("/chat/completions"), None, 3).await;
+    assert_eq!((slow.ok, slow.rate_limited), (1, 2), "{slow:?}");
+
+    // A broken file is refused with a log line naming the field; the last good policy serves on.
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 0}", queue))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the broken policy to be refused", Duration::from_secs(5), || {
+        let logs = proxy.logs();
+        async move { logs.contains("spec.limits.requestsPerMinute: must be > 0").then_some(()) }
+    })
+    .await;
+    let m = get_text(&metrics_url).await;
+    assert_eq!(metric(&m, "llmproxy_limit_requests_per_minute"), 60.0);
+    assert_eq!(metric(&m, "llmproxy_policy_reloads_total{result=\"rejected\"}"), 1.0);
+    std::fs::write(&file, "limits: [this is not yaml").unwrap_or_else(|e| panic!("{e}"));
+    eventually("unparseable YAML to be refused", Duration::from_secs(5), || {
+        let url = metrics_url.clone();
+        async move {
+            (metric(&get_text(&url).await, "llmproxy_policy_reloads_total{result=\"rejected\"}") == 2.0)
+                .then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let the 1/s bucket refill once
+    let (status, _, _) = post_json(&proxy.url("/chat/completions"), &load::chat_body(99)).await;
+    assert_eq!(status, 200, "still serving on the last good policy");
+    assert_eq!(proxy.pid(), pid, "same process throughout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let upstream = mock(MockConfig { latency: Duration::from_millis(1500), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut proxy = ProxyProcess::start(&file, &["--log-format", "text"], &[]).await;
+    let url = proxy.url("/chat/completions");
+    let inflight = tokio::spawn(async move { post_json(&url, &load::chat_body(1)).await.0 });
+    let mock_state = upstream.mock.clone();
+    eventually("the request to reach the upstream", Duration::from_secs(5), || {
+        let n = mock_state.seen().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    proxy.terminate();
+    assert_eq!(inflight.await.ok(), Some(200), "the in-flight request finished");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).await, Some(0), "exit code; logs:\n{}", proxy.logs());
+    assert!(proxy.logs().contains("shutting down"), "{}", proxy.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
+    const UPSTREAM_KEY: &str = "sk-upstream-SECRET-7f3a";
+    const CLIENT_KEY: &str = "sk-client-SECRET-91bc";
+    let upstream = mock(MockConfig { api_key: Some(UPSTREAM_KEY.into()), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    let spec = "  retry: {maxAttempts: 2, initialBackoff: 10ms}\n";
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = ProxyProcess::start(
+        &file,
+        &["--max-request-bytes", "2048"],
+        &[("LLMPROXY_UPSTREAM_API_KEY", UPSTREAM_KEY)],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut bodies = Vec::new();
+    let send = |body: String| {
+        client
+            .post(proxy.url("/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for body in [
+        load::chat_body(1).to_string(),
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+        "{not json".to_owned(),
+        "x".repeat(4096),
+    ] {
+        let resp = send(body).await.unwrap_or_else(|e| panic!("{e}"));
+        bodies.push(resp.text().await.unwrap_or_default());
+    }
+    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None }, 2);
+    bodies.push(
+        send(load::chat_body(2).to_string())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .text()
+            .await
+            .unwrap_or_default(),
+    );
+    upstream.mock.set_api_key(Some("sk-rotated-elsewhere".into()));
+    let resp = send(load::chat_body(3).to_string()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 401);
+    bodies.push(resp.text().await.unwrap_or_default());
+    upstream.stop();
+    bodies.push(
+        send(load::chat_body(4).to_string())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .text()
+            .await
+            .unwrap_or_default(),
+    );
+
+    let metrics = get_text(&format!("http://{}/metrics", proxy.admin)).await;
+    eventually("a log line per request", Duration::from_secs(5), || {
+        let n = proxy.logs().matches("\"request_id\"").count();
+        async move { (n >= 7).then_some(()) }
+    })
+    .await;
+    let logs = proxy.logs();
+    for (what, text) in [("logs", &logs), ("metrics", &metrics), ("bodies", &bodies.join("\n"))] {
+        for secret in ["SECRET-7f3a", "SECRET-91bc"] {
+            assert!(!text.contains(secret), "{secret} leaked into {what}:\n{text}");
+        }
+    }
+    assert!(bodies.iter().any(|b| b.contains("could not be reached")), "{bodies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_sdk_works_through_the_proxy() {
+    let python = python_with_openai();
+    let upstream = mock(MockConfig { api_key: Some("sk-upstream".into()), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "sk-upstream\n").unwrap_or_else(|e| panic!("{e}"));
+    let key_arg = key_file.display().to_string();
+    let proxy = ProxyProcess::start(
+        &file,
+        &["--upstream-api-key-file", &key_arg, "--max-request-bytes", "16384"],
+        &[],
+    )
+    .await;
+    let script = crate::support::repo_path("tests/python/openai_sdk_check.py");
+    let base = format!("http://{}/v1", proxy.addr);
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "openai SDK check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("openai sdk: ok"));
+}

@@ -1,0 +1,217 @@
+//! Proxies for tests: in-process (fast, inspectable) or as the real `llmproxy` binary (signals,
+//! logs, hot reload, same PID), both in front of the in-process mock upstream.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmproxy_mock::{MockConfig, MockServer};
+use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy};
+
+use super::eventually;
+
+/// An LlmProxy manifest for `upstream`, with `spec_extra` (YAML lines, two-space indented under
+/// `spec:`) appended.
+pub fn manifest(upstream: &str, limits: &str, spec_extra: &str) -> String {
+    format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{upstream}'}}\n  limits: {limits}\n{spec_extra}"
+    )
+}
+
+/// Start a mock upstream on loopback.
+pub async fn mock(config: MockConfig) -> MockServer {
+    MockServer::start_local(config).await.unwrap_or_else(|e| panic!("mock upstream: {e}"))
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    /// Shared state, for reloads and inspection.
+    pub proxy: Arc<Proxy>,
+    /// API address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestProxy {
+    /// Serve `manifest` with `key` as the upstream key.
+    pub async fn start(manifest: &str, key: Option<&str>) -> Self {
+        Self::start_with(manifest, key, Options::default()).await
+    }
+
+    /// As `start`, with process options.
+    pub async fn start_with(manifest: &str, key: Option<&str>, options: Options) -> Self {
+        let (_, policy) = llmproxy_api::from_yaml(manifest).unwrap_or_else(|e| panic!("test manifest: {e}"));
+        let metrics = Metrics::new(Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::new(policy, metrics, options).unwrap_or_else(|e| panic!("{e}"));
+        proxy.set_api_key(key.and_then(ApiKey::new));
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let (addr, admin_addr) = (
+            api.local_addr().unwrap_or_else(|e| panic!("{e}")),
+            admin.local_addr().unwrap_or_else(|e| panic!("{e}")),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(llmproxy_proxy::serve(Arc::clone(&proxy), api, admin, async move {
+            let _ = stopped.await;
+        }));
+        Self { proxy, addr, admin: admin_addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// `http://addr/v1` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/v1{path}", self.addr)
+    }
+
+    /// The admin port's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        get_text(&format!("http://{}/metrics", self.admin)).await
+    }
+
+    /// Stop serving and wait for in-flight requests.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// GET a URL's body as text ("" on any error).
+pub async fn get_text(url: &str) -> String {
+    match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// POST JSON; returns status, headers and body text.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, reqwest::header::HeaderMap, String) {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.text().await.unwrap_or_default())
+}
+
+/// The value of a metric sample line (`name{labels} value`), summed over matching lines.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The real `llmproxy` binary, killed on drop; stderr (its logs) goes to a file.
+pub struct ProxyProcess {
+    child: Child,
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// Where the admin endpoints listen.
+    pub admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+impl ProxyProcess {
+    /// `llmproxy proxy --config <manifest file>` with extra args and env; waits for /readyz.
+    pub async fn start(manifest_path: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let log = dir.path().join("proxy.log");
+        let (addr, admin) = (free_addr(), free_addr());
+        let stderr = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmproxy"));
+        cmd.arg("proxy")
+            .arg("--config")
+            .arg(manifest_path)
+            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+            .args(args)
+            .env_remove("LLMPROXY_UPSTREAM_API_KEY")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting llmproxy: {e}"));
+        let mut p = Self { child, addr, admin, log, _dir: dir };
+        let ready = format!("http://{admin}/readyz");
+        eventually("the proxy process to be ready", Duration::from_secs(30), || {
+            let ready = ready.clone();
+            let exited = p.child.try_wait().ok().flatten();
+            async move {
+                assert!(exited.is_none(), "llmproxy exited early: {exited:?}");
+                (get_text(&ready).await == "ok").then_some(())
+            }
+        })
+        .await;
+        p
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it logged so far.
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://addr/v1` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/v1{path}", self.addr)
+    }
+
+    /// Send SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
+    }
+
+    /// Wait for the process to exit (polling with a deadline); returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = &mut self.child;
+        let mut status = None;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                status = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        status.and_then(|s| s.code())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

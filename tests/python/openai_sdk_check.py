@@ -1,0 +1,58 @@
+"""Drive llmproxy with the official OpenAI Python SDK: a chat request and a streamed one.
+
+Usage: python openai_sdk_check.py BASE_URL
+Exits non-zero (with the reason) if the SDK cannot use the proxy as it would use OpenAI.
+"""
+import sys
+
+import openai
+
+
+def main(base_url: str) -> None:
+    # max_retries=0: the proxy, not the SDK, must absorb rate limits.
+    client = openai.OpenAI(base_url=base_url, api_key="client-key-not-the-upstream-one", max_retries=0)
+
+    chat = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=8,
+    )
+    assert chat.choices[0].message.content, chat
+    assert chat.usage is not None and chat.usage.total_tokens > 0, chat.usage
+
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Stream hello"}],
+        max_tokens=8,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces), pieces
+
+    # Asked for usage explicitly: the SDK sees the usage chunk.
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Stream with usage"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert usage and usage[-1].total_tokens > 0, usage
+
+    emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(emb.data) == 2
+
+    # The proxy's own errors parse as OpenAI errors.
+    try:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "x" * 20000}])
+    except openai.APIStatusError as e:
+        assert e.status_code == 413, e
+        assert "bytes" in e.message, e.message
+    else:
+        raise AssertionError("an oversized request was accepted")
+    print("openai sdk: ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
