@@ -66,7 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.rpm
     );
 
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
+    let client = load::client();
     let direct =
         load::burst(&client, &format!("{}/chat/completions", mock.url()), Some("sk-demo"), args.clients)
             .await;

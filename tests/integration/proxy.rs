@@ -28,7 +28,7 @@ fn error_message(body: &str) -> String {
 async fn a_burst_succeeds_at_the_upstream_rate_without_429s() {
     let upstream = mock(MockConfig { requests_per_minute: Some(600), ..MockConfig::default() }).await;
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 600}", ""), None).await;
-    let client = reqwest::Client::new();
+    let client = llmproxy_mock::load::client();
     let clients = 50;
     let summary = load::burst(&client, &proxy.url("/chat/completions"), None, clients).await;
 
@@ -136,7 +136,7 @@ async fn a_broken_stream_is_not_retried_once_bytes_went_out() {
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
     let mut body = chat(10);
     body["stream"] = json!(true);
-    let resp = reqwest::Client::new()
+    let resp = llmproxy_mock::load::client()
         .post(proxy.url("/chat/completions"))
         .header("content-type", "application/json")
         .body(body.to_string())
@@ -184,7 +184,7 @@ async fn a_full_queue_refuses_with_429() {
     let upstream = mock(MockConfig::default()).await;
     let spec = "  queue: {maxSize: 1, maxWait: 30s}\n";
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 60}", spec), None).await;
-    let client = reqwest::Client::new();
+    let client = llmproxy_mock::load::client();
     // One goes at once, one waits its second, the third finds the queue full.
     let summary = load::burst(&client, &proxy.url("/chat/completions"), None, 3).await;
     assert_eq!((summary.ok, summary.rate_limited), (2, 1), "{summary:?}");
@@ -225,7 +225,7 @@ async fn streams_reach_the_client_before_the_upstream_finishes() {
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
     let mut body = chat(5);
     body["stream"] = json!(true);
-    let resp = reqwest::Client::new()
+    let resp = llmproxy_mock::load::client()
         .post(proxy.url("/chat/completions"))
         .header("content-type", "application/json")
         .body(body.to_string())
@@ -265,7 +265,7 @@ async fn bad_requests_get_clear_openai_style_errors() {
     let proxy =
         TestProxy::start_with(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None, options)
             .await;
-    let client = reqwest::Client::new();
+    let client = llmproxy_mock::load::client();
     let send = |path: &str, body: String| {
         client.post(proxy.url(path)).header("content-type", "application/json").body(body).send()
     };
@@ -303,7 +303,7 @@ async fn every_openai_path_passes_through_with_headers_and_the_upstream_key() {
     let proxy =
         TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), Some("sk-upstream"))
             .await;
-    let client = reqwest::Client::new();
+    let client = llmproxy_mock::load::client();
 
     let resp = client
         .get(proxy.url("/models?limit=2"))

@@ -20,7 +20,7 @@ async fn editing_the_file_reloads_the_policy_in_place() {
         .unwrap_or_else(|e| panic!("{e}"));
     let proxy = ProxyProcess::start(&file, &[], &[]).await;
     let pid = proxy.pid();
-    let client = reqwest::Client::new();
+    let client = llmproxy_mock::load::client();
     let metrics_url = format!("http://{}/metrics", proxy.admin);
 
     let fast = load::burst(&client, &proxy.url("/chat/completions"), None, 5).await;
@@ -102,7 +102,7 @@ async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
         &[("LLMPROXY_UPSTREAM_API_KEY", UPSTREAM_KEY)],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = llmproxy_mock::load::client();
     let mut bodies = Vec::new();
     let send = |body: String| {
         client

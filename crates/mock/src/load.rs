@@ -7,6 +7,13 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+/// An HTTP client for load: pooled generously, rustls with the ring provider (the one the
+/// whole workspace uses; installing it twice is harmless).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().pool_max_idle_per_host(4096).build().unwrap_or_default()
+}
+
 /// One request's result.
 #[derive(Clone, Copy, Debug)]
 pub struct Shot {
@@ -117,5 +124,26 @@ pub async fn constant_rate(
         i += 1;
     }
     let shots = join_all(tasks).await.into_iter().filter_map(Result::ok).collect();
+    (shots, start.elapsed())
+}
+
+/// `concurrency` clients sending back to back for `duration` (closed loop): the most a server
+/// sustains. Returns every result.
+pub async fn saturate(client: &reqwest::Client, url: &str, concurrency: usize, duration: Duration) -> (Vec<Shot>, Duration) {
+    let start = Instant::now();
+    let end = start + duration;
+    let workers = (0..concurrency).map(|w| {
+        let (client, url) = (client.clone(), url.to_owned());
+        tokio::spawn(async move {
+            let mut shots = Vec::new();
+            let mut i = w * 1_000_000;
+            while Instant::now() < end {
+                shots.push(shoot(&client, &url, None, &chat_body(i)).await);
+                i += 1;
+            }
+            shots
+        })
+    });
+    let shots = join_all(workers).await.into_iter().filter_map(Result::ok).flatten().collect();
     (shots, start.elapsed())
 }

@@ -94,7 +94,7 @@ impl Drop for TestProxy {
 
 /// GET a URL's body as text ("" on any error).
 pub async fn get_text(url: &str) -> String {
-    match reqwest::get(url).await {
+    match llmproxy_mock::load::client().get(url).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     }
@@ -102,7 +102,7 @@ pub async fn get_text(url: &str) -> String {
 
 /// POST JSON; returns status, headers and body text.
 pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, reqwest::header::HeaderMap, String) {
-    let resp = reqwest::Client::new()
+    let resp = llmproxy_mock::load::client()
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_string())
