@@ -4,7 +4,9 @@
 //!
 //! (a) added latency p50/p99 at a fixed 1,000 req/s with limits off;
 //! (b) the most requests per second each path sustains (64 clients back to back);
-//! (c) an overload burst of 10x the configured rate: client 429s, upstream 429s, achieved rate.
+//! (c) an overload burst of 10x the configured rate: client 429s, upstream 429s, achieved rate;
+//! (d) a mixed workload, half of it repeated prompts, through the cache: upstream calls saved,
+//!     latency of hits vs misses.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -27,7 +29,13 @@ fn free_addr() -> SocketAddr {
 }
 
 fn spawn(cmd: &mut Command) -> Proc {
-    Proc(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{e}")))
+    Proc(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
 }
 
 async fn wait_http(url: &str) {
@@ -46,12 +54,18 @@ fn llmproxy() -> &'static str {
 
 async fn start_mock(extra: &[&str]) -> (Proc, SocketAddr) {
     let addr = free_addr();
-    let p = spawn(Command::new(llmproxy()).args(["mock-upstream", "--listen", &addr.to_string()]).args(extra));
+    let p =
+        spawn(Command::new(llmproxy()).args(["mock-upstream", "--listen", &addr.to_string()]).args(extra));
     wait_http(&format!("http://{addr}/mock/stats")).await;
     (p, addr)
 }
 
-async fn start_proxy(dir: &Path, upstream: SocketAddr, limits: &str, queue: &str) -> (Proc, SocketAddr, SocketAddr) {
+async fn start_proxy(
+    dir: &Path,
+    upstream: SocketAddr,
+    limits: &str,
+    queue: &str,
+) -> (Proc, SocketAddr, SocketAddr) {
     let file = dir.join(format!("proxy-{}.yaml", upstream.port()));
     let manifest = format!(
         "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n  limits: {limits}\n  queue: {queue}\n"
@@ -69,7 +83,10 @@ async fn start_proxy(dir: &Path, upstream: SocketAddr, limits: &str, queue: &str
 }
 
 fn nginx_binary() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"].iter().map(PathBuf::from).find(|p| p.is_file())
+    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
 }
 
 async fn start_nginx(dir: &Path, upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
@@ -114,7 +131,8 @@ async fn run() {
     let client = load::client();
     let (_mock, mock_addr) = start_mock(&[]).await;
     let off = "{requestsPerMinute: 100000000, maxConcurrent: 100000}";
-    let (_proxy, proxy_addr, _) = start_proxy(dir.path(), mock_addr, off, "{maxSize: 100000, maxWait: 60s}").await;
+    let (_proxy, proxy_addr, _) =
+        start_proxy(dir.path(), mock_addr, off, "{maxSize: 100000, maxWait: 60s}").await;
     let nginx = start_nginx(dir.path(), mock_addr).await;
     let mut targets = vec![("direct", mock_addr)];
     if let Some((_, addr)) = &nginx {
@@ -136,7 +154,13 @@ async fn run() {
         let (shots, _) = load::constant_rate(&client, &url(addr), 1000.0, Duration::from_secs(5)).await;
         let (p50, p99, errors) = latency(&shots);
         let (b50, b99) = *base.get_or_insert((p50, p99));
-        println!("| {name} | {:.3} | {:.3} | {errors} | {:.3} | {:.3} |", ms(p50), ms(p99), ms(p50) - ms(b50), ms(p99) - ms(b99));
+        println!(
+            "| {name} | {:.3} | {:.3} | {errors} | {:.3} | {:.3} |",
+            ms(p50),
+            ms(p99),
+            ms(p50) - ms(b50),
+            ms(p99) - ms(b99)
+        );
     }
 
     println!("\n## (b) most requests per second, 64 clients back to back for 5 s\n");
@@ -153,10 +177,16 @@ async fn run() {
 
     println!("\n## (c) overload: 1,000 req/s for 1 s against a 6,000 RPM (100/s) quota\n");
     let (_limited, limited_addr) = start_mock(&["--rpm", "6000"]).await;
-    let (_lp, lp_addr, _) =
-        start_proxy(dir.path(), limited_addr, "{requestsPerMinute: 6000}", "{maxSize: 100000, maxWait: 120s}").await;
+    let (_lp, lp_addr, _) = start_proxy(
+        dir.path(),
+        limited_addr,
+        "{requestsPerMinute: 6000}",
+        "{maxSize: 100000, maxWait: 120s}",
+    )
+    .await;
     let stats = |addr: SocketAddr| async move {
-        let text = load::client().get(format!("http://{addr}/mock/stats")).send().await.ok()?.text().await.ok()?;
+        let text =
+            load::client().get(format!("http://{addr}/mock/stats")).send().await.ok()?.text().await.ok()?;
         serde_json::from_str::<serde_json::Value>(&text).ok()?["rate_limited"].as_u64()
     };
     println!("| path | requests | ok | client 429s | upstream 429s | wall s | achieved / configured rate |");
@@ -180,7 +210,60 @@ async fn run() {
     }
 }
 
+/// Even requests repeat one of 25 prompts; odd ones are unique.
+fn half_repeated(i: usize) -> serde_json::Value {
+    if i.is_multiple_of(2) { load::chat_body(1_000_000 + (i / 2) % 25) } else { load::chat_body(i) }
+}
+
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+async fn cache_workload(dir: &Path) {
+    println!(
+        "\n## (d) 1,000 requests at 200 req/s, half of them repeating 25 prompts; upstream answers in 100 ms\n"
+    );
+    let (_slow, slow_addr) = start_mock(&["--latency-ms", "100"]).await;
+    let manifest_queue = "{maxSize: 100000, maxWait: 60s}\n  cache: {ttl: 5m}";
+    let (_cp, cp_addr, _) =
+        start_proxy(dir, slow_addr, "{requestsPerMinute: 100000000, maxConcurrent: 100000}", manifest_queue)
+            .await;
+    let client = load::client();
+    let (shots, _) = load::constant_rate_with(
+        &client,
+        &format!("http://{cp_addr}/v1/chat/completions"),
+        200.0,
+        Duration::from_secs(5),
+        half_repeated,
+    )
+    .await;
+    let text = client.get(format!("http://{slow_addr}/mock/stats")).send().await.ok();
+    let upstream: u64 = match text {
+        Some(r) => serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap_or_default())
+            .ok()
+            .and_then(|v| v["requests"].as_u64())
+            .unwrap_or(0),
+        None => 0,
+    };
+    let (hits, misses): (Vec<Shot>, Vec<Shot>) = shots.iter().partition(|s| s.from_cache);
+    let (h50, h99, _) = latency(&hits);
+    let (m50, m99, _) = latency(&misses);
+    println!("| requests | upstream calls | saved | hit p50 ms | hit p99 ms | miss p50 ms | miss p99 ms |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {upstream} | {:.1} % | {:.3} | {:.3} | {:.3} | {:.3} |",
+        shots.len(),
+        100.0 * (1.0 - upstream as f64 / shots.len().max(1) as f64),
+        ms(h50),
+        ms(h99),
+        ms(m50),
+        ms(m99)
+    );
+}
+
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
-    rt.block_on(run());
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+    rt.block_on(async {
+        run().await;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        cache_workload(dir.path()).await;
+    });
 }

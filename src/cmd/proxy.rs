@@ -31,6 +31,13 @@ pub struct Args {
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 8 << 20)]
     max_request_bytes: usize,
+    /// Request header that names the client in request records (else the body's `user`).
+    #[arg(long, value_name = "HEADER")]
+    client_id_header: Option<http::HeaderName>,
+    /// Percentage of requests that get a request record (log line); 0 turns them off.
+    /// Metrics count every request regardless.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
+    request_records: u8,
     /// Log format.
     #[arg(long, value_enum, default_value = "json")]
     log_format: LogFormat,
@@ -48,7 +55,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "spec.upstream.apiKeySecretRef is only read in cluster mode; standalone, pass --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY"
         );
     }
-    let options = Options { max_request_bytes: args.max_request_bytes, ..Options::default() };
+    let options = Options {
+        max_request_bytes: args.max_request_bytes,
+        client_id_header: args.client_id_header.clone(),
+        record_percent: args.request_records,
+        ..Options::default()
+    };
     let proxy = Proxy::new(policy, Metrics::new(prometheus_registry())?, options)?;
     let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
         (Some(path), _) => reload::load_key(path)?,

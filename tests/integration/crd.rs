@@ -123,6 +123,11 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
         ),
         ("days are not a Go unit", |s| s["cache"]["ttl"] = json!("1d"), &["spec.cache.ttl"]),
         (
+            "not a quantity",
+            |s| s["cache"]["maxBytes"] = json!("lots"),
+            &["spec.cache.maxBytes", "must be a quantity"],
+        ),
+        (
             "initialBackoff > maxBackoff",
             |s| s["retry"]["initialBackoff"] = json!("1m"),
             &["spec.retry.initialBackoff", "initialBackoff must not exceed maxBackoff"],

@@ -1,6 +1,7 @@
 //! Integration tests against real servers: a Kubernetes API server (etcd + kube-apiserver-lite
 //! or the official binary) started per test by `support::KubeEnv`.
 
+mod cache;
 mod crd;
 mod proxy;
 mod proxy_process;

@@ -165,7 +165,8 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
     let upstream = mock(MockConfig { api_key: Some("sk-upstream".into()), ..MockConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let file = dir.path().join("llmproxy.yaml");
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
+    let cache = "  cache: {ttl: 5m}\n";
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", cache))
         .unwrap_or_else(|e| panic!("{e}"));
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, "sk-upstream\n").unwrap_or_else(|e| panic!("{e}"));

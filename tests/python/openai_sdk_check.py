@@ -40,6 +40,21 @@ def main(base_url: str) -> None:
     usage = [c.usage for c in stream if c.usage is not None]
     assert usage and usage[-1].total_tokens > 0, usage
 
+    # The proxy caches (the test's LlmProxy has cache.ttl): a replayed stream parses the same.
+    def cached_stream():
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Cache this stream"}],
+            max_tokens=8,
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        return raw.headers.get("x-llmproxy-cache"), text
+
+    first, second = cached_stream(), cached_stream()
+    assert first[0] == "miss" and second[0] == "hit", (first, second)
+    assert first[1] and first[1] == second[1], (first, second)
+
     emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
     assert len(emb.data) == 2
 

@@ -4,6 +4,7 @@
 pub mod duration;
 pub mod manifest;
 pub mod policy;
+pub mod quantity;
 pub mod spec;
 
 pub use duration::Duration;

@@ -80,6 +80,8 @@ pub struct CachePolicy {
     pub ttl: Duration,
     /// Entries held at most.
     pub max_entries: u64,
+    /// Bytes held at most.
+    pub max_bytes: u64,
 }
 
 /// One reason a spec cannot run, naming the field the way `kubectl explain` does.
@@ -184,6 +186,17 @@ impl Policy {
             Some(cache) if !cache.ttl.get().is_zero() => Some(CachePolicy {
                 ttl: cache.ttl.get(),
                 max_entries: c.positive("spec.cache.maxEntries", cache.max_entries),
+                max_bytes: match crate::quantity::bytes(&cache.max_bytes.0) {
+                    Ok(0) => {
+                        c.fail("spec.cache.maxBytes", "must be > 0");
+                        1
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        c.fail("spec.cache.maxBytes", e);
+                        1
+                    }
+                },
             }),
             _ => None,
         };
@@ -269,7 +282,10 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.limits.request_burst, 30);
-        assert_eq!(p.cache, Some(CachePolicy { ttl: Duration::from_secs(300), max_entries: 10_000 }));
+        assert_eq!(
+            p.cache,
+            Some(CachePolicy { ttl: Duration::from_secs(300), max_entries: 10_000, max_bytes: 64 << 20 })
+        );
     }
 
     #[test]
@@ -310,6 +326,10 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
             let got = errors(&format!("upstream: {{url: 'https://api.openai.com/v1'}}\n{limits}"));
             assert!(got.contains(want), "{limits}: got {got:?}, want {want:?}");
         }
+        let got = errors(
+            "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 60}\ncache: {ttl: 1m, maxBytes: 12Q}",
+        );
+        assert!(got.contains("spec.cache.maxBytes: invalid quantity \"12Q\""), "{got}");
         let got = errors("upstream: {url: 'ftp://x', timeout: 0s}\nlimits: {requestsPerMinute: 60}");
         assert!(got.contains("spec.upstream.url: must be an http(s) URL"), "{got}");
         assert!(got.contains("spec.upstream.timeout: must be greater than 0s"), "{got}");

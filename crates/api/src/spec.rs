@@ -2,6 +2,7 @@
 // clippy reads the repeated `type_ = ...` inside separate `printcolumn(...)`s as duplicates.
 #![allow(clippy::duplicated_attributes)]
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -210,16 +211,29 @@ impl Default for RetrySpec {
 }
 
 /// The exact-match response cache.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheSpec {
     /// How long a successful response is served from the cache. `0s` turns caching off.
+    /// Requests to chat/completions, completions, embeddings and moderations are cached, keyed
+    /// by upstream, path and the JSON body with key order and whitespace ignored; `user` and
+    /// `stream_options` are left out of the key, `stream` is part of it. Clients opt out with
+    /// `Cache-Control: no-cache` (fetch fresh) or `no-store` (fetch fresh, keep nothing).
     pub ttl: Duration,
 
     /// Most responses held at once per replica; the least recently used leave first.
     #[serde(default = "default_cache_entries")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub max_entries: i64,
+
+    /// Memory the cached responses may take per replica (a quantity such as `64Mi` or `1Gi`).
+    /// Each entry is weighed by its size but at least `maxBytes / maxEntries`, so both bounds hold.
+    #[serde(default = "default_cache_bytes")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "type(self) == int || isQuantity(self)",
+        "message": "maxBytes must be a quantity such as 64Mi or 1Gi",
+    }]))]
+    pub max_bytes: Quantity,
 }
 
 /// What the operator and the proxies report about an LlmProxy.
@@ -286,4 +300,7 @@ fn default_true() -> bool {
 }
 fn default_cache_entries() -> i64 {
     10_000
+}
+fn default_cache_bytes() -> Quantity {
+    Quantity("64Mi".to_owned())
 }

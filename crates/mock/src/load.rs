@@ -21,6 +21,8 @@ pub struct Shot {
     pub status: Option<u16>,
     /// Send to last byte of the body.
     pub latency: Duration,
+    /// Answered by llmproxy without an upstream call (`x-llmproxy-cache: hit` or `coalesced`).
+    pub from_cache: bool,
 }
 
 /// A batch of results.
@@ -82,14 +84,16 @@ pub async fn shoot(client: &reqwest::Client, url: &str, key: Option<&str>, body:
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
-    let status = match req.send().await {
+    let (status, from_cache) = match req.send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            resp.bytes().await.ok().map(|_| status)
+            let cache = resp.headers().get("x-llmproxy-cache").and_then(|v| v.to_str().ok());
+            let from_cache = matches!(cache, Some("hit" | "coalesced"));
+            (resp.bytes().await.ok().map(|_| status), from_cache)
         }
-        Err(_) => None,
+        Err(_) => (None, false),
     };
-    Shot { status, latency: start.elapsed() }
+    Shot { status, latency: start.elapsed(), from_cache }
 }
 
 /// `n` clients at once, each sending one request.
@@ -111,6 +115,17 @@ pub async fn constant_rate(
     rate: f64,
     duration: Duration,
 ) -> (Vec<Shot>, Duration) {
+    constant_rate_with(client, url, rate, duration, chat_body).await
+}
+
+/// As [`constant_rate`], with request `i`'s body from `body(i)`.
+pub async fn constant_rate_with(
+    client: &reqwest::Client,
+    url: &str,
+    rate: f64,
+    duration: Duration,
+    body: fn(usize) -> Value,
+) -> (Vec<Shot>, Duration) {
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut tasks = Vec::new();
@@ -118,7 +133,7 @@ pub async fn constant_rate(
     let mut i = 0;
     while next < start + duration {
         tokio::time::sleep_until(next).await;
-        let (client, url, body) = (client.clone(), url.to_owned(), chat_body(i));
+        let (client, url, body) = (client.clone(), url.to_owned(), body(i));
         tasks.push(tokio::spawn(async move { shoot(&client, &url, None, &body).await }));
         next += interval;
         i += 1;
@@ -129,7 +144,12 @@ pub async fn constant_rate(
 
 /// `concurrency` clients sending back to back for `duration` (closed loop): the most a server
 /// sustains. Returns every result.
-pub async fn saturate(client: &reqwest::Client, url: &str, concurrency: usize, duration: Duration) -> (Vec<Shot>, Duration) {
+pub async fn saturate(
+    client: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> (Vec<Shot>, Duration) {
     let start = Instant::now();
     let end = start + duration;
     let workers = (0..concurrency).map(|w| {

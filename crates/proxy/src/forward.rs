@@ -12,9 +12,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header, request};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::cache::{self, CachedResponse};
 use crate::error::ApiError;
+use crate::flight::{self, Join};
 use crate::record::{Outcome, RequestRecord};
-use crate::relay::{Relay, Tap};
+use crate::relay::{Fill, Relay, Tap};
 use crate::retry::{self, RetryReason};
 use crate::server::Proxy;
 use crate::sse::SseTap;
@@ -123,19 +125,40 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         }
     }
 
+    let options = &proxy.options;
+    let rec = pending.record();
+    rec.logged = options.record_percent >= 100 || fastrand::u8(0..100) < options.record_percent;
+    rec.client = options
+        .client_id_header
+        .as_ref()
+        .and_then(|h| parts.headers.get(h)?.to_str().ok())
+        .or_else(|| json.as_ref()?.get("user")?.as_str())
+        .map(|c| c.chars().take(128).collect());
+
     let mut strip_usage_event = false;
     let mut body = body;
     if let Some(v) = json.as_mut() {
-        let rec = pending.record();
         rec.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
         rec.stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
         rec.estimate = tokens::estimate(rest, v, policy.limits.default_max_tokens);
+        rec.prompt_hash = cache::prompt_hash(v);
         if rec.stream && (rest == "/chat/completions" || rest == "/completions") && ask_for_usage(v) {
             strip_usage_event = true;
             body = Bytes::from(serde_json::to_vec(v).unwrap_or_default());
         }
     }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut fill = None;
+    if let Some(v) =
+        json.as_ref().filter(|_| parts.method == http::Method::POST && cache::cacheable_path(rest))
+    {
+        let key = cache::key(&policy.upstream.url, parts.method.as_str(), &format!("{rest}{query}"), v);
+        match lookup(proxy, pending, key, &parts.headers, !strip_usage_event).await {
+            Lookup::Answered(resp) => return resp,
+            Lookup::Fill(f) => fill = Some(f),
+            Lookup::Skip => {}
+        }
+    }
     let out = Outgoing {
         method: parts.method,
         url: format!("{}{rest}{query}", policy.upstream.url),
@@ -143,7 +166,97 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         body,
         strip_usage_event,
     };
-    attempt_loop(proxy, pending, &out).await
+    attempt_loop(proxy, pending, &out, &mut fill).await
+}
+
+enum Lookup {
+    /// Served from the cache or a coalesced flight.
+    Answered(Response),
+    /// Go upstream and fill the cache.
+    Fill(Fill),
+    /// Go upstream, cache nothing.
+    Skip,
+}
+
+/// `(no-cache, no-store)` from the client's `Cache-Control`.
+fn cache_control(headers: &HeaderMap) -> (bool, bool) {
+    let directives: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+        .collect();
+    (directives.iter().any(|d| d == "no-cache"), directives.iter().any(|d| d == "no-store"))
+}
+
+/// Look the request up in the cache, or join an identical request in flight.
+async fn lookup(
+    proxy: &Arc<Proxy>,
+    pending: &mut Pending,
+    key: cache::Key,
+    headers: &HeaderMap,
+    wants_usage: bool,
+) -> Lookup {
+    if !proxy.cache.enabled() {
+        return Lookup::Skip;
+    }
+    let metrics = proxy.metrics();
+    let limit = proxy.cache.max_entry_bytes();
+    let (no_cache, no_store) = cache_control(headers);
+    if no_cache || no_store {
+        pending.record().cache = Some("bypass");
+        metrics.cache_requests.with_label_values(&["bypass"]).inc();
+        return if no_store { Lookup::Skip } else { Lookup::Fill(Fill::new(key, None, limit)) };
+    }
+    loop {
+        if let Some(answer) = proxy.cache.get(&key) {
+            metrics.cache_requests.with_label_values(&["hit"]).inc();
+            return Lookup::Answered(replay(pending, &answer, "hit", wants_usage));
+        }
+        match proxy.flights.join(key) {
+            Join::Leader(leader) => {
+                pending.record().cache = Some("miss");
+                metrics.cache_requests.with_label_values(&["miss"]).inc();
+                return Lookup::Fill(Fill::new(key, Some(leader), limit));
+            }
+            Join::Follower(rx) => {
+                if let Some(answer) = flight::follow(rx).await {
+                    metrics.coalesced.inc();
+                    return Lookup::Answered(replay(pending, &answer, "coalesced", wants_usage));
+                }
+                // The leader failed: look again, and lead the next attempt if nobody else does.
+            }
+        }
+    }
+}
+
+/// Answer from a stored response; a stream is replayed as SSE, without the usage event unless
+/// the client asked for it.
+fn replay(pending: &mut Pending, answer: &CachedResponse, how: &'static str, wants_usage: bool) -> Response {
+    let rec = pending.record();
+    rec.status = answer.status;
+    rec.outcome = if how == "hit" { Outcome::CacheHit } else { Outcome::Coalesced };
+    rec.cache = Some(how);
+    rec.saved_tokens = answer.usage.map(|u| u.total());
+    let body = if answer.stream && !wants_usage {
+        let mut tap = SseTap::new(true);
+        let mut out = tap.feed(answer.body.clone()).to_vec();
+        out.extend_from_slice(&tap.finish());
+        Bytes::from(out)
+    } else {
+        answer.body.clone()
+    };
+    pending.finish();
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let h = resp.headers_mut();
+    if let Some(ct) = &answer.content_type {
+        h.insert(header::CONTENT_TYPE, ct.clone());
+    }
+    h.insert("x-llmproxy-cache", HeaderValue::from_static(how));
+    h.insert(header::AGE, HeaderValue::from(answer.created.elapsed().as_secs()));
+    resp
 }
 
 /// Ask the upstream to report usage at the end of a stream; true if the request did not.
@@ -184,7 +297,12 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-async fn attempt_loop(proxy: &Arc<Proxy>, pending: &mut Pending, out: &Outgoing) -> Response {
+async fn attempt_loop(
+    proxy: &Arc<Proxy>,
+    pending: &mut Pending,
+    out: &Outgoing,
+    fill: &mut Option<Fill>,
+) -> Response {
     let policy = proxy.policy();
     let started = pending.record().started;
     let deadline = started + policy.queue.max_wait;
@@ -218,7 +336,7 @@ async fn attempt_loop(proxy: &Arc<Proxy>, pending: &mut Pending, out: &Outgoing)
                 let status = resp.status();
                 metrics.upstream_responses.with_label_values(&[status.as_str()]).inc();
                 let Some(reason) = RetryReason::for_status(status) else {
-                    return relay(proxy, pending, out, resp, permit, policy.upstream.timeout);
+                    return relay(proxy, pending, out, resp, permit, policy.upstream.timeout, fill.take());
                 };
                 let hint = retry::upstream_delay(resp.headers(), SystemTime::now());
                 (reason, hint, Ok(resp))
@@ -242,7 +360,7 @@ async fn attempt_loop(proxy: &Arc<Proxy>, pending: &mut Pending, out: &Outgoing)
         let can_retry = attempt < policy.retry.max_attempts && Instant::now() + delay < deadline;
         if !can_retry {
             return match last {
-                Ok(resp) => relay(proxy, pending, out, resp, permit, policy.upstream.timeout),
+                Ok(resp) => relay(proxy, pending, out, resp, permit, policy.upstream.timeout, fill.take()),
                 Err(msg) => {
                     let (status, what) = match reason {
                         RetryReason::Timeout => (StatusCode::GATEWAY_TIMEOUT, "did not answer in time"),
@@ -273,6 +391,7 @@ fn relay(
     resp: reqwest::Response,
     permit: crate::queue::Permit,
     idle_timeout: Duration,
+    fill: Option<Fill>,
 ) -> Response {
     let status = resp.status();
     let mut headers = upstream::response_headers(resp.headers());
@@ -290,7 +409,10 @@ fn relay(
     if let Ok(v) = HeaderValue::from_str(&record.attempts.to_string()) {
         headers.insert("x-llmproxy-attempts", v);
     }
-    let body = Relay::new(resp, tap, idle_timeout, permit, record, Arc::clone(proxy)).into_body();
+    if let Some(how) = record.cache {
+        headers.insert("x-llmproxy-cache", HeaderValue::from_static(how));
+    }
+    let body = Relay::new(resp, tap, idle_timeout, permit, record, Arc::clone(proxy), fill).into_body();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;

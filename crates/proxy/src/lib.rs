@@ -2,7 +2,9 @@
 //! upstream's RPM/TPM/concurrency limits, queues bursts, retries transient failures with
 //! back-off, streams responses through, and reloads its policy without a restart.
 
+pub mod cache;
 pub mod error;
+pub mod flight;
 pub mod forward;
 pub mod limiter;
 pub mod metrics;

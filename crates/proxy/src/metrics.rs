@@ -45,6 +45,16 @@ pub struct Metrics {
     pub queue_capacity: IntGauge,
     /// Policy reloads by result (`applied`, `unchanged`, `rejected`).
     pub policy_reloads: IntCounterVec,
+    /// Cacheable requests by cache result (`hit`, `miss`, `bypass`).
+    pub cache_requests: IntCounterVec,
+    /// Requests answered with the response of an identical request in flight.
+    pub coalesced: IntCounter,
+    /// Entries in the response cache.
+    pub cache_entries: IntGauge,
+    /// Bytes the response cache holds (as weighed against `cache.maxBytes`).
+    pub cache_bytes: IntGauge,
+    /// Tokens cache hits and coalesced answers did not spend upstream.
+    pub cache_saved_tokens: IntCounter,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> anyhow::Result<IntCounterVec> {
@@ -80,7 +90,31 @@ impl Metrics {
             "Times the upstream's Retry-After or exhausted quota paused admission for every request.",
         )?;
         r.register(Box::new(upstream_pauses.clone()))?;
+        let coalesced = IntCounter::new(
+            "llmproxy_coalesced_requests_total",
+            "Requests answered with the response of an identical request that was in flight.",
+        )?;
+        r.register(Box::new(coalesced.clone()))?;
+        let cache_saved_tokens = IntCounter::new(
+            "llmproxy_cache_saved_tokens_total",
+            "Tokens that cache hits and coalesced answers did not spend upstream.",
+        )?;
+        r.register(Box::new(cache_saved_tokens.clone()))?;
         Ok(Self {
+            cache_requests: counter(
+                r,
+                "llmproxy_cache_requests_total",
+                "Cacheable requests by cache result (hit, miss, bypass).",
+                &["result"],
+            )?,
+            coalesced,
+            cache_entries: gauge(r, "llmproxy_cache_entries", "Entries in the response cache.")?,
+            cache_bytes: gauge(
+                r,
+                "llmproxy_cache_bytes",
+                "Bytes held by the response cache, as weighed against its budget.",
+            )?,
+            cache_saved_tokens,
             requests: counter(r, "llmproxy_requests_total", "Client requests by outcome.", &["outcome"])?,
             request_duration,
             upstream_responses: counter(

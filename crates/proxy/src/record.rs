@@ -26,6 +26,10 @@ pub enum Outcome {
     BadRequest,
     /// The client went away before the response was complete.
     ClientClosed,
+    /// Answered from the cache.
+    CacheHit,
+    /// Answered with the response of an identical request that was in flight.
+    Coalesced,
 }
 
 impl Outcome {
@@ -39,6 +43,8 @@ impl Outcome {
             Outcome::QueueTimeout => "queue_timeout",
             Outcome::BadRequest => "bad_request",
             Outcome::ClientClosed => "client_closed",
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Coalesced => "coalesced",
         }
     }
 
@@ -83,6 +89,16 @@ pub struct RequestRecord {
     pub estimate: Estimate,
     /// Tokens the upstream reported.
     pub usage: Option<Usage>,
+    /// Tokens a cache hit or a coalesced answer did not spend.
+    pub saved_tokens: Option<u64>,
+    /// Who asked: the configured client header, else the body's `user`.
+    pub client: Option<String>,
+    /// SHA-256 prefix of the prompt (never the prompt).
+    pub prompt_hash: Option<String>,
+    /// `hit`, `miss`, `bypass` or `coalesced`; `None` when the request is not cacheable.
+    pub cache: Option<&'static str>,
+    /// Whether this record's log line is written (sampling).
+    pub logged: bool,
 }
 
 impl RequestRecord {
@@ -103,6 +119,11 @@ impl RequestRecord {
             upstream_latency: None,
             estimate: Estimate::default(),
             usage: None,
+            saved_tokens: None,
+            client: None,
+            prompt_hash: None,
+            cache: None,
+            logged: true,
         }
     }
 
@@ -116,23 +137,34 @@ impl RequestRecord {
             metrics.tokens.with_label_values(&["prompt"]).inc_by(u.prompt);
             metrics.tokens.with_label_values(&["completion"]).inc_by(u.completion);
         }
+        if let Some(saved) = self.saved_tokens {
+            metrics.cache_saved_tokens.inc_by(saved);
+        }
+        if !self.logged {
+            return;
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
             target: "llmproxy::request",
             request_id = %self.request_id,
+            client = self.client.as_deref(),
             method = %self.method,
             path = %self.path,
-            model = self.model.as_deref().unwrap_or(""),
+            model = self.model.as_deref(),
             stream = self.stream,
             status = self.status,
             outcome,
+            cache = self.cache,
             attempts = self.attempts,
             retry_reasons = ?self.retry_reasons,
-            queue_wait_ms = self.queue_wait.as_millis() as u64,
-            upstream_latency_ms = self.upstream_latency.map(|d| d.as_millis() as u64),
-            duration_ms = elapsed.as_millis() as u64,
+            queue_wait_ms = ms(self.queue_wait),
+            upstream_latency_ms = self.upstream_latency.map(ms),
+            duration_ms = ms(elapsed),
             reserved_tokens = self.estimate.total(),
             prompt_tokens = self.usage.map(|u| u.prompt),
             completion_tokens = self.usage.map(|u| u.completion),
+            saved_tokens = self.saved_tokens,
+            prompt_hash = self.prompt_hash.as_deref(),
             "request"
         );
     }

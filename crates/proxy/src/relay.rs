@@ -10,6 +10,8 @@ use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
+use crate::cache::{CachedResponse, Key};
+use crate::flight::Leader;
 use crate::queue::Permit;
 use crate::record::{Outcome, RequestRecord};
 use crate::server::Proxy;
@@ -67,6 +69,34 @@ impl Tap {
 
 type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
+/// What to do with a complete, successful answer: store it under `key` and hand it to the
+/// requests waiting on `leader`.
+pub(crate) struct Fill {
+    pub(crate) key: Key,
+    /// `None` when the client asked for a fresh answer (`no-cache`): stored, nobody waits.
+    pub(crate) leader: Option<Leader>,
+    /// The raw upstream stream, kept for the cache (SSE only; JSON bodies are kept by the tap).
+    raw: BytesMut,
+    /// The answer outgrew what one entry may hold.
+    too_big: bool,
+    limit: usize,
+}
+
+impl Fill {
+    pub(crate) fn new(key: Key, leader: Option<Leader>, limit: usize) -> Self {
+        Self { key, leader, raw: BytesMut::new(), too_big: false, limit }
+    }
+
+    fn keep(&mut self, chunk: &[u8]) {
+        if !self.too_big && self.raw.len() + chunk.len() <= self.limit {
+            self.raw.extend_from_slice(chunk);
+        } else {
+            self.too_big = true;
+            self.raw.clear();
+        }
+    }
+}
+
 /// The state of one relayed body.
 pub(crate) struct Relay {
     upstream: Upstream,
@@ -80,6 +110,8 @@ pub(crate) struct Relay {
     /// stops polling a body once it has sent the announced length, so the end is noticed here.
     expected: Option<u64>,
     relayed: u64,
+    fill: Option<Fill>,
+    content_type: Option<http::HeaderValue>,
 }
 
 impl Relay {
@@ -90,10 +122,13 @@ impl Relay {
         permit: Permit,
         record: RequestRecord,
         proxy: Arc<Proxy>,
+        fill: Option<Fill>,
     ) -> Self {
         Self {
             expected: response.content_length(),
             relayed: 0,
+            content_type: response.headers().get(http::header::CONTENT_TYPE).cloned(),
+            fill,
             upstream: Box::pin(response.bytes_stream()),
             tap,
             idle_timeout,
@@ -118,7 +153,35 @@ impl Relay {
             permit.settle(usage.total());
         }
         self.permit = None;
+        self.store();
         self.record.finish(self.proxy.metrics());
+    }
+
+    /// A complete 2xx answer goes into the cache and to the waiting followers; anything else
+    /// drops the leader guard, which tells them to try for themselves.
+    fn store(&mut self) {
+        let Some(fill) = self.fill.take() else { return };
+        let success = self.record.outcome == Outcome::Ok && (200..300).contains(&self.record.status);
+        let (body, stream) = match &mut self.tap {
+            Tap::Sse(sse) if sse.done() && !fill.too_big => (fill.raw.freeze(), true),
+            Tap::Body { buf, overflow: false } => (std::mem::take(buf).freeze(), false),
+            _ => return,
+        };
+        if !success {
+            return;
+        }
+        let answer = Arc::new(CachedResponse {
+            status: self.record.status,
+            content_type: self.content_type.clone(),
+            body,
+            stream,
+            usage: self.record.usage,
+            created: std::time::Instant::now(),
+        });
+        self.proxy.cache.insert(fill.key, Arc::clone(&answer));
+        if let Some(leader) = fill.leader {
+            leader.complete(answer);
+        }
     }
 
     /// The client-facing body.
@@ -130,6 +193,9 @@ impl Relay {
             match tokio::time::timeout(relay.idle_timeout, relay.upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     relay.relayed += chunk.len() as u64;
+                    if let (Some(fill), Tap::Sse(_)) = (relay.fill.as_mut(), &relay.tap) {
+                        fill.keep(&chunk);
+                    }
                     let mut out = relay.tap.feed(chunk);
                     if relay.expected.is_some_and(|n| relay.relayed >= n) {
                         let rest = relay.tap.finish();

@@ -9,9 +9,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use http::{StatusCode, header};
+use http::{HeaderName, StatusCode, header};
 use llmproxy_api::Policy;
 
+use crate::cache::ResponseCache;
+use crate::flight::Flights;
 use crate::metrics::Metrics;
 use crate::queue::Admission;
 use crate::upstream::{self, ApiKey};
@@ -23,11 +25,20 @@ pub struct Options {
     pub max_request_bytes: usize,
     /// Connect timeout towards the upstream.
     pub connect_timeout: Duration,
+    /// Request header naming the client in request records (else the body's `user`).
+    pub client_id_header: Option<HeaderName>,
+    /// Percentage of requests that get a log line (0: none); metrics always count all.
+    pub record_percent: u8,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { max_request_bytes: 8 << 20, connect_timeout: Duration::from_secs(10) }
+        Self {
+            max_request_bytes: 8 << 20,
+            connect_timeout: Duration::from_secs(10),
+            client_id_header: None,
+            record_percent: 100,
+        }
     }
 }
 
@@ -46,6 +57,8 @@ pub struct Proxy {
     api_key: ArcSwapOption<ApiKey>,
     pub(crate) admission: Arc<Admission>,
     pub(crate) client: reqwest::Client,
+    pub(crate) cache: ResponseCache,
+    pub(crate) flights: Arc<Flights>,
     metrics: Metrics,
     pub(crate) options: Options,
     ready: AtomicBool,
@@ -58,6 +71,8 @@ impl Proxy {
         let proxy = Arc::new(Self {
             admission: Admission::new(&policy.limits, metrics.clone()),
             client: upstream::client(options.connect_timeout)?,
+            cache: ResponseCache::new(policy.cache.as_ref()),
+            flights: Arc::default(),
             policy: ArcSwap::from_pointee(policy),
             api_key: ArcSwapOption::empty(),
             metrics,
@@ -82,6 +97,7 @@ impl Proxy {
             return Reload::Unchanged;
         }
         self.admission.reconfigure(&policy.limits);
+        self.cache.reconfigure(policy.cache.as_ref());
         self.policy.store(Arc::new(policy));
         self.update_gauges();
         self.metrics.policy_reloads.with_label_values(&["applied"]).inc();
@@ -118,6 +134,11 @@ impl Proxy {
     /// The admission gate (queue depth and limiter state, for tests and status).
     pub fn admission(&self) -> &Admission {
         &self.admission
+    }
+
+    /// The response cache.
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
     }
 
     /// Report not-ready (during shutdown, so load balancers stop sending).
@@ -157,6 +178,9 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    let (entries, bytes) = proxy.cache.usage();
+    proxy.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+    proxy.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], proxy.metrics.render())
         .into_response()
 }
