@@ -2,6 +2,7 @@
 
 mod demo;
 mod mock;
+mod operator;
 mod proxy;
 
 use std::path::PathBuf;
@@ -23,8 +24,11 @@ enum Command {
     /// Show the point in ten seconds, no key and no cluster: a burst of clients straight at a
     /// rate-limited mock upstream (429s), then the same burst through llmproxy (none).
     Demo(demo::Args),
-    /// Run the proxy for one LlmProxy manifest file (standalone, no Kubernetes needed).
+    /// Run the proxy for one LlmProxy: from a manifest file (standalone, no Kubernetes needed)
+    /// or from the cluster (--resource NAMESPACE/NAME).
     Proxy(proxy::Args),
+    /// Run the operator: reconcile LlmProxy resources into proxy Deployments, Services and RBAC.
+    Operator(operator::Args),
     /// Run the OpenAI-compatible mock upstream that enforces RPM/TPM with real 429s.
     MockUpstream(mock::Args),
     /// Print the LlmProxy CustomResourceDefinition as YAML (pipe it to `kubectl apply -f -`).
@@ -74,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
         Command::Proxy(args) => runtime()?.block_on(proxy::run(args))?,
+        Command::Operator(args) => runtime()?.block_on(operator::run(args))?,
         Command::MockUpstream(args) => runtime()?.block_on(mock::run(args))?,
     }
     Ok(())

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use llmproxy_proxy::cluster;
 use llmproxy_proxy::reload::{self, FileWatcher};
 use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy};
 
@@ -13,8 +14,12 @@ use super::LogFormat;
 #[derive(clap::Args)]
 pub struct Args {
     /// LlmProxy manifest (the YAML you would `kubectl apply`); edits apply within a second.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "resource", conflicts_with = "resource")]
+    config: Option<PathBuf>,
+    /// Cluster mode: serve the LlmProxy NAMESPACE/NAME, watched through the Kubernetes API
+    /// (in-cluster service account, or KUBECONFIG); its Secret supplies the upstream key.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    resource: Option<llmproxy_proxy::cluster::ResourceRef>,
     /// Address of the OpenAI-compatible API.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -46,28 +51,41 @@ pub struct Args {
 /// Run until SIGTERM/SIGINT, then drain and exit.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     super::init_logging(args.log_format, "info");
-    let (resource, policy) = reload::load_policy(&args.config)?;
-    if policy.upstream.api_key_secret_ref.is_some()
-        && args.upstream_api_key_file.is_none()
-        && args.upstream_api_key.is_none()
-    {
-        tracing::warn!(
-            "spec.upstream.apiKeySecretRef is only read in cluster mode; standalone, pass --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY"
-        );
-    }
     let options = Options {
         max_request_bytes: args.max_request_bytes,
         client_id_header: args.client_id_header.clone(),
         record_percent: args.request_records,
         ..Options::default()
     };
-    let proxy = Proxy::new(policy, Metrics::new(prometheus_registry())?, options)?;
-    let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
-        (Some(path), _) => reload::load_key(path)?,
-        (None, Some(key)) => ApiKey::new(key),
-        (None, None) => None,
+    let metrics = Metrics::new(llmproxy_proxy::metrics::Registry::new())?;
+    let (proxy, source, name) = match (&args.config, &args.resource) {
+        (Some(file), _) => {
+            let (resource, policy) = reload::load_policy(file)?;
+            let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
+                (Some(path), _) => reload::load_key(path)?,
+                (None, Some(key)) => ApiKey::new(key),
+                (None, None) => None,
+            };
+            if key.is_none() && policy.upstream.api_key_secret_ref.is_some() {
+                tracing::warn!(
+                    "spec.upstream.apiKeySecretRef is read in cluster mode only; standalone, pass \
+                     --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY"
+                );
+            }
+            let proxy = Proxy::new(policy, metrics, options)?;
+            proxy.set_api_key(key);
+            let watcher = FileWatcher::new(proxy.clone(), file.clone(), args.upstream_api_key_file.clone());
+            (proxy, tokio::spawn(watcher.run()), resource.metadata.name.unwrap_or_default())
+        }
+        (None, Some(r)) => {
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let policy = cluster::initial(&client, r).await;
+            let proxy = Proxy::new(policy, metrics, options)?;
+            let task = tokio::spawn(cluster::watch(proxy.clone(), client, r.clone()));
+            (proxy, task, format!("{}/{}", r.namespace, r.name))
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --resource NAMESPACE/NAME"),
     };
-    proxy.set_api_key(key);
 
     let api = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -76,20 +94,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.admin_listen))?;
     tracing::info!(
-        name = resource.metadata.name.as_deref().unwrap_or(""),
+        name = %name,
         listen = %api.local_addr()?,
         admin = %admin.local_addr()?,
         upstream = %proxy.policy().upstream.url,
         "llmproxy serving"
     );
-    let watcher = FileWatcher::new(proxy.clone(), args.config.clone(), args.upstream_api_key_file.clone());
-    let watch = tokio::spawn(watcher.run());
     llmproxy_proxy::serve(proxy, api, admin, super::shutdown_signal()).await?;
-    watch.abort();
+    source.abort();
     tracing::info!("stopped");
     Ok(())
-}
-
-fn prometheus_registry() -> llmproxy_proxy::metrics::Registry {
-    llmproxy_proxy::metrics::Registry::new()
 }

@@ -3,6 +3,7 @@
 
 mod cache;
 mod crd;
+mod operator;
 mod proxy;
 mod proxy_process;
 mod support;

@@ -11,8 +11,8 @@ pub use duration::Duration;
 pub use manifest::{ManifestError, crd_yaml, from_yaml};
 pub use policy::{FieldError, Policy, PolicyError};
 pub use spec::{
-    CacheSpec, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec, SecretKeyRef,
-    UpstreamSpec,
+    AutoscalingSpec, CacheSpec, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec,
+    SecretKeyRef, UpstreamSpec,
 };
 
 /// The API group, for label keys and RBAC rules.

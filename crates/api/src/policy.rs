@@ -141,6 +141,25 @@ pub fn per_second(per_minute: u64) -> u64 {
 }
 
 impl Policy {
+    /// This replica's share when `replicas` pods split the quota without shared state: rates
+    /// and bursts divided (never below 1 per minute and 1 in a burst); concurrency and queue
+    /// are per pod already.
+    #[must_use]
+    pub fn for_replicas(mut self, replicas: u32) -> Self {
+        let n = u64::from(replicas.max(1));
+        if n == 1 {
+            return self;
+        }
+        let l = &mut self.limits;
+        l.requests_per_minute = (l.requests_per_minute / n).max(1);
+        l.request_burst = (l.request_burst / n).max(1);
+        l.tokens_per_minute = l.tokens_per_minute.map(|t| (t / n).max(1));
+        if let Some(tpm) = l.tokens_per_minute {
+            l.token_burst = (l.token_burst / n).max(per_second(tpm));
+        }
+        self
+    }
+
     /// Check a spec and resolve its defaults; the error names every bad field.
     pub fn from_spec(spec: &LlmProxySpec) -> Result<Self, PolicyError> {
         let mut c = Check(Vec::new());
@@ -286,6 +305,19 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
             p.cache,
             Some(CachePolicy { ttl: Duration::from_secs(300), max_entries: 10_000, max_bytes: 64 << 20 })
         );
+    }
+
+    #[test]
+    fn replicas_split_the_quota() {
+        let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
+        let share = p.clone().for_replicas(3);
+        assert_eq!(share.limits.requests_per_minute, 1166);
+        assert_eq!(share.limits.request_burst, 19);
+        assert_eq!(share.limits.tokens_per_minute, Some(30_000));
+        assert_eq!(share.limits.token_burst, 500);
+        assert_eq!(share.limits.max_concurrent, p.limits.max_concurrent, "per pod already");
+        assert_eq!(p.clone().for_replicas(1), p);
+        assert_eq!(p.clone().for_replicas(0), p, "0 pods is treated as 1");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 // clippy reads the repeated `type_ = ...` inside separate `printcolumn(...)`s as duplicates.
 #![allow(clippy::duplicated_attributes)]
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -55,10 +56,54 @@ pub struct LlmProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
 
-    /// Number of proxy pods. The limits above hold for all of them together.
+    /// Number of proxy pods. The limits above hold for all of them together: without shared
+    /// state each pod enforces its share (limits divided by the number of pods).
+    /// Ignored when `autoscaling` is set.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
+
+    /// Scale the proxy pods with a HorizontalPodAutoscaler instead of a fixed `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// CPU and memory for each proxy container. Absent: requests of 100m CPU and 64Mi memory,
+    /// a 256Mi memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Horizontal autoscaling of the proxy pods (autoscaling/v2).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas must not exceed maxReplicas",
+    "fieldPath": ".minReplicas",
+}]))]
+pub struct AutoscalingSpec {
+    /// Fewest proxy pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+
+    /// Most proxy pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Average CPU utilisation (percent of the request) to keep each pod at. Absent and no
+    /// other target: 70.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization: Option<i32>,
+
+    /// Average `llmproxy_queue_depth` per pod to scale at. Needs a custom metrics adapter
+    /// (for example prometheus-adapter) that serves the proxy's Prometheus metric as a pods
+    /// metric. Queues also grow when the upstream quota itself is the bottleneck, which more
+    /// pods cannot fix; pair this with a sensible `maxReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub target_queue_depth: Option<i32>,
 }
 
 /// The upstream API and how to reach it.

@@ -3,6 +3,7 @@
 //! back-off, streams responses through, and reloads its policy without a restart.
 
 pub mod cache;
+pub mod cluster;
 pub mod error;
 pub mod flight;
 pub mod forward;

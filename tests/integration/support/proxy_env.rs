@@ -142,16 +142,21 @@ fn free_addr() -> SocketAddr {
 impl ProxyProcess {
     /// `llmproxy proxy --config <manifest file>` with extra args and env; waits for /readyz.
     pub async fn start(manifest_path: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let path = manifest_path.display().to_string();
+        let mut all = vec!["proxy", "--config", path.as_str()];
+        all.extend_from_slice(args);
+        Self::start_with_args(&all, env).await
+    }
+
+    /// `llmproxy <args> --listen .. --admin-listen ..` with `env`; waits for /readyz.
+    pub async fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let log = dir.path().join("proxy.log");
         let (addr, admin) = (free_addr(), free_addr());
         let stderr = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmproxy"));
-        cmd.arg("proxy")
-            .arg("--config")
-            .arg(manifest_path)
+        cmd.args(args)
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
-            .args(args)
             .env_remove("LLMPROXY_UPSTREAM_API_KEY")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -163,8 +168,9 @@ impl ProxyProcess {
         eventually("the proxy process to be ready", Duration::from_secs(30), || {
             let ready = ready.clone();
             let exited = p.child.try_wait().ok().flatten();
+            let logs = p.logs();
             async move {
-                assert!(exited.is_none(), "llmproxy exited early: {exited:?}");
+                assert!(exited.is_none(), "llmproxy exited early: {exited:?}\n{logs}");
                 (get_text(&ready).await == "ok").then_some(())
             }
         })

@@ -1,0 +1,473 @@
+//! Pure builders: an LlmProxy in, the objects that run it out. No client, no I/O; unit-tested
+//! from inline YAML. The policy itself never enters the pod template: the proxies read it from
+//! the LlmProxy through the API, so a change of limits reloads them in place instead of rolling
+//! the Deployment.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricIdentifier,
+    MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use llmproxy_api::LlmProxy;
+
+/// Port of the OpenAI-compatible API in the proxy pods and the Service.
+pub const API_PORT: i32 = 8080;
+/// Port of `/metrics`, `/livez`, `/readyz`.
+pub const ADMIN_PORT: i32 = 9090;
+/// UID and GID the proxy runs as (the distroless "nonroot" user).
+pub const PROXY_UID: i64 = 65532;
+
+/// Operator settings that shape the children.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The proxy container image (the same `llmproxy` image as the operator).
+    pub image: String,
+    /// `imagePullPolicy`, if set.
+    pub image_pull_policy: Option<String>,
+}
+
+/// Everything one LlmProxy runs on.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// The proxy pods' identity.
+    pub service_account: ServiceAccount,
+    /// Read access to this LlmProxy and its Secret, nothing else.
+    pub role: Role,
+    /// Binds the Role to the ServiceAccount.
+    pub role_binding: RoleBinding,
+    /// The proxy pods.
+    pub deployment: Deployment,
+    /// The stable address clients use.
+    pub service: Service,
+    /// Present when more than one pod runs.
+    pub pdb: Option<PodDisruptionBudget>,
+    /// Present when `spec.autoscaling` is set.
+    pub hpa: Option<HorizontalPodAutoscaler>,
+}
+
+/// Labels on every child and pod.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector(name);
+    l.insert("app.kubernetes.io/component".into(), "proxy".into());
+    l.insert("app.kubernetes.io/managed-by".into(), "llmproxy-operator".into());
+    l
+}
+
+/// The pod selector of one LlmProxy's proxies.
+pub fn selector(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "llmproxy".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
+    ])
+}
+
+/// Name of the ServiceAccount, Role and RoleBinding.
+pub fn proxy_identity(name: &str) -> String {
+    format!("{name}-proxy")
+}
+
+/// The URL clients use, through the Service.
+pub fn endpoint(p: &LlmProxy) -> String {
+    format!("http://{}.{}.svc:{API_PORT}/v1", p.name_any(), p.namespace().unwrap_or_default())
+}
+
+fn meta(p: &LlmProxy, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: p.namespace(),
+        labels: Some(labels(&p.name_any())),
+        owner_references: p.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Pods wanted: the fixed count, or the autoscaler's floor.
+pub fn desired_replicas(p: &LlmProxy) -> i32 {
+    p.spec.autoscaling.as_ref().map_or(p.spec.replicas, |a| a.min_replicas)
+}
+
+/// Build every child of `p`.
+pub fn build(p: &LlmProxy, settings: &Settings) -> Children {
+    Children {
+        service_account: ServiceAccount {
+            metadata: meta(p, proxy_identity(&p.name_any())),
+            automount_service_account_token: Some(true),
+            ..ServiceAccount::default()
+        },
+        role: role(p),
+        role_binding: role_binding(p),
+        deployment: deployment(p, settings),
+        service: service(p),
+        pdb: (desired_replicas(p) > 1).then(|| pdb(p)),
+        hpa: p.spec.autoscaling.as_ref().map(|a| hpa(p, a)),
+    }
+}
+
+fn role(p: &LlmProxy) -> Role {
+    let read = || Some(vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()]);
+    let mut rules = vec![PolicyRule {
+        api_groups: Some(vec![llmproxy_api::GROUP.to_owned()]),
+        resources: Some(vec!["llmproxies".to_owned()]),
+        resource_names: Some(vec![p.name_any()]),
+        verbs: read().unwrap_or_default(),
+        ..PolicyRule::default()
+    }];
+    if let Some(secret) = &p.spec.upstream.api_key_secret_ref {
+        rules.push(PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_owned()]),
+            resource_names: Some(vec![secret.name.clone()]),
+            verbs: read().unwrap_or_default(),
+            ..PolicyRule::default()
+        });
+    }
+    Role { metadata: meta(p, proxy_identity(&p.name_any())), rules: Some(rules) }
+}
+
+fn role_binding(p: &LlmProxy) -> RoleBinding {
+    let name = proxy_identity(&p.name_any());
+    RoleBinding {
+        metadata: meta(p, name.clone()),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name,
+            namespace: p.namespace(),
+            ..Subject::default()
+        }]),
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        initial_delay_seconds: Some(2),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_owned());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([("cpu".into(), q("100m")), ("memory".into(), q("64Mi"))])),
+        limits: Some(BTreeMap::from([("memory".into(), q("256Mi"))])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
+    let name = p.name_any();
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+        ("prometheus.io/port".to_owned(), ADMIN_PORT.to_string()),
+        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+    ]);
+    let container = Container {
+        name: "proxy".into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        args: Some(vec![
+            "proxy".into(),
+            "--resource".into(),
+            format!("{}/{name}", p.namespace().unwrap_or_default()),
+            "--listen".into(),
+            format!("0.0.0.0:{API_PORT}"),
+            "--admin-listen".into(),
+            format!("0.0.0.0:{ADMIN_PORT}"),
+        ]),
+        ports: Some(vec![
+            ContainerPort { name: Some("http".into()), container_port: API_PORT, ..ContainerPort::default() },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: ADMIN_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
+        liveness_probe: Some(probe("/livez", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: Some(p.spec.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(p, name.clone()),
+        spec: Some(DeploymentSpec {
+            // With an autoscaler, the HPA owns the count; leaving the field out of the applied
+            // object means the operator never fights it.
+            replicas: p.spec.autoscaling.is_none().then_some(p.spec.replicas),
+            selector: LabelSelector { match_labels: Some(selector(&name)), ..LabelSelector::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&name)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(proxy_identity(&name)),
+                    automount_service_account_token: Some(true),
+                    termination_grace_period_seconds: Some(120),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(PROXY_UID),
+                        run_as_group: Some(PROXY_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn service(p: &LlmProxy) -> Service {
+    let port = |name: &str, port: i32| ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::String(name.to_owned())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
+    Service {
+        metadata: meta(p, p.name_any()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector(&p.name_any())),
+            ports: Some(vec![port("http", API_PORT), port("metrics", ADMIN_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pdb(p: &LlmProxy) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(p, p.name_any()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(&p.name_any())),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn hpa(p: &LlmProxy, a: &llmproxy_api::AutoscalingSpec) -> HorizontalPodAutoscaler {
+    let mut metrics = Vec::new();
+    let cpu = a.target_cpu_utilization.or(if a.target_queue_depth.is_none() { Some(70) } else { None });
+    if let Some(cpu) = cpu {
+        metrics.push(MetricSpec {
+            type_: "Resource".into(),
+            resource: Some(ResourceMetricSource {
+                name: "cpu".into(),
+                target: MetricTarget {
+                    type_: "Utilization".into(),
+                    average_utilization: Some(cpu),
+                    ..MetricTarget::default()
+                },
+            }),
+            ..MetricSpec::default()
+        });
+    }
+    if let Some(depth) = a.target_queue_depth {
+        metrics.push(MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: "llmproxy_queue_depth".into(),
+                    ..MetricIdentifier::default()
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(Quantity(depth.to_string())),
+                    ..MetricTarget::default()
+                },
+            }),
+            ..MetricSpec::default()
+        });
+    }
+    HorizontalPodAutoscaler {
+        metadata: meta(p, p.name_any()),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: p.name_any(),
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(metrics),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        ..HorizontalPodAutoscaler::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(yaml: &str) -> LlmProxy {
+        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const BASE: &str = "
+apiVersion: llmproxy.io/v1alpha1
+kind: LlmProxy
+metadata: {name: openai, namespace: team-a, uid: 1234-abcd}
+spec:
+  upstream:
+    url: https://api.openai.com/v1
+    apiKeySecretRef: {name: openai-key}
+  limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
+";
+
+    fn settings() -> Settings {
+        Settings { image: "llmproxy:test".into(), image_pull_policy: None }
+    }
+
+    #[test]
+    fn every_child_is_owned_and_labelled() {
+        let p = proxy(BASE);
+        let c = build(&p, &settings());
+        let metas = [
+            &c.service_account.metadata,
+            &c.role.metadata,
+            &c.role_binding.metadata,
+            &c.deployment.metadata,
+            &c.service.metadata,
+        ];
+        for m in metas {
+            let owner = m
+                .owner_references
+                .as_ref()
+                .and_then(|o| o.first())
+                .unwrap_or_else(|| panic!("no owner: {m:?}"));
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+                ("LlmProxy", "openai", "1234-abcd")
+            );
+            assert_eq!(owner.controller, Some(true));
+            assert_eq!(m.namespace.as_deref(), Some("team-a"));
+            assert_eq!(
+                m.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/instance")).map(String::as_str),
+                Some("openai")
+            );
+        }
+        assert!(c.pdb.is_none() && c.hpa.is_none(), "one replica, no autoscaling");
+        assert_eq!(endpoint(&p), "http://openai.team-a.svc:8080/v1");
+    }
+
+    #[test]
+    fn the_role_reads_only_its_own_llmproxy_and_secret() {
+        let role = build(&proxy(BASE), &settings()).role;
+        let rules = role.rules.unwrap_or_default();
+        assert_eq!(rules.len(), 2);
+        for r in &rules {
+            assert_eq!(r.verbs, ["get", "list", "watch"]);
+        }
+        assert_eq!(rules[0].resources.as_deref(), Some(&["llmproxies".to_owned()][..]));
+        assert_eq!(rules[0].resource_names.as_deref(), Some(&["openai".to_owned()][..]));
+        assert_eq!(rules[1].resources.as_deref(), Some(&["secrets".to_owned()][..]));
+        assert_eq!(rules[1].resource_names.as_deref(), Some(&["openai-key".to_owned()][..]));
+        let keyless =
+            build(&proxy(&BASE.replace("    apiKeySecretRef: {name: openai-key}\n", "")), &settings());
+        assert_eq!(keyless.role.rules.map(|r| r.len()), Some(1), "no Secret, no Secret access");
+    }
+
+    #[test]
+    fn the_pod_is_locked_down_and_probed_and_carries_no_policy() {
+        let d = build(&proxy(BASE), &settings()).deployment;
+        let pod = d.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        assert_eq!(pod.service_account_name.as_deref(), Some("openai-proxy"));
+        assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.args.as_ref().map(|a| a.join(" ")).as_deref(),
+            Some("proxy --resource team-a/openai --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090")
+        );
+        let sc = c.security_context.clone().unwrap_or_default();
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+        let path =
+            |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|g| g.path.clone());
+        assert_eq!(path(&c.liveness_probe).as_deref(), Some("/livez"));
+        assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
+        assert!(
+            c.resources.as_ref().and_then(|r| r.requests.as_ref()).is_some_and(|r| r.contains_key("cpu"))
+        );
+        let text = serde_json::to_string(&pod).unwrap_or_default();
+        assert!(
+            !text.contains("3500") && !text.contains("api.openai.com"),
+            "policy leaked into the pod template"
+        );
+    }
+
+    #[test]
+    fn limits_do_not_touch_the_deployment_but_replicas_do() {
+        let d1 = build(&proxy(BASE), &settings()).deployment;
+        let d2 = build(&proxy(&BASE.replace("3500", "100")), &settings()).deployment;
+        assert_eq!(d1, d2);
+        let d3 = build(&proxy(&format!("{BASE}  replicas: 3\n")), &settings());
+        assert_eq!(d3.deployment.spec.as_ref().and_then(|s| s.replicas), Some(3));
+        assert!(d3.pdb.is_some(), "a PDB once more than one pod runs");
+    }
+
+    #[test]
+    fn autoscaling_builds_an_hpa_and_leaves_replicas_to_it() {
+        let yaml = format!("{BASE}  autoscaling: {{minReplicas: 2, maxReplicas: 6, targetQueueDepth: 20}}\n");
+        let c = build(&proxy(&yaml), &settings());
+        assert_eq!(c.deployment.spec.as_ref().and_then(|s| s.replicas), None);
+        let hpa = c.hpa.and_then(|h| h.spec).unwrap_or_default();
+        assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));
+        let metrics = hpa.metrics.unwrap_or_default();
+        assert_eq!(metrics.len(), 1);
+        assert_eq!(metrics[0].pods.as_ref().map(|p| p.metric.name.as_str()), Some("llmproxy_queue_depth"));
+        assert!(c.pdb.is_some());
+    }
+}

@@ -1,0 +1,148 @@
+//! The llmproxy operator: watches `LlmProxy` resources and keeps, for each, a proxy Deployment,
+//! Service, ServiceAccount and least-privilege RBAC (plus a PodDisruptionBudget and an
+//! autoscaler where asked), and reports status conditions and events.
+
+pub mod children;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, predicates, reflector, watcher};
+
+use kube::{Client, ResourceExt};
+use llmproxy_api::LlmProxy;
+
+pub use children::Settings;
+pub use leader::LeaseConfig;
+pub use metrics::Metrics;
+pub use reconcile::{Context, Error};
+
+/// How to run the operator.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How children are built.
+    pub settings: Settings,
+    /// Watch only this namespace; `None`: all.
+    pub namespace: Option<String>,
+    /// Elect a leader through this Lease; `None`: reconcile unconditionally (one replica).
+    pub lease: Option<LeaseConfig>,
+    /// Name this instance reports in Events.
+    pub identity: String,
+}
+
+const MANAGED: &str = "app.kubernetes.io/managed-by=llmproxy-operator";
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The controller: reconciles until `shutdown` resolves.
+pub async fn controller(
+    client: Client,
+    config: &Config,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ns = config.namespace.as_deref();
+    let reporter =
+        Reporter { controller: reconcile::MANAGER.into(), instance: Some(config.identity.clone()) };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics,
+        config.settings.clone(),
+    ));
+    // Only spec changes (a new generation) trigger from the LlmProxy itself: the operator's own
+    // status writes must not come back as work.
+    let (reader, writer) = reflector::store();
+    let proxies = watcher(api::<LlmProxy>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, PredicateConfig::default());
+    let controller = Controller::for_stream(proxies, reader);
+    let store = controller.store();
+    // Secrets are watched by metadata only (no key material in the operator's memory), to
+    // reconcile an LlmProxy as soon as its missing Secret appears.
+    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    controller
+        .owns(api::<Deployment>(&client, ns), watcher::Config::default().labels(MANAGED))
+        .owns(api::<Service>(&client, ns), watcher::Config::default().labels(MANAGED))
+        .watches_stream(secrets, move |secret| {
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            store
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    p.namespace() == ns
+                        && p.spec.upstream.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}
+
+/// Run the operator: with leader election if configured, until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let work = {
+        let (client, config, metrics, stopped) =
+            (client.clone(), config.clone(), metrics.clone(), stopped.clone());
+        move || {
+            let (client, config, metrics, stopped) =
+                (client.clone(), config.clone(), metrics.clone(), stopped.clone());
+            async move { controller(client, &config, metrics, stopped()).await }
+        }
+    };
+    match config.lease.clone() {
+        Some(lease) => {
+            tokio::join!(stopping, leader::run_elected(client, lease, metrics, work, stopped()));
+        }
+        None => {
+            metrics.leader.set(1);
+            tokio::join!(stopping, work());
+        }
+    }
+}

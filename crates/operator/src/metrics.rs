@@ -1,0 +1,53 @@
+//! The operator's own metrics, in a registry passed in (several operators can share a test
+//! process). Error labels come from `Error::metric_label`: a closed set, never object names.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Metrics of one operator process.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by result (`ok`, `error`).
+    pub reconciles: IntCounterVec,
+    /// Failed reconciles by reason.
+    pub failures: IntCounterVec,
+    /// Time one reconcile takes.
+    pub duration: Histogram,
+    /// 1 while this instance holds the leader Lease.
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Register the metrics in `registry`.
+    pub fn new(registry: Registry) -> anyhow::Result<Self> {
+        let reconciles = IntCounterVec::new(
+            Opts::new("llmproxy_operator_reconciles_total", "LlmProxy reconciles by result (ok, error)."),
+            &["result"],
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new("llmproxy_operator_reconcile_errors_total", "Failed LlmProxy reconciles by reason."),
+            &["reason"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "llmproxy_operator_reconcile_duration_seconds",
+                "Time one LlmProxy reconcile takes.",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        let leader =
+            IntGauge::new("llmproxy_operator_leader", "1 while this instance holds the leader Lease.")?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        Ok(Self { registry, reconciles, failures, duration, leader })
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,253 @@
+//! Reconcile one LlmProxy as a short pipeline: validate -> build the children (pure) ->
+//! server-side apply them with owner references -> write status and events.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use llmproxy_api::{LlmProxy, LlmProxyStatus, Policy};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::children::{self, Settings};
+use crate::metrics::Metrics;
+use crate::status::{self, Problem, Rollout};
+
+/// The field manager of everything the operator applies.
+pub const MANAGER: &str = "llmproxy-operator";
+
+/// What every reconcile shares.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// The operator's metrics.
+    pub metrics: Metrics,
+    /// How children are built.
+    pub settings: Settings,
+    /// Consecutive failures per object, for exponential back-off.
+    failures: Mutex<HashMap<ObjectRef<LlmProxy>, u32>>,
+}
+
+impl Context {
+    /// A context for one operator process.
+    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
+        Self { client, recorder, metrics, settings, failures: Mutex::default() }
+    }
+}
+
+/// Why a reconcile failed; transient, retried with back-off.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or could not be reached.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Cluster-scoped LlmProxy objects do not exist; seen only with a broken CRD.
+    #[error("LlmProxy has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// A low-cardinality label for the failure metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "api_unreachable",
+            Error::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+/// Server-side apply `obj` in `ns`, forcing ownership of the fields it sets.
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await
+}
+
+/// Delete `name` if it exists and `owner` controls it (a PDB or HPA no longer wanted).
+async fn remove_owned<K>(client: &Client, ns: &str, name: &str, owner: &LlmProxy) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let Some(existing) = api.get_opt(name).await? else { return Ok(()) };
+    let uid = owner.uid();
+    if existing.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true))
+    {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    Ok(())
+}
+
+/// Check that the Secret the proxies will read exists and holds the key.
+async fn check_secret(client: &Client, ns: &str, p: &LlmProxy) -> Result<Option<Problem>, kube::Error> {
+    let Some(r) = &p.spec.upstream.api_key_secret_ref else { return Ok(None) };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    Ok(match secrets.get_opt(&r.name).await? {
+        None => Some(Problem::SecretNotFound(r.name.clone())),
+        Some(s) if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) => {
+            Some(Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() })
+        }
+        Some(_) => None,
+    })
+}
+
+/// Reconcile one LlmProxy.
+pub async fn reconcile(p: Arc<LlmProxy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let timer = ctx.metrics.duration.start_timer();
+    let result = reconcile_inner(&p, &ctx).await;
+    timer.observe_duration();
+    if result.is_ok() {
+        ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+        ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from_obj(p.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
+    let ns = p.namespace().ok_or(Error::NoNamespace)?;
+    let client = &ctx.client;
+
+    // Validate: what the schema cannot express.
+    let problem = match Policy::from_spec(&p.spec) {
+        Err(e) => Some(Problem::InvalidPolicy(e.to_string())),
+        Ok(_) => check_secret(client, &ns, p).await?,
+    };
+
+    // Build (pure) and apply. Children are applied even when the spec has a problem: they do
+    // not depend on the policy, and running proxies keep serving their last good one.
+    let c = children::build(p, &ctx.settings);
+    apply(client, &ns, &c.service_account).await?;
+    apply(client, &ns, &c.role).await?;
+    apply(client, &ns, &c.role_binding).await?;
+    apply(client, &ns, &c.service).await?;
+    let deployment = apply(client, &ns, &c.deployment).await?;
+    match &c.pdb {
+        Some(pdb) => drop(apply(client, &ns, pdb).await?),
+        None => {
+            remove_owned::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(client, &ns, &p.name_any(), p)
+                .await?
+        }
+    }
+    match &c.hpa {
+        Some(hpa) => drop(apply(client, &ns, hpa).await?),
+        None => {
+            remove_owned::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(
+                client,
+                &ns,
+                &p.name_any(),
+                p,
+            )
+            .await?;
+        }
+    }
+
+    // Status.
+    let ds = deployment.status.unwrap_or_default();
+    let current = ds.observed_generation.is_some_and(|g| Some(g) >= deployment.metadata.generation);
+    let rollout = Rollout {
+        desired: deployment.spec.and_then(|s| s.replicas).unwrap_or_else(|| children::desired_replicas(p)),
+        replicas: ds.replicas.unwrap_or(0),
+        ready: ds.ready_replicas.unwrap_or(0),
+        updated: if current { ds.updated_replicas.unwrap_or(0) } else { 0 },
+    };
+    let now = Time(Timestamp::now());
+    let new = status::compute(
+        p.metadata.generation,
+        problem.as_ref(),
+        rollout,
+        children::endpoint(p),
+        p.status.as_ref(),
+        &now,
+    );
+    if p.status.as_ref() != Some(&new) {
+        let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
+        let body =
+            serde_json::json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "status": new});
+        api.patch_status(&p.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+        publish_transitions(ctx, p, p.status.as_ref(), &new).await;
+    }
+
+    Ok(match problem {
+        // Nothing will change until the user edits the object: no hot loop.
+        Some(Problem::InvalidPolicy(_)) => Action::await_change(),
+        // The Secret watch brings us back when it appears; this is the fallback.
+        Some(_) => Action::requeue(Duration::from_secs(60)),
+        None => Action::requeue(Duration::from_secs(300)),
+    })
+}
+
+/// Events for what changed: first creation, becoming degraded or recovering, becoming ready.
+async fn publish_transitions(
+    ctx: &Context,
+    p: &LlmProxy,
+    old: Option<&LlmProxyStatus>,
+    new: &LlmProxyStatus,
+) {
+    let was = |t: &str| status::condition_status(old, t).map(|c| (c.status.clone(), c.reason.clone()));
+    let now = |t: &str| status::condition_status(Some(new), t).map(|c| (c.status.clone(), c.reason.clone()));
+    let mut events = Vec::new();
+    if old.is_none_or(|s| s.conditions.is_empty()) {
+        events.push((
+            EventType::Normal,
+            "Created",
+            "created the proxy Deployment, Service, ServiceAccount and RBAC".to_owned(),
+        ));
+    }
+    if now("Degraded") != was("Degraded")
+        && let Some(c) = status::condition_status(Some(new), "Degraded")
+    {
+        if c.status == "True" {
+            events.push((EventType::Warning, "Degraded", format!("{}: {}", c.reason, c.message)));
+        } else if old.is_some() {
+            events.push((EventType::Normal, "Recovered", "the problem is fixed".to_owned()));
+        }
+    }
+    if now("Ready") != was("Ready") && now("Ready").is_some_and(|(s, _)| s == "True") {
+        events.push((EventType::Normal, "Ready", "every proxy pod is ready".to_owned()));
+    }
+    for (type_, reason, note) in events {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &p.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+}
+
+/// Transient failures: count them and retry with exponential back-off (5 s doubling to 5 min).
+pub fn error_policy(p: Arc<LlmProxy>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+    ctx.metrics.failures.with_label_values(&[err.metric_label()]).inc();
+    let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+    let n = failures.entry(ObjectRef::from_obj(p.as_ref())).or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = Duration::from_secs(5).saturating_mul(1 << (*n - 1).min(6)).min(Duration::from_secs(300));
+    tracing::warn!(name = %p.name_any(), namespace = p.namespace().unwrap_or_default(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

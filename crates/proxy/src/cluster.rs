@@ -1,0 +1,178 @@
+//! Cluster mode's policy source: the proxy watches its own LlmProxy and the Secret it names
+//! through the Kubernetes API (in-cluster service account or KUBECONFIG) and reloads in place:
+//! new limits within a second, a rotated key on the next request, no restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use llmproxy_api::{LlmProxy, Policy, SecretKeyRef};
+
+use crate::server::{Proxy, Reload};
+use crate::upstream::ApiKey;
+
+/// `namespace/name` of the LlmProxy to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::str::FromStr for ResourceRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self { namespace: ns.to_owned(), name: name.to_owned() })
+            }
+            _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+        }
+    }
+}
+
+/// How many pods share the quota: the most of what is wanted and what runs, so that a scale-up
+/// never briefly grants every pod the whole quota.
+pub fn sharing_pods(p: &LlmProxy) -> u32 {
+    let wanted = p.spec.autoscaling.as_ref().map_or(p.spec.replicas, |a| a.min_replicas);
+    let running = p.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    u32::try_from(wanted.max(running).max(1)).unwrap_or(1)
+}
+
+/// This pod's policy for an LlmProxy.
+pub fn policy_for(p: &LlmProxy) -> Result<Policy, llmproxy_api::PolicyError> {
+    Ok(Policy::from_spec(&p.spec)?.for_replicas(sharing_pods(p)))
+}
+
+/// Read the LlmProxy once, retrying until it exists and is valid.
+pub async fn initial(client: &Client, r: &ResourceRef) -> Policy {
+    let api: Api<LlmProxy> = Api::namespaced(client.clone(), &r.namespace);
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match api.get(&r.name).await {
+            Ok(p) => match policy_for(&p) {
+                Ok(policy) => return policy,
+                Err(e) => tracing::error!(error = %e, "LlmProxy {}/{} cannot run yet", r.namespace, r.name),
+            },
+            Err(e) => tracing::error!(error = %e, "cannot read LlmProxy {}/{}", r.namespace, r.name),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn by_name(name: &str) -> watcher::Config {
+    // A field selector, so that RBAC scoped to this one name (resourceNames) allows the watch.
+    watcher::Config::default().fields(&format!("metadata.name={name}"))
+}
+
+/// Keep the proxy in step with its LlmProxy and Secret until the task is dropped.
+pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
+    let api: Api<LlmProxy> = Api::namespaced(client.clone(), &r.namespace);
+    let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
+    let mut secret: Option<(SecretKeyRef, tokio::task::JoinHandle<()>)> = None;
+    while let Some(event) = updates.next().await {
+        let p = match event {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the LlmProxy failed; retrying");
+                continue;
+            }
+        };
+        match policy_for(&p) {
+            Ok(policy) => {
+                if proxy.apply_policy(policy) == Reload::Applied {
+                    tracing::info!(
+                        generation = p.metadata.generation,
+                        pods = sharing_pods(&p),
+                        "policy reloaded"
+                    );
+                }
+            }
+            Err(e) => {
+                proxy.reject_policy();
+                tracing::error!(error = %e, "policy refused; the last good policy keeps serving");
+            }
+        }
+        let wanted = p.spec.upstream.api_key_secret_ref.clone();
+        if wanted.as_ref() != secret.as_ref().map(|(r, _)| r) {
+            if let Some((_, task)) = secret.take() {
+                task.abort();
+            }
+            secret = wanted.map(|w| {
+                let task = tokio::spawn(watch_secret(
+                    Arc::clone(&proxy),
+                    client.clone(),
+                    p.namespace().unwrap_or_default(),
+                    w.clone(),
+                ));
+                (w, task)
+            });
+        }
+    }
+}
+
+/// Follow one Secret key: every change reaches the next upstream request.
+async fn watch_secret(proxy: Arc<Proxy>, client: Client, namespace: String, r: SecretKeyRef) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
+    while let Some(event) = updates.next().await {
+        match event {
+            Ok(s) => {
+                match s.data.as_ref().and_then(|d| d.get(&r.key)).and_then(|v| std::str::from_utf8(&v.0).ok())
+                {
+                    Some(text) => {
+                        proxy.set_api_key(ApiKey::new(text));
+                        tracing::info!(secret = %r.name, "upstream API key loaded");
+                    }
+                    None => {
+                        tracing::error!(secret = %r.name, key = %r.key, "the Secret has no such key; keeping the previous key")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "watching the Secret failed; retrying"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_refs_parse() {
+        assert_eq!(
+            "team-a/openai".parse(),
+            Ok(ResourceRef { namespace: "team-a".into(), name: "openai".into() })
+        );
+        for bad in ["openai", "/x", "x/", "a/b/c"] {
+            assert!(bad.parse::<ResourceRef>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pods_share_by_the_larger_of_wanted_and_running() {
+        let mut p: LlmProxy = parse(
+            r"
+apiVersion: llmproxy.io/v1alpha1
+kind: LlmProxy
+metadata: {name: p, namespace: n}
+spec: {upstream: {url: 'http://x:1'}, limits: {requestsPerMinute: 600}, replicas: 2}
+",
+        );
+        assert_eq!(sharing_pods(&p), 2);
+        p.status = Some(llmproxy_api::LlmProxyStatus { replicas: Some(3), ..Default::default() });
+        assert_eq!(sharing_pods(&p), 3, "a surge pod during a rollout");
+        assert_eq!(policy_for(&p).map(|x| x.limits.requests_per_minute), Ok(200));
+    }
+
+    fn parse(text: &str) -> LlmProxy {
+        llmproxy_api::from_yaml(text).map(|(p, _)| p).unwrap_or_else(|e| panic!("{e}"))
+    }
+}

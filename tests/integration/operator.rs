@@ -1,0 +1,433 @@
+//! The operator against a real API server (no controllers there: the tests write Deployment
+//! status themselves), and a real `llmproxy proxy --resource` process reloading from it.
+
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use llmproxy_api::LlmProxy;
+use llmproxy_mock::{MockConfig, load};
+use llmproxy_operator::{Config, LeaseConfig, Metrics, Settings};
+use serde_json::{Value, json};
+
+use crate::support::proxy_env::{get_text, metric, mock};
+use crate::support::{self, KubeEnv, MANAGER, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A running in-process operator; stops when dropped.
+struct Operator {
+    metrics: Metrics,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    fn start(client: &Client, ns: &str, identity: &str, lease: bool) -> Self {
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let mut lease_cfg = LeaseConfig::new(ns, identity);
+        lease_cfg.duration = Duration::from_secs(4);
+        lease_cfg.retry = Duration::from_millis(500);
+        let config = Config {
+            settings: Settings { image: "llmproxy:test".into(), image_pull_policy: None },
+            namespace: Some(ns.to_owned()),
+            lease: lease.then_some(lease_cfg),
+            identity: identity.to_owned(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task =
+            tokio::spawn(llmproxy_operator::run(client.clone(), config, metrics.clone(), async move {
+                let _ = stopped.await;
+            }));
+        Self { metrics, stop: Some(stop), task }
+    }
+
+    fn reconciles(&self) -> f64 {
+        metric(&self.metrics.render(), "llmproxy_operator_reconciles_total")
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn llmproxy(name: &str, upstream: &str, spec_extra: Value) -> Value {
+    let mut spec = json!({
+        "upstream": {"url": upstream, "apiKeySecretRef": {"name": "upstream-key"}},
+        "limits": {"requestsPerMinute": 600},
+        "queue": {"maxWait": "500ms"},
+    });
+    if let (Some(s), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        s.extend(extra.clone());
+    }
+    json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": name}, "spec": spec})
+}
+
+async fn apply(api: &Api<LlmProxy>, manifest: &Value) -> LlmProxy {
+    let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(manifest))
+        .await
+        .unwrap_or_else(|e| panic!("apply: {e}"))
+}
+
+async fn secret(client: &Client, ns: &str, key: &str) {
+    let s = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("upstream-key".into()), ..Default::default() },
+        data: Some([("api-key".to_owned(), ByteString(key.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch("upstream-key", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s))
+        .await
+        .unwrap_or_else(|e| panic!("secret: {e}"));
+}
+
+async fn setup(prefix: &str) -> (KubeEnv, Client, String, Api<LlmProxy>) {
+    let env = KubeEnv::start().await;
+    let client = env.client().await;
+    support::install_crd(&client).await;
+    let ns = env.namespace(&client, prefix).await;
+    let api = Api::namespaced(client.clone(), &ns);
+    (env, client, ns, api)
+}
+
+async fn wait_for<K>(api: &Api<K>, name: &str) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} to exist"), WAIT, || async { api.get_opt(name).await.ok().flatten() }).await
+}
+
+async fn condition(api: &Api<LlmProxy>, name: &str, type_: &str, status: &str, reason: &str) -> LlmProxy {
+    eventually(&format!("{type_}={status} ({reason})"), WAIT, || async {
+        let p = api.get(name).await.ok()?;
+        let c = llmproxy_operator::status::condition_status(p.status.as_ref(), type_)?;
+        (c.status == status && c.reason == reason).then_some(p.clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llmproxy_gets_owned_labelled_locked_down_children() {
+    let (_env, client, ns, api) = setup("children").await;
+    secret(&client, &ns, "sk-1").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    let p = apply(&api, &llmproxy("openai", "https://api.openai.com/v1", json!({}))).await;
+    let uid = p.uid().unwrap_or_default();
+
+    let deployment = wait_for(&Api::<Deployment>::namespaced(client.clone(), &ns), "openai").await;
+    let service = wait_for(&Api::<Service>::namespaced(client.clone(), &ns), "openai").await;
+    let sa = wait_for(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), "openai-proxy").await;
+    let role = wait_for(&Api::<Role>::namespaced(client.clone(), &ns), "openai-proxy").await;
+    let binding = wait_for(&Api::<RoleBinding>::namespaced(client.clone(), &ns), "openai-proxy").await;
+    for (kind, refs, labels) in [
+        ("Deployment", deployment.owner_references(), deployment.labels()),
+        ("Service", service.owner_references(), service.labels()),
+        ("ServiceAccount", sa.owner_references(), sa.labels()),
+        ("Role", role.owner_references(), role.labels()),
+        ("RoleBinding", binding.owner_references(), binding.labels()),
+    ] {
+        assert!(
+            refs.iter().any(|o| o.uid == uid && o.controller == Some(true) && o.kind == "LlmProxy"),
+            "{kind} not owned"
+        );
+        assert_eq!(
+            labels.get("app.kubernetes.io/managed-by").map(String::as_str),
+            Some("llmproxy-operator"),
+            "{kind}"
+        );
+    }
+    // Only its own LlmProxy and Secret, read-only.
+    let rules = role.rules.unwrap_or_default();
+    let mut seen = Vec::new();
+    for r in &rules {
+        assert_eq!(r.verbs, ["get", "list", "watch"]);
+        seen.push((
+            r.resources.clone().unwrap_or_default().join(","),
+            r.resource_names.clone().unwrap_or_default().join(","),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [("llmproxies".to_owned(), "openai".to_owned()), ("secrets".to_owned(), "upstream-key".to_owned())]
+    );
+    assert_eq!(binding.subjects.unwrap_or_default()[0].name, "openai-proxy");
+
+    let pod = deployment.spec.and_then(|s| s.template.spec).unwrap_or_default();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("llmproxy:test"));
+    assert!(c.args.as_ref().is_some_and(|a| a.join(" ").contains(&format!("--resource {ns}/openai"))));
+    assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
+    let sc = c.security_context.clone().unwrap_or_default();
+    assert_eq!(
+        (sc.read_only_root_filesystem, sc.allow_privilege_escalation, sc.run_as_non_root),
+        (Some(true), Some(false), Some(true))
+    );
+    let ports: Vec<i32> =
+        service.spec.and_then(|s| s.ports).unwrap_or_default().iter().map(|p| p.port).collect();
+    assert_eq!(ports, [8080, 9090]);
+
+    let p = condition(&api, "openai", "Degraded", "False", "AsExpected").await;
+    let status = p.status.unwrap_or_default();
+    assert_eq!(status.endpoint.as_deref(), Some(format!("http://openai.{ns}.svc:8080/v1").as_str()));
+    assert_eq!(status.observed_generation, p.metadata.generation);
+    // Events say what the operator did.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    eventually("a Created event", WAIT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("Created")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_change_in_place_while_replicas_scale_the_deployment() {
+    let (_env, client, ns, api) = setup("scale").await;
+    secret(&client, &ns, "sk-1").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    let before = wait_for(&deployments, "p").await;
+
+    // New limits: the proxies reload them from the LlmProxy; the pod template must not move.
+    let changed = apply(
+        &api,
+        &llmproxy("p", "https://api.openai.com/v1", json!({"limits": {"requestsPerMinute": 60}})),
+    )
+    .await;
+    let generation = changed.metadata.generation;
+    eventually("the new generation to be observed", WAIT, || async {
+        let p = api.get("p").await.ok()?;
+        (p.status?.observed_generation == generation).then_some(())
+    })
+    .await;
+    let after = deployments.get("p").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(before.metadata.generation, after.metadata.generation, "no rollout for a limits change");
+    assert_eq!(before.spec.map(|s| s.template), after.spec.clone().map(|s| s.template));
+
+    // Replicas: the Deployment follows, and a PDB appears for more than one pod.
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({"replicas": 3}))).await;
+    eventually("3 replicas", WAIT, || async {
+        (deployments.get("p").await.ok()?.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    wait_for(&pdbs, "p").await;
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({"replicas": 1}))).await;
+    eventually("the PDB to go", WAIT, || async { pdbs.get_opt("p").await.ok()?.is_none().then_some(()) })
+        .await;
+
+    // Autoscaling: an HPA owns the count.
+    let scaling = json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 5, "targetQueueDepth": 10}});
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", scaling)).await;
+    let hpa = wait_for(&Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns), "p").await;
+    let spec = hpa.spec.unwrap_or_default();
+    assert_eq!(
+        (spec.min_replicas, spec.max_replicas, spec.scale_target_ref.name.as_str()),
+        (Some(2), 5, "p")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_degrades_until_it_appears() {
+    let (_env, client, ns, api) = setup("secret").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    let p = condition(&api, "p", "Degraded", "True", "SecretNotFound").await;
+    let msg =
+        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    assert!(msg.unwrap_or_default().contains("upstream-key"));
+    assert_eq!(
+        llmproxy_operator::status::condition_status(p.status.as_ref(), "Ready").map(|c| c.status.as_str()),
+        Some("False")
+    );
+
+    secret(&client, &ns, "sk-1").await;
+    condition(&api, "p", "Degraded", "False", "AsExpected").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_pods_make_the_llmproxy_ready() {
+    let (_env, client, ns, api) = setup("ready").await;
+    secret(&client, &ns, "sk-1").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({"replicas": 2}))).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let d = wait_for(&deployments, "p").await;
+    condition(&api, "p", "Ready", "False", "ProxiesNotReady").await;
+
+    // No Deployment controller here: write the status it would.
+    let status = json!({"apiVersion": "apps/v1", "kind": "Deployment", "status": {
+        "observedGeneration": d.metadata.generation, "replicas": 2, "readyReplicas": 2,
+        "updatedReplicas": 2, "availableReplicas": 2}});
+    deployments
+        .patch_status("p", &PatchParams::apply("kube-controller-manager").force(), &Patch::Apply(&status))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = condition(&api, "p", "Ready", "True", "ProxiesReady").await;
+    let s = p.status.unwrap_or_default();
+    assert_eq!((s.ready_replicas, s.replicas), (Some(2), Some(2)));
+    assert_eq!(s.observed_generation, p.metadata.generation);
+    assert_eq!(
+        llmproxy_operator::status::condition_status(Some(&s), "Progressing").map(|c| c.status.as_str()),
+        Some("False")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrunnable_spec_is_reported_once_not_retried_in_a_loop() {
+    let (_env, client, ns, api) = setup("invalid").await;
+    secret(&client, &ns, "sk-1").await;
+    let op = Operator::start(&client, &ns, "op-1", false);
+    // The schema accepts "0" as a quantity; the policy refuses an empty cache budget.
+    apply(
+        &api,
+        &llmproxy("p", "https://api.openai.com/v1", json!({"cache": {"ttl": "5m", "maxBytes": "0"}})),
+    )
+    .await;
+    let p = condition(&api, "p", "Degraded", "True", "InvalidPolicy").await;
+    let msg =
+        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    assert!(msg.unwrap_or_default().contains("spec.cache.maxBytes: must be > 0"));
+    let settled = eventually("the reconcile to be counted", WAIT, || async {
+        (op.reconciles() >= 1.0).then(|| op.reconciles())
+    })
+    .await;
+    // Absence of activity needs a window of time; two seconds would hold dozens of hot-loop rounds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(op.reconciles() <= settled + 1.0, "hot loop: {} -> {}", settled, op.reconciles());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_elect_exactly_one_leader() {
+    let (_env, client, ns, api) = setup("leader").await;
+    secret(&client, &ns, "sk-1").await;
+    let a = Operator::start(&client, &ns, "op-a", true);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let first = eventually("a leader", WAIT, || async {
+        leases.get_opt("llmproxy-operator").await.ok()??.spec?.holder_identity
+    })
+    .await;
+    assert_eq!(first, "op-a");
+    let b = Operator::start(&client, &ns, "op-b", true);
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    condition(&api, "p", "Degraded", "False", "AsExpected").await;
+    eventually("op-a to count its reconcile", WAIT, || async { (a.reconciles() > 0.0).then_some(()) }).await;
+    assert_eq!(b.reconciles(), 0.0, "the standby must not reconcile");
+    assert_eq!(metric(&b.metrics.render(), "llmproxy_operator_leader"), 0.0);
+
+    // The leader steps down; the standby takes over and reconciles.
+    a.stop().await;
+    eventually("op-b to lead", WAIT, || async {
+        let holder = leases.get_opt("llmproxy-operator").await.ok()??.spec?.holder_identity;
+        (holder.as_deref() == Some("op-b")).then_some(())
+    })
+    .await;
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({"replicas": 2}))).await;
+    eventually("op-b to reconcile", WAIT, || async { (b.reconciles() > 0.0).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_proxy_reloads_limits_and_keys_from_the_cluster() {
+    let (env, client, ns, api) = setup("reload").await;
+    let upstream = mock(MockConfig { api_key: Some("sk-first".into()), ..MockConfig::default() }).await;
+    secret(&client, &ns, "sk-first").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &llmproxy("p", &upstream.url(), json!({"limits": {"requestsPerMinute": 6000}}))).await;
+    condition(&api, "p", "Degraded", "False", "AsExpected").await;
+
+    // The proxy as it runs in the pod, with a kubeconfig instead of a service account.
+    let kubeconfig = env.kubeconfig().display().to_string();
+    let proxy = crate::support::proxy_env::ProxyProcess::start_with_args(
+        &["proxy", "--resource", &format!("{ns}/p")],
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
+    .await;
+    let pid = proxy.pid();
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    let url = proxy.url("/chat/completions");
+    let client_http = load::client();
+    assert_eq!(load::shoot(&client_http, &url, None, &load::chat_body(1)).await.status, Some(200));
+
+    apply(&api, &llmproxy("p", &upstream.url(), json!({"limits": {"requestsPerMinute": 60}}))).await;
+    eventually("the proxy to enforce 60 RPM", WAIT, || {
+        let url = metrics_url.clone();
+        async move { (metric(&get_text(&url).await, "llmproxy_limit_requests_per_minute") == 60.0).then_some(()) }
+    })
+    .await;
+    let burst = load::burst(&client_http, &url, None, 3).await;
+    assert_eq!((burst.ok, burst.rate_limited), (1, 2), "one per second, and maxWait 500ms: {burst:?}");
+
+    // Rotate the key: the upstream now wants the new one; the next call must carry it.
+    upstream.mock.set_api_key(Some("sk-second".into()));
+    secret(&client, &ns, "sk-second").await;
+    eventually("the rotated key to be used", WAIT, || {
+        let (client_http, url, upstream) = (client_http.clone(), url.clone(), upstream.mock.clone());
+        async move {
+            let shot = load::shoot(&client_http, &url, None, &load::chat_body(2)).await;
+            (shot.status == Some(200) && upstream.seen().last()?.key.as_deref() == Some("sk-second"))
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(proxy.pid(), pid, "the same process throughout");
+    let logs = proxy.logs();
+    assert!(!logs.contains("sk-first") && !logs.contains("sk-second"), "a key leaked into the logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quickstart_example_applies_and_reconciles() {
+    let (_env, client, ns, api) = setup("quickstart").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    let text = std::fs::read_to_string(support::repo_path("examples/quickstart.yaml")).unwrap_or_default();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v: Value = serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{e}"));
+        // kube-apiserver-lite does not fold a Secret's write-only stringData into data as
+        // kube-apiserver does; do it here, as the real server would.
+        if let Some(Value::Object(plain)) = v.as_object_mut().and_then(|o| o.remove("stringData")) {
+            let data: serde_json::Map<String, Value> = plain
+                .into_iter()
+                .map(|(k, val)| {
+                    (
+                        k,
+                        serde_json::to_value(ByteString(
+                            val.as_str().unwrap_or_default().as_bytes().to_vec(),
+                        ))
+                        .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            v["data"] = Value::Object(data);
+        }
+        let name = v["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let pp = PatchParams::apply(MANAGER).force();
+        let result = match v["kind"].as_str() {
+            Some("Secret") => Api::<Secret>::namespaced(client.clone(), &ns)
+                .patch(&name, &pp, &Patch::Apply(&v))
+                .await
+                .map(drop),
+            Some("LlmProxy") => api.patch(&name, &pp.validation_strict(), &Patch::Apply(&v)).await.map(drop),
+            other => panic!("unexpected kind {other:?}"),
+        };
+        result.unwrap_or_else(|e| panic!("applying {name}: {e}"));
+    }
+    condition(&api, "openai", "Degraded", "False", "AsExpected").await;
+    wait_for(&Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns), "openai").await;
+}
