@@ -2,6 +2,7 @@
 //! or the official binary) started per test by `support::KubeEnv`.
 
 mod cache;
+mod chart;
 mod crd;
 mod operator;
 mod proxy;

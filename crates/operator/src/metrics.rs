@@ -41,6 +41,12 @@ impl Metrics {
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        for result in ["ok", "error"] {
+            reconciles.with_label_values(&[result]);
+        }
+        for reason in crate::reconcile::Error::LABELS {
+            failures.with_label_values(&[reason]);
+        }
         Ok(Self { registry, reconciles, failures, duration, leader })
     }
 

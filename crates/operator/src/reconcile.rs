@@ -59,6 +59,10 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value `metric_label` returns.
+    pub const LABELS: [&'static str; 5] =
+        ["conflict", "forbidden", "api_error", "api_unreachable", "no_namespace"];
+
     /// A low-cardinality label for the failure metric.
     pub fn metric_label(&self) -> &'static str {
         match self {

@@ -25,6 +25,10 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// Every limit, for initialising metric series.
+    pub const ALL: [Limit; 5] =
+        [Limit::Requests, Limit::Tokens, Limit::Concurrency, Limit::UpstreamPause, Limit::QueueSize];
+
     /// A low-cardinality label for metrics.
     pub fn label(self) -> &'static str {
         match self {

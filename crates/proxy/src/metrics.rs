@@ -100,7 +100,7 @@ impl Metrics {
             "Tokens that cache hits and coalesced answers did not spend upstream.",
         )?;
         r.register(Box::new(cache_saved_tokens.clone()))?;
-        Ok(Self {
+        let metrics = Self {
             cache_requests: counter(
                 r,
                 "llmproxy_cache_requests_total",
@@ -163,7 +163,33 @@ impl Metrics {
                 &["result"],
             )?,
             registry,
-        })
+        };
+        metrics.init_series();
+        Ok(metrics)
+    }
+
+    /// Create every series of the closed label sets at 0, so that dashboards, alerts and
+    /// `rate()` see them before the first event of each kind.
+    fn init_series(&self) {
+        for o in crate::record::Outcome::ALL {
+            self.requests.with_label_values(&[o.label()]);
+            self.request_duration.with_label_values(&[o.label()]);
+        }
+        for r in crate::retry::RetryReason::ALL {
+            self.retries.with_label_values(&[r.label()]);
+        }
+        for l in crate::limiter::Limit::ALL {
+            self.throttled.with_label_values(&[l.label()]);
+        }
+        for kind in ["prompt", "completion", "reserved"] {
+            self.tokens.with_label_values(&[kind]);
+        }
+        for result in ["applied", "unchanged", "rejected"] {
+            self.policy_reloads.with_label_values(&[result]);
+        }
+        for result in ["hit", "miss", "bypass"] {
+            self.cache_requests.with_label_values(&[result]);
+        }
     }
 
     /// The registry, to add more metrics (the cache's) beside these.

@@ -33,6 +33,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, for initialising metric series.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Ok,
+        Outcome::ClientError,
+        Outcome::UpstreamError,
+        Outcome::QueueFull,
+        Outcome::QueueTimeout,
+        Outcome::BadRequest,
+        Outcome::ClientClosed,
+        Outcome::CacheHit,
+        Outcome::Coalesced,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

@@ -22,6 +22,15 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    /// Every reason, for initialising metric series.
+    pub const ALL: [RetryReason; 5] = [
+        RetryReason::RateLimited,
+        RetryReason::RequestTimeout,
+        RetryReason::ServerError,
+        RetryReason::Connect,
+        RetryReason::Timeout,
+    ];
+
     /// The reason for an upstream status, if that status is worth retrying. Other 4xx are the
     /// client's fault and never retried.
     pub fn for_status(status: StatusCode) -> Option<Self> {

@@ -1,6 +1,7 @@
 //! Shared test support: the API server harness and small polling helpers.
 #![allow(dead_code)]
 
+pub mod helm;
 pub mod kube_env;
 pub mod proxy_env;
 pub mod python;
