@@ -2,13 +2,12 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::future::join_all;
 use llmproxy_mock::{Fault, MockConfig, load};
 use serde_json::{Value, json};
 
 use crate::support::eventually;
-use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, metric, mock};
+use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, metric, mock, stream};
 
 const CACHED: &str = "  cache: {ttl: 5m}\n";
 
@@ -86,23 +85,9 @@ async fn entries_expire_after_the_ttl() {
 }
 
 async fn stream_text(url: &str, body: &Value) -> (String, String, bool) {
-    let resp = load::client()
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let cache = resp.headers().get("x-llmproxy-cache").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let mut stream = resp.bytes_stream();
-    let (mut text, mut broke) = (Vec::new(), false);
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) => text.extend_from_slice(&c),
-            Err(_) => broke = true,
-        }
-    }
-    (cache, String::from_utf8_lossy(&text).into_owned(), broke)
+    let got = stream(url, body).await;
+    let cache = got.headers.get("x-llmproxy-cache").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    (cache, got.text, got.broke)
 }
 
 #[tokio::test]

@@ -431,3 +431,71 @@ async fn the_quickstart_example_applies_and_reconciles() {
     condition(&api, "openai", "Degraded", "False", "AsExpected").await;
     wait_for(&Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns), "openai").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_binary_reconciles_and_serves_its_admin_port() {
+    let (env, client, ns, api) = setup("binary").await;
+    secret(&client, &ns, "sk-1").await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = std::fs::File::create(dir.path().join("operator.log")).unwrap_or_else(|e| panic!("{e}"));
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .args([
+                "operator",
+                "--admin-listen",
+                &admin.to_string(),
+                "--namespace",
+                &ns,
+                "--proxy-image",
+                "llmproxy:bin",
+            ])
+            .args(["--leader-election", "--lease-namespace", &ns, "--identity", "op-bin"])
+            .env("KUBECONFIG", env.kubeconfig())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    let result = async {
+        let d = wait_for(&Api::<Deployment>::namespaced(client.clone(), &ns), "p").await;
+        let image = d.spec.and_then(|s| s.template.spec).and_then(|s| s.containers[0].image.clone());
+        assert_eq!(image.as_deref(), Some("llmproxy:bin"));
+        condition(&api, "p", "Degraded", "False", "AsExpected").await;
+        assert_eq!(get_text(&format!("http://{admin}/livez")).await, "ok");
+        let url = format!("http://{admin}/metrics");
+        eventually("reconciles in the operator's metrics", WAIT, || {
+            let url = url.clone();
+            async move {
+                (metric(&get_text(&url).await, "llmproxy_operator_reconciles_total{result=\"ok\"}") >= 1.0)
+                    .then_some(())
+            }
+        })
+        .await;
+        assert_eq!(metric(&get_text(&url).await, "llmproxy_operator_leader"), 1.0);
+    };
+    result.await;
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    let exited = eventually("the operator to exit on SIGTERM", WAIT, || {
+        let status = child.0.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert!(exited.success(), "{exited}");
+    // On the way out it gave the Lease up for a standby.
+    let lease = Api::<Lease>::namespaced(client.clone(), &ns).get("llmproxy-operator").await;
+    assert_eq!(lease.ok().and_then(|l| l.spec?.holder_identity), None);
+}
+
+/// A child process killed if the test fails before it is stopped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -2,13 +2,12 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use llmproxy_mock::load;
 use llmproxy_mock::{Fault, MockConfig};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::support::proxy_env::{TestProxy, manifest, metric, mock, post_json};
+use crate::support::proxy_env::{TestProxy, manifest, metric, mock, post_json, stream};
 
 fn chat(max_tokens: u64) -> Value {
     json!({"model": "gpt-4o-mini", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello there"}]})
@@ -136,26 +135,10 @@ async fn a_broken_stream_is_not_retried_once_bytes_went_out() {
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
     let mut body = chat(10);
     body["stream"] = json!(true);
-    let resp = llmproxy_mock::load::client()
-        .post(proxy.url("/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(resp.status(), 200);
-    let mut stream = resp.bytes_stream();
-    let mut received = Vec::new();
-    let mut broke = false;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) => received.extend_from_slice(&c),
-            Err(_) => broke = true,
-        }
-    }
-    assert!(broke, "the client must see the stream break, not a clean end");
-    let text = String::from_utf8_lossy(&received);
-    assert!(text.contains("data: ") && !text.contains("[DONE]"), "{text}");
+    let got = stream(&proxy.url("/chat/completions"), &body).await;
+    assert_eq!(got.status, 200);
+    assert!(got.broke, "the client must see the stream break, not a clean end");
+    assert!(got.text.contains("data: ") && !got.text.contains("[DONE]"), "{}", got.text);
     assert_eq!(upstream.mock.seen().len(), 1, "no second attempt after the first byte");
 }
 
@@ -225,26 +208,11 @@ async fn streams_reach_the_client_before_the_upstream_finishes() {
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
     let mut body = chat(5);
     body["stream"] = json!(true);
-    let resp = llmproxy_mock::load::client()
-        .post(proxy.url("/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        resp.headers()
-            .get("content-type")
-            .is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/event-stream"))
-    );
-    let mut stream = resp.bytes_stream();
-    let mut first_at = None;
-    let mut text = String::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.unwrap_or_else(|e| panic!("{e}"));
-        first_at.get_or_insert_with(Instant::now);
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let got = stream(&proxy.url("/chat/completions"), &body).await;
+    let content_type = got.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    assert!(!got.broke);
+    let (first_at, text) = (got.first_chunk_at, got.text);
     let last_sent = upstream.mock.last_chunk_at().unwrap_or_else(|| panic!("the mock streamed nothing"));
     let first_at = first_at.unwrap_or_else(|| panic!("no chunk received"));
     assert!(first_at < last_sent, "the first chunk arrived only after the upstream sent its last: buffered");

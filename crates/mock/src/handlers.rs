@@ -240,6 +240,26 @@ fn parse(body: &Bytes) -> Result<Value, Response> {
     })
 }
 
+/// Parse the body and pass the gate: the request and its admission, or the answer to give.
+async fn admit(
+    mock: &Arc<Mock>,
+    kill: &Kill,
+    headers: &HeaderMap,
+    body: &Bytes,
+    path: &str,
+) -> Result<(Value, Admitted), Response> {
+    let req = parse(body)?;
+    let admitted = gate(mock, headers, kill, path, &req).await?;
+    Ok((req, admitted))
+}
+
+/// A JSON answer carrying the rate-limit headers.
+fn answer(body: Value, admitted: &Admitted) -> Response {
+    let mut resp = Json(body).into_response();
+    resp.headers_mut().extend(admitted.headers.clone());
+    resp
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -262,12 +282,8 @@ struct Endpoint {
 }
 
 async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-    let admitted = match gate(&mock, &headers, &kill, ep.path, &req).await {
-        Ok(a) => a,
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, ep.path).await {
+        Ok(x) => x,
         Err(resp) => return resp,
     };
     let model = req.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_owned();
@@ -286,9 +302,7 @@ async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, 
             json!({"index": 0, "text": text.concat(), "finish_reason": "stop"})
         };
         let body = json!({"id": id, "object": object, "created": now_unix(), "model": model, "choices": [choice], "usage": usage(&admitted)});
-        let mut resp = Json(body).into_response();
-        resp.headers_mut().extend(admitted.headers.clone());
-        return resp;
+        return answer(body, &admitted);
     }
 
     let include_usage =
@@ -370,12 +384,8 @@ async fn embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-    let admitted = match gate(&mock, &headers, &kill, "/v1/embeddings", &req).await {
-        Ok(a) => a,
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, "/v1/embeddings").await {
+        Ok(x) => x,
         Err(resp) => return resp,
     };
     let inputs = match req.get("input") {
@@ -395,9 +405,7 @@ async fn embeddings(
     let model = req.get("model").and_then(Value::as_str).unwrap_or("mock-embedding");
     let body = json!({"object": "list", "data": data, "model": model,
         "usage": {"prompt_tokens": admitted.prompt, "total_tokens": admitted.prompt}});
-    let mut resp = Json(body).into_response();
-    resp.headers_mut().extend(admitted.headers.clone());
-    resp
+    answer(body, &admitted)
 }
 
 async fn responses(
@@ -406,12 +414,8 @@ async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-    let admitted = match gate(&mock, &headers, &kill, "/v1/responses", &req).await {
-        Ok(a) => a,
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, "/v1/responses").await {
+        Ok(x) => x,
         Err(resp) => return resp,
     };
     let text = words(&req, admitted.completion).concat();
@@ -421,9 +425,7 @@ async fn responses(
         "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}],
         "usage": {"input_tokens": admitted.prompt, "output_tokens": admitted.completion,
                   "total_tokens": admitted.prompt + admitted.completion}});
-    let mut resp = Json(body).into_response();
-    resp.headers_mut().extend(admitted.headers.clone());
-    resp
+    answer(body, &admitted)
 }
 
 const MODELS: &[&str] = &["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"];
@@ -441,9 +443,7 @@ async fn models(
         .iter()
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"}))
         .collect();
-    let mut resp = Json(json!({"object": "list", "data": data})).into_response();
-    resp.headers_mut().extend(admitted.headers.clone());
-    resp
+    answer(json!({"object": "list", "data": data}), &admitted)
 }
 
 async fn model(

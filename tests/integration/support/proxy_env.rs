@@ -114,6 +114,45 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, reqwest::he
     (status, headers, resp.text().await.unwrap_or_default())
 }
 
+/// A streamed answer as the client saw it.
+pub struct Streamed {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// Every byte received, as text.
+    pub text: String,
+    /// Whether the body ended in an error rather than cleanly.
+    pub broke: bool,
+    /// When the first chunk arrived.
+    pub first_chunk_at: Option<tokio::time::Instant>,
+}
+
+/// POST `body` and read the answer chunk by chunk.
+pub async fn stream(url: &str, body: &serde_json::Value) -> Streamed {
+    use futures_util::StreamExt;
+    let resp = llmproxy_mock::load::client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    let mut chunks = resp.bytes_stream();
+    let (mut bytes, mut broke, mut first_chunk_at) = (Vec::new(), false, None);
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(c) => {
+                first_chunk_at.get_or_insert_with(tokio::time::Instant::now);
+                bytes.extend_from_slice(&c);
+            }
+            Err(_) => broke = true,
+        }
+    }
+    Streamed { status, headers, text: String::from_utf8_lossy(&bytes).into_owned(), broke, first_chunk_at }
+}
+
 /// The value of a metric sample line (`name{labels} value`), summed over matching lines.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
