@@ -100,15 +100,20 @@ pub async fn get_text(url: &str) -> String {
     }
 }
 
-/// POST JSON; returns status, headers and body text.
-pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, reqwest::header::HeaderMap, String) {
-    let resp = llmproxy_mock::load::client()
+/// Send a JSON POST; the response, body unread.
+async fn send_json(url: &str, body: &serde_json::Value) -> reqwest::Response {
+    llmproxy_mock::load::client()
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
         .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+/// POST JSON; returns status, headers and body text.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, reqwest::header::HeaderMap, String) {
+    let resp = send_json(url, body).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.unwrap_or_default())
@@ -131,13 +136,7 @@ pub struct Streamed {
 /// POST `body` and read the answer chunk by chunk.
 pub async fn stream(url: &str, body: &serde_json::Value) -> Streamed {
     use futures_util::StreamExt;
-    let resp = llmproxy_mock::load::client()
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let resp = send_json(url, body).await;
     let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     let mut chunks = resp.bytes_stream();
     let (mut bytes, mut broke, mut first_chunk_at) = (Vec::new(), false, None);
