@@ -12,9 +12,9 @@ use http::{HeaderMap, HeaderValue, StatusCode, header, request};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::cache::{self, CachedResponse};
+use crate::cache;
 use crate::error::ApiError;
-use crate::flight::{self, Join};
+use crate::lookup::{self, Lookup};
 use crate::record::{Outcome, RequestRecord};
 use crate::relay::{Fill, Relay, Tap};
 use crate::retry::{self, RetryReason};
@@ -23,13 +23,13 @@ use crate::sse::SseTap;
 use crate::{tokens, upstream};
 
 /// Finishes the record if the handler is dropped early (the client went away while queued).
-struct Pending {
+pub(crate) struct Pending {
     record: Option<RequestRecord>,
     proxy: Arc<Proxy>,
 }
 
 impl Pending {
-    fn record(&mut self) -> &mut RequestRecord {
+    pub(crate) fn record(&mut self) -> &mut RequestRecord {
         self.record.get_or_insert_with(|| RequestRecord::new("", "", String::new()))
     }
 
@@ -42,7 +42,7 @@ impl Pending {
         err.into_response()
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if let Some(rec) = self.record.take() {
             rec.finish(self.proxy.metrics());
         }
@@ -153,7 +153,7 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         json.as_ref().filter(|_| parts.method == http::Method::POST && cache::cacheable_path(rest))
     {
         let key = cache::key(&policy.upstream.url, parts.method.as_str(), &format!("{rest}{query}"), v);
-        match lookup(proxy, pending, key, &parts.headers, !strip_usage_event).await {
+        match lookup::lookup(proxy, pending, key, &parts.headers, !strip_usage_event).await {
             Lookup::Answered(resp) => return resp,
             Lookup::Fill(f) => fill = Some(f),
             Lookup::Skip => {}
@@ -167,96 +167,6 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         strip_usage_event,
     };
     attempt_loop(proxy, pending, &out, &mut fill).await
-}
-
-enum Lookup {
-    /// Served from the cache or a coalesced flight.
-    Answered(Response),
-    /// Go upstream and fill the cache.
-    Fill(Fill),
-    /// Go upstream, cache nothing.
-    Skip,
-}
-
-/// `(no-cache, no-store)` from the client's `Cache-Control`.
-fn cache_control(headers: &HeaderMap) -> (bool, bool) {
-    let directives: Vec<String> = headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|d| d.trim().to_ascii_lowercase())
-        .collect();
-    (directives.iter().any(|d| d == "no-cache"), directives.iter().any(|d| d == "no-store"))
-}
-
-/// Look the request up in the cache, or join an identical request in flight.
-async fn lookup(
-    proxy: &Arc<Proxy>,
-    pending: &mut Pending,
-    key: cache::Key,
-    headers: &HeaderMap,
-    wants_usage: bool,
-) -> Lookup {
-    if !proxy.cache.enabled() {
-        return Lookup::Skip;
-    }
-    let metrics = proxy.metrics();
-    let limit = proxy.cache.max_entry_bytes();
-    let (no_cache, no_store) = cache_control(headers);
-    if no_cache || no_store {
-        pending.record().cache = Some("bypass");
-        metrics.cache_requests.with_label_values(&["bypass"]).inc();
-        return if no_store { Lookup::Skip } else { Lookup::Fill(Fill::new(key, None, limit)) };
-    }
-    loop {
-        if let Some(answer) = proxy.cache.get(&key) {
-            metrics.cache_requests.with_label_values(&["hit"]).inc();
-            return Lookup::Answered(replay(pending, &answer, "hit", wants_usage));
-        }
-        match proxy.flights.join(key) {
-            Join::Leader(leader) => {
-                pending.record().cache = Some("miss");
-                metrics.cache_requests.with_label_values(&["miss"]).inc();
-                return Lookup::Fill(Fill::new(key, Some(leader), limit));
-            }
-            Join::Follower(rx) => {
-                if let Some(answer) = flight::follow(rx).await {
-                    metrics.coalesced.inc();
-                    return Lookup::Answered(replay(pending, &answer, "coalesced", wants_usage));
-                }
-                // The leader failed: look again, and lead the next attempt if nobody else does.
-            }
-        }
-    }
-}
-
-/// Answer from a stored response; a stream is replayed as SSE, without the usage event unless
-/// the client asked for it.
-fn replay(pending: &mut Pending, answer: &CachedResponse, how: &'static str, wants_usage: bool) -> Response {
-    let rec = pending.record();
-    rec.status = answer.status;
-    rec.outcome = if how == "hit" { Outcome::CacheHit } else { Outcome::Coalesced };
-    rec.cache = Some(how);
-    rec.saved_tokens = answer.usage.map(|u| u.total());
-    let body = if answer.stream && !wants_usage {
-        let mut tap = SseTap::new(true);
-        let mut out = tap.feed(answer.body.clone()).to_vec();
-        out.extend_from_slice(&tap.finish());
-        Bytes::from(out)
-    } else {
-        answer.body.clone()
-    };
-    pending.finish();
-    let mut resp = Response::new(Body::from(body));
-    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
-    let h = resp.headers_mut();
-    if let Some(ct) = &answer.content_type {
-        h.insert(header::CONTENT_TYPE, ct.clone());
-    }
-    h.insert("x-llmproxy-cache", HeaderValue::from_static(how));
-    h.insert(header::AGE, HeaderValue::from(answer.created.elapsed().as_secs()));
-    resp
 }
 
 /// Ask the upstream to report usage at the end of a stream; true if the request did not.

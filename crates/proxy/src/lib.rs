@@ -8,6 +8,7 @@ pub mod error;
 pub mod flight;
 pub mod forward;
 pub mod limiter;
+pub mod lookup;
 pub mod metrics;
 pub mod queue;
 pub mod record;
