@@ -141,7 +141,9 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         rec.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
         rec.stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
         rec.estimate = tokens::estimate(rest, v, policy.limits.default_max_tokens);
-        rec.prompt_hash = cache::prompt_hash(v);
+        if rec.logged {
+            rec.prompt_hash = cache::prompt_hash(v);
+        }
         if rec.stream && (rest == "/chat/completions" || rest == "/completions") && ask_for_usage(v) {
             strip_usage_event = true;
             body = Bytes::from(serde_json::to_vec(v).unwrap_or_default());
