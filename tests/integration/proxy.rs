@@ -98,8 +98,13 @@ async fn client_errors_are_not_retried() {
     let retry = "  retry: {initialBackoff: 10ms}\n";
     // 401: the proxy holds the wrong key.
     let proxy = TestProxy::start(&manifest(&upstream.url(), limits, retry), Some("sk-wrong")).await;
-    let (status, _, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    let (status, _, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
     assert_eq!(status, 401);
+    assert!(
+        body.contains("upstream_auth_failed") && error_message(&body).contains("apiKeySecretRef"),
+        "{body}"
+    );
+    assert!(!body.contains("Incorrect API key"), "the upstream's body (which quotes the key) is not relayed");
     assert_eq!(upstream.mock.seen().len(), 1);
     // 400 from the upstream.
     proxy.proxy.set_api_key(llmproxy_proxy::ApiKey::new("sk-right"));

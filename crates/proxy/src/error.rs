@@ -41,6 +41,19 @@ impl ApiError {
         }
     }
 
+    /// The upstream answered 401 to the proxy's own key: nothing the client can fix.
+    pub fn upstream_auth() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "the upstream API rejected llmproxy's API key; whoever runs this proxy must fix \
+                      spec.upstream.apiKeySecretRef (standalone: --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY)"
+                .to_owned(),
+            kind: "authentication_error",
+            code: Some("upstream_auth_failed"),
+            retry_after: None,
+        }
+    }
+
     /// 429 from the proxy's own queue, naming the limit that held the request.
     pub fn throttled(r: &Rejection, waited_for: Duration) -> Self {
         let message = if r.queue_full {

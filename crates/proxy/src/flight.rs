@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -12,7 +13,7 @@ use crate::cache::{CachedResponse, Key};
 /// The state of one flight, as followers see it.
 #[derive(Clone, Debug)]
 pub enum Flight {
-    /// The leader is still waiting for the upstream.
+    /// The leader is still working; every progress signal re-sends this.
     Running,
     /// The leader's answer (also stored in the cache).
     Done(Arc<CachedResponse>),
@@ -83,6 +84,12 @@ impl Leader {
     pub fn complete(mut self, answer: Arc<CachedResponse>) {
         self.resolve(Flight::Done(answer));
     }
+
+    /// Tell the followers the leader is still making progress (a chunk arrived), so they keep
+    /// waiting for a long stream instead of giving up on it.
+    pub fn progress(&self) {
+        self.tx.send_replace(Flight::Running);
+    }
 }
 
 impl Drop for Leader {
@@ -91,12 +98,37 @@ impl Drop for Leader {
     }
 }
 
-/// Wait for a flight to end: the answer, or `None` if the leader failed.
-pub async fn follow(mut rx: watch::Receiver<Flight>) -> Option<Arc<CachedResponse>> {
-    let state = rx.wait_for(|f| !matches!(f, Flight::Running)).await.ok()?.clone();
-    match state {
-        Flight::Done(answer) => Some(answer),
-        Flight::Running | Flight::Failed => None,
+/// How following a flight ended.
+#[derive(Debug)]
+pub enum Followed {
+    /// The leader's answer.
+    Answer(Arc<CachedResponse>),
+    /// The leader got no cacheable answer.
+    Failed,
+    /// The leader showed no progress in time (a stalled upstream, or a leader whose own client
+    /// stopped reading); the follower should stop waiting for it.
+    Stalled,
+}
+
+/// Wait for a flight to end, until `deadline` at first and then for `idle` after each progress
+/// signal of the leader, so no follower waits on a stalled leader for ever.
+pub async fn follow(
+    mut rx: watch::Receiver<Flight>,
+    deadline: tokio::time::Instant,
+    idle: Duration,
+) -> Followed {
+    let mut deadline = deadline;
+    loop {
+        match &*rx.borrow_and_update() {
+            Flight::Done(answer) => return Followed::Answer(Arc::clone(answer)),
+            Flight::Failed => return Followed::Failed,
+            Flight::Running => {}
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => deadline = deadline.max(tokio::time::Instant::now() + idle),
+            Ok(Err(_)) => return Followed::Failed,
+            Err(_) => return Followed::Stalled,
+        }
     }
 }
 
@@ -107,6 +139,26 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_give_up_on_a_stalled_leader_but_not_on_a_progressing_one() {
+        let flights = Arc::new(Flights::default());
+        let Join::Leader(leader) = flights.join([3; 32]) else { panic!("leader") };
+        let Join::Follower(rx) = flights.join([3; 32]) else { panic!("follower") };
+        let start = tokio::time::Instant::now();
+        let waiter = tokio::spawn(follow(rx, start + Duration::from_secs(10), Duration::from_secs(5)));
+        // Progress at 8 s extends the wait to 13 s; then silence.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        leader.progress();
+        let followed = waiter.await;
+        assert!(matches!(followed, Ok(Followed::Stalled)), "{followed:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(13));
+        drop(leader);
+    }
 
     fn answer() -> Arc<CachedResponse> {
         Arc::new(CachedResponse {
@@ -124,9 +176,9 @@ mod tests {
         let flights = Arc::new(Flights::default());
         let Join::Leader(leader) = flights.join([1; 32]) else { panic!("first is the leader") };
         let Join::Follower(rx) = flights.join([1; 32]) else { panic!("second follows") };
-        let waiter = tokio::spawn(follow(rx));
+        let waiter = tokio::spawn(follow(rx, far(), Duration::from_secs(60)));
         leader.complete(answer());
-        assert!(waiter.await.ok().flatten().is_some());
+        assert!(matches!(waiter.await, Ok(Followed::Answer(_))));
         assert!(flights.is_empty());
     }
 
@@ -136,7 +188,7 @@ mod tests {
         let Join::Leader(leader) = flights.join([2; 32]) else { panic!("leader") };
         let Join::Follower(rx) = flights.join([2; 32]) else { panic!("follower") };
         drop(leader);
-        assert!(follow(rx).await.is_none());
+        assert!(matches!(follow(rx, far(), Duration::from_secs(60)).await, Followed::Failed));
         assert!(matches!(flights.join([2; 32]), Join::Leader(_)), "the next request leads");
     }
 }

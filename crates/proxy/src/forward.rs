@@ -222,7 +222,9 @@ async fn attempt_loop(
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        let mut permit = match proxy.admission.admit(reserve, deadline, policy.queue.max_size).await {
+        // A retry was admitted once already: the queue bound is for new arrivals, not for it.
+        let max_queue = if attempt == 1 { policy.queue.max_size } else { usize::MAX };
+        let mut permit = match proxy.admission.admit(reserve, deadline, max_queue).await {
             Ok(p) => p,
             Err(rejection) => {
                 let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
@@ -247,10 +249,17 @@ async fn attempt_loop(
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 metrics.upstream_responses.with_label_values(&[status.as_str()]).inc();
+                if status == StatusCode::UNAUTHORIZED {
+                    // The upstream refused the proxy's key, not the client's: say so, and never
+                    // relay its body (OpenAI's quotes part of the key).
+                    permit.settle(0);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), resp.bytes()).await;
+                    return pending.fail(ApiError::upstream_auth(), Outcome::UpstreamError);
+                }
                 let Some(reason) = RetryReason::for_status(status) else {
                     return relay(proxy, pending, out, resp, permit, policy.upstream.timeout, fill.take());
                 };
-                let hint = retry::upstream_delay(resp.headers(), SystemTime::now());
+                let hint = retry::upstream_delay(status, resp.headers(), SystemTime::now());
                 (reason, hint, Ok(resp))
             }
             Ok(Err(e)) => {
@@ -262,14 +271,20 @@ async fn attempt_loop(
                 (RetryReason::Timeout, None, Err(format!("no response within {:?}", policy.upstream.timeout)))
             }
         };
-        // A failed attempt generated nothing: give its tokens back, keep the request counted.
-        permit.settle(0);
-        let delay = hint.unwrap_or_else(|| retry::backoff(&policy.retry, attempt, fastrand::f64()));
-        if reason == RetryReason::RateLimited {
-            // The upstream's window is spent for everyone: hold the whole queue, not just us.
-            proxy.admission.pause_until(Instant::now() + delay);
+        // A refused attempt generated nothing: give its tokens back, keep the request counted.
+        // A timed-out one may have been worked on upstream, so its reservation stays spent.
+        if reason != RetryReason::Timeout {
+            permit.settle(0);
         }
-        let can_retry = attempt < policy.retry.max_attempts && Instant::now() + delay < deadline;
+        let delay = hint.unwrap_or_else(|| retry::backoff(&policy.retry, attempt, fastrand::f64()));
+        let resume = Instant::now().checked_add(delay);
+        if reason == RetryReason::RateLimited
+            && let Some(until) = resume
+        {
+            // The upstream's window is spent for everyone: hold the whole queue, not just us.
+            proxy.admission.pause_until(until);
+        }
+        let can_retry = attempt < policy.retry.max_attempts && resume.is_some_and(|r| r < deadline);
         if !can_retry {
             return match last {
                 Ok(resp) => relay(proxy, pending, out, resp, permit, policy.upstream.timeout, fill.take()),

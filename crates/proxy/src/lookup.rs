@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::cache::{self, CachedResponse};
-use crate::flight::{self, Join};
+use crate::flight::{self, Followed, Join};
 use crate::forward::Pending;
 use crate::record::Outcome;
 use crate::relay::Fill;
@@ -68,11 +68,27 @@ pub(crate) async fn lookup(
                 return Lookup::Fill(Fill::new(key, Some(leader), limit));
             }
             Join::Follower(rx) => {
-                if let Some(answer) = flight::follow(rx).await {
-                    metrics.coalesced.inc();
-                    return Lookup::Answered(replay(pending, &answer, "coalesced", wants_usage));
+                // Wait as long as the leader may legitimately take before its first byte (queue,
+                // attempts and back-offs), then as long as it keeps making progress.
+                let policy = proxy.policy();
+                let attempts = policy.retry.max_attempts;
+                let first =
+                    policy.queue.max_wait + (policy.upstream.timeout + policy.retry.max_backoff) * attempts;
+                let deadline = pending.record().started + first;
+                match flight::follow(rx, deadline, policy.upstream.timeout).await {
+                    Followed::Answer(answer) => {
+                        metrics.coalesced.inc();
+                        return Lookup::Answered(replay(pending, &answer, "coalesced", wants_usage));
+                    }
+                    // The leader failed: look again, and lead the next attempt if nobody else does.
+                    Followed::Failed => {}
+                    // The leader is stuck: go alone (its own deadline then decides).
+                    Followed::Stalled => {
+                        pending.record().cache = Some("miss");
+                        metrics.cache_requests.with_label_values(&["miss"]).inc();
+                        return Lookup::Fill(Fill::new(key, None, limit));
+                    }
                 }
-                // The leader failed: look again, and lead the next attempt if nobody else does.
             }
         }
     }

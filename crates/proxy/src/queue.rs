@@ -129,11 +129,17 @@ impl Admission {
                     return Ok(self.permit(tokens, start));
                 }
                 Decision::WaitUntil(at, limit) => {
-                    if at > deadline {
+                    // Refuse at once when the wait cannot shrink. Token debt can: requests in
+                    // flight settle their reservations against real usage when they finish.
+                    let may_shrink = limit == Limit::Tokens && self.inflight() > 0;
+                    if at > deadline && !may_shrink {
                         return Err(self.reject(limit, false, start, at - now));
                     }
+                    if now >= deadline {
+                        return Err(self.reject(limit, false, start, at.saturating_duration_since(now)));
+                    }
                     tokio::select! {
-                        () = sleep_until(at) => {}
+                        () = sleep_until(at.min(deadline)) => {}
                         () = changed => {}
                     }
                 }
@@ -289,6 +295,35 @@ mod tests {
         let behind = a.admit(0, t0 + secs(3), 10).await.err();
         assert_eq!(behind.map(|r| (r.limit, r.waited)), Some((Limit::Requests, secs(3))));
         assert_eq!(head.await.ok().and_then(Result::ok), Some(secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_debt_that_in_flight_requests_will_settle_is_waited_for_not_refused() {
+        let limits = LimitsPolicy {
+            requests_per_minute: 6000,
+            request_burst: 100,
+            tokens_per_minute: Some(600), // 10 tokens/s
+            token_burst: 10,
+            max_concurrent: 100,
+            default_max_tokens: 1,
+        };
+        let a = Admission::new(
+            &limits,
+            Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let t0 = Instant::now();
+        // In flight, reserving 500 tokens: 49 s of debt at 10/s, past the 30 s deadline.
+        let mut first =
+            a.admit(500, t0 + secs(30), 10).await.unwrap_or_else(|_| panic!("first goes at once"));
+        let second = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit(10, t0 + secs(30), 10).await.map(|p| p.waited) }
+        });
+        tokio::time::sleep(secs(1)).await;
+        // It used 20: the debt shrinks to what 20 tokens cost, and the second one goes soon.
+        first.settle(20);
+        let waited = second.await.ok().and_then(Result::ok).unwrap_or_default();
+        assert!(waited > secs(1) && waited < secs(5), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -80,11 +80,30 @@ pub(crate) struct Fill {
     /// The answer outgrew what one entry may hold.
     too_big: bool,
     limit: usize,
+    /// When the followers were last told of progress.
+    signalled: std::time::Instant,
 }
 
 impl Fill {
     pub(crate) fn new(key: Key, leader: Option<Leader>, limit: usize) -> Self {
-        Self { key, leader, raw: BytesMut::new(), too_big: false, limit }
+        Self {
+            key,
+            leader,
+            raw: BytesMut::new(),
+            too_big: false,
+            limit,
+            signalled: std::time::Instant::now(),
+        }
+    }
+
+    /// A chunk arrived: tell the followers, at most four times a second.
+    fn progress(&mut self) {
+        if let Some(leader) = &self.leader
+            && self.signalled.elapsed() >= std::time::Duration::from_millis(250)
+        {
+            leader.progress();
+            self.signalled = std::time::Instant::now();
+        }
     }
 
     fn keep(&mut self, chunk: &[u8]) {
@@ -149,8 +168,14 @@ impl Relay {
             self.record.outcome = o;
         }
         self.record.usage = self.tap.usage();
-        if let (Some(permit), Some(usage)) = (self.permit.as_mut(), self.record.usage) {
-            permit.settle(usage.total());
+        let refused = !(200..300).contains(&self.record.status);
+        if let Some(permit) = self.permit.as_mut() {
+            match self.record.usage {
+                Some(usage) => permit.settle(usage.total()),
+                // An error answer without usage generated nothing.
+                None if refused => permit.settle(0),
+                None => {}
+            }
         }
         self.permit = None;
         self.store();
@@ -193,8 +218,11 @@ impl Relay {
             match tokio::time::timeout(relay.idle_timeout, relay.upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     relay.relayed += chunk.len() as u64;
-                    if let (Some(fill), Tap::Sse(_)) = (relay.fill.as_mut(), &relay.tap) {
-                        fill.keep(&chunk);
+                    if let Some(fill) = relay.fill.as_mut() {
+                        fill.progress();
+                        if matches!(relay.tap, Tap::Sse(_)) {
+                            fill.keep(&chunk);
+                        }
                     }
                     let mut out = relay.tap.feed(chunk);
                     if relay.expected.is_some_and(|n| relay.relayed >= n) {

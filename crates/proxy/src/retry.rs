@@ -74,45 +74,43 @@ fn reset_header(headers: &HeaderMap, name: &str) -> Option<Duration> {
     header(headers, name)?.parse::<llmproxy_api::Duration>().ok().map(|d| d.get())
 }
 
+/// The longest wait the proxy takes from an upstream header; anything longer is nonsense or
+/// hostile, and the request's own deadline is shorter anyway.
+pub const MAX_UPSTREAM_DELAY: Duration = Duration::from_secs(3600);
+
+fn seconds(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0)
+        .then(|| Duration::from_secs_f64(secs.min(MAX_UPSTREAM_DELAY.as_secs_f64())))
+}
+
 /// How long the upstream asked us to wait, if it said so. Order: `retry-after-ms`, then
-/// `Retry-After` (seconds or an HTTP date), then the `x-ratelimit-reset-*` of whichever quota
-/// is exhausted (both, or whichever is present, when that is not stated).
-pub fn upstream_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = header(headers, "retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+/// `Retry-After` (seconds or an HTTP date); on a 429 only, then the `x-ratelimit-reset-*` of
+/// the quota that is at 0 (OpenAI sends those headers on every answer, so on anything else they
+/// say nothing about this failure).
+pub fn upstream_delay(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(d) = header(headers, "retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| seconds(ms / 1000.0))
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(d);
     }
     if let Some(v) = header(headers, "retry-after") {
         if let Ok(secs) = v.parse::<f64>() {
-            if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs));
-            }
-        } else if let Ok(at) = httpdate::parse_http_date(v) {
-            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+            return seconds(secs);
+        }
+        if let Ok(at) = httpdate::parse_http_date(v) {
+            return Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_UPSTREAM_DELAY));
         }
     }
-    let exhausted = |name: &str| header(headers, name).and_then(|v| v.parse::<u64>().ok()) == Some(0);
-    let requests = reset_header(headers, "x-ratelimit-reset-requests");
-    let tokens = reset_header(headers, "x-ratelimit-reset-tokens");
-    match (exhausted("x-ratelimit-remaining-requests"), exhausted("x-ratelimit-remaining-tokens")) {
-        (true, false) if requests.is_some() => requests,
-        (false, true) if tokens.is_some() => tokens,
-        _ => requests.max(tokens),
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
     }
-}
-
-/// When a successful response says a quota is at 0, how long until it refills: the proxy pauses
-/// admission for that long rather than learning it from a 429.
-pub fn exhausted_quota_reset(headers: &HeaderMap) -> Option<Duration> {
     let exhausted = |name: &str| header(headers, name).and_then(|v| v.parse::<u64>().ok()) == Some(0);
-    let requests = exhausted("x-ratelimit-remaining-requests")
-        .then(|| reset_header(headers, "x-ratelimit-reset-requests"))
-        .flatten();
-    let tokens = exhausted("x-ratelimit-remaining-tokens")
-        .then(|| reset_header(headers, "x-ratelimit-reset-tokens"))
-        .flatten();
+    let reset = |name: &str| reset_header(headers, name).map(|d| d.min(MAX_UPSTREAM_DELAY));
+    let requests =
+        exhausted("x-ratelimit-remaining-requests").then(|| reset("x-ratelimit-reset-requests")).flatten();
+    let tokens =
+        exhausted("x-ratelimit-remaining-tokens").then(|| reset("x-ratelimit-reset-tokens")).flatten();
     requests.max(tokens)
 }
 
@@ -172,11 +170,12 @@ mod tests {
     #[test]
     fn upstream_delay_precedence() {
         let now = SystemTime::now();
+        let d = |h: &HeaderMap| upstream_delay(StatusCode::TOO_MANY_REQUESTS, h, now);
         let ms = headers(&[("retry-after-ms", "1500"), ("retry-after", "7")]);
-        assert_eq!(upstream_delay(&ms, now), Some(Duration::from_millis(1500)));
-        assert_eq!(upstream_delay(&headers(&[("retry-after", "7")]), now), Some(Duration::from_secs(7)));
+        assert_eq!(d(&ms), Some(Duration::from_millis(1500)));
+        assert_eq!(d(&headers(&[("retry-after", "7")])), Some(Duration::from_secs(7)));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        let got = upstream_delay(&headers(&[("retry-after", &date)]), now).unwrap_or_default();
+        let got = d(&headers(&[("retry-after", &date)])).unwrap_or_default();
         assert!(got > Duration::from_secs(28) && got <= Duration::from_secs(30), "{got:?}");
         let resets = headers(&[
             ("x-ratelimit-remaining-requests", "5"),
@@ -184,17 +183,34 @@ mod tests {
             ("x-ratelimit-reset-requests", "1s"),
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]);
-        assert_eq!(upstream_delay(&resets, now), Some(Duration::from_secs(360)));
-        let resets = headers(&[("x-ratelimit-reset-requests", "20ms")]);
-        assert_eq!(upstream_delay(&resets, now), Some(Duration::from_millis(20)));
-        assert_eq!(upstream_delay(&headers(&[("retry-after", "soon")]), now), None);
+        assert_eq!(d(&resets), Some(Duration::from_secs(360)), "the exhausted quota's reset");
+        let not_exhausted =
+            headers(&[("x-ratelimit-remaining-requests", "5"), ("x-ratelimit-reset-requests", "20ms")]);
+        assert_eq!(d(&not_exhausted), None);
+        assert_eq!(d(&headers(&[("retry-after", "soon")])), None);
     }
 
     #[test]
-    fn exhausted_quota_is_noticed_on_success() {
-        let h = headers(&[("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "250ms")]);
-        assert_eq!(exhausted_quota_reset(&h), Some(Duration::from_millis(250)));
-        let h = headers(&[("x-ratelimit-remaining-requests", "3"), ("x-ratelimit-reset-requests", "250ms")]);
-        assert_eq!(exhausted_quota_reset(&h), None);
+    fn reset_headers_say_nothing_about_server_errors() {
+        let h = headers(&[("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "45s")]);
+        assert_eq!(upstream_delay(StatusCode::SERVICE_UNAVAILABLE, &h, SystemTime::now()), None);
+        let h = headers(&[("retry-after", "3")]);
+        assert_eq!(
+            upstream_delay(StatusCode::SERVICE_UNAVAILABLE, &h, SystemTime::now()),
+            Some(Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn absurd_delays_are_capped_not_fatal() {
+        let now = SystemTime::now();
+        for v in ["1e20", "99999999999"] {
+            let got = upstream_delay(StatusCode::TOO_MANY_REQUESTS, &headers(&[("retry-after", v)]), now);
+            assert_eq!(got, Some(MAX_UPSTREAM_DELAY), "{v}");
+        }
+        assert_eq!(
+            upstream_delay(StatusCode::TOO_MANY_REQUESTS, &headers(&[("retry-after-ms", "-5")]), now),
+            None
+        );
     }
 }
