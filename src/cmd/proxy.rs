@@ -80,7 +80,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(r)) => {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let policy = cluster::initial(&client, r).await;
+            let key_required = policy.upstream.api_key_secret_ref.is_some();
             let proxy = Proxy::new(policy, metrics, options)?;
+            proxy.set_key_required(key_required);
             let task = tokio::spawn(cluster::watch(proxy.clone(), client, r.clone()));
             (proxy, task, format!("{}/{}", r.namespace, r.name))
         }

@@ -230,19 +230,32 @@ async fn limits_change_in_place_while_replicas_scale_the_deployment() {
     .await;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     wait_for(&pdbs, "p").await;
-    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({"replicas": 1}))).await;
-    eventually("the PDB to go", WAIT, || async { pdbs.get_opt("p").await.ok()?.is_none().then_some(()) })
-        .await;
 
-    // Autoscaling: an HPA owns the count.
+    // Autoscaling: an HPA owns the count from here, starting from the 3 pods running now (the
+    // operator stops applying `replicas`, and the field must not fall back to 1 meanwhile).
     let scaling = json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 5, "targetQueueDepth": 10}});
-    apply(&api, &llmproxy("p", "https://api.openai.com/v1", scaling)).await;
+    let scaled = apply(&api, &llmproxy("p", "https://api.openai.com/v1", scaling)).await;
     let hpa = wait_for(&Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns), "p").await;
     let spec = hpa.spec.unwrap_or_default();
     assert_eq!(
         (spec.min_replicas, spec.max_replicas, spec.scale_target_ref.name.as_str()),
         (Some(2), 5, "p")
     );
+    eventually("the new generation to be observed", WAIT, || async {
+        let p = api.get("p").await.ok()?;
+        (p.status?.observed_generation == scaled.metadata.generation).then_some(())
+    })
+    .await;
+    assert_eq!(deployments.get("p").await.ok().and_then(|d| d.spec?.replicas), Some(3));
+
+    // Back to a fixed count of one: the HPA and the PDB go.
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({"replicas": 1}))).await;
+    eventually("the PDB to go", WAIT, || async { pdbs.get_opt("p").await.ok()?.is_none().then_some(()) })
+        .await;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    eventually("the HPA to go", WAIT, || async { hpas.get_opt("p").await.ok()?.is_none().then_some(()) })
+        .await;
+    assert_eq!(deployments.get("p").await.ok().and_then(|d| d.spec?.replicas), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,6 +501,32 @@ async fn the_operator_binary_reconciles_and_serves_its_admin_port() {
     // On the way out it gave the Lease up for a standby.
     let lease = Api::<Lease>::namespaced(client.clone(), &ns).get("llmproxy-operator").await;
     assert_eq!(lease.ok().and_then(|l| l.spec?.holder_identity), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_proxy_is_not_ready_until_its_key_secret_exists() {
+    let (env, client, ns, api) = setup("keywait").await;
+    let upstream = mock(MockConfig { api_key: Some("sk-late".into()), ..MockConfig::default() }).await;
+    apply(&api, &llmproxy("p", &upstream.url(), json!({}))).await;
+    let kubeconfig = env.kubeconfig().display().to_string();
+    let proxy = crate::support::proxy_env::ProxyProcess::spawn(
+        &["proxy", "--resource", &format!("{ns}/p")],
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    );
+    let readyz = format!("http://{}/readyz", proxy.admin);
+    eventually("readyz to say it waits for the key", WAIT, || {
+        let url = readyz.clone();
+        async move { (get_text(&url).await == "waiting for the upstream API key Secret").then_some(()) }
+    })
+    .await;
+    secret(&client, &ns, "sk-late").await;
+    eventually("ready once the Secret exists", WAIT, || {
+        let url = readyz.clone();
+        async move { (get_text(&url).await == "ok").then_some(()) }
+    })
+    .await;
+    let shot = load::shoot(&load::client(), &proxy.url("/chat/completions"), None, &load::chat_body(1)).await;
+    assert_eq!(shot.status, Some(200));
 }
 
 /// A child process killed if the test fails before it is stopped.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
@@ -45,8 +45,34 @@ fn secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
 
-/// Take or renew the Lease if it is ours or has expired. `Ok(true)`: we lead this term.
-pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+/// The Lease record as this candidate last saw it, and since when (local clock): another
+/// holder's term is judged by how long its record has not changed here, as client-go does, so
+/// clock skew between machines cannot make a live Lease look expired.
+#[derive(Debug, Default)]
+pub struct Observed {
+    record: Option<(String, tokio::time::Instant)>,
+}
+
+impl Observed {
+    /// Note the record's version; returns how long it has been unchanged.
+    fn unchanged_for(&mut self, version: &str) -> Duration {
+        match &self.record {
+            Some((v, since)) if v == version => since.elapsed(),
+            _ => {
+                self.record = Some((version.to_owned(), tokio::time::Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// Take or renew the Lease if it is ours, free, or unrenewed for a whole term as observed
+/// here. `Ok(true)`: we lead this term.
+pub async fn try_acquire(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    observed: &mut Observed,
+) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     let Some(mut lease) = api.get_opt(&cfg.name).await? else {
         let lease = Lease {
@@ -66,12 +92,12 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
             Err(e) => Err(e),
         };
     };
+    let unchanged = observed.unchanged_for(&lease.resource_version().unwrap_or_default());
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let ours = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
     let held = spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty());
-    let term =
-        SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(secs(cfg.duration))));
-    let expired = spec.renew_time.as_ref().is_none_or(|t| t.0 + term < now);
+    let term_secs = spec.lease_duration_seconds.unwrap_or(secs(cfg.duration));
+    let expired = unchanged >= Duration::from_secs(u64::try_from(term_secs).unwrap_or(0));
     if !ours && held && !expired {
         return Ok(false);
     }
@@ -92,6 +118,10 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
 
 /// Give the Lease up (on shutdown), so a standby takes over at once instead of after a term.
 pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), release_now(api, cfg)).await;
+}
+
+async fn release_now(api: &Api<Lease>, cfg: &LeaseConfig) {
     if let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await
         && let Some(spec) = lease.spec.as_mut()
         && spec.holder_identity.as_deref() == Some(cfg.identity.as_str())
@@ -115,14 +145,21 @@ pub async fn run_elected<F, Fut>(
     Fut: Future<Output = ()>,
 {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut observed = Observed::default();
+    // A call that hangs must not keep a deposed leader working: each has a bound, and the leader
+    // stops after two thirds of a term without a successful renewal, before anyone else may
+    // take over (a whole term unrenewed, as they observe it).
+    let call_timeout = cfg.retry.max(Duration::from_secs(1));
+    let renew_deadline = cfg.duration * 2 / 3;
     tokio::pin!(shutdown);
     loop {
         // Campaign.
         loop {
-            match try_acquire(&api, &cfg).await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election: cannot read or write the Lease"),
+            match tokio::time::timeout(call_timeout, try_acquire(&api, &cfg, &mut observed)).await {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election: cannot read or write the Lease"),
+                Err(_) => tracing::warn!("leader election: the API server did not answer in time"),
             }
             tokio::select! {
                 () = &mut shutdown => return,
@@ -135,14 +172,15 @@ pub async fn run_elected<F, Fut>(
             let mut last_ok = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(cfg.retry).await;
-                match try_acquire(&api, &cfg).await {
-                    Ok(true) => last_ok = tokio::time::Instant::now(),
-                    Ok(false) => return,
-                    Err(e) if last_ok.elapsed() > cfg.duration => {
-                        tracing::warn!(error = %e, "could not renew the Lease within a term");
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Lease renewal failed; retrying"),
+                match tokio::time::timeout(call_timeout, try_acquire(&api, &cfg, &mut observed)).await {
+                    Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(false)) => return,
+                    Ok(Err(e)) => tracing::warn!(error = %e, "Lease renewal failed; retrying"),
+                    Err(_) => tracing::warn!("Lease renewal timed out; retrying"),
+                }
+                if last_ok.elapsed() > renew_deadline {
+                    tracing::warn!("could not renew the Lease in time");
+                    return;
                 }
             }
         };

@@ -19,7 +19,11 @@ use llmproxy_api::{LlmProxy, LlmProxyStatus, Policy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::children::{self, Settings};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+
+use crate::children::{self, Children, Settings};
 use crate::metrics::Metrics;
 use crate::status::{self, Problem, Rollout};
 
@@ -103,6 +107,47 @@ where
     Ok(())
 }
 
+/// The field manager that keeps `spec.replicas` when autoscaling takes the count over.
+const REPLICAS_HANDOFF: &str = "llmproxy-operator-replicas";
+
+/// Apply every child; the Deployment as the API server returned it.
+async fn apply_children(
+    client: &Client,
+    ns: &str,
+    p: &LlmProxy,
+    c: &Children,
+) -> Result<Deployment, kube::Error> {
+    apply(client, ns, &c.service_account).await?;
+    apply(client, ns, &c.role).await?;
+    apply(client, ns, &c.role_binding).await?;
+    apply(client, ns, &c.service).await?;
+    if c.hpa.is_some() {
+        hand_over_replicas(client, ns, &p.name_any()).await?;
+    }
+    let deployment = apply(client, ns, &c.deployment).await?;
+    let name = p.name_any();
+    match &c.pdb {
+        Some(pdb) => drop(apply(client, ns, pdb).await?),
+        None => remove_owned::<PodDisruptionBudget>(client, ns, &name, p).await?,
+    }
+    match &c.hpa {
+        Some(hpa) => drop(apply(client, ns, hpa).await?),
+        None => remove_owned::<HorizontalPodAutoscaler>(client, ns, &name, p).await?,
+    }
+    Ok(deployment)
+}
+
+/// With autoscaling the operator stops applying `spec.replicas`. A field its only manager
+/// drops is removed, and a Deployment without `replicas` scales to 1 until the HPA reacts;
+/// so before that, a second manager applies the current count once, keeping the field.
+async fn hand_over_replicas(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let Some(current) = api.get_opt(name).await?.and_then(|d| d.spec?.replicas) else { return Ok(()) };
+    let body = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+                                  "spec": {"replicas": current}});
+    api.patch(name, &PatchParams::apply(REPLICAS_HANDOFF).force(), &Patch::Apply(&body)).await.map(drop)
+}
+
 /// Check that the Secret the proxies will read exists and holds the key.
 async fn check_secret(client: &Client, ns: &str, p: &LlmProxy) -> Result<Option<Problem>, kube::Error> {
     let Some(r) = &p.spec.upstream.api_key_secret_ref else { return Ok(None) };
@@ -141,32 +186,18 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
     // Build (pure) and apply. Children are applied even when the spec has a problem: they do
     // not depend on the policy, and running proxies keep serving their last good one.
     let c = children::build(p, &ctx.settings);
-    apply(client, &ns, &c.service_account).await?;
-    apply(client, &ns, &c.role).await?;
-    apply(client, &ns, &c.role_binding).await?;
-    apply(client, &ns, &c.service).await?;
-    let deployment = apply(client, &ns, &c.deployment).await?;
-    match &c.pdb {
-        Some(pdb) => drop(apply(client, &ns, pdb).await?),
-        None => {
-            remove_owned::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(client, &ns, &p.name_any(), p)
-                .await?
+    let (problem, deployment) = match apply_children(client, &ns, p, &c).await {
+        Ok(d) => (problem, Some(d)),
+        // The API server refused an object built from the spec (say, resource requests above
+        // their limits): the user must change the LlmProxy; retrying cannot help.
+        Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+            (problem.or(Some(Problem::ChildRejected(s.message))), None)
         }
-    }
-    match &c.hpa {
-        Some(hpa) => drop(apply(client, &ns, hpa).await?),
-        None => {
-            remove_owned::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(
-                client,
-                &ns,
-                &p.name_any(),
-                p,
-            )
-            .await?;
-        }
-    }
+        Err(e) => return Err(e.into()),
+    };
 
     // Status.
+    let deployment = deployment.unwrap_or_default();
     let ds = deployment.status.unwrap_or_default();
     let current = ds.observed_generation.is_some_and(|g| Some(g) >= deployment.metadata.generation);
     let rollout = Rollout {
@@ -194,7 +225,7 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
 
     Ok(match problem {
         // Nothing will change until the user edits the object: no hot loop.
-        Some(Problem::InvalidPolicy(_)) => Action::await_change(),
+        Some(Problem::InvalidPolicy(_) | Problem::ChildRejected(_)) => Action::await_change(),
         // The Secret watch brings us back when it appears; this is the fallback.
         Some(_) => Action::requeue(Duration::from_secs(60)),
         None => Action::requeue(Duration::from_secs(300)),

@@ -11,6 +11,8 @@ pub enum Problem {
     InvalidPolicy(String),
     /// `spec.upstream.apiKeySecretRef` names a Secret that does not exist.
     SecretNotFound(String),
+    /// The API server refused an object built from the spec.
+    ChildRejected(String),
     /// The Secret exists but lacks the key.
     SecretKeyMissing {
         /// Secret name.
@@ -26,6 +28,7 @@ impl Problem {
         match self {
             Problem::InvalidPolicy(_) => "InvalidPolicy",
             Problem::SecretNotFound(_) => "SecretNotFound",
+            Problem::ChildRejected(_) => "ChildRejected",
             Problem::SecretKeyMissing { .. } => "SecretKeyMissing",
         }
     }
@@ -38,6 +41,9 @@ impl Problem {
                 "Secret {s} (spec.upstream.apiKeySecretRef) not found; create it, e.g. \
                  kubectl create secret generic {s} --from-literal=api-key=..."
             ),
+            Problem::ChildRejected(e) => {
+                format!("the API server refused a proxy object built from the spec: {e}; fix the LlmProxy")
+            }
             Problem::SecretKeyMissing { secret, key } => {
                 format!("Secret {secret} has no key {key:?} (spec.upstream.apiKeySecretRef.key)")
             }

@@ -101,6 +101,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
             }
         }
         let wanted = p.spec.upstream.api_key_secret_ref.clone();
+        proxy.set_key_required(wanted.is_some());
         if wanted.as_ref() != secret.as_ref().map(|(r, _)| r) {
             if let Some((_, task)) = secret.take() {
                 task.abort();

@@ -62,6 +62,8 @@ pub struct Proxy {
     metrics: Metrics,
     pub(crate) options: Options,
     ready: AtomicBool,
+    /// Cluster mode with an `apiKeySecretRef`: not ready until the key has been read.
+    key_required: AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -78,6 +80,7 @@ impl Proxy {
             metrics,
             options,
             ready: AtomicBool::new(true),
+            key_required: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         });
         proxy.update_gauges();
@@ -146,6 +149,22 @@ impl Proxy {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
+    /// Whether `/readyz` waits for an upstream key (so no request goes out without one).
+    pub fn set_key_required(&self, required: bool) {
+        self.key_required.store(required, Ordering::SeqCst);
+    }
+
+    /// Why the proxy is not ready, if it is not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Some("shutting down");
+        }
+        if self.key_required.load(Ordering::SeqCst) && self.api_key.load().is_none() {
+            return Some("waiting for the upstream API key Secret");
+        }
+        None
+    }
+
     pub(crate) fn request_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("req-{:08x}{n:08x}", std::process::id())
@@ -170,10 +189,9 @@ impl Proxy {
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
-    if proxy.ready.load(Ordering::SeqCst) {
-        "ok".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    match proxy.not_ready() {
+        None => "ok".into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }
 

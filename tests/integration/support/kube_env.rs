@@ -87,8 +87,21 @@ fn unpack_lite(gz: &Path) -> PathBuf {
 }
 
 impl KubeEnv {
-    /// Start etcd and the API server on free ports and wait until `/readyz` answers.
+    /// Start etcd and the API server on free ports and wait until `/readyz` answers. A port
+    /// picked as free can be taken by a parallel test before the server binds it; such a start
+    /// is retried on new ports.
     pub async fn start() -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start().await {
+                Ok(env) => return env,
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start the API server three times; last failure:\n{last}");
+    }
+
+    async fn try_start() -> Result<Self, String> {
         let (server, etcd_bin) = find_server();
         let dir = tempfile::Builder::new()
             .prefix("llmproxy-kube-")
@@ -168,8 +181,8 @@ impl KubeEnv {
              contexts: [{{name: test, context: {{cluster: test, user: admin, namespace: default}}}}]\n\
              current-context: test\n"
         )).unwrap_or_else(|e| panic!("{e}"));
-        env.wait_ready().await;
-        env
+        env.wait_ready().await?;
+        Ok(env)
     }
 
     fn spawn(&mut self, name: &'static str, cmd: &mut Command) {
@@ -200,19 +213,19 @@ impl KubeEnv {
         out
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let exited = self.children.iter_mut().find_map(|(name, child)| {
                 child.try_wait().ok().flatten().map(|status| format!("{name} exited early ({status})"))
             });
             if let Some(exited) = exited {
-                panic!("{exited}:\n{}", self.logs());
+                return Err(format!("{exited}:\n{}", self.logs()));
             }
             if let Ok(client) = self.try_client().await {
                 let req = http::Request::get("/readyz").body(Vec::new()).unwrap_or_else(|e| panic!("{e}"));
                 if client.request_text(req).await.is_ok_and(|body| body.trim() == "ok") {
-                    return;
+                    return Ok(());
                 }
             }
             assert!(Instant::now() < deadline, "API server not ready within 60 s:\n{}", self.logs());

@@ -188,6 +188,23 @@ impl ProxyProcess {
 
     /// `llmproxy <args> --listen .. --admin-listen ..` with `env`; waits for /readyz.
     pub async fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut p = Self::spawn(args, env);
+        let ready = format!("http://{}/readyz", p.admin);
+        eventually("the proxy process to be ready", Duration::from_secs(30), || {
+            let ready = ready.clone();
+            let exited = p.child.try_wait().ok().flatten();
+            let logs = p.logs();
+            async move {
+                assert!(exited.is_none(), "llmproxy exited early: {exited:?}\n{logs}");
+                (get_text(&ready).await == "ok").then_some(())
+            }
+        })
+        .await;
+        p
+    }
+
+    /// As `start_with_args`, without waiting for readiness.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let log = dir.path().join("proxy.log");
         let (addr, admin) = (free_addr(), free_addr());
@@ -201,19 +218,7 @@ impl ProxyProcess {
             .stdout(Stdio::null())
             .stderr(stderr);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting llmproxy: {e}"));
-        let mut p = Self { child, addr, admin, log, _dir: dir };
-        let ready = format!("http://{admin}/readyz");
-        eventually("the proxy process to be ready", Duration::from_secs(30), || {
-            let ready = ready.clone();
-            let exited = p.child.try_wait().ok().flatten();
-            let logs = p.logs();
-            async move {
-                assert!(exited.is_none(), "llmproxy exited early: {exited:?}\n{logs}");
-                (get_text(&ready).await == "ok").then_some(())
-            }
-        })
-        .await;
-        p
+        Self { child, addr, admin, log, _dir: dir }
     }
 
     /// Its process id.
