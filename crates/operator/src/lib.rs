@@ -79,8 +79,9 @@ pub async fn controller(
         .predicate_filter(predicates::generation, PredicateConfig::default());
     let controller = Controller::for_stream(proxies, reader);
     let store = controller.store();
-    // Secrets are watched by metadata only (no key material in the operator's memory), to
-    // reconcile an LlmProxy as soon as its missing Secret appears.
+    // Secrets are watched by metadata only (no cache of key material in the operator), to
+    // reconcile an LlmProxy as soon as its missing Secret appears; a reconcile reads just the one
+    // Secret its LlmProxy names, to check that the key is there.
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
