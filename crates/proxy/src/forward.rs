@@ -21,6 +21,7 @@ use crate::retry::{self, RetryReason};
 use crate::server::Proxy;
 use crate::sse::SseTap;
 use crate::{tokens, upstream};
+use llmproxy_api::Policy;
 
 /// Finishes the record if the handler is dropped early (the client went away while queued).
 pub(crate) struct Pending {
@@ -155,7 +156,7 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         json.as_ref().filter(|_| parts.method == http::Method::POST && cache::cacheable_path(rest))
     {
         let key = cache::key(&policy.upstream.url, parts.method.as_str(), &format!("{rest}{query}"), v);
-        match lookup::lookup(proxy, pending, key, &parts.headers, !strip_usage_event).await {
+        match lookup::lookup(proxy, &policy, pending, key, &parts.headers, !strip_usage_event).await {
             Lookup::Answered(resp) => return resp,
             Lookup::Fill(f) => fill = Some(f),
             Lookup::Skip => {}
@@ -168,7 +169,7 @@ async fn forward(proxy: &Arc<Proxy>, pending: &mut Pending, parts: request::Part
         body,
         strip_usage_event,
     };
-    attempt_loop(proxy, pending, &out, &mut fill).await
+    attempt_loop(proxy, &policy, pending, &out, &mut fill).await
 }
 
 /// Ask the upstream to report usage at the end of a stream; true if the request did not.
@@ -211,11 +212,11 @@ fn is_length_limit(e: &axum::Error) -> bool {
 
 async fn attempt_loop(
     proxy: &Arc<Proxy>,
+    policy: &Policy,
     pending: &mut Pending,
     out: &Outgoing,
     fill: &mut Option<Fill>,
 ) -> Response {
-    let policy = proxy.policy();
     let started = pending.record().started;
     let deadline = started + policy.queue.max_wait;
     let reserve = pending.record().estimate.total();

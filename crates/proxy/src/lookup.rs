@@ -15,6 +15,7 @@ use crate::record::Outcome;
 use crate::relay::Fill;
 use crate::server::Proxy;
 use crate::sse::SseTap;
+use llmproxy_api::Policy;
 
 pub(crate) enum Lookup {
     /// Served from the cache or a coalesced flight.
@@ -40,6 +41,7 @@ fn cache_control(headers: &HeaderMap) -> (bool, bool) {
 /// Look the request up in the cache, or join an identical request in flight.
 pub(crate) async fn lookup(
     proxy: &Arc<Proxy>,
+    policy: &Policy,
     pending: &mut Pending,
     key: cache::Key,
     headers: &HeaderMap,
@@ -70,7 +72,6 @@ pub(crate) async fn lookup(
             Join::Follower(rx) => {
                 // Wait as long as the leader may legitimately take before its first byte (queue,
                 // attempts and back-offs), then as long as it keeps making progress.
-                let policy = proxy.policy();
                 let attempts = policy.retry.max_attempts;
                 let first =
                     policy.queue.max_wait + (policy.upstream.timeout + policy.retry.max_backoff) * attempts;

@@ -192,11 +192,6 @@ impl Metrics {
         }
     }
 
-    /// The registry, to add more metrics (the cache's) beside these.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -50,11 +50,6 @@ impl Permit {
         self.reserved = used;
         self.admission.changed.notify_one();
     }
-
-    /// Tokens still reserved by this permit.
-    pub fn reserved(&self) -> u64 {
-        self.reserved
-    }
 }
 
 impl Drop for Permit {

@@ -139,11 +139,6 @@ impl Proxy {
         &self.admission
     }
 
-    /// The response cache.
-    pub fn cache(&self) -> &ResponseCache {
-        &self.cache
-    }
-
     /// Report not-ready (during shutdown, so load balancers stop sending).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
