@@ -122,11 +122,24 @@ async fn completed_streams_are_replayed_and_broken_ones_are_not_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_identical_requests_make_one_upstream_call() {
-    let upstream = mock(MockConfig { latency: Duration::from_millis(500), ..MockConfig::default() }).await;
+    let upstream = mock(MockConfig::default()).await;
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", CACHED), None).await;
     let url = proxy.url("/chat/completions");
     let body = prompt("everyone asks this").to_string();
-    let results = join_all((0..50).map(|_| send(&url, &body, &[]))).await;
+    // The upstream holds its answer until all 50 are in: one leader upstream, 49 following it.
+    upstream.mock.hold();
+    let requests = tokio::spawn({
+        let (url, body) = (url.clone(), body.clone());
+        async move { join_all((0..50).map(|_| send(&url, &body, &[]))).await }
+    });
+    let flights = std::sync::Arc::clone(proxy.proxy.flights());
+    eventually("49 followers behind one leader", Duration::from_secs(20), || {
+        let n = flights.followers();
+        async move { (n == 49).then_some(()) }
+    })
+    .await;
+    upstream.mock.release();
+    let results = requests.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(upstream.mock.seen().len(), 1, "one upstream call for 50 identical requests");
     assert!(results.iter().all(|(s, _, b)| *s == 200 && *b == results[0].2), "50 identical answers");
     let miss = results.iter().filter(|r| r.1 == "miss").count();

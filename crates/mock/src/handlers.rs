@@ -220,6 +220,7 @@ async fn gate(
     lock(&mock.stats).tokens += prompt + completion;
     record(mock, path, 200, key, at);
     let headers = rate_headers(mock, at);
+    mock.pass_gate().await;
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }

@@ -126,6 +126,9 @@ pub struct Mock {
     inflight: Mutex<u64>,
     /// When the last streamed chunk of any stream was written.
     last_chunk_at: Mutex<Option<Instant>>,
+    /// Closed: admitted requests wait before answering (tests hold an answer this way instead
+    /// of racing a timer).
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -148,6 +151,7 @@ impl Mock {
             seen: Mutex::new(Vec::new()),
             inflight: Mutex::new(0),
             last_chunk_at: Mutex::new(None),
+            gate: tokio::sync::watch::Sender::new(true),
         })
     }
 
@@ -174,6 +178,22 @@ impl Mock {
     /// When the most recent stream chunk was written.
     pub fn last_chunk_at(&self) -> Option<Instant> {
         *lock(&self.last_chunk_at)
+    }
+
+    /// Hold every answer (after admission) until `release`.
+    pub fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    /// Let held answers go.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Wait while the gate is closed.
+    pub(crate) async fn pass_gate(&self) {
+        let mut rx = self.gate.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
     }
 
     /// Forget counters and the request log (limits keep their state).

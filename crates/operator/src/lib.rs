@@ -3,6 +3,7 @@
 //! autoscaler where asked), and reports status conditions and events.
 
 pub mod children;
+pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
@@ -24,9 +25,10 @@ use kube::{Client, ResourceExt};
 use llmproxy_api::LlmProxy;
 
 pub use children::Settings;
+pub use error::Error;
 pub use leader::LeaseConfig;
 pub use metrics::Metrics;
-pub use reconcile::{Context, Error};
+pub use reconcile::Context;
 
 /// How to run the operator.
 #[derive(Clone, Debug)]

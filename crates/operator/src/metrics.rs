@@ -44,7 +44,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             reconciles.with_label_values(&[result]);
         }
-        for reason in crate::reconcile::Error::LABELS {
+        for reason in crate::error::Error::LABELS {
             failures.with_label_values(&[reason]);
         }
         Ok(Self { registry, reconciles, failures, duration, leader })

@@ -24,6 +24,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use crate::children::{self, Children, Settings};
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::status::{self, Problem, Rollout};
 
@@ -48,34 +49,6 @@ impl Context {
     /// A context for one operator process.
     pub fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
         Self { client, recorder, metrics, settings, failures: Mutex::default() }
-    }
-}
-
-/// Why a reconcile failed; transient, retried with back-off.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The API server refused or could not be reached.
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// Cluster-scoped LlmProxy objects do not exist; seen only with a broken CRD.
-    #[error("LlmProxy has no namespace")]
-    NoNamespace,
-}
-
-impl Error {
-    /// Every value `metric_label` returns.
-    pub const LABELS: [&'static str; 5] =
-        ["conflict", "forbidden", "api_error", "api_unreachable", "no_namespace"];
-
-    /// A low-cardinality label for the failure metric.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
-            Error::Kube(kube::Error::Api(_)) => "api_error",
-            Error::Kube(_) => "api_unreachable",
-            Error::NoNamespace => "no_namespace",
-        }
     }
 }
 

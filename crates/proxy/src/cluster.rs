@@ -12,7 +12,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, Policy, SecretKeyRef};
 
-use crate::server::{Proxy, Reload};
+use crate::labels::Reload;
+use crate::state::Proxy;
 use crate::upstream::ApiKey;
 
 /// `namespace/name` of the LlmProxy to serve.

@@ -3,6 +3,7 @@
 //! so and one of them leads the next attempt.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ pub enum Flight {
 #[derive(Default)]
 pub struct Flights {
     running: Mutex<HashMap<Key, watch::Receiver<Flight>>>,
+    followers: AtomicUsize,
 }
 
 /// What a request does about its key.
@@ -32,7 +34,19 @@ pub enum Join {
     /// Go upstream; report the outcome through the guard.
     Leader(Leader),
     /// Wait for the leader.
-    Follower(watch::Receiver<Flight>),
+    Follower(Follower),
+}
+
+/// A request waiting for a leader's answer; counted while it exists.
+pub struct Follower {
+    rx: watch::Receiver<Flight>,
+    flights: Arc<Flights>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.flights.followers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The leader's obligation: it resolves the flight exactly once, as failed if dropped.
@@ -48,7 +62,8 @@ impl Flights {
     pub fn join(self: &Arc<Self>, key: Key) -> Join {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rx) = running.get(&key) {
-            return Join::Follower(rx.clone());
+            self.followers.fetch_add(1, Ordering::Relaxed);
+            return Join::Follower(Follower { rx: rx.clone(), flights: Arc::clone(self) });
         }
         let (tx, rx) = watch::channel(Flight::Running);
         running.insert(key, rx);
@@ -58,6 +73,11 @@ impl Flights {
     /// Flights in progress.
     pub fn len(&self) -> usize {
         self.running.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Requests waiting for an identical request's answer now.
+    pub fn followers(&self) -> usize {
+        self.followers.load(Ordering::Relaxed)
     }
 
     /// Whether no flight is in progress.
@@ -112,11 +132,8 @@ pub enum Followed {
 
 /// Wait for a flight to end, until `deadline` at first and then for `idle` after each progress
 /// signal of the leader, so no follower waits on a stalled leader for ever.
-pub async fn follow(
-    mut rx: watch::Receiver<Flight>,
-    deadline: tokio::time::Instant,
-    idle: Duration,
-) -> Followed {
+pub async fn follow(follower: Follower, deadline: tokio::time::Instant, idle: Duration) -> Followed {
+    let mut rx = follower.rx.clone();
     let mut deadline = deadline;
     loop {
         match &*rx.borrow_and_update() {

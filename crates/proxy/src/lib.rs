@@ -6,25 +6,25 @@ pub mod cache;
 pub mod cluster;
 pub mod error;
 pub mod flight;
-pub mod forward;
+pub mod labels;
 pub mod limiter;
-pub mod lookup;
 pub mod metrics;
 pub mod queue;
-pub mod record;
-pub mod relay;
 pub mod reload;
+pub mod request;
 pub mod retry;
-pub mod server;
+pub mod routes;
 pub mod sse;
+pub mod state;
 pub mod tokens;
 pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
 
+pub use labels::Reload;
 pub use metrics::Metrics;
-pub use server::{Options, Proxy, Reload};
+pub use state::{Options, Proxy};
 pub use upstream::ApiKey;
 
 /// Serve the API on `api` and the admin endpoints on `admin` until `shutdown` resolves; then
@@ -37,7 +37,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_router = proxy.admin_router();
+    let admin_router = routes::admin(&proxy);
     let admin_task = tokio::spawn(async move {
         axum::serve(admin, admin_router)
             .with_graceful_shutdown(async move {
@@ -46,7 +46,7 @@ pub async fn serve(
             .await
     });
     let draining = Arc::clone(&proxy);
-    axum::serve(api, proxy.router())
+    axum::serve(api, routes::api(&proxy))
         .with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);

@@ -1,41 +1,44 @@
 //! Prometheus metrics of one proxy process. The registry is passed in (never a global), so tests
-//! and the bench can run several proxies in one process. Labels are small closed sets.
+//! and the bench can run several proxies in one process. Labels are small closed sets: each
+//! label set is an enum whose series are resolved once here, so the request path increments a
+//! counter without hashing label strings.
 
 pub use prometheus::Registry;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder,
 };
 
+use crate::labels::{CacheResult, Outcome, Reload, TokenKind};
+use crate::limiter::Limit;
+use crate::retry::RetryReason;
+
 /// Buckets for waits and latencies, 1 ms to 2 minutes.
 const SECONDS: &[f64] =
     &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
+/// Upstream statuses with a series of their own; any other is counted by its class.
+const KNOWN_STATUSES: &[&str] = &[
+    "200", "201", "204", "400", "401", "403", "404", "408", "409", "413", "422", "429", "500", "502", "503",
+    "504",
+];
+
 /// Every metric the proxy exports; names start with `llmproxy_` and carry their unit.
-#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Client requests finished, by outcome (`ok`, `upstream_error`, `queue_full`, ...).
-    pub requests: IntCounterVec,
-    /// Client request duration, arrival to last byte, by outcome.
-    pub request_duration: HistogramVec,
-    /// Upstream attempts by HTTP status, or `connect_error` / `timeout`.
-    pub upstream_responses: IntCounterVec,
+    by_outcome: Vec<(IntCounter, Histogram)>,
+    upstream_responses: IntCounterVec,
     /// Upstream time to response headers.
     pub upstream_latency: Histogram,
-    /// Retries by reason (`status_429`, `status_5xx`, `status_408`, `connect_error`, `timeout`).
-    pub retries: IntCounterVec,
+    retries: Vec<IntCounter>,
     /// Requests waiting for admission now.
     pub queue_depth: IntGauge,
     /// Time from arrival to admission, of admitted requests.
     pub queue_wait: Histogram,
-    /// Requests the proxy itself refused with 429, by the limit that held them.
-    pub throttled: IntCounterVec,
+    throttled: Vec<IntCounter>,
     /// Upstream requests in flight.
     pub inflight: IntGauge,
-    /// Tokens by kind: `prompt` and `completion` as the upstream reported them, `reserved`
-    /// as estimated before sending.
-    pub tokens: IntCounterVec,
-    /// Times an upstream 429 or exhausted quota paused admission for everyone.
+    tokens: Vec<IntCounter>,
+    /// Times an upstream 429 paused admission for what it named.
     pub upstream_pauses: IntCounter,
     /// The requests-per-minute limit this replica enforces.
     pub limit_requests_per_minute: IntGauge,
@@ -43,10 +46,8 @@ pub struct Metrics {
     pub limit_tokens_per_minute: IntGauge,
     /// `queue.maxSize` in force.
     pub queue_capacity: IntGauge,
-    /// Policy reloads by result (`applied`, `unchanged`, `rejected`).
-    pub policy_reloads: IntCounterVec,
-    /// Cacheable requests by cache result (`hit`, `miss`, `bypass`).
-    pub cache_requests: IntCounterVec,
+    reloads: Vec<IntCounter>,
+    cache_requests: Vec<IntCounter>,
     /// Requests answered with the response of an identical request in flight.
     pub coalesced: IntCounter,
     /// Entries in the response cache.
@@ -57,94 +58,102 @@ pub struct Metrics {
     pub cache_saved_tokens: IntCounter,
 }
 
-fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> anyhow::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+fn register<C: prometheus::core::Collector + Clone + 'static>(reg: &Registry, c: C) -> anyhow::Result<C> {
     reg.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
+fn counter_vec(reg: &Registry, name: &str, help: &str, label: &str) -> anyhow::Result<IntCounterVec> {
+    register(reg, IntCounterVec::new(Opts::new(name, help), &[label])?)
+}
+
+fn counter(reg: &Registry, name: &str, help: &str) -> anyhow::Result<IntCounter> {
+    register(reg, IntCounter::new(name, help)?)
+}
+
 fn gauge(reg: &Registry, name: &str, help: &str) -> anyhow::Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    reg.register(Box::new(g.clone()))?;
-    Ok(g)
+    register(reg, IntGauge::new(name, help)?)
 }
 
 fn histogram(reg: &Registry, name: &str, help: &str) -> anyhow::Result<Histogram> {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()))?;
-    reg.register(Box::new(h.clone()))?;
-    Ok(h)
+    register(reg, Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()))?)
+}
+
+/// The series of `vec` for each label, in order: created at 0 so dashboards, alerts and
+/// `rate()` see them before the first event of each kind.
+fn series(vec: &IntCounterVec, labels: impl IntoIterator<Item = &'static str>) -> Vec<IntCounter> {
+    labels.into_iter().map(|l| vec.with_label_values(&[l])).collect()
 }
 
 impl Metrics {
     /// Register every metric in `registry`.
     pub fn new(registry: Registry) -> anyhow::Result<Self> {
         let r = &registry;
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new("llmproxy_request_duration_seconds", "Client request duration by outcome.")
+        let requests = counter_vec(r, "llmproxy_requests_total", "Client requests by outcome.", "outcome")?;
+        let durations = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "llmproxy_request_duration_seconds",
+                    "Client request duration by outcome.",
+                )
                 .buckets(SECONDS.to_vec()),
-            &["outcome"],
-        )?;
-        r.register(Box::new(request_duration.clone()))?;
-        let upstream_pauses = IntCounter::new(
-            "llmproxy_upstream_pauses_total",
-            "Times the upstream's Retry-After or exhausted quota paused admission for every request.",
-        )?;
-        r.register(Box::new(upstream_pauses.clone()))?;
-        let coalesced = IntCounter::new(
-            "llmproxy_coalesced_requests_total",
-            "Requests answered with the response of an identical request that was in flight.",
-        )?;
-        r.register(Box::new(coalesced.clone()))?;
-        let cache_saved_tokens = IntCounter::new(
-            "llmproxy_cache_saved_tokens_total",
-            "Tokens that cache hits and coalesced answers did not spend upstream.",
-        )?;
-        r.register(Box::new(cache_saved_tokens.clone()))?;
-        let metrics = Self {
-            cache_requests: counter(
-                r,
-                "llmproxy_cache_requests_total",
-                "Cacheable requests by cache result (hit, miss, bypass).",
-                &["result"],
+                &["outcome"],
             )?,
-            coalesced,
-            cache_entries: gauge(r, "llmproxy_cache_entries", "Entries in the response cache.")?,
-            cache_bytes: gauge(
-                r,
-                "llmproxy_cache_bytes",
-                "Bytes held by the response cache, as weighed against its budget.",
-            )?,
-            cache_saved_tokens,
-            requests: counter(r, "llmproxy_requests_total", "Client requests by outcome.", &["outcome"])?,
-            request_duration,
-            upstream_responses: counter(
+        )?;
+        let by_outcome = Outcome::ALL
+            .iter()
+            .map(|o| (requests.with_label_values(&[o.label()]), durations.with_label_values(&[o.label()])))
+            .collect();
+        let retries = counter_vec(r, "llmproxy_retries_total", "Upstream retries by reason.", "reason")?;
+        let throttled = counter_vec(
+            r,
+            "llmproxy_throttled_total",
+            "Requests the proxy answered with 429 itself, by the limit that held them.",
+            "limit",
+        )?;
+        let tokens = counter_vec(
+            r,
+            "llmproxy_tokens_total",
+            "Tokens by kind (prompt, completion, reserved).",
+            "kind",
+        )?;
+        let reloads = counter_vec(
+            r,
+            "llmproxy_policy_reloads_total",
+            "Policy reloads by result (applied, unchanged, rejected).",
+            "result",
+        )?;
+        let cache_requests = counter_vec(
+            r,
+            "llmproxy_cache_requests_total",
+            "Cacheable requests by cache result (hit, miss, bypass).",
+            "result",
+        )?;
+        Ok(Self {
+            by_outcome,
+            upstream_responses: counter_vec(
                 r,
                 "llmproxy_upstream_responses_total",
                 "Upstream attempts by HTTP status or transport error.",
-                &["status"],
+                "status",
             )?,
             upstream_latency: histogram(
                 r,
                 "llmproxy_upstream_latency_seconds",
                 "Upstream time to response headers, per attempt.",
             )?,
-            retries: counter(r, "llmproxy_retries_total", "Upstream retries by reason.", &["reason"])?,
+            retries: series(&retries, RetryReason::ALL.map(RetryReason::label)),
             queue_depth: gauge(r, "llmproxy_queue_depth", "Requests waiting for admission.")?,
             queue_wait: histogram(r, "llmproxy_queue_wait_seconds", "Wait from arrival to admission.")?,
-            throttled: counter(
-                r,
-                "llmproxy_throttled_total",
-                "Requests the proxy answered with 429 itself, by the limit that held them.",
-                &["limit"],
-            )?,
+            throttled: series(&throttled, Limit::ALL.map(Limit::label)),
             inflight: gauge(r, "llmproxy_inflight_requests", "Upstream requests in flight.")?,
-            tokens: counter(
+            tokens: series(&tokens, TokenKind::ALL.map(TokenKind::label)),
+            upstream_pauses: counter(
                 r,
-                "llmproxy_tokens_total",
-                "Tokens by kind (prompt, completion, reserved).",
-                &["kind"],
+                "llmproxy_upstream_pauses_total",
+                "Times an upstream 429 paused admission for what it named.",
             )?,
-            upstream_pauses,
             limit_requests_per_minute: gauge(
                 r,
                 "llmproxy_limit_requests_per_minute",
@@ -156,40 +165,82 @@ impl Metrics {
                 "Tokens-per-minute limit this replica enforces (0: unlimited).",
             )?,
             queue_capacity: gauge(r, "llmproxy_queue_capacity_requests", "Requests that may wait at once.")?,
-            policy_reloads: counter(
+            reloads: series(&reloads, Reload::ALL.map(Reload::label)),
+            cache_requests: series(&cache_requests, CacheResult::COUNTED.map(CacheResult::label)),
+            coalesced: counter(
                 r,
-                "llmproxy_policy_reloads_total",
-                "Policy reloads by result (applied, unchanged, rejected).",
-                &["result"],
+                "llmproxy_coalesced_requests_total",
+                "Requests answered with the response of an identical request that was in flight.",
+            )?,
+            cache_entries: gauge(r, "llmproxy_cache_entries", "Entries in the response cache.")?,
+            cache_bytes: gauge(
+                r,
+                "llmproxy_cache_bytes",
+                "Bytes held by the response cache, as weighed against its budget.",
+            )?,
+            cache_saved_tokens: counter(
+                r,
+                "llmproxy_cache_saved_tokens_total",
+                "Tokens that cache hits and coalesced answers did not spend upstream.",
             )?,
             registry,
-        };
-        metrics.init_series();
-        Ok(metrics)
+        })
     }
 
-    /// Create every series of the closed label sets at 0, so that dashboards, alerts and
-    /// `rate()` see them before the first event of each kind.
-    fn init_series(&self) {
-        for o in crate::record::Outcome::ALL {
-            self.requests.with_label_values(&[o.label()]);
-            self.request_duration.with_label_values(&[o.label()]);
+    /// Count a finished client request and its duration.
+    pub fn request_done(&self, outcome: Outcome, seconds: f64) {
+        let (count, duration) = &self.by_outcome[outcome as usize];
+        count.inc();
+        duration.observe(seconds);
+    }
+
+    /// Count tokens of one kind.
+    pub fn tokens(&self, kind: TokenKind, n: u64) {
+        self.tokens[kind as usize].inc_by(n);
+    }
+
+    /// Count a retry.
+    pub fn retry(&self, reason: RetryReason) {
+        self.retries[reason as usize].inc();
+    }
+
+    /// Count a request the proxy refused with 429 itself.
+    pub fn throttled(&self, limit: Limit) {
+        self.throttled[limit as usize].inc();
+    }
+
+    /// Count a policy reload.
+    pub fn reload(&self, result: Reload) {
+        self.reloads[result as usize].inc();
+    }
+
+    /// Count a cache lookup (coalesced answers are counted by `coalesced`).
+    pub fn cache(&self, result: CacheResult) {
+        match result {
+            CacheResult::Coalesced => self.coalesced.inc(),
+            other => self.cache_requests[other as usize].inc(),
         }
-        for r in crate::retry::RetryReason::ALL {
-            self.retries.with_label_values(&[r.label()]);
-        }
-        for l in crate::limiter::Limit::ALL {
-            self.throttled.with_label_values(&[l.label()]);
-        }
-        for kind in ["prompt", "completion", "reserved"] {
-            self.tokens.with_label_values(&[kind]);
-        }
-        for result in ["applied", "unchanged", "rejected"] {
-            self.policy_reloads.with_label_values(&[result]);
-        }
-        for result in ["hit", "miss", "bypass"] {
-            self.cache_requests.with_label_values(&[result]);
-        }
+    }
+
+    /// Count an upstream attempt by its HTTP status.
+    pub fn upstream_status(&self, status: u16) {
+        let text = status.to_string();
+        let label = match KNOWN_STATUSES.iter().find(|s| **s == text) {
+            Some(known) => *known,
+            None => match status {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+        };
+        self.upstream_responses.with_label_values(&[label]).inc();
+    }
+
+    /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
+    pub fn upstream_failure(&self, what: &'static str) {
+        self.upstream_responses.with_label_values(&[what]).inc();
     }
 
     /// Prometheus text exposition of everything registered.
@@ -197,5 +248,37 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_closed_label_set_is_exported_at_zero_and_counts_where_it_should() {
+        let m = Metrics::new(Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let text = m.render();
+        for o in Outcome::ALL {
+            assert!(
+                text.contains(&format!("llmproxy_requests_total{{outcome=\"{}\"}} 0", o.label())),
+                "{o:?}"
+            );
+        }
+        for l in Limit::ALL {
+            assert!(
+                text.contains(&format!("llmproxy_throttled_total{{limit=\"{}\"}} 0", l.label())),
+                "{l:?}"
+            );
+        }
+        m.request_done(Outcome::QueueFull, 0.5);
+        m.tokens(TokenKind::Completion, 7);
+        m.cache(CacheResult::Bypass);
+        m.upstream_status(418);
+        let text = m.render();
+        assert!(text.contains("llmproxy_requests_total{outcome=\"queue_full\"} 1"));
+        assert!(text.contains("llmproxy_tokens_total{kind=\"completion\"} 7"));
+        assert!(text.contains("llmproxy_cache_requests_total{result=\"bypass\"} 1"));
+        assert!(text.contains("llmproxy_upstream_responses_total{status=\"4xx\"} 1"));
     }
 }

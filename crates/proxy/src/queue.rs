@@ -10,6 +10,7 @@ use llmproxy_api::policy::LimitsPolicy;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
+use crate::labels::TokenKind;
 use crate::limiter::{Decision, Limit, Limiter};
 use crate::metrics::Metrics;
 
@@ -32,7 +33,7 @@ pub struct Admission {
     turnstile: tokio::sync::Mutex<()>,
     changed: Notify,
     waiting: AtomicUsize,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
 }
 
 /// An admitted request: holds a concurrency slot and a token reservation until dropped.
@@ -72,7 +73,7 @@ impl Drop for Queued<'_> {
 
 impl Admission {
     /// A new admission gate with full buckets.
-    pub fn new(limits: &LimitsPolicy, metrics: Metrics) -> Arc<Self> {
+    pub fn new(limits: &LimitsPolicy, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             limiter: Mutex::new(Limiter::new(limits, Instant::now())),
             turnstile: tokio::sync::Mutex::new(()),
@@ -154,12 +155,12 @@ impl Admission {
         let waited = start.elapsed();
         self.metrics.inflight.inc();
         self.metrics.queue_wait.observe(waited.as_secs_f64());
-        self.metrics.tokens.with_label_values(&["reserved"]).inc_by(tokens);
+        self.metrics.tokens(TokenKind::Reserved, tokens);
         Permit { admission: Arc::clone(self), reserved: tokens, waited }
     }
 
     fn reject(&self, limit: Limit, queue_full: bool, start: Instant, retry_after: Duration) -> Rejection {
-        self.metrics.throttled.with_label_values(&[limit.label()]).inc();
+        self.metrics.throttled(limit);
         Rejection { limit, queue_full, retry_after, waited: start.elapsed() }
     }
 
@@ -225,7 +226,7 @@ mod tests {
             default_max_tokens: 1,
         };
         let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
-        Admission::new(&limits, metrics)
+        Admission::new(&limits, Arc::new(metrics))
     }
 
     fn secs(n: u64) -> Duration {
@@ -304,7 +305,7 @@ mod tests {
         };
         let a = Admission::new(
             &limits,
-            Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}")),
+            Arc::new(Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"))),
         );
         let t0 = Instant::now();
         // In flight, reserving 500 tokens: 49 s of debt at 10/s, past the 30 s deadline.

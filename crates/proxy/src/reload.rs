@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::server::{Proxy, Reload};
+use crate::labels::Reload;
+use crate::state::Proxy;
 use crate::upstream::ApiKey;
 
 /// How often the files are read.

@@ -63,9 +63,12 @@ fn find_server() -> (Server, PathBuf) {
     (Server::Lite(unpack_lite(&gz)), etcd)
 }
 
-/// Unpack and checksum kube-apiserver-lite once per build directory (atomic rename, so
-/// concurrent tests never run a half-written file).
+/// Unpack and checksum kube-apiserver-lite once per build directory: one test thread at a time
+/// in this process (the temp name is per process), and an atomic rename so that other test
+/// processes never run a half-written file.
 fn unpack_lite(gz: &Path) -> PathBuf {
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let sum = fs::read_to_string(gz.with_file_name("kube-apiserver-lite.sha256"))
         .unwrap_or_else(|e| panic!("reading the checksum beside {}: {e}", gz.display()));
     let sum = sum.trim();

@@ -1,19 +1,18 @@
-//! The proxy's shared state and its two routers: the OpenAI-compatible API and the admin port.
+//! The proxy's shared state: the policy snapshot, the admission gate, the upstream client, the
+//! cache and the metrics. The routers that serve it live in `routes.rs`, the request path in
+//! `request/`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use axum::Router;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
-use http::{HeaderName, StatusCode, header};
+use http::HeaderName;
 use llmproxy_api::Policy;
 
 use crate::cache::ResponseCache;
 use crate::flight::Flights;
+use crate::labels::Reload;
 use crate::metrics::Metrics;
 use crate::queue::Admission;
 use crate::upstream::{self, ApiKey};
@@ -42,25 +41,16 @@ impl Default for Options {
     }
 }
 
-/// What a policy reload did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reload {
-    /// The new policy is in force.
-    Applied,
-    /// Identical to the one in force; nothing changed.
-    Unchanged,
-}
-
 /// One running proxy: the policy snapshot, the admission gate, the upstream client.
 pub struct Proxy {
     policy: ArcSwap<Policy>,
     api_key: ArcSwapOption<ApiKey>,
-    pub(crate) admission: Arc<Admission>,
-    pub(crate) client: reqwest::Client,
-    pub(crate) cache: ResponseCache,
-    pub(crate) flights: Arc<Flights>,
-    metrics: Metrics,
-    pub(crate) options: Options,
+    admission: Arc<Admission>,
+    client: reqwest::Client,
+    cache: Arc<ResponseCache>,
+    flights: Arc<Flights>,
+    metrics: Arc<Metrics>,
+    options: Options,
     ready: AtomicBool,
     /// Cluster mode with an `apiKeySecretRef`: not ready until the key has been read.
     key_required: AtomicBool,
@@ -70,10 +60,11 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy serving `policy`, with its metrics in `metrics`.
     pub fn new(policy: Policy, metrics: Metrics, options: Options) -> anyhow::Result<Arc<Self>> {
+        let metrics = Arc::new(metrics);
         let proxy = Arc::new(Self {
-            admission: Admission::new(&policy.limits, metrics.clone()),
+            admission: Admission::new(&policy.limits, Arc::clone(&metrics)),
             client: upstream::client(options.connect_timeout)?,
-            cache: ResponseCache::new(policy.cache.as_ref()),
+            cache: Arc::new(ResponseCache::new(policy.cache.as_ref())),
             flights: Arc::default(),
             policy: ArcSwap::from_pointee(policy),
             api_key: ArcSwapOption::empty(),
@@ -96,20 +87,20 @@ impl Proxy {
     /// their buckets exactly as they were.
     pub fn apply_policy(&self, policy: Policy) -> Reload {
         if **self.policy.load() == policy {
-            self.metrics.policy_reloads.with_label_values(&["unchanged"]).inc();
+            self.metrics.reload(Reload::Unchanged);
             return Reload::Unchanged;
         }
         self.admission.reconfigure(&policy.limits);
         self.cache.reconfigure(policy.cache.as_ref());
         self.policy.store(Arc::new(policy));
         self.update_gauges();
-        self.metrics.policy_reloads.with_label_values(&["applied"]).inc();
+        self.metrics.reload(Reload::Applied);
         Reload::Applied
     }
 
     /// Count a policy that was refused (the last good one keeps serving).
     pub fn reject_policy(&self) {
-        self.metrics.policy_reloads.with_label_values(&["rejected"]).inc();
+        self.metrics.reload(Reload::Rejected);
     }
 
     fn update_gauges(&self) {
@@ -130,13 +121,30 @@ impl Proxy {
     }
 
     /// The metrics this proxy reports to.
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
     /// The admission gate (queue depth and limiter state, for tests and status).
-    pub fn admission(&self) -> &Admission {
+    pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub(crate) fn cache(&self) -> &Arc<ResponseCache> {
+        &self.cache
+    }
+
+    /// Requests in flight that identical ones wait on (coalescing).
+    pub fn flights(&self) -> &Arc<Flights> {
+        &self.flights
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
     }
 
     /// Report not-ready (during shutdown, so load balancers stop sending).
@@ -150,7 +158,7 @@ impl Proxy {
     }
 
     /// Why the proxy is not ready, if it is not.
-    fn not_ready(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if !self.ready.load(Ordering::SeqCst) {
             return Some("shutting down");
         }
@@ -164,41 +172,4 @@ impl Proxy {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("req-{:08x}{n:08x}", std::process::id())
     }
-
-    /// The OpenAI-compatible API: every `/v1/...` path is forwarded.
-    pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
-            .route("/v1/{*rest}", any(crate::forward::handle))
-            .fallback(not_found)
-            .with_state(Arc::clone(self))
-    }
-
-    /// The admin port: `/livez`, `/readyz`, `/metrics`.
-    pub fn admin_router(self: &Arc<Self>) -> Router {
-        Router::new()
-            .route("/livez", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
-            .with_state(Arc::clone(self))
-    }
-}
-
-async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
-    match proxy.not_ready() {
-        None => "ok".into_response(),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
-    }
-}
-
-async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
-    let (entries, bytes) = proxy.cache.usage();
-    proxy.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
-    proxy.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], proxy.metrics.render())
-        .into_response()
-}
-
-async fn not_found(uri: http::Uri) -> Response {
-    let msg = format!("unknown path {}: llmproxy serves the OpenAI API under /v1/", uri.path());
-    crate::error::ApiError::invalid(StatusCode::NOT_FOUND, msg, Some("unknown_url")).into_response()
 }

@@ -1,28 +1,84 @@
-//! The response body on its way to the client: passed on chunk by chunk as the upstream sends it,
-//! watched for `usage`, and closed out (token settlement, metrics, log line) when it ends or the
-//! client goes away.
+//! The answer on its way to the client: the upstream body passed on chunk by chunk as it
+//! arrives, watched for `usage`, and closed out (token settlement, cache fill, record) when it
+//! ends or the client goes away.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use http::{HeaderValue, header};
 
-use crate::cache::{CachedResponse, Key};
-use crate::flight::Leader;
+use super::cached::Fill;
+use super::record::RecordGuard;
+use crate::cache::CachedResponse;
+use crate::error::ApiError;
+use crate::labels::Outcome;
 use crate::queue::Permit;
-use crate::record::{Outcome, RequestRecord};
-use crate::server::Proxy;
 use crate::sse::SseTap;
 use crate::tokens::{Usage, usage_of};
+use crate::upstream;
 
 /// Bodies up to this size are kept to read their `usage`; larger ones pass through unread.
 const MAX_TAPPED_BODY: usize = 16 << 20;
 
+/// How the attempts ended.
+pub(crate) enum Answer {
+    /// The upstream's response, to relay; its reservation is settled when the body ends.
+    Upstream {
+        /// Status and headers received, body not yet read.
+        response: reqwest::Response,
+        /// The admission it was sent under.
+        permit: Permit,
+        /// The longest gap allowed between two chunks.
+        idle_timeout: Duration,
+        /// Remove the usage event the proxy asked for on the client's behalf.
+        strip_usage_event: bool,
+    },
+    /// The proxy answers itself.
+    Refused(ApiError, Outcome),
+}
+
+/// Turn the answer into the client's response; the record is finished when the body ends.
+pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill>) -> Response {
+    let (response, permit, idle_timeout, strip_usage_event) = match answer {
+        Answer::Refused(err, outcome) => {
+            record.finish(err.status.as_u16(), outcome);
+            return err.into_response();
+        }
+        Answer::Upstream { response, permit, idle_timeout, strip_usage_event } => {
+            (response, permit, idle_timeout, strip_usage_event)
+        }
+    };
+    let status = response.status();
+    let mut headers = upstream::response_headers(response.headers());
+    let is_sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let tap = if is_sse { Tap::Sse(SseTap::new(strip_usage_event)) } else { Tap::body() };
+    if is_sse {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let rec = record.get();
+    rec.status = status.as_u16();
+    rec.outcome = Outcome::for_status(status.as_u16());
+    headers.insert("x-llmproxy-attempts", HeaderValue::from(rec.attempts));
+    if let Some(how) = rec.cache {
+        headers.insert("x-llmproxy-cache", HeaderValue::from_static(how.label()));
+    }
+    let body = Relay::new(response, tap, idle_timeout, permit, record, fill).into_body();
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
 /// How the body is watched.
-pub(crate) enum Tap {
+enum Tap {
     /// `text/event-stream`: scanned line by line.
     Sse(SseTap),
     /// Anything else: kept (up to a bound) and parsed as JSON at the end.
@@ -30,7 +86,7 @@ pub(crate) enum Tap {
 }
 
 impl Tap {
-    pub(crate) fn body() -> Self {
+    fn body() -> Self {
         Tap::Body { buf: BytesMut::new(), overflow: false }
     }
 
@@ -69,150 +125,99 @@ impl Tap {
 
 type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
-/// What to do with a complete, successful answer: store it under `key` and hand it to the
-/// requests waiting on `leader`.
-pub(crate) struct Fill {
-    pub(crate) key: Key,
-    /// `None` when the client asked for a fresh answer (`no-cache`): stored, nobody waits.
-    pub(crate) leader: Option<Leader>,
-    /// The raw upstream stream, kept for the cache (SSE only; JSON bodies are kept by the tap).
-    raw: BytesMut,
-    /// The answer outgrew what one entry may hold.
-    too_big: bool,
-    limit: usize,
-    /// When the followers were last told of progress.
-    signalled: std::time::Instant,
-}
-
-impl Fill {
-    pub(crate) fn new(key: Key, leader: Option<Leader>, limit: usize) -> Self {
-        Self {
-            key,
-            leader,
-            raw: BytesMut::new(),
-            too_big: false,
-            limit,
-            signalled: std::time::Instant::now(),
-        }
-    }
-
-    /// A chunk arrived: tell the followers, at most four times a second.
-    fn progress(&mut self) {
-        if let Some(leader) = &self.leader
-            && self.signalled.elapsed() >= std::time::Duration::from_millis(250)
-        {
-            leader.progress();
-            self.signalled = std::time::Instant::now();
-        }
-    }
-
-    fn keep(&mut self, chunk: &[u8]) {
-        if !self.too_big && self.raw.len() + chunk.len() <= self.limit {
-            self.raw.extend_from_slice(chunk);
-        } else {
-            self.too_big = true;
-            self.raw.clear();
-        }
-    }
-}
-
 /// The state of one relayed body.
-pub(crate) struct Relay {
+struct Relay {
     upstream: Upstream,
     tap: Tap,
     idle_timeout: Duration,
     permit: Option<Permit>,
-    record: RequestRecord,
-    proxy: Arc<Proxy>,
-    ended: bool,
+    record: Option<RecordGuard>,
     /// Body bytes the upstream announced (`Content-Length`), and bytes relayed so far: a server
     /// stops polling a body once it has sent the announced length, so the end is noticed here.
     expected: Option<u64>,
     relayed: u64,
     fill: Option<Fill>,
-    content_type: Option<http::HeaderValue>,
+    content_type: Option<HeaderValue>,
 }
 
 impl Relay {
-    pub(crate) fn new(
+    fn new(
         response: reqwest::Response,
         tap: Tap,
         idle_timeout: Duration,
         permit: Permit,
-        record: RequestRecord,
-        proxy: Arc<Proxy>,
+        record: RecordGuard,
         fill: Option<Fill>,
     ) -> Self {
         Self {
             expected: response.content_length(),
             relayed: 0,
-            content_type: response.headers().get(http::header::CONTENT_TYPE).cloned(),
+            content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
             fill,
             upstream: Box::pin(response.bytes_stream()),
             tap,
             idle_timeout,
             permit: Some(permit),
-            record,
-            proxy,
-            ended: false,
+            record: Some(record),
         }
     }
 
-    /// Close out the request: settle tokens, count it, log it. Runs once.
+    fn ended(&self) -> bool {
+        self.record.is_none()
+    }
+
+    /// Close out the request: settle tokens, fill the cache, finish the record. Runs once.
     fn end(&mut self, outcome: Option<Outcome>) {
-        if self.ended {
-            return;
-        }
-        self.ended = true;
+        let Some(mut record) = self.record.take() else { return };
+        let usage = self.tap.usage();
+        let rec = record.get();
         if let Some(o) = outcome {
-            self.record.outcome = o;
+            rec.outcome = o;
         }
-        self.record.usage = self.tap.usage();
-        let refused = !(200..300).contains(&self.record.status);
-        if let Some(permit) = self.permit.as_mut() {
-            match self.record.usage {
+        rec.usage = usage;
+        let refused = !(200..300).contains(&rec.status);
+        if let Some(mut permit) = self.permit.take() {
+            match usage {
                 Some(usage) => permit.settle(usage.total()),
                 // An error answer without usage generated nothing.
                 None if refused => permit.settle(0),
                 None => {}
             }
         }
-        self.permit = None;
-        self.store();
-        self.record.finish(self.proxy.metrics());
+        let (status, outcome) = (rec.status, rec.outcome);
+        if outcome == Outcome::Ok && (200..300).contains(&status) {
+            self.store(status, usage);
+        }
+        record.finish(status, outcome);
     }
 
     /// A complete 2xx answer goes into the cache and to the waiting followers; anything else
-    /// drops the leader guard, which tells them to try for themselves.
-    fn store(&mut self) {
-        let Some(fill) = self.fill.take() else { return };
-        let success = self.record.outcome == Outcome::Ok && (200..300).contains(&self.record.status);
+    /// drops the fill, whose leader guard tells the followers to try for themselves.
+    fn store(&mut self, status: u16, usage: Option<Usage>) {
+        let Some(mut fill) = self.fill.take() else { return };
         let (body, stream) = match &mut self.tap {
-            Tap::Sse(sse) if sse.done() && !fill.too_big => (fill.raw.freeze(), true),
+            Tap::Sse(sse) if sse.done() => match fill.raw() {
+                Some(raw) => (raw, true),
+                None => return,
+            },
             Tap::Body { buf, overflow: false } => (std::mem::take(buf).freeze(), false),
             _ => return,
         };
-        if !success {
-            return;
-        }
         let answer = Arc::new(CachedResponse {
-            status: self.record.status,
+            status,
             content_type: self.content_type.clone(),
             body,
             stream,
-            usage: self.record.usage,
+            usage,
             created: std::time::Instant::now(),
         });
-        self.proxy.cache.insert(fill.key, Arc::clone(&answer));
-        if let Some(leader) = fill.leader {
-            leader.complete(answer);
-        }
+        fill.complete(answer);
     }
 
     /// The client-facing body.
-    pub(crate) fn into_body(self) -> Body {
+    fn into_body(self) -> Body {
         Body::from_stream(futures_util::stream::unfold(self, |mut relay| async move {
-            if relay.ended {
+            if relay.ended() {
                 return None;
             }
             match tokio::time::timeout(relay.idle_timeout, relay.upstream.next()).await {
@@ -259,3 +264,4 @@ impl Drop for Relay {
         self.end(Some(Outcome::ClientClosed));
     }
 }
+

@@ -1,75 +1,16 @@
 //! One record per client request: counted in metrics and written as one structured log line
-//! (target `llmproxy::request`). It holds metadata only, never prompt text or any key.
+//! (target `llmproxy::request`). It holds metadata only, never prompt text or any key. The
+//! guard beside it finishes it exactly once, however the request ends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::labels::{CacheResult, Outcome, TokenKind};
 use crate::metrics::Metrics;
+use crate::retry::RetryReason;
 use crate::tokens::{Estimate, Usage};
-
-/// How a request ended; a metric label and a log field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The upstream answered 2xx (after retries, if any).
-    Ok,
-    /// The upstream refused the request as the client's fault (4xx other than 408/429).
-    ClientError,
-    /// The upstream failed: 5xx or 429 after the last retry, unreachable, timed out, or a
-    /// stream that broke off.
-    UpstreamError,
-    /// The proxy's queue was full.
-    QueueFull,
-    /// The request could not be admitted before `queue.maxWait`.
-    QueueTimeout,
-    /// The proxy refused the request itself (bad JSON, too large, unknown path).
-    BadRequest,
-    /// The client went away before the response was complete.
-    ClientClosed,
-    /// Answered from the cache.
-    CacheHit,
-    /// Answered with the response of an identical request that was in flight.
-    Coalesced,
-}
-
-impl Outcome {
-    /// Every outcome, for initialising metric series.
-    pub const ALL: [Outcome; 9] = [
-        Outcome::Ok,
-        Outcome::ClientError,
-        Outcome::UpstreamError,
-        Outcome::QueueFull,
-        Outcome::QueueTimeout,
-        Outcome::BadRequest,
-        Outcome::ClientClosed,
-        Outcome::CacheHit,
-        Outcome::Coalesced,
-    ];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::ClientError => "client_error",
-            Outcome::UpstreamError => "upstream_error",
-            Outcome::QueueFull => "queue_full",
-            Outcome::QueueTimeout => "queue_timeout",
-            Outcome::BadRequest => "bad_request",
-            Outcome::ClientClosed => "client_closed",
-            Outcome::CacheHit => "cache_hit",
-            Outcome::Coalesced => "coalesced",
-        }
-    }
-
-    /// The outcome of a final upstream status.
-    pub fn for_status(status: u16) -> Self {
-        match status {
-            200..=399 => Outcome::Ok,
-            408 | 429 | 500.. => Outcome::UpstreamError,
-            _ => Outcome::ClientError,
-        }
-    }
-}
 
 /// What is known about one request, filled in as it goes.
 #[derive(Debug)]
@@ -79,7 +20,7 @@ pub struct RequestRecord {
     /// `x-request-id`.
     pub request_id: String,
     /// HTTP method.
-    pub method: String,
+    pub method: http::Method,
     /// Path as the client sent it, without the query.
     pub path: String,
     /// The request's `model`, if any.
@@ -93,7 +34,7 @@ pub struct RequestRecord {
     /// Upstream attempts made.
     pub attempts: u32,
     /// Why each retry happened, in order.
-    pub retry_reasons: Vec<&'static str>,
+    pub retry_reasons: Vec<RetryReason>,
     /// Time spent waiting for admission, all attempts together.
     pub queue_wait: Duration,
     /// Upstream time to headers of the last attempt.
@@ -108,19 +49,19 @@ pub struct RequestRecord {
     pub client: Option<String>,
     /// SHA-256 prefix of the prompt (never the prompt).
     pub prompt_hash: Option<String>,
-    /// `hit`, `miss`, `bypass` or `coalesced`; `None` when the request is not cacheable.
-    pub cache: Option<&'static str>,
+    /// What the cache did; `None` when the request is not cacheable.
+    pub cache: Option<CacheResult>,
     /// Whether this record's log line is written (sampling).
     pub logged: bool,
 }
 
 impl RequestRecord {
     /// A record for a request that just arrived.
-    pub fn new(method: &str, path: &str, request_id: String) -> Self {
+    pub fn new(method: http::Method, path: &str, request_id: String) -> Self {
         Self {
             started: Instant::now(),
             request_id,
-            method: method.to_owned(),
+            method,
             path: path.to_owned(),
             model: None,
             stream: false,
@@ -142,13 +83,11 @@ impl RequestRecord {
 
     /// Count the request in metrics and write its log line.
     pub fn finish(&self, metrics: &Metrics) {
-        let outcome = self.outcome.label();
         let elapsed = self.started.elapsed();
-        metrics.requests.with_label_values(&[outcome]).inc();
-        metrics.request_duration.with_label_values(&[outcome]).observe(elapsed.as_secs_f64());
+        metrics.request_done(self.outcome, elapsed.as_secs_f64());
         if let Some(u) = self.usage {
-            metrics.tokens.with_label_values(&["prompt"]).inc_by(u.prompt);
-            metrics.tokens.with_label_values(&["completion"]).inc_by(u.completion);
+            metrics.tokens(TokenKind::Prompt, u.prompt);
+            metrics.tokens(TokenKind::Completion, u.completion);
         }
         if let Some(saved) = self.saved_tokens {
             metrics.cache_saved_tokens.inc_by(saved);
@@ -157,6 +96,7 @@ impl RequestRecord {
             return;
         }
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let reasons: Vec<&str> = self.retry_reasons.iter().map(|r| r.label()).collect();
         tracing::info!(
             target: "llmproxy::request",
             request_id = %self.request_id,
@@ -166,10 +106,10 @@ impl RequestRecord {
             model = self.model.as_deref(),
             stream = self.stream,
             status = self.status,
-            outcome,
-            cache = self.cache,
+            outcome = self.outcome.label(),
+            cache = self.cache.map(CacheResult::label),
             attempts = self.attempts,
-            retry_reasons = ?self.retry_reasons,
+            retry_reasons = ?reasons,
             queue_wait_ms = ms(self.queue_wait),
             upstream_latency_ms = self.upstream_latency.map(ms),
             duration_ms = ms(elapsed),
@@ -180,5 +120,60 @@ impl RequestRecord {
             prompt_hash = self.prompt_hash.as_deref(),
             "request"
         );
+    }
+}
+
+/// Owns a record until the request ends and finishes it exactly once: with the outcome set by
+/// the code that ended the request, or as `client_closed` when the request was dropped early
+/// (the client went away while it queued or while the answer streamed).
+pub struct RecordGuard {
+    record: Option<RequestRecord>,
+    metrics: Arc<Metrics>,
+}
+
+impl RecordGuard {
+    /// Guard `record`, counting it in `metrics`.
+    pub fn new(record: RequestRecord, metrics: Arc<Metrics>) -> Self {
+        Self { record: Some(record), metrics }
+    }
+
+    /// The record, while the request runs.
+    pub fn get(&mut self) -> &mut RequestRecord {
+        // Only `finish` empties it, and it consumes the guard.
+        self.record.get_or_insert_with(|| RequestRecord::new(http::Method::GET, "", String::new()))
+    }
+
+    /// Read-only view.
+    pub fn view(&self) -> Option<&RequestRecord> {
+        self.record.as_ref()
+    }
+
+    /// End the request with `status` and `outcome`.
+    pub fn finish(mut self, status: u16, outcome: Outcome) {
+        let rec = self.get();
+        rec.status = status;
+        rec.outcome = outcome;
+        self.close();
+    }
+
+    /// End the request with the status and outcome already in the record.
+    pub fn complete(mut self) {
+        self.close();
+    }
+
+    fn close(&mut self) {
+        if let Some(rec) = self.record.take() {
+            rec.finish(&self.metrics);
+        }
+    }
+}
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        if let Some(rec) = &mut self.record {
+            rec.outcome = Outcome::ClientClosed;
+            rec.status = 499;
+        }
+        self.close();
     }
 }

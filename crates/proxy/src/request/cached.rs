@@ -1,0 +1,214 @@
+//! The cache's place on the request path: answer from the cache, join an identical request in
+//! flight, or go upstream and fill the cache.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use llmproxy_api::Policy;
+
+use super::record::RecordGuard;
+use crate::cache::{CachedResponse, Key, ResponseCache};
+use crate::flight::{self, Followed, Join, Leader};
+use crate::labels::{CacheResult, Outcome};
+use crate::metrics::Metrics;
+use crate::sse::SseTap;
+use crate::state::Proxy;
+
+/// What the cache did for a request.
+pub(crate) enum Cached {
+    /// Served from the cache or a coalesced flight; the record holds the status and outcome.
+    Answered(Response),
+    /// Go upstream and fill the cache.
+    Fill(Fill),
+    /// Go upstream, cache nothing.
+    Skip,
+}
+
+/// What to do with a complete, successful answer: store it under `key` and hand it to the
+/// requests waiting on `leader`.
+pub(crate) struct Fill {
+    cache: Arc<ResponseCache>,
+    key: Key,
+    /// `None` when the client asked for a fresh answer (`no-cache`): stored, nobody waits.
+    leader: Option<Leader>,
+    /// The raw upstream stream, kept for the cache (SSE only; JSON bodies are kept by the tap).
+    raw: BytesMut,
+    /// The answer outgrew what one entry may hold.
+    too_big: bool,
+    limit: usize,
+    /// When the followers were last told of progress.
+    signalled: Instant,
+}
+
+impl Fill {
+    fn new(cache: &Arc<ResponseCache>, key: Key, leader: Option<Leader>) -> Self {
+        Self {
+            limit: cache.max_entry_bytes(),
+            cache: Arc::clone(cache),
+            key,
+            leader,
+            raw: BytesMut::new(),
+            too_big: false,
+            signalled: Instant::now(),
+        }
+    }
+
+    /// A chunk arrived: tell the followers, at most four times a second.
+    pub(crate) fn progress(&mut self) {
+        if let Some(leader) = &self.leader
+            && self.signalled.elapsed() >= Duration::from_millis(250)
+        {
+            leader.progress();
+            self.signalled = Instant::now();
+        }
+    }
+
+    /// Keep a chunk of a stream for the cache (bounded by what one entry may hold).
+    pub(crate) fn keep(&mut self, chunk: &[u8]) {
+        if !self.too_big && self.raw.len() + chunk.len() <= self.limit {
+            self.raw.extend_from_slice(chunk);
+        } else {
+            self.too_big = true;
+            self.raw = BytesMut::new();
+        }
+    }
+
+    /// The kept stream, unless it outgrew the bound.
+    pub(crate) fn raw(&mut self) -> Option<Bytes> {
+        (!self.too_big).then(|| std::mem::take(&mut self.raw).freeze())
+    }
+
+    /// Store the answer and hand it to every follower.
+    pub(crate) fn complete(self, answer: Arc<CachedResponse>) {
+        self.cache.insert(self.key, Arc::clone(&answer));
+        if let Some(leader) = self.leader {
+            leader.complete(answer);
+        }
+    }
+}
+
+/// `(no-cache, no-store)` from the client's `Cache-Control`.
+fn cache_control(headers: &HeaderMap) -> (bool, bool) {
+    let mut flags = (false, false);
+    for directive in headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+    {
+        flags.0 |= directive.eq_ignore_ascii_case("no-cache");
+        flags.1 |= directive.eq_ignore_ascii_case("no-store");
+    }
+    flags
+}
+
+fn mark(record: &mut RecordGuard, metrics: &Metrics, result: CacheResult) {
+    record.get().cache = Some(result);
+    metrics.cache(result);
+}
+
+/// Look the request up in the cache, or join an identical request in flight.
+pub(crate) async fn lookup(
+    proxy: &Proxy,
+    policy: &Policy,
+    record: &mut RecordGuard,
+    key: Key,
+    headers: &HeaderMap,
+    wants_usage: bool,
+) -> Cached {
+    let cache = proxy.cache();
+    if !cache.enabled() {
+        return Cached::Skip;
+    }
+    let metrics = proxy.metrics();
+    let (no_cache, no_store) = cache_control(headers);
+    if no_cache || no_store {
+        mark(record, metrics, CacheResult::Bypass);
+        return if no_store { Cached::Skip } else { Cached::Fill(Fill::new(cache, key, None)) };
+    }
+    loop {
+        if let Some(answer) = cache.get(&key) {
+            mark(record, metrics, CacheResult::Hit);
+            return Cached::Answered(replay(record, &answer, CacheResult::Hit, wants_usage));
+        }
+        match proxy.flights().join(key) {
+            Join::Leader(leader) => {
+                mark(record, metrics, CacheResult::Miss);
+                return Cached::Fill(Fill::new(cache, key, Some(leader)));
+            }
+            Join::Follower(rx) => {
+                // Wait as long as the leader may legitimately take before its first byte (queue,
+                // attempts and back-offs), then as long as it keeps making progress.
+                let attempts = policy.retry.max_attempts;
+                let first = (policy.upstream.timeout + policy.retry.max_backoff)
+                    .checked_mul(attempts)
+                    .and_then(|d| d.checked_add(policy.queue.max_wait))
+                    .unwrap_or(Duration::MAX);
+                let started = record.get().started;
+                let deadline = started.checked_add(first).unwrap_or_else(far_future);
+                match flight::follow(rx, deadline, policy.upstream.timeout).await {
+                    Followed::Answer(answer) => {
+                        mark(record, metrics, CacheResult::Coalesced);
+                        return Cached::Answered(replay(
+                            record,
+                            &answer,
+                            CacheResult::Coalesced,
+                            wants_usage,
+                        ));
+                    }
+                    // The leader failed: look again, and lead the next attempt if nobody else does.
+                    Followed::Failed => {}
+                    // The leader is stuck: go alone (its own deadline then decides).
+                    Followed::Stalled => {
+                        mark(record, metrics, CacheResult::Miss);
+                        return Cached::Fill(Fill::new(cache, key, None));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A year from now: "never" for deadlines that overflow.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Answer from a stored response; a stream is replayed as SSE, without the usage event unless
+/// the client asked for it.
+fn replay(
+    record: &mut RecordGuard,
+    answer: &CachedResponse,
+    how: CacheResult,
+    wants_usage: bool,
+) -> Response {
+    let rec = record.get();
+    rec.saved_tokens = answer.usage.map(|u| u.total());
+    let body = if answer.stream && !wants_usage {
+        let mut tap = SseTap::new(true);
+        let mut out = tap.feed(answer.body.clone()).to_vec();
+        out.extend_from_slice(&tap.finish());
+        Bytes::from(out)
+    } else {
+        answer.body.clone()
+    };
+    let outcome = if how == CacheResult::Hit { Outcome::CacheHit } else { Outcome::Coalesced };
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if let Some(ct) = &answer.content_type {
+        h.insert(header::CONTENT_TYPE, ct.clone());
+    }
+    h.insert("x-llmproxy-cache", HeaderValue::from_static(how.label()));
+    h.insert(header::AGE, HeaderValue::from(answer.created.elapsed().as_secs()));
+    // The caller ends the record with these when it hands the response out.
+    rec.status = status.as_u16();
+    rec.outcome = outcome;
+    resp
+}

@@ -1,0 +1,71 @@
+//! The request path, top-down: intake -> cached -> attempts -> respond. Each step is a module
+//! of its own; this one only strings them together.
+
+mod attempts;
+mod cached;
+mod intake;
+pub mod record;
+mod respond;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http::HeaderValue;
+
+use self::cached::Cached;
+use self::record::{RecordGuard, RequestRecord};
+use self::respond::Answer;
+use crate::labels::Outcome;
+use crate::state::Proxy;
+
+/// axum handler for `/v1/{*rest}`.
+pub(crate) async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let request_id = client_request_id(&parts.headers).map_or_else(|| proxy.request_id(), str::to_owned);
+    let header_id = HeaderValue::from_str(&request_id).ok();
+    let record = RequestRecord::new(parts.method.clone(), parts.uri.path(), request_id);
+    let mut resp = pipeline(&proxy, parts, body, RecordGuard::new(record, Arc::clone(proxy.metrics()))).await;
+    if let Some(id) = header_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
+    resp
+}
+
+async fn pipeline(
+    proxy: &Proxy,
+    parts: http::request::Parts,
+    body: axum::body::Body,
+    mut record: RecordGuard,
+) -> Response {
+    // One policy snapshot for the whole request, even if a reload lands half way.
+    let policy = proxy.policy();
+    let intake = match intake::read(proxy, &policy, parts, body, &mut record).await {
+        Ok(intake) => intake,
+        Err(err) => return respond::respond(Answer::Refused(err, Outcome::BadRequest), record, None),
+    };
+    let fill = match intake.cache_key {
+        None => None,
+        Some(key) => {
+            let wants_usage = !intake.out.strip_usage_event;
+            match cached::lookup(proxy, &policy, &mut record, key, &intake.out.headers, wants_usage).await {
+                Cached::Answered(resp) => {
+                    record.complete();
+                    return resp;
+                }
+                Cached::Fill(fill) => Some(fill),
+                Cached::Skip => None,
+            }
+        }
+    };
+    let answer = attempts::run(proxy, &policy, &intake.out, &mut record).await;
+    respond::respond(answer, record, fill)
+}
+
+/// The client's `x-request-id`, if it is a sane one to echo and log.
+fn client_request_id(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+}
