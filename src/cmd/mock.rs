@@ -35,6 +35,16 @@ pub struct Args {
     /// Completion tokens per answer.
     #[arg(long, default_value_t = 16)]
     completion_tokens: u64,
+    /// How tokens count against --tpm: `requested` (OpenAI: prompt + max_tokens, never
+    /// refunded) or `used` (settled to the real usage).
+    #[arg(long, value_enum, default_value = "requested")]
+    token_accounting: Accounting,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Accounting {
+    Requested,
+    Used,
 }
 
 /// Serve until SIGTERM/SIGINT.
@@ -48,6 +58,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         latency: Duration::from_millis(args.latency_ms),
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         completion_tokens: args.completion_tokens,
+        token_accounting: match args.token_accounting {
+            Accounting::Requested => llmproxy_mock::Accounting::Requested,
+            Accounting::Used => llmproxy_mock::Accounting::Used,
+        },
     };
     let server = MockServer::start(config, args.listen).await?;
     tracing::info!(url = %server.url(), "mock upstream serving; GET /mock/stats, POST /mock/faults");

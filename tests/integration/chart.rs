@@ -221,7 +221,10 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
     assert_eq!(pod_image.as_deref(), Some(image.as_str()));
     let lease = Api::<Lease>::namespaced(client.clone(), "llmproxy-system").get("llmproxy-operator").await;
     assert_eq!(lease.ok().and_then(|l| l.spec?.holder_identity).as_deref(), Some("llmproxy-0"));
-    assert!(api.get("openai").await.is_ok_and(|p| p.status.is_some()), "status written");
+    eventually("the status to be written", Duration::from_secs(30), || async {
+        api.get("openai").await.ok().and_then(|p| p.status)
+    })
+    .await;
     operator.abort();
 }
 

@@ -8,3 +8,4 @@ mod operator;
 mod proxy;
 mod proxy_process;
 mod support;
+mod tokens;

@@ -180,12 +180,16 @@ async fn a_full_queue_refuses_with_429() {
 }
 
 #[tokio::test]
-async fn unused_token_reservations_are_released_for_the_next_request() {
+async fn under_used_accounting_unused_tokens_are_released_for_the_next_request() {
     // The proxy limits tokens (600/min = 10/s, a bucket of 10); the mock does not.
     let upstream = mock(MockConfig { completion_tokens: 8, ..MockConfig::default() }).await;
     let spec = "  queue: {maxWait: 8s}\n";
     let proxy = TestProxy::start(
-        &manifest(&upstream.url(), "{requestsPerMinute: 6000, tokensPerMinute: 600}", spec),
+        &manifest(
+            &upstream.url(),
+            "{requestsPerMinute: 6000, tokensPerMinute: 600, tokenAccounting: used}",
+            spec,
+        ),
         None,
     )
     .await;

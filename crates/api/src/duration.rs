@@ -67,17 +67,71 @@ fn format_go(d: time::Duration) -> String {
     out
 }
 
+/// Nanoseconds per unit of a Go duration.
+fn unit_nanos(unit: &str) -> Option<u128> {
+    Some(match unit {
+        "ns" => 1,
+        "us" | "µs" | "μs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return None,
+    })
+}
+
+/// Go's `time.ParseDuration` for non-negative values, with checked arithmetic: a value too
+/// large for a duration is an error, never a panic or a wrap.
+fn parse_go(text: &str) -> Option<time::Duration> {
+    if text == "0" {
+        return Some(time::Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total: u128 = 0;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let int_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let (int, after) = rest.split_at(int_len);
+        let (frac, after) = match after.strip_prefix('.') {
+            Some(f) => {
+                let len = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
+                f.split_at(len)
+            }
+            None => ("", after),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return None;
+        }
+        let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let per = unit_nanos(unit)?;
+        // Leading zeros cannot overflow; other digits beyond 39 always would.
+        let int = int.trim_start_matches('0');
+        let whole: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        total = total.checked_add(whole.checked_mul(per)?)?;
+        // Fractions: digits past the 20th are below a nanosecond of any unit.
+        let mut scale: u128 = 1;
+        let mut fraction: u128 = 0;
+        for d in frac.bytes().take(20) {
+            fraction = fraction * 10 + u128::from(d - b'0');
+            scale *= 10;
+        }
+        total = total.checked_add(fraction.checked_mul(per)? / scale)?;
+        rest = after;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).ok()?;
+    let nanos = u32::try_from(total % 1_000_000_000).ok()?;
+    Some(time::Duration::new(secs, nanos))
+}
+
 impl FromStr for Duration {
     type Err = ParseDurationError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let err = || ParseDurationError { text: text.to_owned() };
-        // kube's parser follows Go's time.ParseDuration; we refuse signs and empty strings on top.
-        if text.is_empty() || text.starts_with(['-', '+']) {
-            return Err(err());
-        }
-        let parsed: kube::core::Duration = text.parse().map_err(|_| err())?;
-        Ok(Self { text: text.to_owned(), value: parsed.into() })
+        let value = parse_go(text).ok_or_else(|| ParseDurationError { text: text.to_owned() })?;
+        Ok(Self { text: text.to_owned(), value })
     }
 }
 
@@ -143,8 +197,20 @@ mod tests {
     }
 
     #[test]
+    fn huge_values_are_errors_not_panics() {
+        assert_eq!(d("3000000000000000h").as_secs(), 10_800_000_000_000_000_000);
+        for bad in ["6000000000000000h", "99999999999999999999999999999999999999999h", "5124095576030432h"] {
+            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(d("0000000000000000000000000000000000000000001s"), time::Duration::from_secs(1));
+        assert_eq!(d("1h1m1s1ms1us1ns"), time::Duration::new(3661, 1_001_001));
+        assert_eq!(d(".5s"), time::Duration::from_millis(500));
+        assert_eq!(d("1.000000000000000000000000001h"), time::Duration::from_secs(3600));
+    }
+
+    #[test]
     fn refuses_nonsense() {
-        for bad in ["", "30", "5 m", "-1s", "+1s", "1d", "abc", "s"] {
+        for bad in ["", "30", "5 m", "-1s", "+1s", "1d", "abc", "s", ".s", "1.s5", "1..5s", "1e5s", "1s2"] {
             assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be refused");
         }
     }

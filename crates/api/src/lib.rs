@@ -12,7 +12,7 @@ pub use manifest::{ManifestError, crd_yaml, from_yaml};
 pub use policy::{FieldError, Policy, PolicyError};
 pub use spec::{
     AutoscalingSpec, CacheSpec, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec,
-    SecretKeyRef, UpstreamSpec,
+    SecretKeyRef, TokenAccounting, UpstreamSpec,
 };
 
 /// The API group, for label keys and RBAC rules.

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::spec::{LlmProxySpec, SecretKeyRef};
+use crate::spec::{LlmProxySpec, SecretKeyRef, TokenAccounting};
 
 /// Everything the data plane needs to serve one LlmProxy.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +47,28 @@ pub struct LimitsPolicy {
     pub max_concurrent: u32,
     /// Completion tokens reserved when a request names no maximum.
     pub default_max_tokens: u32,
+    /// How the upstream counts tokens.
+    pub token_accounting: TokenAccounting,
+    /// The largest charge one request may have: the LlmProxy's whole tokens per minute
+    /// (what the provider refuses as too large), not this replica's share of it.
+    pub max_request_tokens: Option<u64>,
+}
+
+impl LimitsPolicy {
+    /// Limits with the documented defaults for everything but the two rates (for tests and
+    /// tools that build a policy without a spec).
+    pub fn per_minute(requests: u64, tokens: Option<u64>) -> Self {
+        Self {
+            requests_per_minute: requests,
+            request_burst: per_second(requests),
+            tokens_per_minute: tokens,
+            token_burst: tokens.map_or(0, per_second),
+            max_concurrent: 64,
+            default_max_tokens: 1024,
+            token_accounting: TokenAccounting::Requested,
+            max_request_tokens: tokens,
+        }
+    }
 }
 
 /// The admission queue.
@@ -236,6 +258,8 @@ impl Policy {
                 token_burst: tpm.map_or(0, per_second),
                 max_concurrent: u32::try_from(max_concurrent).unwrap_or(u32::MAX),
                 default_max_tokens: u32::try_from(default_max_tokens).unwrap_or(u32::MAX),
+                token_accounting: l.token_accounting,
+                max_request_tokens: tpm,
             },
             queue: QueuePolicy {
                 max_size: usize::try_from(max_size).unwrap_or(usize::MAX),

@@ -158,8 +158,12 @@ pub struct LimitsSpec {
     pub requests_per_minute: i64,
 
     /// Tokens per minute the upstream allows (OpenAI's TPM), prompt and completion together.
-    /// Each request reserves its estimated tokens before it is sent and settles against the
-    /// real `usage` afterwards. Absent: tokens are not limited.
+    /// Each request is charged before it is sent, the way the provider's own limiter counts
+    /// it: the prompt estimate (characters / 4 over the request's text, one token per number
+    /// of pre-tokenised input) plus its completion budget (`max_completion_tokens`,
+    /// `max_tokens` or `max_output_tokens`, else `defaultMaxTokens`, times `n`). A request
+    /// whose charge exceeds this limit can never run and is refused at once with a 400.
+    /// Absent: tokens are not limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub tokens_per_minute: Option<i64>,
@@ -179,11 +183,37 @@ pub struct LimitsSpec {
     #[schemars(range(min = 1, max = 100_000))]
     pub max_concurrent: i32,
 
-    /// Completion tokens reserved for a request that sets neither `max_tokens` nor
-    /// `max_completion_tokens`. The reservation is settled against the real usage afterwards.
+    /// Completion tokens charged for a request that sets neither `max_tokens` nor
+    /// `max_completion_tokens`.
     #[serde(default = "default_max_tokens")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub default_max_tokens: i32,
+
+    /// How the upstream counts tokens against tokensPerMinute, so that the proxy's count
+    /// matches the provider's. `requested` (OpenAI, Azure OpenAI): the charge at admission
+    /// (prompt estimate + completion budget) stands, whatever the answer used. `used`
+    /// (providers that adjust at the end, such as Anthropic's output-token limit): the charge
+    /// is settled to the answer's real `usage`, and unused tokens return to the bucket. Either
+    /// way an attempt the upstream refused with 429, or that never reached it, is not charged.
+    #[serde(default, skip_serializing_if = "TokenAccounting::is_default")]
+    pub token_accounting: TokenAccounting,
+}
+
+/// How the upstream counts a request's tokens; see `limits.tokenAccounting`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum TokenAccounting {
+    /// Charged at admission as prompt estimate + completion budget, never refunded.
+    #[default]
+    Requested,
+    /// Settled to the real usage when the answer ends.
+    Used,
+}
+
+impl TokenAccounting {
+    fn is_default(&self) -> bool {
+        *self == TokenAccounting::Requested
+    }
 }
 
 /// The admission queue in front of the limiter.

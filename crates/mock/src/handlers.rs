@@ -70,25 +70,33 @@ impl Drop for Inflight {
 /// A request that passed auth, faults and limits.
 struct Admitted {
     prompt: u64,
+    /// Completion tokens per choice.
     completion: u64,
+    /// Choices.
+    n: u64,
     headers: HeaderMap,
     cut_after: Option<usize>,
     inflight: Inflight,
 }
 
-fn text_len(v: &Value) -> usize {
+/// Characters of every string and the count of numbers in a value.
+fn text(v: &Value) -> (u64, u64) {
     match v {
-        Value::String(s) => s.len(),
-        Value::Array(items) => items.iter().map(text_len).sum(),
-        Value::Object(map) => map.get("content").or_else(|| map.get("text")).map_or(0, text_len),
-        _ => 0,
+        Value::String(s) => (s.chars().count() as u64, 0),
+        Value::Number(_) => (0, 1),
+        Value::Array(items) => items.iter().map(text).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        Value::Object(map) => map.values().map(text).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        Value::Bool(_) | Value::Null => (0, 0),
     }
 }
 
-/// The mock's own count of prompt tokens: 4 bytes of message text per token.
+/// The provider's estimate of prompt tokens: characters / 4 (rounded up) over the text of the
+/// prompt fields, one token per number of pre-tokenised input.
 fn prompt_tokens(body: &Value) -> u64 {
-    let len: usize = ["messages", "prompt", "input"].iter().filter_map(|k| body.get(*k)).map(text_len).sum();
-    (len as u64).div_ceil(4).max(1)
+    let fields = ["messages", "prompt", "input", "instructions", "system", "tools", "functions"];
+    let (chars, numbers) =
+        fields.iter().filter_map(|k| body.get(*k)).map(text).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    chars.div_ceil(4) + numbers
 }
 
 fn fnv(v: &Value) -> u64 {
@@ -186,10 +194,15 @@ async fn gate(
     let max = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64));
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 128);
     let generates = path != "/v1/embeddings";
     let completion =
         if generates { max.map_or(config.completion_tokens, |m| m.min(config.completion_tokens)) } else { 0 };
-    let charged = prompt + if generates { max.unwrap_or(config.completion_tokens) } else { 0 };
+    let charged = prompt.saturating_add(if generates {
+        max.unwrap_or(config.completion_tokens).saturating_mul(n)
+    } else {
+        0
+    });
     let refused = {
         let mut limits = lock(&mock.limits);
         let requests =
@@ -213,18 +226,21 @@ async fn gate(
         );
         return Err(resp);
     }
-    // It knows its answer now: charge what it will really use.
-    if let Some(q) = lock(&mock.limits).tokens.as_mut() {
-        q.refund(at, charged.saturating_sub(prompt + completion));
+    let used = prompt + completion * n;
+    if config.token_accounting == crate::Accounting::Used {
+        // It knows its answer now: settle the charge to what it will really use.
+        if let Some(q) = lock(&mock.limits).tokens.as_mut() {
+            q.refund(at, charged.saturating_sub(used));
+        }
     }
-    lock(&mock.stats).tokens += prompt + completion;
+    lock(&mock.stats).tokens += used;
     record(mock, path, 200, key, at);
     let headers = rate_headers(mock, at);
     mock.pass_gate().await;
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
-    Ok(Admitted { prompt, completion, headers, cut_after, inflight })
+    Ok(Admitted { prompt, completion, n, headers, cut_after, inflight })
 }
 
 fn parse(body: &Bytes) -> Result<Value, Response> {
@@ -273,7 +289,8 @@ fn words(body: &Value, n: u64) -> Vec<String> {
 }
 
 fn usage(a: &Admitted) -> Value {
-    json!({"prompt_tokens": a.prompt, "completion_tokens": a.completion, "total_tokens": a.prompt + a.completion})
+    let completion = a.completion * a.n;
+    json!({"prompt_tokens": a.prompt, "completion_tokens": completion, "total_tokens": a.prompt + completion})
 }
 
 struct Endpoint {
@@ -297,12 +314,16 @@ async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, 
     };
     let id = format!("cmpl-mock-{:x}", fnv(&req));
     if !stream {
-        let choice = if ep.chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": "stop"})
-        } else {
-            json!({"index": 0, "text": text.concat(), "finish_reason": "stop"})
-        };
-        let body = json!({"id": id, "object": object, "created": now_unix(), "model": model, "choices": [choice], "usage": usage(&admitted)});
+        let choices: Vec<Value> = (0..admitted.n)
+            .map(|i| {
+                if ep.chat {
+                    json!({"index": i, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": "stop"})
+                } else {
+                    json!({"index": i, "text": text.concat(), "finish_reason": "stop"})
+                }
+            })
+            .collect();
+        let body = json!({"id": id, "object": object, "created": now_unix(), "model": model, "choices": choices, "usage": usage(&admitted)});
         return answer(body, &admitted);
     }
 
@@ -493,10 +514,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prompt_tokens_count_message_text() {
+    fn prompt_tokens_are_characters_over_four() {
+        // "user" + "12345678" + "user" + "text" + "abcd" = 24 characters.
         let body = json!({"messages": [{"role": "user", "content": "12345678"}, {"role": "user", "content": [{"type": "text", "text": "abcd"}]}]});
-        assert_eq!(prompt_tokens(&body), 3);
+        assert_eq!(prompt_tokens(&body), 6);
         assert_eq!(prompt_tokens(&json!({"input": ["aaaa", "bbbb"]})), 2);
+        assert_eq!(prompt_tokens(&json!({"input": [[1, 2, 3]], "model": "not counted"})), 3);
     }
 
     #[test]

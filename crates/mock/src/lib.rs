@@ -37,6 +37,20 @@ pub struct MockConfig {
     pub chunk_delay: Duration,
     /// Completion tokens per answer (fewer if the request's max is lower).
     pub completion_tokens: u64,
+    /// How tokens count against `tokens_per_minute`.
+    pub token_accounting: Accounting,
+}
+
+/// How the mock counts a request's tokens, like one provider or another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accounting {
+    /// OpenAI's way: prompt estimate + `max_tokens` (or the answer length) x `n`, charged at
+    /// admission and never refunded.
+    #[default]
+    Requested,
+    /// Charged like `Requested` at admission, then settled to the real usage.
+    Used,
 }
 
 impl Default for MockConfig {
@@ -49,6 +63,7 @@ impl Default for MockConfig {
             latency: Duration::ZERO,
             chunk_delay: Duration::ZERO,
             completion_tokens: 16,
+            token_accounting: Accounting::Requested,
         }
     }
 }

@@ -107,6 +107,35 @@ pub async fn burst(client: &reqwest::Client, url: &str, key: Option<&str>, n: us
     Summary::of(&shots, start.elapsed())
 }
 
+/// `clients` naive clients share `total` requests, each sending its next as soon as the last
+/// one answered; request `i`'s body is `body(i)`.
+pub async fn clients(
+    client: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    total: usize,
+    body: impl Fn(usize) -> Value + Send + Sync + 'static,
+) -> (Vec<Shot>, Duration) {
+    let start = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let body = std::sync::Arc::new(body);
+    let workers = (0..clients).map(|_| {
+        let (client, url, next, body) = (client.clone(), url.to_owned(), next.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut shots = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return shots;
+                }
+                shots.push(shoot(&client, &url, None, &body(i)).await);
+            }
+        })
+    });
+    let shots = join_all(workers).await.into_iter().filter_map(Result::ok).flatten().collect();
+    (shots, start.elapsed())
+}
+
 /// Requests at a fixed `rate` per second for `duration`, each on its own task (open loop, so a
 /// slow answer does not slow the schedule).
 pub async fn constant_rate(

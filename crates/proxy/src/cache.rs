@@ -8,7 +8,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::HeaderValue;
 use llmproxy_api::policy::CachePolicy;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::tokens::Usage;
@@ -38,70 +37,21 @@ pub fn cacheable_path(rest: &str) -> bool {
     matches!(rest, "/chat/completions" | "/completions" | "/embeddings" | "/moderations")
 }
 
-/// Body fields that do not change the answer: who asked (`user` and its successors) and
-/// `stream_options` (the cache always holds the usage event and strips it on replay).
-const IGNORED_FIELDS: &[&str] = &["user", "safety_identifier", "prompt_cache_key", "stream_options"];
-
-/// Hash JSON with object keys sorted and no whitespace, so that formatting never matters.
-fn hash_canonical(v: &Value, h: &mut Sha256) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                hash_canonical(&Value::String(k.clone()), h);
-                h.update(b":");
-                hash_canonical(&map[k], h);
-                h.update(b",");
-            }
-            h.update(b"}");
-        }
-        Value::Array(items) => {
-            h.update(b"[");
-            for item in items {
-                hash_canonical(item, h);
-                h.update(b",");
-            }
-            h.update(b"]");
-        }
-        other => h.update(other.to_string().as_bytes()),
-    }
-}
-
-/// The cache key of a request to `upstream` + `path` with this JSON body.
-pub fn key(upstream: &str, method: &str, path_and_query: &str, body: &Value) -> Key {
+/// The cache key of a request to `upstream` + `path_and_query` whose body has the canonical
+/// digest `body` (see `body::inspect`).
+pub fn key(upstream: &str, method: &str, path_and_query: &str, body: &[u8; 32]) -> Key {
     let mut h = Sha256::new();
     for part in [upstream, method, path_and_query] {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    match body {
-        Value::Object(map) => {
-            let kept: serde_json::Map<String, Value> = map
-                .iter()
-                .filter(|(k, _)| !IGNORED_FIELDS.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            hash_canonical(&Value::Object(kept), &mut h);
-        }
-        other => hash_canonical(other, &mut h),
-    }
+    h.update(body);
     h.finalize().into()
 }
 
 /// A short, stable fingerprint of the prompt for request records (never the text itself).
-pub fn prompt_hash(body: &Value) -> Option<String> {
-    let mut h = Sha256::new();
-    let mut any = false;
-    for field in ["messages", "prompt", "input", "instructions"] {
-        if let Some(v) = body.get(field) {
-            h.update(field.as_bytes());
-            hash_canonical(v, &mut h);
-            any = true;
-        }
-    }
-    any.then(|| h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect())
+pub fn prompt_hash(digest: &[u8; 32]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Entry lifetime: the policy's TTL from when the entry was stored (also across rebuilds).
@@ -208,8 +158,6 @@ impl ResponseCache {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
     fn entry(body: &'static str) -> Arc<CachedResponse> {
@@ -228,42 +176,14 @@ mod tests {
     }
 
     #[test]
-    fn key_ignores_order_whitespace_and_user_but_not_model_or_stream() {
-        let k = |v: Value| key("https://api.openai.com/v1", "POST", "/chat/completions", &v);
-        let base =
-            k(json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}));
-        let reordered: Value = serde_json::from_str(
-            r#"{ "temperature":0,
-                 "messages":[{"content":"hi","role":"user"}], "model":"a", "user": "alice",
-                 "stream_options": {"include_usage": true} }"#,
-        )
-        .unwrap_or_default();
-        assert_eq!(base, k(reordered));
-        assert_ne!(
-            base,
-            k(json!({"model": "b", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}))
-        );
-        assert_ne!(
-            base,
-            k(
-                json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "stream": true})
-            )
-        );
-        let other_upstream = key("https://other/v1", "POST", "/chat/completions", &json!({"model": "a"}));
-        assert_ne!(other_upstream, k(json!({"model": "a"})));
-    }
-
-    #[test]
-    fn prompt_hash_is_stable_and_reveals_nothing() {
-        let h = prompt_hash(&json!({"messages": [{"role": "user", "content": "secret plan"}]}))
-            .unwrap_or_default();
-        assert_eq!(h.len(), 16);
-        assert!(!h.contains("secret"));
-        assert_eq!(
-            Some(h),
-            prompt_hash(&json!({"model": "x", "messages": [{"content": "secret plan", "role": "user"}]}))
-        );
-        assert_eq!(prompt_hash(&json!({"model": "x"})), None);
+    fn the_key_covers_upstream_method_path_and_body() {
+        let k = |up: &str, path: &str, body: u8| key(up, "POST", path, &[body; 32]);
+        let base = k("https://api.openai.com/v1", "/chat/completions", 1);
+        assert_eq!(base, k("https://api.openai.com/v1", "/chat/completions", 1));
+        assert_ne!(base, k("https://other/v1", "/chat/completions", 1));
+        assert_ne!(base, k("https://api.openai.com/v1", "/completions", 1));
+        assert_ne!(base, k("https://api.openai.com/v1", "/chat/completions", 2));
+        assert_eq!(prompt_hash(&[0xab; 32]), "abababababababab");
     }
 
     #[test]

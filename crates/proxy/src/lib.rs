@@ -2,6 +2,7 @@
 //! upstream's RPM/TPM/concurrency limits, queues bursts, retries transient failures with
 //! back-off, streams responses through, and reloads its policy without a restart.
 
+pub mod body;
 pub mod cache;
 pub mod cluster;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod labels;
 pub mod limiter;
 pub mod metrics;
 pub mod queue;
+pub mod quota;
 pub mod reload;
 pub mod request;
 pub mod retry;

@@ -1,13 +1,22 @@
 //! Request and token buckets (GCRA-equivalent token buckets that may go into debt), the
-//! concurrency cap and the upstream pause. Pure: every method takes `now`, so tests drive a
+//! concurrency cap and the upstream's pauses. Pure: every method takes `now`, so tests drive a
 //! fake clock. Governor's GCRA cannot give tokens back or charge a request larger than the burst,
 //! and settling token reservations against real usage needs both, hence this small type.
+//!
+//! The buckets follow the upstream's own count: a request is charged what the provider charges
+//! (see `limits.tokenAccounting`), and whatever the upstream says remains (its
+//! `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers) lowers a bucket that ran ahead.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use llmproxy_api::TokenAccounting;
 use llmproxy_api::policy::LimitsPolicy;
 use tokio::time::Instant;
+
+use crate::quota::QuotaHeaders;
 
 /// Which limit held a request back; named in 429 messages and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,7 +27,7 @@ pub enum Limit {
     Tokens,
     /// `limits.maxConcurrent`.
     Concurrency,
-    /// The upstream asked everyone to wait (429 with Retry-After, or remaining quota 0).
+    /// The upstream asked to wait (429 with Retry-After) for what the request needs.
     UpstreamPause,
     /// `queue.maxSize`.
     QueueSize,
@@ -53,21 +62,40 @@ impl fmt::Display for Limit {
     }
 }
 
+/// What one request asks of the limiter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// Tokens charged at admission.
+    pub tokens: u64,
+    /// The model it is for; pauses and (later) model limits apply per model.
+    pub model: Option<Arc<str>>,
+}
+
+impl Ask {
+    /// An ask for `tokens` with no model.
+    pub fn tokens(tokens: u64) -> Self {
+        Self { tokens, model: None }
+    }
+}
+
 /// A token bucket: `cap` units, refilled at `per_sec`, allowed to go negative so that a cost
 /// larger than the bucket is admitted once the bucket is full and then paid off over time.
+/// `spent` counts every unit charged minus every charge given back (not the corrections from
+/// upstream headers), so a correction can tell what was charged after a given moment.
 #[derive(Clone, Debug)]
 pub(crate) struct Bucket {
     per_sec: f64,
     cap: f64,
     level: f64,
     at: Instant,
+    spent: f64,
 }
 
 #[allow(clippy::cast_precision_loss)] // rates and costs are far below 2^52
 impl Bucket {
     pub(crate) fn full(per_minute: u64, cap: u64, now: Instant) -> Self {
         let cap = cap.max(1) as f64;
-        Self { per_sec: per_minute as f64 / 60.0, cap, level: cap, at: now }
+        Self { per_sec: per_minute as f64 / 60.0, cap, level: cap, at: now, spent: 0.0 }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -88,17 +116,62 @@ impl Bucket {
         }
         // Whole microseconds, rounded up (after forgiving float noise far below a microsecond).
         let micros = (missing / self.per_sec * 1e6 - 1e-3).ceil();
-        now + Duration::from_micros(micros as u64)
+        // A wait beyond a day is as good as never; it also keeps the conversion in range.
+        now + Duration::from_micros(micros.min(86_400e6) as u64)
     }
 
     pub(crate) fn take(&mut self, now: Instant, cost: u64) {
         self.refill(now);
         self.level -= cost as f64;
+        self.spent += cost as f64;
     }
 
     pub(crate) fn give(&mut self, now: Instant, amount: u64) {
         self.refill(now);
         self.level = (self.level + amount as f64).min(self.cap);
+        self.spent -= amount as f64;
+    }
+
+    /// The upstream says at most `ceiling` units are left now: never more here.
+    fn lower_to(&mut self, now: Instant, ceiling: f64) {
+        self.refill(now);
+        if ceiling < self.level {
+            self.level = ceiling;
+        }
+    }
+
+    /// The upstream says `target` units are left now, more than here: raise the level by up to
+    /// `most` (refunds that were withheld until the upstream confirmed them). Returns the raise.
+    fn raise_to(&mut self, now: Instant, target: f64, most: f64) -> f64 {
+        self.refill(now);
+        let raise = (target.min(self.cap) - self.level).clamp(0.0, most.max(0.0));
+        self.level += raise;
+        raise
+    }
+
+    /// What the upstream's `remaining` and `reset` (time until full) say about the level now,
+    /// as a range. The upstream measured them after the request was charged here (`since`
+    /// ago) and before it answered; of what was charged here since (`charged_after`), it may
+    /// have seen any part (requests overtake each other on the way), and of the earlier charges
+    /// still unanswered when this one was charged (`unseen_before`), maybe none. The low end assumes
+    /// it saw none of those and has refilled nothing since; the high end that it saw
+    /// everything charged before, and refilled all along.
+    fn upstream_level(
+        &self,
+        q: (Option<u64>, Option<Duration>),
+        since: Duration,
+        charged_after: f64,
+        unseen_before: f64,
+    ) -> Option<(f64, f64)> {
+        let by_remaining = q.0.map(|r| r as f64);
+        let by_reset = q.1.map(|d| self.cap - d.as_secs_f64() * self.per_sec);
+        let then = match (by_remaining, by_reset) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        let low = then.min(self.cap) - charged_after - unseen_before;
+        let high = (then + since.as_secs_f64() * self.per_sec).min(self.cap) - charged_after;
+        Some((low, high))
     }
 
     fn reconfigure(&mut self, now: Instant, per_minute: u64, cap: u64) {
@@ -120,11 +193,43 @@ impl Bucket {
 pub(crate) enum Decision {
     /// Admit now.
     Go,
-    /// Nothing can change before this instant unless the limits are reloaded.
-    WaitUntil(Instant, Limit),
+    /// Nothing can change before `at` unless the limits are reloaded or corrected. `scoped`:
+    /// only requests for the same scope (model) are held; others may go ahead.
+    Wait { at: Instant, limit: Limit, scoped: bool },
     /// All concurrency slots are taken; wait for one to be released.
     WaitForSlot,
 }
+
+/// Where the bucket levels stood right after a request was charged, so that the upstream's
+/// answer to it can be compared with what was charged since.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mark {
+    at: Instant,
+    requests: f64,
+    tokens: f64,
+    /// Admission order, for telling which charges came before this one.
+    order: u64,
+    /// Token charges of earlier requests still unanswered when this one was charged: any of
+    /// them may reach the upstream after this one.
+    unseen_before: u64,
+}
+
+/// What a correction from upstream headers needs besides the headers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Calibration {
+    /// Where the buckets stood right after the request was charged.
+    pub(crate) mark: Mark,
+    /// Tokens given back since because the upstream did not count the request.
+    pub(crate) refunded: u64,
+    /// The upstream refused the request for lack of quota (a 429).
+    pub(crate) refused: bool,
+    /// The longest reset taken at its word.
+    pub(crate) max_reset: Duration,
+}
+
+/// The most distinct models paused at once; beyond it the oldest pauses are forgotten (a
+/// client cannot grow the map without bound by naming models).
+const MAX_PAUSES: usize = 1024;
 
 /// All limits of one LlmProxy, as seen by one replica.
 #[derive(Debug)]
@@ -132,8 +237,20 @@ pub(crate) struct Limiter {
     limits: LimitsPolicy,
     requests: Bucket,
     tokens: Option<Bucket>,
-    paused_until: Option<Instant>,
+    /// The upstream paused everything this key does (a 429 for a request without a model).
+    key_paused_until: Option<Instant>,
+    /// The upstream paused one model.
+    model_paused_until: HashMap<Arc<str>, Instant>,
     inflight: u32,
+    /// The upstream reports what remains of its token quota (`x-ratelimit-remaining-tokens`):
+    /// under `used` accounting its word, not our guess, decides when unused tokens return.
+    upstream_reports_tokens: bool,
+    /// Unused tokens not yet given back, waiting for the upstream's headers to confirm them
+    /// (at most one bucket's worth).
+    withheld: f64,
+    /// Token charges of admitted requests whose answer has not come yet, by admission order.
+    unanswered: BTreeMap<u64, u64>,
+    next_order: u64,
 }
 
 impl Limiter {
@@ -142,18 +259,23 @@ impl Limiter {
             requests: Bucket::full(limits.requests_per_minute, limits.request_burst, now),
             tokens: limits.tokens_per_minute.map(|tpm| Bucket::full(tpm, limits.token_burst, now)),
             limits: limits.clone(),
-            paused_until: None,
+            key_paused_until: None,
+            model_paused_until: HashMap::new(),
             inflight: 0,
+            upstream_reports_tokens: false,
+            withheld: 0.0,
+            unanswered: BTreeMap::new(),
+            next_order: 0,
         }
     }
 
-    pub(crate) fn decide(&mut self, now: Instant, tokens: u64) -> Decision {
+    pub(crate) fn decide(&mut self, now: Instant, ask: &Ask) -> Decision {
         if self.inflight >= self.limits.max_concurrent {
             return Decision::WaitForSlot;
         }
         let mut at = now;
         let mut why = Limit::Requests;
-        if let Some(until) = self.paused_until.filter(|u| *u > now) {
+        if let Some(until) = self.key_paused_until.filter(|u| *u > now) {
             (at, why) = (until, Limit::UpstreamPause);
         }
         let r = self.requests.ready_at(now, 1);
@@ -161,41 +283,143 @@ impl Limiter {
             (at, why) = (r, Limit::Requests);
         }
         if let Some(bucket) = &mut self.tokens {
-            let t = bucket.ready_at(now, tokens);
+            let t = bucket.ready_at(now, ask.tokens);
             if t > at {
                 (at, why) = (t, Limit::Tokens);
             }
         }
-        if at > now { Decision::WaitUntil(at, why) } else { Decision::Go }
+        if at > now {
+            return Decision::Wait { at, limit: why, scoped: false };
+        }
+        let paused = ask.model.as_ref().and_then(|m| self.model_paused_until.get(m)).filter(|u| **u > now);
+        match paused {
+            Some(until) => Decision::Wait { at: *until, limit: Limit::UpstreamPause, scoped: true },
+            None => Decision::Go,
+        }
     }
 
-    /// Take one request, `tokens` tokens and a concurrency slot. Call after `decide` said Go.
-    pub(crate) fn admit(&mut self, now: Instant, tokens: u64) {
+    /// Take one request, the ask's tokens and a concurrency slot. Call after `decide` said Go.
+    pub(crate) fn admit(&mut self, now: Instant, ask: &Ask) -> Mark {
         self.requests.take(now, 1);
         if let Some(bucket) = &mut self.tokens {
-            bucket.take(now, tokens);
+            bucket.take(now, ask.tokens);
         }
         self.inflight += 1;
+        let order = self.next_order;
+        self.next_order += 1;
+        let unseen_before = self.unanswered.values().fold(0u64, |a, t| a.saturating_add(*t));
+        if self.tokens.is_some() {
+            self.unanswered.insert(order, ask.tokens);
+        }
+        Mark {
+            at: now,
+            requests: self.requests.spent,
+            tokens: self.tokens.as_ref().map_or(0.0, |b| b.spent),
+            order,
+            unseen_before,
+        }
+    }
+
+    /// The request of `mark` got its answer (or will get none): it no longer counts as possibly
+    /// unseen by the upstream.
+    pub(crate) fn answered(&mut self, mark: &Mark) {
+        self.unanswered.remove(&mark.order);
     }
 
     pub(crate) fn release(&mut self) {
         self.inflight = self.inflight.saturating_sub(1);
     }
 
-    /// Correct a token reservation once the real usage is known.
-    pub(crate) fn settle(&mut self, now: Instant, reserved: u64, used: u64) {
+    /// The upstream charged nothing for an attempt (it refused it, or never saw it): its
+    /// tokens go back. The request itself stays counted.
+    pub(crate) fn refund(&mut self, now: Instant, tokens: u64) {
+        if let Some(bucket) = &mut self.tokens {
+            bucket.give(now, tokens);
+        }
+    }
+
+    /// The answer is complete: under `used` accounting its charge becomes its real usage.
+    /// Returns the charge that stands. Where the upstream reports its own count, unused tokens
+    /// are withheld until its headers show them back (a provider that does not refund, though
+    /// configured as one that does, then never lets the proxy run ahead of it).
+    pub(crate) fn settle(&mut self, now: Instant, reserved: u64, used: Option<u64>) -> u64 {
+        let (TokenAccounting::Used, Some(used)) = (self.limits.token_accounting, used) else {
+            return reserved;
+        };
         if let Some(bucket) = &mut self.tokens {
             if used < reserved {
-                bucket.give(now, reserved - used);
+                if self.upstream_reports_tokens {
+                    #[allow(clippy::cast_precision_loss)]
+                    let unused = (reserved - used) as f64;
+                    self.withheld = (self.withheld + unused).min(bucket.cap);
+                } else {
+                    bucket.give(now, reserved - used);
+                }
             } else {
                 bucket.take(now, used - reserved);
             }
         }
+        used
     }
 
-    /// Hold every request until `until` (the upstream's window reopens).
-    pub(crate) fn pause_until(&mut self, until: Instant) {
-        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+    /// Hold requests for `model` (or, without a model, everything) until `until`.
+    pub(crate) fn pause(&mut self, now: Instant, model: Option<&Arc<str>>, until: Instant) {
+        let Some(model) = model else {
+            self.key_paused_until = Some(self.key_paused_until.map_or(until, |p| p.max(until)));
+            return;
+        };
+        if self.model_paused_until.len() >= MAX_PAUSES {
+            self.model_paused_until.retain(|_, u| *u > now);
+        }
+        if self.model_paused_until.len() >= MAX_PAUSES
+            && let Some(oldest) =
+                self.model_paused_until.iter().min_by_key(|(_, u)| **u).map(|(m, _)| m.clone())
+        {
+            self.model_paused_until.remove(&oldest);
+        }
+        let entry = self.model_paused_until.entry(Arc::clone(model)).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// Follow what the upstream says remains. `mark` is where the buckets stood right after
+    /// the request was charged; `refunded` is what was given back here since because the
+    /// upstream did not count the request (a 429), so not a charge by anyone else. `refused`:
+    /// the upstream just refused a request for lack of quota, so the buckets go down to its
+    /// word at once; after a success they go down only past what is still in flight (requests
+    /// overtake each other, and the upstream's count of them lags). Resets longer than
+    /// `max_reset` count as `max_reset`, so a hostile header cannot freeze admission beyond one
+    /// queue wait at a time. Under `used` accounting, withheld unused tokens come back as far
+    /// as the upstream surely has them.
+    pub(crate) fn calibrate(&mut self, now: Instant, q: &QuotaHeaders, c: Calibration) {
+        let since = now.saturating_duration_since(c.mark.at);
+        let cap = |d: Option<Duration>| d.map(|d| d.min(c.max_reset));
+        #[allow(clippy::cast_precision_loss)]
+        let unseen_before = c.mark.unseen_before as f64;
+        self.unanswered.remove(&c.mark.order);
+        #[allow(clippy::cast_precision_loss)]
+        let in_flight = self.unanswered.values().sum::<u64>() as f64;
+        let slack = |requests_in_flight: f64| if c.refused { 0.0 } else { requests_in_flight };
+
+        let charged_after = self.requests.spent - c.mark.requests;
+        let requests_in_flight = f64::from(self.inflight.saturating_sub(1));
+        let q_requests = (q.remaining_requests, cap(q.reset_requests));
+        if let Some((_, high)) = self.requests.upstream_level(q_requests, since, charged_after, 0.0) {
+            self.requests.lower_to(now, high + slack(requests_in_flight));
+        }
+        if let Some(bucket) = &mut self.tokens {
+            #[allow(clippy::cast_precision_loss)]
+            let charged_after = bucket.spent - c.mark.tokens + c.refunded as f64;
+            let q_tokens = (q.remaining_tokens, cap(q.reset_tokens));
+            if let Some((low, high)) = bucket.upstream_level(q_tokens, since, charged_after, unseen_before) {
+                bucket.lower_to(now, high + slack(in_flight));
+                if self.limits.token_accounting == TokenAccounting::Used && self.upstream_reports_tokens {
+                    self.withheld -= bucket.raise_to(now, low, self.withheld);
+                }
+            }
+            if q.remaining_tokens.is_some() {
+                self.upstream_reports_tokens = true;
+            }
+        }
     }
 
     /// Apply new limits. Bucket levels carry over (clamped to the new capacity), so a reload
@@ -237,12 +461,10 @@ mod tests {
 
     fn limits(rpm: u64, burst: u64, tpm: Option<u64>, token_burst: u64, max_concurrent: u32) -> LimitsPolicy {
         LimitsPolicy {
-            requests_per_minute: rpm,
             request_burst: burst,
-            tokens_per_minute: tpm,
             token_burst,
             max_concurrent,
-            default_max_tokens: 100,
+            ..LimitsPolicy::per_minute(rpm, tpm)
         }
     }
 
@@ -250,19 +472,21 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn wait(at: Instant, limit: Limit) -> Decision {
+        Decision::Wait { at, limit, scoped: false }
+    }
+
     #[test]
     fn burst_then_paced_at_the_rate() {
         let t0 = Instant::now();
         let mut l = Limiter::new(&limits(600, 3, None, 0, 100), t0); // 10/s, burst 3
         for _ in 0..3 {
-            assert_eq!(l.decide(t0, 0), Decision::Go);
-            l.admit(t0, 0);
+            assert_eq!(l.decide(t0, &Ask::tokens(0)), Decision::Go);
+            l.admit(t0, &Ask::tokens(0));
         }
-        assert_eq!(l.decide(t0, 0), Decision::WaitUntil(t0 + ms(100), Limit::Requests));
-        assert_eq!(l.decide(t0 + ms(99), 0), Decision::WaitUntil(t0 + ms(100), Limit::Requests));
-        assert_eq!(l.decide(t0 + ms(100), 0), Decision::Go);
-        l.admit(t0 + ms(100), 0);
-        assert_eq!(l.decide(t0 + ms(100), 0), Decision::WaitUntil(t0 + ms(200), Limit::Requests));
+        assert_eq!(l.decide(t0, &Ask::tokens(0)), wait(t0 + ms(100), Limit::Requests));
+        assert_eq!(l.decide(t0 + ms(99), &Ask::tokens(0)), wait(t0 + ms(100), Limit::Requests));
+        assert_eq!(l.decide(t0 + ms(100), &Ask::tokens(0)), Decision::Go);
     }
 
     #[test]
@@ -271,63 +495,159 @@ mod tests {
         let mut l = Limiter::new(&limits(60, 1, None, 0, 100), t0);
         let mut now = t0;
         for _ in 0..61 {
-            match l.decide(now, 0) {
+            match l.decide(now, &Ask::tokens(0)) {
                 Decision::Go => {}
-                Decision::WaitUntil(t, _) => now = t,
+                Decision::Wait { at, .. } => now = at,
                 Decision::WaitForSlot => panic!("no concurrency limit here"),
             }
-            l.admit(now, 0);
+            l.admit(now, &Ask::tokens(0));
+            l.release();
         }
         assert_eq!(now.duration_since(t0), Duration::from_secs(60));
     }
 
     #[test]
-    fn token_reservations_wait_and_settle() {
+    fn requested_accounting_keeps_the_charge_used_settles_it() {
         let t0 = Instant::now();
         // 6000 TPM = 100 tokens/s, bucket of 100.
         let mut l = Limiter::new(&limits(6000, 100, Some(6000), 100, 100), t0);
-        assert_eq!(l.decide(t0, 80), Decision::Go);
-        l.admit(t0, 80);
-        assert_eq!(l.decide(t0, 80), Decision::WaitUntil(t0 + ms(600), Limit::Tokens));
-        // The first request used only 20 of its 80: the difference is free at once.
-        l.settle(t0, 80, 20);
-        assert_eq!(l.decide(t0, 80), Decision::Go);
-        // Using more than reserved is charged too.
-        l.admit(t0, 80);
-        l.settle(t0, 80, 100);
+        l.admit(t0, &Ask::tokens(80));
+        assert_eq!(l.decide(t0, &Ask::tokens(80)), wait(t0 + ms(600), Limit::Tokens));
+        assert_eq!(l.settle(t0, 80, Some(20)), 80, "requested: the charge stands");
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(20.0));
+
+        let mut used = limits(6000, 100, Some(6000), 100, 100);
+        used.token_accounting = TokenAccounting::Used;
+        let mut l = Limiter::new(&used, t0);
+        l.admit(t0, &Ask::tokens(80));
+        assert_eq!(l.settle(t0, 80, Some(20)), 20);
+        assert_eq!(l.decide(t0, &Ask::tokens(80)), Decision::Go, "the unused 60 came back");
+        l.admit(t0, &Ask::tokens(80));
+        assert_eq!(l.settle(t0, 80, Some(100)), 100, "using more than charged costs more");
         assert_eq!(l.tokens_available(t0).map(f64::round), Some(-20.0));
+        assert_eq!(l.settle(t0, 80, None), 80, "no usage: the charge stands, never more");
     }
 
     #[test]
     fn a_request_larger_than_the_bucket_waits_for_a_full_bucket_then_goes_into_debt() {
         let t0 = Instant::now();
         let mut l = Limiter::new(&limits(6000, 100, Some(6000), 100, 100), t0);
-        l.admit(t0, 50);
-        assert_eq!(l.decide(t0, 1000), Decision::WaitUntil(t0 + ms(500), Limit::Tokens));
-        l.admit(t0 + ms(500), 1000);
+        l.admit(t0, &Ask::tokens(50));
+        assert_eq!(l.decide(t0, &Ask::tokens(1000)), wait(t0 + ms(500), Limit::Tokens));
+        l.admit(t0 + ms(500), &Ask::tokens(1000));
         // 900 tokens of debt at 100/s: the next small request waits 9 s + its own cost.
-        assert_eq!(l.decide(t0 + ms(500), 10), Decision::WaitUntil(t0 + ms(9600), Limit::Tokens));
+        assert_eq!(l.decide(t0 + ms(500), &Ask::tokens(10)), wait(t0 + ms(9600), Limit::Tokens));
     }
 
     #[test]
     fn concurrency_slots() {
         let t0 = Instant::now();
         let mut l = Limiter::new(&limits(6000, 100, None, 0, 2), t0);
-        l.admit(t0, 0);
-        l.admit(t0, 0);
-        assert_eq!(l.decide(t0, 0), Decision::WaitForSlot);
+        l.admit(t0, &Ask::tokens(0));
+        l.admit(t0, &Ask::tokens(0));
+        assert_eq!(l.decide(t0, &Ask::tokens(0)), Decision::WaitForSlot);
         l.release();
-        assert_eq!(l.decide(t0, 0), Decision::Go);
+        assert_eq!(l.decide(t0, &Ask::tokens(0)), Decision::Go);
     }
 
     #[test]
-    fn upstream_pause_holds_everyone() {
+    fn pauses_hold_their_scope_only_and_never_shorten() {
         let t0 = Instant::now();
         let mut l = Limiter::new(&limits(6000, 100, None, 0, 10), t0);
-        l.pause_until(t0 + Duration::from_secs(2));
-        l.pause_until(t0 + Duration::from_secs(1)); // an earlier pause never shortens a longer one
-        assert_eq!(l.decide(t0, 0), Decision::WaitUntil(t0 + Duration::from_secs(2), Limit::UpstreamPause));
-        assert_eq!(l.decide(t0 + Duration::from_secs(2), 0), Decision::Go);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let ask = |m: &Arc<str>| Ask { tokens: 0, model: Some(Arc::clone(m)) };
+        l.pause(t0, Some(&a), t0 + Duration::from_secs(2));
+        l.pause(t0, Some(&a), t0 + Duration::from_secs(1));
+        let held =
+            Decision::Wait { at: t0 + Duration::from_secs(2), limit: Limit::UpstreamPause, scoped: true };
+        assert_eq!(l.decide(t0, &ask(&a)), held);
+        assert_eq!(l.decide(t0, &ask(&b)), Decision::Go);
+        assert_eq!(l.decide(t0 + Duration::from_secs(2), &ask(&a)), Decision::Go);
+        // Without a model the whole key is paused: everyone waits.
+        l.pause(t0, None, t0 + Duration::from_secs(3));
+        assert_eq!(l.decide(t0, &ask(&b)), wait(t0 + Duration::from_secs(3), Limit::UpstreamPause));
+    }
+
+    #[test]
+    fn model_pauses_are_bounded() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(&limits(6000, 100, None, 0, 10), t0);
+        for i in 0..(MAX_PAUSES + 10) {
+            l.pause(t0, Some(&Arc::from(format!("m{i}"))), t0 + Duration::from_secs(60));
+        }
+        assert!(l.model_paused_until.len() <= MAX_PAUSES);
+    }
+
+    fn calibration(mark: Mark, refused: bool) -> Calibration {
+        Calibration { mark, refunded: 0, refused, max_reset: Duration::from_secs(30) }
+    }
+
+    #[test]
+    fn a_429s_word_lowers_the_bucket_and_a_hostile_reset_is_capped() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(&limits(6000, 100, Some(60_000), 1000, 100), t0); // 1000/s
+        let mark = l.admit(t0, &Ask::tokens(100));
+        let said = QuotaHeaders {
+            remaining_tokens: Some(0),
+            reset_tokens: Some(Duration::from_secs(2)),
+            ..QuotaHeaders::default()
+        };
+        l.calibrate(t0, &said, calibration(mark, true));
+        // Full again in 2 s at 1000/s: 1000 - 2000 = -1000 now.
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(-1000.0));
+        let hostile =
+            QuotaHeaders { reset_tokens: Some(Duration::from_secs(3600)), ..QuotaHeaders::default() };
+        let mark = l.admit(t0, &Ask::tokens(0));
+        l.calibrate(t0, &hostile, calibration(mark, true));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(-29_000.0), "at most one max wait of debt");
+    }
+
+    #[test]
+    fn after_a_success_the_bucket_goes_down_to_the_most_the_upstream_may_have() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(&limits(6000, 100, Some(60_000), 1000, 100), t0);
+        let mine = l.admit(t0, &Ask::tokens(100));
+        let _other = l.admit(t0, &Ask::tokens(300)); // in flight, maybe not yet seen upstream
+        // The upstream says 500 remained after mine (others use the key). Whether it had seen
+        // the other 300 or not, it has at most 500 now: 100 less than here.
+        let said = QuotaHeaders { remaining_tokens: Some(500), ..QuotaHeaders::default() };
+        l.calibrate(t0, &said, calibration(mine, false));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(500.0));
+        // 100 remained: far below, beyond what is in flight.
+        let mark = l.admit(t0, &Ask::tokens(0));
+        let said = QuotaHeaders { remaining_tokens: Some(100), ..QuotaHeaders::default() };
+        l.calibrate(t0, &said, calibration(mark, false));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(400.0), "100 + the 300 in flight");
+        // A 429 says it without slack: the upstream refused for lack of quota.
+        let mark = l.admit(t0, &Ask::tokens(0));
+        l.calibrate(t0, &said, calibration(mark, true));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(100.0));
+    }
+
+    #[test]
+    fn withheld_refunds_return_only_as_far_as_the_upstream_confirms() {
+        let t0 = Instant::now();
+        let mut used = limits(6000, 100, Some(60_000), 1000, 100);
+        used.token_accounting = TokenAccounting::Used;
+        let mut l = Limiter::new(&used, t0);
+        let first = l.admit(t0, &Ask::tokens(400));
+        let seen = QuotaHeaders { remaining_tokens: Some(600), ..QuotaHeaders::default() };
+        l.calibrate(t0, &seen, calibration(first, false));
+        // It used 100 of its 400: the 300 wait for the upstream's word.
+        l.settle(t0, 400, Some(100));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(600.0));
+        let next = l.admit(t0, &Ask::tokens(0));
+        let refunded = QuotaHeaders { remaining_tokens: Some(900), ..QuotaHeaders::default() };
+        l.calibrate(t0, &refunded, calibration(next, false));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(900.0), "the upstream refunded them");
+        // An upstream that keeps what it charged never says so: nothing more comes back.
+        let third = l.admit(t0, &Ask::tokens(400));
+        l.settle(t0, 400, Some(100));
+        let kept = QuotaHeaders { remaining_tokens: Some(500), ..QuotaHeaders::default() };
+        let after = l.admit(t0, &Ask::tokens(0));
+        l.calibrate(t0, &kept, calibration(after, false));
+        l.answered(&third);
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(500.0));
     }
 
     #[test]
@@ -335,12 +655,12 @@ mod tests {
         let t0 = Instant::now();
         let base = limits(60, 1, Some(600), 10, 10);
         let mut l = Limiter::new(&base, t0);
-        l.admit(t0, 10);
+        l.admit(t0, &Ask::tokens(10));
         assert!(!l.reconfigure(&base.clone(), t0), "same limits: nothing changes");
-        assert_eq!(l.decide(t0, 1), Decision::WaitUntil(t0 + Duration::from_secs(1), Limit::Requests));
+        assert_eq!(l.decide(t0, &Ask::tokens(1)), wait(t0 + Duration::from_secs(1), Limit::Requests));
         // Lowering the rate slows admission at once; the spent burst stays spent.
         assert!(l.reconfigure(&limits(30, 1, Some(600), 10, 10), t0));
-        assert_eq!(l.decide(t0, 1), Decision::WaitUntil(t0 + Duration::from_secs(2), Limit::Requests));
+        assert_eq!(l.decide(t0, &Ask::tokens(1)), wait(t0 + Duration::from_secs(2), Limit::Requests));
         // Dropping the token limit removes that bucket.
         assert!(l.reconfigure(&limits(30, 1, None, 0, 10), t0));
         assert_eq!(l.tokens_available(t0), None);

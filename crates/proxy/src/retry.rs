@@ -65,18 +65,8 @@ pub fn backoff(policy: &RetryPolicy, retry: u32, unit: f64) -> Duration {
     Duration::from_secs_f64(secs.max(0.0))
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
-}
-
-/// A Go-style duration as OpenAI sends in `x-ratelimit-reset-*` (`1s`, `6m0s`, `20ms`).
-fn reset_header(headers: &HeaderMap, name: &str) -> Option<Duration> {
-    header(headers, name)?.parse::<llmproxy_api::Duration>().ok().map(|d| d.get())
-}
-
-/// The longest wait the proxy takes from an upstream header; anything longer is nonsense or
-/// hostile, and the request's own deadline is shorter anyway.
-pub const MAX_UPSTREAM_DELAY: Duration = Duration::from_secs(3600);
+pub use crate::quota::MAX_UPSTREAM_DELAY;
+use crate::quota::header;
 
 fn seconds(secs: f64) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0)
@@ -106,7 +96,7 @@ pub fn upstream_delay(status: StatusCode, headers: &HeaderMap, now: SystemTime) 
         return None;
     }
     let exhausted = |name: &str| header(headers, name).and_then(|v| v.parse::<u64>().ok()) == Some(0);
-    let reset = |name: &str| reset_header(headers, name).map(|d| d.min(MAX_UPSTREAM_DELAY));
+    let reset = |name: &str| crate::quota::reset(headers, name);
     let requests =
         exhausted("x-ratelimit-remaining-requests").then(|| reset("x-ratelimit-reset-requests")).flatten();
     let tokens =

@@ -1,8 +1,9 @@
-//! Token arithmetic: what a request may cost before it is sent, and what it did cost according
-//! to the upstream's `usage`. The estimate is deliberately simple (about 4 bytes of text per
-//! token, OpenAI's own rule of thumb) because the reservation is settled against real usage.
+//! Token arithmetic: what a request is charged before it is sent (the provider's own estimator,
+//! so that both sides count alike), and what it did cost according to the upstream's `usage`.
 
 use serde_json::Value;
+
+use crate::body::Inspected;
 
 /// Tokens reserved for a request before it is sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,9 +15,9 @@ pub struct Estimate {
 }
 
 impl Estimate {
-    /// Prompt and completion together: what the limiter reserves.
+    /// Prompt and completion together: what the limiter charges.
     pub fn total(self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
@@ -32,50 +33,33 @@ pub struct Usage {
 impl Usage {
     /// What counts against tokens per minute.
     pub fn total(self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
-/// Fields whose text is sent to the model and counts as prompt.
-const PROMPT_FIELDS: &[&str] =
-    &["messages", "prompt", "input", "instructions", "system", "tools", "functions"];
-
-/// Fixed overhead per chat message (role and separators), as OpenAI's cookbook counts it.
-const PER_MESSAGE: u64 = 4;
-
-fn text_tokens(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => (s.len() as u64).div_ceil(4),
-        // Pre-tokenised input: one number is one token.
-        Value::Number(_) => 1,
-        Value::Array(items) => items.iter().map(text_tokens).sum(),
-        Value::Object(map) => map.values().map(text_tokens).sum(),
-        Value::Bool(_) | Value::Null => 0,
-    }
+/// What a request is charged before it is sent, the way the provider's limiter counts it: the
+/// prompt estimate (characters / 4 over the prompt fields' text, one token per number of
+/// pre-tokenised input) plus the completion budget (`max_completion_tokens`, `max_tokens` or
+/// `max_output_tokens`, else `default_max_tokens`, times `n`). Endpoints that generate nothing
+/// (embeddings, moderations) have no completion budget. Arithmetic saturates: an absurd budget
+/// becomes an absurd charge, which the limits then refuse.
+pub fn estimate(path: &str, body: &Inspected, default_max_tokens: u32) -> Estimate {
+    let generates = !(path.ends_with("/embeddings") || path.ends_with("/moderations"));
+    let completion = if generates {
+        let max = body
+            .max_completion_tokens
+            .or(body.max_tokens)
+            .or(body.max_output_tokens)
+            .unwrap_or(u64::from(default_max_tokens));
+        max.saturating_mul(body.n.unwrap_or(1).max(1))
+    } else {
+        0
+    };
+    Estimate { prompt: body.text.tokens(), completion }
 }
 
 fn uint(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
-}
-
-/// Estimate a request's tokens from its JSON body. Endpoints that generate nothing
-/// (embeddings, moderations) reserve no completion tokens.
-pub fn estimate(path: &str, body: &Value, default_max_tokens: u32) -> Estimate {
-    let mut prompt: u64 = PROMPT_FIELDS.iter().filter_map(|f| body.get(*f)).map(text_tokens).sum();
-    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
-        prompt += PER_MESSAGE * messages.len() as u64 + 3;
-    }
-    let generates = !(path.ends_with("/embeddings") || path.ends_with("/moderations"));
-    let completion = if generates {
-        let max = uint(body, "max_completion_tokens")
-            .or_else(|| uint(body, "max_tokens"))
-            .or_else(|| uint(body, "max_output_tokens"))
-            .unwrap_or(u64::from(default_max_tokens));
-        max * uint(body, "n").unwrap_or(1).max(1)
-    } else {
-        0
-    };
-    Estimate { prompt, completion }
 }
 
 /// The `usage` of a response body or stream event: chat/completions/embeddings put it at the top
@@ -99,30 +83,39 @@ mod tests {
 
     use super::*;
 
+    fn inspect(v: &Value) -> Inspected {
+        crate::body::inspect(v.to_string().as_bytes(), false).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
-    fn chat_estimate_counts_text_messages_and_max_tokens() {
+    fn chat_estimate_is_characters_over_four_plus_max_tokens() {
         let body = json!({"model": "gpt-4o", "messages": [
             {"role": "system", "content": "12345678"},
             {"role": "user", "content": [{"type": "text", "text": "abcd"}]}
         ], "max_tokens": 50});
-        // strings: "system"(2) + "12345678"(2) + "user"(1) + "text"(1) + "abcd"(1) = 7; 2 messages: 8 + 3.
-        assert_eq!(estimate("/chat/completions", &body, 1024), Estimate { prompt: 18, completion: 50 });
+        // "system" + "12345678" + "user" + "text" + "abcd" = 26 characters: 7 tokens.
+        assert_eq!(
+            estimate("/chat/completions", &inspect(&body), 1024),
+            Estimate { prompt: 7, completion: 50 }
+        );
     }
 
     #[test]
     fn completion_falls_back_to_the_default_and_multiplies_by_n() {
         let body = json!({"prompt": "hi", "n": 3});
-        assert_eq!(estimate("/completions", &body, 100).completion, 300);
+        assert_eq!(estimate("/completions", &inspect(&body), 100).completion, 300);
         let body = json!({"input": "hi", "max_completion_tokens": 7, "max_tokens": 99});
-        assert_eq!(estimate("/responses", &body, 100).completion, 7, "the newer field wins");
+        assert_eq!(estimate("/responses", &inspect(&body), 100).completion, 7, "the newer field wins");
+        let huge = json!({"prompt": "hi", "n": 128, "max_tokens": u64::MAX / 2});
+        assert_eq!(estimate("/completions", &inspect(&huge), 100).total(), u64::MAX, "saturates");
     }
 
     #[test]
     fn embeddings_reserve_no_completion() {
         let body = json!({"model": "text-embedding-3-small", "input": ["aaaa", "bbbbbbbb"]});
-        assert_eq!(estimate("/embeddings", &body, 1024), Estimate { prompt: 3, completion: 0 });
+        assert_eq!(estimate("/embeddings", &inspect(&body), 1024), Estimate { prompt: 3, completion: 0 });
         let tokens = json!({"input": [[1, 2, 3]]});
-        assert_eq!(estimate("/embeddings", &tokens, 1024).prompt, 3);
+        assert_eq!(estimate("/embeddings", &inspect(&tokens), 1024).prompt, 3);
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! Attempts: wait for admission, send once, and decide (purely, in `next_step`) whether and
 //! when to try again.
+//!
+//! Two kinds of trying again: an upstream 429 means the quota window is spent, so the request
+//! goes back to its place in line (a requeue) and waits for the window, as often as its queue
+//! deadline allows; a transient error (5xx, 408, no connection, no answer in time) is retried
+//! after a back-off, at most `retry.maxAttempts` attempts in all.
 
 use std::time::{Duration, SystemTime};
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
 use llmproxy_api::Policy;
 use llmproxy_api::policy::RetryPolicy;
 use tokio::time::Instant;
 
-use super::intake::Outgoing;
+use super::intake::Intake;
 use super::record::RecordGuard;
 use super::respond::Answer;
 use crate::error::ApiError;
 use crate::labels::Outcome;
+use crate::queue::Permit;
+use crate::quota::QuotaHeaders;
 use crate::retry::{self, RetryReason};
 use crate::state::Proxy;
 use crate::upstream;
@@ -24,34 +32,48 @@ pub(crate) struct Failure {
     pub(crate) reason: RetryReason,
     /// How long the upstream asked us to wait, if it said so.
     pub(crate) hint: Option<Duration>,
+    /// A 429 whose headers said what remains of the quota: the buckets were corrected, and
+    /// they now hold requests back for as long as the window needs.
+    pub(crate) window_known: bool,
 }
 
 /// What to do after a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
-    /// Try again after `delay`; `pause` holds admission for everyone until then (the upstream's
-    /// window is spent).
-    Retry { delay: Duration, pause: bool },
+    /// The quota window is spent: back to the request's place in line. `pause`: hold the
+    /// request's model (everything, without a model) that long first.
+    Requeue { pause: Option<Duration> },
+    /// A transient error: try again after `delay`.
+    Retry { delay: Duration },
     /// No attempt left, or none could start before the deadline.
     GiveUp,
 }
 
-/// The decision after failed attempt number `attempt` (1-based) at `now`; `unit` in [0, 1)
-/// picks the jitter.
+/// The decision after a failed attempt at `now`: `errors` transient errors so far (this one
+/// included), `limited` 429s so far (this one included); `unit` in [0, 1) picks the jitter.
 pub(crate) fn next_step(
     failure: Failure,
-    attempt: u32,
+    errors: u32,
+    limited: u32,
     retry: &RetryPolicy,
     now: Instant,
     deadline: Instant,
     unit: f64,
 ) -> Step {
-    let delay = failure.hint.unwrap_or_else(|| retry::backoff(retry, attempt, unit));
-    let in_time = now.checked_add(delay).is_some_and(|resume| resume < deadline);
-    if attempt >= retry.max_attempts || !in_time {
+    let in_time = |d: Duration| now.checked_add(d).is_some_and(|resume| resume < deadline);
+    if failure.reason == RetryReason::RateLimited {
+        let pause = match failure.hint {
+            Some(hint) => Some(hint),
+            None if failure.window_known => None,
+            None => Some(retry::backoff(retry, limited, unit)),
+        };
+        return if in_time(pause.unwrap_or_default()) { Step::Requeue { pause } } else { Step::GiveUp };
+    }
+    let delay = failure.hint.unwrap_or_else(|| retry::backoff(retry, errors, unit));
+    if errors >= retry.max_attempts || !in_time(delay) {
         return Step::GiveUp;
     }
-    Step::Retry { delay, pause: failure.reason == RetryReason::RateLimited }
+    Step::Retry { delay }
 }
 
 /// The result of sending once.
@@ -60,13 +82,37 @@ enum Sent {
     Answer(reqwest::Response),
     /// The upstream refused our own key.
     Unauthorized(reqwest::Response),
-    /// A retryable status: the response (to relay if we give up) and what it said.
-    Retryable(reqwest::Response, Failure),
-    /// No response at all.
-    Failed(Failure, String),
+    /// A 429 about the quota window, read whole (it is small).
+    RateLimited { headers: HeaderMap, body: Bytes, hint: Option<Duration> },
+    /// A 429 that waiting cannot fix (the account is out of credit), read whole.
+    OutOfQuota { headers: HeaderMap, body: Bytes },
+    /// A transient error status: the response (to relay if we give up) and what it said.
+    Transient(reqwest::Response, Failure),
+    /// No response at all; `unsent` when no connection was made, so the upstream never saw it.
+    Failed { failure: Failure, message: String, unsent: bool },
 }
 
-async fn send_once(proxy: &Proxy, policy: &Policy, out: &Outgoing, record: &mut RecordGuard) -> Sent {
+/// The largest 429 body read to see what it is about.
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// Read a small error body, within a second and a bound.
+async fn read_small(resp: reqwest::Response) -> Bytes {
+    let mut resp = resp;
+    let mut buf = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            if buf.len() + chunk.len() > MAX_ERROR_BODY {
+                break;
+            }
+            buf.extend_from_slice(&chunk);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+    Bytes::from(buf)
+}
+
+async fn send_once(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut RecordGuard) -> Sent {
+    let out = &intake.out;
     let headers = upstream::request_headers(&out.headers, proxy.api_key().as_deref());
     let send = proxy.client().request(out.method.clone(), &out.url).headers(headers).body(out.body.clone());
     let sent = Instant::now();
@@ -75,6 +121,7 @@ async fn send_once(proxy: &Proxy, policy: &Policy, out: &Outgoing, record: &mut 
     record.get().upstream_latency = Some(latency);
     let metrics = proxy.metrics();
     metrics.upstream_latency.observe(latency.as_secs_f64());
+    let failure = |reason| Failure { reason, hint: None, window_known: false };
     match result {
         Ok(Ok(resp)) => {
             let status = resp.status();
@@ -82,24 +129,44 @@ async fn send_once(proxy: &Proxy, policy: &Policy, out: &Outgoing, record: &mut 
             if status == StatusCode::UNAUTHORIZED {
                 return Sent::Unauthorized(resp);
             }
+            let hint = retry::upstream_delay(status, resp.headers(), SystemTime::now());
             match RetryReason::for_status(status) {
                 None => Sent::Answer(resp),
-                Some(reason) => {
-                    let hint = retry::upstream_delay(status, resp.headers(), SystemTime::now());
-                    Sent::Retryable(resp, Failure { reason, hint })
+                Some(RetryReason::RateLimited) => {
+                    let headers = resp.headers().clone();
+                    let body = read_small(resp).await;
+                    if is_out_of_credit(&body) {
+                        Sent::OutOfQuota { headers, body }
+                    } else {
+                        Sent::RateLimited { headers, body, hint }
+                    }
                 }
+                Some(reason) => Sent::Transient(resp, Failure { hint, ..failure(reason) }),
             }
         }
         Ok(Err(e)) => {
             metrics.upstream_failure("connect_error");
-            Sent::Failed(Failure { reason: RetryReason::Connect, hint: None }, e.without_url().to_string())
+            let unsent = e.is_connect();
+            Sent::Failed {
+                failure: failure(RetryReason::Connect),
+                message: e.without_url().to_string(),
+                unsent,
+            }
         }
         Err(_) => {
             metrics.upstream_failure("timeout");
-            let msg = format!("no response within {:?}", policy.upstream.timeout);
-            Sent::Failed(Failure { reason: RetryReason::Timeout, hint: None }, msg)
+            let message = format!("no response within {:?}", policy.upstream.timeout);
+            Sent::Failed { failure: failure(RetryReason::Timeout), message, unsent: false }
         }
     }
+}
+
+/// OpenAI's `insufficient_quota` (and the like): a 429 that no amount of waiting fixes.
+fn is_out_of_credit(body: &[u8]) -> bool {
+    let code = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/code").and_then(|c| c.as_str()).map(str::to_owned));
+    matches!(code.as_deref(), Some("insufficient_quota" | "billing_hard_limit_reached"))
 }
 
 /// Read (and drop) a small error body so the connection can be reused.
@@ -107,80 +174,139 @@ async fn drain(resp: reqwest::Response) {
     let _ = tokio::time::timeout(Duration::from_secs(1), resp.bytes()).await;
 }
 
-/// Run attempts until one gives an answer to relay or no attempt is left.
-pub(crate) async fn run(proxy: &Proxy, policy: &Policy, out: &Outgoing, record: &mut RecordGuard) -> Answer {
+/// What the last failed attempt left to answer with, if the request gives up.
+enum Last {
+    Response(reqwest::Response),
+    Buffered(StatusCode, HeaderMap, Bytes),
+    Error(String),
+}
+
+/// Run attempts until one gives an answer to relay or none is left.
+pub(crate) async fn run(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut RecordGuard) -> Answer {
+    let admission = proxy.admission();
     let started = record.get().started;
     let deadline = started.checked_add(policy.queue.max_wait).unwrap_or(started);
-    let reserve = record.get().estimate.total();
-    let mut attempt: u32 = 0;
+    let place = admission.place();
+    let (mut sends, mut errors, mut limited) = (0u32, 0u32, 0u32);
     loop {
-        attempt += 1;
-        // A retry was admitted once already: the queue bound is for new arrivals, not for it.
-        let max_queue = if attempt == 1 { policy.queue.max_size } else { usize::MAX };
-        let mut permit = match proxy.admission().admit(reserve, deadline, max_queue).await {
+        // A request admitted once already is not a new arrival: the queue bound is not for it.
+        let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
+        let mut permit = match admission.admit(place, &intake.ask, deadline, max_queue).await {
             Ok(p) => p,
             Err(rejection) => {
                 let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
                 return Answer::Refused(ApiError::throttled(&rejection, policy.queue.max_wait), outcome);
             }
         };
+        sends += 1;
         let rec = record.get();
-        rec.attempts = attempt;
+        rec.attempts = sends;
         rec.queue_wait += permit.waited;
 
-        let relay = |response, permit| Answer::Upstream {
-            response,
-            permit,
-            idle_timeout: policy.upstream.timeout,
-            strip_usage_event: out.strip_usage_event,
-        };
-        let (failure, last) = match send_once(proxy, policy, out, record).await {
-            Sent::Answer(resp) => return relay(resp, permit),
+        let (failure, last) = match send_once(proxy, policy, intake, record).await {
+            Sent::Answer(resp) => {
+                calibrate(&permit, resp.headers(), policy);
+                return Answer::Upstream {
+                    response: resp,
+                    permit,
+                    idle_timeout: policy.upstream.timeout,
+                    strip_usage_event: intake.out.strip_usage_event,
+                };
+            }
             Sent::Unauthorized(resp) => {
                 // The upstream refused the proxy's key, not the client's: say so, and never
                 // relay its body (OpenAI's quotes part of the key).
-                permit.settle(0);
+                permit.refund();
                 drain(resp).await;
                 return Answer::Refused(ApiError::upstream_auth(), Outcome::UpstreamError);
             }
-            Sent::Retryable(resp, failure) => (failure, Ok(resp)),
-            Sent::Failed(failure, message) => (failure, Err(message)),
-        };
-        // A refused attempt generated nothing: give its tokens back, keep the request counted.
-        // A timed-out one may have been worked on upstream, so its reservation stays spent.
-        if failure.reason != RetryReason::Timeout {
-            permit.settle(0);
-        }
-        let now = Instant::now();
-        let (delay, pause) = match next_step(failure, attempt, &policy.retry, now, deadline, fastrand::f64())
-        {
-            Step::Retry { delay, pause } => (delay, pause),
-            Step::GiveUp => {
-                return match last {
-                    Ok(resp) => relay(resp, permit),
-                    Err(message) => {
-                        let (status, what) = match failure.reason {
-                            RetryReason::Timeout => (StatusCode::GATEWAY_TIMEOUT, "did not answer in time"),
-                            _ => (StatusCode::BAD_GATEWAY, "could not be reached"),
-                        };
-                        let text = format!("the upstream API {what} after {attempt} attempt(s): {message}");
-                        Answer::Refused(ApiError::upstream(status, text), Outcome::UpstreamError)
-                    }
-                };
+            Sent::OutOfQuota { headers, body } => {
+                permit.refund();
+                return Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body };
+            }
+            Sent::RateLimited { headers, body, hint } => {
+                // Not counted upstream: refund, then take the upstream's word for what remains.
+                permit.refund();
+                let quota = QuotaHeaders::parse(&headers);
+                let window_known = quota.is_some_and(|q| q.says_remaining());
+                if let Some(q) = &quota {
+                    permit.calibrate(q, true, policy.queue.max_wait);
+                }
+                let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
+                (failure, Last::Buffered(StatusCode::TOO_MANY_REQUESTS, headers, body))
+            }
+            Sent::Transient(resp, failure) => {
+                // The upstream may have worked on it (and counted it): the charge stands.
+                calibrate(&permit, resp.headers(), policy);
+                (failure, Last::Response(resp))
+            }
+            Sent::Failed { failure, message, unsent } => {
+                if unsent {
+                    permit.refund();
+                }
+                (failure, Last::Error(message))
             }
         };
-        if pause && let Some(until) = now.checked_add(delay) {
-            // The upstream's window is spent for everyone: hold the whole queue, not just us.
-            proxy.admission().pause_until(until);
+        if failure.reason == RetryReason::RateLimited {
+            limited += 1;
+        } else {
+            errors += 1;
+        }
+        let now = Instant::now();
+        let step = next_step(failure, errors, limited, &policy.retry, now, deadline, fastrand::f64());
+        if step == Step::GiveUp {
+            return give_up(last, permit, failure, sends, intake, policy.upstream.timeout);
         }
         drop(permit);
-        if let Ok(resp) = last {
+        if let Last::Response(resp) = last {
             drain(resp).await;
         }
         proxy.metrics().retry(failure.reason);
         record.get().retry_reasons.push(failure.reason);
-        if !pause {
-            tokio::time::sleep(delay).await;
+        match step {
+            Step::Requeue { pause: Some(pause) } => {
+                // Hold what the 429 was about, at most one queue wait at a time.
+                let pause = pause.min(policy.queue.max_wait);
+                if let Some(until) = now.checked_add(pause) {
+                    admission.pause(intake.ask.model.as_ref(), until);
+                }
+            }
+            Step::Retry { delay } => tokio::time::sleep(delay).await,
+            Step::Requeue { pause: None } | Step::GiveUp => {}
+        }
+    }
+}
+
+fn calibrate(permit: &Permit, headers: &HeaderMap, policy: &Policy) {
+    if let Some(q) = QuotaHeaders::parse(headers) {
+        permit.calibrate(&q, false, policy.queue.max_wait);
+    }
+}
+
+/// The answer when no attempt is left: the upstream's own last answer where there is one.
+fn give_up(
+    last: Last,
+    permit: Permit,
+    failure: Failure,
+    sends: u32,
+    intake: &Intake,
+    idle_timeout: Duration,
+) -> Answer {
+    match last {
+        Last::Response(response) => Answer::Upstream {
+            response,
+            permit,
+            idle_timeout,
+            strip_usage_event: intake.out.strip_usage_event,
+        },
+        Last::Buffered(status, headers, body) => Answer::Buffered { status, headers, body },
+        Last::Error(message) => {
+            let (status, what) = match failure.reason {
+                RetryReason::Timeout => (StatusCode::GATEWAY_TIMEOUT, "did not answer in time"),
+                _ => (StatusCode::BAD_GATEWAY, "could not be reached"),
+            };
+            let text = format!("the upstream API {what} after {sends} attempt(s): {message}");
+            Answer::Refused(ApiError::upstream(status, text), Outcome::UpstreamError)
         }
     }
 }
@@ -199,33 +325,55 @@ mod tests {
         }
     }
 
-    fn failure(reason: RetryReason, hint: Option<u64>) -> Failure {
-        Failure { reason, hint: hint.map(Duration::from_secs) }
+    fn failure(reason: RetryReason, hint: Option<u64>, window_known: bool) -> Failure {
+        Failure { reason, hint: hint.map(Duration::from_secs), window_known }
     }
 
     #[test]
-    fn backs_off_until_attempts_run_out() {
+    fn errors_back_off_until_attempts_run_out() {
         let now = Instant::now();
         let deadline = now + Duration::from_secs(60);
-        let f = failure(RetryReason::ServerError, None);
-        let steps: Vec<Step> = (1..=4).map(|n| next_step(f, n, &policy(4), now, deadline, 0.0)).collect();
-        let secs = |s| Step::Retry { delay: Duration::from_secs(s), pause: false };
+        let f = failure(RetryReason::ServerError, None, false);
+        let steps: Vec<Step> = (1..=4).map(|n| next_step(f, n, 0, &policy(4), now, deadline, 0.0)).collect();
+        let secs = |s| Step::Retry { delay: Duration::from_secs(s) };
         assert_eq!(steps, [secs(1), secs(2), secs(4), Step::GiveUp]);
     }
 
     #[test]
-    fn the_upstreams_word_wins_and_a_429_pauses_everyone() {
+    fn a_429_is_a_requeue_not_an_attempt() {
         let now = Instant::now();
         let deadline = now + Duration::from_secs(60);
-        let step = next_step(failure(RetryReason::RateLimited, Some(7)), 1, &policy(4), now, deadline, 0.0);
-        assert_eq!(step, Step::Retry { delay: Duration::from_secs(7), pause: true });
+        // However many 429s came before, and with attempts spent, the request waits its turn.
+        let hinted = failure(RetryReason::RateLimited, Some(7), true);
+        assert_eq!(
+            next_step(hinted, 4, 30, &policy(4), now, deadline, 0.0),
+            Step::Requeue { pause: Some(Duration::from_secs(7)) }
+        );
+        // Headers corrected the buckets and no Retry-After: the buckets do the waiting.
+        let known = failure(RetryReason::RateLimited, None, true);
+        assert_eq!(next_step(known, 0, 1, &policy(4), now, deadline, 0.0), Step::Requeue { pause: None });
+        // Nothing said at all: back off, growing with the 429s.
+        let blind = failure(RetryReason::RateLimited, None, false);
+        assert_eq!(
+            next_step(blind, 0, 3, &policy(4), now, deadline, 0.0),
+            Step::Requeue { pause: Some(Duration::from_secs(4)) }
+        );
     }
 
     #[test]
-    fn no_retry_that_could_not_start_before_the_deadline() {
+    fn nothing_that_could_not_start_before_the_deadline() {
         let now = Instant::now();
-        let f = failure(RetryReason::RateLimited, Some(5));
-        assert_eq!(next_step(f, 1, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
-        assert_eq!(next_step(f, 1, &policy(1), now, now + Duration::from_secs(60), 0.0), Step::GiveUp);
+        let f = failure(RetryReason::RateLimited, Some(5), false);
+        assert_eq!(next_step(f, 0, 1, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
+        let e = failure(RetryReason::ServerError, Some(5), false);
+        assert_eq!(next_step(e, 1, 0, &policy(1), now, now + Duration::from_secs(60), 0.0), Step::GiveUp);
+        assert_eq!(next_step(e, 1, 0, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
+    }
+
+    #[test]
+    fn out_of_credit_is_told_apart() {
+        assert!(is_out_of_credit(br#"{"error": {"code": "insufficient_quota", "message": "x"}}"#));
+        assert!(!is_out_of_credit(br#"{"error": {"code": "rate_limit_exceeded"}}"#));
+        assert!(!is_out_of_credit(b"not json"));
     }
 }

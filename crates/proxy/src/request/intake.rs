@@ -1,15 +1,18 @@
-//! Intake: read the client's request within its bounds, check it, estimate its tokens, and
-//! prepare what is sent upstream and what identifies it in the cache.
+//! Intake: read the client's request within its bounds, check it, work out what it will be
+//! charged, and prepare what is sent upstream and what identifies it in the cache.
+
+use std::sync::Arc;
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode, header, request};
 use llmproxy_api::Policy;
-use serde_json::Value;
 
 use super::record::RecordGuard;
+use crate::body::{self, Inspected};
 use crate::cache::{self, Key};
 use crate::error::ApiError;
+use crate::limiter::Ask;
 use crate::state::Proxy;
 use crate::tokens;
 
@@ -27,6 +30,8 @@ pub(crate) struct Outgoing {
 pub(crate) struct Intake {
     /// What goes upstream.
     pub(crate) out: Outgoing,
+    /// What it asks of the limiter.
+    pub(crate) ask: Ask,
     /// The cache key, for cacheable requests.
     pub(crate) cache_key: Option<Key>,
 }
@@ -61,43 +66,50 @@ pub(crate) async fn read(
     };
 
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or_default();
-    let mut json = None;
-    if is_json(&parts.headers, &body) {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v @ Value::Object(_)) => json = Some(v),
-            Ok(_) => return Err(bad_request("request body must be a JSON object")),
-            Err(e) => return Err(bad_request(format!("invalid JSON body: {e}"))),
-        }
-    }
-
     let rec = record.get();
     rec.logged = options.record_percent >= 100 || fastrand::u8(0..100) < options.record_percent;
+    let cacheable =
+        parts.method == http::Method::POST && cache::cacheable_path(rest) && proxy.cache().enabled();
+    let inspected = if is_json(&parts.headers, &body) {
+        let digest = cacheable || rec.logged;
+        Some(body::inspect(&body, digest).map_err(|e| bad_request(e.to_string()))?)
+    } else {
+        None
+    };
     rec.client = options
         .client_id_header
         .as_ref()
         .and_then(|h| parts.headers.get(h)?.to_str().ok())
-        .or_else(|| json.as_ref()?.get("user")?.as_str())
+        .or_else(|| inspected.as_ref()?.user.as_deref())
         .map(|c| c.chars().take(128).collect());
 
+    let mut ask = Ask::default();
     let mut strip_usage_event = false;
     let mut body = body;
-    if let Some(v) = json.as_mut() {
-        rec.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
-        rec.stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        rec.estimate = tokens::estimate(rest, v, policy.limits.default_max_tokens);
+    if let Some(i) = &inspected {
+        rec.model = i.model.clone();
+        rec.stream = i.stream;
+        rec.estimate = tokens::estimate(rest, i, policy.limits.default_max_tokens);
         if rec.logged {
-            rec.prompt_hash = cache::prompt_hash(v);
+            rec.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
         }
-        if rec.stream && (rest == "/chat/completions" || rest == "/completions") && ask_for_usage(v) {
+        ask = Ask { tokens: rec.estimate.total(), model: i.model.as_deref().map(Arc::from) };
+        if let Some(max) = policy.limits.max_request_tokens
+            && ask.tokens > max
+        {
+            return Err(never_fits(rec.estimate, max));
+        }
+        if i.stream && (rest == "/chat/completions" || rest == "/completions") && !i.include_usage {
             strip_usage_event = true;
-            body = Bytes::from(serde_json::to_vec(v).unwrap_or_default());
+            body = ask_for_usage(&body, i)?;
         }
     }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let cache_key = json
+    let cache_key = inspected
         .as_ref()
-        .filter(|_| parts.method == http::Method::POST && cache::cacheable_path(rest))
-        .map(|v| cache::key(&policy.upstream.url, parts.method.as_str(), &format!("{rest}{query}"), v));
+        .and_then(|i| i.key_digest.as_ref())
+        .filter(|_| cacheable)
+        .map(|d| cache::key(&policy.upstream.url, parts.method.as_str(), &format!("{rest}{query}"), d));
     Ok(Intake {
         out: Outgoing {
             method: parts.method,
@@ -106,25 +118,51 @@ pub(crate) async fn read(
             body,
             strip_usage_event,
         },
+        ask,
         cache_key,
     })
 }
 
-/// Ask the upstream to report usage at the end of a stream; true if the request did not.
-fn ask_for_usage(v: &mut Value) -> bool {
-    let asked = v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-    if asked {
-        return false;
+/// A request the provider would refuse as too large, whatever the wait: say so at once instead
+/// of queueing it (or leaving a debt that holds everyone else).
+fn never_fits(estimate: tokens::Estimate, max: u64) -> ApiError {
+    let msg = format!(
+        "this request would be charged {} tokens (prompt estimate {} + completion budget {}), more \
+         than the whole tokens-per-minute limit of {max}; lower max_tokens (or n), or shorten the prompt",
+        estimate.total(),
+        estimate.prompt,
+        estimate.completion
+    );
+    ApiError::invalid(StatusCode::BAD_REQUEST, msg, Some("request_too_large"))
+}
+
+/// The body with `stream_options.include_usage: true`, so that the stream reports its usage.
+/// Without a `stream_options` the field is spliced in after the opening brace (the rest of the
+/// bytes untouched); an existing one is rewritten through a parsed copy.
+fn ask_for_usage(body: &Bytes, inspected: &Inspected) -> Result<Bytes, ApiError> {
+    if !inspected.has_stream_options {
+        let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
+        let empty = body[start + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+        let field: &[u8] = if empty {
+            br#""stream_options":{"include_usage":true}"#
+        } else {
+            br#""stream_options":{"include_usage":true},"#
+        };
+        let mut out = BytesMut::with_capacity(body.len() + field.len());
+        out.extend_from_slice(&body[..=start]);
+        out.extend_from_slice(field);
+        out.extend_from_slice(&body[start + 1..]);
+        return Ok(out.freeze());
     }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))?;
     match v.get_mut("stream_options") {
-        Some(Value::Object(opts)) => {
-            opts.insert("include_usage".into(), Value::Bool(true));
+        Some(serde_json::Value::Object(opts)) => {
+            opts.insert("include_usage".into(), serde_json::Value::Bool(true));
         }
-        _ => {
-            v["stream_options"] = serde_json::json!({"include_usage": true});
-        }
+        _ => v["stream_options"] = serde_json::json!({"include_usage": true}),
     }
-    true
+    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
@@ -146,4 +184,29 @@ fn is_length_limit(e: &axum::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage_added(text: &str) -> serde_json::Value {
+        let body = Bytes::copy_from_slice(text.as_bytes());
+        let inspected = body::inspect(&body, false).unwrap_or_else(|e| panic!("{e}"));
+        let out = ask_for_usage(&body, &inspected).unwrap_or_else(|e| panic!("{}", e.message));
+        serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+    }
+
+    #[test]
+    fn usage_is_asked_for_without_disturbing_the_body() {
+        let v = usage_added(r#"  {"model": "m", "stream": true}"#);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!((v["model"].as_str(), v["stream"].as_bool()), (Some("m"), Some(true)));
+        assert_eq!(usage_added("{ }")["stream_options"]["include_usage"], true);
+        let v = usage_added(r#"{"stream": true, "stream_options": {"include_usage": false, "x": 1}}"#);
+        assert_eq!(
+            (v["stream_options"]["include_usage"].as_bool(), v["stream_options"]["x"].as_u64()),
+            (Some(true), Some(1))
+        );
+    }
 }

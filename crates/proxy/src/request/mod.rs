@@ -58,7 +58,7 @@ async fn pipeline(
             }
         }
     };
-    let answer = attempts::run(proxy, &policy, &intake.out, &mut record).await;
+    let answer = attempts::run(proxy, &policy, &intake, &mut record).await;
     respond::respond(answer, record, fill)
 }
 

@@ -38,6 +38,15 @@ pub(crate) enum Answer {
         /// Remove the usage event the proxy asked for on the client's behalf.
         strip_usage_event: bool,
     },
+    /// An upstream answer already read whole (a 429): relayed as it came.
+    Buffered {
+        /// The upstream's status.
+        status: http::StatusCode,
+        /// The upstream's headers.
+        headers: http::HeaderMap,
+        /// The upstream's body.
+        body: Bytes,
+    },
     /// The proxy answers itself.
     Refused(ApiError, Outcome),
 }
@@ -48,6 +57,19 @@ pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill
         Answer::Refused(err, outcome) => {
             record.finish(err.status.as_u16(), outcome);
             return err.into_response();
+        }
+        Answer::Buffered { status, headers, body } => {
+            let rec = record.get();
+            rec.status = status.as_u16();
+            rec.outcome = Outcome::for_status(status.as_u16());
+            let mut headers = upstream::response_headers(&headers);
+            headers.remove(header::CONTENT_LENGTH);
+            headers.insert("x-llmproxy-attempts", HeaderValue::from(rec.attempts));
+            record.complete();
+            let mut out = Response::new(Body::from(body));
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            return out;
         }
         Answer::Upstream { response, permit, idle_timeout, strip_usage_event } => {
             (response, permit, idle_timeout, strip_usage_event)
@@ -175,14 +197,10 @@ impl Relay {
             rec.outcome = o;
         }
         rec.usage = usage;
-        let refused = !(200..300).contains(&rec.status);
         if let Some(mut permit) = self.permit.take() {
-            match usage {
-                Some(usage) => permit.settle(usage.total()),
-                // An error answer without usage generated nothing.
-                None if refused => permit.settle(0),
-                None => {}
-            }
+            // Without usage (an error answer, a stream cut short, a client gone) the charge
+            // made at admission stands: never more.
+            permit.settle(usage.map(Usage::total));
         }
         let (status, outcome) = (rec.status, rec.outcome);
         if outcome == Outcome::Ok && (200..300).contains(&status) {
@@ -264,4 +282,3 @@ impl Drop for Relay {
         self.end(Some(Outcome::ClientClosed));
     }
 }
-
