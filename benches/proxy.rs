@@ -6,7 +6,11 @@
 //! (b) the most requests per second each path sustains (64 clients back to back);
 //! (c) an overload burst of 10x the configured rate: client 429s, upstream 429s, achieved rate;
 //! (d) a mixed workload, half of it repeated prompts, through the cache: upstream calls saved,
-//!     latency of hits vs misses.
+//!     latency of hits vs misses;
+//! (e) a burst bound by tokens per minute (300 requests with `max_tokens: 100` from 50 naive
+//!     clients) against an upstream that counts tokens as requested or as used, with the proxy
+//!     counting the same way or not: client and upstream 429s, achieved / configured tokens per
+//!     second, wall time vs the least the quota allows.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -60,6 +64,14 @@ async fn start_mock(extra: &[&str]) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
+async fn mock_stats(addr: SocketAddr) -> serde_json::Value {
+    let resp = load::client().get(format!("http://{addr}/mock/stats")).send().await;
+    match resp {
+        Ok(r) => serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
 async fn start_proxy(
     dir: &Path,
     upstream: SocketAddr,
@@ -72,7 +84,10 @@ async fn start_proxy(
     );
     std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
     let (addr, admin) = (free_addr(), free_addr());
-    let p = spawn(Command::new(llmproxy()).arg("proxy").arg("--config").arg(&file).args([
+    // LLMPROXY_BENCH_PROXY=/path/to/an/older/llmproxy: A/B another build's proxy against the
+    // same mock, load and baselines.
+    let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
+    let p = spawn(Command::new(bin).arg("proxy").arg("--config").arg(&file).args([
         "--listen",
         &addr.to_string(),
         "--admin-listen",
@@ -184,11 +199,7 @@ async fn run() {
         "{maxSize: 100000, maxWait: 120s}",
     )
     .await;
-    let stats = |addr: SocketAddr| async move {
-        let text =
-            load::client().get(format!("http://{addr}/mock/stats")).send().await.ok()?.text().await.ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?["rate_limited"].as_u64()
-    };
+    let stats = |addr: SocketAddr| async move { mock_stats(addr).await["rate_limited"].as_u64() };
     println!("| path | requests | ok | client 429s | upstream 429s | wall s | achieved / configured rate |");
     println!("|---|---|---|---|---|---|---|");
     for (name, addr) in [("direct", limited_addr), ("llmproxy", lp_addr)] {
@@ -258,12 +269,86 @@ async fn cache_workload(dir: &Path) {
     );
 }
 
+/// The TPM-bound burst of (e): `max_tokens: 100`, a short distinct prompt each.
+fn tpm_body(i: usize) -> serde_json::Value {
+    serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 100,
+        "messages": [{"role": "user", "content": format!("Say hello to user number {i}.")}]})
+}
+
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+async fn tpm_workload(dir: &Path) {
+    println!(
+        "\n## (e) TPM-bound burst: 300 requests (max_tokens 100, 16 used) from 50 clients; the proxy set to exactly the upstream's quota\n"
+    );
+    println!(
+        "| path | upstream counts | proxy counts | quota tokens/s | ok | client 429s | upstream 429s | achieved / configured tokens/s | wall s | wall / least possible |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let client = load::client();
+    // Counted as used, the burst charges a fifth as much: a fifth of the quota keeps it bound.
+    for (upstream, proxy, rate) in [
+        ("requested", None, 10_000u64),
+        ("requested", Some("requested"), 10_000),
+        ("used", Some("used"), 2_000),
+        ("requested", Some("used"), 10_000),
+    ] {
+        let tpm = (rate * 60).to_string();
+        let (_mock, mock_addr) =
+            start_mock(&["--tpm", &tpm, "--rpm", "100000000", "--token-accounting", upstream]).await;
+        let (_p, target) = match proxy {
+            None => (None, mock_addr),
+            Some(counts) => {
+                let limits = format!(
+                    "{{requestsPerMinute: 100000000, tokensPerMinute: {tpm}, tokenAccounting: {counts}, maxConcurrent: 64}}"
+                );
+                let (p, addr, _) = start_proxy(dir, mock_addr, &limits, "{maxSize: 100000, maxWait: 120s}").await;
+                (Some(p), addr)
+            }
+        };
+        let (shots, wall) =
+            load::clients(&client, &format!("http://{target}/v1/chat/completions"), 50, 300, tpm_body).await;
+        let s = Summary::of(&shots, wall);
+        let stats = mock_stats(mock_addr).await;
+        let charged = stats["charged_tokens"].as_u64().unwrap_or(0);
+        let upstream_429 = stats["rate_limited"].as_u64().unwrap_or(0);
+        // One second's worth goes at once; the rest is paced at the rate.
+        let paced = charged.saturating_sub(rate) as f64;
+        let least = paced / rate as f64;
+        let (achieved, vs_least) = match proxy {
+            Some(_) => (
+                format!("{:.3}", paced / wall.as_secs_f64() / rate as f64),
+                format!("{:.3}", wall.as_secs_f64() / least.max(1e-9)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {upstream} | {} | {rate} | {} | {} | {upstream_429} | {achieved} | {:.2} | {vs_least} |",
+            if proxy.is_some() { "llmproxy" } else { "direct" },
+            proxy.unwrap_or("-"),
+            s.ok,
+            s.rate_limited,
+            wall.as_secs_f64(),
+        );
+    }
+}
+
 fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+    // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
+    // tpm = e); none named: all.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
-        run().await;
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        cache_workload(dir.path()).await;
+        if wanted("hop") {
+            run().await;
+        }
+        if wanted("cache") {
+            cache_workload(dir.path()).await;
+        }
+        if wanted("tpm") {
+            tpm_workload(dir.path()).await;
+        }
     });
 }

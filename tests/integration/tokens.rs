@@ -56,10 +56,11 @@ async fn tpm_bound_burst(proxy_counts: &str, upstream_counts: Accounting, rate: 
         load::clients(&load::client(), &proxy.url("/chat/completions"), CLIENTS, REQUESTS, body).await;
     let summary = load::Summary::of(&shots, wall);
     let stats = upstream.mock.stats();
-    let charged: u64 = match upstream_counts {
-        Accounting::Requested => (0..REQUESTS).map(|i| prompt_tokens(i) + MAX_TOKENS).sum(),
-        Accounting::Used => stats.tokens,
-    };
+    let charged = stats.charged_tokens;
+    if upstream_counts == Accounting::Requested {
+        let expected: u64 = (0..REQUESTS).map(|i| prompt_tokens(i) + MAX_TOKENS).sum();
+        assert_eq!(charged, expected, "the mock counts as the provider documents");
+    }
     let ideal = Duration::from_secs_f64(charged.saturating_sub(rate) as f64 / rate as f64);
     Run { ok: summary.ok, client_429: summary.rate_limited, upstream_429: stats.rate_limited, wall, ideal }
 }

@@ -227,13 +227,20 @@ async fn gate(
         return Err(resp);
     }
     let used = prompt + completion * n;
-    if config.token_accounting == crate::Accounting::Used {
+    let kept = if config.token_accounting == crate::Accounting::Used {
         // It knows its answer now: settle the charge to what it will really use.
         if let Some(q) = lock(&mock.limits).tokens.as_mut() {
             q.refund(at, charged.saturating_sub(used));
         }
+        used
+    } else {
+        charged
+    };
+    {
+        let mut stats = lock(&mock.stats);
+        stats.tokens += used;
+        stats.charged_tokens += kept;
     }
-    lock(&mock.stats).tokens += used;
     record(mock, path, 200, key, at);
     let headers = rate_headers(mock, at);
     mock.pass_gate().await;

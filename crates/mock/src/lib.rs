@@ -111,6 +111,8 @@ pub struct Stats {
     pub max_inflight: u64,
     /// Tokens used (prompt + completion) by successful requests.
     pub tokens: u64,
+    /// Tokens counted against `tokens_per_minute`, by its accounting (what it charged and kept).
+    pub charged_tokens: u64,
 }
 
 /// One request as the mock saw it.
