@@ -301,7 +301,8 @@ async fn tpm_workload(dir: &Path) {
                 let limits = format!(
                     "{{requestsPerMinute: 100000000, tokensPerMinute: {tpm}, tokenAccounting: {counts}, maxConcurrent: 64}}"
                 );
-                let (p, addr, _) = start_proxy(dir, mock_addr, &limits, "{maxSize: 100000, maxWait: 120s}").await;
+                let (p, addr, _) =
+                    start_proxy(dir, mock_addr, &limits, "{maxSize: 100000, maxWait: 120s}").await;
                 (Some(p), addr)
             }
         };

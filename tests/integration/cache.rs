@@ -153,7 +153,7 @@ async fn fifty_identical_requests_make_one_upstream_call() {
 async fn a_failed_leader_does_not_take_its_followers_down() {
     let upstream = mock(MockConfig { latency: Duration::from_millis(300), ..MockConfig::default() }).await;
     // The leader's request meets a 400 (not retried); a follower leads the next attempt.
-    upstream.mock.inject(Fault::Status { status: 400, retry_after_secs: None }, 1);
+    upstream.mock.inject(Fault::Status { status: 400, retry_after_secs: None, code: None }, 1);
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", CACHED), None).await;
     let url = proxy.url("/chat/completions");
     let body = prompt("fragile").to_string();
@@ -215,7 +215,7 @@ async fn every_request_leaves_one_record_without_prompt_or_keys() {
     };
     let secret_prompt = prompt(&format!("tell me about {MARKER}"));
     let mut ids = Vec::new();
-    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None }, 1);
+    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None, code: None }, 1);
     for body in
         [secret_prompt.clone(), secret_prompt.clone(), json!({"model": "m", "user": "bob", "input": MARKER})]
     {

@@ -273,7 +273,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_and_operator_export() {
     )
     .await;
     let client = load::client();
-    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None }, 1);
+    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None, code: None }, 1);
     let url = proxy.url("/chat/completions");
     let _ = load::shoot(&client, &url, None, &load::chat_body(1)).await;
     let _ = load::shoot(&client, &url, None, &load::chat_body(1)).await;

@@ -45,7 +45,7 @@ async fn a_burst_succeeds_at_the_upstream_rate_without_429s() {
 #[tokio::test]
 async fn retry_after_from_the_upstream_is_honoured() {
     let upstream = mock(MockConfig::default()).await;
-    upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: Some(1) }, 1);
+    upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: Some(1), code: None }, 1);
     let proxy = TestProxy::start(
         &manifest(&upstream.url(), "{requestsPerMinute: 6000}", "  retry: {initialBackoff: 10ms}\n"),
         None,
@@ -64,7 +64,7 @@ async fn retry_after_from_the_upstream_is_honoured() {
 #[tokio::test]
 async fn backoff_grows_between_retries_of_5xx() {
     let upstream = mock(MockConfig::default()).await;
-    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None }, 3);
+    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None, code: None }, 3);
     let retry =
         "  retry: {maxAttempts: 4, initialBackoff: 100ms, multiplier: 2, maxBackoff: 1s, jitter: false}\n";
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", retry), None).await;
@@ -82,7 +82,7 @@ async fn backoff_grows_between_retries_of_5xx() {
 #[tokio::test]
 async fn exhausted_retries_return_the_upstream_error() {
     let upstream = mock(MockConfig::default()).await;
-    upstream.mock.inject(Fault::Status { status: 500, retry_after_secs: None }, 5);
+    upstream.mock.inject(Fault::Status { status: 500, retry_after_secs: None, code: None }, 5);
     let retry = "  retry: {maxAttempts: 2, initialBackoff: 10ms}\n";
     let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", retry), None).await;
     let (status, _, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
@@ -108,7 +108,7 @@ async fn client_errors_are_not_retried() {
     assert_eq!(upstream.mock.seen().len(), 1);
     // 400 from the upstream.
     proxy.proxy.set_api_key(llmproxy_proxy::ApiKey::new("sk-right"));
-    upstream.mock.inject(Fault::Status { status: 400, retry_after_secs: None }, 1);
+    upstream.mock.inject(Fault::Status { status: 400, retry_after_secs: None, code: None }, 1);
     let (status, _, _) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
     assert_eq!(status, 400);
     assert_eq!(upstream.mock.seen().len(), 2);
@@ -313,4 +313,46 @@ async fn every_openai_path_passes_through_with_headers_and_the_upstream_key() {
     let resp = client.get(proxy.url("/models/nope")).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status(), 404, "upstream 404 passed through");
     assert!(upstream.mock.seen().iter().all(|s| s.key.as_deref() == Some("sk-upstream")));
+}
+
+#[tokio::test]
+async fn upstream_429s_are_waited_out_in_line_not_counted_as_attempts() {
+    let upstream = mock(MockConfig::default()).await;
+    // Five 429s in a row with a short window, and only two attempts allowed for errors.
+    upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: Some(0), code: None }, 5);
+    let spec = "  retry: {maxAttempts: 2, initialBackoff: 10ms, maxBackoff: 50ms}\n";
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec), None).await;
+    let (status, headers, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("6"));
+    assert_eq!(metric(&proxy.metrics().await, "llmproxy_retries_total{reason=\"status_429\"}"), 5.0);
+    // Out of credit is another matter: waiting cannot fix it, so it is answered at once.
+    let code = Some("insufficient_quota".to_owned());
+    upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: None, code }, 1);
+    let (status, headers, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
+    assert_eq!(status, 429);
+    assert!(body.contains("insufficient_quota"), "the upstream's own answer: {body}");
+    assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("1"));
+}
+
+#[tokio::test]
+async fn a_429_for_one_model_does_not_hold_the_others() {
+    let upstream = mock(MockConfig::default()).await;
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), None).await;
+    upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: Some(3600), code: None }, 1);
+    let model = |m: &str| {
+        let mut body = chat(5);
+        body["model"] = json!(m);
+        body
+    };
+    let start = Instant::now();
+    // Model A's window is spent for an hour: more than its queue wait, so it hears so at once.
+    let (status, headers, _) = post_json(&proxy.url("/chat/completions"), &model("model-a")).await;
+    assert_eq!(status, 429);
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("3600"));
+    // Model B is not affected.
+    let (status, _, body) = post_json(&proxy.url("/chat/completions"), &model("model-b")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(start.elapsed() < Duration::from_secs(5), "model b waited {:?}", start.elapsed());
+    assert_eq!(upstream.mock.seen().len(), 2);
 }

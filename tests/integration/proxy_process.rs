@@ -121,7 +121,7 @@ async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
         let resp = send(body).await.unwrap_or_else(|e| panic!("{e}"));
         bodies.push(resp.text().await.unwrap_or_default());
     }
-    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None }, 2);
+    upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None, code: None }, 2);
     bodies.push(
         send(load::chat_body(2).to_string())
             .await

@@ -166,14 +166,14 @@ async fn gate(
     if let Some(f) = &fault {
         lock(&mock.stats).faults += 1;
         match f {
-            Fault::Status { status, retry_after_secs } => {
+            Fault::Status { status, retry_after_secs, code: error_code } => {
                 let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 record(mock, path, code.as_u16(), key, at);
                 let mut resp = error(
                     code,
                     "The server had an error while processing your request.",
                     "server_error",
-                    None,
+                    error_code.as_deref(),
                 );
                 if let Some(secs) = retry_after_secs {
                     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));

@@ -79,6 +79,9 @@ pub enum Fault {
         /// Seconds for `Retry-After`.
         #[serde(default)]
         retry_after_secs: Option<u64>,
+        /// The error body's `code` (e.g. `insufficient_quota`).
+        #[serde(default)]
+        code: Option<String>,
     },
     /// Close the connection without answering.
     Drop,
