@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use llmproxy_proxy::cluster;
 use llmproxy_proxy::reload::{self, FileWatcher};
+use llmproxy_proxy::supervise::supervise;
 use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy};
 
 use super::LogFormat;
@@ -74,8 +75,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             let proxy = Proxy::new(policy, metrics, options)?;
             proxy.set_api_key(key);
-            let watcher = FileWatcher::new(proxy.clone(), file.clone(), args.upstream_api_key_file.clone());
-            (proxy, tokio::spawn(watcher.run()), resource.metadata.name.unwrap_or_default())
+            let (p, manifest, key_file) = (proxy.clone(), file.clone(), args.upstream_api_key_file.clone());
+            let mut first = true;
+            let source = supervise(proxy.clone(), "file", move || {
+                let (p, manifest, key_file) = (p.clone(), manifest.clone(), key_file.clone());
+                let watcher = if std::mem::take(&mut first) {
+                    FileWatcher::new(p, manifest, key_file)
+                } else {
+                    FileWatcher::fresh(p, manifest, key_file)
+                };
+                watcher.run()
+            });
+            (proxy, tokio::spawn(source), resource.metadata.name.unwrap_or_default())
         }
         (None, Some(r)) => {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
@@ -83,7 +94,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let key_required = policy.upstream.api_key_secret_ref.is_some();
             let proxy = Proxy::new(policy, metrics, options)?;
             proxy.set_key_required(key_required);
-            let task = tokio::spawn(cluster::watch(proxy.clone(), client, r.clone()));
+            let (p, r2) = (proxy.clone(), r.clone());
+            let source = supervise(proxy.clone(), "cluster", move || {
+                cluster::watch(p.clone(), client.clone(), r2.clone())
+            });
+            let task = tokio::spawn(source);
             (proxy, task, format!("{}/{}", r.namespace, r.name))
         }
         (None, None) => anyhow::bail!("give --config FILE or --resource NAMESPACE/NAME"),

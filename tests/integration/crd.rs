@@ -138,6 +138,31 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
             &["spec.upstream.timeout", "timeout must be greater than 0s"],
         ),
         ("not a URL", |s| s["upstream"]["url"] = json!("api.openai.com"), &["spec.upstream.url"]),
+        (
+            "a wait beyond a day",
+            |s| s["queue"]["maxWait"] = json!("25h"),
+            &["spec.queue.maxWait", "must be at most 24h"],
+        ),
+        (
+            "a wait beyond any clock",
+            |s| s["queue"]["maxWait"] = json!("6000000000000000h"),
+            &["spec.queue.maxWait"],
+        ),
+        (
+            "a timeout beyond an hour",
+            |s| s["upstream"]["timeout"] = json!("2h"),
+            &["spec.upstream.timeout", "must be at most 1h"],
+        ),
+        (
+            "a back-off beyond an hour",
+            |s| s["retry"]["maxBackoff"] = json!("61m"),
+            &["spec.retry.maxBackoff", "must be at most 1h"],
+        ),
+        (
+            "a ttl beyond 30 days",
+            |s| s["cache"]["ttl"] = json!("721h"),
+            &["spec.cache.ttl", "must be at most 720h"],
+        ),
         ("multiplier below 1", |s| s["retry"]["multiplier"] = json!(0.5), &["spec.retry.multiplier"]),
         (
             "missing limits",

@@ -538,3 +538,67 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llmproxy_that_cannot_be_read_is_reported_and_the_others_still_reconciled() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::runtime::wait::{await_condition, conditions};
+
+    let env = KubeEnv::start().await;
+    let client = env.client().await;
+    // An object stored under a looser schema (an older CRD, or one edited around it): the spec
+    // is anything at all.
+    let mut crd = serde_json::to_value(LlmProxy::crd()).unwrap_or_default();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = "llmproxies.llmproxy.io";
+    crds.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+        .await
+        .unwrap_or_else(|e| panic!("permissive CRD: {e}"));
+    tokio::time::timeout(WAIT, await_condition(crds, name, conditions::is_crd_established()))
+        .await
+        .unwrap_or_else(|_| panic!("CRD not established"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ns = env.namespace(&client, "unreadable").await;
+    let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
+    secret(&client, &ns, "sk-1").await;
+    let raw: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &kube::api::ApiResource::erase::<LlmProxy>(&()));
+    let broken = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": "broken"},
+                        "spec": {"upstream": 5, "limits": "plenty"}});
+    raw.patch("broken", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&broken))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &llmproxy("good", "https://api.openai.com/v1", json!({}))).await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    wait_for(&deployments, "good").await;
+    let status = eventually("the broken one's status", WAIT, || async {
+        let obj = raw.get("broken").await.ok()?;
+        let conditions = obj.data.get("status")?.get("conditions")?.as_array()?.clone();
+        conditions.into_iter().find(|c| c["type"] == "Degraded" && c["status"] == "True")
+    })
+    .await;
+    assert_eq!(status["reason"], "InvalidPolicy");
+    assert!(status["message"].as_str().unwrap_or_default().contains("cannot be read"), "{status}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    eventually("a warning event", WAIT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("InvalidPolicy")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+        })
+    })
+    .await;
+    assert!(deployments.get_opt("broken").await.ok().flatten().is_none(), "nothing built from it");
+    // The controller still follows edits of the readable one.
+    apply(&api, &llmproxy("good", "https://api.openai.com/v1", json!({"replicas": 3}))).await;
+    eventually("the edit to be reconciled", WAIT, || async {
+        let d = deployments.get("good").await.ok()?;
+        (d.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+}

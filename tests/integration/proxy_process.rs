@@ -193,3 +193,54 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("openai sdk: ok"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_durations_are_refused_by_check_and_by_a_running_proxy() {
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    for (wait, field_message) in [
+        ("6000000000000000h", "spec.queue.maxWait: duration \"6000000000000000h\" is too large"),
+        ("3000000000000000h", "spec.queue.maxWait: must be at most 24h"),
+    ] {
+        let queue = format!("  queue: {{maxWait: {wait}}}\n");
+        std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", &queue))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .arg("check")
+            .arg(&file)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "exit code for {wait}: {stderr}");
+        assert!(stderr.contains(field_message) && !stderr.contains("panicked"), "{stderr}");
+    }
+
+    // A running proxy refuses the same edit, keeps its policy, and keeps watching the file.
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    let bad = manifest(&upstream.url(), "{requestsPerMinute: 60}", "  queue: {maxWait: 3000000000000000h}\n");
+    std::fs::write(&file, bad).unwrap_or_else(|e| panic!("{e}"));
+    eventually("the absurd wait to be refused", Duration::from_secs(5), || {
+        let url = metrics_url.clone();
+        async move {
+            (metric(&get_text(&url).await, "llmproxy_policy_reloads_total{result=\"rejected\"}") == 1.0)
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(proxy.logs().contains("spec.queue.maxWait: must be at most 24h"), "{}", proxy.logs());
+    assert_eq!(metric(&get_text(&metrics_url).await, "llmproxy_limit_requests_per_minute"), 6000.0);
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 60}", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the next good edit to apply", Duration::from_secs(5), || {
+        let url = metrics_url.clone();
+        async move { (metric(&get_text(&url).await, "llmproxy_limit_requests_per_minute") == 60.0).then_some(()) }
+    })
+    .await;
+    let (status, _, _) = post_json(&proxy.url("/chat/completions"), &load::chat_body(1)).await;
+    assert_eq!(status, 200);
+    assert_eq!(get_text(&format!("http://{}/readyz", proxy.admin)).await, "ok");
+}

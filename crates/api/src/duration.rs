@@ -21,9 +21,13 @@ pub struct Duration {
 
 /// Why a duration string was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {text:?}: expected a number and a unit such as 500ms, 30s, 5m or 1h30m")]
-pub struct ParseDurationError {
-    text: String,
+pub enum ParseDurationError {
+    /// Not a Go duration.
+    #[error("invalid duration {0:?}: expected a number and a unit such as 500ms, 30s, 5m or 1h30m")]
+    Invalid(String),
+    /// A Go duration, but beyond what a duration can hold.
+    #[error("duration {0:?} is too large")]
+    TooLarge(String),
 }
 
 impl Duration {
@@ -130,7 +134,14 @@ impl FromStr for Duration {
     type Err = ParseDurationError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let value = parse_go(text).ok_or_else(|| ParseDurationError { text: text.to_owned() })?;
+        let value = parse_go(text).ok_or_else(|| {
+            // Well-formed but unparseable can only mean overflow.
+            if parse_go(&text.replace(|c: char| c.is_ascii_digit(), "0")).is_some() {
+                ParseDurationError::TooLarge(text.to_owned())
+            } else {
+                ParseDurationError::Invalid(text.to_owned())
+            }
+        })?;
         Ok(Self { text: text.to_owned(), value })
     }
 }

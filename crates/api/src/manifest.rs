@@ -24,7 +24,7 @@ pub enum ManifestError {
         kind: String,
     },
     /// Parsed, but the values cannot run.
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] PolicyError),
 }
 
@@ -48,8 +48,20 @@ pub fn from_yaml(text: &str) -> Result<(LlmProxy, Policy), ManifestError> {
 
     let mut unknown = Vec::new();
     let de = serde_yaml::Deserializer::from_str(text);
-    let proxy: LlmProxy = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
-        .map_err(|e| ManifestError::Parse(e.to_string()))?;
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let ignoring = serde_ignored::Deserializer::new(de, &mut note_unknown);
+    // The error names the field it is about (`spec.queue.maxWait: ...`), like kubectl does.
+    let proxy: LlmProxy = serde_path_to_error::deserialize(ignoring).map_err(|e| {
+        let inner = e.inner().to_string();
+        // serde_yaml names the enclosing map itself; the exact path replaces that.
+        let message = inner
+            .split_once(": ")
+            .filter(|(prefix, _)| {
+                !prefix.contains(' ') && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            })
+            .map_or(inner.as_str(), |(_, rest)| rest);
+        ManifestError::Parse(format!("{}: {message}", e.path()))
+    })?;
     // apiVersion and kind are read by kube's own (de)serialisation and may surface here.
     unknown.retain(|p| p != "apiVersion" && p != "kind");
     if let Some(first) = unknown.into_iter().next() {
@@ -103,7 +115,12 @@ spec:
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("invalid duration \"soon\""), "{err}");
+        assert!(err.contains("spec.queue.maxWait: invalid duration \"soon\""), "{err}");
+        let err = from_yaml(&format!("{GOOD}  queue: {{maxWait: 6000000000000000h}}"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("spec.queue.maxWait: duration \"6000000000000000h\" is too large"), "{err}");
     }
 
     #[test]

@@ -134,9 +134,28 @@ impl fmt::Display for PolicyError {
 /// Collects field errors while a spec is checked.
 struct Check(Vec<FieldError>);
 
+/// Upper bounds of the durations (the CRD schema says the same in CEL): beyond them a value is a
+/// mistake, and deadline arithmetic stays far from overflow.
+pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The longest `queue.maxWait`.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The longest retry back-off.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// The longest cache TTL.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 impl Check {
     fn fail(&mut self, field: &'static str, message: impl Into<String>) {
         self.0.push(FieldError { field, message: message.into() });
+    }
+
+    /// A duration no longer than `max` (spelled as in the schema message).
+    fn at_most(&mut self, field: &'static str, d: Duration, max: Duration, spelled: &str) -> Duration {
+        if d > max {
+            self.fail(field, format!("must be at most {spelled}"));
+            return max;
+        }
+        d
     }
 
     /// A positive integer as u64, or an error naming the field.
@@ -191,7 +210,8 @@ impl Policy {
         if !scheme_ok || url.len() <= "https://".len() || url.contains(char::is_whitespace) {
             c.fail("spec.upstream.url", format!("must be an http(s) URL, got {url:?}"));
         }
-        let timeout = spec.upstream.timeout.get();
+        let timeout =
+            c.at_most("spec.upstream.timeout", spec.upstream.timeout.get(), MAX_UPSTREAM_TIMEOUT, "1h");
         if timeout.is_zero() {
             c.fail("spec.upstream.timeout", "must be greater than 0s");
         }
@@ -213,8 +233,12 @@ impl Policy {
         let default_max_tokens = c.positive("spec.limits.defaultMaxTokens", l.default_max_tokens.into());
 
         let max_size = c.non_negative("spec.queue.maxSize", spec.queue.max_size.into());
+        let max_wait = c.at_most("spec.queue.maxWait", spec.queue.max_wait.get(), MAX_QUEUE_WAIT, "24h");
 
         let r = &spec.retry;
+        let initial_backoff =
+            c.at_most("spec.retry.initialBackoff", r.initial_backoff.get(), MAX_BACKOFF, "1h");
+        let max_backoff = c.at_most("spec.retry.maxBackoff", r.max_backoff.get(), MAX_BACKOFF, "1h");
         let max_attempts = c.positive("spec.retry.maxAttempts", r.max_attempts.into());
         if r.initial_backoff.get() > r.max_backoff.get() {
             c.fail("spec.retry.initialBackoff", "must not exceed maxBackoff");
@@ -225,7 +249,7 @@ impl Policy {
 
         let cache = match &spec.cache {
             Some(cache) if !cache.ttl.get().is_zero() => Some(CachePolicy {
-                ttl: cache.ttl.get(),
+                ttl: c.at_most("spec.cache.ttl", cache.ttl.get(), MAX_CACHE_TTL, "720h"),
                 max_entries: c.positive("spec.cache.maxEntries", cache.max_entries),
                 max_bytes: match crate::quantity::bytes(&cache.max_bytes.0) {
                     Ok(0) => {
@@ -261,14 +285,11 @@ impl Policy {
                 token_accounting: l.token_accounting,
                 max_request_tokens: tpm,
             },
-            queue: QueuePolicy {
-                max_size: usize::try_from(max_size).unwrap_or(usize::MAX),
-                max_wait: spec.queue.max_wait.get(),
-            },
+            queue: QueuePolicy { max_size: usize::try_from(max_size).unwrap_or(usize::MAX), max_wait },
             retry: RetryPolicy {
                 max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
-                initial_backoff: r.initial_backoff.get(),
-                max_backoff: r.max_backoff.get(),
+                initial_backoff,
+                max_backoff,
                 multiplier: r.multiplier,
                 jitter: r.jitter,
             },
@@ -298,7 +319,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
     fn minimal_spec_resolves_documented_defaults() {
         let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.upstream.url, "https://api.openai.com/v1", "trailing slash trimmed");
-        assert_eq!(p.upstream.timeout, Duration::from_secs(60));
+        assert_eq!(p.upstream.timeout, Duration::from_secs(600));
         assert_eq!(p.limits.request_burst, 59, "one second's worth of 3500 RPM, rounded up");
         assert_eq!(p.limits.token_burst, 1500, "one second's worth of 90000 TPM");
         assert_eq!(p.limits.max_concurrent, 64);
@@ -389,6 +410,25 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let got = errors("upstream: {url: 'ftp://x', timeout: 0s}\nlimits: {requestsPerMinute: 60}");
         assert!(got.contains("spec.upstream.url: must be an http(s) URL"), "{got}");
         assert!(got.contains("spec.upstream.timeout: must be greater than 0s"), "{got}");
+    }
+
+    #[test]
+    fn durations_have_upper_bounds() {
+        let base = "upstream: {url: 'https://x.io', timeout: 2h}\nlimits: {requestsPerMinute: 60}\n";
+        let got = errors(&format!(
+            "{base}queue: {{maxWait: 3000000000000000h}}\nretry: {{initialBackoff: 2h, maxBackoff: 2h}}\ncache: {{ttl: 721h}}"
+        ));
+        for want in [
+            "spec.upstream.timeout: must be at most 1h",
+            "spec.queue.maxWait: must be at most 24h",
+            "spec.retry.initialBackoff: must be at most 1h",
+            "spec.retry.maxBackoff: must be at most 1h",
+            "spec.cache.ttl: must be at most 720h",
+        ] {
+            assert!(got.contains(want), "{want} in {got}");
+        }
+        let ok = format!("{MINIMAL}queue: {{maxWait: 24h}}\ncache: {{ttl: 720h}}");
+        assert!(Policy::from_spec(&spec(&ok)).is_ok());
     }
 
     #[test]

@@ -125,8 +125,15 @@ pub struct UpstreamSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
 
-    /// How long one upstream attempt may take before it is abandoned and retried.
+    /// How long the upstream may take to start answering (response headers), and the longest
+    /// silence between two chunks of an answer after that. A long generation that keeps
+    /// streaming is never cut; an attempt that times out before its headers is not sent to the
+    /// same upstream again (it may still be running, and billed). At most 1h.
     #[serde(default = "default_upstream_timeout")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('1h')",
+        "message": "must be at most 1h",
+    }]))]
     pub timeout: Duration,
 }
 
@@ -226,9 +233,13 @@ pub struct QueueSpec {
     #[schemars(range(min = 0, max = 1_000_000))]
     pub max_size: i32,
 
-    /// Longest a request waits for admission, including retries' back-off; past it the
-    /// client gets a 429 with a Retry-After header.
+    /// Longest a request waits for admission, including retries' back-off and upstream 429
+    /// windows; past it the client gets a 429 with a Retry-After header. At most 24h.
     #[serde(default = "default_max_wait")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('24h')",
+        "message": "must be at most 24h",
+    }]))]
     pub max_wait: Duration,
 }
 
@@ -254,12 +265,20 @@ pub struct RetrySpec {
     #[schemars(range(min = 1, max = 20))]
     pub max_attempts: i32,
 
-    /// Wait before the first retry.
+    /// Wait before the first retry. At most 1h.
     #[serde(default = "default_initial_backoff")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('1h')",
+        "message": "must be at most 1h",
+    }]))]
     pub initial_backoff: Duration,
 
-    /// Longest wait between two attempts.
+    /// Longest wait between two attempts. At most 1h.
     #[serde(default = "default_max_backoff")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('1h')",
+        "message": "must be at most 1h",
+    }]))]
     pub max_backoff: Duration,
 
     /// Factor by which the wait grows after each retry.
@@ -293,7 +312,12 @@ pub struct CacheSpec {
     /// Requests to chat/completions, completions, embeddings and moderations are cached, keyed
     /// by upstream, path and the JSON body with key order and whitespace ignored; `user` and
     /// `stream_options` are left out of the key, `stream` is part of it. Clients opt out with
-    /// `Cache-Control: no-cache` (fetch fresh) or `no-store` (fetch fresh, keep nothing).
+    /// `Cache-Control: no-cache` (fetch fresh) or `no-store` (fetch fresh, keep nothing). At most
+    /// 720h (30 days).
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('720h')",
+        "message": "must be at most 720h",
+    }]))]
     pub ttl: Duration,
 
     /// Most responses held at once per replica; the least recently used leave first.
@@ -341,7 +365,8 @@ fn default_replicas() -> i32 {
     1
 }
 fn default_upstream_timeout() -> Duration {
-    Duration::from_std(std::time::Duration::from_secs(60))
+    // The OpenAI SDKs wait 600 s: long generations must fit.
+    Duration::from_std(std::time::Duration::from_secs(600))
 }
 fn default_secret_key() -> String {
     "api-key".to_owned()

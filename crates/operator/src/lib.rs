@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, predicates, reflector, watcher};
@@ -74,7 +74,9 @@ pub async fn controller(
     // Only spec changes (a new generation) trigger from the LlmProxy itself: the operator's own
     // status writes must not come back as work.
     let (reader, writer) = reflector::store();
-    let proxies = watcher(api::<LlmProxy>(&client, ns), watcher::Config::default())
+    // Objects that do not deserialize (stored under an older schema, or written around it)
+    // arrive as errors of their own, so one bad object never stops the watch for the others.
+    let proxies = watcher(api::<DeserializeGuard<LlmProxy>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
@@ -97,7 +99,9 @@ pub async fn controller(
                 .into_iter()
                 .filter(|p| {
                     p.namespace() == ns
-                        && p.spec.upstream.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                        && p.0.as_ref().is_ok_and(|p| {
+                            p.spec.upstream.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                        })
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()

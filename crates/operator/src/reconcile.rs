@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::{DeserializeGuard, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
@@ -42,7 +44,7 @@ pub struct Context {
     /// How children are built.
     pub settings: Settings,
     /// Consecutive failures per object, for exponential back-off.
-    failures: Mutex<HashMap<ObjectRef<LlmProxy>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<DeserializeGuard<LlmProxy>>, u32>>,
 }
 
 impl Context {
@@ -134,10 +136,13 @@ async fn check_secret(client: &Client, ns: &str, p: &LlmProxy) -> Result<Option<
     })
 }
 
-/// Reconcile one LlmProxy.
-pub async fn reconcile(p: Arc<LlmProxy>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Reconcile one LlmProxy (or report one that cannot be read).
+pub async fn reconcile(p: Arc<DeserializeGuard<LlmProxy>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let timer = ctx.metrics.duration.start_timer();
-    let result = reconcile_inner(&p, &ctx).await;
+    let result = match &p.0 {
+        Ok(proxy) => reconcile_inner(proxy, &ctx).await,
+        Err(invalid) => report_unreadable(invalid, &ctx).await,
+    };
     timer.observe_duration();
     if result.is_ok() {
         ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
@@ -205,6 +210,43 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
     })
 }
 
+/// An LlmProxy the operator cannot read (it does not match the types): say so in its status
+/// and an event, touch nothing else, and wait for the next edit.
+async fn report_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Action, Error> {
+    let meta = &invalid.metadata;
+    let (Some(ns), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else {
+        return Err(Error::NoNamespace);
+    };
+    tracing::warn!(namespace = %ns, name = %name, error = %invalid.error, "LlmProxy cannot be read");
+    let problem = Problem::InvalidPolicy(format!("the object cannot be read: {}", invalid.error));
+    let now = Time(Timestamp::now());
+    let status =
+        status::compute(meta.generation, Some(&problem), Rollout::default(), String::new(), None, &now);
+    let api: Api<DeserializeGuard<LlmProxy>> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = serde_json::json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "status": {
+        "conditions": status.conditions, "observedGeneration": status.observed_generation}});
+    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    let reference = ObjectReference {
+        api_version: Some(format!("{}/{}", llmproxy_api::GROUP, llmproxy_api::VERSION)),
+        kind: Some("LlmProxy".into()),
+        name: Some(name),
+        namespace: Some(ns),
+        uid: meta.uid.clone(),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidPolicy".into(),
+        note: Some(problem.message()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+    Ok(Action::await_change())
+}
+
 /// Events for what changed: first creation, becoming degraded or recovering, becoming ready.
 async fn publish_transitions(
     ctx: &Context,
@@ -249,7 +291,7 @@ async fn publish_transitions(
 }
 
 /// Transient failures: count them and retry with exponential back-off (5 s doubling to 5 min).
-pub fn error_policy(p: Arc<LlmProxy>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciles.with_label_values(&["error"]).inc();
     ctx.metrics.failures.with_label_values(&[err.metric_label()]).inc();
     let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);

@@ -8,12 +8,14 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, Policy, SecretKeyRef};
 
 use crate::labels::Reload;
 use crate::state::Proxy;
+use crate::supervise::AbortOnDrop;
 use crate::upstream::ApiKey;
 
 /// `namespace/name` of the LlmProxy to serve.
@@ -75,12 +77,19 @@ fn by_name(name: &str) -> watcher::Config {
 
 /// Keep the proxy in step with its LlmProxy and Secret until the task is dropped.
 pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
-    let api: Api<LlmProxy> = Api::namespaced(client.clone(), &r.namespace);
+    // An object that does not deserialize arrives as an error of its own (refused below), so
+    // it never breaks the watch.
+    let api: Api<DeserializeGuard<LlmProxy>> = Api::namespaced(client.clone(), &r.namespace);
     let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
-    let mut secret: Option<(SecretKeyRef, tokio::task::JoinHandle<()>)> = None;
+    let mut secret: Option<(SecretKeyRef, AbortOnDrop)> = None;
     while let Some(event) = updates.next().await {
         let p = match event {
-            Ok(p) => p,
+            Ok(DeserializeGuard(Ok(p))) => p,
+            Ok(DeserializeGuard(Err(invalid))) => {
+                proxy.reject_policy();
+                tracing::error!(error = %invalid.error, "LlmProxy cannot be read; the last good policy keeps serving");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "watching the LlmProxy failed; retrying");
                 continue;
@@ -104,16 +113,14 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
         let wanted = p.spec.upstream.api_key_secret_ref.clone();
         proxy.set_key_required(wanted.is_some());
         if wanted.as_ref() != secret.as_ref().map(|(r, _)| r) {
-            if let Some((_, task)) = secret.take() {
-                task.abort();
-            }
+            drop(secret.take());
             secret = wanted.map(|w| {
-                let task = tokio::spawn(watch_secret(
+                let task = AbortOnDrop(tokio::spawn(watch_secret(
                     Arc::clone(&proxy),
                     client.clone(),
                     p.namespace().unwrap_or_default(),
                     w.clone(),
-                ));
+                )));
                 (w, task)
             });
         }

@@ -18,6 +18,7 @@ pub mod retry;
 pub mod routes;
 pub mod sse;
 pub mod state;
+pub mod supervise;
 pub mod tokens;
 pub mod upstream;
 

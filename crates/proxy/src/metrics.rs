@@ -47,6 +47,10 @@ pub struct Metrics {
     /// `queue.maxSize` in force.
     pub queue_capacity: IntGauge,
     reloads: Vec<IntCounter>,
+    /// 1 while the policy source (file poller or cluster watcher) runs.
+    pub source_up: IntGauge,
+    /// Times the policy source ended or panicked and was started again.
+    pub source_restarts: IntCounter,
     cache_requests: Vec<IntCounter>,
     /// Requests answered with the response of an identical request in flight.
     pub coalesced: IntCounter,
@@ -166,6 +170,16 @@ impl Metrics {
             )?,
             queue_capacity: gauge(r, "llmproxy_queue_capacity_requests", "Requests that may wait at once.")?,
             reloads: series(&reloads, Reload::ALL.map(Reload::label)),
+            source_up: gauge(
+                r,
+                "llmproxy_policy_source_up",
+                "1 while the policy source (file poller or cluster watcher) runs.",
+            )?,
+            source_restarts: counter(
+                r,
+                "llmproxy_policy_source_restarts_total",
+                "Times the policy source ended or panicked and was started again.",
+            )?,
             cache_requests: series(&cache_requests, CacheResult::COUNTED.map(CacheResult::label)),
             coalesced: counter(
                 r,

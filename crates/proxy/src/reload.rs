@@ -44,6 +44,12 @@ impl FileWatcher {
         Self { proxy, manifest, key_file, last_manifest, last_key }
     }
 
+    /// A watcher that has seen nothing yet, so its first `check` applies whatever the files
+    /// hold now (after a restart, a change made while it was down is not missed).
+    pub fn fresh(proxy: Arc<Proxy>, manifest: PathBuf, key_file: Option<PathBuf>) -> Self {
+        Self { proxy, manifest, key_file, last_manifest: None, last_key: None }
+    }
+
     /// Look once: apply a changed, valid manifest; refuse an invalid one with a log line
     /// naming the error (the last good policy keeps serving); pick up a rotated key.
     pub fn check(&mut self) {

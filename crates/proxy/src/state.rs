@@ -52,6 +52,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     options: Options,
     ready: AtomicBool,
+    /// The policy source runs (or there is none to run).
+    source_up: AtomicBool,
     /// Cluster mode with an `apiKeySecretRef`: not ready until the key has been read.
     key_required: AtomicBool,
     next_id: AtomicU64,
@@ -71,10 +73,12 @@ impl Proxy {
             metrics,
             options,
             ready: AtomicBool::new(true),
+            source_up: AtomicBool::new(true),
             key_required: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         });
         proxy.update_gauges();
+        proxy.metrics.source_up.set(1);
         Ok(proxy)
     }
 
@@ -152,6 +156,13 @@ impl Proxy {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
+    /// Whether the policy source runs; while it does not, the proxy reports not ready (it keeps
+    /// serving its last good policy, but its policy no longer follows the source).
+    pub fn set_source_up(&self, up: bool) {
+        self.source_up.store(up, Ordering::SeqCst);
+        self.metrics.source_up.set(i64::from(up));
+    }
+
     /// Whether `/readyz` waits for an upstream key (so no request goes out without one).
     pub fn set_key_required(&self, required: bool) {
         self.key_required.store(required, Ordering::SeqCst);
@@ -161,6 +172,9 @@ impl Proxy {
     pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if !self.ready.load(Ordering::SeqCst) {
             return Some("shutting down");
+        }
+        if !self.source_up.load(Ordering::SeqCst) {
+            return Some("the policy source stopped and is being restarted");
         }
         if self.key_required.load(Ordering::SeqCst) && self.api_key.load().is_none() {
             return Some("waiting for the upstream API key Secret");
