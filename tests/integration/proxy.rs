@@ -7,7 +7,7 @@ use llmproxy_mock::{Fault, MockConfig};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::support::proxy_env::{TestProxy, manifest, metric, mock, post_json, stream};
+use crate::support::proxy_env::{TestProxy, manifest, metric, mock, post_json, raw_http, stream};
 
 fn chat(max_tokens: u64) -> Value {
     json!({"model": "gpt-4o-mini", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello there"}]})
@@ -355,4 +355,90 @@ async fn a_429_for_one_model_does_not_hold_the_others() {
     assert_eq!(status, 200, "{body}");
     assert!(start.elapsed() < Duration::from_secs(5), "model b waited {:?}", start.elapsed());
     assert_eq!(upstream.mock.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn only_plain_allowed_paths_reach_the_upstream() {
+    let upstream = mock(MockConfig::default()).await;
+    let proxy =
+        TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), Some("sk-upstream"))
+            .await;
+    // The reproduction: the mock's admin API, with the key attached, through a dot segment.
+    for path in [
+        "/v1/../mock/stats",
+        "/v1/%2e%2e/mock/stats",
+        "/v1/%2E%2E%2Fmock%2Fstats",
+        "/v1/models/..%5C..%5Cmock",
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let (status, body) = raw_http(proxy.addr, &req).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(error_message(&body).contains("plain /v1/"), "{body}");
+    }
+    // Allowed by default: inference and the model list; not: files, fine-tunes, deletes.
+    let client = load::client();
+    for (method, path) in
+        [("GET", "/files/file-1/content"), ("DELETE", "/models/ft-1"), ("POST", "/fine_tuning/jobs")]
+    {
+        let resp = client
+            .request(method.parse().unwrap_or_default(), proxy.url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), 403, "{method} {path}");
+        let body = resp.text().await.unwrap_or_default();
+        assert!(body.contains("path_not_allowed") && body.contains("allowedPaths"), "{body}");
+    }
+    assert!(upstream.mock.seen().is_empty(), "nothing reached the upstream");
+    let resp = client.get(proxy.url("/models")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
+
+    // A policy can open more paths.
+    let open =
+        "  upstream: {url: 'URL', allowedPaths: ['GET /v1/files/**']}\n".replace("URL", &upstream.url());
+    let manifest = format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: t}}\nspec:\n{open}  limits: {{requestsPerMinute: 6000}}\n"
+    );
+    let (_, policy) = llmproxy_api::from_yaml(&manifest).unwrap_or_else(|e| panic!("{e}"));
+    proxy.proxy.apply_policy(policy);
+    let resp = client.get(proxy.url("/files/file-1")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 404, "let through, and the mock has no such path");
+    let resp = client.get(proxy.url("/models")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 403, "the explicit list replaces the default");
+}
+
+#[tokio::test]
+async fn account_headers_pass_only_where_allowed_and_change_the_cache_key() {
+    let upstream = mock(MockConfig::default()).await;
+    let proxy = TestProxy::start(
+        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", "  cache: {ttl: 5m}\n"),
+        None,
+    )
+    .await;
+    let client = load::client();
+    let send = |org: &'static str| {
+        client
+            .post(proxy.url("/chat/completions"))
+            .header("content-type", "application/json")
+            .header("openai-organization", org)
+            .body(chat(5).to_string())
+            .send()
+    };
+    assert_eq!(send("org-other").await.map(|r| r.status().as_u16()).ok(), Some(200));
+    assert_eq!(upstream.mock.seen()[0].organization, None, "dropped by default");
+
+    let allowed = manifest(&upstream.url(), "{requestsPerMinute: 6000}", "  cache: {ttl: 5m}\n")
+        .replace("'}\n", "', allowedClientHeaders: [openai-organization]}\n");
+    let (_, policy) = llmproxy_api::from_yaml(&allowed).unwrap_or_else(|e| panic!("{e}"));
+    proxy.proxy.apply_policy(policy);
+    for org in ["org-a", "org-b"] {
+        let resp = send(org).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            resp.headers().get("x-llmproxy-cache").and_then(|v| v.to_str().ok()),
+            Some("miss"),
+            "{org}"
+        );
+    }
+    let orgs: Vec<Option<String>> = upstream.mock.seen().iter().map(|s| s.organization.clone()).collect();
+    assert_eq!(orgs, [None, Some("org-a".to_owned()), Some("org-b".to_owned())]);
 }

@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod manifest;
+pub mod paths;
 pub mod policy;
 pub mod quantity;
 pub mod spec;

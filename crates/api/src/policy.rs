@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::paths::{DEFAULT_ALLOWED_PATHS, PathRule};
 use crate::spec::{LlmProxySpec, SecretKeyRef, TokenAccounting};
 
 /// Everything the data plane needs to serve one LlmProxy.
@@ -28,8 +29,12 @@ pub struct UpstreamPolicy {
     pub url: String,
     /// Where the API key lives in cluster mode.
     pub api_key_secret_ref: Option<SecretKeyRef>,
-    /// Per-attempt timeout.
+    /// The wait for response headers, and the longest gap between chunks after that.
     pub timeout: Duration,
+    /// What may pass upstream.
+    pub allowed_paths: Vec<PathRule>,
+    /// Account-choosing client headers that pass (lower case).
+    pub allowed_client_headers: Vec<String>,
 }
 
 /// Rates, already resolved (burst defaults applied).
@@ -176,6 +181,40 @@ impl Check {
     }
 }
 
+/// An upstream base URL the proxy may send its key to: `https://`, or `http://` to loopback (or
+/// with `allow_insecure`); no user info, query or fragment (where credentials and surprises hide).
+fn check_url(url: &str, allow_insecure: bool) -> Result<(), String> {
+    let rest = if let Some(rest) = url.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split('/').next().unwrap_or_default();
+        let host = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h);
+        let loopback = host == "localhost" || host == "[::1]" || host.starts_with("127.");
+        if !loopback && !allow_insecure {
+            return Err(format!(
+                "{url:?} is plain http to a non-loopback host: use https://, or set allowInsecure: true"
+            ));
+        }
+        rest
+    } else {
+        return Err(format!("must be an http(s) URL, got {url:?}"));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(format!("must be an http(s) URL, got {url:?}"));
+    }
+    if authority.contains('@') {
+        return Err("must not carry user info (put the key in apiKeySecretRef)".to_owned());
+    }
+    if rest.contains(['?', '#']) {
+        return Err("must not carry a query or fragment".to_owned());
+    }
+    Ok(())
+}
+
 /// One second's worth of a per-minute rate, at least 1.
 pub fn per_second(per_minute: u64) -> u64 {
     per_minute.div_ceil(60).max(1)
@@ -206,10 +245,16 @@ impl Policy {
         let mut c = Check(Vec::new());
 
         let url = spec.upstream.url.trim_end_matches('/').to_owned();
-        let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-        if !scheme_ok || url.len() <= "https://".len() || url.contains(char::is_whitespace) {
-            c.fail("spec.upstream.url", format!("must be an http(s) URL, got {url:?}"));
+        if let Err(e) = check_url(&url, spec.upstream.allow_insecure) {
+            c.fail("spec.upstream.url", e);
         }
+        let allowed_paths = match &spec.upstream.allowed_paths {
+            None => DEFAULT_ALLOWED_PATHS.iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
+            Some(rules) => rules
+                .iter()
+                .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail("spec.upstream.allowedPaths", e)).ok())
+                .collect(),
+        };
         let timeout =
             c.at_most("spec.upstream.timeout", spec.upstream.timeout.get(), MAX_UPSTREAM_TIMEOUT, "1h");
         if timeout.is_zero() {
@@ -274,6 +319,13 @@ impl Policy {
                 url,
                 api_key_secret_ref: spec.upstream.api_key_secret_ref.clone(),
                 timeout,
+                allowed_paths,
+                allowed_client_headers: spec
+                    .upstream
+                    .allowed_client_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
             },
             limits: LimitsPolicy {
                 requests_per_minute: rpm,
@@ -335,14 +387,14 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 
     #[test]
     fn small_rates_still_get_a_burst_of_one() {
-        let p = Policy::from_spec(&spec("upstream: {url: 'http://x:1'}\nlimits: {requestsPerMinute: 10}"));
+        let p = Policy::from_spec(&spec("upstream: {url: 'https://x:1'}\nlimits: {requestsPerMinute: 10}"));
         assert_eq!(p.map(|p| (p.limits.request_burst, p.limits.tokens_per_minute)), Ok((1, None)));
     }
 
     #[test]
     fn explicit_burst_and_cache() {
         let p = Policy::from_spec(&spec(
-            "upstream: {url: 'http://x:1'}\nlimits: {requestsPerMinute: 600, burst: 30}\ncache: {ttl: 5m}",
+            "upstream: {url: 'https://x:1'}\nlimits: {requestsPerMinute: 600, burst: 30}\ncache: {ttl: 5m}",
         ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.limits.request_burst, 30);
@@ -410,6 +462,29 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let got = errors("upstream: {url: 'ftp://x', timeout: 0s}\nlimits: {requestsPerMinute: 60}");
         assert!(got.contains("spec.upstream.url: must be an http(s) URL"), "{got}");
         assert!(got.contains("spec.upstream.timeout: must be greater than 0s"), "{got}");
+    }
+
+    #[test]
+    fn upstream_urls_that_could_leak_the_key_are_refused() {
+        let url = |u: &str, extra: &str| {
+            errors(&format!("upstream: {{url: '{u}'{extra}}}\nlimits: {{requestsPerMinute: 60}}"))
+        };
+        assert!(url("http://evil.example/v1", "").contains("plain http to a non-loopback host"));
+        assert!(url("http://evil.example/v1", ", allowInsecure: true").is_empty());
+        for ok in ["http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:9/v1", "https://x.io/v1"]
+        {
+            assert!(url(ok, "").is_empty(), "{ok}");
+        }
+        assert!(url("https://user:pw@x.io/v1", "").contains("must not carry user info"));
+        assert!(url("https://x.io/v1?key=1", "").contains("must not carry a query or fragment"));
+        assert!(url("https://x.io/v1#f", "").contains("must not carry a query or fragment"));
+        let got = errors(
+            "upstream: {url: 'https://x.io', allowedPaths: ['POST /v1/chat/completions', 'GET /files']}\nlimits: {requestsPerMinute: 60}",
+        );
+        assert!(
+            got.contains("spec.upstream.allowedPaths: \"GET /files\": the path must start with /v1/"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -113,12 +113,39 @@ pub struct AutoscalingSpec {
     "rule": "duration(self.timeout) > duration('0s')",
     "message": "timeout must be greater than 0s",
     "fieldPath": ".timeout",
+}, {
+    "rule": "self.url.startsWith('https://') || (has(self.allowInsecure) && self.allowInsecure) || self.url.matches('^http://(localhost|127\\\\.[0-9.]+|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')",
+    "message": "url must be https:// (http:// only to a loopback address, or with allowInsecure: true)",
+    "fieldPath": ".url",
 }]))]
 pub struct UpstreamSpec {
     /// Base URL of the OpenAI-compatible API including its version prefix, for example
     /// `https://api.openai.com/v1`. A client request to `/v1/<path>` is sent to `<url>/<path>`.
-    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    /// No user info, query or fragment; `http://` only to a loopback address or with
+    /// `allowInsecure`.
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s@?#]+$"))]
     pub url: String,
+
+    /// Allow a plain `http://` URL to a host other than loopback (the key then crosses the
+    /// network in clear text).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure: bool,
+
+    /// The requests this proxy passes upstream, as `METHOD /v1/path` rules: a path segment is a
+    /// name, `*` for any one segment, or `**` (last) for the rest; method `*` for any. Anything
+    /// else gets a 403 and never reaches the upstream. Absent: the inference endpoints (chat
+    /// completions, completions, embeddings, moderations, responses, images/generations,
+    /// audio speech, transcriptions and translations) and `GET /v1/models`, `GET /v1/models/*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100), inner(length(min = 8, max = 256)))]
+    pub allowed_paths: Option<Vec<String>>,
+
+    /// Client headers that choose the upstream account (`openai-organization`,
+    /// `openai-project`), passed through only when named here; otherwise they are dropped, so
+    /// a client cannot bill another organisation or project of the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$")))]
+    pub allowed_client_headers: Vec<String>,
 
     /// Secret key holding the upstream API key, sent as `Authorization: Bearer <key>` in place
     /// of whatever the client sent. Absent: no key is sent (for upstreams that need none).

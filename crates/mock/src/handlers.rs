@@ -124,8 +124,17 @@ fn rate_headers(mock: &Mock, now: Instant) -> HeaderMap {
     h
 }
 
-fn record(mock: &Mock, path: &str, status: u16, key: Option<String>, at: Instant) {
-    lock(&mock.seen).push(Seen { at, path: path.to_owned(), status, key });
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+fn record(mock: &Mock, path: &str, status: u16, headers: &HeaderMap, at: Instant) {
+    let organization = headers.get("openai-organization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    lock(&mock.seen).push(Seen { at, path: path.to_owned(), status, key: bearer(headers), organization });
     let mut s = lock(&mock.stats);
     match status {
         200..=299 => s.ok += 1,
@@ -145,14 +154,10 @@ async fn gate(
     let at = Instant::now();
     lock(&mock.stats).requests += 1;
     let inflight = Inflight::enter(mock);
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
+    let key = bearer(headers);
     let config = lock(&mock.config).clone();
     if config.api_key.is_some() && key != config.api_key {
-        record(mock, path, 401, key, at);
+        record(mock, path, 401, headers, at);
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "Incorrect API key provided.",
@@ -168,7 +173,7 @@ async fn gate(
         match f {
             Fault::Status { status, retry_after_secs, code: error_code } => {
                 let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                record(mock, path, code.as_u16(), key, at);
+                record(mock, path, code.as_u16(), headers, at);
                 let mut resp = error(
                     code,
                     "The server had an error while processing your request.",
@@ -181,7 +186,7 @@ async fn gate(
                 return Err(resp);
             }
             Fault::Drop => {
-                record(mock, path, 0, key.clone(), at);
+                record(mock, path, 0, headers, at);
                 kill.0.cancel();
                 std::future::pending::<()>().await;
             }
@@ -213,7 +218,7 @@ async fn gate(
         })
     };
     if let Err((wait, what)) = refused {
-        record(mock, path, 429, key, at);
+        record(mock, path, 429, headers, at);
         lock(&mock.stats).rate_limited += 1;
         let msg = format!("Rate limit reached for {what}. Please try again in {}.", go_duration(wait));
         let mut resp = error(StatusCode::TOO_MANY_REQUESTS, &msg, what, Some("rate_limit_exceeded"));
@@ -241,7 +246,7 @@ async fn gate(
         stats.tokens += used;
         stats.charged_tokens += kept;
     }
-    record(mock, path, 200, key, at);
+    record(mock, path, 200, headers, at);
     let headers = rate_headers(mock, at);
     mock.pass_gate().await;
     if !config.latency.is_zero() {

@@ -129,6 +129,8 @@ pub struct Seen {
     pub status: u16,
     /// The bearer key sent, if any.
     pub key: Option<String>,
+    /// The `openai-organization` header sent, if any.
+    pub organization: Option<String>,
 }
 
 pub(crate) struct Limits {

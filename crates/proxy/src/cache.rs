@@ -37,11 +37,12 @@ pub fn cacheable_path(rest: &str) -> bool {
     matches!(rest, "/chat/completions" | "/completions" | "/embeddings" | "/moderations")
 }
 
-/// The cache key of a request to `upstream` + `path_and_query` whose body has the canonical
-/// digest `body` (see `body::inspect`).
-pub fn key(upstream: &str, method: &str, path_and_query: &str, body: &[u8; 32]) -> Key {
+/// The cache key of a request to `upstream` + `path_and_query` with the forwarded headers that
+/// change the answer (`headers`, see `upstream::answer_headers`) and whose body has the
+/// canonical digest `body` (see `body::inspect`).
+pub fn key(upstream: &str, method: &str, path_and_query: &str, headers: &str, body: &[u8; 32]) -> Key {
     let mut h = Sha256::new();
-    for part in [upstream, method, path_and_query] {
+    for part in [upstream, method, path_and_query, headers] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -177,12 +178,14 @@ mod tests {
 
     #[test]
     fn the_key_covers_upstream_method_path_and_body() {
-        let k = |up: &str, path: &str, body: u8| key(up, "POST", path, &[body; 32]);
+        let k = |up: &str, path: &str, body: u8| key(up, "POST", path, "", &[body; 32]);
         let base = k("https://api.openai.com/v1", "/chat/completions", 1);
         assert_eq!(base, k("https://api.openai.com/v1", "/chat/completions", 1));
         assert_ne!(base, k("https://other/v1", "/chat/completions", 1));
         assert_ne!(base, k("https://api.openai.com/v1", "/completions", 1));
         assert_ne!(base, k("https://api.openai.com/v1", "/chat/completions", 2));
+        let beta = key("https://api.openai.com/v1", "POST", "/chat/completions", "openai-beta:x\n", &[1; 32]);
+        assert_ne!(base, beta, "a header that changes the answer changes the key");
         assert_eq!(prompt_hash(&[0xab; 32]), "abababababababab");
     }
 

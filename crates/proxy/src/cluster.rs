@@ -172,7 +172,7 @@ mod tests {
 apiVersion: llmproxy.io/v1alpha1
 kind: LlmProxy
 metadata: {name: p, namespace: n}
-spec: {upstream: {url: 'http://x:1'}, limits: {requestsPerMinute: 600}, replicas: 2}
+spec: {upstream: {url: 'https://x:1'}, limits: {requestsPerMinute: 600}, replicas: 2}
 ",
         );
         assert_eq!(sharing_pods(&p), 2);

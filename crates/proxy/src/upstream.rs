@@ -66,13 +66,24 @@ fn is_hop_by_hop(name: &HeaderName, connection: &HeaderMap) -> bool {
         .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case(name.as_str())))
 }
 
+/// Client headers that choose which account of the key pays; passed only where the policy
+/// names them (`spec.upstream.allowedClientHeaders`).
+pub const ACCOUNT_HEADERS: &[&str] = &["openai-organization", "openai-project"];
+
+/// Forwarded headers that change the answer, and so belong in the cache key.
+const ANSWER_HEADERS: &[&str] =
+    &["openai-organization", "openai-project", "openai-beta", "anthropic-version", "anthropic-beta"];
+
 /// Client request headers to send upstream: end-to-end headers kept; hop-by-hop, `Host`,
-/// `Content-Length` (recomputed), `Accept-Encoding` (the proxy reads usage from bodies) and every
-/// client credential dropped; the upstream key added.
-pub fn request_headers(client: &HeaderMap, key: Option<&ApiKey>) -> HeaderMap {
+/// `Content-Length` (recomputed), `Accept-Encoding` (the proxy reads usage from bodies), every
+/// client credential, and account headers not in `allowed_account` dropped.
+pub fn request_headers(client: &HeaderMap, allowed_account: &[String]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
-        let dropped = is_hop_by_hop(name, client)
+        let account =
+            ACCOUNT_HEADERS.contains(&name.as_str()) && !allowed_account.iter().any(|a| a == name.as_str());
+        let dropped = account
+            || is_hop_by_hop(name, client)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::ACCEPT_ENCODING
@@ -83,11 +94,30 @@ pub fn request_headers(client: &HeaderMap, key: Option<&ApiKey>) -> HeaderMap {
             out.append(name.clone(), value.clone());
         }
     }
+    out
+}
+
+/// The headers for one attempt: the forwarded ones plus the upstream key.
+pub fn with_key(mut headers: HeaderMap, key: Option<&ApiKey>) -> HeaderMap {
     if let Some(key) = key
         && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
     {
         v.set_sensitive(true);
-        out.insert(header::AUTHORIZATION, v);
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    headers
+}
+
+/// The forwarded headers that change the answer, as `name:value` lines (for the cache key).
+pub fn answer_headers(forwarded: &HeaderMap) -> String {
+    let mut out = String::new();
+    for name in ANSWER_HEADERS {
+        for v in forwarded.get_all(*name) {
+            out.push_str(name);
+            out.push(':');
+            out.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            out.push('\n');
+        }
     }
     out
 }
@@ -126,11 +156,14 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         let key = ApiKey::new("sk-upstream\n");
-        let out = request_headers(&client, key.as_ref());
+        let out = with_key(request_headers(&client, &[]), key.as_ref());
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, ["openai-organization", "content-type", "authorization"]);
+        assert_eq!(names, ["content-type", "authorization"], "the account header is dropped by default");
         assert_eq!(out.get("authorization").and_then(|v| v.to_str().ok()), Some("Bearer sk-upstream"));
-        assert!(request_headers(&client, None).get("authorization").is_none());
+        assert!(request_headers(&client, &[]).get("authorization").is_none());
+        let allowed = request_headers(&client, &["openai-organization".to_owned()]);
+        assert!(allowed.contains_key("openai-organization"), "passed where the policy allows it");
+        assert_eq!(answer_headers(&allowed), "openai-organization:org-1\n");
     }
 
     #[test]

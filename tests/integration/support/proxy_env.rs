@@ -152,6 +152,20 @@ pub async fn stream(url: &str, body: &serde_json::Value) -> Streamed {
     Streamed { status, headers, text: String::from_utf8_lossy(&bytes).into_owned(), broke, first_chunk_at }
 }
 
+/// Send `request` (a whole HTTP/1.1 request, sent byte for byte as written: no client
+/// normalises its path) and read the answer until the server closes; returns status and body.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
+    conn.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 /// The value of a metric sample line (`name{labels} value`), summed over matching lines.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()

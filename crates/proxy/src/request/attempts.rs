@@ -113,7 +113,7 @@ async fn read_small(resp: reqwest::Response) -> Bytes {
 
 async fn send_once(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut RecordGuard) -> Sent {
     let out = &intake.out;
-    let headers = upstream::request_headers(&out.headers, proxy.api_key().as_deref());
+    let headers = upstream::with_key(out.headers.clone(), proxy.api_key().as_deref());
     let send = proxy.client().request(out.method.clone(), &out.url).headers(headers).body(out.body.clone());
     let sent = Instant::now();
     let result = tokio::time::timeout(policy.upstream.timeout, send.send()).await;

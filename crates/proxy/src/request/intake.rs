@@ -14,7 +14,7 @@ use crate::cache::{self, Key};
 use crate::error::ApiError;
 use crate::limiter::Ask;
 use crate::state::Proxy;
-use crate::tokens;
+use crate::{tokens, upstream};
 
 /// The request as it will be sent upstream, every attempt alike.
 pub(crate) struct Outgoing {
@@ -48,6 +48,11 @@ pub(crate) async fn read(
     body: Body,
     record: &mut RecordGuard,
 ) -> Result<Intake, ApiError> {
+    // The path first: nothing of a request that may not pass is read or queued.
+    let raw_path = parts.uri.path();
+    let segments = super::path::segments(raw_path)?;
+    super::path::allowed(&policy.upstream.allowed_paths, &parts.method, raw_path, &segments)?;
+
     let options = proxy.options();
     let limit = options.max_request_bytes;
     let too_large = || {
@@ -105,16 +110,16 @@ pub(crate) async fn read(
         }
     }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let cache_key = inspected
-        .as_ref()
-        .and_then(|i| i.key_digest.as_ref())
-        .filter(|_| cacheable)
-        .map(|d| cache::key(&policy.upstream.url, parts.method.as_str(), &format!("{rest}{query}"), d));
+    let headers = upstream::request_headers(&parts.headers, &policy.upstream.allowed_client_headers);
+    let cache_key = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable).map(|d| {
+        let path = format!("{rest}{query}");
+        cache::key(&policy.upstream.url, parts.method.as_str(), &path, &upstream::answer_headers(&headers), d)
+    });
     Ok(Intake {
         out: Outgoing {
             method: parts.method,
             url: format!("{}{rest}{query}", policy.upstream.url),
-            headers: parts.headers,
+            headers,
             body,
             strip_usage_event,
         },

@@ -4,6 +4,7 @@
 mod attempts;
 mod cached;
 mod intake;
+mod path;
 pub mod record;
 mod respond;
 

@@ -1,0 +1,140 @@
+//! Which requests a proxy passes upstream: `spec.upstream.allowedPaths`, rules such as
+//! `POST /v1/chat/completions` or `GET /v1/models/*`, so that a proxy for chat cannot be used to
+//! download files or delete fine-tunes with the organisation's key.
+
+use std::fmt;
+
+/// What a proxy allows when `allowedPaths` is absent: the inference endpoints and the model list.
+pub const DEFAULT_ALLOWED_PATHS: &[&str] = &[
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "POST /v1/moderations",
+    "POST /v1/responses",
+    "POST /v1/images/generations",
+    "POST /v1/audio/speech",
+    "POST /v1/audio/transcriptions",
+    "POST /v1/audio/translations",
+    "GET /v1/models",
+    "GET /v1/models/*",
+];
+
+/// One segment of a rule's path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    /// This exact segment.
+    Literal(String),
+    /// `*`: any one segment.
+    One,
+    /// `**` (last only): any number of segments, none included.
+    Rest,
+}
+
+/// One allowed method and path pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathRule {
+    /// `None` for `*` (any method).
+    method: Option<String>,
+    segments: Vec<Segment>,
+    text: String,
+}
+
+impl fmt::Display for PathRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl PathRule {
+    /// Parse `METHOD /v1/path` (method `*` for any; path segments literal, `*` for one, `**`
+    /// last for the rest).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (method, path) = text.trim().split_once(' ').ok_or_else(|| {
+            format!("{text:?}: expected METHOD /v1/PATH, e.g. \"POST /v1/chat/completions\"")
+        })?;
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_owned()),
+            m => return Err(format!("{text:?}: method {m:?} must be upper case, or * for any")),
+        };
+        let Some(rest) = path.trim().strip_prefix("/v1/") else {
+            return Err(format!("{text:?}: the path must start with /v1/"));
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            segments.push(match *part {
+                "*" => Segment::One,
+                "**" if i + 1 == parts.len() => Segment::Rest,
+                "**" => return Err(format!("{text:?}: ** may only end a path")),
+                p if !p.is_empty()
+                    && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                    && p != "."
+                    && p != ".." =>
+                {
+                    Segment::Literal(p.to_owned())
+                }
+                p => return Err(format!("{text:?}: segment {p:?} is not a plain name, * or **")),
+            });
+        }
+        Ok(Self { method, segments, text: text.trim().to_owned() })
+    }
+
+    /// Whether `method` on the path whose segments after `/v1/` are `path` is allowed.
+    pub fn matches(&self, method: &str, path: &[&str]) -> bool {
+        if self.method.as_deref().is_some_and(|m| m != method) {
+            return false;
+        }
+        let mut rest = path;
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest => return true,
+                Segment::One if !rest.is_empty() => rest = &rest[1..],
+                Segment::Literal(l) if rest.first() == Some(&l.as_str()) => rest = &rest[1..],
+                _ => return false,
+            }
+        }
+        rest.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(s: &str) -> PathRule {
+        PathRule::parse(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn rules_match_method_and_segments() {
+        let chat = rule("POST /v1/chat/completions");
+        assert!(chat.matches("POST", &["chat", "completions"]));
+        assert!(!chat.matches("GET", &["chat", "completions"]));
+        assert!(!chat.matches("POST", &["chat", "completions", "x"]));
+        let model = rule("GET /v1/models/*");
+        assert!(model.matches("GET", &["models", "gpt-4o"]));
+        assert!(!model.matches("GET", &["models"]));
+        let any = rule("* /v1/files/**");
+        assert!(any.matches("DELETE", &["files", "file-1", "content"]));
+        assert!(any.matches("GET", &["files"]));
+    }
+
+    #[test]
+    fn bad_rules_say_why() {
+        for (bad, why) in [
+            ("/v1/chat", "expected METHOD"),
+            ("post /v1/chat", "upper case"),
+            ("POST /chat", "must start with /v1/"),
+            ("POST /v1/../files", "not a plain name"),
+            ("POST /v1/**/x", "may only end"),
+            ("POST /v1/a//b", "not a plain name"),
+        ] {
+            let err = PathRule::parse(bad).err().unwrap_or_default();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        for text in DEFAULT_ALLOWED_PATHS {
+            assert!(PathRule::parse(text).is_ok(), "{text}");
+        }
+    }
+}
