@@ -52,7 +52,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let proxy_url = format!("http://{}/v1/chat/completions", api.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(llmproxy_proxy::serve(proxy.clone(), api, admin, async move {
+    let quick = llmproxy_proxy::ServeOptions { drain_delay: Duration::ZERO, ..Default::default() };
+    let server = tokio::spawn(llmproxy_proxy::serve(proxy.clone(), api, admin, quick, async move {
         let _ = stopped.await;
     }));
 

@@ -84,6 +84,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Go duration flag (`500ms`, `30s`, `5m`).
+pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<llmproxy_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

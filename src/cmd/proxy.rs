@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use llmproxy_proxy::cluster;
 use llmproxy_proxy::reload::{self, FileWatcher};
 use llmproxy_proxy::supervise::supervise;
-use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy};
+use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy, ServeOptions};
 
 use super::LogFormat;
 
@@ -44,6 +44,22 @@ pub struct Args {
     /// Metrics count every request regardless.
     #[arg(long, value_name = "PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
     request_records: u8,
+    /// Longest wait for a request's headers, and for the next request on an idle connection.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::duration)]
+    header_read_timeout: std::time::Duration,
+    /// Longest time to receive a request's whole body; slower uploads get a 408.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::duration)]
+    body_read_timeout: std::time::Duration,
+    /// Longest a response may wait for a client that stopped reading it.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = super::duration)]
+    write_timeout: std::time::Duration,
+    /// Most client connections at once (each needs a file descriptor).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+    /// After SIGTERM, keep accepting this long while reporting not ready (Service endpoints
+    /// take a few seconds to drop a terminating pod); 0s closes the listener at once.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::duration)]
+    drain_delay: std::time::Duration,
     /// Log format.
     #[arg(long, value_enum, default_value = "json")]
     log_format: LogFormat,
@@ -56,7 +72,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_request_bytes: args.max_request_bytes,
         client_id_header: args.client_id_header.clone(),
         record_percent: args.request_records,
+        body_read_timeout: args.body_read_timeout,
         ..Options::default()
+    };
+    let serve_options = ServeOptions {
+        header_read_timeout: args.header_read_timeout,
+        write_timeout: args.write_timeout,
+        max_connections: args.max_connections,
+        drain_delay: args.drain_delay,
     };
     let metrics = Metrics::new(llmproxy_proxy::metrics::Registry::new())?;
     let (proxy, source, name) = match (&args.config, &args.resource) {
@@ -117,7 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         upstream = %proxy.policy().upstream.url,
         "llmproxy serving"
     );
-    llmproxy_proxy::serve(proxy, api, admin, super::shutdown_signal()).await?;
+    llmproxy_proxy::serve(proxy, api, admin, serve_options, super::shutdown_signal()).await?;
     source.abort();
     tracing::info!("stopped");
     Ok(())

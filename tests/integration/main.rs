@@ -3,6 +3,7 @@
 
 mod cache;
 mod chart;
+mod connections;
 mod crd;
 mod operator;
 mod proxy;

@@ -39,6 +39,12 @@ fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> R
     (status, Json(body)).into_response()
 }
 
+/// An answer given before the request body was read.
+pub(crate) fn early(status: u16) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::PAYLOAD_TOO_LARGE);
+    error(code, "Request too large for this server.", "invalid_request_error", Some("request_too_large"))
+}
+
 async fn not_found(uri: http::Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -192,6 +198,7 @@ async fn gate(
             }
             Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
             Fault::CutStream { after_chunks } => cut_after = Some(*after_chunks),
+            Fault::Early { .. } => {}
         }
     }
 

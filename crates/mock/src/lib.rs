@@ -95,6 +95,12 @@ pub enum Fault {
         /// Chunks sent before the break.
         after_chunks: usize,
     },
+    /// Answer with this status before reading the request body (as a server refusing an
+    /// upload too large for it does).
+    Early {
+        /// HTTP status.
+        status: u16,
+    },
 }
 
 /// What the mock has seen and done.
@@ -180,6 +186,21 @@ impl Mock {
     /// Queue `fault` for the next `count` requests.
     pub fn inject(&self, fault: Fault, count: usize) {
         lock(&self.faults).extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// The next fault, if it is one answered before the body is read.
+    pub(crate) fn take_early(&self) -> Option<u16> {
+        let mut faults = lock(&self.faults);
+        match faults.front() {
+            Some(Fault::Early { status }) => {
+                let status = *status;
+                faults.pop_front();
+                lock(&self.stats).requests += 1;
+                lock(&self.stats).faults += 1;
+                Some(status)
+            }
+            _ => None,
+        }
     }
 
     /// Change the accepted key (rotation tests).

@@ -17,7 +17,7 @@ use crate::Mock;
 pub(crate) struct Kill(pub(crate) CancellationToken);
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, stop: CancellationToken) {
-    let router = crate::handlers::router(mock);
+    let router = crate::handlers::router(Arc::clone(&mock));
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => return,
@@ -33,10 +33,17 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, st
         let kill = CancellationToken::new();
         let router = router.clone();
         let conn_kill = kill.clone();
+        let early_mock = Arc::clone(&mock);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(Kill(conn_kill.clone()));
             let mut router = router.clone();
-            async move { router.call(req.map(Body::new)).await }
+            let early = early_mock.take_early();
+            async move {
+                if let Some(status) = early {
+                    return Ok(crate::handlers::early(status));
+                }
+                router.call(req.map(Body::new)).await
+            }
         });
         let stop = stop.clone();
         tokio::spawn(async move {

@@ -170,6 +170,20 @@ fn probe(path: &str, period: i32) -> Probe {
     }
 }
 
+/// The proxy's drain delay after SIGTERM (its `--drain-delay` default).
+const DRAIN_DELAY_SECONDS: i64 = 5;
+
+/// Long enough for a terminating pod to drain, then finish what it holds: a request that just
+/// arrived may wait `queue.maxWait` for admission and then `upstream.timeout` for its answer
+/// to start (a stream that keeps flowing is cut at the end of this period).
+pub fn grace_period_seconds(p: &LlmProxy) -> i64 {
+    let secs = |d: &llmproxy_api::Duration| i64::try_from(d.get().as_secs()).unwrap_or(i64::MAX);
+    DRAIN_DELAY_SECONDS
+        .saturating_add(secs(&p.spec.queue.max_wait))
+        .saturating_add(secs(&p.spec.upstream.timeout))
+        .saturating_add(5)
+}
+
 fn default_resources() -> ResourceRequirements {
     let q = |s: &str| Quantity(s.to_owned());
     ResourceRequirements {
@@ -242,7 +256,7 @@ fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(proxy_identity(&name)),
                     automount_service_account_token: Some(true),
-                    termination_grace_period_seconds: Some(120),
+                    termination_grace_period_seconds: Some(grace_period_seconds(p)),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(PROXY_UID),
@@ -432,6 +446,7 @@ spec:
             c.args.as_ref().map(|a| a.join(" ")).as_deref(),
             Some("proxy --resource team-a/openai --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090")
         );
+        assert_eq!(pod.termination_grace_period_seconds, Some(5 + 30 + 600 + 5), "drain + maxWait + timeout");
         let sc = c.security_context.clone().unwrap_or_default();
         assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
         let path =

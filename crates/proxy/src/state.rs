@@ -28,6 +28,8 @@ pub struct Options {
     pub client_id_header: Option<HeaderName>,
     /// Percentage of requests that get a log line (0: none); metrics always count all.
     pub record_percent: u8,
+    /// Longest time to receive a request's whole body (slow uploads are cut with a 408).
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(10),
             client_id_header: None,
             record_percent: 100,
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -46,6 +46,17 @@ impl TestProxy {
 
     /// As `start`, with process options.
     pub async fn start_with(manifest: &str, key: Option<&str>, options: Options) -> Self {
+        let serve = llmproxy_proxy::ServeOptions { drain_delay: Duration::ZERO, ..Default::default() };
+        Self::start_serving(manifest, key, options, serve).await
+    }
+
+    /// As `start`, with process and connection options.
+    pub async fn start_serving(
+        manifest: &str,
+        key: Option<&str>,
+        options: Options,
+        serve: llmproxy_proxy::ServeOptions,
+    ) -> Self {
         let (_, policy) = llmproxy_api::from_yaml(manifest).unwrap_or_else(|e| panic!("test manifest: {e}"));
         let metrics = Metrics::new(Default::default()).unwrap_or_else(|e| panic!("{e}"));
         let proxy = Proxy::new(policy, metrics, options).unwrap_or_else(|e| panic!("{e}"));
@@ -57,7 +68,7 @@ impl TestProxy {
             admin.local_addr().unwrap_or_else(|e| panic!("{e}")),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(llmproxy_proxy::serve(Arc::clone(&proxy), api, admin, async move {
+        let task = tokio::spawn(llmproxy_proxy::serve(Arc::clone(&proxy), api, admin, serve, async move {
             let _ = stopped.await;
         }));
         Self { proxy, addr, admin: admin_addr, stop: Some(stop), task: Some(task) }

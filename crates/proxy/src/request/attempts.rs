@@ -3,8 +3,11 @@
 //!
 //! Two kinds of trying again: an upstream 429 means the quota window is spent, so the request
 //! goes back to its place in line (a requeue) and waits for the window, as often as its queue
-//! deadline allows; a transient error (5xx, 408, no connection, no answer in time) is retried
-//! after a back-off, at most `retry.maxAttempts` attempts in all.
+//! deadline allows; a transient error (5xx, 408, a connection that failed before any answer)
+//! is retried after a back-off, at most `retry.maxAttempts` attempts in all. An attempt that
+//! timed out is not sent again: it may still be running upstream, and be billed. An upstream
+//! that answered, whatever it answered (say, 413 while the body was still uploading), is
+//! answered to the client.
 
 use std::time::{Duration, SystemTime};
 
@@ -68,6 +71,11 @@ pub(crate) fn next_step(
             None => Some(retry::backoff(retry, limited, unit)),
         };
         return if in_time(pause.unwrap_or_default()) { Step::Requeue { pause } } else { Step::GiveUp };
+    }
+    // A timed-out attempt may still be running upstream, and be billed: never send it again to
+    // the same upstream.
+    if failure.reason == RetryReason::Timeout {
+        return Step::GiveUp;
     }
     let delay = failure.hint.unwrap_or_else(|| retry::backoff(retry, errors, unit));
     if errors >= retry.max_attempts || !in_time(delay) {
@@ -367,6 +375,8 @@ mod tests {
         assert_eq!(next_step(f, 0, 1, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
         let e = failure(RetryReason::ServerError, Some(5), false);
         assert_eq!(next_step(e, 1, 0, &policy(1), now, now + Duration::from_secs(60), 0.0), Step::GiveUp);
+        let t = failure(RetryReason::Timeout, None, false);
+        assert_eq!(next_step(t, 1, 0, &policy(4), now, now + Duration::from_secs(60), 0.0), Step::GiveUp);
         assert_eq!(next_step(e, 1, 0, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
     }
 

@@ -64,10 +64,15 @@ pub(crate) async fn read(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) if is_length_limit(&e) => return Err(too_large()),
-        Err(_) => return Err(bad_request("could not read the request body")),
+    let body = match tokio::time::timeout(options.body_read_timeout, axum::body::to_bytes(body, limit)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
+        Ok(Err(_)) => return Err(bad_request("could not read the request body")),
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {:?}", options.body_read_timeout);
+            return Err(ApiError::invalid(StatusCode::REQUEST_TIMEOUT, msg, Some("request_timeout")));
+        }
     };
 
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or_default();

@@ -1,0 +1,218 @@
+//! Serving the API port: our own accept loop, so that every connection is bounded. Headers
+//! must arrive within a time (slowloris), a response the client stops reading is cut after a
+//! time (it cannot hold a concurrency slot forever), connections are capped, and shutdown is
+//! the Kubernetes way: not ready at once, still accepting for a drain delay while endpoints
+//! catch up, then no new connections while queued and in-flight requests finish.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::routes;
+use crate::state::Proxy;
+
+/// How the API port treats connections.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Longest wait for a request's headers (also for the next request on an idle keep-alive
+    /// connection).
+    pub header_read_timeout: Duration,
+    /// Longest a response write may make no progress because the client stopped reading.
+    pub write_timeout: Duration,
+    /// Most client connections at once; beyond it new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// After SIGTERM: keep accepting this long (reporting not ready) before closing the
+    /// listener, while Service endpoints drop this pod. Zero: close at once.
+    pub drain_delay: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            drain_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serve the API on `api` and the admin endpoints on `admin` until `shutdown` resolves; then
+/// report not-ready, keep accepting for the drain delay, stop accepting, and let queued and
+/// in-flight requests finish (bounded by their own deadlines and timeouts).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    api: TcpListener,
+    admin: TcpListener,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_router = routes::admin(&proxy);
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin, admin_router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stopped.await;
+            })
+            .await
+    });
+
+    let service = TowerToHyperService::new(routes::api(&proxy));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+
+    // Shutdown: not ready at once; the listener closes after the drain delay.
+    let draining = Arc::clone(&proxy);
+    let delay = options.drain_delay;
+    let stop_accepting = async move {
+        shutdown.await;
+        draining.set_ready(false);
+        tracing::info!(drain_delay = ?delay, "shutting down: not ready; still accepting while endpoints drain");
+        tokio::time::sleep(delay).await;
+        tracing::info!("no new connections; finishing queued and in-flight requests");
+    };
+    tokio::pin!(stop_accepting);
+    loop {
+        let slot = tokio::select! {
+            () = &mut stop_accepting => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot?,
+        };
+        let (stream, _) = tokio::select! {
+            () = &mut stop_accepting => break,
+            accepted = api.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(WriteTimeout::new(stream, options.write_timeout));
+        let conn = builder.serve_connection_with_upgrades(io, service.clone());
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(api);
+    graceful.shutdown().await;
+    let _ = admin_stop.send(());
+    admin_task.await??;
+    Ok(())
+}
+
+/// A connection whose writes fail once they have made no progress for `timeout` (the client
+/// stopped reading): the connection closes and the request behind it ends.
+struct WriteTimeout {
+    inner: TcpStream,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(inner: TcpStream, timeout: Duration) -> Self {
+        Self { inner, timeout, stalled: None }
+    }
+
+    /// Track a pending write: start the clock on the first Pending, fail when it runs out.
+    fn check<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.stalled = None;
+            return result;
+        }
+        let timeout = self.timeout;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading the response",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_reads_fails_after_the_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        // The peer connects and never reads.
+        let _peer = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
+        let (stream, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = WriteTimeout::new(stream, Duration::from_millis(300));
+        let chunk = vec![b'x'; 1 << 20];
+        let result = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Err(e) = conn.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        })
+        .await;
+        let err = result.unwrap_or_else(|_| panic!("the write never gave up"));
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}

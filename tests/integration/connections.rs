@@ -1,0 +1,109 @@
+//! Connections cannot be held hostage: slow headers and bodies are cut, connections are
+//! capped, and a SIGTERM drains the Kubernetes way.
+
+use std::time::Duration;
+
+use llmproxy_mock::{MockConfig, load};
+use llmproxy_proxy::{Options, ServeOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::support::eventually;
+use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, mock, post_json};
+
+/// Read until the server closes the connection (or `limit` passes); the bytes read.
+async fn read_until_closed(conn: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(limit, conn.read_to_end(&mut buf)).await.ok()?.ok()?;
+    Some(buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_slow_bodies_are_cut_off() {
+    let upstream = mock(MockConfig::default()).await;
+    let options = Options { body_read_timeout: Duration::from_secs(1), ..Options::default() };
+    let serve = ServeOptions {
+        header_read_timeout: Duration::from_secs(1),
+        drain_delay: Duration::ZERO,
+        ..ServeOptions::default()
+    };
+    let proxy = TestProxy::start_serving(
+        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""),
+        None,
+        options,
+        serve,
+    )
+    .await;
+    // Slowloris: half a request line, then nothing.
+    let start = Instant::now();
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let closed = read_until_closed(&mut conn, Duration::from_secs(20)).await;
+    assert!(closed.is_some(), "a connection with partial headers stayed open");
+    assert!(start.elapsed() < Duration::from_secs(15), "closed only after {:?}", start.elapsed());
+
+    // Headers complete, the body trickles: a 408 once the body read time is up.
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":";
+    conn.write_all(head.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to a trickling body"))
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(upstream.mock.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_free_one() {
+    let upstream = mock(MockConfig::default()).await;
+    let serve = ServeOptions { max_connections: 2, drain_delay: Duration::ZERO, ..ServeOptions::default() };
+    let proxy = TestProxy::start_serving(
+        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""),
+        None,
+        Options::default(),
+        serve,
+    )
+    .await;
+    let first = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let _second = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let url = proxy.url("/models");
+    let third = tokio::spawn(async move { get_text(&url).await });
+    // Absence needs a window: the third is not served while two idle connections hold the cap.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "served beyond the connection cap");
+    drop(first);
+    let body = tokio::time::timeout(Duration::from_secs(10), third).await;
+    let body = body.unwrap_or_else(|_| panic!("not served after a slot came free")).unwrap_or_default();
+    assert!(body.contains("\"object\":\"list\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_new_requests_are_still_served_during_the_drain_delay() {
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut proxy = ProxyProcess::start(&file, &["--drain-delay", "3s", "--log-format", "text"], &[]).await;
+    let ready = format!("http://{}/readyz", proxy.admin);
+    proxy.terminate();
+    eventually("/readyz to turn 503", Duration::from_secs(2), || {
+        let ready = ready.clone();
+        async move {
+            let status = load::client().get(&ready).send().await.ok()?.status().as_u16();
+            (status == 503).then_some(())
+        }
+    })
+    .await;
+    // Endpoints have not caught up yet: a new client still gets served.
+    let (status, _, body) = post_json(&proxy.url("/chat/completions"), &load::chat_body(1)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).await, Some(0), "{}", proxy.logs());
+    assert!(proxy.logs().contains("still accepting while endpoints drain"), "{}", proxy.logs());
+}
