@@ -107,3 +107,68 @@ async fn after_sigterm_new_requests_are_still_served_during_the_drain_delay() {
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)).await, Some(0), "{}", proxy.logs());
     assert!(proxy.logs().contains("still accepting while endpoints drain"), "{}", proxy.logs());
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_queued_bodies_stay_within_the_memory_budget() {
+    // The reproduction: many large bodies waiting at once took one proxy to ~1 GB.
+    let upstream = mock(MockConfig::default()).await;
+    upstream.mock.hold();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    let budget: u64 = 32 << 20;
+    let spec = "  queue: {maxSize: 100, maxWait: 60s, maxBytes: 32Mi}\n";
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000, maxConcurrent: 1}", spec))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = ProxyProcess::start(&file, &["--request-records", "0"], &[]).await;
+    let idle = rss_bytes(proxy.pid());
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat((4 << 20) - 1024)}]})
+        .to_string();
+    let client = load::client();
+    let url = proxy.url("/chat/completions");
+    let sends: Vec<_> = (0..20)
+        .map(|_| {
+            let req = client.post(&url).header("content-type", "application/json").body(body.clone());
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
+        })
+        .collect();
+    // Eight fit in the budget (one upstream, held; seven queued); the rest hear so at once.
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    eventually("the budget to fill and the rest to be refused", Duration::from_secs(30), || {
+        let url = metrics_url.clone();
+        async move {
+            let m = get_text(&url).await;
+            let refused =
+                crate::support::proxy_env::metric(&m, "llmproxy_throttled_total{limit=\"queue_bytes\"}");
+            let waiting = crate::support::proxy_env::metric(&m, "llmproxy_queue_depth");
+            (refused == 12.0 && waiting == 7.0).then_some(())
+        }
+    })
+    .await;
+    let held = rss_bytes(proxy.pid());
+    eprintln!("RSS idle {} MiB, with the budget full {} MiB", idle >> 20, held >> 20);
+    assert!(
+        held.saturating_sub(idle) < 2 * budget,
+        "RSS grew by {} MiB for a {} MiB budget (idle {} MiB)",
+        held.saturating_sub(idle) >> 20,
+        budget >> 20,
+        idle >> 20
+    );
+    upstream.mock.release();
+    let mut statuses = Vec::new();
+    for s in sends {
+        statuses.push(s.await.unwrap_or(0));
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 8, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 12, "{statuses:?}");
+}

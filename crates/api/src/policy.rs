@@ -83,6 +83,8 @@ pub struct QueuePolicy {
     pub max_size: usize,
     /// Longest wait for admission.
     pub max_wait: Duration,
+    /// Bytes of request bodies held by waiting and in-flight requests at once.
+    pub max_bytes: u64,
 }
 
 /// Retry schedule.
@@ -170,6 +172,21 @@ impl Check {
             return 1;
         }
         v.unsigned_abs()
+    }
+
+    /// A positive quantity of bytes.
+    fn quantity(&mut self, field: &'static str, q: &str) -> u64 {
+        match crate::quantity::bytes(q) {
+            Ok(0) => {
+                self.fail(field, "must be > 0");
+                1
+            }
+            Ok(n) => n,
+            Err(e) => {
+                self.fail(field, e);
+                1
+            }
+        }
     }
 
     fn non_negative(&mut self, field: &'static str, v: i64) -> u64 {
@@ -279,6 +296,7 @@ impl Policy {
 
         let max_size = c.non_negative("spec.queue.maxSize", spec.queue.max_size.into());
         let max_wait = c.at_most("spec.queue.maxWait", spec.queue.max_wait.get(), MAX_QUEUE_WAIT, "24h");
+        let queue_bytes = c.quantity("spec.queue.maxBytes", &spec.queue.max_bytes.0);
 
         let r = &spec.retry;
         let initial_backoff =
@@ -296,17 +314,7 @@ impl Policy {
             Some(cache) if !cache.ttl.get().is_zero() => Some(CachePolicy {
                 ttl: c.at_most("spec.cache.ttl", cache.ttl.get(), MAX_CACHE_TTL, "720h"),
                 max_entries: c.positive("spec.cache.maxEntries", cache.max_entries),
-                max_bytes: match crate::quantity::bytes(&cache.max_bytes.0) {
-                    Ok(0) => {
-                        c.fail("spec.cache.maxBytes", "must be > 0");
-                        1
-                    }
-                    Ok(n) => n,
-                    Err(e) => {
-                        c.fail("spec.cache.maxBytes", e);
-                        1
-                    }
-                },
+                max_bytes: c.quantity("spec.cache.maxBytes", &cache.max_bytes.0),
             }),
             _ => None,
         };
@@ -337,7 +345,11 @@ impl Policy {
                 token_accounting: l.token_accounting,
                 max_request_tokens: tpm,
             },
-            queue: QueuePolicy { max_size: usize::try_from(max_size).unwrap_or(usize::MAX), max_wait },
+            queue: QueuePolicy {
+                max_size: usize::try_from(max_size).unwrap_or(usize::MAX),
+                max_wait,
+                max_bytes: queue_bytes,
+            },
             retry: RetryPolicy {
                 max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
                 initial_backoff,
@@ -378,6 +390,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         assert_eq!(p.limits.default_max_tokens, 1024);
         assert_eq!(p.queue.max_size, 1000);
         assert_eq!(p.queue.max_wait, Duration::from_secs(30));
+        assert_eq!(p.queue.max_bytes, 64 << 20);
         assert_eq!(p.retry.max_attempts, 4);
         assert_eq!(p.retry.initial_backoff, Duration::from_secs(1));
         assert_eq!(p.retry.max_backoff, Duration::from_secs(30));

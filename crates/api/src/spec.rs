@@ -251,7 +251,7 @@ impl TokenAccounting {
 }
 
 /// The admission queue in front of the limiter.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueSpec {
     /// Requests that may wait at once per replica; one more gets an immediate 429.
@@ -268,11 +268,26 @@ pub struct QueueSpec {
         "message": "must be at most 24h",
     }]))]
     pub max_wait: Duration,
+
+    /// Memory the request bodies of waiting and in-flight requests may take at once per replica
+    /// (a quantity such as `64Mi`). A request that would go over it gets a 429 (or a 413 when
+    /// its body alone is larger), so many large bodies cannot exhaust the pod's memory. The
+    /// default fits the default 256Mi pod memory limit.
+    #[serde(default = "default_queue_bytes")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "type(self) == int || isQuantity(self)",
+        "message": "maxBytes must be a quantity such as 64Mi or 1Gi",
+    }]))]
+    pub max_bytes: Quantity,
 }
 
 impl Default for QueueSpec {
     fn default() -> Self {
-        Self { max_size: default_queue_size(), max_wait: default_max_wait() }
+        Self {
+            max_size: default_queue_size(),
+            max_wait: default_max_wait(),
+            max_bytes: default_queue_bytes(),
+        }
     }
 }
 
@@ -427,6 +442,9 @@ fn default_true() -> bool {
 }
 fn default_cache_entries() -> i64 {
     10_000
+}
+fn default_queue_bytes() -> Quantity {
+    Quantity("64Mi".to_owned())
 }
 fn default_cache_bytes() -> Quantity {
     Quantity("64Mi".to_owned())

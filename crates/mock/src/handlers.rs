@@ -31,6 +31,8 @@ pub(crate) fn router(mock: Arc<Mock>) -> Router {
         .route("/mock/stats", get(stats))
         .route("/mock/faults", post(faults))
         .fallback(not_found)
+        // Large prompts are part of the test workloads; axum's default limit is 2 MB.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(mock)
 }
 

@@ -486,6 +486,107 @@ mod tests {
         }
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::super::*;
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                (-1e9f64..1e9).prop_map(Value::from),
+                ".{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z_]{1,8}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn request() -> impl Strategy<Value = serde_json::Map<String, Value>> {
+            let field = prop_oneof![
+                Just("model"),
+                Just("messages"),
+                Just("prompt"),
+                Just("input"),
+                Just("max_tokens"),
+                Just("max_completion_tokens"),
+                Just("n"),
+                Just("stream"),
+                Just("stream_options"),
+                Just("user"),
+                Just("temperature"),
+                Just("tools"),
+            ];
+            prop::collection::btree_map(field, json(), 0..8)
+                .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        }
+
+        /// The reference: what the same fields say when read through a JSON tree.
+        fn text_of(v: &Value) -> (u64, u64) {
+            match v {
+                Value::String(s) => (s.chars().count() as u64, 0),
+                Value::Number(_) => (0, 1),
+                Value::Array(a) => a.iter().map(text_of).fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1)),
+                Value::Object(o) => o.values().map(text_of).fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1)),
+                _ => (0, 0),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_are_read_or_refused_never_a_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                let _ = inspect(&bytes, true);
+            }
+
+            #[test]
+            fn a_request_reads_as_its_tree_says(req in request()) {
+                let body = serde_json::to_vec(&Value::Object(req.clone())).unwrap_or_default();
+                let got = inspect(&body, true).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(got.model.as_deref(), req.get("model").and_then(Value::as_str));
+                prop_assert_eq!(got.stream, req.get("stream").and_then(Value::as_bool) == Some(true));
+                prop_assert_eq!(got.max_tokens, req.get("max_tokens").and_then(Value::as_u64));
+                prop_assert_eq!(got.n, req.get("n").and_then(Value::as_u64));
+                let (chars, numbers) = PROMPT_FIELDS
+                    .iter()
+                    .filter_map(|f| req.get(*f))
+                    .map(text_of)
+                    .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
+                prop_assert_eq!(got.text, Text { chars, numbers });
+                // Estimating never overflows, whatever the numbers.
+                let _ = crate::tokens::estimate("/chat/completions", &got, u32::MAX).total();
+            }
+
+            #[test]
+            fn the_key_ignores_key_order_and_whitespace(req in request()) {
+                let compact = serde_json::to_vec(&Value::Object(req.clone())).unwrap_or_default();
+                let mut reversed: Vec<(String, Value)> = req.into_iter().collect();
+                reversed.reverse();
+                let spaced = format!(
+                    "{{ {} }}",
+                    reversed
+                        .iter()
+                        .map(|(k, v)| format!("{} :\n {}", Value::String(k.clone()), v))
+                        .collect::<Vec<_>>()
+                        .join(" ,\t")
+                );
+                let a = inspect(&compact, true).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let b = inspect(spaced.as_bytes(), true).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(a.key_digest, b.key_digest);
+                prop_assert_eq!(a.prompt_digest, b.prompt_digest);
+            }
+        }
+    }
+
     #[test]
     fn no_digest_unless_asked() {
         let i = inspect(br#"{"model": "m", "messages": []}"#, false).unwrap_or_else(|e| panic!("{e}"));

@@ -140,9 +140,13 @@ impl ResponseCache {
         }
     }
 
-    /// The most body bytes one entry may hold.
+    /// The most body bytes one entry may hold: an eighth of the budget, so one answer never
+    /// crowds out the rest (and a fill in progress holds at most that much).
     pub fn max_entry_bytes(&self) -> usize {
-        self.inner.load().as_ref().map_or(0, |i| usize::try_from(i.policy.max_bytes).unwrap_or(usize::MAX))
+        self.inner
+            .load()
+            .as_ref()
+            .map_or(0, |i| usize::try_from(i.policy.max_bytes / 8).unwrap_or(usize::MAX))
     }
 
     /// Entries and weighed bytes held now (after pending evictions are applied).

@@ -31,12 +31,20 @@ pub enum Limit {
     UpstreamPause,
     /// `queue.maxSize`.
     QueueSize,
+    /// `queue.maxBytes`.
+    QueueBytes,
 }
 
 impl Limit {
     /// Every limit, for initialising metric series.
-    pub const ALL: [Limit; 5] =
-        [Limit::Requests, Limit::Tokens, Limit::Concurrency, Limit::UpstreamPause, Limit::QueueSize];
+    pub const ALL: [Limit; 6] = [
+        Limit::Requests,
+        Limit::Tokens,
+        Limit::Concurrency,
+        Limit::UpstreamPause,
+        Limit::QueueSize,
+        Limit::QueueBytes,
+    ];
 
     /// A low-cardinality label for metrics.
     pub fn label(self) -> &'static str {
@@ -46,6 +54,7 @@ impl Limit {
             Limit::Concurrency => "max_concurrent",
             Limit::UpstreamPause => "upstream_retry_after",
             Limit::QueueSize => "queue_size",
+            Limit::QueueBytes => "queue_bytes",
         }
     }
 }
@@ -58,6 +67,7 @@ impl fmt::Display for Limit {
             Limit::Concurrency => "the max-concurrent-requests limit",
             Limit::UpstreamPause => "the upstream's Retry-After",
             Limit::QueueSize => "the queue size limit",
+            Limit::QueueBytes => "the queue's memory budget (queue.maxBytes)",
         })
     }
 }

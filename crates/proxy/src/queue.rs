@@ -60,6 +60,12 @@ struct Shared {
 /// Shared admission state of one proxy.
 pub struct Admission {
     shared: Mutex<Shared>,
+    /// Request body bytes held by waiting and in-flight requests, and the most allowed.
+    bytes_held: AtomicU64,
+    bytes_max: AtomicU64,
+    /// Requests that count against the queue bound outside the line (coalesced followers,
+    /// retries sleeping through a back-off).
+    held: AtomicUsize,
     /// Wakes the dispatcher: a request joined the line, a slot or tokens came free, limits
     /// changed.
     wake: Arc<Notify>,
@@ -127,6 +133,36 @@ impl Drop for Permit {
     }
 }
 
+/// Request body bytes counted against `queue.maxBytes` until dropped.
+pub struct BytesLease {
+    admission: Arc<Admission>,
+    bytes: u64,
+}
+
+impl BytesLease {
+    /// Count `more` bytes too, if the budget has room.
+    pub fn grow(&mut self, more: u64) -> Result<(), Rejection> {
+        self.admission.take_bytes(more)?;
+        self.bytes += more;
+        Ok(())
+    }
+}
+
+impl Drop for BytesLease {
+    fn drop(&mut self) {
+        self.admission.bytes_held.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// A place counted against `queue.maxSize` outside the line, until dropped.
+pub struct Held(Arc<Admission>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Takes a waiter out of line however its wait ends (granted, refused, or the request dropped).
 struct InLine<'a> {
     admission: &'a Admission,
@@ -155,6 +191,9 @@ impl Admission {
                 deadlines: BTreeSet::new(),
             }),
             wake: Arc::new(Notify::new()),
+            bytes_held: AtomicU64::new(0),
+            bytes_max: AtomicU64::new(u64::MAX),
+            held: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             next_place: AtomicU64::new(0),
             metrics,
@@ -176,6 +215,46 @@ impl Admission {
     fn left_line(&self) {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.metrics.queue_depth.dec();
+    }
+
+    /// Set `queue.maxBytes`.
+    pub fn set_byte_budget(&self, max: u64) {
+        self.bytes_max.store(max, Ordering::SeqCst);
+    }
+
+    fn take_bytes(&self, n: u64) -> Result<(), Rejection> {
+        let max = self.bytes_max.load(Ordering::SeqCst);
+        let taken = self.bytes_held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+            held.checked_add(n).filter(|total| *total <= max)
+        });
+        match taken {
+            Ok(_) => Ok(()),
+            Err(_) => Err(self.reject(Limit::QueueBytes, true, Instant::now(), Duration::from_secs(1))),
+        }
+    }
+
+    /// Count `bytes` of a request body against `queue.maxBytes`.
+    pub fn reserve_bytes(self: &Arc<Self>, bytes: u64) -> Result<BytesLease, Rejection> {
+        self.take_bytes(bytes)?;
+        Ok(BytesLease { admission: Arc::clone(self), bytes })
+    }
+
+    /// The most body bytes held at once (`queue.maxBytes`).
+    pub fn byte_budget(&self) -> u64 {
+        self.bytes_max.load(Ordering::SeqCst)
+    }
+
+    /// Hold a place against `max_queue` outside the line (a request waiting for an identical
+    /// one's answer, or for its next attempt).
+    pub fn hold(self: &Arc<Self>, max_queue: usize) -> Result<Held, Rejection> {
+        let depth = self.lock().line.len();
+        let held = self.held.fetch_add(1, Ordering::SeqCst);
+        if depth + held >= max_queue {
+            self.held.fetch_sub(1, Ordering::SeqCst);
+            let start = Instant::now();
+            return Err(self.reject(Limit::QueueSize, true, start, Duration::from_secs(1)));
+        }
+        Ok(Held(Arc::clone(self)))
     }
 
     /// A place at the end of the line, for a request that just arrived.
@@ -201,7 +280,7 @@ impl Admission {
                 drop(shared);
                 return Ok(self.permit(ask, mark, start));
             }
-            let depth = shared.line.len();
+            let depth = shared.line.len() + self.held.load(Ordering::SeqCst);
             if depth >= max_queue {
                 let retry_after = queue_full_retry_after(shared.limiter.limits(), depth);
                 drop(shared);
@@ -333,9 +412,14 @@ impl Admission {
         changed
     }
 
-    /// Requests waiting now.
+    /// Requests waiting now (in line).
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes held now by waiting and in-flight requests.
+    pub fn bytes_held(&self) -> u64 {
+        self.bytes_held.load(Ordering::SeqCst)
     }
 
     /// Requests admitted and not yet finished.
@@ -558,6 +642,28 @@ mod tests {
         let generous = QuotaHeaders { remaining_tokens: Some(100_000), ..QuotaHeaders::default() };
         p.calibrate(&generous, true, secs(30));
         assert_eq!(a.tokens_available().map(f64::round), Some(100.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_budget_and_held_places_bound_what_waits() {
+        let a = admission(60, 1, 100);
+        a.set_byte_budget(100);
+        let mut first = a.reserve_bytes(60).unwrap_or_else(|_| panic!("fits"));
+        assert_eq!(a.reserve_bytes(50).err().map(|r| r.limit), Some(Limit::QueueBytes));
+        assert!(first.grow(40).is_ok());
+        assert!(first.grow(1).is_err(), "never past the budget");
+        drop(first);
+        assert_eq!(a.bytes_held(), 0);
+        // Two places held outside the line fill a queue of two.
+        let t0 = Instant::now();
+        let _busy = take(&a, 0, t0 + secs(30)).await;
+        let h1 = a.hold(2).unwrap_or_else(|_| panic!("room"));
+        let _h2 = a.hold(2).unwrap_or_else(|_| panic!("room"));
+        assert!(a.hold(2).is_err());
+        let full = a.admit(a.place(), &Ask::tokens(0), t0 + secs(30), 2).await.err();
+        assert_eq!(full.map(|r| (r.limit, r.queue_full)), Some((Limit::QueueSize, true)));
+        drop(h1);
+        assert!(a.hold(2).is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,12 +1,17 @@
 //! Server-sent events on the way through: find the `usage` of a stream without holding it back,
 //! and, when the proxy itself asked for `stream_options.include_usage`, remove the usage-only
-//! event the client did not ask for.
+//! event the client did not ask for. Memory is bounded whatever the upstream sends: a line or
+//! an event longer than `MAX_HELD` is passed on without being held (and without being looked
+//! into), and every byte is scanned once.
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde_json::Value;
 
 use crate::tokens::{Usage, usage_of};
+
+/// The most bytes of one unfinished line (scan mode) or event (strip mode) held back.
+pub const MAX_HELD: usize = 1 << 20;
 
 /// Watches an SSE body chunk by chunk.
 #[derive(Default)]
@@ -15,6 +20,11 @@ pub struct SseTap {
     strip_usage_event: bool,
     /// Bytes of an unfinished line (scan mode) or event (strip mode).
     pending: BytesMut,
+    /// How far into `pending` the search for an event's end has got (strip mode).
+    searched: usize,
+    /// The current line (scan mode) or event (strip mode) outgrew `MAX_HELD`: pass it on
+    /// unread until it ends.
+    oversized: bool,
     usage: Option<Usage>,
     /// Whether `data: [DONE]` was seen: the stream ended cleanly.
     done: bool,
@@ -85,7 +95,9 @@ impl SseTap {
     fn scan_lines(&mut self, chunk: Bytes) -> Bytes {
         let mut start = 0;
         for nl in memchr::memchr_iter(b'\n', &chunk) {
-            if self.pending.is_empty() {
+            if std::mem::take(&mut self.oversized) {
+                // The end of a line too long to look into.
+            } else if self.pending.is_empty() {
                 self.line(&chunk[start..nl]);
             } else {
                 self.pending.extend_from_slice(&chunk[start..nl]);
@@ -94,19 +106,56 @@ impl SseTap {
             }
             start = nl + 1;
         }
-        self.pending.extend_from_slice(&chunk[start..]);
+        let rest = &chunk[start..];
+        if !self.oversized && self.pending.len() + rest.len() <= MAX_HELD {
+            self.pending.extend_from_slice(rest);
+        } else {
+            self.oversized = true;
+            self.pending = BytesMut::new();
+        }
         chunk
     }
 
     /// Strip mode: forward whole events, minus the injected usage event.
     fn feed_events(&mut self, chunk: &[u8]) -> Bytes {
-        self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.pending) {
+        let mut chunk = chunk;
+        if self.oversized {
+            // Pass the oversized event on until its end, then go on as usual.
+            let tail = [self.pending.as_ref(), chunk].concat();
+            match event_end(&tail, 0) {
+                Some(end) => {
+                    let from_chunk = end.saturating_sub(self.pending.len());
+                    out.extend_from_slice(&chunk[..from_chunk]);
+                    chunk = &chunk[from_chunk..];
+                    self.oversized = false;
+                    self.pending = BytesMut::new();
+                }
+                None => {
+                    out.extend_from_slice(chunk);
+                    // Keep the last bytes: the blank line may straddle two chunks.
+                    let keep = tail.len().min(3);
+                    self.pending = BytesMut::from(&tail[tail.len() - keep..]);
+                    return out.freeze();
+                }
+            }
+        }
+        self.pending.extend_from_slice(chunk);
+        while let Some(end) = event_end(&self.pending, self.searched) {
             let event = self.pending.split_to(end).freeze();
+            self.searched = 0;
             if self.keep_event(&event) {
                 out.extend_from_slice(&event);
             }
+        }
+        // Resume the next search where this one stopped (less what a split blank line needs).
+        self.searched = self.pending.len().saturating_sub(3);
+        if self.pending.len() > MAX_HELD {
+            out.extend_from_slice(&self.pending);
+            let keep = self.pending.len().min(3);
+            self.pending = BytesMut::from(&self.pending[self.pending.len() - keep..]);
+            self.searched = 0;
+            self.oversized = true;
         }
         out.freeze()
     }
@@ -114,6 +163,10 @@ impl SseTap {
     /// The end of the body: whatever is still held back.
     pub fn finish(&mut self) -> Bytes {
         let rest = self.pending.split().freeze();
+        if std::mem::take(&mut self.oversized) {
+            // Passed on already (strip mode keeps only a few bytes of it; they went out too).
+            return Bytes::new();
+        }
         if !self.strip_usage_event {
             self.line(&rest);
             return Bytes::new();
@@ -122,10 +175,11 @@ impl SseTap {
     }
 }
 
-/// Index just past the blank line that ends the first complete event.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+/// Index just past the blank line that ends the first complete event, searching from `from`.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let from = from.min(buf.len());
+    let lf = memmem::find(&buf[from..], b"\n\n").map(|i| from + i + 2);
+    let crlf = memmem::find(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -171,6 +225,112 @@ mod tests {
             assert!(!out.contains("prompt_tokens"), "chunks of {size}: {out}");
             assert!(out.contains("Hel") && out.contains("lo") && out.ends_with("data: [DONE]\n\n"), "{out}");
             assert_eq!(tap.usage(), Some(Usage { prompt: 9, completion: 2 }));
+        }
+    }
+
+    #[test]
+    fn a_line_or_event_that_never_ends_is_passed_on_not_held() {
+        for strip in [false, true] {
+            let mut tap = SseTap::new(strip);
+            let mut sent = 0usize;
+            let piece = Bytes::from(vec![b'x'; 64 << 10]);
+            tap.feed(Bytes::from_static(b"data: "));
+            for _ in 0..64 {
+                sent += tap.feed(piece.clone()).len();
+                assert!(tap.pending.len() <= MAX_HELD, "held {} bytes", tap.pending.len());
+            }
+            assert!(sent >= 63 * (64 << 10) - MAX_HELD, "strip={strip}: only {sent} bytes went on");
+            // The stream goes on normally afterwards.
+            let rest = tap.feed(Bytes::from_static(b"\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n"));
+            let _ = rest;
+            let _ = tap.finish();
+            assert!(tap.done(), "strip={strip}");
+            assert_eq!(tap.usage(), Some(Usage { prompt: 1, completion: 2 }), "strip={strip}");
+        }
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Cut `bytes` at `cuts` (positions, any order) into chunks.
+        fn chunked(bytes: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            at.sort_unstable();
+            at.push(bytes.len());
+            let mut start = 0;
+            at.into_iter()
+                .map(|end| {
+                    let piece = Bytes::copy_from_slice(&bytes[start..end]);
+                    start = end;
+                    piece
+                })
+                .collect()
+        }
+
+        fn events() -> impl Strategy<Value = Vec<String>> {
+            let event = prop_oneof![
+                "[a-z ]{0,20}".prop_map(|t| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{t}\"}}}}],\"usage\":null}}\n\n")),
+                (0u64..1000, 0u64..1000).prop_map(|(p, c)| format!(
+                    "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n"
+                )),
+                Just(": keep-alive\n\n".to_owned()),
+                Just("event: ping\r\ndata: x\r\n\r\n".to_owned()),
+            ];
+            prop::collection::vec(event, 0..12).prop_map(|mut e| {
+                e.push("data: [DONE]\n\n".to_owned());
+                e
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn scan_mode_passes_every_byte_through(
+                bytes in prop::collection::vec(any::<u8>(), 0..2048),
+                cuts in prop::collection::vec(any::<usize>(), 0..16),
+            ) {
+                let mut tap = SseTap::new(false);
+                let mut out = Vec::new();
+                for piece in chunked(&bytes, &cuts) {
+                    out.extend_from_slice(&tap.feed(piece));
+                    prop_assert!(tap.pending.len() <= MAX_HELD);
+                }
+                out.extend_from_slice(&tap.finish());
+                prop_assert_eq!(out, bytes);
+            }
+
+            #[test]
+            fn strip_mode_removes_the_usage_events_and_nothing_else(
+                events in events(),
+                cuts in prop::collection::vec(any::<usize>(), 0..16),
+            ) {
+                let stream = events.concat().into_bytes();
+                let mut tap = SseTap::new(true);
+                let mut out = Vec::new();
+                for piece in chunked(&stream, &cuts) {
+                    out.extend_from_slice(&tap.feed(piece));
+                }
+                out.extend_from_slice(&tap.finish());
+                let expected: String =
+                    events.iter().filter(|e| !e.contains("\"choices\":[],")).map(String::as_str).collect();
+                prop_assert_eq!(String::from_utf8_lossy(&out).into_owned(), expected);
+                prop_assert!(tap.done());
+            }
+
+            #[test]
+            fn garbage_never_panics_either_way(
+                bytes in prop::collection::vec(any::<u8>(), 0..2048),
+                cuts in prop::collection::vec(any::<usize>(), 0..16),
+            ) {
+                let mut tap = SseTap::new(true);
+                for piece in chunked(&bytes, &cuts) {
+                    let _ = tap.feed(piece);
+                }
+                let _ = tap.finish();
+            }
         }
     }
 

@@ -80,6 +80,7 @@ impl Proxy {
             key_required: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         });
+        proxy.admission.set_byte_budget(proxy.policy.load().queue.max_bytes);
         proxy.update_gauges();
         proxy.metrics.source_up.set(1);
         Ok(proxy)
@@ -98,6 +99,7 @@ impl Proxy {
             return Reload::Unchanged;
         }
         self.admission.reconfigure(&policy.limits);
+        self.admission.set_byte_budget(policy.queue.max_bytes);
         self.cache.reconfigure(policy.cache.as_ref());
         self.policy.store(Arc::new(policy));
         self.update_gauges();

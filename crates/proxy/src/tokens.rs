@@ -77,6 +77,28 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     }
 }
 
+/// The `usage` object in the tail of a JSON body too large to keep whole: the last `"usage"` key
+/// (OpenAI writes it near the end) and the object after it.
+pub fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    let mut end = tail.len();
+    while let Some(at) = memchr::memmem::rfind(&tail[..end], b"\"usage\"") {
+        end = at;
+        if at > 0 && tail[at - 1] == b'\\' {
+            continue; // inside a string: \"usage\"
+        }
+        let rest = &tail[at + 7..];
+        let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+        let Some(rest) = rest.strip_prefix(b":") else { continue };
+        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Value>();
+        if let Some(Ok(v)) = values.next()
+            && let Some(u) = usage_of(&serde_json::json!({ "usage": v }))
+        {
+            return Some(u);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -116,6 +138,14 @@ mod tests {
         assert_eq!(estimate("/embeddings", &inspect(&body), 1024), Estimate { prompt: 3, completion: 0 });
         let tokens = json!({"input": [[1, 2, 3]]});
         assert_eq!(estimate("/embeddings", &inspect(&tokens), 1024).prompt, 3);
+    }
+
+    #[test]
+    fn usage_is_found_in_the_tail_of_a_large_body() {
+        let tail = br#"aaa\"usage\": 5 ...", "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 4}, "x": 1}"#;
+        assert_eq!(usage_in_tail(tail), Some(Usage { prompt: 3, completion: 4 }));
+        assert_eq!(usage_in_tail(br#"text \"usage\": {\"prompt_tokens\": 9}"#), None);
+        assert_eq!(usage_in_tail(b"garbage"), None);
     }
 
     #[test]

@@ -279,7 +279,11 @@ pub(crate) async fn run(proxy: &Proxy, policy: &Policy, intake: &Intake, record:
                     admission.pause(intake.ask.model.as_ref(), until);
                 }
             }
-            Step::Retry { delay } => tokio::time::sleep(delay).await,
+            Step::Retry { delay } => {
+                // Still waiting, though not in line: it counts against the queue bound.
+                let _held = admission.hold(usize::MAX);
+                tokio::time::sleep(delay).await;
+            }
             Step::Requeue { pause: None } | Step::GiveUp => {}
         }
     }

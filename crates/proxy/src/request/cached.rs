@@ -12,6 +12,7 @@ use llmproxy_api::Policy;
 
 use super::record::RecordGuard;
 use crate::cache::{CachedResponse, Key, ResponseCache};
+use crate::error::ApiError;
 use crate::flight::{self, Followed, Join, Leader};
 use crate::labels::{CacheResult, Outcome};
 use crate::metrics::Metrics;
@@ -26,6 +27,8 @@ pub(crate) enum Cached {
     Fill(Fill),
     /// Go upstream, cache nothing.
     Skip,
+    /// No room to wait for an identical request's answer.
+    Refused(ApiError, Outcome),
 }
 
 /// What to do with a complete, successful answer: store it under `key` and hand it to the
@@ -35,7 +38,7 @@ pub(crate) struct Fill {
     key: Key,
     /// `None` when the client asked for a fresh answer (`no-cache`): stored, nobody waits.
     leader: Option<Leader>,
-    /// The raw upstream stream, kept for the cache (SSE only; JSON bodies are kept by the tap).
+    /// The raw upstream body, kept for the cache (within what one entry may hold).
     raw: BytesMut,
     /// The answer outgrew what one entry may hold.
     too_big: bool,
@@ -67,7 +70,7 @@ impl Fill {
         }
     }
 
-    /// Keep a chunk of a stream for the cache (bounded by what one entry may hold).
+    /// Keep a chunk of the body for the cache (bounded by what one entry may hold).
     pub(crate) fn keep(&mut self, chunk: &[u8]) {
         if !self.too_big && self.raw.len() + chunk.len() <= self.limit {
             self.raw.extend_from_slice(chunk);
@@ -142,6 +145,16 @@ pub(crate) async fn lookup(
                 return Cached::Fill(Fill::new(cache, key, Some(leader)));
             }
             Join::Follower(rx) => {
+                // A follower waits like a queued request and counts against the queue bound.
+                let _held = match proxy.admission().hold(policy.queue.max_size) {
+                    Ok(held) => held,
+                    Err(r) => {
+                        return Cached::Refused(
+                            ApiError::throttled(&r, policy.queue.max_wait),
+                            Outcome::QueueFull,
+                        );
+                    }
+                };
                 // Wait as long as the leader may legitimately take before its first byte (queue,
                 // attempts and back-offs), then as long as it keeps making progress.
                 let attempts = policy.retry.max_attempts;

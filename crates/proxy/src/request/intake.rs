@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header, request};
 use llmproxy_api::Policy;
 
@@ -12,7 +13,9 @@ use super::record::RecordGuard;
 use crate::body::{self, Inspected};
 use crate::cache::{self, Key};
 use crate::error::ApiError;
+use crate::labels::Outcome;
 use crate::limiter::Ask;
+use crate::queue::BytesLease;
 use crate::state::Proxy;
 use crate::{tokens, upstream};
 
@@ -34,6 +37,65 @@ pub(crate) struct Intake {
     pub(crate) ask: Ask,
     /// The cache key, for cacheable requests.
     pub(crate) cache_key: Option<Key>,
+    /// Its body's share of `queue.maxBytes`, held until the request is done with it.
+    _bytes: BytesLease,
+}
+
+/// Why intake refused a request: the answer, and how the request ended.
+pub(crate) type Refusal = (ApiError, Outcome);
+
+fn bad(err: ApiError) -> Refusal {
+    (err, Outcome::BadRequest)
+}
+
+/// Read the body within the size limit, the time limit and the queue's memory budget.
+async fn read_body(
+    body: Body,
+    declared: Option<usize>,
+    limit: usize,
+    proxy: &Proxy,
+    policy: &Policy,
+) -> Result<(Bytes, BytesLease), Refusal> {
+    let too_large = |what: String| {
+        let msg = format!("request body exceeds {what}");
+        bad(ApiError::invalid(StatusCode::PAYLOAD_TOO_LARGE, msg, Some("request_too_large")))
+    };
+    let budget = proxy.admission().byte_budget();
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(format!("the proxy's limit of {limit} bytes")));
+    }
+    if declared.is_some_and(|n| n as u64 > budget) {
+        return Err(too_large(format!("the queue's memory budget of {budget} bytes (queue.maxBytes)")));
+    }
+    let full =
+        |r: crate::queue::Rejection| (ApiError::throttled(&r, policy.queue.max_wait), Outcome::QueueFull);
+    let mut lease = proxy.admission().reserve_bytes(declared.unwrap_or(0) as u64).map_err(full)?;
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut stream = body.into_data_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| bad(bad_request("could not read the request body")))?;
+            let total = buf.len() + chunk.len();
+            if total > limit {
+                return Err(too_large(format!("the proxy's limit of {limit} bytes")));
+            }
+            let held = declared.unwrap_or(0).max(buf.len());
+            if total > held {
+                lease.grow((total - held) as u64).map_err(full)?;
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    let timeout = proxy.options().body_read_timeout;
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok((buf.freeze(), lease)),
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {timeout:?}");
+            Err(bad(ApiError::invalid(StatusCode::REQUEST_TIMEOUT, msg, Some("request_timeout"))))
+        }
+    }
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {
@@ -47,33 +109,16 @@ pub(crate) async fn read(
     parts: request::Parts,
     body: Body,
     record: &mut RecordGuard,
-) -> Result<Intake, ApiError> {
+) -> Result<Intake, Refusal> {
     // The path first: nothing of a request that may not pass is read or queued.
     let raw_path = parts.uri.path();
-    let segments = super::path::segments(raw_path)?;
-    super::path::allowed(&policy.upstream.allowed_paths, &parts.method, raw_path, &segments)?;
+    let segments = super::path::segments(raw_path).map_err(bad)?;
+    super::path::allowed(&policy.upstream.allowed_paths, &parts.method, raw_path, &segments).map_err(bad)?;
 
     let options = proxy.options();
-    let limit = options.max_request_bytes;
-    let too_large = || {
-        let msg = format!("request body exceeds the proxy's limit of {limit} bytes");
-        ApiError::invalid(StatusCode::PAYLOAD_TOO_LARGE, msg, Some("request_too_large"))
-    };
     let declared =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let body = match tokio::time::timeout(options.body_read_timeout, axum::body::to_bytes(body, limit)).await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
-        Ok(Err(_)) => return Err(bad_request("could not read the request body")),
-        Err(_) => {
-            let msg = format!("the request body did not arrive within {:?}", options.body_read_timeout);
-            return Err(ApiError::invalid(StatusCode::REQUEST_TIMEOUT, msg, Some("request_timeout")));
-        }
-    };
+    let (body, lease) = read_body(body, declared, options.max_request_bytes, proxy, policy).await?;
 
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or_default();
     let rec = record.get();
@@ -82,7 +127,7 @@ pub(crate) async fn read(
         parts.method == http::Method::POST && cache::cacheable_path(rest) && proxy.cache().enabled();
     let inspected = if is_json(&parts.headers, &body) {
         let digest = cacheable || rec.logged;
-        Some(body::inspect(&body, digest).map_err(|e| bad_request(e.to_string()))?)
+        Some(body::inspect(&body, digest).map_err(|e| bad(bad_request(e.to_string())))?)
     } else {
         None
     };
@@ -107,11 +152,11 @@ pub(crate) async fn read(
         if let Some(max) = policy.limits.max_request_tokens
             && ask.tokens > max
         {
-            return Err(never_fits(rec.estimate, max));
+            return Err(bad(never_fits(rec.estimate, max)));
         }
         if i.stream && (rest == "/chat/completions" || rest == "/completions") && !i.include_usage {
             strip_usage_event = true;
-            body = ask_for_usage(&body, i)?;
+            body = ask_for_usage(&body, i).map_err(bad)?;
         }
     }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
@@ -130,6 +175,7 @@ pub(crate) async fn read(
         },
         ask,
         cache_key,
+        _bytes: lease,
     })
 }
 
@@ -148,7 +194,8 @@ fn never_fits(estimate: tokens::Estimate, max: u64) -> ApiError {
 
 /// The body with `stream_options.include_usage: true`, so that the stream reports its usage.
 /// Without a `stream_options` the field is spliced in after the opening brace (the rest of the
-/// bytes untouched); an existing one is rewritten through a parsed copy.
+/// bytes untouched); an existing one is rewritten, every other top-level value kept as raw
+/// bytes (no tree of the whole body is built).
 fn ask_for_usage(body: &Bytes, inspected: &Inspected) -> Result<Bytes, ApiError> {
     if !inspected.has_stream_options {
         let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
@@ -164,15 +211,56 @@ fn ask_for_usage(body: &Bytes, inspected: &Inspected) -> Result<Bytes, ApiError>
         out.extend_from_slice(&body[start + 1..]);
         return Ok(out.freeze());
     }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))?;
-    match v.get_mut("stream_options") {
-        Some(serde_json::Value::Object(opts)) => {
-            opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let invalid = |e: serde_json::Error| bad_request(format!("invalid JSON body: {e}"));
+    let top: Vec<(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)> =
+        serde_json::from_slice::<RawEntries<'_>>(body).map_err(invalid)?.0;
+    let mut out = Vec::with_capacity(body.len() + 32);
+    out.push(b'{');
+    for (i, (key, value)) in top.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        _ => v["stream_options"] = serde_json::json!({"include_usage": true}),
+        serde_json::to_writer(&mut out, key).map_err(invalid)?;
+        out.push(b':');
+        if key == "stream_options" {
+            if value.get().len() > 16 << 10 {
+                return Err(bad_request("stream_options is larger than 16 KiB"));
+            }
+            let mut opts = match serde_json::from_str::<serde_json::Value>(value.get()).map_err(invalid)? {
+                serde_json::Value::Object(map) => map,
+                _ => serde_json::Map::new(),
+            };
+            opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+            serde_json::to_writer(&mut out, &opts).map_err(invalid)?;
+        } else {
+            out.extend_from_slice(value.get().as_bytes());
+        }
     }
-    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+/// A JSON object's entries in order, each value left as its raw text.
+struct RawEntries<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawEntries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = RawEntries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(RawEntries(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
 }
 
 fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
@@ -183,17 +271,6 @@ fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
         Some(ct) => ct.trim_start().to_ascii_lowercase().starts_with("application/json"),
         None => body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
     }
-}
-
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.to_string().contains("length limit exceeded") {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 #[cfg(test)]

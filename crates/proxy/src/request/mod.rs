@@ -17,7 +17,6 @@ use http::HeaderValue;
 use self::cached::Cached;
 use self::record::{RecordGuard, RequestRecord};
 use self::respond::Answer;
-use crate::labels::Outcome;
 use crate::state::Proxy;
 
 /// axum handler for `/v1/{*rest}`.
@@ -43,7 +42,7 @@ async fn pipeline(
     let policy = proxy.policy();
     let intake = match intake::read(proxy, &policy, parts, body, &mut record).await {
         Ok(intake) => intake,
-        Err(err) => return respond::respond(Answer::Refused(err, Outcome::BadRequest), record, None),
+        Err((err, outcome)) => return respond::respond(Answer::Refused(err, outcome), record, None),
     };
     let fill = match intake.cache_key {
         None => None,
@@ -56,6 +55,9 @@ async fn pipeline(
                 }
                 Cached::Fill(fill) => Some(fill),
                 Cached::Skip => None,
+                Cached::Refused(err, outcome) => {
+                    return respond::respond(Answer::Refused(err, outcome), record, None);
+                }
             }
         }
     };

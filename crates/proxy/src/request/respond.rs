@@ -19,11 +19,13 @@ use crate::error::ApiError;
 use crate::labels::Outcome;
 use crate::queue::Permit;
 use crate::sse::SseTap;
-use crate::tokens::{Usage, usage_of};
+use crate::tokens::{Usage, usage_in_tail, usage_of};
 use crate::upstream;
 
-/// Bodies up to this size are kept to read their `usage`; larger ones pass through unread.
-const MAX_TAPPED_BODY: usize = 16 << 20;
+/// Bodies up to this size are read whole for their `usage`; of larger ones only the tail is kept.
+const WHOLE_BODY: usize = 1 << 20;
+/// How much of the end of a larger body is kept to find its `usage`.
+const BODY_TAIL: usize = 64 << 10;
 
 /// How the attempts ended.
 pub(crate) enum Answer {
@@ -103,24 +105,24 @@ pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill
 enum Tap {
     /// `text/event-stream`: scanned line by line.
     Sse(SseTap),
-    /// Anything else: kept (up to a bound) and parsed as JSON at the end.
-    Body { buf: BytesMut, overflow: bool },
+    /// Anything else: kept whole up to `WHOLE_BODY`, else only its tail, and read for `usage`
+    /// at the end.
+    Body { buf: BytesMut, total: usize },
 }
 
 impl Tap {
     fn body() -> Self {
-        Tap::Body { buf: BytesMut::new(), overflow: false }
+        Tap::Body { buf: BytesMut::new(), total: 0 }
     }
 
     fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
             Tap::Sse(sse) => sse.feed(chunk),
-            Tap::Body { buf, overflow } => {
-                if !*overflow && buf.len() + chunk.len() <= MAX_TAPPED_BODY {
-                    buf.extend_from_slice(&chunk);
-                } else {
-                    *overflow = true;
-                    buf.clear();
+            Tap::Body { buf, total } => {
+                *total += chunk.len();
+                buf.extend_from_slice(&chunk);
+                if *total > WHOLE_BODY && buf.len() > 2 * BODY_TAIL {
+                    let _ = buf.split_to(buf.len() - BODY_TAIL);
                 }
                 chunk
             }
@@ -137,10 +139,10 @@ impl Tap {
     fn usage(&self) -> Option<Usage> {
         match self {
             Tap::Sse(sse) => sse.usage(),
-            Tap::Body { buf, overflow: false } => {
+            Tap::Body { buf, total } if *total <= WHOLE_BODY => {
                 serde_json::from_slice::<serde_json::Value>(buf).ok().as_ref().and_then(usage_of)
             }
-            Tap::Body { .. } => None,
+            Tap::Body { buf, .. } => usage_in_tail(buf),
         }
     }
 }
@@ -213,14 +215,13 @@ impl Relay {
     /// drops the fill, whose leader guard tells the followers to try for themselves.
     fn store(&mut self, status: u16, usage: Option<Usage>) {
         let Some(mut fill) = self.fill.take() else { return };
-        let (body, stream) = match &mut self.tap {
-            Tap::Sse(sse) if sse.done() => match fill.raw() {
-                Some(raw) => (raw, true),
-                None => return,
-            },
-            Tap::Body { buf, overflow: false } => (std::mem::take(buf).freeze(), false),
-            _ => return,
+        let stream = match &self.tap {
+            // A stream is complete only with its `[DONE]`.
+            Tap::Sse(sse) if !sse.done() => return,
+            Tap::Sse(_) => true,
+            Tap::Body { .. } => false,
         };
+        let Some(body) = fill.raw() else { return };
         let answer = Arc::new(CachedResponse {
             status,
             content_type: self.content_type.clone(),
@@ -243,9 +244,7 @@ impl Relay {
                     relay.relayed += chunk.len() as u64;
                     if let Some(fill) = relay.fill.as_mut() {
                         fill.progress();
-                        if matches!(relay.tap, Tap::Sse(_)) {
-                            fill.keep(&chunk);
-                        }
+                        fill.keep(&chunk);
                     }
                     let mut out = relay.tap.feed(chunk);
                     if relay.expected.is_some_and(|n| relay.relayed >= n) {
