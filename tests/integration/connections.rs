@@ -170,5 +170,7 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
         statuses.push(s.await.unwrap_or(0));
     }
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 8, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 12, "{statuses:?}");
+    // A refused upload is answered 429 before its body is read; a client still writing it may
+    // see the connection close first (0 here) instead of reading that answer.
+    assert_eq!(statuses.iter().filter(|s| **s == 429 || **s == 0).count(), 12, "{statuses:?}");
 }
