@@ -269,6 +269,68 @@ async fn cache_workload(dir: &Path) {
     );
 }
 
+/// Resident memory of a process, from /proc.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+async fn metric_value(admin: SocketAddr, name: &str) -> f64 {
+    let text = match load::client().get(format!("http://{admin}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return f64::NAN,
+    };
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[allow(clippy::print_stdout)]
+async fn memory_workload(dir: &Path) {
+    println!("\n## (f) memory: RSS idle, and with 10,000 requests waiting in the queue\n");
+    let (_mock, mock_addr) = start_mock(&[]).await;
+    // One request a minute: everything after the first waits.
+    let (proxy, addr, admin) =
+        start_proxy(dir, mock_addr, "{requestsPerMinute: 1}", "{maxSize: 20000, maxWait: 10m}").await;
+    let pid = proxy.0.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_mib(pid);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default();
+    let url = format!("http://{addr}/v1/chat/completions");
+    let waiting: Vec<_> = (0..10_000)
+        .map(|i| {
+            let req = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(load::chat_body(i).to_string());
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
+        })
+        .collect();
+    let mut depth = 0.0;
+    for _ in 0..600 {
+        depth = metric_value(admin, "llmproxy_queue_depth").await;
+        if depth >= 9_999.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queued = rss_mib(pid);
+    println!("| state | RSS MiB | goal |");
+    println!("|---|---|---|");
+    println!("| idle | {idle:.1} | <= 20 |");
+    println!("| {depth:.0} requests queued | {queued:.1} | <= 150 |");
+    drop(proxy);
+    for w in waiting {
+        w.abort();
+    }
+}
+
 /// The TPM-bound burst of (e): `max_tokens: 100`, a short distinct prompt each.
 fn tpm_body(i: usize) -> serde_json::Value {
     serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 100,
@@ -337,7 +399,7 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
-    // tpm = e); none named: all.
+    // tpm = e, memory = f); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
@@ -350,6 +412,9 @@ fn main() {
         }
         if wanted("tpm") {
             tpm_workload(dir.path()).await;
+        }
+        if wanted("memory") {
+            memory_workload(dir.path()).await;
         }
     });
 }

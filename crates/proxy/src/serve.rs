@@ -70,7 +70,13 @@ pub async fn serve(
 
     let service = TowerToHyperService::new(routes::api(&proxy));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
+    // hyper's smallest read buffer: a waiting request holds its connection's buffer, and 8 KiB
+    // is what nginx allows a header block by default.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(8192);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));

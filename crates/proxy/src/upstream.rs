@@ -91,7 +91,10 @@ pub fn request_headers(client: &HeaderMap, allowed_account: &[String]) -> Header
             || name.as_str() == "api-key"
             || name.as_str() == "x-api-key";
         if !dropped {
-            out.append(name.clone(), value.clone());
+            // A copy, not a slice of the connection's read buffer: a request that waits long
+            // must not keep that buffer alive (hyper reuses it once nothing else holds it).
+            let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            out.append(name.clone(), owned);
         }
     }
     out

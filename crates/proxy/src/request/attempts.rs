@@ -177,9 +177,10 @@ fn is_out_of_credit(body: &[u8]) -> bool {
     matches!(code.as_deref(), Some("insufficient_quota" | "billing_hard_limit_reached"))
 }
 
-/// Read (and drop) a small error body so the connection can be reused.
+/// Read (and drop) a small error body so the connection can be reused. Boxed: the reading
+/// future is large, and the request's future should not carry it while it waits in line.
 async fn drain(resp: reqwest::Response) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), resp.bytes()).await;
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), resp.bytes())).await;
 }
 
 /// What the last failed attempt left to answer with, if the request gives up.
@@ -211,7 +212,7 @@ pub(crate) async fn run(proxy: &Proxy, policy: &Policy, intake: &Intake, record:
         rec.attempts = sends;
         rec.queue_wait += permit.waited;
 
-        let (failure, last) = match send_once(proxy, policy, intake, record).await {
+        let (failure, last) = match Box::pin(send_once(proxy, policy, intake, record)).await {
             Sent::Answer(resp) => {
                 calibrate(&permit, resp.headers(), policy);
                 return Answer::Upstream {

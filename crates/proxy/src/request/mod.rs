@@ -40,7 +40,9 @@ async fn pipeline(
 ) -> Response {
     // One policy snapshot for the whole request, even if a reload lands half way.
     let policy = proxy.policy();
-    let intake = match intake::read(proxy, &policy, parts, body, &mut record).await {
+    // The phases that hold large futures (reading, sending) are boxed, so that a request
+    // waiting in line carries only the small state it waits in.
+    let intake = match Box::pin(intake::read(proxy, &policy, parts, body, &mut record)).await {
         Ok(intake) => intake,
         Err((err, outcome)) => return respond::respond(Answer::Refused(err, outcome), record, None),
     };
@@ -48,7 +50,9 @@ async fn pipeline(
         None => None,
         Some(key) => {
             let wants_usage = !intake.out.strip_usage_event;
-            match cached::lookup(proxy, &policy, &mut record, key, &intake.out.headers, wants_usage).await {
+            match Box::pin(cached::lookup(proxy, &policy, &mut record, key, &intake.out.headers, wants_usage))
+                .await
+            {
                 Cached::Answered(resp) => {
                     record.complete();
                     return resp;
