@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use axum::Router;
 use axum::routing::get;
-use llmproxy_operator::{Config, LeaseConfig, Metrics, Settings};
+use std::sync::Arc;
+
+use http::StatusCode;
+use llmproxy_operator::{Config, Health, LeaseConfig, Metrics, Settings};
 
 use super::LogFormat;
 
@@ -59,9 +62,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding {}", args.admin_listen))?;
+    let health = Arc::new(Health::new(config.lease.is_some()));
     let m = metrics.clone();
-    let router =
-        Router::new().route("/livez", get(|| async { "ok" })).route("/readyz", get(|| async { "ok" })).route(
+    let h = Arc::clone(&health);
+    let router = Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let h = Arc::clone(&h);
+                async move {
+                    match h.not_ready() {
+                        None => (StatusCode::OK, "ok"),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
+            }),
+        )
+        .route(
             "/metrics",
             get(move || {
                 let m = m.clone();
@@ -70,7 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     let admin_task = tokio::spawn(async move { axum::serve(admin, router).await });
     tracing::info!(identity = %config.identity, namespace = ?config.namespace, leader_election = config.lease.is_some(), "llmproxy operator starting");
-    llmproxy_operator::run(client, config, metrics, super::shutdown_signal()).await;
+    llmproxy_operator::run(client, config, metrics, health, super::shutdown_signal()).await;
     admin_task.abort();
     tracing::info!("stopped");
     Ok(())

@@ -122,12 +122,12 @@ const OPERATOR_NEEDS: &[(&str, &str, &[&str])] = &[
     ("llmproxy.io", "llmproxies/status", &["patch"]),
     ("apps", "deployments", &["list", "watch", "create", "patch"]),
     ("", "services", &["list", "watch", "create", "patch"]),
-    ("", "serviceaccounts", &["create", "patch"]),
+    ("", "serviceaccounts", &["list", "watch", "create", "patch"]),
     ("", "secrets", &["get", "list", "watch"]),
-    ("rbac.authorization.k8s.io", "roles", &["create", "patch"]),
-    ("rbac.authorization.k8s.io", "rolebindings", &["create", "patch"]),
-    ("policy", "poddisruptionbudgets", &["get", "create", "patch", "delete"]),
-    ("autoscaling", "horizontalpodautoscalers", &["get", "create", "patch", "delete"]),
+    ("rbac.authorization.k8s.io", "roles", &["list", "watch", "create", "patch"]),
+    ("rbac.authorization.k8s.io", "rolebindings", &["list", "watch", "create", "patch"]),
+    ("policy", "poddisruptionbudgets", &["get", "list", "watch", "create", "patch", "delete"]),
+    ("autoscaling", "horizontalpodautoscalers", &["get", "list", "watch", "create", "patch", "delete"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
@@ -201,8 +201,13 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
         lease: Some(llmproxy_operator::LeaseConfig::new("llmproxy-system", "llmproxy-0")),
         identity: "llmproxy-0".into(),
     };
-    let operator =
-        tokio::spawn(llmproxy_operator::run(client.clone(), config, metrics, std::future::pending()));
+    let operator = tokio::spawn(llmproxy_operator::run(
+        client.clone(),
+        config,
+        metrics,
+        std::sync::Arc::new(llmproxy_operator::Health::new(true)),
+        std::future::pending(),
+    ));
 
     let ns = env.namespace(&client, "team-a").await;
     let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
@@ -309,4 +314,127 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_and_operator_export() {
     ] {
         assert!(dashboard.contains(needle), "the dashboard lacks {needle}");
     }
+}
+
+/// Whether a call was refused by RBAC (403).
+fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(s)) if s.code == 403)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::rbac::v1::Role;
+
+    let env = KubeEnv::start().await;
+    let admin = env.client().await;
+    let kubeconfig = env.kubeconfig().display().to_string();
+    helm::ok(&[
+        "install",
+        "llmproxy",
+        &chart(),
+        "-n",
+        "llmproxy-system",
+        "--create-namespace",
+        "--kubeconfig",
+        &kubeconfig,
+        "--set",
+        "image.tag=test",
+    ]);
+    crate::support::install_crd(&admin).await;
+
+    // The team's objects, created by an admin.
+    let upstream = mock(MockConfig { api_key: Some("sk-team".into()), ..MockConfig::default() }).await;
+    let ns = env.namespace(&admin, "team-a").await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    for (name, key) in [("upstream-key", "sk-team"), ("payroll", "hunter2")] {
+        let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,
+            "labels": {"llmproxy.io/upstream-key": "true"}}, "stringData": {"api-key": key}});
+        secrets
+            .patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&s))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let proxies: Api<LlmProxy> = Api::namespaced(admin.clone(), &ns);
+    for (name, key) in [("openai", "upstream-key"), ("other", "payroll")] {
+        let p = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": name},
+            "spec": {"upstream": {"url": upstream.url(), "apiKeySecretRef": {"name": key}},
+                     "limits": {"requestsPerMinute": 6000}}});
+        proxies
+            .patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&p))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    // The operator as the chart's ServiceAccount, with the chart's ClusterRole and nothing else.
+    let operator = env.service_account_client("llmproxy-system", "llmproxy").await;
+    let config = llmproxy_operator::Config {
+        settings: llmproxy_operator::Settings { image: "llmproxy:test".into(), image_pull_policy: None },
+        namespace: None,
+        lease: None,
+        identity: "llmproxy-0".into(),
+    };
+    let metrics =
+        llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+    let health = std::sync::Arc::new(llmproxy_operator::Health::new(false));
+    let running = tokio::spawn(llmproxy_operator::run(
+        operator.clone(),
+        config,
+        metrics.clone(),
+        std::sync::Arc::clone(&health),
+        std::future::pending(),
+    ));
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    let roles: Api<Role> = Api::namespaced(admin.clone(), &ns);
+    eventually("the operator to build both proxies' children", Duration::from_secs(30), || async {
+        deployments.get_opt("openai").await.ok()??;
+        deployments.get_opt("other").await.ok()??;
+        roles.get_opt("openai-proxy").await.ok()??;
+        let status = proxies.get("openai").await.ok()?.status?;
+        (!status.conditions.is_empty()).then_some(())
+    })
+    .await;
+    eventually("the operator to report ready", Duration::from_secs(10), || async {
+        health.not_ready().is_none().then_some(())
+    })
+    .await;
+    let failures =
+        crate::support::proxy_env::metric(&metrics.render(), "llmproxy_operator_reconcile_errors_total");
+    assert_eq!(failures, 0.0, "no call of the operator was refused:\n{}", metrics.render());
+
+    // A proxy as its ServiceAccount, with the Role the operator made for it.
+    let proxy_kubeconfig = env.service_account_kubeconfig(&ns, "openai-proxy");
+    let resource = format!("{ns}/openai");
+    let proxy = crate::support::proxy_env::ProxyProcess::start_with_args(
+        &["proxy", "--resource", &resource, "--drain-delay", "0s"],
+        &[("KUBECONFIG", &proxy_kubeconfig.display().to_string())],
+    )
+    .await;
+    let (status, _, body) =
+        crate::support::proxy_env::post_json(&proxy.url("/chat/completions"), &load::chat_body(1)).await;
+    assert_eq!(status, 200, "the proxy read its LlmProxy and its key: {body}");
+
+    // What they were not given, they cannot do.
+    let as_proxy = env.service_account_client(&ns, "openai-proxy").await;
+    let proxy_secrets: Api<Secret> = Api::namespaced(as_proxy.clone(), &ns);
+    assert!(forbidden(proxy_secrets.get("payroll").await), "another Secret");
+    assert!(forbidden(proxy_secrets.list(&Default::default()).await), "listing Secrets");
+    let proxy_llmps: Api<LlmProxy> = Api::namespaced(as_proxy, &ns);
+    assert!(forbidden(proxy_llmps.get("other").await), "another LlmProxy");
+    assert!(proxy_llmps.get("openai").await.is_ok(), "its own LlmProxy");
+    let operator_secrets: Api<Secret> = Api::namespaced(operator.clone(), &ns);
+    assert!(
+        forbidden(operator_secrets.delete("payroll", &Default::default()).await),
+        "the operator deleting a Secret"
+    );
+    let operator_roles: Api<ClusterRole> = Api::all(operator);
+    let wide = serde_json::from_value::<ClusterRole>(json!({"metadata": {"name": "everything"},
+        "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}))
+    .unwrap_or_default();
+    assert!(
+        forbidden(operator_roles.create(&Default::default(), &wide).await),
+        "the operator making ClusterRoles"
+    );
+    running.abort();
 }

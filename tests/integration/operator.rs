@@ -43,10 +43,15 @@ impl Operator {
             identity: identity.to_owned(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task =
-            tokio::spawn(llmproxy_operator::run(client.clone(), config, metrics.clone(), async move {
+        let task = tokio::spawn(llmproxy_operator::run(
+            client.clone(),
+            config,
+            metrics.clone(),
+            std::sync::Arc::new(llmproxy_operator::Health::new(lease)),
+            async move {
                 let _ = stopped.await;
-            }));
+            },
+        ));
         Self { metrics, stop: Some(stop), task }
     }
 
@@ -87,9 +92,15 @@ async fn apply(api: &Api<LlmProxy>, manifest: &Value) -> LlmProxy {
         .unwrap_or_else(|e| panic!("apply: {e}"))
 }
 
+/// The upstream-key Secret, opted in to being read by proxies.
 async fn secret(client: &Client, ns: &str, key: &str) {
+    let labels = [(llmproxy_api::SECRET_OPT_IN_LABEL.to_owned(), "true".to_owned())].into();
     let s = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("upstream-key".into()), ..Default::default() },
+        metadata: kube::api::ObjectMeta {
+            name: Some("upstream-key".into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
         data: Some([("api-key".to_owned(), ByteString(key.as_bytes().to_vec()))].into()),
         ..Default::default()
     };
@@ -479,6 +490,12 @@ async fn the_operator_binary_reconciles_and_serves_its_admin_port() {
         assert_eq!(image.as_deref(), Some("llmproxy:bin"));
         condition(&api, "p", "Degraded", "False", "AsExpected").await;
         assert_eq!(get_text(&format!("http://{admin}/livez")).await, "ok");
+        let ready = format!("http://{admin}/readyz");
+        eventually("the operator to be ready (its watch established)", WAIT, || {
+            let ready = ready.clone();
+            async move { (get_text(&ready).await == "ok").then_some(()) }
+        })
+        .await;
         let url = format!("http://{admin}/metrics");
         eventually("reconciles in the operator's metrics", WAIT, || {
             let url = url.clone();
@@ -601,4 +618,86 @@ async fn an_llmproxy_that_cannot_be_read_is_reported_and_the_others_still_reconc
         (d.spec?.replicas == Some(3)).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_did_not_opt_in_is_never_granted() {
+    let (_env, client, ns, api) = setup("optin").await;
+    // The confused deputy: someone who may edit LlmProxies but not read Secrets names a Secret
+    // of the namespace and points the upstream at a host of theirs.
+    let unlabelled = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("upstream-key".into()), ..Default::default() },
+        data: Some([("api-key".to_owned(), ByteString(b"sk-theirs".to_vec()))].into()),
+        ..Default::default()
+    };
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    secrets
+        .patch("upstream-key", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&unlabelled))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &llmproxy("p", "https://attacker.example/v1", json!({}))).await;
+    let p = condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
+    let msg =
+        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    assert!(
+        msg.unwrap_or_default().contains("kubectl label secret upstream-key llmproxy.io/upstream-key=true")
+    );
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let role = wait_for(&roles, "p-proxy").await;
+    let grants_secrets = |r: &Role| {
+        r.rules.iter().flatten().any(|rule| rule.resources.iter().flatten().any(|x| x == "secrets"))
+    };
+    assert!(!grants_secrets(&role), "no Secret access without the owner's opt-in: {role:?}");
+
+    // Opted in, but narrowed to another LlmProxy: still not this one.
+    let narrowed = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "upstream-key",
+        "labels": {"llmproxy.io/upstream-key": "true"}, "annotations": {"llmproxy.io/allowed-proxies": "other"}},
+        "data": {"api-key": "c2stdGhlaXJz"}});
+    secrets
+        .patch("upstream-key", &PatchParams::apply(MANAGER), &Patch::Apply(&narrowed))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
+    // The owner opts in for it: granted at once (the Secret watch brings the LlmProxy back).
+    let allowed = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "upstream-key",
+        "labels": {"llmproxy.io/upstream-key": "true"}, "annotations": {"llmproxy.io/allowed-proxies": "other, p"}},
+        "data": {"api-key": "c2stdGhlaXJz"}});
+    secrets
+        .patch("upstream-key", &PatchParams::apply(MANAGER), &Patch::Apply(&allowed))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    condition(&api, "p", "Degraded", "False", "AsExpected").await;
+    let role = roles.get("p-proxy").await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(grants_secrets(&role), "{role:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_in_any_child_is_repaired_at_once() {
+    let (_env, client, ns, api) = setup("drift").await;
+    secret(&client, &ns, "sk-1").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let original = wait_for(&roles, "p-proxy").await;
+    wait_for(&accounts, "p-proxy").await;
+    // Someone widens the proxy's Role, and deletes its ServiceAccount and RoleBinding.
+    let widened = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "p-proxy"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]});
+    roles
+        .patch("p-proxy", &PatchParams::apply("intruder").force(), &Patch::Apply(&widened))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    accounts.delete("p-proxy", &Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    bindings.delete("p-proxy", &Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    // Repaired well within the 300 s periodic requeue.
+    eventually("the Role to be restored", WAIT, || async {
+        let r = roles.get("p-proxy").await.ok()?;
+        (r.rules == original.rules).then_some(())
+    })
+    .await;
+    wait_for(&accounts, "p-proxy").await;
+    wait_for(&bindings, "p-proxy").await;
 }

@@ -16,6 +16,13 @@ pub use spec::{
     SecretKeyRef, TokenAccounting, UpstreamSpec,
 };
 
+/// The label a Secret carries (value `"true"`) before the operator lets any proxy read it: a
+/// user who may edit LlmProxy objects but not read Secrets cannot name one of the namespace's
+/// Secrets and have a proxy send it to a host of theirs.
+pub const SECRET_OPT_IN_LABEL: &str = "llmproxy.io/upstream-key";
+/// Optional annotation on such a Secret narrowing it to some LlmProxies (comma-separated names).
+pub const SECRET_ALLOWED_PROXIES: &str = "llmproxy.io/allowed-proxies";
+
 /// The API group, for label keys and RBAC rules.
 pub const GROUP: &str = "llmproxy.io";
 /// The served version.

@@ -99,15 +99,22 @@ pub fn desired_replicas(p: &LlmProxy) -> i32 {
     p.spec.autoscaling.as_ref().map_or(p.spec.replicas, |a| a.min_replicas)
 }
 
+/// What the checks before building found the proxies may be given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Secrets (names) the proxies may read: only those that opted in.
+    pub secrets: Vec<String>,
+}
+
 /// Build every child of `p`.
-pub fn build(p: &LlmProxy, settings: &Settings) -> Children {
+pub fn build(p: &LlmProxy, settings: &Settings, grants: &Grants) -> Children {
     Children {
         service_account: ServiceAccount {
             metadata: meta(p, proxy_identity(&p.name_any())),
             automount_service_account_token: Some(true),
             ..ServiceAccount::default()
         },
-        role: role(p),
+        role: role(p, grants),
         role_binding: role_binding(p),
         deployment: deployment(p, settings),
         service: service(p),
@@ -116,7 +123,8 @@ pub fn build(p: &LlmProxy, settings: &Settings) -> Children {
     }
 }
 
-fn role(p: &LlmProxy) -> Role {
+/// Read access to this LlmProxy, and to the Secrets in `grants` (only those that opted in).
+fn role(p: &LlmProxy, grants: &Grants) -> Role {
     let read = || Some(vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()]);
     let mut rules = vec![PolicyRule {
         api_groups: Some(vec![llmproxy_api::GROUP.to_owned()]),
@@ -125,11 +133,11 @@ fn role(p: &LlmProxy) -> Role {
         verbs: read().unwrap_or_default(),
         ..PolicyRule::default()
     }];
-    if let Some(secret) = &p.spec.upstream.api_key_secret_ref {
+    if !grants.secrets.is_empty() {
         rules.push(PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".to_owned()]),
-            resource_names: Some(vec![secret.name.clone()]),
+            resource_names: Some(grants.secrets.clone()),
             verbs: read().unwrap_or_default(),
             ..PolicyRule::default()
         });
@@ -382,6 +390,10 @@ spec:
   limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 ";
 
+    fn granted() -> Grants {
+        Grants { secrets: vec!["openai-key".to_owned()] }
+    }
+
     fn settings() -> Settings {
         Settings { image: "llmproxy:test".into(), image_pull_policy: None }
     }
@@ -389,7 +401,7 @@ spec:
     #[test]
     fn every_child_is_owned_and_labelled() {
         let p = proxy(BASE);
-        let c = build(&p, &settings());
+        let c = build(&p, &settings(), &granted());
         let metas = [
             &c.service_account.metadata,
             &c.role.metadata,
@@ -420,7 +432,7 @@ spec:
 
     #[test]
     fn the_role_reads_only_its_own_llmproxy_and_secret() {
-        let role = build(&proxy(BASE), &settings()).role;
+        let role = build(&proxy(BASE), &settings(), &granted()).role;
         let rules = role.rules.unwrap_or_default();
         assert_eq!(rules.len(), 2);
         for r in &rules {
@@ -430,14 +442,17 @@ spec:
         assert_eq!(rules[0].resource_names.as_deref(), Some(&["openai".to_owned()][..]));
         assert_eq!(rules[1].resources.as_deref(), Some(&["secrets".to_owned()][..]));
         assert_eq!(rules[1].resource_names.as_deref(), Some(&["openai-key".to_owned()][..]));
-        let keyless =
-            build(&proxy(&BASE.replace("    apiKeySecretRef: {name: openai-key}\n", "")), &settings());
-        assert_eq!(keyless.role.rules.map(|r| r.len()), Some(1), "no Secret, no Secret access");
+        let not_granted = build(&proxy(BASE), &settings(), &Grants::default());
+        assert_eq!(
+            not_granted.role.rules.map(|r| r.len()),
+            Some(1),
+            "a Secret that did not opt in is not readable"
+        );
     }
 
     #[test]
     fn the_pod_is_locked_down_and_probed_and_carries_no_policy() {
-        let d = build(&proxy(BASE), &settings()).deployment;
+        let d = build(&proxy(BASE), &settings(), &granted()).deployment;
         let pod = d.spec.and_then(|s| s.template.spec).unwrap_or_default();
         assert_eq!(pod.service_account_name.as_deref(), Some("openai-proxy"));
         assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
@@ -465,10 +480,10 @@ spec:
 
     #[test]
     fn limits_do_not_touch_the_deployment_but_replicas_do() {
-        let d1 = build(&proxy(BASE), &settings()).deployment;
-        let d2 = build(&proxy(&BASE.replace("3500", "100")), &settings()).deployment;
+        let d1 = build(&proxy(BASE), &settings(), &granted()).deployment;
+        let d2 = build(&proxy(&BASE.replace("3500", "100")), &settings(), &granted()).deployment;
         assert_eq!(d1, d2);
-        let d3 = build(&proxy(&format!("{BASE}  replicas: 3\n")), &settings());
+        let d3 = build(&proxy(&format!("{BASE}  replicas: 3\n")), &settings(), &granted());
         assert_eq!(d3.deployment.spec.as_ref().and_then(|s| s.replicas), Some(3));
         assert!(d3.pdb.is_some(), "a PDB once more than one pod runs");
     }
@@ -476,7 +491,7 @@ spec:
     #[test]
     fn autoscaling_builds_an_hpa_and_leaves_replicas_to_it() {
         let yaml = format!("{BASE}  autoscaling: {{minReplicas: 2, maxReplicas: 6, targetQueueDepth: 20}}\n");
-        let c = build(&proxy(&yaml), &settings());
+        let c = build(&proxy(&yaml), &settings(), &granted());
         assert_eq!(c.deployment.spec.as_ref().and_then(|s| s.replicas), None);
         let hpa = c.hpa.and_then(|h| h.spec).unwrap_or_default();
         assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));

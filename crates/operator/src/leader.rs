@@ -11,6 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
+use std::sync::Arc;
+
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// Where the Lease lives and who competes for it.
@@ -138,6 +141,7 @@ pub async fn run_elected<F, Fut>(
     client: Client,
     cfg: LeaseConfig,
     metrics: Metrics,
+    health: Arc<Health>,
     mut work: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -155,7 +159,9 @@ pub async fn run_elected<F, Fut>(
     loop {
         // Campaign.
         loop {
-            match tokio::time::timeout(call_timeout, try_acquire(&api, &cfg, &mut observed)).await {
+            let attempt = tokio::time::timeout(call_timeout, try_acquire(&api, &cfg, &mut observed)).await;
+            health.set_lease_reachable(matches!(attempt, Ok(Ok(_))));
+            match attempt {
                 Ok(Ok(true)) => break,
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "leader election: cannot read or write the Lease"),
@@ -168,6 +174,7 @@ pub async fn run_elected<F, Fut>(
         }
         tracing::info!(identity = %cfg.identity, lease = %cfg.name, "leading");
         metrics.leader.set(1);
+        health.set_leading(true);
         let renew = async {
             let mut last_ok = tokio::time::Instant::now();
             loop {
@@ -187,15 +194,18 @@ pub async fn run_elected<F, Fut>(
         tokio::select! {
             () = work() => {
                 metrics.leader.set(0);
+                health.set_leading(false);
                 release(&api, &cfg).await;
                 return;
             }
             () = renew => {
                 tracing::warn!(identity = %cfg.identity, "lost the Lease; stopped reconciling");
                 metrics.leader.set(0);
+                health.set_leading(false);
             }
             () = &mut shutdown => {
                 metrics.leader.set(0);
+                health.set_leading(false);
                 release(&api, &cfg).await;
                 return;
             }

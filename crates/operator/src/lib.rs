@@ -4,6 +4,7 @@
 
 pub mod children;
 pub mod error;
+pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
@@ -14,7 +15,10 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::Api;
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
@@ -26,6 +30,7 @@ use llmproxy_api::LlmProxy;
 
 pub use children::Settings;
 pub use error::Error;
+pub use health::Health;
 pub use leader::LeaseConfig;
 pub use metrics::Metrics;
 pub use reconcile::Context;
@@ -60,6 +65,7 @@ pub async fn controller(
     client: Client,
     config: &Config,
     metrics: Metrics,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ns = config.namespace.as_deref();
@@ -76,8 +82,15 @@ pub async fn controller(
     let (reader, writer) = reflector::store();
     // Objects that do not deserialize (stored under an older schema, or written around it)
     // arrive as errors of their own, so one bad object never stops the watch for the others.
+    // The watch is established once its initial list is done, and not while it fails.
+    let watch_health = Arc::clone(&health);
     let proxies = watcher(api::<DeserializeGuard<LlmProxy>>(&client, ns), watcher::Config::default())
         .default_backoff()
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => watch_health.set_watching(true),
+            Err(_) => watch_health.set_watching(false),
+            Ok(_) => {}
+        })
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, PredicateConfig::default());
@@ -89,9 +102,17 @@ pub async fn controller(
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
+    // Every child kind is watched: drift in any of them is repaired at once, not at the next
+    // periodic requeue.
+    let children = || watcher::Config::default().labels(MANAGED);
     controller
-        .owns(api::<Deployment>(&client, ns), watcher::Config::default().labels(MANAGED))
-        .owns(api::<Service>(&client, ns), watcher::Config::default().labels(MANAGED))
+        .owns(api::<Deployment>(&client, ns), children())
+        .owns(api::<Service>(&client, ns), children())
+        .owns(api::<ServiceAccount>(&client, ns), children())
+        .owns(api::<Role>(&client, ns), children())
+        .owns(api::<RoleBinding>(&client, ns), children())
+        .owns(api::<PodDisruptionBudget>(&client, ns), children())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children())
         .watches_stream(secrets, move |secret| {
             let (ns, name) = (secret.namespace(), secret.name_any());
             store
@@ -114,13 +135,16 @@ pub async fn controller(
             }
         })
         .await;
+    health.set_watching(false);
 }
 
-/// Run the operator: with leader election if configured, until `shutdown` resolves.
+/// Run the operator: with leader election if configured, until `shutdown` resolves; `health`
+/// follows what it does (for `/readyz`).
 pub async fn run(
     client: Client,
     config: Config,
     metrics: Metrics,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -135,17 +159,17 @@ pub async fn run(
         }
     };
     let work = {
-        let (client, config, metrics, stopped) =
-            (client.clone(), config.clone(), metrics.clone(), stopped.clone());
+        let (client, config, metrics, stopped, health) =
+            (client.clone(), config.clone(), metrics.clone(), stopped.clone(), Arc::clone(&health));
         move || {
-            let (client, config, metrics, stopped) =
-                (client.clone(), config.clone(), metrics.clone(), stopped.clone());
-            async move { controller(client, &config, metrics, stopped()).await }
+            let (client, config, metrics, stopped, health) =
+                (client.clone(), config.clone(), metrics.clone(), stopped.clone(), Arc::clone(&health));
+            async move { controller(client, &config, metrics, health, stopped()).await }
         }
     };
     match config.lease.clone() {
         Some(lease) => {
-            tokio::join!(stopping, leader::run_elected(client, lease, metrics, work, stopped()));
+            tokio::join!(stopping, leader::run_elected(client, lease, metrics, health, work, stopped()));
         }
         None => {
             metrics.leader.set(1);

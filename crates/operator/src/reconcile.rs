@@ -17,7 +17,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
-use llmproxy_api::{LlmProxy, LlmProxyStatus, Policy};
+use llmproxy_api::{LlmProxy, LlmProxyStatus, Policy, SecretKeyRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -25,7 +25,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
-use crate::children::{self, Children, Settings};
+use crate::children::{self, Children, Grants, Settings};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::status::{self, Problem, Rollout};
@@ -123,17 +123,37 @@ async fn hand_over_replicas(client: &Client, ns: &str, name: &str) -> Result<(),
     api.patch(name, &PatchParams::apply(REPLICAS_HANDOFF).force(), &Patch::Apply(&body)).await.map(drop)
 }
 
-/// Check that the Secret the proxies will read exists and holds the key.
-async fn check_secret(client: &Client, ns: &str, p: &LlmProxy) -> Result<Option<Problem>, kube::Error> {
-    let Some(r) = &p.spec.upstream.api_key_secret_ref else { return Ok(None) };
+/// Whether a proxy of `proxy` may read `secret` (it opted in, and does not exclude it), and
+/// what is wrong if not. Pure, for tests.
+pub fn secret_verdict(secret: Option<&Secret>, r: &SecretKeyRef, proxy: &str) -> (Option<Problem>, bool) {
+    let Some(s) = secret else { return (Some(Problem::SecretNotFound(r.name.clone())), false) };
+    let opted_in = s.labels().get(llmproxy_api::SECRET_OPT_IN_LABEL).is_some_and(|v| v == "true");
+    let listed = s
+        .annotations()
+        .get(llmproxy_api::SECRET_ALLOWED_PROXIES)
+        .is_none_or(|names| names.split(',').any(|n| n.trim() == proxy));
+    if !(opted_in && listed) {
+        return (Some(Problem::SecretNotAllowed(r.name.clone())), false);
+    }
+    if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) {
+        return (Some(Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() }), true);
+    }
+    (None, true)
+}
+
+/// Check the Secrets the proxies will read: they exist, opted in, and hold the key. Only those
+/// that opted in are granted.
+async fn check_secrets(
+    client: &Client,
+    ns: &str,
+    p: &LlmProxy,
+) -> Result<(Option<Problem>, Grants), kube::Error> {
+    let Some(r) = &p.spec.upstream.api_key_secret_ref else { return Ok((None, Grants::default())) };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    Ok(match secrets.get_opt(&r.name).await? {
-        None => Some(Problem::SecretNotFound(r.name.clone())),
-        Some(s) if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) => {
-            Some(Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() })
-        }
-        Some(_) => None,
-    })
+    let secret = secrets.get_opt(&r.name).await?;
+    let (problem, readable) = secret_verdict(secret.as_ref(), r, &p.name_any());
+    let grants = Grants { secrets: if readable { vec![r.name.clone()] } else { Vec::new() } };
+    Ok((problem, grants))
 }
 
 /// Reconcile one LlmProxy (or report one that cannot be read).
@@ -156,14 +176,15 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
     let client = &ctx.client;
 
     // Validate: what the schema cannot express.
+    let (secret_problem, grants) = check_secrets(client, &ns, p).await?;
     let problem = match Policy::from_spec(&p.spec) {
         Err(e) => Some(Problem::InvalidPolicy(e.to_string())),
-        Ok(_) => check_secret(client, &ns, p).await?,
+        Ok(_) => secret_problem,
     };
 
     // Build (pure) and apply. Children are applied even when the spec has a problem: they do
     // not depend on the policy, and running proxies keep serving their last good one.
-    let c = children::build(p, &ctx.settings);
+    let c = children::build(p, &ctx.settings, &grants);
     let (problem, deployment) = match apply_children(client, &ns, p, &c).await {
         Ok(d) => (problem, Some(d)),
         // The API server refused an object built from the spec (say, resource requests above
@@ -300,4 +321,55 @@ pub fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Co
     let delay = Duration::from_secs(5).saturating_mul(1 << (*n - 1).min(6)).min(Duration::from_secs(300));
     tracing::warn!(name = %p.name_any(), namespace = p.namespace().unwrap_or_default(), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn secret(labelled: bool, allowed: Option<&str>, key: &str) -> Secret {
+        let mut meta = ObjectMeta { name: Some("openai-key".into()), ..ObjectMeta::default() };
+        if labelled {
+            meta.labels = Some(BTreeMap::from([(llmproxy_api::SECRET_OPT_IN_LABEL.into(), "true".into())]));
+        }
+        if let Some(a) = allowed {
+            meta.annotations =
+                Some(BTreeMap::from([(llmproxy_api::SECRET_ALLOWED_PROXIES.into(), a.into())]));
+        }
+        Secret {
+            metadata: meta,
+            data: Some(BTreeMap::from([(key.to_owned(), ByteString(b"sk".to_vec()))])),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn only_a_secret_that_opted_in_is_granted() {
+        let r = SecretKeyRef { name: "openai-key".into(), key: "api-key".into() };
+        let reason = |v: (Option<Problem>, bool)| (v.0.map(|p| p.reason()), v.1);
+        assert_eq!(reason(secret_verdict(None, &r, "p")), (Some("SecretNotFound"), false));
+        assert_eq!(
+            reason(secret_verdict(Some(&secret(false, None, "api-key")), &r, "p")),
+            (Some("SecretNotAllowed"), false)
+        );
+        assert_eq!(reason(secret_verdict(Some(&secret(true, None, "api-key")), &r, "p")), (None, true));
+        assert_eq!(
+            reason(secret_verdict(Some(&secret(true, Some("a, p"), "api-key")), &r, "p")),
+            (None, true)
+        );
+        assert_eq!(
+            reason(secret_verdict(Some(&secret(true, Some("other"), "api-key")), &r, "p")),
+            (Some("SecretNotAllowed"), false),
+            "narrowed to other LlmProxies"
+        );
+        assert_eq!(
+            reason(secret_verdict(Some(&secret(true, None, "other-key")), &r, "p")),
+            (Some("SecretKeyMissing"), true)
+        );
+    }
 }

@@ -13,6 +13,10 @@ pub enum Problem {
     SecretNotFound(String),
     /// The API server refused an object built from the spec.
     ChildRejected(String),
+    /// The Secret has not opted in to being read by proxies (label
+    /// `llmproxy.io/upstream-key: "true"`), or its `llmproxy.io/allowed-proxies` does not list
+    /// this LlmProxy.
+    SecretNotAllowed(String),
     /// The Secret exists but lacks the key.
     SecretKeyMissing {
         /// Secret name.
@@ -29,6 +33,7 @@ impl Problem {
             Problem::InvalidPolicy(_) => "InvalidPolicy",
             Problem::SecretNotFound(_) => "SecretNotFound",
             Problem::ChildRejected(_) => "ChildRejected",
+            Problem::SecretNotAllowed(_) => "SecretNotAllowed",
             Problem::SecretKeyMissing { .. } => "SecretKeyMissing",
         }
     }
@@ -40,6 +45,12 @@ impl Problem {
             Problem::SecretNotFound(s) => format!(
                 "Secret {s} (spec.upstream.apiKeySecretRef) not found; create it, e.g. \
                  kubectl create secret generic {s} --from-literal=api-key=..."
+            ),
+            Problem::SecretNotAllowed(s) => format!(
+                "Secret {s} has not opted in to being read by llmproxy: whoever owns it runs \
+                 kubectl label secret {s} {}=true (and may narrow it with the annotation {}=NAME,...)",
+                llmproxy_api::SECRET_OPT_IN_LABEL,
+                llmproxy_api::SECRET_ALLOWED_PROXIES
             ),
             Problem::ChildRejected(e) => {
                 format!("the API server refused a proxy object built from the spec: {e}; fix the LlmProxy")

@@ -254,6 +254,32 @@ impl KubeEnv {
         &self.kubeconfig
     }
 
+    /// A kubeconfig (for processes) acting as ServiceAccount `namespace/name`: the admin
+    /// credentials impersonate it, so the API server's RBAC decides what it may do.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("kubeconfig-{namespace}-{name}"));
+        let admin = fs::read_to_string(&self.kubeconfig).unwrap_or_else(|e| panic!("{e}"));
+        let groups = service_account_groups(namespace);
+        let as_user = format!(
+            ", as: \"system:serviceaccount:{namespace}:{name}\", as-groups: [{}]",
+            groups.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(", ")
+        );
+        // The admin user line ends `{token: "..."}}]`: add the impersonation beside the token.
+        let text = admin.replace("\"}}]\n", &format!("\"{as_user}}}}}]\n"));
+        fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
+
+    /// A client acting as ServiceAccount `namespace/name` (see `service_account_kubeconfig`).
+    pub async fn service_account_client(&self, namespace: &str, name: &str) -> Client {
+        let path = self.service_account_kubeconfig(namespace, name);
+        let kc = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Client::try_from(config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// A fresh namespace for one test.
     pub async fn namespace(&self, client: &Client, prefix: &str) -> String {
         let name = format!("{prefix}-{:06x}", rand_u32() & 0xff_ffff);
@@ -267,6 +293,15 @@ impl KubeEnv {
             .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
         name
     }
+}
+
+/// The groups Kubernetes puts a ServiceAccount in.
+fn service_account_groups(namespace: &str) -> Vec<String> {
+    vec![
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".to_owned(),
+    ]
 }
 
 fn rand_u32() -> u32 {
