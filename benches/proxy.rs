@@ -269,17 +269,6 @@ async fn cache_workload(dir: &Path) {
     );
 }
 
-/// Resident memory of a process, from /proc.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 async fn metric_value(admin: SocketAddr, name: &str) -> f64 {
     let text = match load::client().get(format!("http://{admin}/metrics")).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
@@ -291,7 +280,7 @@ async fn metric_value(admin: SocketAddr, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-#[allow(clippy::print_stdout)]
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
 async fn memory_workload(dir: &Path) {
     println!("\n## (f) memory: RSS idle, and with 10,000 requests waiting in the queue\n");
     let (_mock, mock_addr) = start_mock(&[]).await;
@@ -300,7 +289,7 @@ async fn memory_workload(dir: &Path) {
         start_proxy(dir, mock_addr, "{requestsPerMinute: 1}", "{maxSize: 20000, maxWait: 10m}").await;
     let pid = proxy.0.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = rss_mib(pid);
+    let idle = load::rss_bytes(pid) as f64 / f64::from(1 << 20);
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default();
     let url = format!("http://{addr}/v1/chat/completions");
     let waiting: Vec<_> = (0..10_000)
@@ -320,7 +309,7 @@ async fn memory_workload(dir: &Path) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let queued = rss_mib(pid);
+    let queued = load::rss_bytes(pid) as f64 / f64::from(1 << 20);
     println!("| state | RSS MiB | goal |");
     println!("|---|---|---|");
     println!("| idle | {idle:.1} | <= 20 |");

@@ -21,6 +21,23 @@ fn chart() -> String {
     repo_path("charts/llmproxy").display().to_string()
 }
 
+/// `helm install llmproxy` into `llmproxy-system` of `env`, with `--set set`; Helm's output.
+fn install_release(env: &KubeEnv, set: &str) -> String {
+    let kubeconfig = env.kubeconfig().display().to_string();
+    helm::ok(&[
+        "install",
+        "llmproxy",
+        &chart(),
+        "-n",
+        "llmproxy-system",
+        "--create-namespace",
+        "--kubeconfig",
+        &kubeconfig,
+        "--set",
+        set,
+    ])
+}
+
 fn docs(yaml: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(yaml)
         .filter_map(|d| serde::Deserialize::deserialize(d).ok())
@@ -136,20 +153,7 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
     let env = KubeEnv::start().await;
     let client = env.client().await;
     let kubeconfig = env.kubeconfig().display().to_string();
-    let chart = chart();
-    let set = "replicaCount=2,image.tag=test";
-    let out = helm::ok(&[
-        "install",
-        "llmproxy",
-        &chart,
-        "-n",
-        "llmproxy-system",
-        "--create-namespace",
-        "--kubeconfig",
-        &kubeconfig,
-        "--set",
-        set,
-    ]);
+    let out = install_release(&env, "replicaCount=2,image.tag=test");
     assert!(out.contains("STATUS: deployed") && out.contains("kubectl -n team-a apply"), "{out}");
 
     // The installed ClusterRole grants what the operator uses (RBAC is not enforced by this
@@ -329,19 +333,7 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
 
     let env = KubeEnv::start().await;
     let admin = env.client().await;
-    let kubeconfig = env.kubeconfig().display().to_string();
-    helm::ok(&[
-        "install",
-        "llmproxy",
-        &chart(),
-        "-n",
-        "llmproxy-system",
-        "--create-namespace",
-        "--kubeconfig",
-        &kubeconfig,
-        "--set",
-        "image.tag=test",
-    ]);
+    install_release(&env, "image.tag=test");
     crate::support::install_crd(&admin).await;
 
     // The team's objects, created by an admin.

@@ -108,17 +108,6 @@ async fn after_sigterm_new_requests_are_still_served_during_the_drain_delay() {
     assert!(proxy.logs().contains("still accepting while endpoints drain"), "{}", proxy.logs());
 }
 
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_queued_bodies_stay_within_the_memory_budget() {
     // The reproduction: many large bodies waiting at once took one proxy to ~1 GB.
@@ -131,7 +120,7 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
     std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000, maxConcurrent: 1}", spec))
         .unwrap_or_else(|e| panic!("{e}"));
     let proxy = ProxyProcess::start(&file, &["--request-records", "0"], &[]).await;
-    let idle = rss_bytes(proxy.pid());
+    let idle = load::rss_bytes(proxy.pid());
     let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat((4 << 20) - 1024)}]})
         .to_string();
     let client = load::client();
@@ -155,7 +144,7 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
         }
     })
     .await;
-    let held = rss_bytes(proxy.pid());
+    let held = load::rss_bytes(proxy.pid());
     eprintln!("RSS idle {} MiB, with the budget full {} MiB", idle >> 20, held >> 20);
     assert!(
         held.saturating_sub(idle) < 2 * budget,

@@ -196,3 +196,14 @@ pub async fn saturate(
     let shots = join_all(workers).await.into_iter().filter_map(Result::ok).flatten().collect();
     (shots, start.elapsed())
 }
+
+/// Resident memory of process `pid` in bytes (from /proc; 0 where unreadable), for the memory
+/// figures of tests and the benchmark.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
