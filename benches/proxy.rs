@@ -78,21 +78,33 @@ async fn start_proxy(
     limits: &str,
     queue: &str,
 ) -> (Proc, SocketAddr, SocketAddr) {
+    start_proxy_with(dir, upstream, &format!("  limits: {limits}\n  queue: {queue}\n"), &[]).await
+}
+
+/// A proxy whose spec ends with `spec_tail` (indented YAML), with extra arguments.
+async fn start_proxy_with(
+    dir: &Path,
+    upstream: SocketAddr,
+    spec_tail: &str,
+    args: &[&str],
+) -> (Proc, SocketAddr, SocketAddr) {
     let file = dir.join(format!("proxy-{}.yaml", upstream.port()));
     let manifest = format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n  limits: {limits}\n  queue: {queue}\n"
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
     );
     std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
     let (addr, admin) = (free_addr(), free_addr());
     // LLMPROXY_BENCH_PROXY=/path/to/an/older/llmproxy: A/B another build's proxy against the
     // same mock, load and baselines.
     let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
-    let p = spawn(Command::new(bin).arg("proxy").arg("--config").arg(&file).args([
-        "--listen",
-        &addr.to_string(),
-        "--admin-listen",
-        &admin.to_string(),
-    ]));
+    let p = spawn(
+        Command::new(bin)
+            .arg("proxy")
+            .arg("--config")
+            .arg(&file)
+            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+            .args(args),
+    );
     wait_http(&format!("http://{admin}/readyz")).await;
     (p, addr, admin)
 }
@@ -384,11 +396,112 @@ async fn tpm_workload(dir: &Path) {
     }
 }
 
+/// One quiet client's latencies while another floods the queue, at `rate` requests/s. The
+/// quiet client sends on its own schedule (open loop), so every request of it meets the flood.
+async fn quiet_under_flood(
+    client: &reqwest::Client,
+    url: &str,
+    mock: SocketAddr,
+    flood: usize,
+    rate: u64,
+) -> (Vec<Duration>, f64, Duration) {
+    let flooding = {
+        let (client, url) = (client.clone(), url.to_owned());
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let s = load::burst(&client, &url, Some("sk-flood"), flood).await;
+            let wall = start.elapsed();
+            // Counted as the flood ends: what the upstream served while it lasted.
+            (s, wall, mock_stats(mock).await["ok"].as_u64().unwrap_or(0))
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut quiet = Vec::new();
+    for i in 0..40 {
+        let (client, url) = (client.clone(), url.to_owned());
+        quiet.push(tokio::spawn(async move {
+            load::shoot(&client, &url, Some("sk-quiet"), &load::chat_body(1_000_000 + i)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (summary, wall, sent) = flooding.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(summary.ok, flood, "every flood request answered");
+    let mut quiet: Vec<Duration> = futures_util::future::join_all(quiet)
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|s| s.status == Some(200))
+        .map(|s| s.latency)
+        .collect();
+    quiet.sort();
+    // The first second's burst goes at once; the rest is paced at the rate.
+    #[allow(clippy::cast_precision_loss)]
+    let utilisation = sent.saturating_sub(rate) as f64 / wall.as_secs_f64() / rate as f64;
+    (quiet, utilisation, wall)
+}
+
+#[allow(clippy::print_stdout)]
+async fn fairness_workload(dir: &Path) {
+    const RATE: u64 = 100;
+    const FLOOD: usize = 1500;
+    println!(
+        "\n## (g) Fairness: one client floods {FLOOD} requests ({}s of quota at {RATE}/s); another sends one every 250 ms\n",
+        FLOOD as u64 / RATE
+    );
+    println!(
+        "| queueing | quiet p50 ms | quiet p99 ms | quiet p50 / alone | flood wall s | upstream utilisation |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let client = load::client();
+    let rpm = (RATE * 60).to_string();
+    let keys = dir.join("bench-clients.yaml");
+    std::fs::write(&keys, "flood: sk-flood\nquiet: sk-quiet\n").unwrap_or_else(|e| panic!("{e}"));
+    let keys_arg = keys.display().to_string();
+    let common =
+        format!("  limits: {{requestsPerMinute: {rpm}}}\n  queue: {{maxSize: 100000, maxWait: 120s}}\n");
+    // The quiet client alone: the baseline.
+    let (_mock, mock_addr) = start_mock(&["--rpm", &rpm]).await;
+    let (_p, addr, _) = start_proxy_with(dir, mock_addr, &common, &[]).await;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let mut alone = Vec::new();
+    for i in 0..20 {
+        alone.push(load::shoot(&client, &url, Some("sk-quiet"), &load::chat_body(i)).await.latency);
+    }
+    alone.sort();
+    let alone_p50 = load::percentile(&alone, 50.0);
+    println!(
+        "| quiet alone | {:.2} | {:.2} | 1.00 | - | - |",
+        ms(alone_p50),
+        ms(load::percentile(&alone, 99.0))
+    );
+    for (name, tail, args) in [
+        ("one FIFO (no client keys)", String::new(), Vec::new()),
+        (
+            "fair (client keys)",
+            "  clients:\n    keysSecretRef: {name: bench-keys}\n".to_owned(),
+            vec!["--client-keys-file", keys_arg.as_str()],
+        ),
+    ] {
+        let (_mock, mock_addr) = start_mock(&["--rpm", &rpm]).await;
+        let (_p, addr, _) = start_proxy_with(dir, mock_addr, &format!("{common}{tail}"), &args).await;
+        let url = format!("http://{addr}/v1/chat/completions");
+        let (quiet, utilisation, wall) = quiet_under_flood(&client, &url, mock_addr, FLOOD, RATE).await;
+        let p50 = load::percentile(&quiet, 50.0);
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.1} | {:.2} | {utilisation:.3} |",
+            ms(p50),
+            ms(load::percentile(&quiet, 99.0)),
+            p50.as_secs_f64() / alone_p50.as_secs_f64().max(1e-9),
+            wall.as_secs_f64(),
+        );
+    }
+}
+
 fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
-    // tpm = e, memory = f); none named: all.
+    // tpm = e, memory = f, fairness = g); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
@@ -404,6 +517,9 @@ fn main() {
         }
         if wanted("memory") {
             memory_workload(dir.path()).await;
+        }
+        if wanted("fairness") {
+            fairness_workload(dir.path()).await;
         }
     });
 }

@@ -24,6 +24,10 @@ pub struct Args {
     /// imagePullPolicy of the proxy pods.
     #[arg(long, env = "LLMPROXY_PROXY_IMAGE_PULL_POLICY")]
     proxy_image_pull_policy: Option<String>,
+    /// Namespace whose pods may scrape the proxies' metrics port where a NetworkPolicy guards
+    /// the proxies (`spec.clients.allowFrom`).
+    #[arg(long, env = "LLMPROXY_METRICS_NAMESPACE")]
+    metrics_namespace: Option<String>,
     /// Watch only this namespace (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -53,7 +57,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let identity = args.identity.unwrap_or_else(hostname);
     let config = Config {
-        settings: Settings { image: args.proxy_image, image_pull_policy: args.proxy_image_pull_policy },
+        settings: Settings {
+            image: args.proxy_image,
+            image_pull_policy: args.proxy_image_pull_policy,
+            metrics_namespace: args.metrics_namespace,
+        },
         namespace: args.namespace,
         lease: args.leader_election.then(|| LeaseConfig::new(&args.lease_namespace, &identity)),
         identity,

@@ -34,6 +34,11 @@ pub struct Args {
     /// less than flags, files less than both).
     #[arg(long, env = "LLMPROXY_UPSTREAM_API_KEY", hide_env_values = true)]
     upstream_api_key: Option<String>,
+    /// Client keys (YAML `client name: key` lines, a key also as `sha256:<hex>`): every request
+    /// must then carry one. Re-read when it changes. Cluster mode reads them from the Secret
+    /// `spec.clients.keysSecretRef` names instead.
+    #[arg(long, value_name = "PATH", conflicts_with = "resource")]
+    client_keys_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 8 << 20)]
     max_request_bytes: usize,
@@ -96,16 +101,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                      --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY"
                 );
             }
+            if reload::needs_client_keys(&policy) && args.client_keys_file.is_none() {
+                anyhow::bail!(
+                    "spec.clients.keysSecretRef asks for client keys; standalone they come from \
+                     --client-keys-file PATH (YAML `client name: key` lines)"
+                );
+            }
+            let client_keys = args.client_keys_file.as_deref().map(reload::load_client_keys).transpose()?;
             let proxy = Proxy::new(policy, metrics, options)?;
             proxy.set_api_key(key);
-            let (p, manifest, key_file) = (proxy.clone(), file.clone(), args.upstream_api_key_file.clone());
+            proxy.require_client_keys(client_keys.is_some());
+            proxy.set_client_keys(client_keys);
+            let files = reload::Files {
+                manifest: file.clone(),
+                upstream_key: args.upstream_api_key_file.clone(),
+                client_keys: args.client_keys_file.clone(),
+            };
+            let p = proxy.clone();
             let mut first = true;
             let source = supervise(proxy.clone(), "file", move || {
-                let (p, manifest, key_file) = (p.clone(), manifest.clone(), key_file.clone());
+                let (p, files) = (p.clone(), files.clone());
                 let watcher = if std::mem::take(&mut first) {
-                    FileWatcher::new(p, manifest, key_file)
+                    FileWatcher::new(p, files)
                 } else {
-                    FileWatcher::fresh(p, manifest, key_file)
+                    FileWatcher::fresh(p, files)
                 };
                 watcher.run()
             });

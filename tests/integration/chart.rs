@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use llmproxy_api::LlmProxy;
@@ -145,6 +147,7 @@ const OPERATOR_NEEDS: &[(&str, &str, &[&str])] = &[
     ("rbac.authorization.k8s.io", "rolebindings", &["list", "watch", "create", "patch"]),
     ("policy", "poddisruptionbudgets", &["get", "list", "watch", "create", "patch", "delete"]),
     ("autoscaling", "horizontalpodautoscalers", &["get", "list", "watch", "create", "patch", "delete"]),
+    ("networking.k8s.io", "networkpolicies", &["get", "list", "watch", "create", "patch", "delete"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
@@ -200,6 +203,7 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
         settings: llmproxy_operator::Settings {
             image: image.clone(),
             image_pull_policy: Some("IfNotPresent".into()),
+            metrics_namespace: None,
         },
         namespace: None,
         lease: Some(llmproxy_operator::LeaseConfig::new("llmproxy-system", "llmproxy-0")),
@@ -315,6 +319,8 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_and_operator_export() {
         "result=\\\"hit\\\"",
         "llmproxy_retries_total",
         "llmproxy_upstream_latency_seconds_bucket",
+        "sum by (le, client)",
+        "sum by (client) (rate(llmproxy_tokens_total",
     ] {
         assert!(dashboard.contains(needle), "the dashboard lacks {needle}");
     }
@@ -348,11 +354,19 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
+    let keys = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-keys",
+        "labels": {llmproxy_api::CLIENT_KEYS_LABEL: "true"}}, "stringData": {"web": "sk-web-1"}});
+    secrets
+        .patch("team-keys", &PatchParams::apply(MANAGER), &Patch::Apply(&keys))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let proxies: Api<LlmProxy> = Api::namespaced(admin.clone(), &ns);
     for (name, key) in [("openai", "upstream-key"), ("other", "payroll")] {
         let p = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": name},
             "spec": {"upstream": {"url": upstream.url(), "apiKeySecretRef": {"name": key}},
-                     "limits": {"requestsPerMinute": 6000}}});
+                     "limits": {"requestsPerMinute": 6000},
+                     "clients": {"keysSecretRef": {"name": "team-keys"},
+                                 "allowFrom": [{"podSelector": {"matchLabels": {"app": "web"}}}]}}});
         proxies
             .patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&p))
             .await
@@ -362,7 +376,11 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
     // The operator as the chart's ServiceAccount, with the chart's ClusterRole and nothing else.
     let operator = env.service_account_client("llmproxy-system", "llmproxy").await;
     let config = llmproxy_operator::Config {
-        settings: llmproxy_operator::Settings { image: "llmproxy:test".into(), image_pull_policy: None },
+        settings: llmproxy_operator::Settings {
+            image: "llmproxy:test".into(),
+            image_pull_policy: None,
+            metrics_namespace: None,
+        },
         namespace: None,
         lease: None,
         identity: "llmproxy-0".into(),
@@ -379,10 +397,12 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
     ));
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
     let roles: Api<Role> = Api::namespaced(admin.clone(), &ns);
+    let policies: Api<NetworkPolicy> = Api::namespaced(admin.clone(), &ns);
     eventually("the operator to build both proxies' children", Duration::from_secs(30), || async {
         deployments.get_opt("openai").await.ok()??;
         deployments.get_opt("other").await.ok()??;
         roles.get_opt("openai-proxy").await.ok()??;
+        policies.get_opt("openai").await.ok()??;
         let status = proxies.get("openai").await.ok()?.status?;
         (!status.conditions.is_empty()).then_some(())
     })
@@ -405,12 +425,37 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
     .await;
     let (status, _, body) =
         crate::support::proxy_env::post_json(&proxy.url("/chat/completions"), &load::chat_body(1)).await;
-    assert_eq!(status, 200, "the proxy read its LlmProxy and its key: {body}");
+    assert_eq!(status, 401, "the proxy requires a client key: {body}");
+    let resp = load::client()
+        .post(proxy.url("/chat/completions"))
+        .bearer_auth("sk-web-1")
+        .header("content-type", "application/json")
+        .body(load::chat_body(1).to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200, "the proxy read its LlmProxy, its upstream key and its client keys");
+
+    // Only the labelled pods reach the proxy's HTTP port.
+    let np = policies.get("openai").await.unwrap_or_else(|e| panic!("{e}"));
+    let spec = np.spec.unwrap_or_default();
+    let http =
+        spec.ingress.unwrap_or_default().into_iter().find(|rule| {
+            rule.ports.iter().flatten().any(|p| p.port == Some(IntOrString::String("http".into())))
+        });
+    let from = http.and_then(|r| r.from).unwrap_or_default();
+    assert_eq!(from.len(), 1, "{from:?}");
+    assert_eq!(
+        from[0].pod_selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default().get("app"),
+        Some(&"web".to_owned())
+    );
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
 
     // What they were not given, they cannot do.
     let as_proxy = env.service_account_client(&ns, "openai-proxy").await;
     let proxy_secrets: Api<Secret> = Api::namespaced(as_proxy.clone(), &ns);
     assert!(forbidden(proxy_secrets.get("payroll").await), "another Secret");
+    assert!(proxy_secrets.get("team-keys").await.is_ok(), "its client keys");
     assert!(forbidden(proxy_secrets.list(&Default::default()).await), "listing Secrets");
     let proxy_llmps: Api<LlmProxy> = Api::namespaced(as_proxy, &ns);
     assert!(forbidden(proxy_llmps.get("other").await), "another LlmProxy");

@@ -51,6 +51,22 @@ fn examples_pass_and_fail_the_standalone_check_like_the_server() {
 }
 
 #[tokio::test]
+async fn the_teams_example_applies_and_runs_with_its_clients() {
+    let (_env, api) = env_with_crd("teams").await;
+    let manifest = example("examples/teams.yaml");
+    api.patch("shared-openai", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .unwrap_or_else(|e| panic!("apply examples/teams.yaml: {e}"));
+    let spec = api.get("shared-openai").await.map(|p| p.spec).unwrap_or_else(|e| panic!("{e}"));
+    let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+    let clients = policy.clients.unwrap_or_else(|| panic!("clients"));
+    assert_eq!(clients.client("web").weight, 3);
+    assert_eq!(clients.client("someone-else").weight, 1, "the default");
+    let text = std::fs::read_to_string(support::repo_path("examples/teams.yaml")).unwrap_or_default();
+    assert!(llmproxy_api::from_yaml(&text).is_ok(), "llmproxy check accepts it too");
+}
+
+#[tokio::test]
 async fn crd_installs_and_becomes_established() {
     let env = KubeEnv::start().await;
     let client = env.client().await;
@@ -164,6 +180,21 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
             &["spec.cache.ttl", "must be at most 720h"],
         ),
         ("multiplier below 1", |s| s["retry"]["multiplier"] = json!(0.5), &["spec.retry.multiplier"]),
+        (
+            "a client weight of 0",
+            |s| s["clients"] = json!({"overrides": [{"name": "web", "weight": 0}]}),
+            &["spec.clients.overrides[0].weight", "greater than or equal to 1"],
+        ),
+        (
+            "a client name that cannot be a label",
+            |s| s["clients"] = json!({"overrides": [{"name": "team a"}]}),
+            &["spec.clients.overrides[0].name", "should match"],
+        ),
+        (
+            "a batch delay beyond a day",
+            |s| s["clients"] = json!({"batchMaxDelay": "25h"}),
+            &["spec.clients.batchMaxDelay", "must be at most 24h"],
+        ),
         (
             "missing limits",
             |s| {

@@ -3,6 +3,7 @@
 
 mod cache;
 mod chart;
+mod clients;
 mod connections;
 mod crd;
 mod operator;

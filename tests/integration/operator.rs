@@ -9,6 +9,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams};
@@ -37,7 +38,11 @@ impl Operator {
         lease_cfg.duration = Duration::from_secs(4);
         lease_cfg.retry = Duration::from_millis(500);
         let config = Config {
-            settings: Settings { image: "llmproxy:test".into(), image_pull_policy: None },
+            settings: Settings {
+                image: "llmproxy:test".into(),
+                image_pull_policy: None,
+                metrics_namespace: None,
+            },
             namespace: Some(ns.to_owned()),
             lease: lease.then_some(lease_cfg),
             identity: identity.to_owned(),
@@ -700,4 +705,81 @@ async fn drift_in_any_child_is_repaired_at_once() {
     .await;
     wait_for(&accounts, "p-proxy").await;
     wait_for(&bindings, "p-proxy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_proxy() {
+    let (_env, client, ns, api) = setup("clientkeys").await;
+    secret(&client, &ns, "sk-1").await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let keys = |labels: Value, data: Value| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-keys", "labels": labels},
+               "stringData": data})
+    };
+    let put = |s: Value| {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .patch("team-keys", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    let _op = Operator::start(&client, &ns, "op-1", false);
+
+    // Without client keys, the status says so: anything that reaches the Service spends the key.
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    condition(&api, "p", "ClientAuth", "False", "ClientAuthDisabled").await;
+
+    // Keys named, and a fence: the Secret consented to being an upstream key, not client keys.
+    put(keys(json!({"llmproxy.io/upstream-key": "true"}), json!({"web": "sk-web"}))).await;
+    let clients = json!({"clients": {"keysSecretRef": {"name": "team-keys"},
+                                     "allowFrom": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}});
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", clients.clone())).await;
+    let p = condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
+    let message = llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("spec.clients.keysSecretRef") && message.contains(llmproxy_api::CLIENT_KEYS_LABEL),
+        "{message}"
+    );
+    condition(&api, "p", "ClientAuth", "True", "ClientKeysRequired").await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let granted = |r: &Role| -> Vec<String> {
+        r.rules.iter().flatten().filter_map(|rule| rule.resource_names.clone()).flatten().collect()
+    };
+    assert!(!granted(&wait_for(&roles, "p-proxy").await).contains(&"team-keys".to_owned()));
+
+    // Consent, but two clients share one key: the proxy would refuse the table.
+    put(keys(json!({llmproxy_api::CLIENT_KEYS_LABEL: "true"}), json!({"web": "sk-same", "etl": "sk-same"})))
+        .await;
+    let p = condition(&api, "p", "Degraded", "True", "ClientKeysInvalid").await;
+    let message = llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("etl") && !message.contains("sk-same"),
+        "names the client, never the key: {message}"
+    );
+
+    // Fixed: granted (the proxy may read it, and nothing else new), not degraded.
+    put(keys(json!({llmproxy_api::CLIENT_KEYS_LABEL: "true"}), json!({"web": "sk-web", "etl": "sk-etl"})))
+        .await;
+    condition(&api, "p", "Degraded", "False", "AsExpected").await;
+    let role = roles.get("p-proxy").await.unwrap_or_else(|e| panic!("{e}"));
+    let mut names = granted(&role);
+    names.sort();
+    assert_eq!(names, ["p", "team-keys", "upstream-key"], "{role:?}");
+
+    // The fence exists while allowFrom does, and goes with it.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let np = wait_for(&policies, "p").await;
+    assert!(np.owner_references().iter().any(|o| o.name == "p" && o.controller == Some(true)));
+    apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
+    eventually("the NetworkPolicy to go", WAIT, || async {
+        policies.get_opt("p").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    condition(&api, "p", "ClientAuth", "False", "ClientAuthDisabled").await;
 }

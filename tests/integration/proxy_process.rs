@@ -165,15 +165,25 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
     let upstream = mock(MockConfig { api_key: Some("sk-upstream".into()), ..MockConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let file = dir.path().join("llmproxy.yaml");
-    let cache = "  cache: {ttl: 5m}\n";
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", cache))
+    let extra = "  cache: {ttl: 5m}\n  clients:\n    keysSecretRef: {name: team-keys}\n";
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", extra))
         .unwrap_or_else(|e| panic!("{e}"));
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, "sk-upstream\n").unwrap_or_else(|e| panic!("{e}"));
     let key_arg = key_file.display().to_string();
+    let clients_file = dir.path().join("clients.yaml");
+    std::fs::write(&clients_file, "notebook: sk-team-notebook\n").unwrap_or_else(|e| panic!("{e}"));
+    let clients_arg = clients_file.display().to_string();
     let proxy = ProxyProcess::start(
         &file,
-        &["--upstream-api-key-file", &key_arg, "--max-request-bytes", "16384"],
+        &[
+            "--upstream-api-key-file",
+            &key_arg,
+            "--client-keys-file",
+            &clients_arg,
+            "--max-request-bytes",
+            "16384",
+        ],
         &[],
     )
     .await;
@@ -182,6 +192,7 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
     let out = tokio::process::Command::new(&python)
         .arg(&script)
         .arg(&base)
+        .arg("sk-team-notebook")
         .output()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -192,6 +203,16 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("openai sdk: ok"));
+    let metrics = get_text(&format!("http://{}/metrics", proxy.admin)).await;
+    assert!(
+        metric(&metrics, "llmproxy_requests_total{client=\"notebook\",outcome=\"ok\"}") >= 5.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "llmproxy_requests_total{outcome=\"unauthorized\"}"), 2.0, "{metrics}");
+    assert!(
+        upstream.mock.seen().iter().all(|s| s.key.as_deref() == Some("sk-upstream")),
+        "only the upstream key goes upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,16 +1,17 @@
 """Drive llmproxy with the official OpenAI Python SDK: a chat request and a streamed one.
 
-Usage: python openai_sdk_check.py BASE_URL
-Exits non-zero (with the reason) if the SDK cannot use the proxy as it would use OpenAI.
+Usage: python openai_sdk_check.py BASE_URL CLIENT_KEY
+The proxy must require client keys, with CLIENT_KEY one of them. Exits non-zero (with the reason) if the SDK cannot use the proxy as it would use OpenAI.
 """
 import sys
 
 import openai
 
 
-def main(base_url: str) -> None:
-    # max_retries=0: the proxy, not the SDK, must absorb rate limits.
-    client = openai.OpenAI(base_url=base_url, api_key="client-key-not-the-upstream-one", max_retries=0)
+def main(base_url: str, client_key: str) -> None:
+    # max_retries=0: the proxy, not the SDK, must absorb rate limits. The SDK sends its api_key
+    # as a bearer token: the proxy's client key, never the upstream's.
+    client = openai.OpenAI(base_url=base_url, api_key=client_key, max_retries=0)
 
     chat = client.chat.completions.create(
         model="gpt-4o-mini",
@@ -66,8 +67,21 @@ def main(base_url: str) -> None:
         assert "bytes" in e.message, e.message
     else:
         raise AssertionError("an oversized request was accepted")
+
+    # A key the proxy does not know: the SDK's own AuthenticationError, streamed or not.
+    stranger = openai.OpenAI(base_url=base_url, api_key="sk-not-a-client", max_retries=0)
+    for stream in (False, True):
+        try:
+            stranger.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=stream
+            )
+        except openai.AuthenticationError as e:
+            assert e.code == "invalid_api_key", e
+            assert "sk-not-a-client" not in str(e.body), e.body
+        else:
+            raise AssertionError(f"an unknown client key was accepted (stream={stream})")
     print("openai sdk: ok")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

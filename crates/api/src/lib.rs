@@ -1,6 +1,7 @@
 //! The `LlmProxy` API: the custom resource types, their generated CRD, and the checked runtime
 //! [`Policy`] that the proxy and the operator both derive from a spec.
 
+pub mod client_keys;
 pub mod duration;
 pub mod manifest;
 pub mod paths;
@@ -8,18 +9,23 @@ pub mod policy;
 pub mod quantity;
 pub mod spec;
 
+pub use client_keys::ClientKeys;
 pub use duration::Duration;
 pub use manifest::{ManifestError, crd_yaml, from_yaml};
 pub use policy::{FieldError, Policy, PolicyError};
 pub use spec::{
-    AutoscalingSpec, CacheSpec, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec,
-    SecretKeyRef, TokenAccounting, UpstreamSpec,
+    AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec, LimitsSpec,
+    LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec, SecretKeyRef, SecretNameRef,
+    TokenAccounting, UpstreamSpec,
 };
 
 /// The label a Secret carries (value `"true"`) before the operator lets any proxy read it: a
 /// user who may edit LlmProxy objects but not read Secrets cannot name one of the namespace's
 /// Secrets and have a proxy send it to a host of theirs.
 pub const SECRET_OPT_IN_LABEL: &str = "llmproxy.io/upstream-key";
+/// The label (value `"true"`) a Secret of client keys carries before the operator lets a proxy
+/// read it: the same consent as [`SECRET_OPT_IN_LABEL`], for the other use.
+pub const CLIENT_KEYS_LABEL: &str = "llmproxy.io/client-keys";
 /// Optional annotation on such a Secret narrowing it to some LlmProxies (comma-separated names).
 pub const SECRET_ALLOWED_PROXIES: &str = "llmproxy.io/allowed-proxies";
 

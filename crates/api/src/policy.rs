@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::paths::{DEFAULT_ALLOWED_PATHS, PathRule};
-use crate::spec::{LlmProxySpec, SecretKeyRef, TokenAccounting};
+use crate::spec::{ClientPriority, ClientSettings, LlmProxySpec, SecretKeyRef, TokenAccounting};
 
 /// Everything the data plane needs to serve one LlmProxy.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +20,45 @@ pub struct Policy {
     pub retry: RetryPolicy,
     /// `None` when caching is off.
     pub cache: Option<CachePolicy>,
+    /// Client identity and fairness; `None`: one anonymous client.
+    pub clients: Option<ClientsPolicy>,
+}
+
+/// Clients, resolved: every field has its value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientsPolicy {
+    /// The Secret of client keys (cluster mode); `None`: no keys.
+    pub keys_secret: Option<String>,
+    /// Every client without an override.
+    pub default: ClientPolicy,
+    /// Named clients.
+    pub overrides: std::collections::BTreeMap<String, ClientPolicy>,
+    /// Longest interactive traffic may hold a batch request back.
+    pub batch_max_delay: Duration,
+}
+
+impl ClientsPolicy {
+    /// The settings of client `name`.
+    pub fn client(&self, name: &str) -> &ClientPolicy {
+        self.overrides.get(name).unwrap_or(&self.default)
+    }
+}
+
+/// One client's share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientPolicy {
+    /// Weight under contention (>= 1).
+    pub weight: u32,
+    /// Scheduling class.
+    pub priority: ClientPriority,
+    /// Cap on its requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Cap on its tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Longest wait of its requests.
+    pub max_wait: Duration,
+    /// Most of its requests waiting at once.
+    pub max_queued: usize,
 }
 
 /// The upstream endpoint.
@@ -247,6 +286,12 @@ impl Policy {
         if n == 1 {
             return self;
         }
+        if let Some(clients) = &mut self.clients {
+            for c in std::iter::once(&mut clients.default).chain(clients.overrides.values_mut()) {
+                c.requests_per_minute = c.requests_per_minute.map(|r| (r / n).max(1));
+                c.tokens_per_minute = c.tokens_per_minute.map(|t| (t / n).max(1));
+            }
+        }
         let l = &mut self.limits;
         l.requests_per_minute = (l.requests_per_minute / n).max(1);
         l.request_burst = (l.request_burst / n).max(1);
@@ -319,6 +364,37 @@ impl Policy {
             _ => None,
         };
 
+        let queue_size = usize::try_from(max_size).unwrap_or(usize::MAX);
+        let clients = spec.clients.as_ref().map(|cs| {
+            let default =
+                client_policy(&mut c, "spec.clients.default", &cs.default, None, max_wait, queue_size);
+            let mut overrides = std::collections::BTreeMap::new();
+            for o in &cs.overrides {
+                let resolved = client_policy(
+                    &mut c,
+                    "spec.clients.overrides",
+                    &o.settings,
+                    Some(&cs.default),
+                    max_wait,
+                    queue_size,
+                );
+                if overrides.insert(o.name.clone(), resolved).is_some() {
+                    c.fail("spec.clients.overrides", format!("client {:?} is named twice", o.name));
+                }
+            }
+            ClientsPolicy {
+                keys_secret: cs.keys_secret_ref.as_ref().map(|r| r.name.clone()),
+                default,
+                overrides,
+                batch_max_delay: c.at_most(
+                    "spec.clients.batchMaxDelay",
+                    cs.batch_max_delay.get(),
+                    MAX_QUEUE_WAIT,
+                    "24h",
+                ),
+            }
+        });
+
         if !c.0.is_empty() {
             return Err(PolicyError(c.0));
         }
@@ -358,7 +434,31 @@ impl Policy {
                 jitter: r.jitter,
             },
             cache,
+            clients,
         })
+    }
+}
+
+/// One client's settings, resolved over `fallback` (the default entry) and the queue's values.
+fn client_policy(
+    c: &mut Check,
+    field: &'static str,
+    s: &ClientSettings,
+    fallback: Option<&ClientSettings>,
+    queue_wait: Duration,
+    queue_size: usize,
+) -> ClientPolicy {
+    let pick = |f: fn(&ClientSettings) -> Option<i64>| f(s).or_else(|| fallback.and_then(f));
+    let weight = pick(|x| x.weight.map(i64::from)).map_or(1, |w| c.positive(field, w));
+    let wait = s.max_wait.as_ref().or_else(|| fallback.and_then(|f| f.max_wait.as_ref())).map(|d| d.get());
+    ClientPolicy {
+        weight: u32::try_from(weight).unwrap_or(u32::MAX),
+        priority: s.priority.or_else(|| fallback.and_then(|f| f.priority)).unwrap_or_default(),
+        requests_per_minute: pick(|x| x.requests_per_minute).map(|r| c.positive(field, r)),
+        tokens_per_minute: pick(|x| x.tokens_per_minute).map(|t| c.positive(field, t)),
+        max_wait: wait.map_or(queue_wait, |w| c.at_most(field, w, MAX_QUEUE_WAIT, "24h")),
+        max_queued: pick(|x| x.max_queued.map(i64::from))
+            .map_or(queue_size, |q| usize::try_from(c.non_negative(field, q)).unwrap_or(usize::MAX)),
     }
 }
 
@@ -517,6 +617,29 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         }
         let ok = format!("{MINIMAL}queue: {{maxWait: 24h}}\ncache: {{ttl: 720h}}");
         assert!(Policy::from_spec(&spec(&ok)).is_ok());
+    }
+
+    #[test]
+    fn clients_resolve_over_the_default_and_the_queue() {
+        let yaml = format!(
+            "{MINIMAL}queue: {{maxWait: 40s}}\nclients:\n  keysSecretRef: {{name: keys}}\n  default: {{weight: 2, tokensPerMinute: 9000}}\n  overrides: [{{name: nightly, priority: batch, maxWait: 10m}}]\n"
+        );
+        let p = Policy::from_spec(&spec(&yaml)).unwrap_or_else(|e| panic!("{e}"));
+        let c = p.clients.clone().unwrap_or_else(|| panic!("clients"));
+        assert_eq!(c.keys_secret.as_deref(), Some("keys"));
+        let chat = c.client("chatbot");
+        assert_eq!(
+            (chat.weight, chat.priority, chat.max_wait),
+            (2, ClientPriority::Interactive, Duration::from_secs(40))
+        );
+        let nightly = c.client("nightly");
+        assert_eq!(nightly.priority, ClientPriority::Batch);
+        assert_eq!((nightly.weight, nightly.tokens_per_minute), (2, Some(9000)), "from the default");
+        assert_eq!(nightly.max_wait, Duration::from_secs(600));
+        assert_eq!(nightly.max_queued, 1000);
+        assert_eq!(p.for_replicas(3).clients.map(|c| c.client("x").tokens_per_minute), Some(Some(3000)));
+        let twice = format!("{MINIMAL}clients:\n  overrides: [{{name: a}}, {{name: a}}]\n");
+        assert!(errors(&twice).contains("client \"a\" is named twice"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -71,6 +72,121 @@ pub struct LlmProxySpec {
     /// a 256Mi memory limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Who may use this proxy, and how its quota is shared between them. Absent: anything that
+    /// can reach the Service uses the upstream key, as one client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<ClientsSpec>,
+}
+
+/// Client identity and fairness.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientsSpec {
+    /// A Secret whose data entries are `<client name>: <client key>` (or `sha256:<hex>` of the
+    /// key, so the Secret need not hold it). Clients send their key as `Authorization: Bearer`
+    /// (OpenAI SDKs), `api-key` (Azure SDKs) or `x-api-key`; an unknown or missing key gets a
+    /// 401 before anything is read or queued. Rotated keys work on the next request. Its owner
+    /// lets proxies read it with the label `llmproxy.io/client-keys: "true"`. Absent: no client
+    /// keys (the status says `ClientAuthDisabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_secret_ref: Option<SecretNameRef>,
+
+    /// Settings of every client without an override.
+    #[serde(default)]
+    pub default: ClientSettings,
+
+    /// Settings of named clients; unset fields come from `default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub overrides: Vec<ClientOverride>,
+
+    /// The longest interactive traffic may hold a `batch` request back: older than this, it
+    /// goes ahead of interactive requests, so batch work always progresses. At most 24h.
+    #[serde(default = "default_batch_max_delay")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('24h')",
+        "message": "must be at most 24h",
+    }]))]
+    pub batch_max_delay: Duration,
+
+    /// Who may reach the proxies' API port: NetworkPolicy peers (namespace and pod
+    /// selectors). Set, the operator adds a NetworkPolicy that admits only them to the API port
+    /// (and the monitoring namespace to the metrics port). Absent: no NetworkPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_from: Option<Vec<NetworkPolicyPeer>>,
+}
+
+/// A Secret in the LlmProxy's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretNameRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+}
+
+/// How one client (or every client, as `default`) shares the quota.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSettings {
+    /// Share of the quota under contention, against other clients' weights (default 1). Unused
+    /// capacity of idle clients goes to busy ones whatever the weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: Option<i32>,
+
+    /// `interactive` (default) goes before `batch`; a batch request held back longer than
+    /// `batchMaxDelay` goes first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<ClientPriority>,
+
+    /// A cap on this client's requests per minute (within the LlmProxy's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub requests_per_minute: Option<i64>,
+
+    /// A cap on this client's tokens per minute (within the LlmProxy's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub tokens_per_minute: Option<i64>,
+
+    /// Longest this client's requests wait (default `queue.maxWait`). At most 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('24h')",
+        "message": "must be at most 24h",
+    }]))]
+    pub max_wait: Option<Duration>,
+
+    /// Most of this client's requests waiting at once (default `queue.maxSize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_queued: Option<i32>,
+}
+
+/// Settings for one named client.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientOverride {
+    /// The client's name, as in the keys Secret.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub name: String,
+
+    /// Its settings.
+    #[serde(flatten)]
+    pub settings: ClientSettings,
+}
+
+/// Scheduling class of a client's requests.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ClientPriority {
+    /// Waits only behind other interactive requests.
+    #[default]
+    Interactive,
+    /// Uses what interactive traffic leaves; never held back longer than `batchMaxDelay`.
+    Batch,
 }
 
 /// Horizontal autoscaling of the proxy pods (autoscaling/v2).
@@ -436,6 +552,9 @@ fn default_max_backoff() -> Duration {
 }
 fn default_multiplier() -> f64 {
     2.0
+}
+fn default_batch_max_delay() -> Duration {
+    Duration::from_std(std::time::Duration::from_secs(10))
 }
 fn default_true() -> bool {
     true

@@ -15,6 +15,9 @@ use k8s_openapi::api::core::v1::{
     Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
     ServiceSpec,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -37,6 +40,9 @@ pub struct Settings {
     pub image: String,
     /// `imagePullPolicy`, if set.
     pub image_pull_policy: Option<String>,
+    /// The namespace whose pods may scrape the proxies' metrics port when a NetworkPolicy
+    /// guards them (`spec.clients.allowFrom`); `None`: nobody.
+    pub metrics_namespace: Option<String>,
 }
 
 /// Everything one LlmProxy runs on.
@@ -56,6 +62,8 @@ pub struct Children {
     pub pdb: Option<PodDisruptionBudget>,
     /// Present when `spec.autoscaling` is set.
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// Present when `spec.clients.allowFrom` is set.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Labels on every child and pod.
@@ -120,6 +128,12 @@ pub fn build(p: &LlmProxy, settings: &Settings, grants: &Grants) -> Children {
         service: service(p),
         pdb: (desired_replicas(p) > 1).then(|| pdb(p)),
         hpa: p.spec.autoscaling.as_ref().map(|a| hpa(p, a)),
+        network_policy: p
+            .spec
+            .clients
+            .as_ref()
+            .and_then(|c| c.allow_from.as_ref())
+            .map(|peers| network_policy(p, peers, settings)),
     }
 }
 
@@ -305,6 +319,42 @@ fn service(p: &LlmProxy) -> Service {
     }
 }
 
+/// Only `peers` reach the API port, only the monitoring namespace the metrics port.
+fn network_policy(p: &LlmProxy, peers: &[NetworkPolicyPeer], settings: &Settings) -> NetworkPolicy {
+    let port = |name: &str| NetworkPolicyPort {
+        port: Some(IntOrString::String(name.to_owned())),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    let mut ingress =
+        vec![NetworkPolicyIngressRule { from: Some(peers.to_vec()), ports: Some(vec![port("http")]) }];
+    if let Some(monitoring) = &settings.metrics_namespace {
+        let from = NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    monitoring.clone(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        ingress.push(NetworkPolicyIngressRule { from: Some(vec![from]), ports: Some(vec![port("metrics")]) });
+    }
+    NetworkPolicy {
+        metadata: meta(p, p.name_any()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector(&p.name_any())),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
 fn pdb(p: &LlmProxy) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: meta(p, p.name_any()),
@@ -395,7 +445,11 @@ spec:
     }
 
     fn settings() -> Settings {
-        Settings { image: "llmproxy:test".into(), image_pull_policy: None }
+        Settings {
+            image: "llmproxy:test".into(),
+            image_pull_policy: None,
+            metrics_namespace: Some("monitoring".into()),
+        }
     }
 
     #[test]
@@ -486,6 +540,40 @@ spec:
         let d3 = build(&proxy(&format!("{BASE}  replicas: 3\n")), &settings(), &granted());
         assert_eq!(d3.deployment.spec.as_ref().and_then(|s| s.replicas), Some(3));
         assert!(d3.pdb.is_some(), "a PDB once more than one pod runs");
+    }
+
+    #[test]
+    fn allow_from_builds_a_network_policy_for_the_api_and_metrics_ports() {
+        assert!(build(&proxy(BASE), &settings(), &granted()).network_policy.is_none(), "absent: none");
+        let yaml = format!(
+            "{BASE}  clients:\n    allowFrom: [{{namespaceSelector: {{matchLabels: {{team: a}}}}}}]\n"
+        );
+        let np = build(&proxy(&yaml), &settings(), &granted())
+            .network_policy
+            .and_then(|n| n.spec)
+            .unwrap_or_default();
+        let selected = np.pod_selector.and_then(|s| s.match_labels).unwrap_or_default();
+        assert_eq!(selected.get("app.kubernetes.io/instance").map(String::as_str), Some("openai"));
+        let rules = np.ingress.unwrap_or_default();
+        assert_eq!(rules.len(), 2);
+        let port = |r: &NetworkPolicyIngressRule| r.ports.as_ref().and_then(|p| p[0].port.clone());
+        assert_eq!(port(&rules[0]), Some(IntOrString::String("http".into())));
+        let team = rules[0]
+            .from
+            .as_ref()
+            .and_then(|f| f[0].namespace_selector.as_ref())
+            .and_then(|s| s.match_labels.clone());
+        assert_eq!(team, Some(BTreeMap::from([("team".to_owned(), "a".to_owned())])));
+        assert_eq!(port(&rules[1]), Some(IntOrString::String("metrics".into())));
+        let monitoring = rules[1]
+            .from
+            .as_ref()
+            .and_then(|f| f[0].namespace_selector.as_ref())
+            .and_then(|s| s.match_labels.clone());
+        assert_eq!(
+            monitoring,
+            Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "monitoring".to_owned())]))
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::Api;
@@ -113,6 +114,7 @@ pub async fn controller(
         .owns(api::<RoleBinding>(&client, ns), children())
         .owns(api::<PodDisruptionBudget>(&client, ns), children())
         .owns(api::<HorizontalPodAutoscaler>(&client, ns), children())
+        .owns(api::<NetworkPolicy>(&client, ns), children())
         .watches_stream(secrets, move |secret| {
             let (ns, name) = (secret.namespace(), secret.name_any());
             store
@@ -122,6 +124,11 @@ pub async fn controller(
                     p.namespace() == ns
                         && p.0.as_ref().is_ok_and(|p| {
                             p.spec.upstream.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                                || p.spec
+                                    .clients
+                                    .as_ref()
+                                    .and_then(|c| c.keys_secret_ref.as_ref())
+                                    .is_some_and(|r| r.name == name)
                         })
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))

@@ -23,12 +23,13 @@ use serde::de::DeserializeOwned;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use crate::children::{self, Children, Grants, Settings};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::status::{self, Problem, Rollout};
+use crate::status::{self, Problem, Rollout, SecretUse};
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "llmproxy-operator";
@@ -109,6 +110,10 @@ async fn apply_children(
         Some(hpa) => drop(apply(client, ns, hpa).await?),
         None => remove_owned::<HorizontalPodAutoscaler>(client, ns, &name, p).await?,
     }
+    match &c.network_policy {
+        Some(np) => drop(apply(client, ns, np).await?),
+        None => remove_owned::<NetworkPolicy>(client, ns, &name, p).await?,
+    }
     Ok(deployment)
 }
 
@@ -123,37 +128,83 @@ async fn hand_over_replicas(client: &Client, ns: &str, name: &str) -> Result<(),
     api.patch(name, &PatchParams::apply(REPLICAS_HANDOFF).force(), &Patch::Apply(&body)).await.map(drop)
 }
 
-/// Whether a proxy of `proxy` may read `secret` (it opted in, and does not exclude it), and
-/// what is wrong if not. Pure, for tests.
-pub fn secret_verdict(secret: Option<&Secret>, r: &SecretKeyRef, proxy: &str) -> (Option<Problem>, bool) {
-    let Some(s) = secret else { return (Some(Problem::SecretNotFound(r.name.clone())), false) };
-    let opted_in = s.labels().get(llmproxy_api::SECRET_OPT_IN_LABEL).is_some_and(|v| v == "true");
+/// Whether a proxy of `proxy` may read `secret` for `use_` (it opted in to that use, and does
+/// not exclude this proxy), and what is wrong with it if anything. Pure, for tests.
+pub fn secret_verdict(
+    secret: Option<&Secret>,
+    name: &str,
+    use_: SecretUse,
+    proxy: &str,
+) -> (Option<Problem>, bool) {
+    let Some(s) = secret else {
+        return (Some(Problem::SecretNotFound { secret: name.to_owned(), use_ }), false);
+    };
+    let opted_in = s.labels().get(use_.label()).is_some_and(|v| v == "true");
     let listed = s
         .annotations()
         .get(llmproxy_api::SECRET_ALLOWED_PROXIES)
         .is_none_or(|names| names.split(',').any(|n| n.trim() == proxy));
     if !(opted_in && listed) {
-        return (Some(Problem::SecretNotAllowed(r.name.clone())), false);
-    }
-    if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) {
-        return (Some(Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() }), true);
+        return (Some(Problem::SecretNotAllowed { secret: name.to_owned(), use_ }), false);
     }
     (None, true)
 }
 
-/// Check the Secrets the proxies will read: they exist, opted in, and hold the key. Only those
-/// that opted in are granted.
+/// What the upstream key Secret lacks, if anything.
+fn upstream_key_problem(s: &Secret, r: &SecretKeyRef) -> Option<Problem> {
+    let present = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key));
+    (!present).then(|| Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() })
+}
+
+/// Whether the client keys Secret loads the way the proxy will load it, with one key at least.
+fn client_keys_problem(s: &Secret, name: &str) -> Option<Problem> {
+    let data = s.data.clone().unwrap_or_default();
+    let mut pairs = Vec::new();
+    for (client, key) in &data {
+        match std::str::from_utf8(&key.0) {
+            Ok(k) => pairs.push((client.as_str(), k)),
+            Err(_) => {
+                let error = format!("client {client:?}: the key is not UTF-8 text");
+                return Some(Problem::ClientKeysInvalid { secret: name.to_owned(), error });
+            }
+        }
+    }
+    let error = match llmproxy_api::ClientKeys::from_pairs(pairs) {
+        Ok(keys) if keys.names().next().is_none() => "it holds no keys: no client could connect".to_owned(),
+        Ok(_) => return None,
+        Err(e) => e,
+    };
+    Some(Problem::ClientKeysInvalid { secret: name.to_owned(), error })
+}
+
+/// Check the Secrets the proxies will read: they exist, opted in to their use, and hold what
+/// the proxy needs. Only those that opted in are granted; the first problem is reported.
 async fn check_secrets(
     client: &Client,
     ns: &str,
     p: &LlmProxy,
 ) -> Result<(Option<Problem>, Grants), kube::Error> {
-    let Some(r) = &p.spec.upstream.api_key_secret_ref else { return Ok((None, Grants::default())) };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = secrets.get_opt(&r.name).await?;
-    let (problem, readable) = secret_verdict(secret.as_ref(), r, &p.name_any());
-    let grants = Grants { secrets: if readable { vec![r.name.clone()] } else { Vec::new() } };
-    Ok((problem, grants))
+    let (mut problems, mut grants) = (Vec::new(), Grants::default());
+    if let Some(r) = &p.spec.upstream.api_key_secret_ref {
+        let secret = secrets.get_opt(&r.name).await?;
+        let (problem, readable) =
+            secret_verdict(secret.as_ref(), &r.name, SecretUse::UpstreamKey, &p.name_any());
+        problems.extend(problem.or_else(|| upstream_key_problem(secret.as_ref()?, r)));
+        if readable {
+            grants.secrets.push(r.name.clone());
+        }
+    }
+    if let Some(r) = p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()) {
+        let secret = secrets.get_opt(&r.name).await?;
+        let (problem, readable) =
+            secret_verdict(secret.as_ref(), &r.name, SecretUse::ClientKeys, &p.name_any());
+        problems.extend(problem.or_else(|| client_keys_problem(secret.as_ref()?, &r.name)));
+        if readable && !grants.secrets.contains(&r.name) {
+            grants.secrets.push(r.name.clone());
+        }
+    }
+    Ok((problems.into_iter().next(), grants))
 }
 
 /// Reconcile one LlmProxy (or report one that cannot be read).
@@ -206,7 +257,7 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
         updated: if current { ds.updated_replicas.unwrap_or(0) } else { 0 },
     };
     let now = Time(Timestamp::now());
-    let new = status::compute(
+    let mut new = status::compute(
         p.metadata.generation,
         problem.as_ref(),
         rollout,
@@ -214,6 +265,8 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
         p.status.as_ref(),
         &now,
     );
+    let keys_required = p.spec.clients.as_ref().is_some_and(|c| c.keys_secret_ref.is_some());
+    status::add_client_auth(&mut new, keys_required, p.status.as_ref(), &now);
     if p.status.as_ref() != Some(&new) {
         let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
         let body =
@@ -349,9 +402,43 @@ mod tests {
     }
 
     #[test]
+    fn a_client_keys_secret_needs_its_own_consent_and_keys_the_proxy_accepts() {
+        let keys = |labelled: bool, data: &[(&str, &str)]| {
+            let mut s = secret(false, None, "unused");
+            if labelled {
+                s.metadata.labels =
+                    Some(BTreeMap::from([(llmproxy_api::CLIENT_KEYS_LABEL.into(), "true".into())]));
+            }
+            s.data = Some(
+                data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect(),
+            );
+            s
+        };
+        let upstream_consent = secret(true, None, "team-a");
+        let (problem, readable) = secret_verdict(Some(&upstream_consent), "k", SecretUse::ClientKeys, "p");
+        assert_eq!(
+            (problem.map(|p| p.reason()), readable),
+            (Some("SecretNotAllowed"), false),
+            "consent is per use"
+        );
+        let good = keys(true, &[("team-a", "sk-a"), ("team-b", "sk-b")]);
+        assert_eq!(secret_verdict(Some(&good), "k", SecretUse::ClientKeys, "p").1, true);
+        assert!(client_keys_problem(&good, "k").is_none());
+        let empty = keys(true, &[]);
+        assert_eq!(client_keys_problem(&empty, "k").map(|p| p.reason()), Some("ClientKeysInvalid"));
+        let twice = keys(true, &[("team-a", "sk-same"), ("team-b", "sk-same")]);
+        let message = client_keys_problem(&twice, "k").map(|p| p.message()).unwrap_or_default();
+        assert!(message.contains("team-b") && !message.contains("sk-same"), "{message}");
+    }
+
+    #[test]
     fn only_a_secret_that_opted_in_is_granted() {
         let r = SecretKeyRef { name: "openai-key".into(), key: "api-key".into() };
         let reason = |v: (Option<Problem>, bool)| (v.0.map(|p| p.reason()), v.1);
+        let secret_verdict = |s: Option<&Secret>, r: &SecretKeyRef, proxy: &str| {
+            let (problem, readable) = secret_verdict(s, &r.name, SecretUse::UpstreamKey, proxy);
+            (problem.or_else(|| upstream_key_problem(s?, r)), readable)
+        };
         assert_eq!(reason(secret_verdict(None, &r, "p")), (Some("SecretNotFound"), false));
         assert_eq!(
             reason(secret_verdict(Some(&secret(false, None, "api-key")), &r, "p")),

@@ -9,21 +9,78 @@ use llmproxy_api::LlmProxyStatus;
 pub enum Problem {
     /// The spec passed the schema but cannot run (the message names the field).
     InvalidPolicy(String),
-    /// `spec.upstream.apiKeySecretRef` names a Secret that does not exist.
-    SecretNotFound(String),
+    /// A Secret the spec names does not exist.
+    SecretNotFound {
+        /// Secret name.
+        secret: String,
+        /// Why it is read: the upstream key or the client keys.
+        use_: SecretUse,
+    },
     /// The API server refused an object built from the spec.
     ChildRejected(String),
-    /// The Secret has not opted in to being read by proxies (label
-    /// `llmproxy.io/upstream-key: "true"`), or its `llmproxy.io/allowed-proxies` does not list
-    /// this LlmProxy.
-    SecretNotAllowed(String),
-    /// The Secret exists but lacks the key.
+    /// The Secret has not opted in to being read by proxies (the label of its use, value
+    /// `"true"`), or its `llmproxy.io/allowed-proxies` does not list this LlmProxy.
+    SecretNotAllowed {
+        /// Secret name.
+        secret: String,
+        /// Why it is read.
+        use_: SecretUse,
+    },
+    /// The upstream key Secret exists but lacks the key.
     SecretKeyMissing {
         /// Secret name.
         secret: String,
         /// The missing key.
         key: String,
     },
+    /// The client keys Secret holds no keys, or keys the proxies would refuse.
+    ClientKeysInvalid {
+        /// Secret name.
+        secret: String,
+        /// What is wrong (names a client, never a key).
+        error: String,
+    },
+}
+
+/// Why a proxy reads a Secret; each use has its own opt-in label, so a Secret's owner agrees to
+/// exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretUse {
+    /// `spec.upstream.apiKeySecretRef`: the key sent upstream.
+    UpstreamKey,
+    /// `spec.clients.keysSecretRef`: the keys clients must present.
+    ClientKeys,
+}
+
+impl SecretUse {
+    /// The spec field that names the Secret.
+    pub fn field(self) -> &'static str {
+        match self {
+            SecretUse::UpstreamKey => "spec.upstream.apiKeySecretRef",
+            SecretUse::ClientKeys => "spec.clients.keysSecretRef",
+        }
+    }
+
+    /// The label (value `"true"`) with which the Secret's owner lets proxies read it.
+    pub fn label(self) -> &'static str {
+        match self {
+            SecretUse::UpstreamKey => llmproxy_api::SECRET_OPT_IN_LABEL,
+            SecretUse::ClientKeys => llmproxy_api::CLIENT_KEYS_LABEL,
+        }
+    }
+
+    fn example(self, secret: &str) -> String {
+        match self {
+            SecretUse::UpstreamKey => {
+                format!("kubectl create secret generic {secret} --from-literal=api-key=...")
+            }
+            SecretUse::ClientKeys => {
+                format!(
+                    "kubectl create secret generic {secret} --from-literal=TEAM=KEY (one entry per client)"
+                )
+            }
+        }
+    }
 }
 
 impl Problem {
@@ -31,10 +88,11 @@ impl Problem {
     pub fn reason(&self) -> &'static str {
         match self {
             Problem::InvalidPolicy(_) => "InvalidPolicy",
-            Problem::SecretNotFound(_) => "SecretNotFound",
+            Problem::SecretNotFound { .. } => "SecretNotFound",
             Problem::ChildRejected(_) => "ChildRejected",
-            Problem::SecretNotAllowed(_) => "SecretNotAllowed",
+            Problem::SecretNotAllowed { .. } => "SecretNotAllowed",
             Problem::SecretKeyMissing { .. } => "SecretKeyMissing",
+            Problem::ClientKeysInvalid { .. } => "ClientKeysInvalid",
         }
     }
 
@@ -42,16 +100,21 @@ impl Problem {
     pub fn message(&self) -> String {
         match self {
             Problem::InvalidPolicy(e) => format!("the spec cannot run: {e}; fix it and re-apply"),
-            Problem::SecretNotFound(s) => format!(
-                "Secret {s} (spec.upstream.apiKeySecretRef) not found; create it, e.g. \
-                 kubectl create secret generic {s} --from-literal=api-key=..."
+            Problem::SecretNotFound { secret, use_ } => format!(
+                "Secret {secret} ({}) not found; create it, e.g. {}",
+                use_.field(),
+                use_.example(secret)
             ),
-            Problem::SecretNotAllowed(s) => format!(
-                "Secret {s} has not opted in to being read by llmproxy: whoever owns it runs \
-                 kubectl label secret {s} {}=true (and may narrow it with the annotation {}=NAME,...)",
-                llmproxy_api::SECRET_OPT_IN_LABEL,
+            Problem::SecretNotAllowed { secret, use_ } => format!(
+                "Secret {secret} ({}) has not opted in to being read by llmproxy: whoever owns it runs \
+                 kubectl label secret {secret} {}=true (and may narrow it with the annotation {}=NAME,...)",
+                use_.field(),
+                use_.label(),
                 llmproxy_api::SECRET_ALLOWED_PROXIES
             ),
+            Problem::ClientKeysInvalid { secret, error } => {
+                format!("Secret {secret} (spec.clients.keysSecretRef) cannot be used: {error}")
+            }
             Problem::ChildRejected(e) => {
                 format!("the API server refused a proxy object built from the spec: {e}; fix the LlmProxy")
             }
@@ -156,6 +219,41 @@ pub fn compute(
     }
 }
 
+/// Add the `ClientAuth` condition: whether clients must present a key, said plainly when they
+/// need not (anything that can reach the Service then spends the upstream key).
+pub fn add_client_auth(
+    status: &mut LlmProxyStatus,
+    required: bool,
+    previous: Option<&LlmProxyStatus>,
+    now: &Time,
+) {
+    let mut c = if required {
+        condition(
+            "ClientAuth",
+            true,
+            "ClientKeysRequired",
+            "every request must carry a client key from spec.clients.keysSecretRef".into(),
+            status.observed_generation,
+            now,
+        )
+    } else {
+        condition(
+            "ClientAuth",
+            false,
+            "ClientAuthDisabled",
+            "no spec.clients.keysSecretRef: anything that can reach the Service spends the upstream key"
+                .into(),
+            status.observed_generation,
+            now,
+        )
+    };
+    if let Some(old) = condition_status(previous, "ClientAuth").filter(|o| o.status == c.status) {
+        c.last_transition_time = old.last_transition_time.clone();
+    }
+    status.conditions.retain(|x| x.type_ != "ClientAuth");
+    status.conditions.push(c);
+}
+
 /// The status of the condition `type_`, if set.
 pub fn condition_status<'a>(status: Option<&'a LlmProxyStatus>, type_: &str) -> Option<&'a Condition> {
     status?.conditions.iter().find(|c| c.type_ == type_)
@@ -199,12 +297,29 @@ mod tests {
 
     #[test]
     fn problems_degrade_with_an_actionable_message() {
-        let p = Problem::SecretNotFound("openai-key".into());
+        let p = Problem::SecretNotFound { secret: "openai-key".into(), use_: SecretUse::UpstreamKey };
         let s = compute(Some(1), Some(&p), Rollout::default(), "http://x".into(), None, &at(10));
         let d = get(&s, "Degraded");
         assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "SecretNotFound"));
         assert!(d.message.contains("kubectl create secret generic openai-key"), "{}", d.message);
         assert_eq!(get(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn client_auth_says_plainly_when_anyone_may_use_the_proxy() {
+        let rollout = Rollout { desired: 1, replicas: 1, ready: 1, updated: 1 };
+        let mut open = compute(Some(1), None, rollout, "e".into(), None, &at(10));
+        add_client_auth(&mut open, false, None, &at(10));
+        let c = get(&open, "ClientAuth");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "ClientAuthDisabled"));
+        let mut again = compute(Some(2), None, rollout, "e".into(), Some(&open), &at(20));
+        add_client_auth(&mut again, false, Some(&open), &at(20));
+        assert_eq!(get(&again, "ClientAuth").last_transition_time, at(10));
+        let mut closed = again.clone();
+        add_client_auth(&mut closed, true, Some(&again), &at(30));
+        assert_eq!(get(&closed, "ClientAuth").reason, "ClientKeysRequired");
+        assert_eq!(get(&closed, "ClientAuth").last_transition_time, at(30));
+        assert_eq!(closed.conditions.iter().filter(|c| c.type_ == "ClientAuth").count(), 1);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, Policy, SecretKeyRef};
 
+use crate::clients::ClientKeys;
 use crate::labels::Reload;
 use crate::state::Proxy;
 use crate::supervise::AbortOnDrop;
@@ -82,6 +83,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
     let api: Api<DeserializeGuard<LlmProxy>> = Api::namespaced(client.clone(), &r.namespace);
     let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
     let mut secret: Option<(SecretKeyRef, AbortOnDrop)> = None;
+    let mut client_keys: Option<(String, AbortOnDrop)> = None;
     while let Some(event) = updates.next().await {
         let p = match event {
             Ok(DeserializeGuard(Ok(p))) => p,
@@ -123,6 +125,51 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 )));
                 (w, task)
             });
+        }
+        let wanted_keys =
+            p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()).map(|r| r.name.clone());
+        proxy.require_client_keys(wanted_keys.is_some());
+        if wanted_keys.as_ref() != client_keys.as_ref().map(|(name, _)| name) {
+            drop(client_keys.take());
+            proxy.set_client_keys(None);
+            client_keys = wanted_keys.map(|name| {
+                let namespace = p.namespace().unwrap_or_default();
+                let task = AbortOnDrop(tokio::spawn(watch_client_keys(
+                    Arc::clone(&proxy),
+                    client.clone(),
+                    namespace,
+                    name.clone(),
+                )));
+                (name, task)
+            });
+        }
+    }
+}
+
+/// Follow the client keys Secret: every change reaches the next request; a Secret that does not
+/// parse leaves the previous keys in force.
+async fn watch_client_keys(proxy: Arc<Proxy>, client: Client, namespace: String, name: String) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let mut updates = watcher(api, by_name(&name)).default_backoff().applied_objects().boxed();
+    while let Some(event) = updates.next().await {
+        match event {
+            Ok(s) => {
+                let data = s.data.unwrap_or_default();
+                let pairs: Vec<(&str, &str)> = data
+                    .iter()
+                    .filter_map(|(client, key)| Some((client.as_str(), std::str::from_utf8(&key.0).ok()?)))
+                    .collect();
+                match ClientKeys::from_pairs(pairs) {
+                    Ok(keys) => {
+                        tracing::info!(secret = %name, clients = keys.names().count(), "client keys loaded");
+                        proxy.set_client_keys(Some(keys));
+                    }
+                    Err(e) => {
+                        tracing::error!(secret = %name, error = %e, "client keys refused; keeping the previous keys")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "watching the client keys Secret failed; retrying"),
         }
     }
 }

@@ -23,11 +23,13 @@ pub enum Outcome {
     CacheHit,
     /// Answered with the response of an identical request that was in flight.
     Coalesced,
+    /// No client key, or an unknown one.
+    Unauthorized,
 }
 
 impl Outcome {
     /// Every outcome, for initialising metric series.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -37,6 +39,7 @@ impl Outcome {
         Outcome::ClientClosed,
         Outcome::CacheHit,
         Outcome::Coalesced,
+        Outcome::Unauthorized,
     ];
 
     /// The metric label.
@@ -51,6 +54,7 @@ impl Outcome {
             Outcome::ClientClosed => "client_closed",
             Outcome::CacheHit => "cache_hit",
             Outcome::Coalesced => "coalesced",
+            Outcome::Unauthorized => "unauthorized",
         }
     }
 

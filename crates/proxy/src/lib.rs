@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod cache;
+pub mod clients;
 pub mod cluster;
 pub mod error;
 pub mod flight;

@@ -33,17 +33,23 @@ pub enum Limit {
     QueueSize,
     /// `queue.maxBytes`.
     QueueBytes,
+    /// The client's own `requestsPerMinute`.
+    ClientRequests,
+    /// The client's own `tokensPerMinute`.
+    ClientTokens,
 }
 
 impl Limit {
     /// Every limit, for initialising metric series.
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 8] = [
         Limit::Requests,
         Limit::Tokens,
         Limit::Concurrency,
         Limit::UpstreamPause,
         Limit::QueueSize,
         Limit::QueueBytes,
+        Limit::ClientRequests,
+        Limit::ClientTokens,
     ];
 
     /// A low-cardinality label for metrics.
@@ -55,6 +61,8 @@ impl Limit {
             Limit::UpstreamPause => "upstream_retry_after",
             Limit::QueueSize => "queue_size",
             Limit::QueueBytes => "queue_bytes",
+            Limit::ClientRequests => "client_requests_per_minute",
+            Limit::ClientTokens => "client_tokens_per_minute",
         }
     }
 }
@@ -68,6 +76,8 @@ impl fmt::Display for Limit {
             Limit::UpstreamPause => "the upstream's Retry-After",
             Limit::QueueSize => "the queue size limit",
             Limit::QueueBytes => "the queue's memory budget (queue.maxBytes)",
+            Limit::ClientRequests => "this client's requests-per-minute cap",
+            Limit::ClientTokens => "this client's tokens-per-minute cap",
         })
     }
 }
@@ -77,16 +87,47 @@ impl fmt::Display for Limit {
 pub struct Ask {
     /// Tokens charged at admission.
     pub tokens: u64,
-    /// The model it is for; pauses and (later) model limits apply per model.
+    /// The model it is for; pauses (and model limits) apply per model.
     pub model: Option<Arc<str>>,
+    /// The client it is from (`None`: no client identified); client caps apply per client.
+    pub client: Option<Arc<str>>,
 }
 
 impl Ask {
-    /// An ask for `tokens` with no model.
+    /// An ask for `tokens` with no model and no client.
     pub fn tokens(tokens: u64) -> Self {
-        Self { tokens, model: None }
+        Self { tokens, model: None, client: None }
     }
 }
+
+/// What a hold applies to, when it does not apply to everyone.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Scope {
+    /// One model (an upstream pause).
+    Model(Arc<str>),
+    /// One client (its own cap).
+    Client(Option<Arc<str>>),
+}
+
+/// A client's own caps.
+#[derive(Debug)]
+struct Caps {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    /// The caps they were built for, to tell a reload that changes them.
+    per_minute: (Option<u64>, Option<u64>),
+}
+
+impl Caps {
+    fn new(per_minute: (Option<u64>, Option<u64>), now: Instant) -> Self {
+        let bucket =
+            |pm: Option<u64>| pm.map(|pm| Bucket::full(pm, llmproxy_api::policy::per_second(pm), now));
+        Self { requests: bucket(per_minute.0), tokens: bucket(per_minute.1), per_minute }
+    }
+}
+
+/// The most clients with caps tracked at once; idle ones beyond it are forgotten.
+const MAX_CLIENT_CAPS: usize = 10_000;
 
 /// A token bucket: `cap` units, refilled at `per_sec`, allowed to go negative so that a cost
 /// larger than the bucket is admitted once the bucket is full and then paid off over time.
@@ -163,9 +204,10 @@ impl Bucket {
     /// as a range. The upstream measured them after the request was charged here (`since`
     /// ago) and before it answered; of what was charged here since (`charged_after`), it may
     /// have seen any part (requests overtake each other on the way), and of the earlier charges
-    /// still unanswered when this one was charged (`unseen_before`), maybe none. The low end assumes
-    /// it saw none of those and has refilled nothing since; the high end that it saw
-    /// everything charged before, and refilled all along.
+    /// still unanswered when this one was charged (`unseen_before`), maybe none. The low end
+    /// assumes it saw none of those and has refilled nothing since; the high end that it saw
+    /// everything and refilled all along, so lowering to it never takes more than the
+    /// upstream itself would.
     fn upstream_level(
         &self,
         q: (Option<u64>, Option<Duration>),
@@ -180,7 +222,7 @@ impl Bucket {
             (a, b) => a.or(b)?,
         };
         let low = then.min(self.cap) - charged_after - unseen_before;
-        let high = (then + since.as_secs_f64() * self.per_sec).min(self.cap) - charged_after;
+        let high = (then + since.as_secs_f64() * self.per_sec).min(self.cap);
         Some((low, high))
     }
 
@@ -199,13 +241,13 @@ impl Bucket {
 }
 
 /// What the head of the queue should do next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Decision {
     /// Admit now.
     Go,
-    /// Nothing can change before `at` unless the limits are reloaded or corrected. `scoped`:
-    /// only requests for the same scope (model) are held; others may go ahead.
-    Wait { at: Instant, limit: Limit, scoped: bool },
+    /// Nothing can change before `at` unless the limits are reloaded or corrected. With a
+    /// `scope`, only requests of that scope (a model, a client) are held; others may go ahead.
+    Wait { at: Instant, limit: Limit, scope: Option<Scope> },
     /// All concurrency slots are taken; wait for one to be released.
     WaitForSlot,
 }
@@ -218,7 +260,7 @@ pub(crate) struct Mark {
     requests: f64,
     tokens: f64,
     /// Admission order, for telling which charges came before this one.
-    order: u64,
+    pub(crate) order: u64,
     /// Token charges of earlier requests still unanswered when this one was charged: any of
     /// them may reach the upstream after this one.
     unseen_before: u64,
@@ -261,6 +303,9 @@ pub(crate) struct Limiter {
     /// Token charges of admitted requests whose answer has not come yet, by admission order.
     unanswered: BTreeMap<u64, u64>,
     next_order: u64,
+    /// Client caps, by the client's settings in force.
+    clients: Option<llmproxy_api::policy::ClientsPolicy>,
+    caps: HashMap<Option<Arc<str>>, Caps>,
 }
 
 impl Limiter {
@@ -276,6 +321,39 @@ impl Limiter {
             withheld: 0.0,
             unanswered: BTreeMap::new(),
             next_order: 0,
+            clients: None,
+            caps: HashMap::new(),
+        }
+    }
+
+    /// The caps of a client under the settings in force (`None` when it has none).
+    fn caps(&mut self, client: &Option<Arc<str>>, now: Instant) -> Option<&mut Caps> {
+        let per_minute = {
+            let clients = self.clients.as_ref()?;
+            let p = client.as_deref().map_or(&clients.default, |name| clients.client(name));
+            (p.requests_per_minute, p.tokens_per_minute)
+        };
+        if per_minute == (None, None) {
+            return None;
+        }
+        if self.caps.len() >= MAX_CLIENT_CAPS && !self.caps.contains_key(client) {
+            // Forget caps that have fully refilled (nothing to remember about them).
+            self.caps.retain(|_, c| {
+                c.requests.as_mut().is_some_and(|b| b.level(now) < b.cap)
+                    || c.tokens.as_mut().is_some_and(|b| b.level(now) < b.cap)
+            });
+        }
+        let caps = self.caps.entry(client.clone()).or_insert_with(|| Caps::new(per_minute, now));
+        if caps.per_minute != per_minute {
+            *caps = Caps::new(per_minute, now);
+        }
+        Some(caps)
+    }
+
+    /// Put the client settings in force (their caps follow at each client's next request).
+    pub(crate) fn set_clients(&mut self, clients: Option<llmproxy_api::policy::ClientsPolicy>) {
+        if self.clients != clients {
+            self.clients = clients;
         }
     }
 
@@ -299,12 +377,24 @@ impl Limiter {
             }
         }
         if at > now {
-            return Decision::Wait { at, limit: why, scoped: false };
+            return Decision::Wait { at, limit: why, scope: None };
+        }
+        if let Some(caps) = self.caps(&ask.client, now) {
+            let r = caps.requests.as_mut().map_or(now, |b| b.ready_at(now, 1));
+            let t = caps.tokens.as_mut().map_or(now, |b| b.ready_at(now, ask.tokens));
+            let (at, limit) = if t > r { (t, Limit::ClientTokens) } else { (r, Limit::ClientRequests) };
+            if at > now {
+                return Decision::Wait { at, limit, scope: Some(Scope::Client(ask.client.clone())) };
+            }
         }
         let paused = ask.model.as_ref().and_then(|m| self.model_paused_until.get(m)).filter(|u| **u > now);
-        match paused {
-            Some(until) => Decision::Wait { at: *until, limit: Limit::UpstreamPause, scoped: true },
-            None => Decision::Go,
+        match (paused, &ask.model) {
+            (Some(until), Some(model)) => Decision::Wait {
+                at: *until,
+                limit: Limit::UpstreamPause,
+                scope: Some(Scope::Model(Arc::clone(model))),
+            },
+            _ => Decision::Go,
         }
     }
 
@@ -313,6 +403,14 @@ impl Limiter {
         self.requests.take(now, 1);
         if let Some(bucket) = &mut self.tokens {
             bucket.take(now, ask.tokens);
+        }
+        if let Some(caps) = self.caps(&ask.client, now) {
+            if let Some(b) = &mut caps.requests {
+                b.take(now, 1);
+            }
+            if let Some(b) = &mut caps.tokens {
+                b.take(now, ask.tokens);
+            }
         }
         self.inflight += 1;
         let order = self.next_order;
@@ -342,9 +440,12 @@ impl Limiter {
 
     /// The upstream charged nothing for an attempt (it refused it, or never saw it): its
     /// tokens go back. The request itself stays counted.
-    pub(crate) fn refund(&mut self, now: Instant, tokens: u64) {
+    pub(crate) fn refund(&mut self, now: Instant, client: &Option<Arc<str>>, tokens: u64) {
         if let Some(bucket) = &mut self.tokens {
             bucket.give(now, tokens);
+        }
+        if let Some(b) = self.caps(client, now).and_then(|c| c.tokens.as_mut()) {
+            b.give(now, tokens);
         }
     }
 
@@ -352,10 +453,24 @@ impl Limiter {
     /// Returns the charge that stands. Where the upstream reports its own count, unused tokens
     /// are withheld until its headers show them back (a provider that does not refund, though
     /// configured as one that does, then never lets the proxy run ahead of it).
-    pub(crate) fn settle(&mut self, now: Instant, reserved: u64, used: Option<u64>) -> u64 {
+    pub(crate) fn settle(
+        &mut self,
+        now: Instant,
+        client: &Option<Arc<str>>,
+        reserved: u64,
+        used: Option<u64>,
+    ) -> u64 {
         let (TokenAccounting::Used, Some(used)) = (self.limits.token_accounting, used) else {
             return reserved;
         };
+        // A client's own cap is the proxy's alone: it follows the real usage at once.
+        if let Some(b) = self.caps(client, now).and_then(|c| c.tokens.as_mut()) {
+            if used < reserved {
+                b.give(now, reserved - used);
+            } else {
+                b.take(now, used - reserved);
+            }
+        }
         if let Some(bucket) = &mut self.tokens {
             if used < reserved {
                 if self.upstream_reports_tokens {
@@ -406,22 +521,22 @@ impl Limiter {
         #[allow(clippy::cast_precision_loss)]
         let unseen_before = c.mark.unseen_before as f64;
         self.unanswered.remove(&c.mark.order);
-        #[allow(clippy::cast_precision_loss)]
-        let in_flight = self.unanswered.values().sum::<u64>() as f64;
-        let slack = |requests_in_flight: f64| if c.refused { 0.0 } else { requests_in_flight };
+        // A refusal is decisive: what was charged here since it was measured comes on top of
+        // what the upstream said was left. A success only caps the level at the upstream's
+        // most favourable reading, since later requests may have overtaken it.
+        let ceiling = |high: f64, charged_after: f64| if c.refused { high - charged_after } else { high };
 
-        let charged_after = self.requests.spent - c.mark.requests;
-        let requests_in_flight = f64::from(self.inflight.saturating_sub(1));
         let q_requests = (q.remaining_requests, cap(q.reset_requests));
+        let charged_after = self.requests.spent - c.mark.requests;
         if let Some((_, high)) = self.requests.upstream_level(q_requests, since, charged_after, 0.0) {
-            self.requests.lower_to(now, high + slack(requests_in_flight));
+            self.requests.lower_to(now, ceiling(high, charged_after));
         }
         if let Some(bucket) = &mut self.tokens {
             #[allow(clippy::cast_precision_loss)]
             let charged_after = bucket.spent - c.mark.tokens + c.refunded as f64;
             let q_tokens = (q.remaining_tokens, cap(q.reset_tokens));
             if let Some((low, high)) = bucket.upstream_level(q_tokens, since, charged_after, unseen_before) {
-                bucket.lower_to(now, high + slack(in_flight));
+                bucket.lower_to(now, ceiling(high, charged_after));
                 if self.limits.token_accounting == TokenAccounting::Used && self.upstream_reports_tokens {
                     self.withheld -= bucket.raise_to(now, low, self.withheld);
                 }
@@ -483,7 +598,7 @@ mod tests {
     }
 
     fn wait(at: Instant, limit: Limit) -> Decision {
-        Decision::Wait { at, limit, scoped: false }
+        Decision::Wait { at, limit, scope: None }
     }
 
     #[test]
@@ -523,19 +638,19 @@ mod tests {
         let mut l = Limiter::new(&limits(6000, 100, Some(6000), 100, 100), t0);
         l.admit(t0, &Ask::tokens(80));
         assert_eq!(l.decide(t0, &Ask::tokens(80)), wait(t0 + ms(600), Limit::Tokens));
-        assert_eq!(l.settle(t0, 80, Some(20)), 80, "requested: the charge stands");
+        assert_eq!(l.settle(t0, &None, 80, Some(20)), 80, "requested: the charge stands");
         assert_eq!(l.tokens_available(t0).map(f64::round), Some(20.0));
 
         let mut used = limits(6000, 100, Some(6000), 100, 100);
         used.token_accounting = TokenAccounting::Used;
         let mut l = Limiter::new(&used, t0);
         l.admit(t0, &Ask::tokens(80));
-        assert_eq!(l.settle(t0, 80, Some(20)), 20);
+        assert_eq!(l.settle(t0, &None, 80, Some(20)), 20);
         assert_eq!(l.decide(t0, &Ask::tokens(80)), Decision::Go, "the unused 60 came back");
         l.admit(t0, &Ask::tokens(80));
-        assert_eq!(l.settle(t0, 80, Some(100)), 100, "using more than charged costs more");
+        assert_eq!(l.settle(t0, &None, 80, Some(100)), 100, "using more than charged costs more");
         assert_eq!(l.tokens_available(t0).map(f64::round), Some(-20.0));
-        assert_eq!(l.settle(t0, 80, None), 80, "no usage: the charge stands, never more");
+        assert_eq!(l.settle(t0, &None, 80, None), 80, "no usage: the charge stands, never more");
     }
 
     #[test]
@@ -565,17 +680,42 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Limiter::new(&limits(6000, 100, None, 0, 10), t0);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        let ask = |m: &Arc<str>| Ask { tokens: 0, model: Some(Arc::clone(m)) };
+        let ask = |m: &Arc<str>| Ask { tokens: 0, model: Some(Arc::clone(m)), client: None };
         l.pause(t0, Some(&a), t0 + Duration::from_secs(2));
         l.pause(t0, Some(&a), t0 + Duration::from_secs(1));
-        let held =
-            Decision::Wait { at: t0 + Duration::from_secs(2), limit: Limit::UpstreamPause, scoped: true };
+        let held = Decision::Wait {
+            at: t0 + Duration::from_secs(2),
+            limit: Limit::UpstreamPause,
+            scope: Some(Scope::Model(Arc::clone(&a))),
+        };
         assert_eq!(l.decide(t0, &ask(&a)), held);
         assert_eq!(l.decide(t0, &ask(&b)), Decision::Go);
         assert_eq!(l.decide(t0 + Duration::from_secs(2), &ask(&a)), Decision::Go);
         // Without a model the whole key is paused: everyone waits.
         l.pause(t0, None, t0 + Duration::from_secs(3));
         assert_eq!(l.decide(t0, &ask(&b)), wait(t0 + Duration::from_secs(3), Limit::UpstreamPause));
+    }
+
+    #[test]
+    fn a_client_at_its_cap_waits_alone() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(&limits(6000, 100, Some(600_000), 10_000, 100), t0);
+        let yaml = "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 6000}\nclients:\n  overrides: [{name: capped, requestsPerMinute: 60}]\n";
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        l.set_clients(llmproxy_api::Policy::from_spec(&spec).ok().and_then(|p| p.clients));
+        let of = |c: &str| Ask { tokens: 1, model: None, client: Some(Arc::from(c)) };
+        assert_eq!(l.decide(t0, &of("capped")), Decision::Go);
+        l.admit(t0, &of("capped"));
+        let held = l.decide(t0, &of("capped"));
+        assert_eq!(
+            held,
+            Decision::Wait {
+                at: t0 + Duration::from_secs(1),
+                limit: Limit::ClientRequests,
+                scope: Some(Scope::Client(Some(Arc::from("capped")))),
+            }
+        );
+        assert_eq!(l.decide(t0, &of("free")), Decision::Go, "other clients are not held");
     }
 
     #[test]
@@ -623,15 +763,20 @@ mod tests {
         let said = QuotaHeaders { remaining_tokens: Some(500), ..QuotaHeaders::default() };
         l.calibrate(t0, &said, calibration(mine, false));
         assert_eq!(l.tokens_available(t0).map(f64::round), Some(500.0));
-        // 100 remained: far below, beyond what is in flight.
+        // 100 remained, and 200 were charged here after that answer was measured. The
+        // upstream may already have counted them (they overtake each other), so a success
+        // caps the level at 100, no lower.
         let mark = l.admit(t0, &Ask::tokens(0));
+        let _later = l.admit(t0, &Ask::tokens(200));
         let said = QuotaHeaders { remaining_tokens: Some(100), ..QuotaHeaders::default() };
         l.calibrate(t0, &said, calibration(mark, false));
-        assert_eq!(l.tokens_available(t0).map(f64::round), Some(400.0), "100 + the 300 in flight");
-        // A 429 says it without slack: the upstream refused for lack of quota.
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(100.0), "capped at what the upstream said");
+        // A 429 is decisive: the upstream refused for lack of quota, and what was charged
+        // here after it measured comes on top.
         let mark = l.admit(t0, &Ask::tokens(0));
+        let _later = l.admit(t0, &Ask::tokens(50));
         l.calibrate(t0, &said, calibration(mark, true));
-        assert_eq!(l.tokens_available(t0).map(f64::round), Some(100.0));
+        assert_eq!(l.tokens_available(t0).map(f64::round), Some(50.0));
     }
 
     #[test]
@@ -644,7 +789,7 @@ mod tests {
         let seen = QuotaHeaders { remaining_tokens: Some(600), ..QuotaHeaders::default() };
         l.calibrate(t0, &seen, calibration(first, false));
         // It used 100 of its 400: the 300 wait for the upstream's word.
-        l.settle(t0, 400, Some(100));
+        l.settle(t0, &None, 400, Some(100));
         assert_eq!(l.tokens_available(t0).map(f64::round), Some(600.0));
         let next = l.admit(t0, &Ask::tokens(0));
         let refunded = QuotaHeaders { remaining_tokens: Some(900), ..QuotaHeaders::default() };
@@ -652,7 +797,7 @@ mod tests {
         assert_eq!(l.tokens_available(t0).map(f64::round), Some(900.0), "the upstream refunded them");
         // An upstream that keeps what it charged never says so: nothing more comes back.
         let third = l.admit(t0, &Ask::tokens(400));
-        l.settle(t0, 400, Some(100));
+        l.settle(t0, &None, 400, Some(100));
         let kept = QuotaHeaders { remaining_tokens: Some(500), ..QuotaHeaders::default() };
         let after = l.admit(t0, &Ask::tokens(0));
         l.calibrate(t0, &kept, calibration(after, false));

@@ -22,22 +22,61 @@ const KNOWN_STATUSES: &[&str] = &[
     "504",
 ];
 
+/// The most distinct `client` label values; clients beyond them are counted as `other`.
+pub const MAX_CLIENT_LABELS: usize = 100;
+
+/// The `client` label of requests from no identified client (no client keys configured).
+pub const ANONYMOUS: &str = "anonymous";
+
+/// One client's series, resolved once and shared by all its requests.
+pub struct ClientMetrics {
+    by_outcome: Vec<(IntCounter, Histogram)>,
+    queue_wait: Histogram,
+    throttled: Vec<IntCounter>,
+    tokens: Vec<IntCounter>,
+}
+
+impl ClientMetrics {
+    /// Count a finished client request and its duration.
+    pub fn request_done(&self, outcome: Outcome, seconds: f64) {
+        let (count, duration) = &self.by_outcome[outcome as usize];
+        count.inc();
+        duration.observe(seconds);
+    }
+
+    /// Count tokens of one kind.
+    pub fn tokens(&self, kind: TokenKind, n: u64) {
+        self.tokens[kind as usize].inc_by(n);
+    }
+
+    /// Count a request the proxy refused with 429 itself.
+    pub fn throttled(&self, limit: Limit) {
+        self.throttled[limit as usize].inc();
+    }
+
+    /// Record a request's wait from arrival to admission.
+    pub fn queue_wait(&self, seconds: f64) {
+        self.queue_wait.observe(seconds);
+    }
+}
+
 /// Every metric the proxy exports; names start with `llmproxy_` and carry their unit.
 pub struct Metrics {
     registry: Registry,
-    by_outcome: Vec<(IntCounter, Histogram)>,
+    requests: IntCounterVec,
+    durations: HistogramVec,
+    queue_waits: HistogramVec,
+    throttled_vec: IntCounterVec,
+    tokens_vec: IntCounterVec,
+    clients: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ClientMetrics>>>,
     upstream_responses: IntCounterVec,
     /// Upstream time to response headers.
     pub upstream_latency: Histogram,
     retries: Vec<IntCounter>,
     /// Requests waiting for admission now.
     pub queue_depth: IntGauge,
-    /// Time from arrival to admission, of admitted requests.
-    pub queue_wait: Histogram,
-    throttled: Vec<IntCounter>,
     /// Upstream requests in flight.
     pub inflight: IntGauge,
-    tokens: Vec<IntCounter>,
     /// Times an upstream 429 paused admission for what it named.
     pub upstream_pauses: IntCounter,
     /// The requests-per-minute limit this replica enforces.
@@ -93,33 +132,33 @@ impl Metrics {
     /// Register every metric in `registry`.
     pub fn new(registry: Registry) -> anyhow::Result<Self> {
         let r = &registry;
-        let requests = counter_vec(r, "llmproxy_requests_total", "Client requests by outcome.", "outcome")?;
-        let durations = register(
-            r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "llmproxy_request_duration_seconds",
-                    "Client request duration by outcome.",
-                )
-                .buckets(SECONDS.to_vec()),
-                &["outcome"],
-            )?,
+        let by_client = |name: &str, help: &str, label: &str| -> anyhow::Result<IntCounterVec> {
+            register(r, IntCounterVec::new(Opts::new(name, help), &[label, "client"])?)
+        };
+        let histograms = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<HistogramVec> {
+            register(r, HistogramVec::new(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()), labels)?)
+        };
+        let requests =
+            by_client("llmproxy_requests_total", "Client requests by outcome and client.", "outcome")?;
+        let durations = histograms(
+            "llmproxy_request_duration_seconds",
+            "Client request duration by outcome and client.",
+            &["outcome", "client"],
         )?;
-        let by_outcome = Outcome::ALL
-            .iter()
-            .map(|o| (requests.with_label_values(&[o.label()]), durations.with_label_values(&[o.label()])))
-            .collect();
+        let queue_waits = histograms(
+            "llmproxy_queue_wait_seconds",
+            "Wait from arrival to admission, by client.",
+            &["client"],
+        )?;
         let retries = counter_vec(r, "llmproxy_retries_total", "Upstream retries by reason.", "reason")?;
-        let throttled = counter_vec(
-            r,
+        let throttled_vec = by_client(
             "llmproxy_throttled_total",
-            "Requests the proxy answered with 429 itself, by the limit that held them.",
+            "Requests the proxy answered with 429 itself, by the limit that held them and client.",
             "limit",
         )?;
-        let tokens = counter_vec(
-            r,
+        let tokens_vec = by_client(
             "llmproxy_tokens_total",
-            "Tokens by kind (prompt, completion, reserved).",
+            "Tokens by kind (prompt, completion, reserved) and client.",
             "kind",
         )?;
         let reloads = counter_vec(
@@ -134,8 +173,13 @@ impl Metrics {
             "Cacheable requests by cache result (hit, miss, bypass).",
             "result",
         )?;
-        Ok(Self {
-            by_outcome,
+        let metrics = Self {
+            requests,
+            durations,
+            queue_waits,
+            throttled_vec,
+            tokens_vec,
+            clients: std::sync::Mutex::default(),
             upstream_responses: counter_vec(
                 r,
                 "llmproxy_upstream_responses_total",
@@ -149,10 +193,7 @@ impl Metrics {
             )?,
             retries: series(&retries, RetryReason::ALL.map(RetryReason::label)),
             queue_depth: gauge(r, "llmproxy_queue_depth", "Requests waiting for admission.")?,
-            queue_wait: histogram(r, "llmproxy_queue_wait_seconds", "Wait from arrival to admission.")?,
-            throttled: series(&throttled, Limit::ALL.map(Limit::label)),
             inflight: gauge(r, "llmproxy_inflight_requests", "Upstream requests in flight.")?,
-            tokens: series(&tokens, TokenKind::ALL.map(TokenKind::label)),
             upstream_pauses: counter(
                 r,
                 "llmproxy_upstream_pauses_total",
@@ -198,29 +239,48 @@ impl Metrics {
                 "Tokens that cache hits and coalesced answers did not spend upstream.",
             )?,
             registry,
-        })
+        };
+        // The anonymous client's series exist from the start, for dashboards and alerts.
+        metrics.client(None);
+        Ok(metrics)
     }
 
-    /// Count a finished client request and its duration.
-    pub fn request_done(&self, outcome: Outcome, seconds: f64) {
-        let (count, duration) = &self.by_outcome[outcome as usize];
-        count.inc();
-        duration.observe(seconds);
-    }
-
-    /// Count tokens of one kind.
-    pub fn tokens(&self, kind: TokenKind, n: u64) {
-        self.tokens[kind as usize].inc_by(n);
+    /// The series of a client (`None`: no client identified). The label takes at most
+    /// `MAX_CLIENT_LABELS` distinct names; later ones are counted as `other`.
+    pub fn client(&self, name: Option<&str>) -> std::sync::Arc<ClientMetrics> {
+        let name = name.unwrap_or(ANONYMOUS);
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = clients.get(name) {
+            return std::sync::Arc::clone(m);
+        }
+        let label = if clients.len() >= MAX_CLIENT_LABELS { "other" } else { name };
+        if let Some(m) = clients.get(label) {
+            return std::sync::Arc::clone(m);
+        }
+        let with = |vec: &IntCounterVec, labels: &[&'static str]| -> Vec<IntCounter> {
+            labels.iter().map(|l| vec.with_label_values(&[l, label])).collect()
+        };
+        let m = std::sync::Arc::new(ClientMetrics {
+            by_outcome: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        self.requests.with_label_values(&[o.label(), label]),
+                        self.durations.with_label_values(&[o.label(), label]),
+                    )
+                })
+                .collect(),
+            queue_wait: self.queue_waits.with_label_values(&[label]),
+            throttled: with(&self.throttled_vec, &Limit::ALL.map(Limit::label)),
+            tokens: with(&self.tokens_vec, &TokenKind::ALL.map(TokenKind::label)),
+        });
+        clients.insert(label.to_owned(), std::sync::Arc::clone(&m));
+        m
     }
 
     /// Count a retry.
     pub fn retry(&self, reason: RetryReason) {
         self.retries[reason as usize].inc();
-    }
-
-    /// Count a request the proxy refused with 429 itself.
-    pub fn throttled(&self, limit: Limit) {
-        self.throttled[limit as usize].inc();
     }
 
     /// Count a policy reload.
@@ -274,25 +334,40 @@ mod tests {
         let m = Metrics::new(Registry::new()).unwrap_or_else(|e| panic!("{e}"));
         let text = m.render();
         for o in Outcome::ALL {
-            assert!(
-                text.contains(&format!("llmproxy_requests_total{{outcome=\"{}\"}} 0", o.label())),
-                "{o:?}"
-            );
+            let series =
+                format!("llmproxy_requests_total{{client=\"anonymous\",outcome=\"{}\"}} 0", o.label());
+            assert!(text.contains(&series), "{o:?}");
         }
         for l in Limit::ALL {
-            assert!(
-                text.contains(&format!("llmproxy_throttled_total{{limit=\"{}\"}} 0", l.label())),
-                "{l:?}"
-            );
+            let series =
+                format!("llmproxy_throttled_total{{client=\"anonymous\",limit=\"{}\"}} 0", l.label());
+            assert!(text.contains(&series), "{l:?}");
         }
-        m.request_done(Outcome::QueueFull, 0.5);
-        m.tokens(TokenKind::Completion, 7);
+        let team = m.client(Some("team-a"));
+        team.request_done(Outcome::QueueFull, 0.5);
+        team.tokens(TokenKind::Completion, 7);
         m.cache(CacheResult::Bypass);
         m.upstream_status(418);
         let text = m.render();
-        assert!(text.contains("llmproxy_requests_total{outcome=\"queue_full\"} 1"));
-        assert!(text.contains("llmproxy_tokens_total{kind=\"completion\"} 7"));
+        assert!(text.contains("llmproxy_requests_total{client=\"team-a\",outcome=\"queue_full\"} 1"));
+        assert!(text.contains("llmproxy_tokens_total{client=\"team-a\",kind=\"completion\"} 7"));
         assert!(text.contains("llmproxy_cache_requests_total{result=\"bypass\"} 1"));
         assert!(text.contains("llmproxy_upstream_responses_total{status=\"4xx\"} 1"));
+    }
+
+    #[test]
+    fn the_client_label_is_bounded() {
+        let m = Metrics::new(Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..(MAX_CLIENT_LABELS + 50) {
+            m.client(Some(&format!("c{i}"))).request_done(Outcome::Ok, 0.1);
+        }
+        let text = m.render();
+        let names: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("llmproxy_requests_total{"))
+            .filter_map(|l| l.split("client=\"").nth(1)?.split('"').next())
+            .collect();
+        assert!(names.len() <= MAX_CLIENT_LABELS + 1, "{} label values", names.len());
+        assert!(names.contains("other"));
     }
 }

@@ -1,26 +1,33 @@
 //! Admission: a bounded queue in front of the limiter. A request that can go at once (nobody
 //! waiting, the limits allow it) takes its permit inline; otherwise it waits in line and one
-//! dispatcher task hands out permits in order as the limits allow, rejecting requests whose
-//! deadline passes or can no longer be met. Waiting costs a channel, not a poll.
+//! dispatcher task hands out permits as the limits allow, rejecting requests whose deadline
+//! passes or can no longer be met. Waiting costs a channel, not a poll.
 //!
-//! A request keeps its place in line (`Place`) across attempts: one the upstream refused with
-//! 429 goes back in front of everyone who arrived after it. A request held by a pause of its
-//! own model never holds up requests for other models behind it.
+//! The line is fair between clients: start-time fair queueing, where each request's place is
+//! its client's virtual start time and each admission advances that client's clock by the
+//! request's cost (tokens charged, where tokens are limited) over the client's weight. So a
+//! flood from one client cannot starve another, weights share what is contended, and nothing
+//! is reserved for idle clients (work-conserving). Within a client, first come, first served.
+//! `interactive` requests go before `batch` ones, except that a batch request held back longer
+//! than `clients.batchMaxDelay` goes first, so batch work always progresses.
+//!
+//! A request keeps its place across attempts: one the upstream refused with 429 goes back to
+//! its old place. A request held by something of its own (its model's pause, its client's cap)
+//! never holds up the requests behind it.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use llmproxy_api::policy::LimitsPolicy;
+use llmproxy_api::policy::{ClientsPolicy, LimitsPolicy};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::labels::TokenKind;
-use crate::limiter::{Ask, Calibration, Decision, Limit, Limiter, Mark};
-use crate::metrics::Metrics;
+use crate::limiter::{Ask, Calibration, Decision, Limit, Limiter, Mark, Scope};
+use crate::metrics::{ClientMetrics, Metrics};
 use crate::quota::QuotaHeaders;
 
 /// Why a request was not admitted; becomes a 429 with `Retry-After`.
@@ -37,13 +44,41 @@ pub struct Rejection {
 }
 
 /// A request's place in line, taken once on arrival and kept across its attempts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Place(u64);
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Place {
+    seq: u64,
+    /// Its client's virtual start time, set at its first admission attempt.
+    tag: Option<f64>,
+}
+
+/// Who a request is from, as far as admission cares.
+#[derive(Clone)]
+pub struct Party {
+    /// The client (`None`: no client identified).
+    pub name: Option<Arc<str>>,
+    /// Its share under contention.
+    pub weight: u32,
+    /// Whether its requests are `batch`.
+    pub batch: bool,
+    /// Most of its requests waiting at once.
+    pub max_queued: usize,
+    /// Its series.
+    pub metrics: Arc<ClientMetrics>,
+}
+
+impl Party {
+    /// The one party of a proxy without client identities.
+    pub fn anonymous(metrics: &Metrics) -> Self {
+        Self { name: None, weight: 1, batch: false, max_queued: usize::MAX, metrics: metrics.client(None) }
+    }
+}
 
 type Grant = Result<Permit, Rejection>;
 
 struct Waiter {
     ask: Ask,
+    party: Party,
+    key: LineKey,
     deadline: Instant,
     start: Instant,
     tx: oneshot::Sender<Grant>,
@@ -51,10 +86,100 @@ struct Waiter {
     held_by: Limit,
 }
 
+/// Order in a line: virtual start time (as bits: non-negative floats order like their bits),
+/// then arrival.
+type LineKey = (u64, u64);
+
+#[derive(Default)]
+struct Lines {
+    interactive: BTreeMap<LineKey, u64>,
+    batch: BTreeMap<LineKey, u64>,
+    batch_by_start: BTreeSet<(Instant, u64)>,
+    waiters: HashMap<u64, Waiter>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    queued_by_client: HashMap<Option<Arc<str>>, usize>,
+}
+
+impl Lines {
+    fn len(&self) -> usize {
+        self.waiters.len()
+    }
+
+    fn insert(&mut self, seq: u64, w: Waiter) {
+        if w.party.batch {
+            self.batch.insert(w.key, seq);
+            self.batch_by_start.insert((w.start, seq));
+        } else {
+            self.interactive.insert(w.key, seq);
+        }
+        self.deadlines.insert((w.deadline, seq));
+        *self.queued_by_client.entry(w.party.name.clone()).or_default() += 1;
+        self.waiters.insert(seq, w);
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Waiter> {
+        let w = self.waiters.remove(&seq)?;
+        if w.party.batch {
+            self.batch.remove(&w.key);
+            self.batch_by_start.remove(&(w.start, seq));
+        } else {
+            self.interactive.remove(&w.key);
+        }
+        self.deadlines.remove(&(w.deadline, seq));
+        if let Some(n) = self.queued_by_client.get_mut(&w.party.name) {
+            *n -= 1;
+            if *n == 0 {
+                self.queued_by_client.remove(&w.party.name);
+            }
+        }
+        Some(w)
+    }
+
+    /// The order the dispatcher looks at waiters in: batch requests held back too long, then
+    /// interactive, then batch, each by virtual start time.
+    fn order(&self, now: Instant, batch_max_delay: Duration) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.len());
+        let aged: Vec<u64> = match now.checked_sub(batch_max_delay) {
+            Some(cutoff) => self.batch_by_start.range(..=(cutoff, u64::MAX)).map(|(_, s)| *s).collect(),
+            None => Vec::new(),
+        };
+        out.extend(&aged);
+        out.extend(self.interactive.values());
+        out.extend(self.batch.values().filter(|s| !aged.contains(s)));
+        out
+    }
+}
+
 struct Shared {
     limiter: Limiter,
-    line: BTreeMap<Place, Waiter>,
-    deadlines: BTreeSet<(Instant, Place)>,
+    lines: Lines,
+    /// The virtual time: the start tag of the latest admission.
+    virtual_time: f64,
+    /// Each client's virtual finish time.
+    finish: HashMap<Option<Arc<str>>, f64>,
+    batch_max_delay: Duration,
+}
+
+impl Shared {
+    /// A request's virtual start time, set once (at its first attempt).
+    fn tag(&mut self, place: &mut Place, ask: &Ask, party: &Party) -> f64 {
+        if let Some(tag) = place.tag {
+            return tag;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let cost =
+            if self.limiter.limits().tokens_per_minute.is_some() { ask.tokens.max(1) as f64 } else { 1.0 };
+        let finish = self.finish.entry(party.name.clone()).or_insert(0.0);
+        let start = self.virtual_time.max(*finish);
+        *finish = start + cost / f64::from(party.weight.max(1));
+        place.tag = Some(start);
+        if self.finish.len() > 10_000 {
+            // Clients whose clock is behind the virtual time start from it anyway.
+            let v = self.virtual_time;
+            self.finish.retain(|_, f| *f > v);
+        }
+        start
+    }
 }
 
 /// Shared admission state of one proxy.
@@ -77,6 +202,7 @@ pub struct Admission {
 /// An admitted request: holds a concurrency slot and its token charge until dropped.
 pub struct Permit {
     admission: Arc<Admission>,
+    client: Option<Arc<str>>,
     /// Tokens charged for this attempt (changes when settled).
     charged: u64,
     /// Tokens given back because the upstream did not count the attempt.
@@ -94,7 +220,7 @@ impl Permit {
             return;
         }
         let mut shared = self.admission.lock();
-        shared.limiter.refund(Instant::now(), self.charged);
+        shared.limiter.refund(Instant::now(), &self.client, self.charged);
         shared.limiter.answered(&self.mark);
         drop(shared);
         self.refunded += self.charged;
@@ -105,7 +231,7 @@ impl Permit {
     /// The answer is complete; `used` is its real usage if it reported one. Under `used`
     /// accounting the charge becomes the usage, under `requested` it stands.
     pub fn settle(&mut self, used: Option<u64>) {
-        let charged = self.admission.lock().limiter.settle(Instant::now(), self.charged, used);
+        let charged = self.admission.lock().limiter.settle(Instant::now(), &self.client, self.charged, used);
         if charged != self.charged {
             self.charged = charged;
             self.admission.wake_if_waiting();
@@ -166,15 +292,13 @@ impl Drop for Held {
 /// Takes a waiter out of line however its wait ends (granted, refused, or the request dropped).
 struct InLine<'a> {
     admission: &'a Admission,
-    place: Place,
+    seq: u64,
 }
 
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
-        let mut shared = self.admission.lock();
-        if let Some(w) = shared.line.remove(&self.place) {
-            shared.deadlines.remove(&(w.deadline, self.place));
-            drop(shared);
+        let removed = self.admission.lock().lines.remove(self.seq);
+        if removed.is_some() {
             self.admission.left_line();
         }
     }
@@ -187,8 +311,10 @@ impl Admission {
         let admission = Arc::new(Self {
             shared: Mutex::new(Shared {
                 limiter: Limiter::new(limits, Instant::now()),
-                line: BTreeMap::new(),
-                deadlines: BTreeSet::new(),
+                lines: Lines::default(),
+                virtual_time: 0.0,
+                finish: HashMap::new(),
+                batch_max_delay: Duration::from_secs(10),
             }),
             wake: Arc::new(Notify::new()),
             bytes_held: AtomicU64::new(0),
@@ -229,7 +355,15 @@ impl Admission {
         });
         match taken {
             Ok(_) => Ok(()),
-            Err(_) => Err(self.reject(Limit::QueueBytes, true, Instant::now(), Duration::from_secs(1))),
+            Err(_) => {
+                self.metrics.client(None).throttled(Limit::QueueBytes);
+                Err(Rejection {
+                    limit: Limit::QueueBytes,
+                    queue_full: true,
+                    retry_after: Duration::from_secs(1),
+                    waited: Duration::ZERO,
+                })
+            }
         }
     }
 
@@ -247,73 +381,111 @@ impl Admission {
     /// Hold a place against `max_queue` outside the line (a request waiting for an identical
     /// one's answer, or for its next attempt).
     pub fn hold(self: &Arc<Self>, max_queue: usize) -> Result<Held, Rejection> {
-        let depth = self.lock().line.len();
+        let depth = self.lock().lines.len();
         let held = self.held.fetch_add(1, Ordering::SeqCst);
         if depth + held >= max_queue {
             self.held.fetch_sub(1, Ordering::SeqCst);
-            let start = Instant::now();
-            return Err(self.reject(Limit::QueueSize, true, start, Duration::from_secs(1)));
+            return Err(Rejection {
+                limit: Limit::QueueSize,
+                queue_full: true,
+                retry_after: Duration::from_secs(1),
+                waited: Duration::ZERO,
+            });
         }
         Ok(Held(Arc::clone(self)))
     }
 
     /// A place at the end of the line, for a request that just arrived.
     pub fn place(&self) -> Place {
-        Place(self.next_place.fetch_add(1, Ordering::Relaxed))
+        Place { seq: self.next_place.fetch_add(1, Ordering::Relaxed), tag: None }
     }
 
     /// Wait for a turn under the limits, at most until `deadline`, behind at most `max_queue`
-    /// other waiting requests. A request that was admitted before (a requeue) passes
-    /// `usize::MAX`: the bound is for new arrivals.
+    /// other waiting requests (and at most the party's own bound). A request that was
+    /// admitted before (a requeue) passes `usize::MAX`: the bound is for new arrivals.
     pub async fn admit(
         self: &Arc<Self>,
-        place: Place,
+        place: &mut Place,
         ask: &Ask,
+        party: &Party,
         deadline: Instant,
         max_queue: usize,
     ) -> Result<Permit, Rejection> {
         let start = Instant::now();
         let rx = {
-            let mut shared = self.lock();
-            if shared.line.is_empty() && shared.limiter.decide(start, ask) == Decision::Go {
+            let mut guard = self.lock();
+            let shared = &mut *guard;
+            let tag = shared.tag(place, ask, party);
+            if shared.lines.len() == 0 && shared.limiter.decide(start, ask) == Decision::Go {
                 let mark = shared.limiter.admit(start, ask);
-                drop(shared);
-                return Ok(self.permit(ask, mark, start));
+                shared.virtual_time = shared.virtual_time.max(tag);
+                drop(guard);
+                return Ok(self.permit(ask, party, mark, start));
             }
-            let depth = shared.line.len() + self.held.load(Ordering::SeqCst);
-            if depth >= max_queue {
+            let depth = shared.lines.len() + self.held.load(Ordering::SeqCst);
+            let own = shared.lines.queued_by_client.get(&party.name).copied().unwrap_or(0);
+            if depth >= max_queue || (max_queue != usize::MAX && own >= party.max_queued) {
                 let retry_after = queue_full_retry_after(shared.limiter.limits(), depth);
-                drop(shared);
-                return Err(self.reject(Limit::QueueSize, true, start, retry_after));
+                drop(guard);
+                return Err(self.reject(party, Limit::QueueSize, true, start, retry_after));
             }
             let (tx, rx) = oneshot::channel();
-            let waiter = Waiter { ask: ask.clone(), deadline, start, tx, held_by: Limit::Requests };
-            shared.deadlines.insert((deadline, place));
-            shared.line.insert(place, waiter);
+            let waiter = Waiter {
+                ask: ask.clone(),
+                party: party.clone(),
+                key: (tag.to_bits(), place.seq),
+                deadline,
+                start,
+                tx,
+                held_by: Limit::Requests,
+            };
+            shared.lines.insert(place.seq, waiter);
             rx
         };
         self.waiting.fetch_add(1, Ordering::SeqCst);
         self.metrics.queue_depth.inc();
-        let _in_line = InLine { admission: self, place };
+        let _in_line = InLine { admission: self, seq: place.seq };
         self.wake.notify_one();
         match rx.await {
             Ok(grant) => grant,
             // The dispatcher went away (the proxy is being dropped).
-            Err(_) => Err(self.reject(Limit::Requests, false, start, Duration::from_secs(1))),
+            Err(_) => Err(self.reject(party, Limit::Requests, false, start, Duration::from_secs(1))),
         }
     }
 
-    fn permit(self: &Arc<Self>, ask: &Ask, mark: Mark, start: Instant) -> Permit {
+    fn permit(self: &Arc<Self>, ask: &Ask, party: &Party, mark: Mark, start: Instant) -> Permit {
         let waited = start.elapsed();
         self.metrics.inflight.inc();
-        self.metrics.queue_wait.observe(waited.as_secs_f64());
-        self.metrics.tokens(TokenKind::Reserved, ask.tokens);
-        Permit { admission: Arc::clone(self), charged: ask.tokens, refunded: 0, mark, waited }
+        party.metrics.queue_wait(waited.as_secs_f64());
+        party.metrics.tokens(TokenKind::Reserved, ask.tokens);
+        Permit {
+            admission: Arc::clone(self),
+            client: ask.client.clone(),
+            charged: ask.tokens,
+            refunded: 0,
+            mark,
+            waited,
+        }
     }
 
-    fn reject(&self, limit: Limit, queue_full: bool, start: Instant, retry_after: Duration) -> Rejection {
-        self.metrics.throttled(limit);
+    fn reject(
+        &self,
+        party: &Party,
+        limit: Limit,
+        queue_full: bool,
+        start: Instant,
+        retry_after: Duration,
+    ) -> Rejection {
+        party.metrics.throttled(limit);
         Rejection { limit, queue_full, retry_after, waited: start.elapsed() }
+    }
+
+    /// Tell a waiter it may go, or why not; a grant whose request went away meanwhile is kept
+    /// for the caller to drop outside the lock (dropping a permit takes the lock).
+    fn answer(w: Waiter, grant: Grant, undelivered: &mut Vec<Grant>) {
+        if let Err(grant) = w.tx.send(grant) {
+            undelivered.push(grant);
+        }
     }
 
     /// Hand out every permit the limits allow now and refuse waiters whose deadline passed or
@@ -321,76 +493,77 @@ impl Admission {
     /// requests went away meanwhile (dropped by the caller, outside the lock).
     fn pump(self: &Arc<Self>, now: Instant) -> (Option<Instant>, Vec<Grant>) {
         let mut undelivered = Vec::new();
-        let mut shared = self.lock();
-        let shared = &mut *shared;
+        let mut guard = self.lock();
+        let shared = &mut *guard;
         // Deadlines that passed.
-        while let Some(&(deadline, place)) = shared.deadlines.first() {
+        while let Some(&(deadline, seq)) = shared.lines.deadlines.first() {
             if deadline > now {
                 break;
             }
-            shared.deadlines.pop_first();
-            if let Some(w) = shared.line.remove(&place) {
-                let rejection = self.reject(w.held_by, false, w.start, Duration::from_secs(1));
+            if let Some(w) = shared.lines.remove(seq) {
+                let rejection = self.reject(&w.party, w.held_by, false, w.start, Duration::from_secs(1));
                 self.left_line();
-                if let Err(grant) = w.tx.send(Err(rejection)) {
-                    undelivered.push(grant);
-                }
+                Self::answer(w, Err(rejection), &mut undelivered);
+            } else {
+                shared.lines.deadlines.pop_first();
             }
         }
-        // Admit in order. A limit every request shares stops the scan (first come, first
-        // served); a pause of one model only skips that model's requests.
-        let mut next = shared.deadlines.first().map(|(d, _)| *d);
-        let mut paused_models: Vec<std::sync::Arc<str>> = Vec::new();
-        let mut cursor = Bound::Unbounded;
-        while let Some((&place, w)) = shared.line.range((cursor, Bound::Unbounded)).next() {
-            cursor = Bound::Excluded(place);
-            if w.ask.model.as_ref().is_some_and(|m| paused_models.contains(m)) {
+        // Admit in order. A limit every request shares stops the scan (the head keeps its
+        // turn); a hold of one model or one client only skips that scope's requests.
+        let mut next = shared.lines.deadlines.first().map(|(d, _)| *d);
+        let mut skipped: Vec<Scope> = Vec::new();
+        for seq in shared.lines.order(now, shared.batch_max_delay) {
+            let Some(w) = shared.lines.waiters.get(&seq) else { continue };
+            let model_skipped =
+                w.ask.model.as_ref().is_some_and(|m| skipped.contains(&Scope::Model(Arc::clone(m))));
+            if model_skipped || skipped.contains(&Scope::Client(w.ask.client.clone())) {
                 continue;
             }
-            let decision = shared.limiter.decide(now, &w.ask);
-            let (at, limit, scoped) = match decision {
+            let (at, limit, scope) = match shared.limiter.decide(now, &w.ask) {
                 Decision::Go => {
-                    let Some(w) = shared.line.remove(&place) else { continue };
-                    shared.deadlines.remove(&(w.deadline, place));
+                    let Some(w) = shared.lines.remove(seq) else { continue };
                     let mark = shared.limiter.admit(now, &w.ask);
+                    shared.virtual_time = shared.virtual_time.max(f64::from_bits(w.key.0));
                     self.left_line();
-                    let permit = self.permit(&w.ask, mark, w.start);
-                    if let Err(grant) = w.tx.send(Ok(permit)) {
-                        undelivered.push(grant);
-                    }
+                    let permit = self.permit(&w.ask, &w.party, mark, w.start);
+                    Self::answer(w, Ok(permit), &mut undelivered);
                     continue;
                 }
                 Decision::WaitForSlot => {
-                    if let Some(w) = shared.line.get_mut(&place) {
+                    if let Some(w) = shared.lines.waiters.get_mut(&seq) {
                         w.held_by = Limit::Concurrency;
                     }
                     break;
                 }
-                Decision::Wait { at, limit, scoped } => (at, limit, scoped),
+                Decision::Wait { at, limit, scope } => (at, limit, scope),
             };
-            let (deadline, model) = (w.deadline, w.ask.model.clone());
             // Token debt can shrink: requests in flight settle against real usage.
-            let may_shrink = limit == Limit::Tokens && shared.limiter.inflight() > 0;
-            if at > deadline && !may_shrink {
+            let may_shrink =
+                matches!(limit, Limit::Tokens | Limit::ClientTokens) && shared.limiter.inflight() > 0;
+            if at > w.deadline && !may_shrink {
                 // Refuse at once: waiting cannot help.
-                if let Some(w) = shared.line.remove(&place) {
-                    shared.deadlines.remove(&(w.deadline, place));
-                    let rejection = self.reject(limit, false, w.start, at - now);
+                if let Some(w) = shared.lines.remove(seq) {
+                    let rejection = self.reject(&w.party, limit, false, w.start, at - now);
                     self.left_line();
-                    if let Err(grant) = w.tx.send(Err(rejection)) {
-                        undelivered.push(grant);
-                    }
+                    Self::answer(w, Err(rejection), &mut undelivered);
                 }
                 continue;
             }
-            if let Some(w) = shared.line.get_mut(&place) {
+            if let Some(w) = shared.lines.waiters.get_mut(&seq) {
                 w.held_by = limit;
             }
             next = Some(next.map_or(at, |n| n.min(at)));
-            match (scoped, model) {
-                (true, Some(model)) => paused_models.push(model),
-                _ => break,
+            match scope {
+                Some(scope) => skipped.push(scope),
+                None => break,
             }
+        }
+        // An aged batch request is due for promotion when it crosses the delay.
+        if let Some((start, _)) = shared.lines.batch_by_start.first()
+            && let Some(due) = start.checked_add(shared.batch_max_delay)
+            && due > now
+        {
+            next = Some(next.map_or(due, |n| n.min(due)));
         }
         (next, undelivered)
     }
@@ -403,12 +576,14 @@ impl Admission {
         self.wake.notify_one();
     }
 
-    /// Apply reloaded limits; the line is looked at again at once.
-    pub fn reconfigure(&self, limits: &LimitsPolicy) -> bool {
-        let changed = self.lock().limiter.reconfigure(limits, Instant::now());
-        if changed {
-            self.wake.notify_one();
-        }
+    /// Apply reloaded limits and client settings; the line is looked at again at once.
+    pub fn reconfigure(&self, limits: &LimitsPolicy, clients: Option<&ClientsPolicy>) -> bool {
+        let mut shared = self.lock();
+        let changed = shared.limiter.reconfigure(limits, Instant::now());
+        shared.limiter.set_clients(clients.cloned());
+        shared.batch_max_delay = clients.map_or(Duration::from_secs(10), |c| c.batch_max_delay);
+        drop(shared);
+        self.wake.notify_one();
         changed
     }
 
@@ -493,9 +668,30 @@ mod tests {
         with(limits(rpm, burst, None, max_concurrent))
     }
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}")))
+    }
+
     fn with(limits: LimitsPolicy) -> Arc<Admission> {
-        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
-        Admission::new(&limits, Arc::new(metrics))
+        Admission::new(&limits, metrics())
+    }
+
+    fn anon() -> Party {
+        Party::anonymous(&metrics())
+    }
+
+    fn party(name: &str, weight: u32, batch: bool) -> Party {
+        Party {
+            name: Some(Arc::from(name)),
+            weight,
+            batch,
+            max_queued: usize::MAX,
+            metrics: metrics().client(Some(name)),
+        }
+    }
+
+    fn ask_of(p: &Party) -> Ask {
+        Ask { tokens: 0, model: None, client: p.name.clone() }
     }
 
     fn secs(n: u64) -> Duration {
@@ -503,17 +699,29 @@ mod tests {
     }
 
     async fn take(a: &Arc<Admission>, tokens: u64, deadline: Instant) -> Result<Permit, Rejection> {
-        a.admit(a.place(), &Ask::tokens(tokens), deadline, 100).await
+        a.admit(&mut a.place(), &Ask::tokens(tokens), &anon(), deadline, 100).await
     }
 
     fn spawn_admit(
         a: &Arc<Admission>,
         place: Place,
         ask: Ask,
+        party: Party,
         deadline: Instant,
     ) -> tokio::task::JoinHandle<Result<Duration, Rejection>> {
         let a = Arc::clone(a);
-        tokio::spawn(async move { a.admit(place, &ask, deadline, 100).await.map(|p| p.waited) })
+        tokio::spawn(async move {
+            let mut place = place;
+            a.admit(&mut place, &ask, &party, deadline, 100).await.map(|p| p.waited)
+        })
+    }
+
+    fn spawn_anon(
+        a: &Arc<Admission>,
+        tokens: u64,
+        deadline: Instant,
+    ) -> tokio::task::JoinHandle<Result<Duration, Rejection>> {
+        spawn_admit(a, a.place(), Ask::tokens(tokens), anon(), deadline)
     }
 
     // tokio's paused clock auto-advances while every task sleeps: a fake clock, no real waiting.
@@ -523,7 +731,7 @@ mod tests {
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for i in 0..5u64 {
-            tasks.push((i, spawn_admit(&a, a.place(), Ask::tokens(0), t0 + secs(30))));
+            tasks.push((i, spawn_anon(&a, 0, t0 + secs(30))));
             tokio::task::yield_now().await; // arrive in order
         }
         for (i, task) in tasks {
@@ -536,22 +744,123 @@ mod tests {
     async fn a_requeued_request_goes_before_later_arrivals() {
         let a = admission(60, 1, 100);
         let t0 = Instant::now();
-        let early = a.place();
-        let _first = take(&a, 0, t0 + secs(30)).await;
-        let later = spawn_admit(&a, a.place(), Ask::tokens(0), t0 + secs(30));
+        let mut early = a.place();
+        let _first = a.admit(&mut early, &Ask::tokens(0), &anon(), t0 + secs(30), 100).await;
+        let later = spawn_anon(&a, 0, t0 + secs(30));
         tokio::task::yield_now().await;
         // The early request comes back (its upstream said 429) after the later one queued.
-        let again = spawn_admit(&a, early, Ask::tokens(0), t0 + secs(30));
+        let again = spawn_admit(&a, early, Ask::tokens(0), anon(), t0 + secs(30));
         let (again, later) = (again.await.ok().and_then(Result::ok), later.await.ok().and_then(Result::ok));
         assert_eq!((again, later), (Some(secs(1)), Some(secs(2))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_from_one_client_does_not_starve_another() {
+        let a = admission(60, 1, 100); // one per second
+        let t0 = Instant::now();
+        let (flood, quiet) = (party("flood", 1, false), party("quiet", 1, false));
+        let _first = a.admit(&mut a.place(), &ask_of(&flood), &flood, t0 + secs(300), 1000).await;
+        let mut floods = Vec::new();
+        for _ in 0..50 {
+            floods.push(spawn_admit(&a, a.place(), ask_of(&flood), flood.clone(), t0 + secs(300)));
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The quiet client's one request goes next, not behind the remaining 47.
+        let waited =
+            a.admit(&mut a.place(), &ask_of(&quiet), &quiet, t0 + secs(300), 1000).await.map(|p| p.waited);
+        assert!(waited.as_ref().is_ok_and(|w| *w <= secs(1)), "{waited:?}");
+        for f in floods {
+            assert!(f.await.ok().is_some_and(|r| r.is_ok()), "every flood request still goes");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_share_what_is_contended() {
+        let a = admission(60, 1, 100);
+        let t0 = Instant::now();
+        let (heavy, light) = (party("heavy", 3, false), party("light", 1, false));
+        let _first = take(&a, 0, t0 + secs(300)).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for p in [&heavy, &light] {
+            for _ in 0..40 {
+                let (a, p, tx) = (Arc::clone(&a), p.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let mut place = a.place();
+                    if a.admit(&mut place, &ask_of(&p), &p, t0 + secs(300), 1000).await.is_ok() {
+                        let _ = tx.send(p.name.clone());
+                    }
+                });
+            }
+        }
+        drop(tx);
+        // The first 40 admissions, while both are busy: 3 to 1.
+        let mut first = Vec::new();
+        while first.len() < 40 {
+            match rx.recv().await {
+                Some(name) => first.push(name),
+                None => break,
+            }
+        }
+        let heavy_share = first.iter().filter(|n| n.as_deref() == Some("heavy")).count();
+        assert!((28..=32).contains(&heavy_share), "heavy got {heavy_share} of 40");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn interactive_goes_first_and_batch_is_never_held_back_longer_than_its_delay() {
+        let a = admission(60, 1, 100);
+        let clients: ClientsPolicy = serde_yaml_clients("batchMaxDelay: 5s");
+        assert!(!a.reconfigure(&limits(60, 1, None, 100), Some(&clients)));
+        let t0 = Instant::now();
+        let (chat, nightly) = (party("chat", 1, false), party("nightly", 1, true));
+        let _first = take(&a, 0, t0 + secs(300)).await;
+        let batch = spawn_admit(&a, a.place(), ask_of(&nightly), nightly.clone(), t0 + secs(300));
+        tokio::task::yield_now().await;
+        let mut chats = Vec::new();
+        for _ in 0..20 {
+            chats.push(spawn_admit(&a, a.place(), ask_of(&chat), chat.clone(), t0 + secs(300)));
+        }
+        // Interactive saturates the line; the batch request still goes once it has waited 5 s.
+        let waited = batch.await.ok().and_then(Result::ok).unwrap_or_default();
+        assert!(waited >= secs(5) && waited <= secs(6), "batch waited {waited:?}");
+        // And the first interactive request went at the next turn, ahead of the batch one.
+        let first_chat = chats.remove(0).await.ok().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(first_chat, secs(1));
+    }
+
+    fn serde_yaml_clients(extra: &str) -> ClientsPolicy {
+        let yaml = format!(
+            "upstream: {{url: 'https://x.io'}}\nlimits: {{requestsPerMinute: 60}}\nclients:\n  {extra}\n"
+        );
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}"));
+        llmproxy_api::Policy::from_spec(&spec)
+            .ok()
+            .and_then(|p| p.clients)
+            .unwrap_or_else(|| panic!("clients"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_has_its_own_queue_bound() {
+        let a = admission(60, 1, 100);
+        let t0 = Instant::now();
+        let mut small = party("small", 1, false);
+        small.max_queued = 1;
+        let _first = take(&a, 0, t0 + secs(300)).await;
+        let _one = spawn_admit(&a, a.place(), ask_of(&small), small.clone(), t0 + secs(300));
+        tokio::task::yield_now().await;
+        let second = a.admit(&mut a.place(), &ask_of(&small), &small, t0 + secs(300), 1000).await.err();
+        assert_eq!(second.map(|r| (r.limit, r.queue_full)), Some((Limit::QueueSize, true)));
+        let other = spawn_anon(&a, 0, t0 + secs(300));
+        tokio::task::yield_now().await;
+        assert_eq!(a.waiting(), 2, "others still get in");
+        drop(other);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_at_once() {
         let a = admission(60, 1, 100);
         let deadline = Instant::now() + secs(30);
-        let _first = a.admit(a.place(), &Ask::tokens(0), deadline, 0).await;
-        let r = a.admit(a.place(), &Ask::tokens(0), deadline, 0).await.err();
+        let _first = a.admit(&mut a.place(), &Ask::tokens(0), &anon(), deadline, 0).await;
+        let r = a.admit(&mut a.place(), &Ask::tokens(0), &anon(), deadline, 0).await.err();
         assert_eq!(
             r.as_ref().map(|r| (r.limit, r.queue_full, r.waited)),
             Some((Limit::QueueSize, true, Duration::ZERO))
@@ -576,7 +885,7 @@ mod tests {
         let a = admission(6, 1, 100); // one per 10 s
         let t0 = Instant::now();
         let _first = take(&a, 0, t0 + secs(60)).await;
-        let head = spawn_admit(&a, a.place(), Ask::tokens(0), t0 + secs(60));
+        let head = spawn_anon(&a, 0, t0 + secs(60));
         tokio::task::yield_now().await;
         let behind = take(&a, 0, t0 + secs(3)).await.err();
         assert_eq!(behind.map(|r| (r.limit, r.waited)), Some((Limit::Requests, secs(3))));
@@ -591,7 +900,7 @@ mod tests {
         let t0 = Instant::now();
         // In flight, reserving 500 tokens: 49 s of debt at 10/s, past the 30 s deadline.
         let mut first = take(&a, 500, t0 + secs(30)).await.unwrap_or_else(|_| panic!("first goes at once"));
-        let second = spawn_admit(&a, a.place(), Ask::tokens(10), t0 + secs(30));
+        let second = spawn_anon(&a, 10, t0 + secs(30));
         tokio::time::sleep(secs(1)).await;
         // It used 20: the debt shrinks to what 20 tokens cost, and the second one goes soon.
         first.settle(Some(20));
@@ -614,16 +923,16 @@ mod tests {
     async fn a_paused_model_holds_only_its_own_requests() {
         let a = admission(6000, 100, 100);
         let t0 = Instant::now();
-        let model = |m: &str| Ask { tokens: 0, model: Some(Arc::from(m)) };
+        let model = |m: &str| Ask { tokens: 0, model: Some(Arc::from(m)), client: None };
         a.pause(Some(&Arc::from("a")), t0 + secs(20));
-        let held = spawn_admit(&a, a.place(), model("a"), t0 + secs(30));
+        let held = spawn_admit(&a, a.place(), model("a"), anon(), t0 + secs(30));
         tokio::task::yield_now().await;
-        let other = a.admit(a.place(), &model("b"), t0 + secs(30), 100).await.map(|p| p.waited);
+        let other = a.admit(&mut a.place(), &model("b"), &anon(), t0 + secs(30), 100).await.map(|p| p.waited);
         assert_eq!(other.ok(), Some(Duration::ZERO), "model b goes at once");
         assert_eq!(held.await.ok().and_then(Result::ok), Some(secs(20)));
         // A pause longer than the deadline is refused at once, not waited out.
         a.pause(Some(&Arc::from("a")), Instant::now() + secs(3600));
-        let r = a.admit(a.place(), &model("a"), Instant::now() + secs(30), 100).await.err();
+        let r = a.admit(&mut a.place(), &model("a"), &anon(), Instant::now() + secs(30), 100).await.err();
         assert_eq!(r.map(|r| r.limit), Some(Limit::UpstreamPause));
     }
 
@@ -660,7 +969,7 @@ mod tests {
         let h1 = a.hold(2).unwrap_or_else(|_| panic!("room"));
         let _h2 = a.hold(2).unwrap_or_else(|_| panic!("room"));
         assert!(a.hold(2).is_err());
-        let full = a.admit(a.place(), &Ask::tokens(0), t0 + secs(30), 2).await.err();
+        let full = a.admit(&mut a.place(), &Ask::tokens(0), &anon(), t0 + secs(30), 2).await.err();
         assert_eq!(full.map(|r| (r.limit, r.queue_full)), Some((Limit::QueueSize, true)));
         drop(h1);
         assert!(a.hold(2).is_ok());
@@ -671,7 +980,7 @@ mod tests {
         let a = admission(6000, 100, 1);
         let t0 = Instant::now();
         let first = take(&a, 0, t0 + secs(10)).await;
-        let second = spawn_admit(&a, a.place(), Ask::tokens(0), t0 + secs(10));
+        let second = spawn_anon(&a, 0, t0 + secs(10));
         tokio::time::sleep(secs(2)).await;
         assert_eq!(a.waiting(), 1);
         drop(first);
@@ -683,7 +992,7 @@ mod tests {
         let a = admission(60, 1, 100);
         let t0 = Instant::now();
         let _first = take(&a, 0, t0 + secs(30)).await;
-        let gone = spawn_admit(&a, a.place(), Ask::tokens(0), t0 + secs(30));
+        let gone = spawn_anon(&a, 0, t0 + secs(30));
         tokio::task::yield_now().await;
         assert_eq!(a.waiting(), 1);
         gone.abort();
@@ -698,9 +1007,9 @@ mod tests {
         let a = admission(6, 1, 100); // one per 10 s
         let t0 = Instant::now();
         let _first = take(&a, 0, t0 + secs(60)).await;
-        let head = spawn_admit(&a, a.place(), Ask::tokens(0), t0 + secs(60));
+        let head = spawn_anon(&a, 0, t0 + secs(60));
         tokio::time::sleep(secs(1)).await;
-        assert!(a.reconfigure(&limits(60, 1, None, 100)));
+        assert!(a.reconfigure(&limits(60, 1, None, 100), None));
         // 0.1 of a request refilled in the first second at 6 RPM; the other 0.9 takes 0.9 s at 60 RPM.
         let waited = head.await.ok().and_then(Result::ok).unwrap_or_default();
         assert!(waited >= Duration::from_millis(1900) && waited <= Duration::from_millis(1901), "{waited:?}");

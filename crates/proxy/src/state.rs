@@ -11,6 +11,7 @@ use http::HeaderName;
 use llmproxy_api::Policy;
 
 use crate::cache::ResponseCache;
+use crate::clients::ClientKeys;
 use crate::flight::Flights;
 use crate::labels::Reload;
 use crate::metrics::Metrics;
@@ -48,6 +49,10 @@ impl Default for Options {
 pub struct Proxy {
     policy: ArcSwap<Policy>,
     api_key: ArcSwapOption<ApiKey>,
+    client_keys: ArcSwapOption<ClientKeys>,
+    /// Client keys are required (the policy names them, or a keys file was given): until they
+    /// are loaded nobody gets in.
+    keys_required: AtomicBool,
     admission: Arc<Admission>,
     client: reqwest::Client,
     cache: Arc<ResponseCache>,
@@ -73,6 +78,8 @@ impl Proxy {
             flights: Arc::default(),
             policy: ArcSwap::from_pointee(policy),
             api_key: ArcSwapOption::empty(),
+            client_keys: ArcSwapOption::empty(),
+            keys_required: AtomicBool::new(false),
             metrics,
             options,
             ready: AtomicBool::new(true),
@@ -80,7 +87,9 @@ impl Proxy {
             key_required: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
         });
-        proxy.admission.set_byte_budget(proxy.policy.load().queue.max_bytes);
+        let policy = proxy.policy.load_full();
+        proxy.admission.set_byte_budget(policy.queue.max_bytes);
+        proxy.admission.reconfigure(&policy.limits, policy.clients.as_ref());
         proxy.update_gauges();
         proxy.metrics.source_up.set(1);
         Ok(proxy)
@@ -98,7 +107,7 @@ impl Proxy {
             self.metrics.reload(Reload::Unchanged);
             return Reload::Unchanged;
         }
-        self.admission.reconfigure(&policy.limits);
+        self.admission.reconfigure(&policy.limits, policy.clients.as_ref());
         self.admission.set_byte_budget(policy.queue.max_bytes);
         self.cache.reconfigure(policy.cache.as_ref());
         self.policy.store(Arc::new(policy));
@@ -127,6 +136,21 @@ impl Proxy {
 
     pub(crate) fn api_key(&self) -> Option<Arc<ApiKey>> {
         self.api_key.load_full()
+    }
+
+    /// Set or rotate the client keys; the next request is checked against them.
+    pub fn set_client_keys(&self, keys: Option<ClientKeys>) {
+        self.client_keys.store(keys.map(Arc::new));
+    }
+
+    /// Require a client key on every request (or stop requiring one).
+    pub fn require_client_keys(&self, required: bool) {
+        self.keys_required.store(required, Ordering::SeqCst);
+    }
+
+    /// The client keys in force, when keys are required (`Some(None)`: required, not loaded).
+    pub(crate) fn client_keys(&self) -> Option<Option<Arc<ClientKeys>>> {
+        self.keys_required.load(Ordering::SeqCst).then(|| self.client_keys.load_full())
     }
 
     /// The metrics this proxy reports to.
@@ -183,6 +207,9 @@ impl Proxy {
         }
         if self.key_required.load(Ordering::SeqCst) && self.api_key.load().is_none() {
             return Some("waiting for the upstream API key Secret");
+        }
+        if self.keys_required.load(Ordering::SeqCst) && self.client_keys.load().is_none() {
+            return Some("waiting for the client keys");
         }
         None
     }

@@ -177,11 +177,25 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of a metric sample line (`name{labels} value`), summed over matching lines.
+/// The sum of a metric's samples (`name{labels} value`) whose labels include the ones given:
+/// `metric(text, "llmproxy_requests_total{outcome=\"ok\"}")` counts every client's.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    let (name, wanted) = match name_and_labels.split_once('{') {
+        Some((n, rest)) => (n, rest.trim_end_matches('}')),
+        None => (name_and_labels, ""),
+    };
+    let wanted: Vec<&str> = wanted.split(',').filter(|l| !l.is_empty()).collect();
     text.lines()
-        .filter(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let have: Vec<&str> = labels.split(',').collect();
+            (n == name && wanted.iter().all(|w| have.contains(w))).then(|| value.parse::<f64>().ok())?
+        })
         .sum()
 }
 

@@ -17,6 +17,7 @@ use llmproxy_api::Policy;
 use llmproxy_api::policy::RetryPolicy;
 use tokio::time::Instant;
 
+use super::auth::Client;
 use super::intake::Intake;
 use super::record::RecordGuard;
 use super::respond::Answer;
@@ -191,22 +192,30 @@ enum Last {
 }
 
 /// Run attempts until one gives an answer to relay or none is left.
-pub(crate) async fn run(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut RecordGuard) -> Answer {
+pub(crate) async fn run(
+    proxy: &Proxy,
+    policy: &Policy,
+    client: &Client,
+    intake: &Intake,
+    record: &mut RecordGuard,
+) -> Answer {
     let admission = proxy.admission();
     let started = record.get().started;
-    let deadline = started.checked_add(policy.queue.max_wait).unwrap_or(started);
-    let place = admission.place();
+    let deadline = started.checked_add(client.max_wait).unwrap_or(started);
+    let mut place = admission.place();
     let (mut sends, mut errors, mut limited) = (0u32, 0u32, 0u32);
     loop {
         // A request admitted once already is not a new arrival: the queue bound is not for it.
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
-        let mut permit = match admission.admit(place, &intake.ask, deadline, max_queue).await {
-            Ok(p) => p,
-            Err(rejection) => {
-                let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-                return Answer::Refused(ApiError::throttled(&rejection, policy.queue.max_wait), outcome);
-            }
-        };
+        let mut permit =
+            match admission.admit(&mut place, &intake.ask, &client.party, deadline, max_queue).await {
+                Ok(p) => p,
+                Err(rejection) => {
+                    let outcome =
+                        if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
+                    return Answer::Refused(ApiError::throttled(&rejection, client.max_wait), outcome);
+                }
+            };
         sends += 1;
         let rec = record.get();
         rec.attempts = sends;

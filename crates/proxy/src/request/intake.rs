@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header, request};
 use llmproxy_api::Policy;
 
+use super::auth::Client;
 use super::record::RecordGuard;
 use crate::body::{self, Inspected};
 use crate::cache::{self, Key};
@@ -106,6 +107,7 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 pub(crate) async fn read(
     proxy: &Proxy,
     policy: &Policy,
+    client: &Client,
     parts: request::Parts,
     body: Body,
     record: &mut RecordGuard,
@@ -131,12 +133,15 @@ pub(crate) async fn read(
     } else {
         None
     };
-    rec.client = options
-        .client_id_header
-        .as_ref()
-        .and_then(|h| parts.headers.get(h)?.to_str().ok())
-        .or_else(|| inspected.as_ref()?.user.as_deref())
-        .map(|c| c.chars().take(128).collect());
+    // The client its key identifies; without one, the configured header, else the body's user.
+    rec.client = client.name.as_deref().map(str::to_owned).or_else(|| {
+        options
+            .client_id_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h)?.to_str().ok())
+            .or_else(|| inspected.as_ref()?.user.as_deref())
+            .map(|c| c.chars().take(128).collect())
+    });
 
     let mut ask = Ask::default();
     let mut strip_usage_event = false;
@@ -148,7 +153,7 @@ pub(crate) async fn read(
         if rec.logged {
             rec.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
         }
-        ask = Ask { tokens: rec.estimate.total(), model: i.model.as_deref().map(Arc::from) };
+        ask = Ask { tokens: rec.estimate.total(), model: i.model.as_deref().map(Arc::from), client: None };
         if let Some(max) = policy.limits.max_request_tokens
             && ask.tokens > max
         {
@@ -160,6 +165,7 @@ pub(crate) async fn read(
         }
     }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    ask.client = client.name.clone();
     let headers = upstream::request_headers(&parts.headers, &policy.upstream.allowed_client_headers);
     let cache_key = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable).map(|d| {
         let path = format!("{rest}{query}");

@@ -2,6 +2,7 @@
 //! of its own; this one only strings them together.
 
 mod attempts;
+mod auth;
 mod cached;
 mod intake;
 mod path;
@@ -17,6 +18,7 @@ use http::HeaderValue;
 use self::cached::Cached;
 use self::record::{RecordGuard, RequestRecord};
 use self::respond::Answer;
+use crate::labels::Outcome;
 use crate::state::Proxy;
 
 /// axum handler for `/v1/{*rest}`.
@@ -40,9 +42,14 @@ async fn pipeline(
 ) -> Response {
     // One policy snapshot for the whole request, even if a reload lands half way.
     let policy = proxy.policy();
+    let client = match auth::identify(proxy, &policy, &parts.headers) {
+        Ok(client) => client,
+        Err(err) => return respond::respond(Answer::Refused(err, Outcome::Unauthorized), record, None),
+    };
+    record.set_client(Arc::clone(&client.party.metrics));
     // The phases that hold large futures (reading, sending) are boxed, so that a request
     // waiting in line carries only the small state it waits in.
-    let intake = match Box::pin(intake::read(proxy, &policy, parts, body, &mut record)).await {
+    let intake = match Box::pin(intake::read(proxy, &policy, &client, parts, body, &mut record)).await {
         Ok(intake) => intake,
         Err((err, outcome)) => return respond::respond(Answer::Refused(err, outcome), record, None),
     };
@@ -65,7 +72,7 @@ async fn pipeline(
             }
         }
     };
-    let answer = attempts::run(proxy, &policy, &intake, &mut record).await;
+    let answer = attempts::run(proxy, &policy, &client, &intake, &mut record).await;
     respond::respond(answer, record, fill)
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::labels::{CacheResult, Outcome, TokenKind};
-use crate::metrics::Metrics;
+use crate::metrics::{ClientMetrics, Metrics};
 use crate::retry::RetryReason;
 use crate::tokens::{Estimate, Usage};
 
@@ -45,7 +45,8 @@ pub struct RequestRecord {
     pub usage: Option<Usage>,
     /// Tokens a cache hit or a coalesced answer did not spend.
     pub saved_tokens: Option<u64>,
-    /// Who asked: the configured client header, else the body's `user`.
+    /// Who asked: the client its key identifies, else the configured client header, else the
+    /// body's `user`.
     pub client: Option<String>,
     /// SHA-256 prefix of the prompt (never the prompt).
     pub prompt_hash: Option<String>,
@@ -81,13 +82,13 @@ impl RequestRecord {
         }
     }
 
-    /// Count the request in metrics and write its log line.
-    pub fn finish(&self, metrics: &Metrics) {
+    /// Count the request in metrics (its client's series in `client`) and write its log line.
+    pub fn finish(&self, metrics: &Metrics, client: &ClientMetrics) {
         let elapsed = self.started.elapsed();
-        metrics.request_done(self.outcome, elapsed.as_secs_f64());
+        client.request_done(self.outcome, elapsed.as_secs_f64());
         if let Some(u) = self.usage {
-            metrics.tokens(TokenKind::Prompt, u.prompt);
-            metrics.tokens(TokenKind::Completion, u.completion);
+            client.tokens(TokenKind::Prompt, u.prompt);
+            client.tokens(TokenKind::Completion, u.completion);
         }
         if let Some(saved) = self.saved_tokens {
             metrics.cache_saved_tokens.inc_by(saved);
@@ -129,12 +130,19 @@ impl RequestRecord {
 pub struct RecordGuard {
     record: Option<RequestRecord>,
     metrics: Arc<Metrics>,
+    client: Arc<ClientMetrics>,
 }
 
 impl RecordGuard {
-    /// Guard `record`, counting it in `metrics`.
+    /// Guard `record`, counting it in `metrics` (as no client in particular, until one is set).
     pub fn new(record: RequestRecord, metrics: Arc<Metrics>) -> Self {
-        Self { record: Some(record), metrics }
+        let client = metrics.client(None);
+        Self { record: Some(record), metrics, client }
+    }
+
+    /// Count the request in this client's series.
+    pub fn set_client(&mut self, client: Arc<ClientMetrics>) {
+        self.client = client;
     }
 
     /// The record, while the request runs.
@@ -163,7 +171,7 @@ impl RecordGuard {
 
     fn close(&mut self) {
         if let Some(rec) = self.record.take() {
-            rec.finish(&self.metrics);
+            rec.finish(&self.metrics, &self.client);
         }
     }
 }
