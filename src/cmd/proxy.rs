@@ -108,6 +108,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             let client_keys = args.client_keys_file.as_deref().map(reload::load_client_keys).transpose()?;
+            if client_keys.is_none() {
+                tracing::warn!(
+                    "client auth disabled: anything that can reach this port spends the upstream key \
+                     (require client keys with spec.clients.keysSecretRef and --client-keys-file)"
+                );
+            }
             let proxy = Proxy::new(policy, metrics, options)?;
             proxy.set_api_key(key);
             proxy.require_client_keys(client_keys.is_some());

@@ -422,7 +422,7 @@ mod tests {
             "consent is per use"
         );
         let good = keys(true, &[("team-a", "sk-a"), ("team-b", "sk-b")]);
-        assert_eq!(secret_verdict(Some(&good), "k", SecretUse::ClientKeys, "p").1, true);
+        assert!(secret_verdict(Some(&good), "k", SecretUse::ClientKeys, "p").1);
         assert!(client_keys_problem(&good, "k").is_none());
         let empty = keys(true, &[]);
         assert_eq!(client_keys_problem(&empty, "k").map(|p| p.reason()), Some("ClientKeysInvalid"));
