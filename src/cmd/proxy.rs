@@ -39,6 +39,11 @@ pub struct Args {
     /// `spec.clients.keysSecretRef` names instead.
     #[arg(long, value_name = "PATH", conflicts_with = "resource")]
     client_keys_file: Option<PathBuf>,
+    /// Secrets laid out as Kubernetes mounts them, `DIR/<secret name>/<key>`: every
+    /// `apiKeySecretRef` of the manifest is read from here (and the client keys Secret, one file
+    /// per client, when no --client-keys-file is given). Re-read when they change.
+    #[arg(long, value_name = "DIR", conflicts_with = "resource")]
+    secrets_dir: Option<PathBuf>,
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 8 << 20)]
     max_request_bytes: usize,
@@ -95,20 +100,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 (None, Some(key)) => ApiKey::new(key),
                 (None, None) => None,
             };
-            if key.is_none() && policy.upstream.api_key_secret_ref.is_some() {
+            let files = reload::Files {
+                manifest: file.clone(),
+                upstream_key: args.upstream_api_key_file.clone(),
+                client_keys: args.client_keys_file.clone(),
+                secrets_dir: args.secrets_dir.clone(),
+            };
+            let named_keys = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
+            if key.is_none() && named_keys && args.secrets_dir.is_none() {
                 tracing::warn!(
-                    "spec.upstream.apiKeySecretRef is read in cluster mode only; standalone, pass \
-                     --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY"
+                    "spec.upstream.apiKeySecretRef: standalone, the key comes from --secrets-dir, \
+                     --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY; none was given"
                 );
             }
-            if reload::needs_client_keys(&policy) && args.client_keys_file.is_none() {
-                anyhow::bail!(
-                    "spec.clients.keysSecretRef asks for client keys; standalone they come from \
-                     --client-keys-file PATH (YAML `client name: key` lines)"
-                );
+            if let Some(gap) = reload::standalone_gaps(&policy, &files) {
+                anyhow::bail!(gap);
             }
             let client_keys = args.client_keys_file.as_deref().map(reload::load_client_keys).transpose()?;
-            if client_keys.is_none() {
+            let keys_from_dir = reload::needs_client_keys(&policy) && args.secrets_dir.is_some();
+            if client_keys.is_none() && !keys_from_dir {
                 tracing::warn!(
                     "client auth disabled: anything that can reach this port spends the upstream key \
                      (require client keys with spec.clients.keysSecretRef and --client-keys-file)"
@@ -116,13 +126,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             let proxy = Proxy::new(policy, metrics, options)?;
             proxy.set_api_key(key);
-            proxy.require_client_keys(client_keys.is_some());
+            proxy.require_client_keys(client_keys.is_some() || keys_from_dir);
             proxy.set_client_keys(client_keys);
-            let files = reload::Files {
-                manifest: file.clone(),
-                upstream_key: args.upstream_api_key_file.clone(),
-                client_keys: args.client_keys_file.clone(),
-            };
+            // With a secrets dir, not ready until every named key has been read there.
+            proxy.set_key_required(args.secrets_dir.is_some() && named_keys);
             let p = proxy.clone();
             let mut first = true;
             let source = supervise(proxy.clone(), "file", move || {
@@ -139,7 +146,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(r)) => {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let policy = cluster::initial(&client, r).await;
-            let key_required = policy.upstream.api_key_secret_ref.is_some();
+            let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
             let proxy = Proxy::new(policy, metrics, options)?;
             proxy.set_key_required(key_required);
             let (p, r2) = (proxy.clone(), r.clone());
@@ -162,7 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         name = %name,
         listen = %api.local_addr()?,
         admin = %admin.local_addr()?,
-        upstream = %proxy.policy().upstream.url,
+        upstreams = ?proxy.policy().upstreams.iter().map(|u| u.url.as_str()).collect::<Vec<_>>(),
         "llmproxy serving"
     );
     llmproxy_proxy::serve(proxy, api, admin, serve_options, super::shutdown_signal()).await?;

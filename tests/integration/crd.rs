@@ -98,8 +98,9 @@ async fn openai_example_applies_and_reads_back_with_defaults() {
     assert_eq!(s.limits.tokens_per_minute, Some(90_000));
     assert_eq!(s.limits.default_max_tokens, 1024, "limits.defaultMaxTokens default");
     assert_eq!(s.queue.max_wait.as_str(), "30s", "queue.maxWait default");
-    assert_eq!(s.upstream.timeout.as_str(), "10m", "upstream.timeout default");
-    assert_eq!(s.upstream.api_key_secret_ref.map(|r| r.key).as_deref(), Some("api-key"));
+    let upstream = s.upstream.clone().unwrap_or_else(|| panic!("spec.upstream"));
+    assert_eq!(upstream.timeout.as_str(), "10m", "upstream.timeout default");
+    assert_eq!(upstream.api_key_secret_ref.map(|r| r.key).as_deref(), Some("api-key"));
     assert_eq!(s.retry.max_attempts, 4, "retry defaulted as a whole object");
     assert_eq!(s.retry.initial_backoff.as_str(), "1s");
     assert_eq!(s.retry.max_backoff.as_str(), "30s");

@@ -7,16 +7,19 @@ pub mod manifest;
 pub mod paths;
 pub mod policy;
 pub mod quantity;
+pub mod report;
 pub mod spec;
 
 pub use client_keys::ClientKeys;
 pub use duration::Duration;
 pub use manifest::{ManifestError, crd_yaml, from_yaml};
 pub use policy::{FieldError, Policy, PolicyError};
+pub use report::ProxyReport;
 pub use spec::{
-    AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec, LimitsSpec,
-    LlmProxy, LlmProxySpec, LlmProxyStatus, QueueSpec, RetrySpec, SecretKeyRef, SecretNameRef,
-    TokenAccounting, UpstreamSpec,
+    AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
+    EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
+    ModelLimitsSpec, ObservedLimits, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef, SecretNameRef,
+    TokenAccounting, UpstreamSpec, UpstreamStatus,
 };
 
 /// The label a Secret carries (value `"true"`) before the operator lets any proxy read it: a

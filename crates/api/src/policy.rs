@@ -1,17 +1,22 @@
 //! The runtime policy: an `LlmProxySpec` checked once and turned into plain numbers, so the
 //! proxy's hot path never re-validates and a bad spec never reaches it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use crate::paths::{DEFAULT_ALLOWED_PATHS, PathRule};
-use crate::spec::{ClientPriority, ClientSettings, LlmProxySpec, SecretKeyRef, TokenAccounting};
+use crate::spec::{
+    ClientPriority, ClientSettings, EndpointSpec, KeyHeader, LlmProxySpec, ModelLimitsSpec, SecretKeyRef,
+    TokenAccounting, UpstreamSpec,
+};
 
 /// Everything the data plane needs to serve one LlmProxy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
-    /// Where requests go.
-    pub upstream: UpstreamPolicy,
+    /// Where requests go: the endpoints of `spec.upstreams`, or the one of `spec.upstream`
+    /// (named [`DEFAULT_ENDPOINT`]). Never empty.
+    pub upstreams: Vec<UpstreamPolicy>,
     /// The quota to stay inside.
     pub limits: LimitsPolicy,
     /// How requests over the quota wait.
@@ -61,19 +66,89 @@ pub struct ClientPolicy {
     pub max_queued: usize,
 }
 
-/// The upstream endpoint.
+/// The name of the one endpoint of `spec.upstream`, in metrics and status.
+pub const DEFAULT_ENDPOINT: &str = "default";
+
+/// One upstream endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamPolicy {
+    /// Its name (`default` for `spec.upstream`).
+    pub name: String,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub url: String,
-    /// Where the API key lives in cluster mode.
+    /// Where the API key lives (a Secret in the cluster, `--secrets-dir` standalone).
     pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// How the key is sent.
+    pub key_header: KeyHeader,
     /// The wait for response headers, and the longest gap between chunks after that.
     pub timeout: Duration,
     /// What may pass upstream.
     pub allowed_paths: Vec<PathRule>,
     /// Account-choosing client headers that pass (lower case).
     pub allowed_client_headers: Vec<String>,
+    /// Share among endpoints that could take a request equally soon (>= 1).
+    pub weight: u32,
+    /// The models it serves; `None`: all.
+    pub models: Option<Vec<String>>,
+    /// Its own quota (for `spec.upstream`: the LlmProxy's limits).
+    pub limits: EndpointLimits,
+}
+
+impl UpstreamPolicy {
+    /// Whether it serves `model` (a request without a model goes anywhere).
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        match (&self.models, model) {
+            (Some(models), Some(m)) => models.iter().any(|x| x == m),
+            _ => true,
+        }
+    }
+}
+
+/// An endpoint's own limits, resolved; absent rates are not limited at the endpoint (until its
+/// headers report a limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointLimits {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Requests that may start back to back.
+    pub request_burst: u64,
+    /// Tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Token bucket capacity.
+    pub token_burst: u64,
+    /// Per-model limits.
+    pub models: BTreeMap<String, ModelLimits>,
+}
+
+impl EndpointLimits {
+    /// The limits of the one endpoint of `spec.upstream`: the LlmProxy's own.
+    pub fn of(limits: &LimitsPolicy) -> Self {
+        Self {
+            requests_per_minute: Some(limits.requests_per_minute),
+            request_burst: limits.request_burst,
+            tokens_per_minute: limits.tokens_per_minute,
+            token_burst: limits.token_burst,
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// One model's limits, resolved (bursts of one second's worth).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl ModelLimits {
+    fn divided(self, n: u64) -> Self {
+        Self {
+            requests_per_minute: self.requests_per_minute.map(|r| (r / n).max(1)),
+            tokens_per_minute: self.tokens_per_minute.map(|t| (t / n).max(1)),
+        }
+    }
 }
 
 /// Rates, already resolved (burst defaults applied).
@@ -96,6 +171,8 @@ pub struct LimitsPolicy {
     /// The largest charge one request may have: the LlmProxy's whole tokens per minute
     /// (what the provider refuses as too large), not this replica's share of it.
     pub max_request_tokens: Option<u64>,
+    /// Per-model limits within the totals.
+    pub models: BTreeMap<String, ModelLimits>,
 }
 
 impl LimitsPolicy {
@@ -111,6 +188,7 @@ impl LimitsPolicy {
             default_max_tokens: 1024,
             token_accounting: TokenAccounting::Requested,
             max_request_tokens: tokens,
+            models: BTreeMap::new(),
         }
     }
 }
@@ -139,6 +217,10 @@ pub struct RetryPolicy {
     pub multiplier: f64,
     /// Randomise back-offs.
     pub jitter: bool,
+    /// Retries after errors, as a share of first attempts over the budget's window.
+    pub budget_ratio: f64,
+    /// Retries allowed per second whatever the traffic.
+    pub budget_min_per_second: u32,
 }
 
 /// The response cache.
@@ -155,8 +237,8 @@ pub struct CachePolicy {
 /// One reason a spec cannot run, naming the field the way `kubectl explain` does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
-    /// Path such as `spec.limits.requestsPerMinute`.
-    pub field: &'static str,
+    /// Path such as `spec.limits.requestsPerMinute` or `spec.upstreams[1].url`.
+    pub field: String,
     /// What is wrong, e.g. `must be > 0`.
     pub message: String,
 }
@@ -191,12 +273,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 pub const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Check {
-    fn fail(&mut self, field: &'static str, message: impl Into<String>) {
-        self.0.push(FieldError { field, message: message.into() });
+    fn fail(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.to_owned(), message: message.into() });
     }
 
     /// A duration no longer than `max` (spelled as in the schema message).
-    fn at_most(&mut self, field: &'static str, d: Duration, max: Duration, spelled: &str) -> Duration {
+    fn at_most(&mut self, field: &str, d: Duration, max: Duration, spelled: &str) -> Duration {
         if d > max {
             self.fail(field, format!("must be at most {spelled}"));
             return max;
@@ -205,7 +287,7 @@ impl Check {
     }
 
     /// A positive integer as u64, or an error naming the field.
-    fn positive(&mut self, field: &'static str, v: i64) -> u64 {
+    fn positive(&mut self, field: &str, v: i64) -> u64 {
         if v <= 0 {
             self.fail(field, "must be > 0");
             return 1;
@@ -214,7 +296,7 @@ impl Check {
     }
 
     /// A positive quantity of bytes.
-    fn quantity(&mut self, field: &'static str, q: &str) -> u64 {
+    fn quantity(&mut self, field: &str, q: &str) -> u64 {
         match crate::quantity::bytes(q) {
             Ok(0) => {
                 self.fail(field, "must be > 0");
@@ -228,7 +310,7 @@ impl Check {
         }
     }
 
-    fn non_negative(&mut self, field: &'static str, v: i64) -> u64 {
+    fn non_negative(&mut self, field: &str, v: i64) -> u64 {
         if v < 0 {
             self.fail(field, "must be >= 0");
             return 0;
@@ -299,29 +381,37 @@ impl Policy {
         if let Some(tpm) = l.tokens_per_minute {
             l.token_burst = (l.token_burst / n).max(per_second(tpm));
         }
+        for m in l.models.values_mut() {
+            *m = m.divided(n);
+        }
+        for u in &mut self.upstreams {
+            let e = &mut u.limits;
+            e.requests_per_minute = e.requests_per_minute.map(|r| (r / n).max(1));
+            e.request_burst = (e.request_burst / n).max(1);
+            e.tokens_per_minute = e.tokens_per_minute.map(|t| (t / n).max(1));
+            if let Some(tpm) = e.tokens_per_minute {
+                e.token_burst = (e.token_burst / n).max(per_second(tpm));
+            }
+            for m in e.models.values_mut() {
+                *m = m.divided(n);
+            }
+        }
         self
+    }
+
+    /// The longest `timeout` of any endpoint.
+    pub fn longest_timeout(&self) -> Duration {
+        self.upstreams.iter().map(|u| u.timeout).max().unwrap_or(MAX_UPSTREAM_TIMEOUT)
+    }
+
+    /// The endpoint named `name`.
+    pub fn endpoint(&self, name: &str) -> Option<&UpstreamPolicy> {
+        self.upstreams.iter().find(|u| u.name == name)
     }
 
     /// Check a spec and resolve its defaults; the error names every bad field.
     pub fn from_spec(spec: &LlmProxySpec) -> Result<Self, PolicyError> {
         let mut c = Check(Vec::new());
-
-        let url = spec.upstream.url.trim_end_matches('/').to_owned();
-        if let Err(e) = check_url(&url, spec.upstream.allow_insecure) {
-            c.fail("spec.upstream.url", e);
-        }
-        let allowed_paths = match &spec.upstream.allowed_paths {
-            None => DEFAULT_ALLOWED_PATHS.iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
-            Some(rules) => rules
-                .iter()
-                .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail("spec.upstream.allowedPaths", e)).ok())
-                .collect(),
-        };
-        let timeout =
-            c.at_most("spec.upstream.timeout", spec.upstream.timeout.get(), MAX_UPSTREAM_TIMEOUT, "1h");
-        if timeout.is_zero() {
-            c.fail("spec.upstream.timeout", "must be greater than 0s");
-        }
 
         let l = &spec.limits;
         let rpm = c.positive("spec.limits.requestsPerMinute", l.requests_per_minute);
@@ -337,6 +427,38 @@ impl Policy {
             None => per_second(rpm),
         };
         let max_concurrent = c.positive("spec.limits.maxConcurrent", l.max_concurrent.into());
+        let models = model_limits(&mut c, "spec.limits.models", &l.models);
+        let total = EndpointLimits {
+            requests_per_minute: Some(rpm),
+            request_burst,
+            tokens_per_minute: tpm,
+            token_burst: tpm.map_or(0, per_second),
+            models: BTreeMap::new(),
+        };
+        let upstreams = match (&spec.upstream, &spec.upstreams) {
+            (Some(u), None) => vec![endpoint(&mut c, "spec.upstream", DEFAULT_ENDPOINT, u, 1, None, total)],
+            (None, Some(list)) if !list.is_empty() => {
+                let mut names = std::collections::BTreeSet::new();
+                list.iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let field = format!("spec.upstreams[{i}]");
+                        if !names.insert(e.name.as_str()) {
+                            c.fail(&format!("{field}.name"), format!("{:?} is used twice", e.name));
+                        }
+                        endpoint_of(&mut c, &field, e)
+                    })
+                    .collect()
+            }
+            (Some(_), Some(_)) => {
+                c.fail("spec", "set exactly one of upstream (one endpoint) or upstreams (several)");
+                Vec::new()
+            }
+            (None, _) => {
+                c.fail("spec.upstream", "required (or spec.upstreams)");
+                Vec::new()
+            }
+        };
         let default_max_tokens = c.positive("spec.limits.defaultMaxTokens", l.default_max_tokens.into());
 
         let max_size = c.non_negative("spec.queue.maxSize", spec.queue.max_size.into());
@@ -354,6 +476,13 @@ impl Policy {
         if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
             c.fail("spec.retry.multiplier", "must be >= 1");
         }
+        let budget_percent =
+            u32::try_from(c.non_negative("spec.retry.budget.percent", r.budget.percent.into()))
+                .unwrap_or(u32::MAX);
+        let budget_floor = u32::try_from(
+            c.non_negative("spec.retry.budget.minRetriesPerSecond", r.budget.min_retries_per_second.into()),
+        )
+        .unwrap_or(u32::MAX);
 
         let cache = match &spec.cache {
             Some(cache) if !cache.ttl.get().is_zero() => Some(CachePolicy {
@@ -399,18 +528,7 @@ impl Policy {
             return Err(PolicyError(c.0));
         }
         Ok(Self {
-            upstream: UpstreamPolicy {
-                url,
-                api_key_secret_ref: spec.upstream.api_key_secret_ref.clone(),
-                timeout,
-                allowed_paths,
-                allowed_client_headers: spec
-                    .upstream
-                    .allowed_client_headers
-                    .iter()
-                    .map(|h| h.to_ascii_lowercase())
-                    .collect(),
-            },
+            upstreams,
             limits: LimitsPolicy {
                 requests_per_minute: rpm,
                 request_burst,
@@ -420,6 +538,7 @@ impl Policy {
                 default_max_tokens: u32::try_from(default_max_tokens).unwrap_or(u32::MAX),
                 token_accounting: l.token_accounting,
                 max_request_tokens: tpm,
+                models,
             },
             queue: QueuePolicy {
                 max_size: usize::try_from(max_size).unwrap_or(usize::MAX),
@@ -432,6 +551,8 @@ impl Policy {
                 max_backoff,
                 multiplier: r.multiplier,
                 jitter: r.jitter,
+                budget_ratio: f64::from(budget_percent) / 100.0,
+                budget_min_per_second: budget_floor,
             },
             cache,
             clients,
@@ -439,10 +560,95 @@ impl Policy {
     }
 }
 
+/// One endpoint of `spec.upstreams`.
+fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
+    let l = e.limits.clone().unwrap_or_default();
+    let rpm = l.requests_per_minute.map(|r| c.positive(&format!("{field}.limits.requestsPerMinute"), r));
+    let tpm = l.tokens_per_minute.map(|t| c.positive(&format!("{field}.limits.tokensPerMinute"), t));
+    let limits = EndpointLimits {
+        requests_per_minute: rpm,
+        request_burst: rpm.map_or(1, per_second),
+        tokens_per_minute: tpm,
+        token_burst: tpm.map_or(0, per_second),
+        models: model_limits(c, &format!("{field}.limits.models"), &l.models),
+    };
+    let weight = c.positive(&format!("{field}.weight"), e.weight.into());
+    if e.models.as_ref().is_some_and(Vec::is_empty) {
+        c.fail(&format!("{field}.models"), "must name at least one model (or be left out for all)");
+    }
+    endpoint(c, field, &e.name, &e.upstream, weight, e.models.clone(), limits)
+}
+
+/// An endpoint from its `UpstreamSpec` fields, checked.
+fn endpoint(
+    c: &mut Check,
+    field: &str,
+    name: &str,
+    u: &UpstreamSpec,
+    weight: u64,
+    models: Option<Vec<String>>,
+    limits: EndpointLimits,
+) -> UpstreamPolicy {
+    let url = u.url.trim_end_matches('/').to_owned();
+    if let Err(e) = check_url(&url, u.allow_insecure) {
+        c.fail(&format!("{field}.url"), e);
+    }
+    let allowed_paths = match &u.allowed_paths {
+        None => DEFAULT_ALLOWED_PATHS.iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
+        Some(rules) => rules
+            .iter()
+            .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail(&format!("{field}.allowedPaths"), e)).ok())
+            .collect(),
+    };
+    let timeout_field = format!("{field}.timeout");
+    let timeout = c.at_most(&timeout_field, u.timeout.get(), MAX_UPSTREAM_TIMEOUT, "1h");
+    if timeout.is_zero() {
+        c.fail(&timeout_field, "must be greater than 0s");
+    }
+    UpstreamPolicy {
+        name: name.to_owned(),
+        url,
+        api_key_secret_ref: u.api_key_secret_ref.clone(),
+        key_header: u.key_header,
+        timeout,
+        allowed_paths,
+        allowed_client_headers: u.allowed_client_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        weight: u32::try_from(weight).unwrap_or(u32::MAX),
+        models,
+        limits,
+    }
+}
+
+/// Per-model limits, checked.
+fn model_limits(
+    c: &mut Check,
+    field: &str,
+    models: &BTreeMap<String, ModelLimitsSpec>,
+) -> BTreeMap<String, ModelLimits> {
+    models
+        .iter()
+        .map(|(name, m)| {
+            let f = format!("{field}.{name}");
+            let limits = ModelLimits {
+                requests_per_minute: m
+                    .requests_per_minute
+                    .map(|r| c.positive(&format!("{f}.requestsPerMinute"), r)),
+                tokens_per_minute: m
+                    .tokens_per_minute
+                    .map(|t| c.positive(&format!("{f}.tokensPerMinute"), t)),
+            };
+            if limits == ModelLimits::default() {
+                c.fail(&f, "set requestsPerMinute, tokensPerMinute or both");
+            }
+            (name.clone(), limits)
+        })
+        .collect()
+}
+
 /// One client's settings, resolved over `fallback` (the default entry) and the queue's values.
 fn client_policy(
     c: &mut Check,
-    field: &'static str,
+    field: &str,
     s: &ClientSettings,
     fallback: Option<&ClientSettings>,
     queue_wait: Duration,
@@ -482,8 +688,16 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
     #[test]
     fn minimal_spec_resolves_documented_defaults() {
         let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(p.upstream.url, "https://api.openai.com/v1", "trailing slash trimmed");
-        assert_eq!(p.upstream.timeout, Duration::from_secs(600));
+        let u = &p.upstreams[0];
+        assert_eq!((p.upstreams.len(), u.name.as_str()), (1, DEFAULT_ENDPOINT));
+        assert_eq!(u.url, "https://api.openai.com/v1", "trailing slash trimmed");
+        assert_eq!(u.timeout, Duration::from_secs(600));
+        assert_eq!(
+            u.limits.requests_per_minute,
+            Some(p.limits.requests_per_minute),
+            "the one endpoint's quota is the total"
+        );
+        assert_eq!((p.retry.budget_ratio, p.retry.budget_min_per_second), (0.2, 1));
         assert_eq!(p.limits.request_burst, 59, "one second's worth of 3500 RPM, rounded up");
         assert_eq!(p.limits.token_burst, 1500, "one second's worth of 90000 TPM");
         assert_eq!(p.limits.max_concurrent, 64);
@@ -640,6 +854,56 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         assert_eq!(p.for_replicas(3).clients.map(|c| c.client("x").tokens_per_minute), Some(Some(3000)));
         let twice = format!("{MINIMAL}clients:\n  overrides: [{{name: a}}, {{name: a}}]\n");
         assert!(errors(&twice).contains("client \"a\" is named twice"));
+    }
+
+    #[test]
+    fn several_upstreams_resolve_each_with_its_own_limits() {
+        let p = Policy::from_spec(&spec(
+            "upstreams:
+  - {name: east, url: 'https://east.example/v1', weight: 2, limits: {requestsPerMinute: 600, models: {gpt-4o: {tokensPerMinute: 6000}}}}
+  - {name: west, url: 'https://west.example/v1', keyHeader: api-key, models: [gpt-4o-mini]}
+limits: {requestsPerMinute: 1200, models: {gpt-4o: {requestsPerMinute: 300}}}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (east, west) = (&p.upstreams[0], &p.upstreams[1]);
+        assert_eq!(
+            (east.weight, east.limits.requests_per_minute, east.limits.request_burst),
+            (2, Some(600), 10)
+        );
+        assert_eq!(east.limits.models["gpt-4o"].tokens_per_minute, Some(6000));
+        assert_eq!((west.key_header, west.limits.requests_per_minute), (KeyHeader::ApiKey, None));
+        assert!(west.serves(Some("gpt-4o-mini")) && !west.serves(Some("gpt-4o")) && west.serves(None));
+        assert!(east.serves(Some("anything")));
+        assert_eq!(p.limits.models["gpt-4o"].requests_per_minute, Some(300));
+        let half = p.for_replicas(2);
+        assert_eq!(half.upstreams[0].limits.requests_per_minute, Some(300));
+        assert_eq!(half.upstreams[0].limits.models["gpt-4o"].tokens_per_minute, Some(3000));
+        assert_eq!(half.limits.models["gpt-4o"].requests_per_minute, Some(150));
+    }
+
+    #[test]
+    fn upstream_errors_name_the_endpoint() {
+        let got = errors(
+            "upstreams:
+  - {name: a, url: 'http://10.0.0.1/v1', timeout: 0s}
+  - {name: a, url: 'https://b.example/v1', models: [], limits: {models: {m: {}}}}
+limits: {requestsPerMinute: 60}",
+        );
+        for want in [
+            "spec.upstreams[0].url: \"http://10.0.0.1/v1\" is plain http",
+            "spec.upstreams[0].timeout: must be greater than 0s",
+            "spec.upstreams[1].name: \"a\" is used twice",
+            "spec.upstreams[1].models: must name at least one model",
+            "spec.upstreams[1].limits.models.m: set requestsPerMinute, tokensPerMinute or both",
+        ] {
+            assert!(got.contains(want), "{want} in {got}");
+        }
+        let got = errors("limits: {requestsPerMinute: 60}");
+        assert!(got.contains("spec.upstream: required (or spec.upstreams)"), "{got}");
+        let got = errors(
+            "upstream: {url: 'https://a.example'}\nupstreams: [{name: b, url: 'https://b.example'}]\nlimits: {requestsPerMinute: 60}",
+        );
+        assert!(got.contains("set exactly one of upstream"), "{got}");
     }
 
     #[test]

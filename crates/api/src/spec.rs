@@ -36,12 +36,33 @@ use crate::duration::Duration;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.upstream) != has(self.upstreams)",
+    "message": "set exactly one of upstream (one endpoint) or upstreams (several)",
+}]))]
 pub struct LlmProxySpec {
-    /// The API the proxy forwards to, and the credentials it uses there.
-    pub upstream: UpstreamSpec,
+    /// The API the proxy forwards to, and the credentials it uses there. Exactly one of
+    /// `upstream` and `upstreams`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamSpec>,
 
-    /// The upstream's quota for this LlmProxy, shared by all its replicas. The proxy admits
-    /// requests only as fast as these limits allow and queues the rest.
+    /// Several endpoints of the same API (two organisations' keys, Azure deployments in two
+    /// regions, a self-hosted fallback). Each request goes to the endpoint, among the healthy
+    /// ones that serve its model, that can admit it soonest by its own limits; an endpoint
+    /// that answers 429 is paused and the request goes elsewhere at once; one that fails is
+    /// taken out for a growing back-off and probed with one request at a time. Exactly one of
+    /// `upstream` and `upstreams`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 32),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
+    pub upstreams: Option<Vec<EndpointSpec>>,
+
+    /// The quota for this LlmProxy, shared by all its replicas: with one `upstream`, that
+    /// upstream's quota; with `upstreams`, the total across them (each endpoint may have its
+    /// own `limits` too). The proxy admits requests only as fast as these limits allow and
+    /// queues the rest.
     pub limits: LimitsSpec,
 
     /// How requests over the limits wait for their turn instead of failing.
@@ -77,6 +98,37 @@ pub struct LlmProxySpec {
     /// can reach the Service uses the upstream key, as one client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<ClientsSpec>,
+}
+
+impl LlmProxySpec {
+    /// Each endpoint's upstream settings with its name and the path of its field: the one of
+    /// `upstream` (named `default`), or each of `upstreams`.
+    pub fn endpoints(&self) -> Vec<(String, String, &UpstreamSpec)> {
+        let single = self
+            .upstream
+            .iter()
+            .map(|u| (crate::policy::DEFAULT_ENDPOINT.to_owned(), "spec.upstream".to_owned(), u));
+        let several = self
+            .upstreams
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), format!("spec.upstreams[{i}]"), &e.upstream));
+        single.chain(several).collect()
+    }
+
+    /// The Secret keys the proxies read for their upstream keys, each once.
+    pub fn upstream_key_refs(&self) -> Vec<SecretKeyRef> {
+        let mut refs: Vec<SecretKeyRef> = Vec::new();
+        for (_, _, u) in self.endpoints() {
+            if let Some(r) = &u.api_key_secret_ref
+                && !refs.contains(r)
+            {
+                refs.push(r.clone());
+            }
+        }
+        refs
+    }
 }
 
 /// Client identity and fairness.
@@ -263,10 +315,16 @@ pub struct UpstreamSpec {
     #[schemars(length(max = 16), inner(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$")))]
     pub allowed_client_headers: Vec<String>,
 
-    /// Secret key holding the upstream API key, sent as `Authorization: Bearer <key>` in place
-    /// of whatever the client sent. Absent: no key is sent (for upstreams that need none).
+    /// Secret key holding the upstream API key, sent (see `keyHeader`) in place of whatever
+    /// the client sent. Absent: no key is sent (for upstreams that need none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// How the key is sent: `bearer` (`Authorization: Bearer <key>`: OpenAI and most
+    /// compatible APIs) or `api-key` (the `api-key` header Azure OpenAI takes, e.g. at
+    /// `https://RESOURCE.openai.azure.com/openai/v1`).
+    #[serde(default, skip_serializing_if = "KeyHeader::is_default")]
+    pub key_header: KeyHeader,
 
     /// How long the upstream may take to start answering (response headers), and the longest
     /// silence between two chunks of an answer after that. A long generation that keeps
@@ -278,6 +336,89 @@ pub struct UpstreamSpec {
         "message": "must be at most 1h",
     }]))]
     pub timeout: Duration,
+}
+
+/// How an endpoint takes its key.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KeyHeader {
+    /// `Authorization: Bearer <key>`.
+    #[default]
+    #[serde(rename = "bearer")]
+    Bearer,
+    /// `api-key: <key>` (Azure OpenAI).
+    #[serde(rename = "api-key")]
+    ApiKey,
+}
+
+impl KeyHeader {
+    fn is_default(&self) -> bool {
+        *self == KeyHeader::Bearer
+    }
+}
+
+/// One of several endpoints (`spec.upstreams`): where it is, how to authenticate, which
+/// models it serves and its own quota.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSpec {
+    /// The endpoint's name, in metrics (`upstream` label) and in `status.upstreams`.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Where it is and how to reach it, as in `upstream`.
+    #[serde(flatten)]
+    pub upstream: UpstreamSpec,
+
+    /// Share of requests among endpoints that could take a request equally soon (default 1).
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: i32,
+
+    /// The models this endpoint serves (the request body's `model`). Absent: all of them.
+    /// A request for a model no endpoint serves gets a 404 `model_not_found`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 256)))]
+    pub models: Option<Vec<String>>,
+
+    /// This endpoint's own quota (its key's limits there). Absent: limited only by the
+    /// LlmProxy's total until the endpoint's `x-ratelimit-limit-*` headers tell its real limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<EndpointLimitsSpec>,
+}
+
+/// An endpoint's own quota.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointLimitsSpec {
+    /// Requests per minute this endpoint allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub requests_per_minute: Option<i64>,
+
+    /// Tokens per minute this endpoint allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub tokens_per_minute: Option<i64>,
+
+    /// Per-model limits at this endpoint (providers limit each model separately).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 256))]
+    pub models: std::collections::BTreeMap<String, ModelLimitsSpec>,
+}
+
+/// One model's limits.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelLimitsSpec {
+    /// Requests per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub requests_per_minute: Option<i64>,
+
+    /// Tokens per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub tokens_per_minute: Option<i64>,
 }
 
 /// A key in a Secret in the LlmProxy's namespace.
@@ -347,6 +488,12 @@ pub struct LimitsSpec {
     /// way an attempt the upstream refused with 429, or that never reached it, is not charged.
     #[serde(default, skip_serializing_if = "TokenAccounting::is_default")]
     pub token_accounting: TokenAccounting,
+
+    /// Per-model limits for the whole LlmProxy, within the totals above (providers limit each
+    /// model separately): `{gpt-4o: {requestsPerMinute: 500, tokensPerMinute: 30000}}`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 256))]
+    pub models: std::collections::BTreeMap<String, ModelLimitsSpec>,
 }
 
 /// How the upstream counts a request's tokens; see `limits.tokenAccounting`.
@@ -448,6 +595,11 @@ pub struct RetrySpec {
     /// retrying at once do not arrive together.
     #[serde(default = "default_true")]
     pub jitter: bool,
+
+    /// Retries after errors (not waits for a 429's window) stay within this share of first
+    /// attempts, so an upstream outage is not multiplied by `maxAttempts`.
+    #[serde(default)]
+    pub budget: RetryBudgetSpec,
 }
 
 impl Default for RetrySpec {
@@ -458,7 +610,32 @@ impl Default for RetrySpec {
             max_backoff: default_max_backoff(),
             multiplier: default_multiplier(),
             jitter: true,
+            budget: RetryBudgetSpec::default(),
         }
+    }
+}
+
+/// The retry budget: over the last 10 seconds, retries may be at most `percent` of first
+/// attempts plus `minRetriesPerSecond` per second. A request whose retry the budget refuses
+/// gets the upstream's last answer.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudgetSpec {
+    /// Retries as a percentage of first attempts (default 20).
+    #[serde(default = "default_budget_percent")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub percent: i32,
+
+    /// Retries allowed per second whatever the traffic (default 1), so a quiet proxy still
+    /// retries.
+    #[serde(default = "default_budget_floor")]
+    #[schemars(range(min = 0, max = 10_000))]
+    pub min_retries_per_second: i32,
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self { percent: default_budget_percent(), min_retries_per_second: default_budget_floor() }
     }
 }
 
@@ -517,6 +694,43 @@ pub struct LlmProxyStatus {
     /// Base URL clients use, e.g. `http://openai.team-a.svc:8080/v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+
+    /// Each upstream endpoint as the proxy pods see it: the limits its headers report, whether
+    /// it is taking requests, and its last error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub upstreams: Vec<UpstreamStatus>,
+}
+
+/// One upstream endpoint, as its proxies report it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    /// The endpoint (`default` for the single `upstream`).
+    pub name: String,
+
+    /// The limits the endpoint's `x-ratelimit-limit-*` headers report (per minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_limits: Option<ObservedLimits>,
+
+    /// Taking requests (false while taken out after failures).
+    pub healthy: bool,
+
+    /// The latest failure (status or connection error), without any key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Limits an upstream reported.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedLimits {
+    /// `x-ratelimit-limit-requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<i64>,
+    /// `x-ratelimit-limit-tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<i64>,
 }
 
 fn default_replicas() -> i32 {
@@ -555,6 +769,15 @@ fn default_multiplier() -> f64 {
 }
 fn default_batch_max_delay() -> Duration {
     Duration::from_std(std::time::Duration::from_secs(10))
+}
+fn default_weight() -> i32 {
+    1
+}
+fn default_budget_percent() -> i32 {
+    20
+}
+fn default_budget_floor() -> i32 {
+    1
 }
 fn default_true() -> bool {
     true

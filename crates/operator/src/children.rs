@@ -202,7 +202,7 @@ pub fn grace_period_seconds(p: &LlmProxy) -> i64 {
     let secs = |d: &llmproxy_api::Duration| i64::try_from(d.get().as_secs()).unwrap_or(i64::MAX);
     DRAIN_DELAY_SECONDS
         .saturating_add(secs(&p.spec.queue.max_wait))
-        .saturating_add(secs(&p.spec.upstream.timeout))
+        .saturating_add(p.spec.endpoints().iter().map(|(_, _, u)| secs(&u.timeout)).max().unwrap_or(3600))
         .saturating_add(5)
 }
 

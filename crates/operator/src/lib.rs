@@ -123,7 +123,7 @@ pub async fn controller(
                 .filter(|p| {
                     p.namespace() == ns
                         && p.0.as_ref().is_ok_and(|p| {
-                            p.spec.upstream.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                            p.spec.upstream_key_refs().iter().any(|r| r.name == name)
                                 || p.spec
                                     .clients
                                     .as_ref()

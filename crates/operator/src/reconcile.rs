@@ -186,12 +186,12 @@ async fn check_secrets(
 ) -> Result<(Option<Problem>, Grants), kube::Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let (mut problems, mut grants) = (Vec::new(), Grants::default());
-    if let Some(r) = &p.spec.upstream.api_key_secret_ref {
+    for r in p.spec.upstream_key_refs() {
         let secret = secrets.get_opt(&r.name).await?;
         let (problem, readable) =
             secret_verdict(secret.as_ref(), &r.name, SecretUse::UpstreamKey, &p.name_any());
-        problems.extend(problem.or_else(|| upstream_key_problem(secret.as_ref()?, r)));
-        if readable {
+        problems.extend(problem.or_else(|| upstream_key_problem(secret.as_ref()?, &r)));
+        if readable && !grants.secrets.contains(&r.name) {
             grants.secrets.push(r.name.clone());
         }
     }

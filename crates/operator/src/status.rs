@@ -56,7 +56,7 @@ impl SecretUse {
     /// The spec field that names the Secret.
     pub fn field(self) -> &'static str {
         match self {
-            SecretUse::UpstreamKey => "spec.upstream.apiKeySecretRef",
+            SecretUse::UpstreamKey => "an upstream's apiKeySecretRef",
             SecretUse::ClientKeys => "spec.clients.keysSecretRef",
         }
     }
@@ -216,6 +216,7 @@ pub fn compute(
         replicas: Some(replicas),
         ready_replicas: Some(ready),
         endpoint: Some(endpoint),
+        upstreams: previous.map(|p| p.upstreams.clone()).unwrap_or_default(),
     }
 }
 

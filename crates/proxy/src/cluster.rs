@@ -11,7 +11,7 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use llmproxy_api::{LlmProxy, Policy, SecretKeyRef};
+use llmproxy_api::{LlmProxy, Policy};
 
 use crate::clients::ClientKeys;
 use crate::labels::Reload;
@@ -82,7 +82,8 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
     // it never breaks the watch.
     let api: Api<DeserializeGuard<LlmProxy>> = Api::namespaced(client.clone(), &r.namespace);
     let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
-    let mut secret: Option<(SecretKeyRef, AbortOnDrop)> = None;
+    // One watch per Secret the upstream keys come from, with the keys read from it.
+    let mut secrets: std::collections::BTreeMap<String, (Vec<String>, AbortOnDrop)> = Default::default();
     let mut client_keys: Option<(String, AbortOnDrop)> = None;
     while let Some(event) = updates.next().await {
         let p = match event {
@@ -112,19 +113,33 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 tracing::error!(error = %e, "policy refused; the last good policy keeps serving");
             }
         }
-        let wanted = p.spec.upstream.api_key_secret_ref.clone();
-        proxy.set_key_required(wanted.is_some());
-        if wanted.as_ref() != secret.as_ref().map(|(r, _)| r) {
-            drop(secret.take());
-            secret = wanted.map(|w| {
-                let task = AbortOnDrop(tokio::spawn(watch_secret(
-                    Arc::clone(&proxy),
-                    client.clone(),
-                    p.namespace().unwrap_or_default(),
-                    w.clone(),
-                )));
-                (w, task)
-            });
+        let refs = p.spec.upstream_key_refs();
+        proxy.set_key_required(!refs.is_empty());
+        let mut wanted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for r in refs {
+            wanted.entry(r.name).or_default().push(r.key);
+        }
+        secrets.retain(|name, (keys, _)| {
+            let keep = wanted.get(name) == Some(keys);
+            if !keep {
+                for key in keys.iter() {
+                    proxy.set_secret_key(name, key, None);
+                }
+            }
+            keep
+        });
+        for (name, keys) in wanted {
+            if secrets.contains_key(&name) {
+                continue;
+            }
+            let task = AbortOnDrop(tokio::spawn(watch_secret(
+                Arc::clone(&proxy),
+                client.clone(),
+                p.namespace().unwrap_or_default(),
+                name.clone(),
+                keys.clone(),
+            )));
+            secrets.insert(name, (keys, task));
         }
         let wanted_keys =
             p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()).map(|r| r.name.clone());
@@ -174,21 +189,26 @@ async fn watch_client_keys(proxy: Arc<Proxy>, client: Client, namespace: String,
     }
 }
 
-/// Follow one Secret key: every change reaches the next upstream request.
-async fn watch_secret(proxy: Arc<Proxy>, client: Client, namespace: String, r: SecretKeyRef) {
+/// Follow the keys `keys` of Secret `name`: every change reaches the next upstream request.
+async fn watch_secret(proxy: Arc<Proxy>, client: Client, namespace: String, name: String, keys: Vec<String>) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
-    let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
+    let mut updates = watcher(api, by_name(&name)).default_backoff().applied_objects().boxed();
     while let Some(event) = updates.next().await {
         match event {
             Ok(s) => {
-                match s.data.as_ref().and_then(|d| d.get(&r.key)).and_then(|v| std::str::from_utf8(&v.0).ok())
-                {
-                    Some(text) => {
-                        proxy.set_api_key(ApiKey::new(text));
-                        tracing::info!(secret = %r.name, "upstream API key loaded");
-                    }
-                    None => {
-                        tracing::error!(secret = %r.name, key = %r.key, "the Secret has no such key; keeping the previous key")
+                for key in &keys {
+                    let value =
+                        s.data.as_ref().and_then(|d| d.get(key)).and_then(|v| std::str::from_utf8(&v.0).ok());
+                    match value.and_then(ApiKey::new) {
+                        Some(k) => {
+                            proxy.set_secret_key(&name, key, Some(k));
+                            tracing::info!(secret = %name, key = %key, "upstream API key loaded");
+                        }
+                        None => tracing::error!(
+                            secret = %name,
+                            key = %key,
+                            "the Secret has no such key (or it is empty); keeping the previous key"
+                        ),
                     }
                 }
             }

@@ -41,13 +41,15 @@ impl ApiError {
         }
     }
 
-    /// The upstream answered 401 to the proxy's own key: nothing the client can fix.
-    pub fn upstream_auth() -> Self {
+    /// Upstream endpoint `name` answered 401 to the proxy's own key: nothing the client can fix.
+    pub fn upstream_auth(name: &str) -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
-            message: "the upstream API rejected llmproxy's API key; whoever runs this proxy must fix \
-                      spec.upstream.apiKeySecretRef (standalone: --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY)"
-                .to_owned(),
+            message: format!(
+                "the upstream API (endpoint {name:?}) rejected llmproxy's API key; whoever runs this proxy \
+                 must fix its apiKeySecretRef (standalone: --secrets-dir, --upstream-api-key-file or \
+                 LLMPROXY_UPSTREAM_API_KEY)"
+            ),
             kind: "authentication_error",
             code: Some("upstream_auth_failed"),
             retry_after: None,

@@ -3,6 +3,7 @@
 //! back-off, streams responses through, and reloads its policy without a restart.
 
 pub mod body;
+mod budget;
 pub mod cache;
 pub mod clients;
 pub mod cluster;

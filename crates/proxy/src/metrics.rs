@@ -5,11 +5,12 @@
 
 pub use prometheus::Registry;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    TextEncoder,
 };
 
 use crate::labels::{CacheResult, Outcome, Reload, TokenKind};
-use crate::limiter::Limit;
+use crate::limiter::{EndpointReport, Limit};
 use crate::retry::RetryReason;
 
 /// Buckets for waits and latencies, 1 ms to 2 minutes.
@@ -70,6 +71,12 @@ pub struct Metrics {
     tokens_vec: IntCounterVec,
     clients: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ClientMetrics>>>,
     upstream_responses: IntCounterVec,
+    upstream_ejections: IntCounterVec,
+    upstream_healthy: IntGaugeVec,
+    upstream_limit: IntGaugeVec,
+    upstream_remaining: IntGaugeVec,
+    /// Retries the retry budget refused.
+    pub retry_budget_exhausted: IntCounter,
     /// Upstream time to response headers.
     pub upstream_latency: Histogram,
     retries: Vec<IntCounter>,
@@ -180,11 +187,53 @@ impl Metrics {
             throttled_vec,
             tokens_vec,
             clients: std::sync::Mutex::default(),
-            upstream_responses: counter_vec(
+            upstream_responses: register(
                 r,
-                "llmproxy_upstream_responses_total",
-                "Upstream attempts by HTTP status or transport error.",
-                "status",
+                IntCounterVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_responses_total",
+                        "Upstream attempts by endpoint and HTTP status or transport error.",
+                    ),
+                    &["status", "upstream"],
+                )?,
+            )?,
+            upstream_ejections: counter_vec(
+                r,
+                "llmproxy_upstream_ejections_total",
+                "Times an upstream endpoint was taken out after failures.",
+                "upstream",
+            )?,
+            upstream_healthy: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("llmproxy_upstream_healthy", "1 while an upstream endpoint takes requests."),
+                    &["upstream"],
+                )?,
+            )?,
+            upstream_limit: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_limit_per_minute",
+                        "Limits an upstream endpoint's x-ratelimit-limit-* headers report (requests, tokens).",
+                    ),
+                    &["upstream", "kind"],
+                )?,
+            )?,
+            upstream_remaining: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_remaining",
+                        "What an upstream endpoint's x-ratelimit-remaining-* headers last said remains.",
+                    ),
+                    &["upstream", "kind"],
+                )?,
+            )?,
+            retry_budget_exhausted: counter(
+                r,
+                "llmproxy_retry_budget_exhausted_total",
+                "Retries the retry budget refused (the request got the upstream's last answer).",
             )?,
             upstream_latency: histogram(
                 r,
@@ -296,8 +345,8 @@ impl Metrics {
         }
     }
 
-    /// Count an upstream attempt by its HTTP status.
-    pub fn upstream_status(&self, status: u16) {
+    /// Count an upstream attempt at endpoint `upstream` by its HTTP status.
+    pub fn upstream_status(&self, upstream: &str, status: u16) {
         let text = status.to_string();
         let label = match KNOWN_STATUSES.iter().find(|s| **s == text) {
             Some(known) => *known,
@@ -309,12 +358,38 @@ impl Metrics {
                 _ => "5xx",
             },
         };
-        self.upstream_responses.with_label_values(&[label]).inc();
+        self.upstream_responses.with_label_values(&[label, upstream]).inc();
     }
 
     /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
-    pub fn upstream_failure(&self, what: &'static str) {
-        self.upstream_responses.with_label_values(&[what]).inc();
+    pub fn upstream_failure(&self, upstream: &str, what: &'static str) {
+        self.upstream_responses.with_label_values(&[what, upstream]).inc();
+    }
+
+    /// Count an endpoint taken out after failures.
+    pub fn upstream_ejected(&self, upstream: &str) {
+        self.upstream_ejections.with_label_values(&[upstream]).inc();
+    }
+
+    /// Set the endpoint gauges to `reports` (endpoints no longer configured disappear).
+    pub fn set_endpoints(&self, reports: &[EndpointReport]) {
+        self.upstream_healthy.reset();
+        self.upstream_limit.reset();
+        self.upstream_remaining.reset();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for r in reports {
+            self.upstream_healthy.with_label_values(&[&r.name]).set(i64::from(r.healthy));
+            for (kind, limit, remaining) in
+                [("requests", r.observed.0, r.remaining.0), ("tokens", r.observed.1, r.remaining.1)]
+            {
+                if let Some(l) = limit {
+                    self.upstream_limit.with_label_values(&[&r.name, kind]).set(as_i64(l));
+                }
+                if let Some(left) = remaining {
+                    self.upstream_remaining.with_label_values(&[&r.name, kind]).set(as_i64(left));
+                }
+            }
+        }
     }
 
     /// Prometheus text exposition of everything registered.
@@ -347,12 +422,12 @@ mod tests {
         team.request_done(Outcome::QueueFull, 0.5);
         team.tokens(TokenKind::Completion, 7);
         m.cache(CacheResult::Bypass);
-        m.upstream_status(418);
+        m.upstream_status("default", 418);
         let text = m.render();
         assert!(text.contains("llmproxy_requests_total{client=\"team-a\",outcome=\"queue_full\"} 1"));
         assert!(text.contains("llmproxy_tokens_total{client=\"team-a\",kind=\"completion\"} 7"));
         assert!(text.contains("llmproxy_cache_requests_total{result=\"bypass\"} 1"));
-        assert!(text.contains("llmproxy_upstream_responses_total{status=\"4xx\"} 1"));
+        assert!(text.contains("llmproxy_upstream_responses_total{status=\"4xx\",upstream=\"default\"} 1"));
     }
 
     #[test]

@@ -21,12 +21,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use llmproxy_api::policy::{ClientsPolicy, LimitsPolicy};
+use llmproxy_api::Policy;
+use llmproxy_api::policy::{LimitsPolicy, UpstreamPolicy};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+use crate::budget::RetryBudget;
 use crate::labels::TokenKind;
-use crate::limiter::{Ask, Calibration, Decision, Limit, Limiter, Mark, Scope};
+use crate::limiter::{Ask, Calibration, Decision, EndpointReport, Holds, Limit, Limiter, Mark, Verdict};
 use crate::metrics::{ClientMetrics, Metrics};
 use crate::quota::QuotaHeaders;
 
@@ -152,6 +154,7 @@ impl Lines {
 
 struct Shared {
     limiter: Limiter,
+    budget: RetryBudget,
     lines: Lines,
     /// The virtual time: the start tag of the latest admission.
     virtual_time: f64,
@@ -213,6 +216,11 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// The endpoint this attempt goes to.
+    pub fn endpoint(&self) -> &Arc<UpstreamPolicy> {
+        &self.mark.endpoint
+    }
+
     /// The upstream charged nothing for this attempt (it refused it with 429, refused the
     /// proxy's key, or never saw it): its tokens go back.
     pub fn refund(&mut self) {
@@ -220,7 +228,7 @@ impl Permit {
             return;
         }
         let mut shared = self.admission.lock();
-        shared.limiter.refund(Instant::now(), &self.client, self.charged);
+        shared.limiter.refund(Instant::now(), &self.mark, &self.client, self.charged);
         shared.limiter.answered(&self.mark);
         drop(shared);
         self.refunded += self.charged;
@@ -231,7 +239,13 @@ impl Permit {
     /// The answer is complete; `used` is its real usage if it reported one. Under `used`
     /// accounting the charge becomes the usage, under `requested` it stands.
     pub fn settle(&mut self, used: Option<u64>) {
-        let charged = self.admission.lock().limiter.settle(Instant::now(), &self.client, self.charged, used);
+        let charged = self.admission.lock().limiter.settle(
+            Instant::now(),
+            &self.mark,
+            &self.client,
+            self.charged,
+            used,
+        );
         if charged != self.charged {
             self.charged = charged;
             self.admission.wake_if_waiting();
@@ -243,8 +257,26 @@ impl Permit {
         if !quota.says_remaining() {
             return;
         }
-        let c = Calibration { mark: self.mark, refunded: self.refunded, refused, max_reset };
-        self.admission.lock().limiter.calibrate(Instant::now(), quota, c);
+        let c = Calibration { refunded: self.refunded, refused, max_reset };
+        self.admission.lock().limiter.calibrate(Instant::now(), quota, &self.mark, c);
+    }
+
+    /// Hold this attempt's model at its endpoint (everything there, without a model) until
+    /// `until`, because the endpoint said that window is spent.
+    pub fn pause(&self, until: Instant) {
+        self.admission.lock().limiter.pause(Instant::now(), &self.mark, until);
+        self.admission.metrics.upstream_pauses.inc();
+        self.admission.wake.notify_one();
+    }
+
+    /// Record how the attempt went at its endpoint (its health).
+    pub fn verdict(&self, verdict: &Verdict) {
+        let ejected = self.admission.lock().limiter.verdict(Instant::now(), &self.mark, verdict);
+        if ejected {
+            tracing::warn!(upstream = %self.mark.endpoint.name, "upstream endpoint taken out after failures");
+            self.admission.metrics.upstream_ejected(&self.mark.endpoint.name);
+            self.admission.wake.notify_one();
+        }
     }
 }
 
@@ -307,14 +339,18 @@ impl Drop for InLine<'_> {
 impl Admission {
     /// A new admission gate with full buckets, and its dispatcher task (on the current tokio
     /// runtime; it ends when the gate is dropped).
-    pub fn new(limits: &LimitsPolicy, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(policy: &Policy, metrics: Arc<Metrics>) -> Arc<Self> {
         let admission = Arc::new(Self {
             shared: Mutex::new(Shared {
-                limiter: Limiter::new(limits, Instant::now()),
+                limiter: Limiter::new(policy, Instant::now()),
+                budget: RetryBudget::new(&policy.retry, Instant::now()),
                 lines: Lines::default(),
                 virtual_time: 0.0,
                 finish: HashMap::new(),
-                batch_max_delay: Duration::from_secs(10),
+                batch_max_delay: policy
+                    .clients
+                    .as_ref()
+                    .map_or(Duration::from_secs(10), |c| c.batch_max_delay),
             }),
             wake: Arc::new(Notify::new()),
             bytes_held: AtomicU64::new(0),
@@ -416,8 +452,10 @@ impl Admission {
             let mut guard = self.lock();
             let shared = &mut *guard;
             let tag = shared.tag(place, ask, party);
-            if shared.lines.len() == 0 && shared.limiter.decide(start, ask) == Decision::Go {
-                let mark = shared.limiter.admit(start, ask);
+            if shared.lines.len() == 0
+                && let Decision::Go(endpoint) = shared.limiter.decide(start, ask, &Holds::default())
+            {
+                let mark = shared.limiter.admit(start, ask, endpoint);
                 shared.virtual_time = shared.virtual_time.max(tag);
                 drop(guard);
                 return Ok(self.permit(ask, party, mark, start));
@@ -511,18 +549,17 @@ impl Admission {
         // Admit in order. A limit every request shares stops the scan (the head keeps its
         // turn); a hold of one model or one client only skips that scope's requests.
         let mut next = shared.lines.deadlines.first().map(|(d, _)| *d);
-        let mut skipped: Vec<Scope> = Vec::new();
+        let mut holds = Holds::default();
         for seq in shared.lines.order(now, shared.batch_max_delay) {
             let Some(w) = shared.lines.waiters.get(&seq) else { continue };
-            let model_skipped =
-                w.ask.model.as_ref().is_some_and(|m| skipped.contains(&Scope::Model(Arc::clone(m))));
-            if model_skipped || skipped.contains(&Scope::Client(w.ask.client.clone())) {
+            if holds.skips(&w.ask) {
                 continue;
             }
-            let (at, limit, scope) = match shared.limiter.decide(now, &w.ask) {
-                Decision::Go => {
+            let (at, limit, scope) = match shared.limiter.decide(now, &w.ask, &holds) {
+                Decision::Held => continue,
+                Decision::Go(endpoint) => {
                     let Some(w) = shared.lines.remove(seq) else { continue };
-                    let mark = shared.limiter.admit(now, &w.ask);
+                    let mark = shared.limiter.admit(now, &w.ask, endpoint);
                     shared.virtual_time = shared.virtual_time.max(f64::from_bits(w.key.0));
                     self.left_line();
                     let permit = self.permit(&w.ask, &w.party, mark, w.start);
@@ -538,8 +575,10 @@ impl Admission {
                 Decision::Wait { at, limit, scope } => (at, limit, scope),
             };
             // Token debt can shrink: requests in flight settle against real usage.
-            let may_shrink =
-                matches!(limit, Limit::Tokens | Limit::ClientTokens) && shared.limiter.inflight() > 0;
+            let may_shrink = matches!(
+                limit,
+                Limit::Tokens | Limit::ClientTokens | Limit::UpstreamTokens | Limit::ModelTokens
+            ) && shared.limiter.inflight() > 0;
             if at > w.deadline && !may_shrink {
                 // Refuse at once: waiting cannot help.
                 if let Some(w) = shared.lines.remove(seq) {
@@ -554,7 +593,7 @@ impl Admission {
             }
             next = Some(next.map_or(at, |n| n.min(at)));
             match scope {
-                Some(scope) => skipped.push(scope),
+                Some(scope) => holds.add(scope),
                 None => break,
             }
         }
@@ -568,23 +607,41 @@ impl Admission {
         (next, undelivered)
     }
 
-    /// Hold requests for `model` (every request, without a model) until `until`, because the
-    /// upstream said that window is spent.
-    pub fn pause(&self, model: Option<&Arc<str>>, until: Instant) {
-        self.lock().limiter.pause(Instant::now(), model, until);
-        self.metrics.upstream_pauses.inc();
-        self.wake.notify_one();
-    }
-
-    /// Apply reloaded limits and client settings; the line is looked at again at once.
-    pub fn reconfigure(&self, limits: &LimitsPolicy, clients: Option<&ClientsPolicy>) -> bool {
+    /// Apply a reloaded policy (limits, endpoints, client settings); the line is looked at
+    /// again at once. Returns whether any limit changed.
+    pub fn reconfigure(&self, policy: &Policy) -> bool {
         let mut shared = self.lock();
-        let changed = shared.limiter.reconfigure(limits, Instant::now());
-        shared.limiter.set_clients(clients.cloned());
-        shared.batch_max_delay = clients.map_or(Duration::from_secs(10), |c| c.batch_max_delay);
+        let changed = shared.limiter.reconfigure(policy, Instant::now());
+        shared.budget.reconfigure(&policy.retry);
+        shared.batch_max_delay =
+            policy.clients.as_ref().map_or(Duration::from_secs(10), |c| c.batch_max_delay);
         drop(shared);
         self.wake.notify_one();
         changed
+    }
+
+    /// Whether an endpoint other than `avoid` could take `ask` now (or probe it).
+    pub fn alternative(&self, ask: &Ask, avoid: &str) -> bool {
+        self.lock().limiter.alternative(Instant::now(), ask, avoid)
+    }
+
+    /// Count a first attempt towards the retry budget.
+    pub fn first_attempt(&self) {
+        self.lock().budget.first(Instant::now());
+    }
+
+    /// Whether the retry budget allows one more retry now (and, if so, spend it).
+    pub fn retry_allowed(&self) -> bool {
+        let allowed = self.lock().budget.try_retry(Instant::now());
+        if !allowed {
+            self.metrics.retry_budget_exhausted.inc();
+        }
+        allowed
+    }
+
+    /// Every endpoint's state, for metrics and status.
+    pub fn endpoints(&self) -> Vec<EndpointReport> {
+        self.lock().limiter.reports()
     }
 
     /// Requests waiting now (in line).
@@ -653,6 +710,8 @@ async fn dispatch(admission: Weak<Admission>, wake: Arc<Notify>) {
 
 #[cfg(test)]
 mod tests {
+    use llmproxy_api::policy::ClientsPolicy;
+
     use super::*;
 
     fn limits(rpm: u64, burst: u64, tpm: Option<u64>, max_concurrent: u32) -> LimitsPolicy {
@@ -672,8 +731,19 @@ mod tests {
         Arc::new(Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}")))
     }
 
+    /// A policy of one upstream with these limits (as `spec.upstream` gives).
+    fn policy_of(limits: LimitsPolicy, clients: Option<ClientsPolicy>) -> Policy {
+        let yaml = "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 60}";
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let mut p = Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        p.upstreams[0].limits = llmproxy_api::policy::EndpointLimits::of(&limits);
+        p.limits = limits;
+        p.clients = clients;
+        p
+    }
+
     fn with(limits: LimitsPolicy) -> Arc<Admission> {
-        Admission::new(&limits, metrics())
+        Admission::new(&policy_of(limits, None), metrics())
     }
 
     fn anon() -> Party {
@@ -691,7 +761,7 @@ mod tests {
     }
 
     fn ask_of(p: &Party) -> Ask {
-        Ask { tokens: 0, model: None, client: p.name.clone() }
+        Ask { client: p.name.clone(), ..Ask::default() }
     }
 
     fn secs(n: u64) -> Duration {
@@ -809,7 +879,7 @@ mod tests {
     async fn interactive_goes_first_and_batch_is_never_held_back_longer_than_its_delay() {
         let a = admission(60, 1, 100);
         let clients: ClientsPolicy = serde_yaml_clients("batchMaxDelay: 5s");
-        assert!(!a.reconfigure(&limits(60, 1, None, 100), Some(&clients)));
+        assert!(!a.reconfigure(&policy_of(limits(60, 1, None, 100), Some(clients))));
         let t0 = Instant::now();
         let (chat, nightly) = (party("chat", 1, false), party("nightly", 1, true));
         let _first = take(&a, 0, t0 + secs(300)).await;
@@ -923,15 +993,22 @@ mod tests {
     async fn a_paused_model_holds_only_its_own_requests() {
         let a = admission(6000, 100, 100);
         let t0 = Instant::now();
-        let model = |m: &str| Ask { tokens: 0, model: Some(Arc::from(m)), client: None };
-        a.pause(Some(&Arc::from("a")), t0 + secs(20));
+        let model = |m: &str| Ask { model: Some(Arc::from(m)), ..Ask::default() };
+        let pause = |until: Instant| {
+            let a = Arc::clone(&a);
+            async move {
+                let p = a.admit(&mut a.place(), &model("a"), &anon(), until, 100).await;
+                p.unwrap_or_else(|_| panic!("admitted")).pause(until);
+            }
+        };
+        pause(t0 + secs(20)).await;
         let held = spawn_admit(&a, a.place(), model("a"), anon(), t0 + secs(30));
         tokio::task::yield_now().await;
         let other = a.admit(&mut a.place(), &model("b"), &anon(), t0 + secs(30), 100).await.map(|p| p.waited);
         assert_eq!(other.ok(), Some(Duration::ZERO), "model b goes at once");
         assert_eq!(held.await.ok().and_then(Result::ok), Some(secs(20)));
         // A pause longer than the deadline is refused at once, not waited out.
-        a.pause(Some(&Arc::from("a")), Instant::now() + secs(3600));
+        pause(Instant::now() + secs(3600)).await;
         let r = a.admit(&mut a.place(), &model("a"), &anon(), Instant::now() + secs(30), 100).await.err();
         assert_eq!(r.map(|r| r.limit), Some(Limit::UpstreamPause));
     }
@@ -1009,7 +1086,7 @@ mod tests {
         let _first = take(&a, 0, t0 + secs(60)).await;
         let head = spawn_anon(&a, 0, t0 + secs(60));
         tokio::time::sleep(secs(1)).await;
-        assert!(a.reconfigure(&limits(60, 1, None, 100), None));
+        assert!(a.reconfigure(&policy_of(limits(60, 1, None, 100), None)));
         // 0.1 of a request refilled in the first second at 6 RPM; the other 0.9 takes 0.9 s at 60 RPM.
         let waited = head.await.ok().and_then(Result::ok).unwrap_or_default();
         assert!(waited >= Duration::from_millis(1900) && waited <= Duration::from_millis(1901), "{waited:?}");

@@ -1,7 +1,9 @@
-//! Standalone mode's policy source: the LlmProxy manifest file (and the API key file), polled
-//! for changes. Polling the content rather than watching inotify events also catches the
+//! Standalone mode's policy source: the LlmProxy manifest file (and the key files, and the
+//! Secrets under `--secrets-dir`, laid out as Kubernetes mounts them: `DIR/<secret>/<key>`),
+//! polled for changes. Polling the content rather than watching inotify events also catches the
 //! symlink swaps of mounted ConfigMaps and Secrets, and costs a small read four times a second.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,35 @@ use crate::upstream::ApiKey;
 /// Whether a policy asks for client keys.
 pub fn needs_client_keys(policy: &llmproxy_api::Policy) -> bool {
     policy.clients.as_ref().is_some_and(|c| c.keys_secret.is_some())
+}
+
+/// Why `policy` cannot run standalone with these sources of keys, if it cannot: client keys
+/// need a file or the secrets dir; the endpoints of `spec.upstreams` take their keys only from
+/// their own Secret references (never one key for all of them).
+pub fn standalone_gaps(policy: &llmproxy_api::Policy, files: &Files) -> Option<String> {
+    if needs_client_keys(policy) && files.client_keys.is_none() && files.secrets_dir.is_none() {
+        return Some(
+            "spec.clients.keysSecretRef asks for client keys; standalone they come from --client-keys-file \
+             PATH (YAML `client name: key` lines) or --secrets-dir DIR"
+                .to_owned(),
+        );
+    }
+    let several = policy.upstreams.len() > 1;
+    if several && files.secrets_dir.is_none() {
+        let named: Vec<&str> = policy
+            .upstreams
+            .iter()
+            .filter(|u| u.api_key_secret_ref.is_some())
+            .map(|u| u.name.as_str())
+            .collect();
+        if !named.is_empty() {
+            return Some(format!(
+                "upstreams {named:?} name apiKeySecretRef; standalone their keys come from --secrets-dir DIR \
+                 (DIR/<secret name>/<key>, as Kubernetes mounts Secrets)"
+            ));
+        }
+    }
+    None
 }
 
 /// How often the files are read.
@@ -49,6 +80,9 @@ pub struct Files {
     pub upstream_key: Option<PathBuf>,
     /// The client keys, if any.
     pub client_keys: Option<PathBuf>,
+    /// Secrets as Kubernetes mounts them (`DIR/<secret name>/<key>`): the endpoints' keys, and
+    /// the client keys Secret when no keys file is given.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 /// Watches the manifest (and optionally the key files) and applies changes to a running proxy.
@@ -58,6 +92,10 @@ pub struct FileWatcher {
     last_manifest: Option<Vec<u8>>,
     last_key: Option<Vec<u8>>,
     last_client_keys: Option<Vec<u8>>,
+    /// What each Secret file held when last read, by (secret, key).
+    last_secrets: HashMap<(String, String), Option<Vec<u8>>>,
+    /// The client keys Secret's directory, as last read (file name and content, sorted).
+    last_keys_dir: Option<Vec<(String, Vec<u8>)>>,
 }
 
 /// Whether `path` holds other bytes than `last` (which then remembers them). An unreadable file
@@ -76,19 +114,32 @@ impl FileWatcher {
     /// A watcher; `check` compares against what was read at start-up.
     pub fn new(proxy: Arc<Proxy>, files: Files) -> Self {
         let read = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::fs::read(p).ok());
-        Self {
+        let mut watcher = Self {
             last_manifest: std::fs::read(&files.manifest).ok(),
             last_key: read(&files.upstream_key),
             last_client_keys: read(&files.client_keys),
+            last_secrets: HashMap::new(),
+            last_keys_dir: None,
             proxy,
             files,
-        }
+        };
+        // The Secrets are read at once: nothing goes upstream before its key is there.
+        watcher.check_secrets();
+        watcher
     }
 
     /// A watcher that has seen nothing yet, so its first `check` applies whatever the files
     /// hold now (after a restart, a change made while it was down is not missed).
     pub fn fresh(proxy: Arc<Proxy>, files: Files) -> Self {
-        Self { proxy, files, last_manifest: None, last_key: None, last_client_keys: None }
+        Self {
+            proxy,
+            files,
+            last_manifest: None,
+            last_key: None,
+            last_client_keys: None,
+            last_secrets: HashMap::new(),
+            last_keys_dir: None,
+        }
     }
 
     /// Look once: apply a changed, valid manifest; refuse an invalid one with a log line
@@ -96,12 +147,9 @@ impl FileWatcher {
     pub fn check(&mut self) {
         if changed(&self.files.manifest, &mut self.last_manifest) {
             match load_policy(&self.files.manifest) {
-                Ok((_, policy)) if needs_client_keys(&policy) && self.files.client_keys.is_none() => {
+                Ok((_, policy)) if let Some(gap) = standalone_gaps(&policy, &self.files) => {
                     self.proxy.reject_policy();
-                    tracing::error!(
-                        "policy refused: spec.clients.keysSecretRef asks for client keys, and standalone they come \
-                         from --client-keys-file, which was not given; the last good policy keeps serving"
-                    );
+                    tracing::error!(error = %gap, "policy refused; the last good policy keeps serving");
                 }
                 Ok((_, policy)) => {
                     if self.proxy.apply_policy(policy) == Reload::Applied {
@@ -137,6 +185,74 @@ impl FileWatcher {
                 Err(e) => tracing::error!(error = %e, "client keys file refused; keeping the previous keys"),
             }
         }
+        self.check_secrets();
+    }
+
+    /// Read the Secrets the policy in force names from `--secrets-dir`, applying what changed.
+    fn check_secrets(&mut self) {
+        let Some(dir) = self.files.secrets_dir.clone() else { return };
+        let policy = self.proxy.policy();
+        let mut wanted = Vec::new();
+        for u in &policy.upstreams {
+            if let Some(r) = &u.api_key_secret_ref
+                && !wanted.contains(&(r.name.clone(), r.key.clone()))
+            {
+                wanted.push((r.name.clone(), r.key.clone()));
+            }
+        }
+        self.last_secrets.retain(|id, _| wanted.contains(id));
+        for (secret, key) in wanted {
+            let bytes = std::fs::read(dir.join(&secret).join(&key)).ok();
+            let last = self.last_secrets.entry((secret.clone(), key.clone())).or_insert(None);
+            if *last == bytes && bytes.is_some() {
+                continue;
+            }
+            match bytes.as_deref().map(String::from_utf8_lossy).and_then(|t| ApiKey::new(&t)) {
+                Some(value) => {
+                    self.proxy.set_secret_key(&secret, &key, Some(value));
+                    tracing::info!(secret = %secret, key = %key, "upstream API key loaded");
+                }
+                None if last.is_some() || bytes.is_some() => {
+                    tracing::error!(secret = %secret, key = %key, dir = %dir.display(), "key file missing or empty; keeping the previous key");
+                }
+                None => {}
+            }
+            *last = bytes;
+        }
+        if self.files.client_keys.is_none()
+            && let Some(name) = policy.clients.as_ref().and_then(|c| c.keys_secret.clone())
+        {
+            self.check_keys_dir(&dir.join(&name));
+        }
+    }
+
+    /// Client keys from a mounted Secret's directory: one file per client (hidden entries, such
+    /// as the `..data` links of a Kubernetes mount, are skipped).
+    fn check_keys_dir(&mut self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let mut files: Vec<(String, Vec<u8>)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                (!name.starts_with('.') && path.is_file()).then(|| Some((name, std::fs::read(path).ok()?)))?
+            })
+            .collect();
+        files.sort();
+        if self.last_keys_dir.as_ref() == Some(&files) {
+            return;
+        }
+        let pairs: Vec<(&str, String)> =
+            files.iter().map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v).into_owned())).collect();
+        match ClientKeys::from_pairs(pairs.iter().map(|(n, v)| (*n, v.as_str()))) {
+            Ok(keys) => {
+                let names = keys.names().count();
+                self.proxy.set_client_keys(Some(keys));
+                tracing::info!(dir = %dir.display(), clients = names, "client keys loaded");
+            }
+            Err(e) => tracing::error!(error = %e, "client keys refused; keeping the previous keys"),
+        }
+        self.last_keys_dir = Some(files);
     }
 
     /// Poll until the task is dropped.

@@ -115,6 +115,8 @@ mod tests {
             max_backoff: Duration::from_secs(8),
             multiplier: 2.0,
             jitter,
+            budget_ratio: 0.2,
+            budget_min_per_second: 1,
         }
     }
 

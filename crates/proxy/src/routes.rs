@@ -19,13 +19,19 @@ pub fn api(proxy: &Arc<Proxy>) -> Router {
         .with_state(Arc::clone(proxy))
 }
 
-/// The admin port: `/livez`, `/readyz`, `/metrics`.
+/// The admin port: `/livez`, `/readyz`, `/metrics`, and `/status` (what the operator reads
+/// into the LlmProxy's status).
 pub fn admin(proxy: &Arc<Proxy>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(Arc::clone(proxy))
+}
+
+async fn status(State(proxy): State<Arc<Proxy>>) -> Response {
+    axum::Json(proxy.report()).into_response()
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
@@ -40,6 +46,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
     let metrics = proxy.metrics();
     metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
     metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    metrics.set_endpoints(&proxy.admission().endpoints());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()).into_response()
 }
 

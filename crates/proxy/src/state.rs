@@ -2,6 +2,7 @@
 //! cache and the metrics. The routers that serve it live in `routes.rs`, the request path in
 //! `request/`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderName;
 use llmproxy_api::Policy;
+use llmproxy_api::policy::UpstreamPolicy;
 
 use crate::cache::ResponseCache;
 use crate::clients::ClientKeys;
@@ -48,7 +50,11 @@ impl Default for Options {
 /// One running proxy: the policy snapshot, the admission gate, the upstream client.
 pub struct Proxy {
     policy: ArcSwap<Policy>,
+    /// The key of the one endpoint of `spec.upstream` when it comes from outside the manifest
+    /// (`LLMPROXY_UPSTREAM_API_KEY`, `--upstream-api-key-file`).
     api_key: ArcSwapOption<ApiKey>,
+    /// Keys by (Secret name, key), from the cluster's Secrets or `--secrets-dir`.
+    secret_keys: ArcSwap<HashMap<(String, String), Arc<ApiKey>>>,
     client_keys: ArcSwapOption<ClientKeys>,
     /// Client keys are required (the policy names them, or a keys file was given): until they
     /// are loaded nobody gets in.
@@ -72,12 +78,13 @@ impl Proxy {
     pub fn new(policy: Policy, metrics: Metrics, options: Options) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(metrics);
         let proxy = Arc::new(Self {
-            admission: Admission::new(&policy.limits, Arc::clone(&metrics)),
+            admission: Admission::new(&policy, Arc::clone(&metrics)),
             client: upstream::client(options.connect_timeout)?,
             cache: Arc::new(ResponseCache::new(policy.cache.as_ref())),
             flights: Arc::default(),
             policy: ArcSwap::from_pointee(policy),
             api_key: ArcSwapOption::empty(),
+            secret_keys: ArcSwap::default(),
             client_keys: ArcSwapOption::empty(),
             keys_required: AtomicBool::new(false),
             metrics,
@@ -89,7 +96,6 @@ impl Proxy {
         });
         let policy = proxy.policy.load_full();
         proxy.admission.set_byte_budget(policy.queue.max_bytes);
-        proxy.admission.reconfigure(&policy.limits, policy.clients.as_ref());
         proxy.update_gauges();
         proxy.metrics.source_up.set(1);
         Ok(proxy)
@@ -107,7 +113,7 @@ impl Proxy {
             self.metrics.reload(Reload::Unchanged);
             return Reload::Unchanged;
         }
-        self.admission.reconfigure(&policy.limits, policy.clients.as_ref());
+        self.admission.reconfigure(&policy);
         self.admission.set_byte_budget(policy.queue.max_bytes);
         self.cache.reconfigure(policy.cache.as_ref());
         self.policy.store(Arc::new(policy));
@@ -129,13 +135,46 @@ impl Proxy {
         self.metrics.queue_capacity.set(as_i64(p.queue.max_size as u64));
     }
 
-    /// Set or rotate the upstream key; the next upstream request uses it.
+    /// Set or rotate the key of the one endpoint of `spec.upstream` (from the environment or
+    /// a key file); the next upstream request uses it. Never sent to any endpoint of
+    /// `spec.upstreams`: those take theirs from their own Secret references.
     pub fn set_api_key(&self, key: Option<ApiKey>) {
         self.api_key.store(key.map(Arc::new));
     }
 
-    pub(crate) fn api_key(&self) -> Option<Arc<ApiKey>> {
-        self.api_key.load_full()
+    /// Set or rotate the key stored under `key` in Secret `secret` (`None`: it is gone).
+    pub fn set_secret_key(&self, secret: &str, key: &str, value: Option<ApiKey>) {
+        let id = (secret.to_owned(), key.to_owned());
+        self.secret_keys.rcu(|keys| {
+            let mut keys = HashMap::clone(keys);
+            match &value {
+                Some(v) => keys.insert(id.clone(), Arc::new(v.clone())),
+                None => keys.remove(&id),
+            };
+            keys
+        });
+    }
+
+    /// The key for `endpoint` of `policy`: from its Secret reference, else (for the one
+    /// endpoint of `spec.upstream`) the key given from outside.
+    pub(crate) fn key_for(&self, policy: &Policy, endpoint: &UpstreamPolicy) -> Option<Arc<ApiKey>> {
+        if let Some(r) = &endpoint.api_key_secret_ref
+            && let Some(key) = self.secret_keys.load().get(&(r.name.clone(), r.key.clone()))
+        {
+            return Some(Arc::clone(key));
+        }
+        (policy.upstreams.len() == 1).then(|| self.api_key.load_full()).flatten()
+    }
+
+    /// The endpoints of the policy in force whose key has not been loaded.
+    fn keys_missing(&self) -> Vec<String> {
+        let policy = self.policy.load();
+        policy
+            .upstreams
+            .iter()
+            .filter(|u| u.api_key_secret_ref.is_some() && self.key_for(&policy, u).is_none())
+            .map(|u| u.name.clone())
+            .collect()
     }
 
     /// Set or rotate the client keys; the next request is checked against them.
@@ -192,7 +231,7 @@ impl Proxy {
         self.metrics.source_up.set(i64::from(up));
     }
 
-    /// Whether `/readyz` waits for an upstream key (so no request goes out without one).
+    /// Whether `/readyz` waits for every endpoint's key (so no request goes out without one).
     pub fn set_key_required(&self, required: bool) {
         self.key_required.store(required, Ordering::SeqCst);
     }
@@ -205,13 +244,33 @@ impl Proxy {
         if !self.source_up.load(Ordering::SeqCst) {
             return Some("the policy source stopped and is being restarted");
         }
-        if self.key_required.load(Ordering::SeqCst) && self.api_key.load().is_none() {
+        if self.key_required.load(Ordering::SeqCst) && !self.keys_missing().is_empty() {
             return Some("waiting for the upstream API key Secret");
         }
         if self.keys_required.load(Ordering::SeqCst) && self.client_keys.load().is_none() {
             return Some("waiting for the client keys");
         }
         None
+    }
+
+    /// What this pod reports on `/status`.
+    pub fn report(&self) -> llmproxy_api::ProxyReport {
+        let as_i64 = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        let upstreams = self
+            .admission
+            .endpoints()
+            .into_iter()
+            .map(|e| llmproxy_api::UpstreamStatus {
+                name: e.name,
+                observed_limits: (e.observed != (None, None)).then(|| llmproxy_api::ObservedLimits {
+                    requests_per_minute: as_i64(e.observed.0),
+                    tokens_per_minute: as_i64(e.observed.1),
+                }),
+                healthy: e.healthy,
+                last_error: e.last_error,
+            })
+            .collect();
+        llmproxy_api::ProxyReport { upstreams }
     }
 
     pub(crate) fn request_id(&self) -> String {

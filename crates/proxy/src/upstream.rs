@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use llmproxy_api::KeyHeader;
 
 /// The upstream API key. Never printed: `Debug` and `Display` show a placeholder.
 #[derive(Clone, PartialEq, Eq)]
@@ -100,13 +101,29 @@ pub fn request_headers(client: &HeaderMap, allowed_account: &[String]) -> Header
     out
 }
 
-/// The headers for one attempt: the forwarded ones plus the upstream key.
-pub fn with_key(mut headers: HeaderMap, key: Option<&ApiKey>) -> HeaderMap {
-    if let Some(key) = key
-        && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-    {
+/// The headers for one attempt at an endpoint: the forwarded ones, less the account headers
+/// that endpoint does not allow, plus its key the way it takes it.
+pub fn for_endpoint(
+    mut headers: HeaderMap,
+    allowed_account: &[String],
+    key: Option<&ApiKey>,
+    key_header: KeyHeader,
+) -> HeaderMap {
+    for name in ACCOUNT_HEADERS {
+        if !allowed_account.iter().any(|a| a == name) {
+            headers.remove(*name);
+        }
+    }
+    let Some(key) = key else { return headers };
+    let (name, value) = match key_header {
+        KeyHeader::Bearer => {
+            (header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {}", key.expose())))
+        }
+        KeyHeader::ApiKey => (HeaderName::from_static("api-key"), HeaderValue::from_str(key.expose())),
+    };
+    if let Ok(mut v) = value {
         v.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, v);
+        headers.insert(name, v);
     }
     headers
 }
@@ -159,14 +176,20 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         let key = ApiKey::new("sk-upstream\n");
-        let out = with_key(request_headers(&client, &[]), key.as_ref());
+        let out = for_endpoint(request_headers(&client, &[]), &[], key.as_ref(), KeyHeader::Bearer);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["content-type", "authorization"], "the account header is dropped by default");
         assert_eq!(out.get("authorization").and_then(|v| v.to_str().ok()), Some("Bearer sk-upstream"));
         assert!(request_headers(&client, &[]).get("authorization").is_none());
-        let allowed = request_headers(&client, &["openai-organization".to_owned()]);
+        let org = ["openai-organization".to_owned()];
+        let allowed = request_headers(&client, &org);
         assert!(allowed.contains_key("openai-organization"), "passed where the policy allows it");
         assert_eq!(answer_headers(&allowed), "openai-organization:org-1\n");
+        // An endpoint that does not allow it drops it; an Azure endpoint takes the key as api-key.
+        let azure = for_endpoint(allowed.clone(), &[], key.as_ref(), KeyHeader::ApiKey);
+        assert!(!azure.contains_key("openai-organization") && !azure.contains_key("authorization"));
+        assert_eq!(azure.get("api-key").and_then(|v| v.to_str().ok()), Some("sk-upstream"));
+        assert!(for_endpoint(allowed, &org, None, KeyHeader::Bearer).contains_key("openai-organization"));
     }
 
     #[test]

@@ -1,20 +1,23 @@
 //! Attempts: wait for admission, send once, and decide (purely, in `next_step`) whether and
 //! when to try again.
 //!
-//! Two kinds of trying again: an upstream 429 means the quota window is spent, so the request
-//! goes back to its place in line (a requeue) and waits for the window, as often as its queue
-//! deadline allows; a transient error (5xx, 408, a connection that failed before any answer)
-//! is retried after a back-off, at most `retry.maxAttempts` attempts in all. An attempt that
-//! timed out is not sent again: it may still be running upstream, and be billed. An upstream
-//! that answered, whatever it answered (say, 413 while the body was still uploading), is
-//! answered to the client.
+//! Two kinds of trying again: an upstream 429 means that endpoint's quota window is spent, so
+//! the request goes back to its place in line (a requeue) and goes to another endpoint at once
+//! or waits for the window, as often as its queue deadline allows; a transient error (5xx,
+//! 408, a connection that failed before any answer) is retried, on another endpoint at once
+//! where one can take it, else after a back-off, at most `retry.maxAttempts` attempts in all
+//! and within the retry budget. An attempt that timed out is not sent to the same endpoint
+//! again: it may still be running there, and be billed. An upstream that answered, whatever it
+//! answered (say, 413 while the body was still uploading), is answered to the client.
 
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
+use std::sync::Arc;
+
 use llmproxy_api::Policy;
-use llmproxy_api::policy::RetryPolicy;
+use llmproxy_api::policy::{RetryPolicy, UpstreamPolicy};
 use tokio::time::Instant;
 
 use super::auth::Client;
@@ -23,6 +26,7 @@ use super::record::RecordGuard;
 use super::respond::Answer;
 use crate::error::ApiError;
 use crate::labels::Outcome;
+use crate::limiter::Verdict;
 use crate::queue::Permit;
 use crate::quota::QuotaHeaders;
 use crate::retry::{self, RetryReason};
@@ -53,8 +57,17 @@ pub(crate) enum Step {
     GiveUp,
 }
 
+/// What the rest of the proxy says about trying again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Prospects {
+    /// Another endpoint could take the request now.
+    pub(crate) elsewhere: bool,
+    /// In [0, 1): picks the jitter.
+    pub(crate) unit: f64,
+}
+
 /// The decision after a failed attempt at `now`: `errors` transient errors so far (this one
-/// included), `limited` 429s so far (this one included); `unit` in [0, 1) picks the jitter.
+/// included), `limited` 429s so far (this one included).
 pub(crate) fn next_step(
     failure: Failure,
     errors: u32,
@@ -62,8 +75,9 @@ pub(crate) fn next_step(
     retry: &RetryPolicy,
     now: Instant,
     deadline: Instant,
-    unit: f64,
+    prospects: Prospects,
 ) -> Step {
+    let unit = prospects.unit;
     let in_time = |d: Duration| now.checked_add(d).is_some_and(|resume| resume < deadline);
     if failure.reason == RetryReason::RateLimited {
         let pause = match failure.hint {
@@ -74,11 +88,15 @@ pub(crate) fn next_step(
         return if in_time(pause.unwrap_or_default()) { Step::Requeue { pause } } else { Step::GiveUp };
     }
     // A timed-out attempt may still be running upstream, and be billed: never send it again to
-    // the same upstream.
-    if failure.reason == RetryReason::Timeout {
+    // the same endpoint.
+    if failure.reason == RetryReason::Timeout && !prospects.elsewhere {
         return Step::GiveUp;
     }
-    let delay = failure.hint.unwrap_or_else(|| retry::backoff(retry, errors, unit));
+    let delay = if prospects.elsewhere {
+        Duration::ZERO
+    } else {
+        failure.hint.unwrap_or_else(|| retry::backoff(retry, errors, unit))
+    };
     if errors >= retry.max_attempts || !in_time(delay) {
         return Step::GiveUp;
     }
@@ -120,12 +138,25 @@ async fn read_small(resp: reqwest::Response) -> Bytes {
     Bytes::from(buf)
 }
 
-async fn send_once(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut RecordGuard) -> Sent {
+async fn send_once(
+    proxy: &Proxy,
+    policy: &Policy,
+    endpoint: &UpstreamPolicy,
+    intake: &Intake,
+    record: &mut RecordGuard,
+) -> Sent {
     let out = &intake.out;
-    let headers = upstream::with_key(out.headers.clone(), proxy.api_key().as_deref());
-    let send = proxy.client().request(out.method.clone(), &out.url).headers(headers).body(out.body.clone());
+    let key = proxy.key_for(policy, endpoint);
+    let headers = upstream::for_endpoint(
+        out.headers.clone(),
+        &endpoint.allowed_client_headers,
+        key.as_deref(),
+        endpoint.key_header,
+    );
+    let url = format!("{}{}", endpoint.url, out.rest);
+    let send = proxy.client().request(out.method.clone(), &url).headers(headers).body(out.body.clone());
     let sent = Instant::now();
-    let result = tokio::time::timeout(policy.upstream.timeout, send.send()).await;
+    let result = tokio::time::timeout(endpoint.timeout, send.send()).await;
     let latency = sent.elapsed();
     record.get().upstream_latency = Some(latency);
     let metrics = proxy.metrics();
@@ -134,7 +165,7 @@ async fn send_once(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut
     match result {
         Ok(Ok(resp)) => {
             let status = resp.status();
-            metrics.upstream_status(status.as_u16());
+            metrics.upstream_status(&endpoint.name, status.as_u16());
             if status == StatusCode::UNAUTHORIZED {
                 return Sent::Unauthorized(resp);
             }
@@ -154,7 +185,7 @@ async fn send_once(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut
             }
         }
         Ok(Err(e)) => {
-            metrics.upstream_failure("connect_error");
+            metrics.upstream_failure(&endpoint.name, "connect_error");
             let unsent = e.is_connect();
             Sent::Failed {
                 failure: failure(RetryReason::Connect),
@@ -163,8 +194,8 @@ async fn send_once(proxy: &Proxy, policy: &Policy, intake: &Intake, record: &mut
             }
         }
         Err(_) => {
-            metrics.upstream_failure("timeout");
-            let message = format!("no response within {:?}", policy.upstream.timeout);
+            metrics.upstream_failure(&endpoint.name, "timeout");
+            let message = format!("no response within {:?}", endpoint.timeout);
             Sent::Failed { failure: failure(RetryReason::Timeout), message, unsent: false }
         }
     }
@@ -203,47 +234,55 @@ pub(crate) async fn run(
     let started = record.get().started;
     let deadline = started.checked_add(client.max_wait).unwrap_or(started);
     let mut place = admission.place();
+    let mut ask = intake.ask.clone();
     let (mut sends, mut errors, mut limited) = (0u32, 0u32, 0u32);
     loop {
         // A request admitted once already is not a new arrival: the queue bound is not for it.
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
-        let mut permit =
-            match admission.admit(&mut place, &intake.ask, &client.party, deadline, max_queue).await {
-                Ok(p) => p,
-                Err(rejection) => {
-                    let outcome =
-                        if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-                    return Answer::Refused(ApiError::throttled(&rejection, client.max_wait), outcome);
-                }
-            };
+        let mut permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
+            Ok(p) => p,
+            Err(rejection) => {
+                let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
+                return Answer::Refused(ApiError::throttled(&rejection, client.max_wait), outcome);
+            }
+        };
+        if sends == 0 {
+            admission.first_attempt();
+        }
         sends += 1;
         let rec = record.get();
         rec.attempts = sends;
         rec.queue_wait += permit.waited;
+        let endpoint = Arc::clone(permit.endpoint());
+        rec.upstream = Some(endpoint.name.clone());
 
-        let (failure, last) = match Box::pin(send_once(proxy, policy, intake, record)).await {
+        let (failure, last) = match Box::pin(send_once(proxy, policy, &endpoint, intake, record)).await {
             Sent::Answer(resp) => {
+                permit.verdict(&Verdict::Answered);
                 calibrate(&permit, resp.headers(), policy);
                 return Answer::Upstream {
                     response: resp,
                     permit,
-                    idle_timeout: policy.upstream.timeout,
+                    idle_timeout: endpoint.timeout,
                     strip_usage_event: intake.out.strip_usage_event,
                 };
             }
             Sent::Unauthorized(resp) => {
                 // The upstream refused the proxy's key, not the client's: say so, and never
                 // relay its body (OpenAI's quotes part of the key).
+                permit.verdict(&Verdict::Answered);
                 permit.refund();
                 drain(resp).await;
-                return Answer::Refused(ApiError::upstream_auth(), Outcome::UpstreamError);
+                return Answer::Refused(ApiError::upstream_auth(&endpoint.name), Outcome::UpstreamError);
             }
             Sent::OutOfQuota { headers, body } => {
+                permit.verdict(&Verdict::Answered);
                 permit.refund();
                 return Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body };
             }
             Sent::RateLimited { headers, body, hint } => {
                 // Not counted upstream: refund, then take the upstream's word for what remains.
+                permit.verdict(&Verdict::Answered);
                 permit.refund();
                 let quota = QuotaHeaders::parse(&headers);
                 let window_known = quota.is_some_and(|q| q.says_remaining());
@@ -255,10 +294,12 @@ pub(crate) async fn run(
             }
             Sent::Transient(resp, failure) => {
                 // The upstream may have worked on it (and counted it): the charge stands.
+                permit.verdict(&Verdict::ServerError(format!("status {}", resp.status().as_u16())));
                 calibrate(&permit, resp.headers(), policy);
                 (failure, Last::Response(resp))
             }
             Sent::Failed { failure, message, unsent } => {
+                permit.verdict(&Verdict::NoAnswer(message.clone()));
                 if unsent {
                     permit.refund();
                 }
@@ -271,9 +312,23 @@ pub(crate) async fn run(
             errors += 1;
         }
         let now = Instant::now();
-        let step = next_step(failure, errors, limited, &policy.retry, now, deadline, fastrand::f64());
+        let elsewhere =
+            failure.reason != RetryReason::RateLimited && admission.alternative(&ask, &endpoint.name);
+        let prospects = Prospects { elsewhere, unit: fastrand::f64() };
+        let mut step = next_step(failure, errors, limited, &policy.retry, now, deadline, prospects);
+        // Retries after errors spend the retry budget; waiting out a 429 does not.
+        if matches!(step, Step::Retry { .. }) && !admission.retry_allowed() {
+            step = Step::GiveUp;
+        }
         if step == Step::GiveUp {
-            return give_up(last, permit, failure, sends, intake, policy.upstream.timeout);
+            return give_up(last, permit, failure, sends, intake, endpoint.timeout);
+        }
+        if let Step::Requeue { pause: Some(pause) } = step
+            && let Some(until) = now.checked_add(pause.min(policy.queue.max_wait))
+        {
+            // Hold what the 429 was about (that endpoint, that model), at most one queue wait
+            // at a time.
+            permit.pause(until);
         }
         drop(permit);
         if let Last::Response(resp) = last {
@@ -281,20 +336,14 @@ pub(crate) async fn run(
         }
         proxy.metrics().retry(failure.reason);
         record.get().retry_reasons.push(failure.reason);
-        match step {
-            Step::Requeue { pause: Some(pause) } => {
-                // Hold what the 429 was about, at most one queue wait at a time.
-                let pause = pause.min(policy.queue.max_wait);
-                if let Some(until) = now.checked_add(pause) {
-                    admission.pause(intake.ask.model.as_ref(), until);
-                }
-            }
-            Step::Retry { delay } => {
+        if let Step::Retry { delay } = step {
+            // Not to the endpoint that just failed, while another can take it.
+            ask.avoid = Some(Arc::from(endpoint.name.as_str()));
+            if !delay.is_zero() {
                 // Still waiting, though not in line: it counts against the queue bound.
                 let _held = admission.hold(usize::MAX);
                 tokio::time::sleep(delay).await;
             }
-            Step::Requeue { pause: None } | Step::GiveUp => {}
         }
     }
 }
@@ -344,7 +393,34 @@ mod tests {
             max_backoff: Duration::from_secs(8),
             multiplier: 2.0,
             jitter: false,
+            budget_ratio: 0.2,
+            budget_min_per_second: 1,
         }
+    }
+
+    /// No other endpoint to go to.
+    const HERE: Prospects = Prospects { elsewhere: false, unit: 0.0 };
+
+    #[test]
+    fn another_endpoint_is_tried_at_once_even_after_a_timeout() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let elsewhere = Prospects { elsewhere: true, unit: 0.0 };
+        let e = failure(RetryReason::ServerError, None, false);
+        assert_eq!(
+            next_step(e, 1, 0, &policy(4), now, deadline, elsewhere),
+            Step::Retry { delay: Duration::ZERO }
+        );
+        let t = failure(RetryReason::Timeout, None, false);
+        assert_eq!(
+            next_step(t, 1, 0, &policy(4), now, deadline, elsewhere),
+            Step::Retry { delay: Duration::ZERO }
+        );
+        assert_eq!(
+            next_step(t, 4, 0, &policy(4), now, deadline, elsewhere),
+            Step::GiveUp,
+            "attempts still count"
+        );
     }
 
     fn failure(reason: RetryReason, hint: Option<u64>, window_known: bool) -> Failure {
@@ -356,7 +432,7 @@ mod tests {
         let now = Instant::now();
         let deadline = now + Duration::from_secs(60);
         let f = failure(RetryReason::ServerError, None, false);
-        let steps: Vec<Step> = (1..=4).map(|n| next_step(f, n, 0, &policy(4), now, deadline, 0.0)).collect();
+        let steps: Vec<Step> = (1..=4).map(|n| next_step(f, n, 0, &policy(4), now, deadline, HERE)).collect();
         let secs = |s| Step::Retry { delay: Duration::from_secs(s) };
         assert_eq!(steps, [secs(1), secs(2), secs(4), Step::GiveUp]);
     }
@@ -368,16 +444,16 @@ mod tests {
         // However many 429s came before, and with attempts spent, the request waits its turn.
         let hinted = failure(RetryReason::RateLimited, Some(7), true);
         assert_eq!(
-            next_step(hinted, 4, 30, &policy(4), now, deadline, 0.0),
+            next_step(hinted, 4, 30, &policy(4), now, deadline, HERE),
             Step::Requeue { pause: Some(Duration::from_secs(7)) }
         );
         // Headers corrected the buckets and no Retry-After: the buckets do the waiting.
         let known = failure(RetryReason::RateLimited, None, true);
-        assert_eq!(next_step(known, 0, 1, &policy(4), now, deadline, 0.0), Step::Requeue { pause: None });
+        assert_eq!(next_step(known, 0, 1, &policy(4), now, deadline, HERE), Step::Requeue { pause: None });
         // Nothing said at all: back off, growing with the 429s.
         let blind = failure(RetryReason::RateLimited, None, false);
         assert_eq!(
-            next_step(blind, 0, 3, &policy(4), now, deadline, 0.0),
+            next_step(blind, 0, 3, &policy(4), now, deadline, HERE),
             Step::Requeue { pause: Some(Duration::from_secs(4)) }
         );
     }
@@ -386,12 +462,12 @@ mod tests {
     fn nothing_that_could_not_start_before_the_deadline() {
         let now = Instant::now();
         let f = failure(RetryReason::RateLimited, Some(5), false);
-        assert_eq!(next_step(f, 0, 1, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
+        assert_eq!(next_step(f, 0, 1, &policy(4), now, now + Duration::from_secs(5), HERE), Step::GiveUp);
         let e = failure(RetryReason::ServerError, Some(5), false);
-        assert_eq!(next_step(e, 1, 0, &policy(1), now, now + Duration::from_secs(60), 0.0), Step::GiveUp);
+        assert_eq!(next_step(e, 1, 0, &policy(1), now, now + Duration::from_secs(60), HERE), Step::GiveUp);
         let t = failure(RetryReason::Timeout, None, false);
-        assert_eq!(next_step(t, 1, 0, &policy(4), now, now + Duration::from_secs(60), 0.0), Step::GiveUp);
-        assert_eq!(next_step(e, 1, 0, &policy(4), now, now + Duration::from_secs(5), 0.0), Step::GiveUp);
+        assert_eq!(next_step(t, 1, 0, &policy(4), now, now + Duration::from_secs(60), HERE), Step::GiveUp);
+        assert_eq!(next_step(e, 1, 0, &policy(4), now, now + Duration::from_secs(5), HERE), Step::GiveUp);
     }
 
     #[test]

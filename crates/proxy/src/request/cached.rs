@@ -158,13 +158,13 @@ pub(crate) async fn lookup(
                 // Wait as long as the leader may legitimately take before its first byte (queue,
                 // attempts and back-offs), then as long as it keeps making progress.
                 let attempts = policy.retry.max_attempts;
-                let first = (policy.upstream.timeout + policy.retry.max_backoff)
+                let first = (policy.longest_timeout() + policy.retry.max_backoff)
                     .checked_mul(attempts)
                     .and_then(|d| d.checked_add(policy.queue.max_wait))
                     .unwrap_or(Duration::MAX);
                 let started = record.get().started;
                 let deadline = started.checked_add(first).unwrap_or_else(far_future);
-                match flight::follow(rx, deadline, policy.upstream.timeout).await {
+                match flight::follow(rx, deadline, policy.longest_timeout()).await {
                     Followed::Answer(answer) => {
                         mark(record, metrics, CacheResult::Coalesced);
                         return Cached::Answered(replay(

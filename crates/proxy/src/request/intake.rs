@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header, request};
 use llmproxy_api::Policy;
+use llmproxy_api::policy::UpstreamPolicy;
 
 use super::auth::Client;
 use super::record::RecordGuard;
@@ -20,10 +21,14 @@ use crate::queue::BytesLease;
 use crate::state::Proxy;
 use crate::{tokens, upstream};
 
-/// The request as it will be sent upstream, every attempt alike.
+/// The request as it will be sent upstream, every attempt alike (each attempt's endpoint
+/// supplies the base URL and the key).
 pub(crate) struct Outgoing {
     pub(crate) method: http::Method,
-    pub(crate) url: String,
+    /// Path after `/v1` and query, appended to the endpoint's URL.
+    pub(crate) rest: String,
+    /// Forwarded headers; account headers only where some endpoint allows them (each attempt
+    /// drops those its endpoint does not).
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     /// The proxy added `stream_options.include_usage`, so it removes the usage event again.
@@ -115,7 +120,15 @@ pub(crate) async fn read(
     // The path first: nothing of a request that may not pass is read or queued.
     let raw_path = parts.uri.path();
     let segments = super::path::segments(raw_path).map_err(bad)?;
-    super::path::allowed(&policy.upstream.allowed_paths, &parts.method, raw_path, &segments).map_err(bad)?;
+    let allowing: Vec<&UpstreamPolicy> = policy
+        .upstreams
+        .iter()
+        .filter(|u| super::path::allowed(&u.allowed_paths, &parts.method, raw_path, &segments).is_ok())
+        .collect();
+    if allowing.is_empty() {
+        let rules = policy.upstreams.first().map_or(&[][..], |u| &u.allowed_paths[..]);
+        super::path::allowed(rules, &parts.method, raw_path, &segments).map_err(bad)?;
+    }
 
     let options = proxy.options();
     let declared =
@@ -153,7 +166,8 @@ pub(crate) async fn read(
         if rec.logged {
             rec.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
         }
-        ask = Ask { tokens: rec.estimate.total(), model: i.model.as_deref().map(Arc::from), client: None };
+        ask =
+            Ask { tokens: rec.estimate.total(), model: i.model.as_deref().map(Arc::from), ..Ask::default() };
         if let Some(max) = policy.limits.max_request_tokens
             && ask.tokens > max
         {
@@ -164,25 +178,37 @@ pub(crate) async fn read(
             body = ask_for_usage(&body, i).map_err(bad)?;
         }
     }
+    // The endpoints that may take it: they serve its model and allow its path.
+    let eligible: Vec<&UpstreamPolicy> =
+        allowing.iter().copied().filter(|u| u.serves(ask.model.as_deref())).collect();
+    if eligible.is_empty() {
+        return Err(bad(model_not_served(ask.model.as_deref().unwrap_or_default())));
+    }
+    if eligible.len() < policy.upstreams.len() {
+        ask.endpoints = Some(eligible.iter().map(|u| Arc::from(u.name.as_str())).collect());
+    }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     ask.client = client.name.clone();
-    let headers = upstream::request_headers(&parts.headers, &policy.upstream.allowed_client_headers);
+    let account: Vec<String> =
+        eligible.iter().flat_map(|u| u.allowed_client_headers.iter().cloned()).collect();
+    let headers = upstream::request_headers(&parts.headers, &account);
+    let rest = format!("{rest}{query}");
     let cache_key = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable).map(|d| {
-        let path = format!("{rest}{query}");
-        cache::key(&policy.upstream.url, parts.method.as_str(), &path, &upstream::answer_headers(&headers), d)
+        let upstreams: Vec<&str> = policy.upstreams.iter().map(|u| u.url.as_str()).collect();
+        cache::key(&upstreams.join(" "), parts.method.as_str(), &rest, &upstream::answer_headers(&headers), d)
     });
     Ok(Intake {
-        out: Outgoing {
-            method: parts.method,
-            url: format!("{}{rest}{query}", policy.upstream.url),
-            headers,
-            body,
-            strip_usage_event,
-        },
+        out: Outgoing { method: parts.method, rest, headers, body, strip_usage_event },
         ask,
         cache_key,
         _bytes: lease,
     })
+}
+
+/// A request for a model no endpoint serves: OpenAI's own answer for an unknown model.
+fn model_not_served(model: &str) -> ApiError {
+    let msg = format!("the model `{model}` is not served by any upstream of this proxy");
+    ApiError::invalid(StatusCode::NOT_FOUND, msg, Some("model_not_found"))
 }
 
 /// A request the provider would refuse as too large, whatever the wait: say so at once instead

@@ -39,6 +39,8 @@ pub struct RequestRecord {
     pub queue_wait: Duration,
     /// Upstream time to headers of the last attempt.
     pub upstream_latency: Option<Duration>,
+    /// The endpoint of the last attempt.
+    pub upstream: Option<String>,
     /// Tokens reserved before sending.
     pub estimate: Estimate,
     /// Tokens the upstream reported.
@@ -72,6 +74,7 @@ impl RequestRecord {
             retry_reasons: Vec::new(),
             queue_wait: Duration::ZERO,
             upstream_latency: None,
+            upstream: None,
             estimate: Estimate::default(),
             usage: None,
             saved_tokens: None,
@@ -110,6 +113,7 @@ impl RequestRecord {
             outcome = self.outcome.label(),
             cache = self.cache.map(CacheResult::label),
             attempts = self.attempts,
+            upstream = self.upstream.as_deref(),
             retry_reasons = ?reasons,
             queue_wait_ms = ms(self.queue_wait),
             upstream_latency_ms = self.upstream_latency.map(ms),

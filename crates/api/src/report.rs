@@ -1,0 +1,15 @@
+//! What a proxy pod reports about itself on its admin port (`GET /status`), and the operator
+//! reads into the LlmProxy's status. JSON, camelCase, the same field names as the status.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::UpstreamStatus;
+
+/// One proxy pod's view.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyReport {
+    /// Each upstream endpoint as this pod sees it.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamStatus>,
+}
