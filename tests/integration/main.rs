@@ -11,3 +11,4 @@ mod proxy;
 mod proxy_process;
 mod support;
 mod tokens;
+mod upstreams;

@@ -30,6 +30,8 @@ pub(crate) fn router(mock: Arc<Mock>) -> Router {
         .route("/v1/models/{id}", get(model))
         .route("/mock/stats", get(stats))
         .route("/mock/faults", post(faults))
+        .route("/mock/limits", post(set_limits))
+        .route("/mock/models", post(set_model))
         .fallback(not_found)
         // Large prompts are part of the test workloads; axum's default limit is 2 MB.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
@@ -132,23 +134,37 @@ fn rate_headers(mock: &Mock, now: Instant) -> HeaderMap {
     h
 }
 
+/// The key a client sent: OpenAI's bearer token, or Azure OpenAI's `api-key` header.
 fn bearer(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
         .map(str::to_owned)
 }
 
-fn record(mock: &Mock, path: &str, status: u16, headers: &HeaderMap, at: Instant) {
+fn record(mock: &Mock, path: &str, status: u16, headers: &HeaderMap, at: Instant, model: Option<&str>) {
     let organization = headers.get("openai-organization").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    lock(&mock.seen).push(Seen { at, path: path.to_owned(), status, key: bearer(headers), organization });
+    let model = model.map(str::to_owned);
     let mut s = lock(&mock.stats);
     match status {
-        200..=299 => s.ok += 1,
+        200..=299 => {
+            s.ok += 1;
+            *s.ok_by_model.entry(model.clone().unwrap_or_default()).or_default() += 1;
+        }
         401 => s.unauthorized += 1,
         _ => {}
     }
+    drop(s);
+    lock(&mock.seen).push(Seen {
+        at,
+        path: path.to_owned(),
+        status,
+        key: bearer(headers),
+        organization,
+        model,
+    });
 }
 
 /// Everything before the answer: auth, faults, limits, latency.
@@ -162,10 +178,11 @@ async fn gate(
     let at = Instant::now();
     lock(&mock.stats).requests += 1;
     let inflight = Inflight::enter(mock);
+    let model = body.get("model").and_then(Value::as_str);
     let key = bearer(headers);
     let config = lock(&mock.config).clone();
     if config.api_key.is_some() && key != config.api_key {
-        record(mock, path, 401, headers, at);
+        record(mock, path, 401, headers, at, model);
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "Incorrect API key provided.",
@@ -181,7 +198,7 @@ async fn gate(
         match f {
             Fault::Status { status, retry_after_secs, code: error_code } => {
                 let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                record(mock, path, code.as_u16(), headers, at);
+                record(mock, path, code.as_u16(), headers, at, model);
                 let mut resp = error(
                     code,
                     "The server had an error while processing your request.",
@@ -194,7 +211,7 @@ async fn gate(
                 return Err(resp);
             }
             Fault::Drop => {
-                record(mock, path, 0, headers, at);
+                record(mock, path, 0, headers, at, model);
                 kill.0.cancel();
                 std::future::pending::<()>().await;
             }
@@ -217,6 +234,17 @@ async fn gate(
     } else {
         0
     });
+    let refused_model = model.and_then(|m| lock(&mock.limits).refused_models.get(m).copied());
+    if let Some(retry_after) = refused_model {
+        record(mock, path, 429, headers, at, model);
+        lock(&mock.stats).rate_limited += 1;
+        let msg = "Rate limit reached for this model. Please try again later.";
+        let mut resp = error(StatusCode::TOO_MANY_REQUESTS, msg, "requests", Some("rate_limit_exceeded"));
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        return Err(resp);
+    }
     let refused = {
         let mut limits = lock(&mock.limits);
         let requests =
@@ -227,7 +255,7 @@ async fn gate(
         })
     };
     if let Err((wait, what)) = refused {
-        record(mock, path, 429, headers, at);
+        record(mock, path, 429, headers, at, model);
         lock(&mock.stats).rate_limited += 1;
         let msg = format!("Rate limit reached for {what}. Please try again in {}.", go_duration(wait));
         let mut resp = error(StatusCode::TOO_MANY_REQUESTS, &msg, what, Some("rate_limit_exceeded"));
@@ -255,7 +283,7 @@ async fn gate(
         stats.tokens += used;
         stats.charged_tokens += kept;
     }
-    record(mock, path, 200, headers, at);
+    record(mock, path, 200, headers, at, model);
     let headers = rate_headers(mock, at);
     mock.pass_gate().await;
     if !config.latency.is_zero() {
@@ -527,6 +555,39 @@ fn one() -> usize {
 
 async fn faults(State(mock): State<Arc<Mock>>, Json(req): Json<Inject>) -> StatusCode {
     mock.inject(req.fault, req.count);
+    StatusCode::NO_CONTENT
+}
+
+#[derive(serde::Deserialize)]
+struct NewLimits {
+    #[serde(default)]
+    requests_per_minute: Option<u64>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
+}
+
+/// `POST /mock/limits {"requests_per_minute": N, "tokens_per_minute": M}`: new limits now.
+async fn set_limits(State(mock): State<Arc<Mock>>, Json(req): Json<NewLimits>) -> StatusCode {
+    mock.set_limits(req.requests_per_minute, req.tokens_per_minute);
+    StatusCode::NO_CONTENT
+}
+
+#[derive(serde::Deserialize)]
+struct ModelRule {
+    model: String,
+    /// Answer it with 429 (true) or serve it again (false).
+    refuse: bool,
+    #[serde(default)]
+    retry_after_secs: Option<u64>,
+}
+
+/// `POST /mock/models {"model": "m", "refuse": true, "retry_after_secs": 5}`.
+async fn set_model(State(mock): State<Arc<Mock>>, Json(req): Json<ModelRule>) -> StatusCode {
+    if req.refuse {
+        mock.refuse_model(&req.model, req.retry_after_secs);
+    } else {
+        mock.allow_model(&req.model);
+    }
     StatusCode::NO_CONTENT
 }
 

@@ -122,6 +122,8 @@ pub struct Stats {
     pub tokens: u64,
     /// Tokens counted against `tokens_per_minute`, by its accounting (what it charged and kept).
     pub charged_tokens: u64,
+    /// Answered 2xx, by the request's model.
+    pub ok_by_model: std::collections::BTreeMap<String, u64>,
 }
 
 /// One request as the mock saw it.
@@ -133,8 +135,10 @@ pub struct Seen {
     pub path: String,
     /// Status answered (0 for a dropped connection).
     pub status: u16,
-    /// The bearer key sent, if any.
+    /// The key sent, as a bearer token or as Azure's `api-key` header.
     pub key: Option<String>,
+    /// The request body's `model`, if any.
+    pub model: Option<String>,
     /// The `openai-organization` header sent, if any.
     pub organization: Option<String>,
 }
@@ -142,6 +146,8 @@ pub struct Seen {
 pub(crate) struct Limits {
     requests: Option<Quota>,
     tokens: Option<Quota>,
+    /// Models answered with 429 (and this `Retry-After`, in seconds) whatever the quota.
+    refused_models: std::collections::BTreeMap<String, Option<u64>>,
 }
 
 /// Shared state of a running mock.
@@ -170,6 +176,7 @@ impl Mock {
         let limits = Limits {
             requests: config.requests_per_minute.map(|l| Quota::new(l, config.window, now)),
             tokens: config.tokens_per_minute.map(|l| Quota::new(l, config.window, now)),
+            refused_models: std::collections::BTreeMap::new(),
         };
         Arc::new(Self {
             config: Mutex::new(config),
@@ -201,6 +208,29 @@ impl Mock {
             }
             _ => None,
         }
+    }
+
+    /// Enforce new limits from now on (a provider lowering or raising a key's quota); `None`
+    /// lifts that limit. The headers report the new limits at once.
+    pub fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
+        let now = Instant::now();
+        let mut config = lock(&self.config);
+        config.requests_per_minute = requests_per_minute;
+        config.tokens_per_minute = tokens_per_minute;
+        let window = config.window;
+        let mut limits = lock(&self.limits);
+        limits.requests = requests_per_minute.map(|l| Quota::new(l, window, now));
+        limits.tokens = tokens_per_minute.map(|l| Quota::new(l, window, now));
+    }
+
+    /// Answer every request for `model` with 429 (with this `Retry-After`) until allowed again.
+    pub fn refuse_model(&self, model: &str, retry_after_secs: Option<u64>) {
+        lock(&self.limits).refused_models.insert(model.to_owned(), retry_after_secs);
+    }
+
+    /// Serve `model` again.
+    pub fn allow_model(&self, model: &str) {
+        lock(&self.limits).refused_models.remove(model);
     }
 
     /// Change the accepted key (rotation tests).

@@ -303,3 +303,67 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The mock upstream as its own `llmproxy mock-upstream` process, to be killed and restarted
+/// on the same address (what an upstream outage looks like to the proxy).
+pub struct MockProcess {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    args: Vec<String>,
+}
+
+impl MockProcess {
+    /// Start one on a free port with extra `mock-upstream` flags; waits until it answers.
+    pub async fn start(args: &[&str]) -> Self {
+        let mut m =
+            Self { child: None, addr: free_addr(), args: args.iter().map(|a| (*a).to_owned()).collect() };
+        m.restart().await;
+        m
+    }
+
+    /// `http://addr/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Kill it at once (SIGKILL): connections are refused until it is restarted.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same address (its counters start from zero).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .arg("mock-upstream")
+            .args(["--listen", &self.addr.to_string()])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the mock: {e}"));
+        self.child = Some(child);
+        let url = format!("http://{}/mock/stats", self.addr);
+        eventually("the mock process to answer", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { (!get_text(&url).await.is_empty()).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Its counters (`/mock/stats`).
+    pub async fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&get_text(&format!("http://{}/mock/stats", self.addr)).await).unwrap_or_default()
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -149,6 +149,15 @@ impl RateConfig {
         Self { requests: tighter(self.requests, other.requests), tokens: tighter(self.tokens, other.tokens) }
     }
 
+    /// The same rates with a tenth of each burst kept in hand. An upstream counts a request
+    /// when it arrives, the proxy when it sends it; requests that travel unevenly (a slow
+    /// connection, a busy host) bunch up on arrival, and with both buckets spent to the last
+    /// unit that bunching alone is a 429. The sustained rate is unchanged.
+    pub(crate) fn with_headroom(self) -> Self {
+        let keep = |c: Option<(u64, u64)>| c.map(|(pm, burst)| (pm, (burst - burst / 10).max(1)));
+        Self { requests: keep(self.requests), tokens: keep(self.tokens) }
+    }
+
     pub(crate) fn is_unlimited(self) -> bool {
         self.requests.is_none() && self.tokens.is_none()
     }
@@ -300,7 +309,9 @@ impl Rates {
                 bucket.upstream_level(q_tokens, c.since, charged_after, c.unseen_before)
             {
                 bucket.lower_to(now, ceiling(high, charged_after));
-                if c.used_accounting && self.reports_tokens {
+                // Withheld tokens return only on a reading whose low end is known: without
+                // where the quota stood at the charge, what came after is unknown.
+                if c.used_accounting && self.reports_tokens && c.spent_at.is_some() {
                     self.withheld -= bucket.raise_to(now, low, self.withheld);
                 }
             }
@@ -308,5 +319,18 @@ impl Rates {
                 self.reports_tokens = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateConfig;
+
+    #[test]
+    fn headroom_trims_the_burst_never_the_rate_nor_below_one() {
+        let c = RateConfig::per_minute(Some(600), Some(60_000)).with_headroom();
+        assert_eq!((c.requests, c.tokens), (Some((600, 9)), Some((60_000, 900))));
+        let tiny = RateConfig::per_minute(Some(1), None).with_headroom();
+        assert_eq!((tiny.requests, tiny.tokens), (Some((1, 1)), None));
     }
 }

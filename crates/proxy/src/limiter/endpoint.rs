@@ -118,17 +118,24 @@ pub(crate) struct Endpoint {
     pub(crate) ejections_total: u64,
 }
 
+/// An endpoint's own quota as configured, with headroom (it models the upstream's count).
 fn configured(policy: &UpstreamPolicy) -> RateConfig {
     let l = &policy.limits;
     RateConfig {
         requests: l.requests_per_minute.map(|pm| (pm, l.request_burst)),
         tokens: l.tokens_per_minute.map(|pm| (pm, l.token_burst.max(llmproxy_api::policy::per_second(pm)))),
     }
+    .with_headroom()
+}
+
+/// What an answer's `x-ratelimit-limit-*` headers report, with headroom.
+fn reported(q: &QuotaHeaders) -> RateConfig {
+    RateConfig::per_minute(q.limit_requests, q.limit_tokens).with_headroom()
 }
 
 fn model_config(policy: &UpstreamPolicy, model: &str) -> RateConfig {
     policy.limits.models.get(model).map_or_else(RateConfig::default, |m| {
-        RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute)
+        RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute).with_headroom()
     })
 }
 
@@ -169,8 +176,8 @@ impl Endpoint {
         for q in self.models.values_mut() {
             q.configured = RateConfig::default();
         }
-        for (name, m) in &policy.limits.models {
-            let configured = RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute);
+        for name in policy.limits.models.keys() {
+            let configured = model_config(&policy, name);
             match self.models.get_mut(name.as_str()) {
                 Some(q) => q.configured = configured,
                 None => {
@@ -302,7 +309,7 @@ impl Endpoint {
         if q.limit_requests.is_none() && q.limit_tokens.is_none() {
             return;
         }
-        let seen = RateConfig::per_minute(q.limit_requests, q.limit_tokens);
+        let seen = reported(q);
         match model {
             None => {
                 self.observed = seen;
@@ -320,10 +327,15 @@ impl Endpoint {
                     }
                 }
                 let configured = model_config(&self.policy, m);
-                let q = self.models.entry(Arc::clone(m)).or_insert_with(|| ModelQuota {
-                    rates: Rates::new(configured.min(seen), now),
-                    configured,
-                    observed: seen,
+                let in_flight = &self.unanswered;
+                let q = self.models.entry(Arc::clone(m)).or_insert_with(|| {
+                    // A quota learned now starts where it would stand had it existed all along:
+                    // what is in flight here is charged to it too.
+                    let mut rates = Rates::new(configured.min(seen), now);
+                    for tokens in in_flight.values() {
+                        rates.take(now, *tokens);
+                    }
+                    ModelQuota { rates, configured, observed: seen }
                 });
                 q.observed = seen;
                 q.rates.set(q.configured.min(seen), now);
@@ -449,8 +461,8 @@ mod tests {
         let says = |rpm| QuotaHeaders { limit_requests: Some(rpm), ..QuotaHeaders::default() };
         e.calibrate(t0, Some(&m), &says(600), None, correction());
         assert_eq!(e.observed_limits(), (Some(600), None));
-        // 600/min = 10/s, burst 10: the eleventh request at once waits 100 ms.
-        for i in 0..10 {
+        // 600/min = 10/s, burst 10 less the one kept in hand: the tenth at once waits 100 ms.
+        for i in 0..9 {
             assert_eq!(e.ready_at(t0, &ask("gpt", 0)).at, t0, "request {i}");
             e.take(t0, &ask("gpt", 0), i);
         }

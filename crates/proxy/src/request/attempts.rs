@@ -85,7 +85,9 @@ pub(crate) fn next_step(
             None if failure.window_known => None,
             None => Some(retry::backoff(retry, limited, unit)),
         };
-        return if in_time(pause.unwrap_or_default()) { Step::Requeue { pause } } else { Step::GiveUp };
+        // Another endpoint may take it at once; else it must be able to wait out the pause.
+        let fits = prospects.elsewhere || in_time(pause.unwrap_or_default());
+        return if fits { Step::Requeue { pause } } else { Step::GiveUp };
     }
     // A timed-out attempt may still be running upstream, and be billed: never send it again to
     // the same endpoint.
@@ -312,8 +314,7 @@ pub(crate) async fn run(
             errors += 1;
         }
         let now = Instant::now();
-        let elsewhere =
-            failure.reason != RetryReason::RateLimited && admission.alternative(&ask, &endpoint.name);
+        let elsewhere = admission.alternative(&ask, &endpoint.name);
         let prospects = Prospects { elsewhere, unit: fastrand::f64() };
         let mut step = next_step(failure, errors, limited, &policy.retry, now, deadline, prospects);
         // Retries after errors spend the retry budget; waiting out a 429 does not.
@@ -420,6 +421,12 @@ mod tests {
             next_step(t, 4, 0, &policy(4), now, deadline, elsewhere),
             Step::GiveUp,
             "attempts still count"
+        );
+        // A pause longer than the wait left holds only that endpoint: the request goes elsewhere.
+        let long = failure(RetryReason::RateLimited, Some(3600), false);
+        assert_eq!(
+            next_step(long, 0, 1, &policy(4), now, deadline, elsewhere),
+            Step::Requeue { pause: Some(Duration::from_secs(3600)) }
         );
     }
 
