@@ -8,7 +8,7 @@ use axum::routing::get;
 use std::sync::Arc;
 
 use http::StatusCode;
-use llmproxy_operator::{Config, Health, LeaseConfig, Metrics, Settings};
+use llmproxy_operator::{Config, Health, LeaseConfig, Metrics, ObserveConfig, Settings};
 
 use super::LogFormat;
 
@@ -40,6 +40,10 @@ pub struct Args {
     /// This instance's identity in the Lease and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How often the proxy pods' reports (their admin port's `/status`) are read into the
+    /// LlmProxies' status.
+    #[arg(long, env = "LLMPROXY_STATUS_INTERVAL", default_value = "10s")]
+    status_interval: llmproxy_api::Duration,
     /// Log format.
     #[arg(long, value_enum, default_value = "json")]
     log_format: LogFormat,
@@ -61,10 +65,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             image: args.proxy_image,
             image_pull_policy: args.proxy_image_pull_policy,
             metrics_namespace: args.metrics_namespace,
+            operator_namespace: Some(args.lease_namespace.clone()),
         },
         namespace: args.namespace,
         lease: args.leader_election.then(|| LeaseConfig::new(&args.lease_namespace, &identity)),
         identity,
+        observe: ObserveConfig {
+            interval: args.status_interval.get().max(std::time::Duration::from_secs(1)),
+            ..ObserveConfig::default()
+        },
     };
     let metrics = Metrics::new(prometheus::Registry::new())?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)

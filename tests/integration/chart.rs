@@ -148,6 +148,7 @@ const OPERATOR_NEEDS: &[(&str, &str, &[&str])] = &[
     ("policy", "poddisruptionbudgets", &["get", "list", "watch", "create", "patch", "delete"]),
     ("autoscaling", "horizontalpodautoscalers", &["get", "list", "watch", "create", "patch", "delete"]),
     ("networking.k8s.io", "networkpolicies", &["get", "list", "watch", "create", "patch", "delete"]),
+    ("discovery.k8s.io", "endpointslices", &["list"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
@@ -204,10 +205,12 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
             image: image.clone(),
             image_pull_policy: Some("IfNotPresent".into()),
             metrics_namespace: None,
+            operator_namespace: None,
         },
         namespace: None,
         lease: Some(llmproxy_operator::LeaseConfig::new("llmproxy-system", "llmproxy-0")),
         identity: "llmproxy-0".into(),
+        observe: llmproxy_operator::ObserveConfig::default(),
     };
     let operator = tokio::spawn(llmproxy_operator::run(
         client.clone(),
@@ -380,10 +383,12 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
             image: "llmproxy:test".into(),
             image_pull_policy: None,
             metrics_namespace: None,
+            operator_namespace: None,
         },
         namespace: None,
         lease: None,
         identity: "llmproxy-0".into(),
+        observe: llmproxy_operator::ObserveConfig::default(),
     };
     let metrics =
         llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));

@@ -19,7 +19,7 @@ use llmproxy_mock::{MockConfig, load};
 use llmproxy_operator::{Config, LeaseConfig, Metrics, Settings};
 use serde_json::{Value, json};
 
-use crate::support::proxy_env::{get_text, metric, mock};
+use crate::support::proxy_env::{TestProxy, get_text, metric, mock};
 use crate::support::{self, KubeEnv, MANAGER, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -42,10 +42,15 @@ impl Operator {
                 image: "llmproxy:test".into(),
                 image_pull_policy: None,
                 metrics_namespace: None,
+                operator_namespace: None,
             },
             namespace: Some(ns.to_owned()),
             lease: lease.then_some(lease_cfg),
             identity: identity.to_owned(),
+            observe: llmproxy_operator::ObserveConfig {
+                interval: Duration::from_millis(300),
+                ..llmproxy_operator::ObserveConfig::default()
+            },
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(llmproxy_operator::run(
@@ -782,4 +787,93 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
     })
     .await;
     condition(&api, "p", "ClientAuth", "False", "ClientAuthDisabled").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
+    let (_env, client, ns, api) = setup("observe").await;
+    // a grants 600/min where the spec will ask for 1200; b grants what the spec asks.
+    let a = mock(MockConfig { requests_per_minute: Some(600), ..MockConfig::default() }).await;
+    let b = mock(MockConfig { requests_per_minute: Some(6000), ..MockConfig::default() }).await;
+    let spec = |a_rpm: u64| {
+        json!({
+            "upstreams": [
+                {"name": "a", "url": a.url(), "models": ["ma"], "limits": {"requestsPerMinute": a_rpm}},
+                {"name": "b", "url": b.url(), "models": ["mb"], "limits": {"requestsPerMinute": 6000}},
+            ],
+            "limits": {"requestsPerMinute": 10000},
+        })
+    };
+    let manifest = |a_rpm: u64| {
+        json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": "team"},
+               "spec": spec(a_rpm)})
+    };
+    // A proxy pod (a standalone process of the same spec) that has spoken to both upstreams.
+    let yaml = serde_yaml::to_string(&manifest(1200)).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = TestProxy::start(&yaml, None).await;
+    let client_http = load::client();
+    for model in ["ma", "mb"] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let r = load::shoot(&client_http, &proxy.url("/chat/completions"), None, &body).await;
+        assert_eq!(r.status, Some(200), "{model}");
+    }
+    let op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &manifest(1200)).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    wait_for(&services, "team").await;
+    // The test API server runs no controllers: the EndpointSlice a real one would write.
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "team-pods", "labels": {"kubernetes.io/service-name": "team"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+        "ports": [{"name": "http", "port": proxy.addr.port(), "protocol": "TCP"},
+                  {"name": "metrics", "port": proxy.admin.port(), "protocol": "TCP"}],
+    });
+    Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), &ns)
+        .patch("team-pods", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&slice))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let p = condition(&api, "team", "LimitsAboveUpstream", "True", "UpstreamGrantsLess").await;
+    let message = &llmproxy_operator::status::condition_status(p.status.as_ref(), "LimitsAboveUpstream")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("a: requestsPerMinute 1200 configured, the upstream grants 600"), "{message}");
+    assert!(!message.contains("b:"), "{message}");
+    let upstreams = p.status.as_ref().map(|s| s.upstreams.clone()).unwrap_or_default();
+    let seen: Vec<_> = upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), u.observed_limits.as_ref().and_then(|l| l.requests_per_minute), u.healthy))
+        .collect();
+    assert_eq!(seen, [("a", Some(600), true), ("b", Some(6000), true)]);
+
+    // Nothing changes: passes go on, writes do not.
+    let writes = || metric(&op.metrics.render(), "llmproxy_operator_observed_status_writes_total");
+    let passes = || metric(&op.metrics.render(), "llmproxy_operator_observe_passes_total");
+    let (w0, p0) = (writes(), passes());
+    eventually("three more passes", WAIT, || async { (passes() >= p0 + 3.0).then_some(()) }).await;
+    assert_eq!(writes(), w0, "no status write without a change");
+
+    // The reconciler's own writes (a new generation) keep what the observer wrote, and the
+    // observer's keep the reconciler's conditions.
+    let mut lower = manifest(600);
+    lower["spec"]["queue"] = json!({"maxWait": "2s"});
+    apply(&api, &lower).await;
+    let p = condition(&api, "team", "LimitsAboveUpstream", "False", "WithinUpstreamLimits").await;
+    let s = p.status.clone().unwrap_or_default();
+    assert_eq!(s.upstreams.len(), 2, "{s:?}");
+    for type_ in ["Ready", "Progressing", "Degraded", "ClientAuth"] {
+        assert!(llmproxy_operator::status::condition_status(Some(&s), type_).is_some(), "{type_}: {s:?}");
+    }
+    let p = eventually("the reconciler's write of generation 2", WAIT, || async {
+        let p = api.get("team").await.ok()?;
+        (p.status.as_ref()?.observed_generation == p.metadata.generation).then_some(p)
+    })
+    .await;
+    let s = p.status.unwrap_or_default();
+    assert_eq!(s.upstreams.len(), 2, "the reconciler left the pods' report alone: {s:?}");
+    assert!(llmproxy_operator::status::condition_status(Some(&s), "LimitsAboveUpstream").is_some());
+    op.stop().await;
+    proxy.shutdown().await;
 }

@@ -43,6 +43,9 @@ pub struct Settings {
     /// The namespace whose pods may scrape the proxies' metrics port when a NetworkPolicy
     /// guards them (`spec.clients.allowFrom`); `None`: nobody.
     pub metrics_namespace: Option<String>,
+    /// The operator's own namespace: it reads the pods' reports on the metrics port, so a
+    /// NetworkPolicy lets it in there too; `None`: only `metrics_namespace`.
+    pub operator_namespace: Option<String>,
 }
 
 /// Everything one LlmProxy runs on.
@@ -319,7 +322,8 @@ fn service(p: &LlmProxy) -> Service {
     }
 }
 
-/// Only `peers` reach the API port, only the monitoring namespace the metrics port.
+/// Only `peers` reach the API port, only the monitoring namespace and the operator's the
+/// metrics port.
 fn network_policy(p: &LlmProxy, peers: &[NetworkPolicyPeer], settings: &Settings) -> NetworkPolicy {
     let port = |name: &str| NetworkPolicyPort {
         port: Some(IntOrString::String(name.to_owned())),
@@ -328,18 +332,21 @@ fn network_policy(p: &LlmProxy, peers: &[NetworkPolicyPeer], settings: &Settings
     };
     let mut ingress =
         vec![NetworkPolicyIngressRule { from: Some(peers.to_vec()), ports: Some(vec![port("http")]) }];
-    if let Some(monitoring) = &settings.metrics_namespace {
-        let from = NetworkPolicyPeer {
+    let mut readers: Vec<&String> =
+        settings.metrics_namespace.iter().chain(&settings.operator_namespace).collect();
+    readers.dedup();
+    let from: Vec<NetworkPolicyPeer> = readers
+        .into_iter()
+        .map(|ns| NetworkPolicyPeer {
             namespace_selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([(
-                    "kubernetes.io/metadata.name".to_owned(),
-                    monitoring.clone(),
-                )])),
+                match_labels: Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.clone())])),
                 ..LabelSelector::default()
             }),
             ..NetworkPolicyPeer::default()
-        };
-        ingress.push(NetworkPolicyIngressRule { from: Some(vec![from]), ports: Some(vec![port("metrics")]) });
+        })
+        .collect();
+    if !from.is_empty() {
+        ingress.push(NetworkPolicyIngressRule { from: Some(from), ports: Some(vec![port("metrics")]) });
     }
     NetworkPolicy {
         metadata: meta(p, p.name_any()),
@@ -449,6 +456,7 @@ spec:
             image: "llmproxy:test".into(),
             image_pull_policy: None,
             metrics_namespace: Some("monitoring".into()),
+            operator_namespace: Some("llmproxy-system".into()),
         }
     }
 
@@ -573,6 +581,17 @@ spec:
         assert_eq!(
             monitoring,
             Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "monitoring".to_owned())]))
+        );
+        let operator = rules[1]
+            .from
+            .as_ref()
+            .and_then(|f| f.get(1))
+            .and_then(|p| p.namespace_selector.as_ref())
+            .and_then(|s| s.match_labels.clone());
+        assert_eq!(
+            operator,
+            Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "llmproxy-system".to_owned())])),
+            "the operator reads the pods' reports there"
         );
     }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod reconcile;
 pub mod status;
 
@@ -34,6 +35,7 @@ pub use error::Error;
 pub use health::Health;
 pub use leader::LeaseConfig;
 pub use metrics::Metrics;
+pub use observe::ObserveConfig;
 pub use reconcile::Context;
 
 /// How to run the operator.
@@ -47,6 +49,8 @@ pub struct Config {
     pub lease: Option<LeaseConfig>,
     /// Name this instance reports in Events.
     pub identity: String,
+    /// How often the pods' reports are read into status.
+    pub observe: ObserveConfig,
 }
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=llmproxy-operator";
@@ -97,6 +101,7 @@ pub async fn controller(
         .predicate_filter(predicates::generation, PredicateConfig::default());
     let controller = Controller::for_stream(proxies, reader);
     let store = controller.store();
+    let observer = observe::run(client.clone(), controller.store(), config.observe, ctx.metrics.clone());
     // Secrets are watched by metadata only (no cache of key material in the operator), to
     // reconcile an LlmProxy as soon as its missing Secret appears; a reconcile reads just the one
     // Secret its LlmProxy names, to check that the key is there.
@@ -106,7 +111,7 @@ pub async fn controller(
     // Every child kind is watched: drift in any of them is repaired at once, not at the next
     // periodic requeue.
     let children = || watcher::Config::default().labels(MANAGED);
-    controller
+    let running = controller
         .owns(api::<Deployment>(&client, ns), children())
         .owns(api::<Service>(&client, ns), children())
         .owns(api::<ServiceAccount>(&client, ns), children())
@@ -140,8 +145,16 @@ pub async fn controller(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    // The observer runs as long as the controller (under the same leadership), and stops with it.
+    tokio::pin!(running, observer);
+    tokio::select! {
+        () = &mut running => {}
+        () = &mut observer => {
+            tracing::error!("status observer stopped; reconciling goes on without it");
+            running.await;
+        }
+    }
     health.set_watching(false);
 }
 

@@ -267,10 +267,10 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
     );
     let keys_required = p.spec.clients.as_ref().is_some_and(|c| c.keys_secret_ref.is_some());
     status::add_client_auth(&mut new, keys_required, p.status.as_ref(), &now);
-    if p.status.as_ref() != Some(&new) {
+    if !status::unchanged(p.status.as_ref(), &new) {
         let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
-        let body =
-            serde_json::json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "status": new});
+        let body = serde_json::json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy",
+            "status": status::reconciler_part(&new)});
         api.patch_status(&p.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
         publish_transitions(ctx, p, p.status.as_ref(), &new).await;
     }

@@ -2,7 +2,7 @@
 //! `Degraded`) with reasons. Pure; the reconciler writes the result.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use llmproxy_api::LlmProxyStatus;
+use llmproxy_api::{LlmProxyStatus, ObservedLimits, Policy, ProxyReport, UpstreamStatus};
 
 /// Something about the LlmProxy that the operator cannot fix by itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,14 +210,131 @@ pub fn compute(
             }
         }
     }
-    LlmProxyStatus {
+    let mut status = LlmProxyStatus {
         conditions,
         observed_generation: generation,
         replicas: Some(replicas),
         ready_replicas: Some(ready),
         endpoint: Some(endpoint),
         upstreams: previous.map(|p| p.upstreams.clone()).unwrap_or_default(),
+    };
+    // What the pods report is the observer's (its own field manager): carried here so that a
+    // comparison with the stored status sees no change, and left out of what the reconciler
+    // applies (`reconciler_part`).
+    if let Some(prev) = previous {
+        status.conditions.extend(prev.conditions.iter().filter(|c| observed_condition(&c.type_)).cloned());
     }
+    status
+}
+
+/// Whether `stored` already says what `new` does, whatever the order of its conditions (two
+/// field managers write them, and the server keeps its own order).
+pub fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -> bool {
+    let sorted = |s: &LlmProxyStatus| {
+        let mut s = s.clone();
+        s.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+        s
+    };
+    stored.is_some_and(|s| sorted(s) == sorted(new))
+}
+
+/// Conditions written from what the proxy pods report, not by the reconciler.
+pub const OBSERVED_CONDITIONS: &[&str] = &["LimitsAboveUpstream"];
+
+fn observed_condition(type_: &str) -> bool {
+    OBSERVED_CONDITIONS.contains(&type_)
+}
+
+/// The fields the reconciler owns: without the pods' reports, which another field manager
+/// applies. Server-side apply leaves what one manager omits to the other.
+pub fn reconciler_part(status: &LlmProxyStatus) -> LlmProxyStatus {
+    let mut s = status.clone();
+    s.upstreams.clear();
+    s.conditions.retain(|c| !observed_condition(&c.type_));
+    s
+}
+
+/// One view of each upstream out of every pod's report: the lowest limit any pod was told
+/// (they share the key, so they normally agree), healthy only if no pod has it taken out (one
+/// pod's ejection is worth a look), and the error of a pod that took it out, else any error.
+pub fn aggregate_upstreams(reports: &[ProxyReport]) -> Vec<UpstreamStatus> {
+    let mut out: Vec<UpstreamStatus> = Vec::new();
+    for u in reports.iter().flat_map(|r| &r.upstreams) {
+        let Some(seen) = out.iter_mut().find(|s| s.name == u.name) else {
+            out.push(u.clone());
+            continue;
+        };
+        if let Some(l) = &u.observed_limits {
+            let mine = seen.observed_limits.get_or_insert_with(ObservedLimits::default);
+            mine.requests_per_minute = lower(mine.requests_per_minute, l.requests_per_minute);
+            mine.tokens_per_minute = lower(mine.tokens_per_minute, l.tokens_per_minute);
+        }
+        if !u.healthy && seen.healthy {
+            seen.healthy = false;
+            seen.last_error = u.last_error.clone().or(seen.last_error.take());
+        } else if seen.last_error.is_none() {
+            seen.last_error = u.last_error.clone();
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn lower(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `LimitsAboveUpstream`: true when an endpoint's configured limit is above what its upstream
+/// reports granting; the proxies enforce the lower one, so the spec overstates what teams get.
+pub fn limits_above_upstream(
+    policy: &Policy,
+    upstreams: &[UpstreamStatus],
+    generation: Option<i64>,
+    previous: Option<&LlmProxyStatus>,
+    now: &Time,
+) -> Condition {
+    let mut above = Vec::new();
+    for e in &policy.upstreams {
+        let Some(seen) = upstreams.iter().find(|u| u.name == e.name).and_then(|u| u.observed_limits.as_ref())
+        else {
+            continue;
+        };
+        let mut check = |what: &str, configured: Option<u64>, observed: Option<i64>| {
+            if let (Some(c), Some(o)) = (configured, observed)
+                && i64::try_from(c).unwrap_or(i64::MAX) > o
+            {
+                above.push(format!("{}: {what} {c} configured, the upstream grants {o}", e.name));
+            }
+        };
+        check("requestsPerMinute", e.limits.requests_per_minute, seen.requests_per_minute);
+        check("tokensPerMinute", e.limits.tokens_per_minute, seen.tokens_per_minute);
+    }
+    let mut c = if above.is_empty() {
+        condition(
+            "LimitsAboveUpstream",
+            false,
+            "WithinUpstreamLimits",
+            "no configured limit is above what its upstream reports".into(),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            "LimitsAboveUpstream",
+            true,
+            "UpstreamGrantsLess",
+            format!("{}; the proxies enforce the upstream's figure", above.join("; ")),
+            generation,
+            now,
+        )
+    };
+    if let Some(old) = condition_status(previous, "LimitsAboveUpstream").filter(|o| o.status == c.status) {
+        c.last_transition_time = old.last_transition_time.clone();
+    }
+    c
 }
 
 /// Add the `ClientAuth` condition: whether clients must present a key, said plainly when they
@@ -333,5 +450,75 @@ mod tests {
         let changed = compute(Some(2), None, down, "e".into(), Some(&same), &at(30));
         assert_eq!(get(&changed, "Ready").last_transition_time, at(30));
         assert_eq!(get(&changed, "Degraded").last_transition_time, at(10));
+    }
+
+    fn seen(name: &str, rpm: Option<i64>, healthy: bool, error: Option<&str>) -> UpstreamStatus {
+        UpstreamStatus {
+            name: name.into(),
+            observed_limits: rpm
+                .map(|r| ObservedLimits { requests_per_minute: Some(r), ..ObservedLimits::default() }),
+            healthy,
+            last_error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn pods_reports_combine_into_the_lowest_limit_and_any_ejection() {
+        let one = ProxyReport {
+            upstreams: vec![seen("b", Some(600), true, None), seen("a", Some(100), true, None)],
+        };
+        let two = ProxyReport {
+            upstreams: vec![
+                seen("a", Some(90), false, Some("connect: refused")),
+                seen("b", None, true, None),
+            ],
+        };
+        let all = aggregate_upstreams(&[one, two]);
+        assert_eq!(
+            all,
+            [seen("a", Some(90), false, Some("connect: refused")), seen("b", Some(600), true, None)]
+        );
+        assert!(aggregate_upstreams(&[]).is_empty());
+    }
+
+    #[test]
+    fn limits_above_upstream_names_the_endpoint_and_the_figures() {
+        let yaml = "upstreams: [{name: a, url: 'https://a.example', limits: {requestsPerMinute: 1200}}, {name: b, url: 'https://b.example'}]\nlimits: {requestsPerMinute: 5000}";
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let policy = Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let c = limits_above_upstream(
+            &policy,
+            &[seen("a", Some(600), true, None), seen("b", Some(10), true, None)],
+            Some(1),
+            None,
+            &at(10),
+        );
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "UpstreamGrantsLess"));
+        assert!(
+            c.message.starts_with("a: requestsPerMinute 1200 configured, the upstream grants 600"),
+            "{}",
+            c.message
+        );
+        assert!(!c.message.contains("b:"), "b has no limit of its own: {}", c.message);
+        let fine =
+            limits_above_upstream(&policy, &[seen("a", Some(1200), true, None)], Some(1), None, &at(10));
+        assert_eq!(fine.reason, "WithinUpstreamLimits");
+    }
+
+    #[test]
+    fn the_reconciler_applies_its_fields_only_and_keeps_the_observers_for_comparison() {
+        let rollout = Rollout { desired: 1, replicas: 1, ready: 1, updated: 1 };
+        let mut stored = compute(Some(1), None, rollout, "e".into(), None, &at(10));
+        stored.upstreams = vec![seen("a", Some(1), true, None)];
+        stored.conditions.insert(
+            0,
+            condition("LimitsAboveUpstream", true, "UpstreamGrantsLess", "m".into(), Some(1), &at(5)),
+        );
+        let again = compute(Some(1), None, rollout, "e".into(), Some(&stored), &at(20));
+        assert!(unchanged(Some(&stored), &again), "same content, other order: no write");
+        let applied = reconciler_part(&again);
+        assert!(applied.upstreams.is_empty());
+        assert!(condition_status(Some(&applied), "LimitsAboveUpstream").is_none());
+        assert!(condition_status(Some(&applied), "Ready").is_some());
     }
 }

@@ -1,0 +1,229 @@
+//! The observer: what the proxy pods report on their admin port (`GET /status`), read through
+//! the EndpointSlices of each LlmProxy's Service and written into its status
+//! (`status.upstreams`, `LimitsAboveUpstream`) under a field manager of its own.
+//!
+//! One pass every interval over every LlmProxy: a list of EndpointSlices and one short GET per
+//! ready pod, a handful at a time, each bounded in time and bytes; a status write only when
+//! something changed. A pod that does not answer is left out of that pass; a pass that reaches
+//! no pod writes nothing (the last known view stays).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+use llmproxy_api::{LlmProxy, LlmProxyStatus, Policy, ProxyReport};
+
+use crate::metrics::Metrics;
+use crate::status;
+
+/// The field manager of what the pods report (the reconciler's is [`crate::reconcile::MANAGER`]).
+pub const OBSERVER: &str = "llmproxy-operator-observer";
+/// The most a pod's report may take; a larger one is refused as hostile.
+const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Pods asked at once, across all LlmProxies.
+const CONCURRENT_PODS: usize = 16;
+
+/// How the observer runs.
+#[derive(Clone, Copy, Debug)]
+pub struct ObserveConfig {
+    /// Time between passes (`--status-interval`).
+    pub interval: Duration,
+    /// The most one pod's answer may take.
+    pub timeout: Duration,
+}
+
+impl Default for ObserveConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(10), timeout: Duration::from_secs(2) }
+    }
+}
+
+/// Run passes until dropped (the controller's shutdown drops it).
+pub async fn run(
+    client: Client,
+    store: Store<DeserializeGuard<LlmProxy>>,
+    config: ObserveConfig,
+    metrics: Metrics,
+) {
+    // Pods are reached over plain HTTP, but the client's TLS stack wants a provider installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = match reqwest::Client::builder()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "status observer cannot build its HTTP client; status.upstreams stays empty");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let proxies: Vec<Arc<LlmProxy>> = store
+            .state()
+            .into_iter()
+            .filter_map(|p| p.0.as_ref().ok().map(|p| Arc::new(p.clone())))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        stream::iter(proxies)
+            .for_each_concurrent(CONCURRENT_PODS, |p| {
+                let (client, http, metrics) = (client.clone(), http.clone(), metrics.clone());
+                async move {
+                    match observe_one(&client, &http, &p).await {
+                        Ok(true) => metrics.observed_writes.inc(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            metrics.observe_errors.inc();
+                            tracing::debug!(namespace = ?p.namespace(), name = %p.name_any(), error = %e,
+                            "could not observe an LlmProxy's pods");
+                        }
+                    }
+                }
+            })
+            .await;
+        metrics.observe_passes.inc();
+    }
+}
+
+/// Read one LlmProxy's pods and write what changed; whether it wrote.
+async fn observe_one(client: &Client, http: &reqwest::Client, p: &LlmProxy) -> anyhow::Result<bool> {
+    let ns = p.namespace().unwrap_or_default();
+    let urls = pod_status_urls(client, &ns, &p.name_any()).await?;
+    let reports: Vec<ProxyReport> = stream::iter(urls)
+        .map(|url| async move {
+            match fetch(http, &url).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::debug!(%url, error = %e, "a proxy pod did not report");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENT_PODS)
+        .filter_map(std::future::ready)
+        .collect()
+        .await;
+    if reports.is_empty() {
+        return Ok(false);
+    }
+    let upstreams = status::aggregate_upstreams(&reports);
+    let now = Time(Timestamp::now());
+    let mut conditions = Vec::new();
+    if let Ok(policy) = Policy::from_spec(&p.spec) {
+        conditions.push(status::limits_above_upstream(
+            &policy,
+            &upstreams,
+            p.metadata.generation,
+            p.status.as_ref(),
+            &now,
+        ));
+    }
+    let stored = p.status.clone().unwrap_or_default();
+    let same_conditions = conditions.iter().all(|c| {
+        status::condition_status(Some(&stored), &c.type_)
+            .is_some_and(|o| o.status == c.status && o.reason == c.reason && o.message == c.message)
+    });
+    if stored.upstreams == upstreams && same_conditions {
+        return Ok(false);
+    }
+    let body = serde_json::json!({
+        "apiVersion": format!("{}/{}", llmproxy_api::GROUP, llmproxy_api::VERSION),
+        "kind": "LlmProxy",
+        "status": LlmProxyStatus { upstreams, conditions, ..LlmProxyStatus::default() },
+    });
+    let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
+    api.patch_status(&p.name_any(), &PatchParams::apply(OBSERVER).force(), &Patch::Apply(&body)).await?;
+    Ok(true)
+}
+
+/// `http://ADDRESS:PORT/status` of each ready pod behind the Service `service`: the port named
+/// `metrics` as each EndpointSlice gives it.
+async fn pod_status_urls(client: &Client, ns: &str, service: &str) -> kube::Result<Vec<String>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let list =
+        slices.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}"))).await?;
+    Ok(list.items.iter().flat_map(status_urls).collect())
+}
+
+fn status_urls(slice: &EndpointSlice) -> Vec<String> {
+    let Some(port) = slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+    else {
+        return Vec::new();
+    };
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.addresses.first())
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .map(|ip| format!("http://{}/status", std::net::SocketAddr::new(ip, port)))
+        .collect()
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> anyhow::Result<ProxyReport> {
+    let mut resp = http.get(url).send().await?.error_for_status()?;
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > MAX_REPORT_BYTES {
+            anyhow::bail!("report larger than {MAX_REPORT_BYTES} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+
+    use super::*;
+
+    fn endpoint(address: &str, ready: Option<bool>) -> Endpoint {
+        Endpoint {
+            addresses: vec![address.into()],
+            conditions: Some(EndpointConditions { ready, ..EndpointConditions::default() }),
+            ..Endpoint::default()
+        }
+    }
+
+    #[test]
+    fn ready_pods_on_the_metrics_port_only_and_never_a_name_for_an_address() {
+        let slice = EndpointSlice {
+            address_type: "IPv4".into(),
+            endpoints: vec![
+                endpoint("10.0.0.1", Some(true)),
+                endpoint("10.0.0.2", Some(false)),
+                endpoint("10.0.0.3", None),
+                endpoint("evil.example/x?", Some(true)),
+            ],
+            ports: Some(vec![
+                EndpointPort { name: Some("http".into()), port: Some(8080), ..EndpointPort::default() },
+                EndpointPort { name: Some("metrics".into()), port: Some(9090), ..EndpointPort::default() },
+            ]),
+            ..EndpointSlice::default()
+        };
+        assert_eq!(status_urls(&slice), ["http://10.0.0.1:9090/status", "http://10.0.0.3:9090/status"]);
+        let v6 = EndpointSlice { endpoints: vec![endpoint("fd00::1", Some(true))], ..slice.clone() };
+        assert_eq!(status_urls(&v6), ["http://[fd00::1]:9090/status"]);
+        let no_port = EndpointSlice { ports: None, ..slice };
+        assert!(status_urls(&no_port).is_empty());
+    }
+}
