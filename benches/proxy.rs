@@ -11,6 +11,9 @@
 //!     clients) against an upstream that counts tokens as requested or as used, with the proxy
 //!     counting the same way or not: client and upstream 429s, achieved / configured tokens per
 //!     second, wall time vs the least the quota allows.
+//! (f) memory idle and with 10,000 requests queued; (g) a quiet client's latency under a flood;
+//! (h) three upstreams of unequal quota: blind round robin vs quota-aware balancing, quotas
+//!     configured or learned from headers, and one upstream failing half way.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -396,6 +399,156 @@ async fn tpm_workload(dir: &Path) {
     }
 }
 
+fn upstreams_body(i: usize) -> serde_json::Value {
+    serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 16,
+        "messages": [{"role": "user", "content": format!("Hello {i}")}]})
+}
+
+/// (h) Three upstreams of unequal quota (50, 30 and 20 requests/s): 1,500 requests from 100
+/// clients, sent blindly round robin to the three (what a client-side list or a quota-blind
+/// balancer does), and through llmproxy with the quotas configured, learned from the upstreams'
+/// headers only, and with the third upstream failing every request from half way.
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+async fn upstreams_workload(dir: &Path) {
+    const RATES: [u64; 3] = [50, 30, 20];
+    const TOTAL: usize = 1500;
+    const CLIENTS: usize = 100;
+    println!("\n## (h) Three upstreams, 50 / 30 / 20 requests/s: {TOTAL} requests from {CLIENTS} clients\n");
+    println!(
+        "| path | ok | client 429s | client errors | upstream 429s | served by a / b / c | attempts at c after it broke | wall s | wall / least possible |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let client = load::client();
+    for row in [
+        "direct, round robin",
+        "llmproxy, quotas configured",
+        "llmproxy, quotas learned",
+        "llmproxy, c fails half way",
+    ] {
+        let mut mocks = Vec::new();
+        for rate in RATES {
+            mocks.push(start_mock(&["--rpm", &(rate * 60).to_string(), "--latency-ms", "0"]).await);
+        }
+        let addrs: Vec<SocketAddr> = mocks.iter().map(|(_, a)| *a).collect();
+        let proxy = if row.starts_with("llmproxy") {
+            let learned = row.contains("learned");
+            let endpoints: String = ["a", "b", "c"]
+                .iter()
+                .zip(&addrs)
+                .zip(RATES)
+                .map(|((name, addr), rate)| {
+                    let limits = if learned {
+                        String::new()
+                    } else {
+                        format!(", limits: {{requestsPerMinute: {}}}", rate * 60)
+                    };
+                    format!("    - {{name: {name}, url: 'http://{addr}/v1'{limits}}}\n")
+                })
+                .collect();
+            let file = dir.join("upstreams.yaml");
+            let manifest = format!(
+                "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstreams:\n{endpoints}  limits: {{requestsPerMinute: 100000000, maxConcurrent: 256}}\n  queue: {{maxSize: 100000, maxWait: 120s}}\n"
+            );
+            std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
+            let (addr, admin) = (free_addr(), free_addr());
+            let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
+            let p = spawn(Command::new(bin).arg("proxy").arg("--config").arg(&file).args([
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ]));
+            wait_http(&format!("http://{admin}/readyz")).await;
+            Some((p, addr))
+        } else {
+            None
+        };
+        let breaks = row.contains("fails");
+        let least_full = (TOTAL as f64 - 100.0) / 100.0;
+        let c = addrs[2];
+        let breaker = tokio::spawn({
+            let client = client.clone();
+            async move {
+                if !breaks {
+                    return 0;
+                }
+                tokio::time::sleep(Duration::from_secs_f64(least_full / 2.0)).await;
+                let before = mock_stats(c).await["requests"].as_u64().unwrap_or(0);
+                let fault = serde_json::json!({"kind": "status", "status": 503, "count": 1_000_000});
+                let _ = client
+                    .post(format!("http://{c}/mock/faults"))
+                    .header("content-type", "application/json")
+                    .body(fault.to_string())
+                    .send()
+                    .await;
+                before
+            }
+        });
+        let start = std::time::Instant::now();
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let workers = (0..CLIENTS).map(|_| {
+            let (client, next, addrs) = (client.clone(), next.clone(), addrs.clone());
+            let target = proxy.as_ref().map(|(_, a)| *a);
+            tokio::spawn(async move {
+                let mut shots = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= TOTAL {
+                        return shots;
+                    }
+                    let to = target.unwrap_or(addrs[i % addrs.len()]);
+                    shots.push(
+                        load::shoot(
+                            &client,
+                            &format!("http://{to}/v1/chat/completions"),
+                            None,
+                            &upstreams_body(i),
+                        )
+                        .await,
+                    );
+                }
+            })
+        });
+        let mut shots = Vec::new();
+        for w in futures_util::future::join_all(workers).await {
+            shots.extend(w.unwrap_or_default());
+        }
+        let wall = start.elapsed();
+        let before_break = breaker.await.unwrap_or(0);
+        let s = Summary::of(&shots, wall);
+        let mut served = Vec::new();
+        let mut upstream_429 = 0;
+        let mut at_c = 0;
+        for (i, addr) in addrs.iter().enumerate() {
+            let stats = mock_stats(*addr).await;
+            served.push(stats["ok"].as_u64().unwrap_or(0).to_string());
+            upstream_429 += stats["rate_limited"].as_u64().unwrap_or(0);
+            if i == 2 {
+                at_c = stats["requests"].as_u64().unwrap_or(0).saturating_sub(before_break);
+            }
+        }
+        // One second's worth of each goes at once, the rest at the sum of the rates (after the
+        // break, at 80/s: the least then is half the run at 100/s and the rest at 80/s).
+        let least = if breaks {
+            let done_by_half = 100.0 + 100.0 * least_full / 2.0;
+            least_full / 2.0 + (TOTAL as f64 - done_by_half) / 80.0
+        } else {
+            least_full
+        };
+        let vs_least =
+            if proxy.is_some() { format!("{:.3}", wall.as_secs_f64() / least) } else { "-".to_owned() };
+        println!(
+            "| {row} | {} | {} | {} | {upstream_429} | {} | {} | {:.2} | {vs_least} |",
+            s.ok,
+            s.rate_limited,
+            s.other,
+            served.join(" / "),
+            if breaks { at_c.to_string() } else { "-".to_owned() },
+            wall.as_secs_f64(),
+        );
+    }
+}
+
 /// One quiet client's latencies while another floods the queue, at `rate` requests/s. The
 /// quiet client sends on its own schedule (open loop), so every request of it meets the flood.
 async fn quiet_under_flood(
@@ -501,7 +654,7 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
-    // tpm = e, memory = f, fairness = g); none named: all.
+    // tpm = e, memory = f, fairness = g, upstreams = h); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
@@ -520,6 +673,9 @@ fn main() {
         }
         if wanted("fairness") {
             fairness_workload(dir.path()).await;
+        }
+        if wanted("upstreams") {
+            upstreams_workload(dir.path()).await;
         }
     });
 }

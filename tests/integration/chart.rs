@@ -283,8 +283,10 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_and_operator_export() {
     .await;
     let spec =
         "  cache: {ttl: 5m}\n  queue: {maxSize: 10, maxWait: 200ms}\n  retry: {initialBackoff: 10ms}\n";
+    // Two requests' burst: a 503 and its retry (whose answer carries the upstream's quota
+    // headers), then the bucket is empty and the burst below is throttled.
     let proxy = TestProxy::start(
-        &manifest(&upstream.url(), "{requestsPerMinute: 60, tokensPerMinute: 100000}", spec),
+        &manifest(&upstream.url(), "{requestsPerMinute: 120, tokensPerMinute: 100000}", spec),
         None,
     )
     .await;

@@ -67,6 +67,24 @@ async fn the_teams_example_applies_and_runs_with_its_clients() {
 }
 
 #[tokio::test]
+async fn the_upstreams_example_applies_with_each_endpoint_resolved() {
+    let (_env, api) = env_with_crd("upstreams").await;
+    let manifest = example("examples/upstreams.yaml");
+    api.patch("org-gpt", &strict_apply(), &Patch::Apply(&manifest))
+        .await
+        .unwrap_or_else(|e| panic!("apply examples/upstreams.yaml: {e}"));
+    let spec = api.get("org-gpt").await.map(|p| p.spec).unwrap_or_else(|e| panic!("{e}"));
+    let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = policy.upstreams.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["openai-main", "openai-second", "azure-eastus", "self-hosted"]);
+    let azure = policy.endpoint("azure-eastus").unwrap_or_else(|| panic!("azure"));
+    assert_eq!(azure.key_header, llmproxy_api::KeyHeader::ApiKey);
+    assert!(azure.serves(Some("gpt-4o")) && !azure.serves(Some("o3")));
+    assert_eq!(policy.limits.models.get("gpt-4o").and_then(|m| m.tokens_per_minute), Some(2_000_000));
+    assert_eq!(spec.upstream_key_refs().len(), 3, "three Secrets; the self-hosted one takes no key");
+}
+
+#[tokio::test]
 async fn crd_installs_and_becomes_established() {
     let env = KubeEnv::start().await;
     let client = env.client().await;
@@ -203,6 +221,23 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
             },
             &["spec.limits", "Required value"],
         ),
+        (
+            "both upstream forms",
+            |s| s["upstreams"] = json!([{"name": "a", "url": "https://a.example/v1"}]),
+            &["set exactly one of upstream (one endpoint) or upstreams (several)"],
+        ),
+        (
+            "no upstream at all",
+            |s| {
+                s.as_object_mut().map(|o| o.remove("upstream"));
+            },
+            &["set exactly one of upstream (one endpoint) or upstreams (several)"],
+        ),
+        (
+            "an unknown key header",
+            |s| s["upstream"]["keyHeader"] = json!("x-secret"),
+            &["spec.upstream.keyHeader", "Unsupported value"],
+        ),
     ];
     for (name, mutate, expected) in cases {
         let mut manifest = example("examples/openai.yaml");
@@ -217,6 +252,29 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
         for fragment in expected {
             assert!(err.message.contains(fragment), "case {name:?}: {:?} lacks {fragment:?}", err.message);
         }
+    }
+    // Two upstreams of one name: a create is refused naming the entry (server-side apply
+    // cannot even build its patch, and says so with a 500 naming the key, as kube-apiserver does).
+    let mut manifest = example("examples/openai.yaml");
+    manifest["metadata"]["name"] = json!("twins");
+    if let Some(spec) = manifest["spec"].as_object_mut() {
+        spec.remove("upstream");
+        spec.insert(
+            "upstreams".into(),
+            json!([{"name": "a", "url": "https://a.example/v1"}, {"name": "a", "url": "https://b.example/v1"}]),
+        );
+    }
+    let twins: LlmProxy = serde_json::from_value(manifest).unwrap_or_else(|e| panic!("{e}"));
+    match api.create(&kube::api::PostParams::default(), &twins).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{}", status.message);
+            assert!(
+                status.message.contains("spec.upstreams[1]") && status.message.contains("Duplicate value"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("two upstreams of one name: {other:?}"),
     }
     // Unknown fields: a strict create (what `kubectl create --validate=strict` sends) is a 400
     // naming the field; server-side apply refuses to build a typed patch with it.

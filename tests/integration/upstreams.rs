@@ -218,7 +218,10 @@ async fn another_user_of_the_key_is_noticed_through_remaining() {
     let direct_refused = direct.await.unwrap_or_default() as u64;
     assert!(statuses.iter().all(|s| *s == 200));
     let proxy_429s = upstream.mock.stats().rate_limited.saturating_sub(direct_refused);
-    assert!(proxy_429s <= 15, "{proxy_429s} upstream 429s for the proxy's 300 (at most 5 %)");
+    // Blind to the other user, the proxy would send at the full 100/s while the upstream has
+    // about 50/s left for it: a third of its 300 refused. Through `remaining` it learns of the
+    // other user on every answer; what it cannot see is the other's next burst, in flight.
+    assert!(proxy_429s <= 30, "{proxy_429s} upstream 429s for the proxy's 300 (at most 10 %)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,7 +215,7 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "llmproxy_upstream_limit_per_minute",
-                        "Limits an upstream endpoint's x-ratelimit-limit-* headers report (requests, tokens).",
+                        "The tightest limit an upstream endpoint enforces (requests, tokens per minute): configured, or lower as its x-ratelimit-limit-* headers report.",
                     ),
                     &["upstream", "kind"],
                 )?,
@@ -379,8 +379,10 @@ impl Metrics {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for r in reports {
             self.upstream_healthy.with_label_values(&[&r.name]).set(i64::from(r.healthy));
+            // Counted from zero, so a rate over it exists before the first ejection.
+            self.upstream_ejections.with_label_values(&[&r.name]);
             for (kind, limit, remaining) in
-                [("requests", r.observed.0, r.remaining.0), ("tokens", r.observed.1, r.remaining.1)]
+                [("requests", r.in_force.0, r.remaining.0), ("tokens", r.in_force.1, r.remaining.1)]
             {
                 if let Some(l) = limit {
                     self.upstream_limit.with_label_values(&[&r.name, kind]).set(as_i64(l));

@@ -376,6 +376,18 @@ impl Endpoint {
     }
 
     /// The limits its headers reported, the tightest over its models (per minute).
+    /// The tightest limits it enforces (requests, tokens per minute): configured, or lower as
+    /// its headers report (for the endpoint or, as OpenAI's do, for the model asked).
+    pub(crate) fn limits_in_force(&self) -> (Option<u64>, Option<u64>) {
+        let c = self.configured;
+        let (r, t) = self.observed_limits();
+        let low = |a: Option<(u64, u64)>, b: Option<u64>| match (a.map(|(pm, _)| pm), b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (low(c.requests, r), low(c.tokens, t))
+    }
+
     pub(crate) fn observed_limits(&self) -> (Option<u64>, Option<u64>) {
         let all = std::iter::once(self.observed).chain(self.models.values().map(|q| q.observed));
         let min = |f: fn(&RateConfig) -> Option<(u64, u64)>| {

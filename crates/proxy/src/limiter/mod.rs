@@ -244,6 +244,8 @@ pub struct EndpointReport {
     pub last_error: Option<String>,
     /// Limits its headers reported (requests, tokens per minute), the tightest over models.
     pub observed: (Option<u64>, Option<u64>),
+    /// The endpoint-wide limits it enforces: configured, or lower as reported.
+    pub in_force: (Option<u64>, Option<u64>),
     /// What its headers last said remains (requests, tokens).
     pub remaining: (Option<u64>, Option<u64>),
     /// Times it was taken out.
@@ -597,6 +599,7 @@ impl Limiter {
                 healthy: e.health.is_in(),
                 last_error: e.health.last_error.clone(),
                 observed: e.observed_limits(),
+                in_force: e.limits_in_force(),
                 remaining: e.remaining,
                 ejections: e.ejections_total,
             })
