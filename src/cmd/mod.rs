@@ -31,8 +31,13 @@ enum Command {
     Operator(operator::Args),
     /// Run the OpenAI-compatible mock upstream that enforces RPM/TPM with real 429s.
     MockUpstream(mock::Args),
-    /// Print the LlmProxy CustomResourceDefinition as YAML (pipe it to `kubectl apply -f -`).
-    Crd,
+    /// Print the LlmProxy CustomResourceDefinition as YAML (pipe it to `kubectl apply -f -`);
+    /// `crd llmquota`: the LlmQuota one.
+    Crd {
+        /// `llmproxy` (default) or `llmquota`.
+        #[arg(value_enum, default_value = "llmproxy")]
+        kind: CrdKind,
+    },
     /// Check an LlmProxy manifest the way the proxy will read it, and print the resolved policy.
     Check {
         /// Path to an LlmProxy YAML manifest.
@@ -64,11 +69,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// Which CRD `llmproxy crd` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CrdKind {
+    /// The namespaced LlmProxy.
+    Llmproxy,
+    /// The cluster-scoped LlmQuota.
+    Llmquota,
+}
+
 /// Run one subcommand to completion.
 #[allow(clippy::print_stdout)]
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Crd => print!("{}", llmproxy_api::crd_yaml()),
+        Command::Crd { kind: CrdKind::Llmproxy } => print!("{}", llmproxy_api::crd_yaml()),
+        Command::Crd { kind: CrdKind::Llmquota } => print!("{}", llmproxy_api::quota_crd_yaml()),
         Command::Check { file } => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;

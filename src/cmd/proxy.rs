@@ -76,6 +76,13 @@ pub struct Args {
 }
 
 /// Run until SIGTERM/SIGINT, then drain and exit.
+/// This process among the replicas sharing buckets: host, port and process id.
+fn member_id(listen: SocketAddr) -> String {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    format!("{host}:{}:{}", listen.port(), std::process::id())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     super::init_logging(args.log_format, "info");
     let options = Options {
@@ -124,7 +131,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                      (require client keys with spec.clients.keysSecretRef and --client-keys-file)"
                 );
             }
+            let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
             let proxy = Proxy::new(policy, metrics, options)?;
+            proxy.share(llmproxy_proxy::shared::Identity {
+                proxy: format!(
+                    "{}/{}",
+                    resource.metadata.namespace.as_deref().unwrap_or("default"),
+                    resource.metadata.name.as_deref().unwrap_or_default()
+                ),
+                member: member_id(args.listen),
+                replicas,
+            });
             proxy.set_api_key(key);
             proxy.require_client_keys(client_keys.is_some() || keys_from_dir);
             proxy.set_client_keys(client_keys);
@@ -148,6 +165,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let policy = cluster::initial(&client, r).await;
             let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
             let proxy = Proxy::new(policy, metrics, options)?;
+            proxy.share(llmproxy_proxy::shared::Identity {
+                proxy: format!("{}/{}", r.namespace, r.name),
+                member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),
+                replicas: 1,
+            });
             proxy.set_key_required(key_required);
             let (p, r2) = (proxy.clone(), r.clone());
             let source = supervise(proxy.clone(), "cluster", move || {

@@ -9,6 +9,7 @@ mod crd;
 mod operator;
 mod proxy;
 mod proxy_process;
+mod shared;
 mod support;
 mod tokens;
 mod upstreams;

@@ -7,13 +7,18 @@ pub mod manifest;
 pub mod paths;
 pub mod policy;
 pub mod quantity;
+pub mod quota;
 pub mod report;
 pub mod spec;
 
 pub use client_keys::ClientKeys;
 pub use duration::Duration;
-pub use manifest::{ManifestError, crd_yaml, from_yaml};
+pub use manifest::{ManifestError, crd_yaml, from_yaml, quota_crd_yaml};
 pub use policy::{FieldError, Policy, PolicyError};
+pub use quota::{
+    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaRef, RedisPasswordRef,
+    RedisSpec, SharedStateSpec,
+};
 pub use report::ProxyReport;
 pub use spec::{
     AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
@@ -29,6 +34,9 @@ pub const SECRET_OPT_IN_LABEL: &str = "llmproxy.io/upstream-key";
 /// The label (value `"true"`) a Secret of client keys carries before the operator lets a proxy
 /// read it: the same consent as [`SECRET_OPT_IN_LABEL`], for the other use.
 pub const CLIENT_KEYS_LABEL: &str = "llmproxy.io/client-keys";
+/// The label (value `"true"`) a Secret holding an LlmProxy's Redis password carries before
+/// the operator lets its proxies read it.
+pub const REDIS_PASSWORD_LABEL: &str = "llmproxy.io/redis-password";
 /// Optional annotation on such a Secret narrowing it to some LlmProxies (comma-separated names).
 pub const SECRET_ALLOWED_PROXIES: &str = "llmproxy.io/allowed-proxies";
 

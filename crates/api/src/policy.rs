@@ -27,6 +27,40 @@ pub struct Policy {
     pub cache: Option<CachePolicy>,
     /// Client identity and fairness; `None`: one anonymous client.
     pub clients: Option<ClientsPolicy>,
+    /// Where the replicas share their buckets; `None`: each pod enforces its share.
+    pub shared: Option<SharedPolicy>,
+    /// The organisation-wide quota drawn from too; `None`: none.
+    pub quota: Option<QuotaPolicy>,
+}
+
+/// A Redis that holds shared buckets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedPolicy {
+    /// `redis://` or `rediss://` URL, without a password.
+    pub url: String,
+    /// The password's Secret and key; `None`: no password.
+    pub password: Option<crate::quota::RedisPasswordRef>,
+    /// The namespace of the password Secret when it is not the LlmProxy's (an LlmQuota's).
+    pub password_namespace: Option<String>,
+}
+
+/// An LlmQuota as one consumer draws from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaPolicy {
+    /// Its name, which names its buckets in Redis.
+    pub name: String,
+    /// Requests per minute, all consumers together.
+    pub requests_per_minute: u64,
+    /// Tokens per minute, all consumers together.
+    pub tokens_per_minute: Option<u64>,
+    /// Per-model limits within it.
+    pub models: BTreeMap<String, ModelLimits>,
+    /// Its Redis.
+    pub redis: SharedPolicy,
+    /// This consumer's weight under contention (>= 1).
+    pub weight: u32,
+    /// This consumer's guaranteed percent (0..=100).
+    pub guaranteed: u32,
 }
 
 /// Clients, resolved: every field has its value.
@@ -247,6 +281,13 @@ pub struct FieldError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct PolicyError(pub Vec<FieldError>);
 
+impl PolicyError {
+    /// One problem with one field.
+    pub fn one(field: &str, message: impl Into<String>) -> Self {
+        Self(vec![FieldError { field: field.to_owned(), message: message.into() }])
+    }
+}
+
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {
@@ -365,7 +406,9 @@ impl Policy {
     #[must_use]
     pub fn for_replicas(mut self, replicas: u32) -> Self {
         let n = u64::from(replicas.max(1));
-        if n == 1 {
+        // Shared buckets hold for all pods together; without Redis, the proxies divide by the
+        // members they know of themselves.
+        if n == 1 || self.shared.is_some() {
             return self;
         }
         if let Some(clients) = &mut self.clients {
@@ -556,7 +599,48 @@ impl Policy {
             },
             cache,
             clients,
+            shared: spec.shared_state.as_ref().map(|s| SharedPolicy {
+                url: s.redis.url.clone(),
+                password: s.redis.password_secret_ref.clone(),
+                password_namespace: None,
+            }),
+            quota: None,
         })
+    }
+
+    /// Add the LlmQuota of `spec.quotaRef`, as granted. Without `sharedState` of its own, the
+    /// LlmProxy's buckets are shared through the quota's Redis too.
+    pub fn with_quota(mut self, granted: &crate::quota::GrantedQuota) -> Result<Self, PolicyError> {
+        let mut c = Check(Vec::new());
+        let rpm = c.positive("status.quota.requestsPerMinute", granted.requests_per_minute);
+        let tpm = granted.tokens_per_minute.map(|t| c.positive("status.quota.tokensPerMinute", t));
+        let models = model_limits(&mut c, "status.quota.models", &granted.models);
+        let weight = c.positive("status.quota.weight", granted.weight.into());
+        let guaranteed = c.non_negative("status.quota.guaranteed", granted.guaranteed.unwrap_or(0).into());
+        if guaranteed > 100 {
+            c.fail("status.quota.guaranteed", "must be at most 100");
+        }
+        if !c.0.is_empty() {
+            return Err(PolicyError(c.0));
+        }
+        let redis = SharedPolicy {
+            url: granted.redis.url.clone(),
+            password: granted.redis.password_secret_ref.clone(),
+            password_namespace: granted.password_namespace.clone(),
+        };
+        if self.shared.is_none() {
+            self.shared = Some(redis.clone());
+        }
+        self.quota = Some(QuotaPolicy {
+            name: granted.name.clone(),
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            models,
+            redis,
+            weight: u32::try_from(weight).unwrap_or(u32::MAX),
+            guaranteed: u32::try_from(guaranteed).unwrap_or(100),
+        });
+        Ok(self)
     }
 }
 

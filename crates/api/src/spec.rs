@@ -98,6 +98,18 @@ pub struct LlmProxySpec {
     /// can reach the Service uses the upstream key, as one client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<ClientsSpec>,
+
+    /// Keep the buckets in Redis so that all replicas share the limits exactly (a busy pod may
+    /// use what idle ones do not), restarts and scaling never reset them, and upstream 429s
+    /// correct them for every pod. Absent: each pod enforces its share (limits / pods), or,
+    /// with `quotaRef`, the LlmQuota's Redis is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_state: Option<crate::quota::SharedStateSpec>,
+
+    /// Draw from an organisation-wide `LlmQuota` too: this LlmProxy's `limits` then cap it
+    /// within that quota, which all its consumers share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_ref: Option<crate::quota::QuotaRef>,
 }
 
 impl LlmProxySpec {
@@ -700,6 +712,11 @@ pub struct LlmProxyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub upstreams: Vec<UpstreamStatus>,
+
+    /// The LlmQuota of `spec.quotaRef` as the operator granted it, once it checked the
+    /// reference; what the proxies draw from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<crate::quota::GrantedQuota>,
 }
 
 /// One upstream endpoint, as its proxies report it.

@@ -217,6 +217,7 @@ pub fn compute(
         ready_replicas: Some(ready),
         endpoint: Some(endpoint),
         upstreams: previous.map(|p| p.upstreams.clone()).unwrap_or_default(),
+        quota: None,
     };
     // What the pods report is the observer's (its own field manager): carried here so that a
     // comparison with the stored status sees no change, and left out of what the reconciler

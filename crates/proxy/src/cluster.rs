@@ -50,8 +50,22 @@ pub fn sharing_pods(p: &LlmProxy) -> u32 {
 }
 
 /// This pod's policy for an LlmProxy.
+/// With `spec.quotaRef`, only once the operator granted the quota (wrote it into the status):
+/// the proxies draw from no LlmQuota the operator did not check.
 pub fn policy_for(p: &LlmProxy) -> Result<Policy, llmproxy_api::PolicyError> {
-    Ok(Policy::from_spec(&p.spec)?.for_replicas(sharing_pods(p)))
+    let mut policy = Policy::from_spec(&p.spec)?;
+    if let Some(r) = &p.spec.quota_ref {
+        match p.status.as_ref().and_then(|s| s.quota.as_ref()).filter(|q| q.name == r.name) {
+            Some(granted) => policy = policy.with_quota(granted)?,
+            None => {
+                return Err(llmproxy_api::PolicyError::one(
+                    "spec.quotaRef",
+                    format!("LlmQuota {:?} not granted yet (see the LlmProxy's conditions)", r.name),
+                ));
+            }
+        }
+    }
+    Ok(policy.for_replicas(sharing_pods(p)))
 }
 
 /// Read the LlmProxy once, retrying until it exists and is valid.

@@ -19,6 +19,7 @@ pub mod request;
 pub mod retry;
 pub mod routes;
 pub mod serve;
+pub mod shared;
 pub mod sse;
 pub mod state;
 pub mod supervise;

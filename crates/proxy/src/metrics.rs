@@ -75,6 +75,9 @@ pub struct Metrics {
     upstream_healthy: IntGaugeVec,
     upstream_limit: IntGaugeVec,
     upstream_remaining: IntGaugeVec,
+    quota_mode: IntGaugeVec,
+    /// Replicas (and LlmQuota consumers' pods) sharing the buckets, as Redis last counted them.
+    pub quota_members: IntGauge,
     /// Retries the retry budget refused.
     pub retry_budget_exhausted: IntCounter,
     /// Upstream time to response headers.
@@ -228,6 +231,23 @@ impl Metrics {
                         "What an upstream endpoint's x-ratelimit-remaining-* headers last said remains.",
                     ),
                     &["upstream", "kind"],
+                )?,
+            )?,
+            quota_mode: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llmproxy_quota_mode",
+                        "1 for the mode the shared limits run in: shared (through Redis) or local (a share each, Redis unreachable); 0 for the other.",
+                    ),
+                    &["mode"],
+                )?,
+            )?,
+            quota_members: register(
+                r,
+                IntGauge::new(
+                    "llmproxy_quota_members",
+                    "Pods sharing the buckets, by their heartbeats in Redis (a pod alone divides each rate by it).",
                 )?,
             )?,
             retry_budget_exhausted: counter(
@@ -391,6 +411,13 @@ impl Metrics {
                     self.upstream_remaining.with_label_values(&[&r.name, kind]).set(as_i64(left));
                 }
             }
+        }
+    }
+
+    /// The shared limits now run in `mode` (`shared` or `local`).
+    pub fn set_quota_mode(&self, mode: &str) {
+        for m in ["shared", "local"] {
+            self.quota_mode.with_label_values(&[m]).set(i64::from(m == mode));
         }
     }
 

@@ -200,6 +200,8 @@ pub struct Admission {
     waiting: AtomicUsize,
     next_place: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Never notified: what the lessee waits on without shared state (it ticks instead).
+    idle_lessee: Arc<Notify>,
 }
 
 /// An admitted request: holds a concurrency slot and its token charge until dropped.
@@ -359,9 +361,32 @@ impl Admission {
             waiting: AtomicUsize::new(0),
             next_place: AtomicU64::new(0),
             metrics,
+            idle_lessee: Arc::new(Notify::new()),
         });
         tokio::spawn(dispatch(Arc::downgrade(&admission), Arc::clone(&admission.wake)));
         admission
+    }
+
+    /// What wakes the lessee of the shared buckets (a stock ran short).
+    pub(crate) fn lease_wake(&self) -> Arc<Notify> {
+        let mut s = self.lock();
+        match s.limiter.leases.as_mut() {
+            Some(l) => Arc::clone(&l.wake),
+            None => Arc::clone(&self.idle_lessee),
+        }
+    }
+
+    /// Work on this replica's stocks of the shared buckets; `None` without shared state.
+    pub(crate) fn with_leases<R>(
+        &self,
+        f: impl FnOnce(&mut crate::limiter::lease::Leases) -> R,
+    ) -> Option<R> {
+        self.lock().limiter.leases.as_mut().map(f)
+    }
+
+    /// Let the dispatcher look at the line again (stocks were topped up).
+    pub(crate) fn wake_dispatcher(&self) {
+        self.wake_if_waiting();
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {

@@ -200,6 +200,13 @@ impl FileWatcher {
                 wanted.push((r.name.clone(), r.key.clone()));
             }
         }
+        // The Redis passwords of shared state and of the LlmQuota.
+        let redis = policy.shared.iter().chain(policy.quota.as_ref().map(|q| &q.redis));
+        for r in redis.filter_map(|s| s.password.as_ref()) {
+            if !wanted.contains(&(r.name.clone(), r.key.clone())) {
+                wanted.push((r.name.clone(), r.key.clone()));
+            }
+        }
         self.last_secrets.retain(|id, _| wanted.contains(id));
         for (secret, key) in wanted {
             let bytes = std::fs::read(dir.join(&secret).join(&key)).ok();

@@ -71,6 +71,10 @@ pub struct Proxy {
     /// Cluster mode with an `apiKeySecretRef`: not ready until the key has been read.
     key_required: AtomicBool,
     next_id: AtomicU64,
+    /// The shared buckets' mode and members (with `sharedState` or `quotaRef`).
+    shared: Arc<crate::shared::SharedState>,
+    /// The lessee runs (started once, by `share`).
+    sharing: AtomicBool,
 }
 
 impl Proxy {
@@ -93,12 +97,52 @@ impl Proxy {
             source_up: AtomicBool::new(true),
             key_required: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
+            shared: Arc::default(),
+            sharing: AtomicBool::new(false),
         });
         let policy = proxy.policy.load_full();
         proxy.admission.set_byte_budget(policy.queue.max_bytes);
         proxy.update_gauges();
         proxy.metrics.source_up.set(1);
         Ok(proxy)
+    }
+
+    /// Start sharing buckets through Redis as `identity` whenever the policy says so (a
+    /// policy without shared state leaves the lessee idle). Once per proxy.
+    pub fn share(self: &Arc<Self>, identity: crate::shared::Identity) {
+        if self.sharing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let state = Arc::clone(&self.shared);
+        let weak = Arc::downgrade(self);
+        // Supervised: a panic is logged and the lessee starts again (stocks carry over); it
+        // ends only with the proxy.
+        tokio::spawn(async move {
+            loop {
+                let run =
+                    tokio::spawn(crate::shared::run(weak.clone(), identity.clone(), Arc::clone(&state)));
+                match run.await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the shared-quota lessee stopped; starting it again in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether the buckets are shared through Redis now (`None`: no shared state).
+    pub fn shared_mode(&self) -> Option<crate::shared::Mode> {
+        self.shared.mode()
+    }
+
+    /// The value stored under `key` in Secret `secret`, if loaded (the Redis password).
+    pub(crate) fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
+        self.secret_keys.load().get(&(secret.to_owned(), key.to_owned())).map(|k| k.expose().to_owned())
     }
 
     /// The policy in force (a snapshot; reloads swap it atomically).

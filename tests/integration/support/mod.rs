@@ -5,6 +5,7 @@ pub mod helm;
 pub mod kube_env;
 pub mod proxy_env;
 pub mod python;
+pub mod redis;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -119,7 +119,7 @@ pub(crate) struct Endpoint {
 }
 
 /// An endpoint's own quota as configured, with headroom (it models the upstream's count).
-fn configured(policy: &UpstreamPolicy) -> RateConfig {
+pub(super) fn configured(policy: &UpstreamPolicy) -> RateConfig {
     let l = &policy.limits;
     RateConfig {
         requests: l.requests_per_minute.map(|pm| (pm, l.request_burst)),

@@ -13,19 +13,22 @@
 
 mod bucket;
 mod endpoint;
+pub(crate) mod lease;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use llmproxy_api::policy::{ClientsPolicy, LimitsPolicy, UpstreamPolicy};
+use llmproxy_api::policy::{ClientsPolicy, LimitsPolicy, QuotaPolicy, UpstreamPolicy};
 use llmproxy_api::{Policy, TokenAccounting};
 use tokio::time::Instant;
 
-use self::bucket::{Correction, RateConfig, Rates};
+pub(crate) use self::bucket::RateConfig;
+use self::bucket::{Correction, Rates};
 pub use self::endpoint::Verdict;
 use self::endpoint::{Avail, Endpoint, Target};
+use self::lease::{LeaseKey, Leases, TOP_UP_WAIT};
 use crate::quota::QuotaHeaders;
 
 /// Which limit held a request back; named in 429 messages and metrics.
@@ -57,11 +60,15 @@ pub enum Limit {
     ModelTokens,
     /// Every endpoint that serves the request is out after failures.
     UpstreamUnavailable,
+    /// The organisation-wide LlmQuota's requests per minute.
+    QuotaRequests,
+    /// The organisation-wide LlmQuota's tokens per minute.
+    QuotaTokens,
 }
 
 impl Limit {
     /// Every limit, for initialising metric series.
-    pub const ALL: [Limit; 13] = [
+    pub const ALL: [Limit; 15] = [
         Limit::Requests,
         Limit::Tokens,
         Limit::Concurrency,
@@ -75,6 +82,8 @@ impl Limit {
         Limit::ModelRequests,
         Limit::ModelTokens,
         Limit::UpstreamUnavailable,
+        Limit::QuotaRequests,
+        Limit::QuotaTokens,
     ];
 
     /// A low-cardinality label for metrics.
@@ -93,6 +102,8 @@ impl Limit {
             Limit::ModelRequests => "model_requests_per_minute",
             Limit::ModelTokens => "model_tokens_per_minute",
             Limit::UpstreamUnavailable => "upstream_unavailable",
+            Limit::QuotaRequests => "quota_requests_per_minute",
+            Limit::QuotaTokens => "quota_tokens_per_minute",
         }
     }
 }
@@ -113,6 +124,8 @@ impl fmt::Display for Limit {
             Limit::ModelRequests => "this model's requests-per-minute limit",
             Limit::ModelTokens => "this model's tokens-per-minute limit",
             Limit::UpstreamUnavailable => "the upstream endpoints being unavailable after failures",
+            Limit::QuotaRequests => "the organisation quota's requests-per-minute limit (LlmQuota)",
+            Limit::QuotaTokens => "the organisation quota's tokens-per-minute limit (LlmQuota)",
         })
     }
 }
@@ -270,6 +283,10 @@ pub(crate) struct Limiter {
     caps: HashMap<Option<Arc<str>>, Rates>,
     /// How long an endpoint stays out after its nth ejection in a row.
     ejection: llmproxy_api::policy::RetryPolicy,
+    /// With shared state: this replica's stocks of the shared buckets.
+    pub(crate) leases: Option<Leases>,
+    /// The LlmQuota drawn from.
+    quota: Option<QuotaPolicy>,
 }
 
 fn total_config(l: &LimitsPolicy) -> RateConfig {
@@ -291,9 +308,74 @@ impl Limiter {
             clients: None,
             caps: HashMap::new(),
             ejection: policy.retry.clone(),
+            leases: None,
+            quota: None,
         };
         l.reconfigure(policy, now);
         l
+    }
+
+    /// The shared buckets of a policy and their rates: the total, each model's, each endpoint's
+    /// own (with several), the LlmQuota's and its models'. Client caps join as clients come.
+    fn shared_buckets(policy: &Policy) -> Vec<(LeaseKey, RateConfig)> {
+        let mut keys = vec![(LeaseKey::Total, total_config(&policy.limits))];
+        for (name, m) in &policy.limits.models {
+            let config = RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute);
+            keys.push((LeaseKey::Model(Arc::from(name.as_str())), config));
+        }
+        if policy.upstreams.len() > 1 {
+            for u in &policy.upstreams {
+                let config = endpoint::configured(u);
+                if !config.is_unlimited() {
+                    keys.push((LeaseKey::Endpoint(Arc::from(u.name.as_str())), config));
+                }
+            }
+        }
+        if let Some(q) = &policy.quota {
+            keys.push((
+                LeaseKey::Quota,
+                RateConfig::per_minute(Some(q.requests_per_minute), q.tokens_per_minute),
+            ));
+            for (name, m) in &q.models {
+                let config = RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute);
+                keys.push((LeaseKey::QuotaModel(Arc::from(name.as_str())), config));
+            }
+        }
+        keys
+    }
+
+    /// The shared buckets one request of `model` from `client` at endpoint `endpoint` draws on
+    /// (those this replica holds stock of).
+    fn lease_keys(
+        &self,
+        model: Option<&Arc<str>>,
+        client: &Option<Arc<str>>,
+        endpoint: &str,
+    ) -> Vec<LeaseKey> {
+        let Some(leases) = &self.leases else { return Vec::new() };
+        let mut keys = vec![LeaseKey::Total, LeaseKey::Endpoint(Arc::from(endpoint)), LeaseKey::Quota];
+        if let Some(m) = model {
+            keys.push(LeaseKey::Model(Arc::clone(m)));
+            keys.push(LeaseKey::QuotaModel(Arc::clone(m)));
+        }
+        if let Some(c) = client {
+            keys.push(LeaseKey::Client(Arc::clone(c)));
+        }
+        keys.retain(|k| leases.stocks.contains_key(k));
+        keys
+    }
+
+    /// Whether the stock of a shared bucket lacks what `ask` needs: the wait (the lessee is
+    /// told through the stock's `want`, and a grant wakes the dispatcher).
+    fn lease_wait(
+        &mut self,
+        now: Instant,
+        key: &LeaseKey,
+        ask: &Ask,
+        scope: Option<Scope>,
+    ) -> Option<Decision> {
+        let limit = self.leases.as_mut()?.lacks(key, ask.tokens, now)?;
+        Some(Decision::Wait { at: now + TOP_UP_WAIT, limit, scope })
     }
 
     /// Apply a reloaded policy. Buckets carry over where their limits did not change (clamped
@@ -335,6 +417,23 @@ impl Limiter {
             self.clients = policy.clients.clone();
         }
         self.ejection = policy.retry.clone();
+        self.quota.clone_from(&policy.quota);
+        if policy.shared.is_some() {
+            let mut keys = Self::shared_buckets(policy);
+            // Client caps already known keep their stocks.
+            if let Some(leases) = &self.leases {
+                keys.extend(
+                    leases
+                        .stocks
+                        .iter()
+                        .filter(|(k, _)| matches!(k, LeaseKey::Client(_)))
+                        .map(|(k, s)| (k.clone(), s.config)),
+                );
+            }
+            self.leases.get_or_insert_with(Leases::default).configure(&keys, now);
+        } else {
+            self.leases = None;
+        }
         changed
     }
 
@@ -355,6 +454,15 @@ impl Limiter {
                     || c.tokens.as_mut().is_some_and(|b| b.level(now) < b.cap)
             });
         }
+        if let (Some(leases), Some(name)) = (self.leases.as_mut(), client) {
+            let key = LeaseKey::Client(Arc::clone(name));
+            if !leases.stocks.contains_key(&key) && leases.stocks.len() < MAX_CLIENT_CAPS {
+                let mut all: Vec<(LeaseKey, RateConfig)> =
+                    leases.stocks.iter().map(|(k, s)| (k.clone(), s.config)).collect();
+                all.push((key, config));
+                leases.configure(&all, now);
+            }
+        }
         let caps = self.caps.entry(client.clone()).or_insert_with(|| Rates::new(config, now));
         caps.set(config, now);
         Some(caps)
@@ -370,10 +478,19 @@ impl Limiter {
         if at > now {
             return Decision::Wait { at, limit, scope: None };
         }
+        if let Some(wait) = self.lease_wait(now, &LeaseKey::Total, ask, None) {
+            return wait;
+        }
         if let Some(caps) = self.caps(&ask.client, now) {
             let (at, limit) = caps.ready_at(now, ask.tokens, (Limit::ClientRequests, Limit::ClientTokens));
             if at > now {
                 return Decision::Wait { at, limit, scope: Some(Scope::Client(ask.client.clone())) };
+            }
+            if let Some(name) = &ask.client {
+                let scope = Some(Scope::Client(ask.client.clone()));
+                if let Some(wait) = self.lease_wait(now, &LeaseKey::Client(Arc::clone(name)), ask, scope) {
+                    return wait;
+                }
             }
         }
         if let Some(model) = &ask.model
@@ -382,6 +499,19 @@ impl Limiter {
             let (at, limit) = rates.ready_at(now, ask.tokens, (Limit::ModelRequests, Limit::ModelTokens));
             if at > now {
                 return Decision::Wait { at, limit, scope: Some(Scope::Model(Arc::clone(model))) };
+            }
+            let scope = Some(Scope::Model(Arc::clone(model)));
+            if let Some(wait) = self.lease_wait(now, &LeaseKey::Model(Arc::clone(model)), ask, scope) {
+                return wait;
+            }
+        }
+        if let Some(wait) = self.lease_wait(now, &LeaseKey::Quota, ask, None) {
+            return wait;
+        }
+        if let Some(model) = &ask.model {
+            let scope = Some(Scope::Model(Arc::clone(model)));
+            if let Some(wait) = self.lease_wait(now, &LeaseKey::QuotaModel(Arc::clone(model)), ask, scope) {
+                return wait;
             }
         }
         self.decide_endpoint(now, ask, holds)
@@ -417,10 +547,19 @@ impl Limiter {
             if holds.holds(i, ask.model.as_ref()) {
                 continue;
             }
-            let r = self.endpoints[i].ready_at(now, ask);
+            let mut r = self.endpoints[i].ready_at(now, ask);
             if r.at <= now {
-                ready.push(i);
-                continue;
+                let key = LeaseKey::Endpoint(Arc::from(self.endpoints[i].name()));
+                match self.leases.as_mut().and_then(|l| l.lacks(&key, ask.tokens, now)) {
+                    None => {
+                        ready.push(i);
+                        continue;
+                    }
+                    Some(limit) => {
+                        r.at = now + TOP_UP_WAIT;
+                        r.limit = limit;
+                    }
+                }
             }
             if soonest.is_none_or(|(at, _)| r.at < at) {
                 soonest = Some((r.at, r.limit));
@@ -460,6 +599,14 @@ impl Limiter {
         }
         if let Some(caps) = self.caps(&ask.client, now) {
             caps.take(now, ask.tokens);
+        }
+        let at = index.min(self.endpoints.len().saturating_sub(1));
+        let endpoint_name = self.endpoints.get(at).map(|e| e.name().to_owned()).unwrap_or_default();
+        let keys = self.lease_keys(ask.model.as_ref(), &ask.client, &endpoint_name);
+        if let Some(leases) = self.leases.as_mut() {
+            for k in &keys {
+                leases.take(k, ask.tokens, now);
+            }
         }
         self.inflight += 1;
         let order = self.next_order;
@@ -506,8 +653,20 @@ impl Limiter {
             caps.give_tokens(now, tokens);
         }
         let model = mark.model.clone();
+        self.give_leased(mark, client, tokens as f64);
         if let Some(e) = self.endpoint_of(mark) {
             e.give_tokens(now, model.as_ref(), tokens);
+        }
+    }
+
+    /// Give tokens back to (or, negative, charge more from) the stocks a request drew on.
+    #[allow(clippy::cast_precision_loss)]
+    fn give_leased(&mut self, mark: &Mark, client: &Option<Arc<str>>, tokens: f64) {
+        let keys = self.lease_keys(mark.model.as_ref(), client, &mark.endpoint.name);
+        if let Some(leases) = self.leases.as_mut() {
+            for k in &keys {
+                leases.give_tokens(k, tokens);
+            }
         }
     }
 
@@ -535,6 +694,8 @@ impl Limiter {
             caps.settle(now, reserved, used, false);
         }
         let model = mark.model.clone();
+        #[allow(clippy::cast_precision_loss)]
+        self.give_leased(mark, client, reserved as f64 - used as f64);
         if let Some(e) = self.endpoint_of(mark) {
             e.settle(now, model.as_ref(), reserved, used);
         }
@@ -554,6 +715,21 @@ impl Limiter {
     pub(crate) fn calibrate(&mut self, now: Instant, q: &QuotaHeaders, mark: &Mark, c: Calibration) {
         let used_accounting = self.limits.token_accounting == TokenAccounting::Used;
         let model = mark.model.clone();
+        if c.refused {
+            // The upstream's bucket is dry: so is the shared bucket that stands for it, for
+            // every replica (the lessee lowers it in Redis too).
+            let several = self.endpoints.len() > 1;
+            if let Some(leases) = self.leases.as_mut() {
+                let own = LeaseKey::Endpoint(Arc::from(mark.endpoint.name.as_str()));
+                let key = if several { own } else { LeaseKey::Total };
+                for k in [key, LeaseKey::Quota] {
+                    if leases.stocks.contains_key(&k) {
+                        leases.drain(&k);
+                        leases.dry.push(k);
+                    }
+                }
+            }
+        }
         let Some(e) = self.endpoint_of(mark) else { return };
         e.unanswered.remove(&mark.order);
         #[allow(clippy::cast_precision_loss)]

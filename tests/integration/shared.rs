@@ -1,0 +1,215 @@
+//! One quota for several replicas and several LlmProxies, through a real `redis-server`:
+//! `llmproxy proxy` processes with the same manifest, against an in-process mock upstream that
+//! accepts everything and records when each request arrived, so any overshoot shows.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use llmproxy_mock::{MockConfig, MockServer, load};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::support::eventually;
+use crate::support::proxy_env::{ProxyProcess, get_text, metric, mock};
+use crate::support::redis::RedisServer;
+
+/// 100 requests per second, a burst of 100.
+const RPM: u64 = 6000;
+
+fn manifest(name: &str, upstream: &str, spec_extra: &str) -> String {
+    format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: {name}, namespace: team}}\nspec:\n  upstream: {{url: '{upstream}'}}\n  limits: {{requestsPerMinute: {RPM}, maxConcurrent: 1000}}\n  queue: {{maxSize: 10000, maxWait: 60s}}\n  replicas: 3\n{spec_extra}"
+    )
+}
+
+fn shared(redis: &RedisServer) -> String {
+    format!("  sharedState: {{redis: {{url: '{}'}}}}\n", redis.url())
+}
+
+async fn replicas(n: usize, text: &str, dir: &tempfile::TempDir) -> Vec<ProxyProcess> {
+    let path = dir.path().join(format!("proxy-{}.yaml", rand_suffix()));
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    join_all((0..n).map(|_| ProxyProcess::start(&path, &[], &[]))).await
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn chat(i: usize) -> Value {
+    json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": format!("hi {i}")}]})
+}
+
+/// `total` requests from `clients` concurrent clients, request `i` to `urls[i % len]`.
+async fn load_over(urls: &[String], clients: usize, total: usize) -> Vec<Option<u16>> {
+    let client = load::client();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers = (0..clients).map(|_| {
+        let (client, next, urls) = (client.clone(), next.clone(), urls.to_vec());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return out;
+                }
+                out.push(load::shoot(&client, &urls[i % urls.len()], None, &chat(i)).await.status);
+            }
+        })
+    });
+    join_all(workers).await.into_iter().flat_map(Result::unwrap_or_default).collect()
+}
+
+/// The most requests the upstream accepted in any window, beyond what `per_sec` allows over
+/// it plus `burst`: positive means overshoot. Arrivals measured by the mock.
+fn worst_excess(upstream: &MockServer, per_sec: f64, burst: f64) -> f64 {
+    let mut at: Vec<Instant> =
+        upstream.mock.seen().iter().filter(|s| s.status == 200).map(|s| s.at).collect();
+    at.sort();
+    let mut worst = f64::MIN;
+    for (i, start) in at.iter().enumerate() {
+        for (j, end) in at.iter().enumerate().skip(i) {
+            let allowed = burst + per_sec * end.duration_since(*start).as_secs_f64();
+            worst = worst.max((j - i + 1) as f64 - allowed);
+        }
+    }
+    worst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_quota_exactly_and_use_it() {
+    let redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pods = replicas(3, &manifest("shared", &upstream.url(), &shared(&redis)), &dir).await;
+    let urls: Vec<String> = pods.iter().map(|p| p.url("/chat/completions")).collect();
+    let start = Instant::now();
+    let statuses = load_over(&urls, 90, 900).await;
+    let wall = start.elapsed();
+    assert!(statuses.iter().all(|s| *s == Some(200)), "every request succeeds: {statuses:?}");
+    // Buckets start empty: 900 at 100/s take 9 s at least; the pods together never exceed the
+    // rate over any window (2 % and a few requests of slack for clock and lease edges).
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 3.0, "the replicas together went {excess} requests over the quota");
+    assert!(wall >= Duration::from_millis(8_500), "faster than the quota allows: {wall:?}");
+    assert!(wall <= Duration::from_millis(9_000 * 5 / 4 + 1_000), "the quota was not used: {wall:?}");
+    for p in &pods {
+        let m = get_text(&format!("http://{}/metrics", p.admin)).await;
+        assert_eq!(metric(&m, "llmproxy_quota_mode{mode=\"shared\"}"), 1.0, "{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pinned_to_one_pod_gets_the_whole_quota() {
+    let redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pods = replicas(3, &manifest("pinned", &upstream.url(), &shared(&redis)), &dir).await;
+    // Everything through the first pod, the others idle: a static share would allow it a
+    // third (300 in 9 s); shared, it gets all 100/s.
+    let start = Instant::now();
+    let statuses = load_over(&[pods[0].url("/chat/completions")], 50, 300).await;
+    let wall = start.elapsed();
+    assert!(statuses.iter().all(|s| *s == Some(200)));
+    assert!(wall <= Duration::from_millis(3_000 * 3 / 2 + 500), "{wall:?}: not the whole quota");
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 3.0, "{excess} over the quota");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_dies_each_pod_keeps_a_share_and_sharing_returns_without_a_burst() {
+    let mut redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pods = replicas(3, &manifest("outage", &upstream.url(), &shared(&redis)), &dir).await;
+    let urls: Vec<String> = pods.iter().map(|p| p.url("/chat/completions")).collect();
+    let admins: Vec<String> = pods.iter().map(|p| format!("http://{}/metrics", p.admin)).collect();
+    let mode_of = |admins: Vec<String>, mode: &'static str| async move {
+        for a in &admins {
+            let m = get_text(a).await;
+            if metric(&m, &format!("llmproxy_quota_mode{{mode=\"{mode}\"}}")) != 1.0 {
+                return None;
+            }
+        }
+        Some(())
+    };
+    // Every pod has beaten its heart into Redis (the member count for the outage).
+    eventually("all pods shared", Duration::from_secs(10), || mode_of(admins.clone(), "shared")).await;
+    eventually("every pod counted in Redis", Duration::from_secs(10), || {
+        let admins = admins.clone();
+        async move {
+            for a in &admins {
+                if metric(&get_text(a).await, "llmproxy_quota_members") != 3.0 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let load = tokio::spawn({
+        let urls = urls.clone();
+        async move { load_over(&urls, 60, 1_500).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.kill();
+    let down_at = Instant::now();
+    eventually("every pod on its own", Duration::from_secs(10), || mode_of(admins.clone(), "local")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart().await;
+    let up_at = Instant::now();
+    eventually("sharing again", Duration::from_secs(15), || mode_of(admins.clone(), "shared")).await;
+    let statuses = load.await.unwrap_or_default();
+    assert!(statuses.iter().all(|s| *s == Some(200)), "no client saw an error: {statuses:?}");
+    // While Redis was out, each pod had a third: together at most the rate.
+    let during = upstream
+        .mock
+        .seen()
+        .iter()
+        .filter(|s| s.status == 200 && s.at > down_at + Duration::from_millis(600) && s.at < up_at)
+        .count() as f64;
+    let span = up_at.duration_since(down_at + Duration::from_millis(600)).as_secs_f64();
+    assert!(during <= 100.0 * span + 40.0, "{during} requests in {span:.1} s without Redis");
+    // Through both switches, no window saw more than the quota allows.
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 5.0, "{excess} over the quota across the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_llmproxies_drawing_on_one_llmquota_stay_within_it_together() {
+    let redis = RedisServer::start(Some("s3cret-pass")).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("redis-auth")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(secrets.join("redis-auth").join("password"), "s3cret-pass")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Each team may use the whole org quota on its own (its own limit is the quota's); the org
+    // has 100/s for both.
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}', passwordSecretRef: {{name: redis-auth}}}}}}\n",
+        redis.url()
+    );
+    let mut procs = Vec::new();
+    for team in ["team-a", "team-b"] {
+        let text = format!("{}{quota}", manifest(team, &upstream.url(), "  quotaRef: {name: org}\n"));
+        let path = dir.path().join(format!("{team}.yaml"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        let secrets = secrets.display().to_string();
+        procs.push(ProxyProcess::start(&path, &["--secrets-dir", &secrets], &[]).await);
+    }
+    let urls: Vec<String> = procs.iter().map(|p| p.url("/chat/completions")).collect();
+    let start = Instant::now();
+    let statuses = load_over(&urls, 60, 600).await;
+    let wall = start.elapsed();
+    assert!(statuses.iter().all(|s| *s == Some(200)));
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 3.0, "the two LlmProxies together went {excess} over the org quota");
+    assert!(wall >= Duration::from_millis(5_500), "{wall:?}: faster than the org quota");
+    for p in &procs {
+        let logs = p.logs();
+        assert!(!logs.contains("s3cret-pass"), "the Redis password leaked into the logs");
+        let m = get_text(&format!("http://{}/metrics", p.admin)).await;
+        assert_eq!(metric(&m, "llmproxy_quota_mode{mode=\"shared\"}"), 1.0, "{m}\n{logs}");
+    }
+}
