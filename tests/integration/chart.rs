@@ -114,15 +114,33 @@ fn the_charts_crd_does_not_drift_from_llmproxy_crd() {
         copy == llmproxy_api::crd_yaml(),
         "charts/llmproxy/files/llmproxy.io_llmproxies.yaml is stale: cargo run -- crd > charts/llmproxy/files/llmproxy.io_llmproxies.yaml"
     );
-    let rendered = docs(&helm::ok(&["template", "x", &chart()]));
-    let crd = rendered.iter().find(|d| d["kind"] == "CustomResourceDefinition").cloned().unwrap_or_default();
-    let generated = serde_json::to_value(LlmProxy::crd()).unwrap_or_default();
-    // Helm's YAML round trip writes 2.0 as 2: compare numbers by value.
+    let copy = std::fs::read_to_string(repo_path("charts/llmproxy/files/llmproxy.io_llmquotas.yaml"))
+        .unwrap_or_default();
     assert!(
-        normalized(&crd["spec"]) == normalized(&generated["spec"]),
-        "the rendered CRD differs from the generated one"
+        copy == llmproxy_api::quota_crd_yaml(),
+        "charts/llmproxy/files/llmproxy.io_llmquotas.yaml is stale: cargo run -- crd llmquota > charts/llmproxy/files/llmproxy.io_llmquotas.yaml"
     );
-    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let rendered = docs(&helm::ok(&["template", "x", &chart()]));
+    let crds: Vec<&Value> = rendered.iter().filter(|d| d["kind"] == "CustomResourceDefinition").collect();
+    assert_eq!(crds.len(), 2, "both CRDs ship with the chart");
+    for generated in [
+        serde_json::to_value(LlmProxy::crd()).unwrap_or_default(),
+        serde_json::to_value(llmproxy_api::LlmQuota::crd()).unwrap_or_default(),
+    ] {
+        let crd = crds
+            .iter()
+            .find(|d| d["metadata"]["name"] == generated["metadata"]["name"])
+            .copied()
+            .cloned()
+            .unwrap_or_default();
+        // Helm's YAML round trip writes 2.0 as 2: compare numbers by value.
+        assert!(
+            normalized(&crd["spec"]) == normalized(&generated["spec"]),
+            "the rendered CRD {} differs from the generated one",
+            generated["metadata"]["name"]
+        );
+        assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    }
 }
 
 /// Numbers as f64, so that 2 and 2.0 compare equal.
@@ -139,6 +157,9 @@ fn normalized(v: &Value) -> Value {
 const OPERATOR_NEEDS: &[(&str, &str, &[&str])] = &[
     ("llmproxy.io", "llmproxies", &["get", "list", "watch"]),
     ("llmproxy.io", "llmproxies/status", &["patch"]),
+    ("llmproxy.io", "llmquotas", &["get", "list", "watch"]),
+    ("llmproxy.io", "llmquotas/status", &["patch"]),
+    ("", "namespaces", &["get"]),
     ("apps", "deployments", &["list", "watch", "create", "patch"]),
     ("", "services", &["list", "watch", "create", "patch"]),
     ("", "serviceaccounts", &["list", "watch", "create", "patch"]),

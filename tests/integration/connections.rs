@@ -133,7 +133,7 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
         .collect();
     // Eight fit in the budget (one upstream, held; seven queued); the rest hear so at once.
     let metrics_url = format!("http://{}/metrics", proxy.admin);
-    eventually("the budget to fill and the rest to be refused", Duration::from_secs(30), || {
+    eventually("the budget to fill and the rest to be refused", Duration::from_secs(90), || {
         let url = metrics_url.clone();
         async move {
             let m = get_text(&url).await;

@@ -37,6 +37,17 @@ fn committed_crd_matches_generated() {
 }
 
 #[test]
+fn committed_quota_crd_matches_generated() {
+    let path = support::repo_path("crds/llmproxy.io_llmquotas.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == llmproxy_api::quota_crd_yaml(),
+        "{} is stale: regenerate it with `cargo run -- crd llmquota > crds/llmproxy.io_llmquotas.yaml`",
+        path.display()
+    );
+}
+
+#[test]
 fn examples_pass_and_fail_the_standalone_check_like_the_server() {
     let read = |rel: &str| std::fs::read_to_string(support::repo_path(rel)).unwrap_or_default();
     let (_, policy) =

@@ -33,6 +33,18 @@ struct Operator {
 
 impl Operator {
     fn start(client: &Client, ns: &str, identity: &str, lease: bool) -> Self {
+        Self::start_with(client, ns, Some(ns), identity, lease, None)
+    }
+
+    /// Watching `watch` (`None`: every namespace), its own namespace `operator_ns`.
+    fn start_with(
+        client: &Client,
+        ns: &str,
+        watch: Option<&str>,
+        identity: &str,
+        lease: bool,
+        operator_ns: Option<&str>,
+    ) -> Self {
         let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
         let mut lease_cfg = LeaseConfig::new(ns, identity);
         lease_cfg.duration = Duration::from_secs(4);
@@ -42,9 +54,9 @@ impl Operator {
                 image: "llmproxy:test".into(),
                 image_pull_policy: None,
                 metrics_namespace: None,
-                operator_namespace: None,
+                operator_namespace: operator_ns.map(str::to_owned),
             },
-            namespace: Some(ns.to_owned()),
+            namespace: watch.map(str::to_owned),
             lease: lease.then_some(lease_cfg),
             identity: identity.to_owned(),
             observe: llmproxy_operator::ObserveConfig {
@@ -876,4 +888,127 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
     assert!(llmproxy_operator::status::condition_status(Some(&s), "LimitsAboveUpstream").is_some());
     op.stop().await;
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let (env, client, ops, _) = setup("quota-ops").await;
+    let team_a = env.namespace(&client, "team-a").await;
+    let other = env.namespace(&client, "other").await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let label = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": team_a, "labels": {"team": "a"}}});
+    namespaces
+        .patch(&team_a, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&label))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let quota = json!({
+        "apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmQuota", "metadata": {"name": "org"},
+        "spec": {
+            "requestsPerMinute": 6000, "tokensPerMinute": 1000000,
+            "sharedState": {"redis": {"url": "redis://redis.ops.svc:6379/0", "passwordSecretRef": {"name": "redis-auth"}}},
+            "allowedNamespaces": {"matchLabels": {"team": "a"}},
+        },
+    });
+    let quotas: Api<llmproxy_api::LlmQuota> = Api::all(client.clone());
+    quotas
+        .patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&quota))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let op = Operator::start_with(&client, &ops, None, "op-1", false, Some(&ops));
+    let in_ns = |ns: &str| Api::<LlmProxy>::namespaced(client.clone(), ns);
+    let with_ref = |name: &str, guaranteed: i32| {
+        llmproxy(
+            name,
+            "https://api.openai.com/v1",
+            json!({"quotaRef": {"name": "org", "guaranteed": guaranteed}}),
+        )
+    };
+    for ns in [&team_a, &other] {
+        secret(&client, ns, "sk-1").await;
+    }
+    apply(&in_ns(&team_a), &with_ref("first", 60)).await;
+    apply(&in_ns(&other), &with_ref("outsider", 0)).await;
+    apply(&in_ns(&team_a), &with_ref("greedy", 50)).await;
+
+    // Allowed: granted in its status, with the password's namespace.
+    let first = eventually("the quota granted", WAIT, || async {
+        let p = in_ns(&team_a).get("first").await.ok()?;
+        p.status.as_ref()?.quota.clone()
+    })
+    .await;
+    assert_eq!((first.name.as_str(), first.requests_per_minute), ("org", 6000));
+    assert_eq!(first.password_namespace.as_deref(), Some(ops.as_str()));
+    assert_eq!(first.guaranteed, Some(60));
+    // Another namespace, and a guarantee that does not fit: refused, and said why.
+    let outsider = condition(&in_ns(&other), "outsider", "Degraded", "True", "QuotaNotAllowed").await;
+    let message = llmproxy_operator::status::condition_status(outsider.status.as_ref(), "Degraded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("allowedNamespaces"), "{message}");
+    assert!(outsider.status.as_ref().is_some_and(|s| s.quota.is_none()), "nothing granted");
+    let greedy = condition(&in_ns(&team_a), "greedy", "Degraded", "True", "QuotaNotAllowed").await;
+    let message = llmproxy_operator::status::condition_status(greedy.status.as_ref(), "Degraded")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("earlier consumers hold 60 %"), "{message}");
+
+    // The LlmQuota lists its consumers; only the allowed one may read the password.
+    let q = eventually("the consumers listed", WAIT, || async {
+        let q = quotas.get("org").await.ok()?;
+        (q.status.as_ref()?.consumers.len() == 3).then_some(q)
+    })
+    .await;
+    let s = q.status.unwrap_or_default();
+    assert_eq!(s.consumer_count, Some(1));
+    let allowed: Vec<(&str, bool)> = s.consumers.iter().map(|c| (c.name.as_str(), c.allowed)).collect();
+    assert!(
+        allowed.contains(&("first", true))
+            && allowed.contains(&("outsider", false))
+            && allowed.contains(&("greedy", false)),
+        "{allowed:?}"
+    );
+    let binding = eventually("the password RoleBinding", WAIT, || async {
+        Api::<RoleBinding>::namespaced(client.clone(), &ops)
+            .get_opt("llmproxy-quota-org-password")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let subjects: Vec<(String, String)> = binding
+        .subjects
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.namespace.unwrap_or_default(), s.name))
+        .collect();
+    assert_eq!(subjects, [(team_a.clone(), "first-proxy".to_owned())]);
+    let role = Api::<Role>::namespaced(client.clone(), &ops)
+        .get("llmproxy-quota-org-password")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rules = role.rules.unwrap_or_default();
+    assert_eq!(rules[0].resource_names.as_deref(), Some(&["redis-auth".to_owned()][..]));
+    assert_eq!(role.metadata.owner_references.unwrap_or_default()[0].kind, "LlmQuota");
+    // As the allowed proxy's ServiceAccount (RBAC enforced): that one Secret, nothing else.
+    for (name, key) in [("redis-auth", "password"), ("other", "x")] {
+        let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": {key: "v"}});
+        Api::<Secret>::namespaced(client.clone(), &ops)
+            .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let as_proxy = env.service_account_client(&team_a, "first-proxy").await;
+    let secrets = Api::<Secret>::namespaced(as_proxy, &ops);
+    assert!(secrets.get("redis-auth").await.is_ok(), "the granted password is readable");
+    assert!(
+        matches!(secrets.get("other").await, Err(kube::Error::Api(s)) if s.code == 403),
+        "nothing else in the operator's namespace"
+    );
+    let as_outsider = env.service_account_client(&other, "outsider-proxy").await;
+    assert!(
+        matches!(Api::<Secret>::namespaced(as_outsider, &ops).get("redis-auth").await, Err(kube::Error::Api(s)) if s.code == 403),
+        "a refused consumer cannot read it"
+    );
+    op.stop().await;
 }

@@ -133,6 +133,7 @@ pub struct LlmQuotaStatus {
 
     /// LlmProxies that reference it, allowed or not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["namespace", "name"]))]
     pub consumers: Vec<QuotaConsumer>,
 
     /// How many consumers draw from it.

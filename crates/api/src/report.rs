@@ -12,4 +12,17 @@ pub struct ProxyReport {
     /// Each upstream endpoint as this pod sees it.
     #[serde(default)]
     pub upstreams: Vec<UpstreamStatus>,
+
+    /// Requests this pod sent upstream in the last minute.
+    #[serde(default)]
+    pub requests_last_minute: u64,
+
+    /// Tokens this pod charged in the last minute.
+    #[serde(default)]
+    pub tokens_last_minute: u64,
+
+    /// How its shared buckets run: `shared` (through Redis) or `local` (Redis unreachable);
+    /// absent without shared state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_mode: Option<String>,
 }

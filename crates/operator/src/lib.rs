@@ -8,6 +8,7 @@ pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod quota;
 pub mod reconcile;
 pub mod status;
 
@@ -101,7 +102,18 @@ pub async fn controller(
         .predicate_filter(predicates::generation, PredicateConfig::default());
     let controller = Controller::for_stream(proxies, reader);
     let store = controller.store();
-    let observer = observe::run(client.clone(), controller.store(), config.observe, ctx.metrics.clone());
+    let observer = observe::run(
+        client.clone(),
+        controller.store(),
+        config.observe,
+        ctx.metrics.clone(),
+        config.settings.operator_namespace.clone(),
+    );
+    let quota_store = controller.store();
+    // An LlmQuota that changes (or appears) reconciles the LlmProxies that name it.
+    let quotas = watcher(Api::<llmproxy_api::LlmQuota>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     // Secrets are watched by metadata only (no cache of key material in the operator), to
     // reconcile an LlmProxy as soon as its missing Secret appears; a reconcile reads just the one
     // Secret its LlmProxy names, to check that the key is there.
@@ -135,6 +147,17 @@ pub async fn controller(
                                     .and_then(|c| c.keys_secret_ref.as_ref())
                                     .is_some_and(|r| r.name == name)
                         })
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(quotas, move |quota| {
+            let name = quota.name_any();
+            quota_store
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    p.0.as_ref().is_ok_and(|p| p.spec.quota_ref.as_ref().is_some_and(|r| r.name == name))
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()

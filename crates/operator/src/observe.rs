@@ -7,18 +7,21 @@
 //! something changed. A pod that does not answer is left out of that pass; a pass that reaches
 //! no pod writes nothing (the last known view stays).
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
-use llmproxy_api::{LlmProxy, LlmProxyStatus, Policy, ProxyReport};
+use llmproxy_api::{LlmProxy, LlmProxyStatus, LlmQuota, LlmQuotaStatus, Policy, ProxyReport};
 
 use crate::metrics::Metrics;
 use crate::status;
@@ -51,6 +54,7 @@ pub async fn run(
     store: Store<DeserializeGuard<LlmProxy>>,
     config: ObserveConfig,
     metrics: Metrics,
+    operator_namespace: Option<String>,
 ) {
     // Pods are reached over plain HTTP, but the client's TLS stack wants a provider installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -69,6 +73,7 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rbac_applied: HashMap<String, Vec<(String, String)>> = HashMap::new();
     loop {
         tick.tick().await;
         let proxies: Vec<Arc<LlmProxy>> = store
@@ -77,13 +82,21 @@ pub async fn run(
             .filter_map(|p| p.0.as_ref().ok().map(|p| Arc::new(p.clone())))
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .collect();
-        stream::iter(proxies)
+        let usage: Mutex<HashMap<(String, String), (u64, u64)>> = Mutex::default();
+        stream::iter(proxies.clone())
             .for_each_concurrent(CONCURRENT_PODS, |p| {
-                let (client, http, metrics) = (client.clone(), http.clone(), metrics.clone());
+                let (client, http, metrics, usage) = (client.clone(), http.clone(), metrics.clone(), &usage);
                 async move {
                     match observe_one(&client, &http, &p).await {
-                        Ok(true) => metrics.observed_writes.inc(),
-                        Ok(false) => {}
+                        Ok((wrote, used)) => {
+                            if wrote {
+                                metrics.observed_writes.inc();
+                            }
+                            if let Some(u) = used {
+                                let key = (p.namespace().unwrap_or_default(), p.name_any());
+                                usage.lock().unwrap_or_else(PoisonError::into_inner).insert(key, u);
+                            }
+                        }
                         Err(e) => {
                             metrics.observe_errors.inc();
                             tracing::debug!(namespace = ?p.namespace(), name = %p.name_any(), error = %e,
@@ -93,12 +106,113 @@ pub async fn run(
                 }
             })
             .await;
+        let usage = usage.into_inner().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) =
+            observe_quotas(&client, &proxies, &usage, operator_namespace.as_deref(), &mut rbac_applied).await
+        {
+            metrics.observe_errors.inc();
+            tracing::debug!(error = %e, "could not update the LlmQuotas");
+        }
         metrics.observe_passes.inc();
     }
 }
 
-/// Read one LlmProxy's pods and write what changed; whether it wrote.
-async fn observe_one(client: &Client, http: &reqwest::Client, p: &LlmProxy) -> anyhow::Result<bool> {
+/// Each LlmQuota's status (its consumers, allowed or not, and their usage) and the RBAC that
+/// lets its allowed consumers read its Redis password. One writer: this pass.
+async fn observe_quotas(
+    client: &Client,
+    proxies: &[Arc<LlmProxy>],
+    usage: &HashMap<(String, String), (u64, u64)>,
+    operator_namespace: Option<&str>,
+    rbac_applied: &mut HashMap<String, Vec<(String, String)>>,
+) -> anyhow::Result<()> {
+    let quotas = match Api::<LlmQuota>::all(client.clone()).list(&ListParams::default()).await {
+        Ok(q) => q.items,
+        // No CRD (an older chart) or no permission: nothing to do.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    for q in quotas {
+        let name = q.name_any();
+        let mut candidates = Vec::new();
+        for p in proxies {
+            let Some(r) = p.spec.quota_ref.as_ref().filter(|r| r.name == name) else { continue };
+            let ns = p.namespace().unwrap_or_default();
+            if !labels.contains_key(&ns) {
+                let mut l = namespaces.get_opt(&ns).await?.map(|n| n.labels().clone()).unwrap_or_default();
+                l.insert("kubernetes.io/metadata.name".into(), ns.clone());
+                labels.insert(ns.clone(), l);
+            }
+            candidates.push(crate::quota::Candidate {
+                namespace: ns.clone(),
+                name: p.name_any(),
+                namespace_labels: labels.get(&ns).cloned().unwrap_or_default(),
+                weight: r.weight,
+                guaranteed: r.guaranteed,
+                created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            });
+        }
+        let mut consumers = crate::quota::verdicts(&q, &candidates);
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (mut requests, mut tokens) = (0u64, 0u64);
+        for c in &mut consumers {
+            if let Some((r, t)) = usage.get(&(c.namespace.clone(), c.name.clone())) {
+                c.requests_last_minute = Some(as_i64(*r));
+                c.tokens_last_minute = Some(as_i64(*t));
+                requests = requests.saturating_add(*r);
+                tokens = tokens.saturating_add(*t);
+            }
+        }
+        let allowed = consumers.iter().filter(|c| c.allowed).count();
+        let new = LlmQuotaStatus {
+            conditions: q.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default(),
+            consumer_count: Some(i32::try_from(allowed).unwrap_or(i32::MAX)),
+            requests_last_minute: Some(as_i64(requests)),
+            tokens_last_minute: Some(as_i64(tokens)),
+            consumers: consumers.clone(),
+        };
+        if q.status.as_ref() != Some(&new) {
+            let body = serde_json::json!({
+                "apiVersion": format!("{}/{}", llmproxy_api::GROUP, llmproxy_api::VERSION),
+                "kind": "LlmQuota",
+                "status": new,
+            });
+            Api::<LlmQuota>::all(client.clone())
+                .patch_status(&name, &PatchParams::apply(OBSERVER).force(), &Patch::Apply(&body))
+                .await?;
+        }
+        if let Some(ns) = operator_namespace
+            && let Some((role, binding)) = crate::quota::password_rbac(&q, ns, &consumers)
+        {
+            let subjects: Vec<(String, String)> = consumers
+                .iter()
+                .filter(|c| c.allowed)
+                .map(|c| (c.namespace.clone(), c.name.clone()))
+                .collect();
+            if rbac_applied.get(&name) != Some(&subjects) {
+                let params = PatchParams::apply(OBSERVER).force();
+                Api::<Role>::namespaced(client.clone(), ns)
+                    .patch(&role.name_any(), &params, &Patch::Apply(&role))
+                    .await?;
+                Api::<RoleBinding>::namespaced(client.clone(), ns)
+                    .patch(&binding.name_any(), &params, &Patch::Apply(&binding))
+                    .await?;
+                rbac_applied.insert(name.clone(), subjects);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read one LlmProxy's pods and write what changed; whether it wrote, and what its pods sent
+/// upstream in the last minute (requests, tokens) when any pod reported.
+async fn observe_one(
+    client: &Client,
+    http: &reqwest::Client,
+    p: &LlmProxy,
+) -> anyhow::Result<(bool, Option<(u64, u64)>)> {
     let ns = p.namespace().unwrap_or_default();
     let urls = pod_status_urls(client, &ns, &p.name_any()).await?;
     let reports: Vec<ProxyReport> = stream::iter(urls)
@@ -116,8 +230,11 @@ async fn observe_one(client: &Client, http: &reqwest::Client, p: &LlmProxy) -> a
         .collect()
         .await;
     if reports.is_empty() {
-        return Ok(false);
+        return Ok((false, None));
     }
+    let used = reports.iter().fold((0u64, 0u64), |(r, t), x| {
+        (r.saturating_add(x.requests_last_minute), t.saturating_add(x.tokens_last_minute))
+    });
     let upstreams = status::aggregate_upstreams(&reports);
     let now = Time(Timestamp::now());
     let mut conditions = Vec::new();
@@ -130,13 +247,16 @@ async fn observe_one(client: &Client, http: &reqwest::Client, p: &LlmProxy) -> a
             &now,
         ));
     }
+    if let Some(c) = status::quota_shared(&reports, p.metadata.generation, p.status.as_ref(), &now) {
+        conditions.push(c);
+    }
     let stored = p.status.clone().unwrap_or_default();
     let same_conditions = conditions.iter().all(|c| {
         status::condition_status(Some(&stored), &c.type_)
             .is_some_and(|o| o.status == c.status && o.reason == c.reason && o.message == c.message)
     });
     if stored.upstreams == upstreams && same_conditions {
-        return Ok(false);
+        return Ok((false, Some(used)));
     }
     let body = serde_json::json!({
         "apiVersion": format!("{}/{}", llmproxy_api::GROUP, llmproxy_api::VERSION),
@@ -145,7 +265,7 @@ async fn observe_one(client: &Client, http: &reqwest::Client, p: &LlmProxy) -> a
     });
     let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
     api.patch_status(&p.name_any(), &PatchParams::apply(OBSERVER).force(), &Patch::Apply(&body)).await?;
-    Ok(true)
+    Ok((true, Some(used)))
 }
 
 /// `http://ADDRESS:PORT/status` of each ready pod behind the Service `service`: the port named

@@ -195,6 +195,19 @@ async fn check_secrets(
             grants.secrets.push(r.name.clone());
         }
     }
+    if let Some(r) = p.spec.shared_state.as_ref().and_then(|s| s.redis.password_secret_ref.as_ref()) {
+        let secret = secrets.get_opt(&r.name).await?;
+        let (problem, readable) =
+            secret_verdict(secret.as_ref(), &r.name, SecretUse::RedisPassword, &p.name_any());
+        let lacks_key = |s: &Secret| {
+            let present = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key));
+            (!present).then(|| Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() })
+        };
+        problems.extend(problem.or_else(|| lacks_key(secret.as_ref()?)));
+        if readable && !grants.secrets.contains(&r.name) {
+            grants.secrets.push(r.name.clone());
+        }
+    }
     if let Some(r) = p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()) {
         let secret = secrets.get_opt(&r.name).await?;
         let (problem, readable) =
@@ -205,6 +218,76 @@ async fn check_secrets(
         }
     }
     Ok((problems.into_iter().next(), grants))
+}
+
+/// The LlmProxies that name quota `name`, with their namespaces' labels, as the verdict
+/// needs them. All namespaces where the operator may list them, else `ns` only.
+pub async fn quota_candidates(
+    client: &Client,
+    name: &str,
+    ns: &str,
+) -> Result<Vec<crate::quota::Candidate>, kube::Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let all = match Api::<LlmProxy>::all(client.clone()).list(&Default::default()).await {
+        Ok(l) => l.items,
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            Api::<LlmProxy>::namespaced(client.clone(), ns).list(&Default::default()).await?.items
+        }
+        Err(e) => return Err(e),
+    };
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut labels: HashMap<String, std::collections::BTreeMap<String, String>> = HashMap::new();
+    let mut out = Vec::new();
+    for p in all {
+        let Some(r) = p.spec.quota_ref.as_ref().filter(|r| r.name == name) else { continue };
+        let pns = p.namespace().unwrap_or_default();
+        if !labels.contains_key(&pns) {
+            let mut l = namespaces.get_opt(&pns).await?.map(|n| n.labels().clone()).unwrap_or_default();
+            // As the API server sets it on every namespace.
+            l.insert("kubernetes.io/metadata.name".into(), pns.clone());
+            labels.insert(pns.clone(), l);
+        }
+        out.push(crate::quota::Candidate {
+            namespace: pns.clone(),
+            name: p.name_any(),
+            namespace_labels: labels.get(&pns).cloned().unwrap_or_default(),
+            weight: r.weight,
+            guaranteed: r.guaranteed,
+            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        });
+    }
+    Ok(out)
+}
+
+/// Check `spec.quotaRef`: the LlmQuota exists and lets this LlmProxy draw; what it grants.
+async fn check_quota(
+    client: &Client,
+    ns: &str,
+    p: &LlmProxy,
+    settings: &Settings,
+) -> Result<(Option<Problem>, Option<llmproxy_api::GrantedQuota>), kube::Error> {
+    let Some(r) = &p.spec.quota_ref else { return Ok((None, None)) };
+    let Some(quota) = Api::<llmproxy_api::LlmQuota>::all(client.clone()).get_opt(&r.name).await? else {
+        return Ok((Some(Problem::QuotaNotFound(r.name.clone())), None));
+    };
+    let candidates = quota_candidates(client, &r.name, ns).await?;
+    let verdicts = crate::quota::verdicts(&quota, &candidates);
+    let mine = verdicts.iter().find(|v| v.namespace == ns && v.name == p.name_any());
+    match mine {
+        Some(v) if v.allowed => {
+            Ok((None, crate::quota::grant(&quota, p, settings.operator_namespace.as_deref())))
+        }
+        Some(v) => Ok((
+            Some(Problem::QuotaNotAllowed {
+                quota: r.name.clone(),
+                reason: v.reason.clone().unwrap_or_default(),
+            }),
+            None,
+        )),
+        None => {
+            Ok((Some(Problem::QuotaNotAllowed { quota: r.name.clone(), reason: "not listed".into() }), None))
+        }
+    }
 }
 
 /// Reconcile one LlmProxy (or report one that cannot be read).
@@ -228,9 +311,10 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
 
     // Validate: what the schema cannot express.
     let (secret_problem, grants) = check_secrets(client, &ns, p).await?;
+    let (quota_problem, granted) = check_quota(client, &ns, p, &ctx.settings).await?;
     let problem = match Policy::from_spec(&p.spec) {
         Err(e) => Some(Problem::InvalidPolicy(e.to_string())),
-        Ok(_) => secret_problem,
+        Ok(_) => secret_problem.or(quota_problem),
     };
 
     // Build (pure) and apply. Children are applied even when the spec has a problem: they do
@@ -267,6 +351,7 @@ async fn reconcile_inner(p: &LlmProxy, ctx: &Context) -> Result<Action, Error> {
     );
     let keys_required = p.spec.clients.as_ref().is_some_and(|c| c.keys_secret_ref.is_some());
     status::add_client_auth(&mut new, keys_required, p.status.as_ref(), &now);
+    new.quota = granted;
     if !status::unchanged(p.status.as_ref(), &new) {
         let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
         let body = serde_json::json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy",

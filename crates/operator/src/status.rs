@@ -33,6 +33,15 @@ pub enum Problem {
         /// The missing key.
         key: String,
     },
+    /// `spec.quotaRef` names no LlmQuota.
+    QuotaNotFound(String),
+    /// The LlmQuota does not let this LlmProxy draw (its namespace, or its guarantee).
+    QuotaNotAllowed {
+        /// The LlmQuota.
+        quota: String,
+        /// Why.
+        reason: String,
+    },
     /// The client keys Secret holds no keys, or keys the proxies would refuse.
     ClientKeysInvalid {
         /// Secret name.
@@ -50,6 +59,8 @@ pub enum SecretUse {
     UpstreamKey,
     /// `spec.clients.keysSecretRef`: the keys clients must present.
     ClientKeys,
+    /// `spec.sharedState.redis.passwordSecretRef`: the shared buckets' Redis password.
+    RedisPassword,
 }
 
 impl SecretUse {
@@ -58,6 +69,7 @@ impl SecretUse {
         match self {
             SecretUse::UpstreamKey => "an upstream's apiKeySecretRef",
             SecretUse::ClientKeys => "spec.clients.keysSecretRef",
+            SecretUse::RedisPassword => "spec.sharedState.redis.passwordSecretRef",
         }
     }
 
@@ -66,6 +78,7 @@ impl SecretUse {
         match self {
             SecretUse::UpstreamKey => llmproxy_api::SECRET_OPT_IN_LABEL,
             SecretUse::ClientKeys => llmproxy_api::CLIENT_KEYS_LABEL,
+            SecretUse::RedisPassword => llmproxy_api::REDIS_PASSWORD_LABEL,
         }
     }
 
@@ -78,6 +91,9 @@ impl SecretUse {
                 format!(
                     "kubectl create secret generic {secret} --from-literal=TEAM=KEY (one entry per client)"
                 )
+            }
+            SecretUse::RedisPassword => {
+                format!("kubectl create secret generic {secret} --from-literal=password=...")
             }
         }
     }
@@ -93,6 +109,8 @@ impl Problem {
             Problem::SecretNotAllowed { .. } => "SecretNotAllowed",
             Problem::SecretKeyMissing { .. } => "SecretKeyMissing",
             Problem::ClientKeysInvalid { .. } => "ClientKeysInvalid",
+            Problem::QuotaNotFound(_) => "QuotaNotFound",
+            Problem::QuotaNotAllowed { .. } => "QuotaNotAllowed",
         }
     }
 
@@ -111,6 +129,13 @@ impl Problem {
                 use_.field(),
                 use_.label(),
                 llmproxy_api::SECRET_ALLOWED_PROXIES
+            ),
+            Problem::QuotaNotFound(q) => {
+                format!("LlmQuota {q} (spec.quotaRef) not found; create it, or remove the reference")
+            }
+            Problem::QuotaNotAllowed { quota, reason } => format!(
+                "LlmQuota {quota} does not let this LlmProxy draw from it: {reason}; the proxies do not \
+                 start serving until it does"
             ),
             Problem::ClientKeysInvalid { secret, error } => {
                 format!("Secret {secret} (spec.clients.keysSecretRef) cannot be used: {error}")
@@ -240,7 +265,7 @@ pub fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -> bool 
 }
 
 /// Conditions written from what the proxy pods report, not by the reconciler.
-pub const OBSERVED_CONDITIONS: &[&str] = &["LimitsAboveUpstream"];
+pub const OBSERVED_CONDITIONS: &[&str] = &["LimitsAboveUpstream", "QuotaShared"];
 
 fn observed_condition(type_: &str) -> bool {
     OBSERVED_CONDITIONS.contains(&type_)
@@ -286,6 +311,48 @@ fn lower(a: Option<i64>, b: Option<i64>) -> Option<i64> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// `QuotaShared`: whether every pod shares its buckets through Redis (`None` when no pod has
+/// shared state). False with `RedisUnavailable` while any pod runs on its local share.
+pub fn quota_shared(
+    reports: &[ProxyReport],
+    generation: Option<i64>,
+    previous: Option<&LlmProxyStatus>,
+    now: &Time,
+) -> Option<Condition> {
+    let modes: Vec<&str> = reports.iter().filter_map(|r| r.quota_mode.as_deref()).collect();
+    if modes.is_empty() {
+        return None;
+    }
+    let local = modes.iter().filter(|m| **m != "shared").count();
+    let mut c = if local == 0 {
+        condition(
+            "QuotaShared",
+            true,
+            "Shared",
+            format!("{} pods share the limits through Redis", modes.len()),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            "QuotaShared",
+            false,
+            "RedisUnavailable",
+            format!(
+                "{local} of {} pods cannot reach Redis and enforce a local share of the limits (rate / pods); \
+                 the total stays within them, a busy pod cannot use what idle ones leave",
+                modes.len()
+            ),
+            generation,
+            now,
+        )
+    };
+    if let Some(old) = condition_status(previous, "QuotaShared").filter(|o| o.status == c.status) {
+        c.last_transition_time = old.last_transition_time.clone();
+    }
+    Some(c)
 }
 
 /// `LimitsAboveUpstream`: true when an endpoint's configured limit is above what its upstream
@@ -467,12 +534,14 @@ mod tests {
     fn pods_reports_combine_into_the_lowest_limit_and_any_ejection() {
         let one = ProxyReport {
             upstreams: vec![seen("b", Some(600), true, None), seen("a", Some(100), true, None)],
+            ..ProxyReport::default()
         };
         let two = ProxyReport {
             upstreams: vec![
                 seen("a", Some(90), false, Some("connect: refused")),
                 seen("b", None, true, None),
             ],
+            ..ProxyReport::default()
         };
         let all = aggregate_upstreams(&[one, two]);
         assert_eq!(
@@ -521,5 +590,20 @@ mod tests {
         assert!(applied.upstreams.is_empty());
         assert!(condition_status(Some(&applied), "LimitsAboveUpstream").is_none());
         assert!(condition_status(Some(&applied), "Ready").is_some());
+    }
+
+    #[test]
+    fn quota_shared_says_when_a_pod_is_on_its_own() {
+        let pod = |mode: Option<&str>| ProxyReport {
+            quota_mode: mode.map(str::to_owned),
+            ..ProxyReport::default()
+        };
+        assert!(quota_shared(&[pod(None)], Some(1), None, &at(1)).is_none(), "no shared state, no condition");
+        let ok = quota_shared(&[pod(Some("shared")), pod(Some("shared"))], Some(1), None, &at(1));
+        assert_eq!(ok.map(|c| (c.status, c.reason)), Some(("True".into(), "Shared".into())));
+        let down = quota_shared(&[pod(Some("shared")), pod(Some("local"))], Some(1), None, &at(1));
+        let down = down.unwrap_or_else(|| panic!("a condition"));
+        assert_eq!((down.status.as_str(), down.reason.as_str()), ("False", "RedisUnavailable"));
+        assert!(down.message.starts_with("1 of 2 pods"), "{}", down.message);
     }
 }

@@ -99,6 +99,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
     // One watch per Secret the upstream keys come from, with the keys read from it.
     let mut secrets: std::collections::BTreeMap<String, (Vec<String>, AbortOnDrop)> = Default::default();
     let mut client_keys: Option<(String, AbortOnDrop)> = None;
+    let mut quota_watch: Option<((String, String, String), AbortOnDrop)> = None;
     while let Some(event) = updates.next().await {
         let p = match event {
             Ok(DeserializeGuard(Ok(p))) => p,
@@ -132,6 +133,33 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
         let mut wanted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for r in refs {
             wanted.entry(r.name).or_default().push(r.key);
+        }
+        // The shared buckets' Redis password, when the LlmProxy names one in its namespace.
+        if let Some(r) = p.spec.shared_state.as_ref().and_then(|s| s.redis.password_secret_ref.as_ref()) {
+            let keys = wanted.entry(r.name.clone()).or_default();
+            if !keys.contains(&r.key) {
+                keys.push(r.key.clone());
+            }
+        }
+        // The LlmQuota's password lives in the operator's namespace, readable once granted.
+        let quota_secret = p.status.as_ref().and_then(|s| s.quota.as_ref()).and_then(|q| {
+            let r = q.redis.password_secret_ref.as_ref()?;
+            Some((q.password_namespace.clone()?, r.name.clone(), r.key.clone()))
+        });
+        if quota_secret.as_ref() != quota_watch.as_ref().map(|(id, _)| id) {
+            if let Some(((_, name, key), _)) = quota_watch.take() {
+                proxy.set_secret_key(&name, &key, None);
+            }
+            quota_watch = quota_secret.map(|(ns, name, key)| {
+                let task = AbortOnDrop(tokio::spawn(watch_secret(
+                    Arc::clone(&proxy),
+                    client.clone(),
+                    ns.clone(),
+                    name.clone(),
+                    vec![key.clone()],
+                )));
+                ((ns, name, key), task)
+            });
         }
         secrets.retain(|name, (keys, _)| {
             let keep = wanted.get(name) == Some(keys);
@@ -216,7 +244,7 @@ async fn watch_secret(proxy: Arc<Proxy>, client: Client, namespace: String, name
                     match value.and_then(ApiKey::new) {
                         Some(k) => {
                             proxy.set_secret_key(&name, key, Some(k));
-                            tracing::info!(secret = %name, key = %key, "upstream API key loaded");
+                            tracing::info!(secret = %name, key = %key, "key loaded from the Secret");
                         }
                         None => tracing::error!(
                             secret = %name,

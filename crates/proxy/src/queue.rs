@@ -669,6 +669,11 @@ impl Admission {
         self.lock().limiter.reports()
     }
 
+    /// Requests admitted and tokens charged in the last minute (for status).
+    pub fn last_minute(&self) -> (u64, u64) {
+        self.lock().limiter.last_minute(Instant::now())
+    }
+
     /// Requests waiting now (in line).
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)

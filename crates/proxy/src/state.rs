@@ -314,7 +314,13 @@ impl Proxy {
                 last_error: e.last_error,
             })
             .collect();
-        llmproxy_api::ProxyReport { upstreams }
+        let (requests_last_minute, tokens_last_minute) = self.admission.last_minute();
+        llmproxy_api::ProxyReport {
+            upstreams,
+            requests_last_minute,
+            tokens_last_minute,
+            quota_mode: self.shared.mode().map(|m| m.label().to_owned()),
+        }
     }
 
     pub(crate) fn request_id(&self) -> String {

@@ -27,19 +27,20 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// Install the LlmProxy CRD and wait until the server serves it.
+/// Install the LlmProxy and LlmQuota CRDs and wait until the server serves them.
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = LlmProxy::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .unwrap_or_else(|e| panic!("applying the CRD: {e}"));
-    let established = await_condition(crds, &name, conditions::is_crd_established());
-    tokio::time::timeout(Duration::from_secs(30), established)
-        .await
-        .unwrap_or_else(|_| panic!("CRD {name} not Established within 30 s"))
-        .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
+    for crd in [LlmProxy::crd(), llmproxy_api::LlmQuota::crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying the CRD: {e}"));
+        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
+        tokio::time::timeout(Duration::from_secs(30), established)
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not Established within 30 s"))
+            .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
+    }
 }
 
 /// Poll `check` until it returns `Some`, failing with `what` after `timeout`. Tests wait for

@@ -14,6 +14,7 @@
 mod bucket;
 mod endpoint;
 pub(crate) mod lease;
+mod window;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -287,6 +288,8 @@ pub(crate) struct Limiter {
     pub(crate) leases: Option<Leases>,
     /// The LlmQuota drawn from.
     quota: Option<QuotaPolicy>,
+    /// What went upstream in the last minute.
+    usage: window::MinuteWindow,
 }
 
 fn total_config(l: &LimitsPolicy) -> RateConfig {
@@ -310,6 +313,7 @@ impl Limiter {
             ejection: policy.retry.clone(),
             leases: None,
             quota: None,
+            usage: window::MinuteWindow::new(now),
         };
         l.reconfigure(policy, now);
         l
@@ -600,6 +604,7 @@ impl Limiter {
         if let Some(caps) = self.caps(&ask.client, now) {
             caps.take(now, ask.tokens);
         }
+        self.usage.add(now, 1, i64::try_from(ask.tokens).unwrap_or(i64::MAX));
         let at = index.min(self.endpoints.len().saturating_sub(1));
         let endpoint_name = self.endpoints.get(at).map(|e| e.name().to_owned()).unwrap_or_default();
         let keys = self.lease_keys(ask.model.as_ref(), &ask.client, &endpoint_name);
@@ -653,6 +658,7 @@ impl Limiter {
             caps.give_tokens(now, tokens);
         }
         let model = mark.model.clone();
+        self.usage.add(now, 0, -i64::try_from(tokens).unwrap_or(i64::MAX));
         self.give_leased(mark, client, tokens as f64);
         if let Some(e) = self.endpoint_of(mark) {
             e.give_tokens(now, model.as_ref(), tokens);
@@ -764,6 +770,11 @@ impl Limiter {
         self.endpoints
             .iter()
             .any(|e| e.name() != avoid && e.can_serve(ask) && !matches!(e.health.avail(now), Avail::Out(_)))
+    }
+
+    /// Requests admitted and tokens charged in the last minute.
+    pub(crate) fn last_minute(&self, now: Instant) -> (u64, u64) {
+        self.usage.total(now)
     }
 
     /// Every endpoint's state, for metrics and status.
