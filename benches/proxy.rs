@@ -13,7 +13,9 @@
 //!     second, wall time vs the least the quota allows.
 //! (f) memory idle and with 10,000 requests queued; (g) a quiet client's latency under a flood;
 //! (h) three upstreams of unequal quota: blind round robin vs quota-aware balancing, quotas
-//!     configured or learned from headers, and one upstream failing half way.
+//!     configured or learned from headers, and one upstream failing half way;
+//! (i) one quota across 1, 3 and 6 replicas, a static share each vs shared through Redis, and
+//!     the latency the shared limiter adds.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -549,6 +551,161 @@ async fn upstreams_workload(dir: &Path) {
     }
 }
 
+/// A `redis-server` on a free port, without persistence; `None` when it is not installed.
+fn start_redis() -> Option<(Proc, SocketAddr)> {
+    let addr = free_addr();
+    let child = Command::new("redis-server")
+        .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let proc = Proc(child);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Some((proc, addr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// `n` proxy processes of one manifest (name `bench`), with `spec_tail`.
+async fn start_replicas(
+    dir: &Path,
+    n: usize,
+    upstream: SocketAddr,
+    spec_tail: &str,
+) -> Vec<(Proc, SocketAddr)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let file = dir.join(format!("replica-{i}.yaml"));
+        let manifest = format!(
+            "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
+        );
+        std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
+        let (addr, admin) = (free_addr(), free_addr());
+        let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
+        let p = spawn(Command::new(bin).arg("proxy").arg("--config").arg(&file).args([
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ]));
+        wait_http(&format!("http://{admin}/readyz")).await;
+        out.push((p, addr));
+    }
+    out
+}
+
+/// (i) One quota (100 requests/s) across 1, 3 and 6 replicas: each pod with a static share
+/// (limits / pods, what a cluster without shared state enforces) and shared through Redis.
+/// The load is skewed as keep-alive pins it: 60 % to the first pod, the rest spread. Then the
+/// latency the shared limiter adds when the limits do not bind.
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+async fn quota_workload(dir: &Path) {
+    let Some((_redis, redis)) = start_redis() else {
+        println!("\n## (i) shared quota: skipped (no redis-server)");
+        return;
+    };
+    const TOTAL: usize = 1500;
+    println!(
+        "\n## (i) One quota of 100 requests/s across replicas: {TOTAL} requests from 100 clients, 60 % to the first pod\n"
+    );
+    println!(
+        "| replicas | buckets | ok | client 429s | upstream rate beyond one burst / quota | wall s | wall / least possible |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let client = load::client();
+    let mut round = 0;
+    for n in [1usize, 3, 6] {
+        for shared in [false, true] {
+            round += 1;
+            let (_mock, mock_addr) = start_mock(&[]).await;
+            let rpm = if shared { 6000 } else { (6000 / n) as u64 };
+            let sharing = if shared {
+                format!("  sharedState: {{redis: {{url: 'redis://{redis}/{}'}}}}\n", round % 16)
+            } else {
+                String::new()
+            };
+            let tail = format!(
+                "  limits: {{requestsPerMinute: {rpm}, maxConcurrent: 1000}}\n  queue: {{maxSize: 100000, maxWait: 120s}}\n{sharing}"
+            );
+            let pods = start_replicas(dir, n, mock_addr, &tail).await;
+            let addrs: Vec<SocketAddr> = pods.iter().map(|(_, a)| *a).collect();
+            let start = std::time::Instant::now();
+            let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let workers = (0..100).map(|_| {
+                let (client, next, addrs) = (client.clone(), next.clone(), addrs.clone());
+                tokio::spawn(async move {
+                    let mut shots = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= TOTAL {
+                            return shots;
+                        }
+                        // 60 % to the first pod, the rest round robin over all.
+                        let to = if i % 5 < 3 { addrs[0] } else { addrs[i % addrs.len()] };
+                        let url = format!("http://{to}/v1/chat/completions");
+                        shots.push(load::shoot(&client, &url, None, &upstreams_body(i)).await);
+                    }
+                })
+            });
+            let mut shots = Vec::new();
+            for w in futures_util::future::join_all(workers).await {
+                shots.extend(w.unwrap_or_default());
+            }
+            let wall = start.elapsed();
+            let s = Summary::of(&shots, wall);
+            let accepted = mock_stats(mock_addr).await["ok"].as_u64().unwrap_or(0) as f64;
+            // The quota allows one second's worth at once (a bucket full after idle), the rest
+            // at 100/s: the rate column leaves that burst out.
+            let least = (TOTAL as f64 - 100.0) / 100.0;
+            println!(
+                "| {n} | {} | {} | {} | {:.3} | {:.2} | {:.3} |",
+                if shared { "shared (Redis)" } else { "static share" },
+                s.ok,
+                s.rate_limited,
+                (accepted - 100.0).max(0.0) / wall.as_secs_f64() / 100.0,
+                wall.as_secs_f64(),
+                wall.as_secs_f64() / least
+            );
+        }
+    }
+
+    println!(
+        "\n| 1 replica, 300 req/s for 5 s, limits not binding | p50 ms | p99 ms | added p50 ms | added p99 ms |"
+    );
+    println!("|---|---|---|---|---|");
+    let (_mock, mock_addr) = start_mock(&[]).await;
+    let mut base = None;
+    for shared in [false, true] {
+        let sharing = if shared {
+            format!("  sharedState: {{redis: {{url: 'redis://{redis}/15'}}}}\n")
+        } else {
+            String::new()
+        };
+        let tail = format!(
+            "  limits: {{requestsPerMinute: 100000000, maxConcurrent: 100000}}\n  queue: {{maxSize: 100000, maxWait: 60s}}\n{sharing}"
+        );
+        let pods = start_replicas(dir, 1, mock_addr, &tail).await;
+        let url = format!("http://{}/v1/chat/completions", pods[0].1);
+        let _ = load::constant_rate(&client, &url, 200.0, Duration::from_millis(500)).await;
+        let (shots, _) = load::constant_rate(&client, &url, 300.0, Duration::from_secs(5)).await;
+        let (p50, p99, _) = latency(&shots);
+        let (b50, b99) = *base.get_or_insert((p50, p99));
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            if shared { "shared (Redis)" } else { "local" },
+            ms(p50),
+            ms(p99),
+            ms(p50) - ms(b50),
+            ms(p99) - ms(b99)
+        );
+    }
+}
+
 /// One quiet client's latencies while another floods the queue, at `rate` requests/s. The
 /// quiet client sends on its own schedule (open loop), so every request of it meets the flood.
 async fn quiet_under_flood(
@@ -654,7 +811,7 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
-    // tpm = e, memory = f, fairness = g, upstreams = h); none named: all.
+    // tpm = e, memory = f, fairness = g, upstreams = h, quota = i); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
@@ -676,6 +833,9 @@ fn main() {
         }
         if wanted("upstreams") {
             upstreams_workload(dir.path()).await;
+        }
+        if wanted("quota") {
+            quota_workload(dir.path()).await;
         }
     });
 }
