@@ -61,6 +61,26 @@ fn examples_pass_and_fail_the_standalone_check_like_the_server() {
     assert!(err.contains("spec.retry.initialBackoff: must not exceed maxBackoff"), "{err}");
 }
 
+#[test]
+fn the_org_quota_example_resolves_standalone_with_its_quota() {
+    let text = std::fs::read_to_string(support::repo_path("examples/org-quota.yaml")).unwrap_or_default();
+    let (proxy, policy) = llmproxy_api::from_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(proxy.metadata.name.as_deref(), Some("team-a-openai"));
+    let quota = policy.quota.unwrap_or_else(|| panic!("the LlmQuota of the file"));
+    assert_eq!(
+        (quota.name.as_str(), quota.requests_per_minute, quota.weight, quota.guaranteed),
+        ("org-openai", 10_000, 2, 30)
+    );
+    assert_eq!(
+        policy.shared.map(|s| s.url),
+        Some("redis://redis.llmproxy-system.svc:6379/0".to_owned()),
+        "the team's buckets share the quota's Redis"
+    );
+    let missing = text.replace("name: org-openai\nspec", "name: another\nspec");
+    let err = llmproxy_api::from_yaml(&missing).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("spec.quotaRef.name: no LlmQuota named \"org-openai\""), "{err}");
+}
+
 #[tokio::test]
 async fn the_teams_example_applies_and_runs_with_its_clients() {
     let (_env, api) = env_with_crd("teams").await;
