@@ -113,6 +113,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 continue;
             }
         };
+        proxy.set_replicas(sharing_pods(&p));
         match policy_for(&p) {
             Ok(policy) => {
                 if proxy.apply_policy(policy) == Reload::Applied {

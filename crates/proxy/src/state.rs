@@ -75,6 +75,8 @@ pub struct Proxy {
     shared: Arc<crate::shared::SharedState>,
     /// The lessee runs (started once, by `share`).
     sharing: AtomicBool,
+    /// Replicas the cluster reports (0: unknown), a floor for the members without Redis.
+    replicas: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Proxy {
@@ -99,6 +101,7 @@ impl Proxy {
             next_id: AtomicU64::new(0),
             shared: Arc::default(),
             sharing: AtomicBool::new(false),
+            replicas: Arc::default(),
         });
         let policy = proxy.policy.load_full();
         proxy.admission.set_byte_budget(policy.queue.max_bytes);
@@ -133,6 +136,18 @@ impl Proxy {
                 }
             }
         });
+    }
+
+    /// The replicas the cluster runs of this LlmProxy (what the operator reports), so that a pod
+    /// cut off from Redis divides by at least that many.
+    pub fn set_replicas(&self, replicas: u32) {
+        self.replicas.store(replicas, Ordering::Relaxed);
+    }
+
+    /// The replica count to divide by without Redis: the cluster's, else `fallback`.
+    pub(crate) fn replicas_hint(&self, fallback: u32) -> Arc<std::sync::atomic::AtomicU32> {
+        let _ = self.replicas.compare_exchange(0, fallback.max(1), Ordering::Relaxed, Ordering::Relaxed);
+        Arc::clone(&self.replicas)
     }
 
     /// Whether the buckets are shared through Redis now (`None`: no shared state).
