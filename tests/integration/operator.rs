@@ -968,20 +968,23 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
             && allowed.contains(&("greedy", false)),
         "{allowed:?}"
     );
-    let binding = eventually("the password RoleBinding", WAIT, || async {
-        Api::<RoleBinding>::namespaced(client.clone(), &ops)
+    // The binding follows the consumers the observer has seen; it settles on the allowed one.
+    let expected = vec![(team_a.clone(), "first-proxy".to_owned())];
+    let subjects = eventually("the password RoleBinding to name the allowed consumer", WAIT, || async {
+        let b = Api::<RoleBinding>::namespaced(client.clone(), &ops)
             .get_opt("llmproxy-quota-org-password")
             .await
             .ok()
-            .flatten()
+            .flatten()?;
+        let subjects: Vec<(String, String)> = b
+            .subjects
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.namespace.unwrap_or_default(), s.name))
+            .collect();
+        (subjects == expected).then_some(subjects)
     })
     .await;
-    let subjects: Vec<(String, String)> = binding
-        .subjects
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| (s.namespace.unwrap_or_default(), s.name))
-        .collect();
     assert_eq!(subjects, [(team_a.clone(), "first-proxy".to_owned())]);
     let role = Api::<Role>::namespaced(client.clone(), &ops)
         .get("llmproxy-quota-org-password")
