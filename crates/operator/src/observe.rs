@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -132,28 +131,11 @@ async fn observe_quotas(
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     for q in quotas {
         let name = q.name_any();
-        let mut candidates = Vec::new();
-        for p in proxies {
-            let Some(r) = p.spec.quota_ref.as_ref().filter(|r| r.name == name) else { continue };
-            let ns = p.namespace().unwrap_or_default();
-            if !labels.contains_key(&ns) {
-                let mut l = namespaces.get_opt(&ns).await?.map(|n| n.labels().clone()).unwrap_or_default();
-                l.insert("kubernetes.io/metadata.name".into(), ns.clone());
-                labels.insert(ns.clone(), l);
-            }
-            candidates.push(crate::quota::Candidate {
-                namespace: ns.clone(),
-                name: p.name_any(),
-                namespace_labels: labels.get(&ns).cloned().unwrap_or_default(),
-                weight: r.weight,
-                guaranteed: r.guaranteed,
-                created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            });
-        }
+        let candidates =
+            crate::quota::candidates(client, proxies.iter().map(AsRef::as_ref), &name, &mut labels).await?;
         let mut consumers = crate::quota::verdicts(&q, &candidates);
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let (mut requests, mut tokens) = (0u64, 0u64);

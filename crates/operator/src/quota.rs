@@ -46,6 +46,37 @@ pub struct Candidate {
     pub created: Option<k8s_openapi::jiff::Timestamp>,
 }
 
+/// The LlmProxies among `proxies` that name quota `name`, with their namespaces' labels
+/// (read once per namespace, into `labels`).
+pub async fn candidates<'a>(
+    client: &kube::Client,
+    proxies: impl IntoIterator<Item = &'a LlmProxy>,
+    name: &str,
+    labels: &mut std::collections::HashMap<String, BTreeMap<String, String>>,
+) -> Result<Vec<Candidate>, kube::Error> {
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    let mut out = Vec::new();
+    for p in proxies {
+        let Some(r) = p.spec.quota_ref.as_ref().filter(|r| r.name == name) else { continue };
+        let ns = p.namespace().unwrap_or_default();
+        if !labels.contains_key(&ns) {
+            let mut l = namespaces.get_opt(&ns).await?.map(|n| n.labels().clone()).unwrap_or_default();
+            // As the API server sets it on every namespace.
+            l.insert("kubernetes.io/metadata.name".into(), ns.clone());
+            labels.insert(ns.clone(), l);
+        }
+        out.push(Candidate {
+            namespace: ns.clone(),
+            name: p.name_any(),
+            namespace_labels: labels.get(&ns).cloned().unwrap_or_default(),
+            weight: r.weight,
+            guaranteed: r.guaranteed,
+            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        });
+    }
+    Ok(out)
+}
+
 /// Every consumer's verdict, oldest first: a namespace the quota does not allow, or a
 /// guarantee that would push the sum over 100 %, is refused with a reason; usage is left
 /// for the observer.

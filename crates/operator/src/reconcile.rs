@@ -220,14 +220,13 @@ async fn check_secrets(
     Ok((problems.into_iter().next(), grants))
 }
 
-/// The LlmProxies that name quota `name`, with their namespaces' labels, as the verdict
-/// needs them. All namespaces where the operator may list them, else `ns` only.
-pub async fn quota_candidates(
+/// The LlmProxies that name quota `name`, as the verdict needs them: from all namespaces
+/// where the operator may list them, else `ns` only.
+async fn quota_candidates(
     client: &Client,
     name: &str,
     ns: &str,
 ) -> Result<Vec<crate::quota::Candidate>, kube::Error> {
-    use k8s_openapi::api::core::v1::Namespace;
     let all = match Api::<LlmProxy>::all(client.clone()).list(&Default::default()).await {
         Ok(l) => l.items,
         Err(kube::Error::Api(s)) if s.code == 403 => {
@@ -235,28 +234,7 @@ pub async fn quota_candidates(
         }
         Err(e) => return Err(e),
     };
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut labels: HashMap<String, std::collections::BTreeMap<String, String>> = HashMap::new();
-    let mut out = Vec::new();
-    for p in all {
-        let Some(r) = p.spec.quota_ref.as_ref().filter(|r| r.name == name) else { continue };
-        let pns = p.namespace().unwrap_or_default();
-        if !labels.contains_key(&pns) {
-            let mut l = namespaces.get_opt(&pns).await?.map(|n| n.labels().clone()).unwrap_or_default();
-            // As the API server sets it on every namespace.
-            l.insert("kubernetes.io/metadata.name".into(), pns.clone());
-            labels.insert(pns.clone(), l);
-        }
-        out.push(crate::quota::Candidate {
-            namespace: pns.clone(),
-            name: p.name_any(),
-            namespace_labels: labels.get(&pns).cloned().unwrap_or_default(),
-            weight: r.weight,
-            guaranteed: r.guaranteed,
-            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        });
-    }
-    Ok(out)
+    crate::quota::candidates(client, &all, name, &mut HashMap::new()).await
 }
 
 /// Check `spec.quotaRef`: the LlmQuota exists and lets this LlmProxy draw; what it grants.
