@@ -473,12 +473,16 @@ mod tests {
         // second's worth ahead.
         let mut ask = 0.0;
         for _ in 0..40 {
-            l.stocks.get_mut(&LeaseKey::Total).map(|s| s.used[0] = 2.5);
+            if let Some(s) = l.stocks.get_mut(&LeaseKey::Total) {
+                s.used[0] = 2.5;
+            }
             ask = plan(&mut l, &mut seen, t0, 0.025, &identity(), None)[0].ask;
         }
         assert!((ask - 25.0).abs() < 0.5, "{ask}");
         // Idle for more than a second: what it holds goes back.
-        l.stocks.get_mut(&LeaseKey::Total).map(|s| s.have[0] = 7.0);
+        if let Some(s) = l.stocks.get_mut(&LeaseKey::Total) {
+            s.have[0] = 7.0;
+        }
         let lines = plan(&mut l, &mut seen, t0 + Duration::from_secs(2), 0.025, &identity(), None);
         assert_eq!((lines[0].ask, lines[0].give), (0.0, 7.0));
         assert_eq!(l.stocks[&LeaseKey::Total].have[0], 0.0);

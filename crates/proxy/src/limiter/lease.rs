@@ -152,9 +152,13 @@ mod tests {
         l.configure(&[(LeaseKey::Total, RateConfig::per_minute(Some(600), Some(60_000)))], t0);
         assert_eq!(l.lacks(&LeaseKey::Total, 50, t0), Some(Limit::Requests));
         assert_eq!(l.stocks[&LeaseKey::Total].want, [1.0, 50.0]);
-        l.stocks.get_mut(&LeaseKey::Total).map(|s| s.have = [2.0, 40.0]);
+        if let Some(s) = l.stocks.get_mut(&LeaseKey::Total) {
+            s.have = [2.0, 40.0];
+        }
         assert_eq!(l.lacks(&LeaseKey::Total, 50, t0), Some(Limit::Tokens));
-        l.stocks.get_mut(&LeaseKey::Total).map(|s| s.have[1] = 100.0);
+        if let Some(s) = l.stocks.get_mut(&LeaseKey::Total) {
+            s.have[1] = 100.0;
+        }
         assert_eq!(l.lacks(&LeaseKey::Total, 50, t0), None);
         l.take(&LeaseKey::Total, 50, t0);
         assert_eq!(l.stocks[&LeaseKey::Total].have, [1.0, 50.0]);
