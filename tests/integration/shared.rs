@@ -213,3 +213,38 @@ async fn two_llmproxies_drawing_on_one_llmquota_stay_within_it_together() {
         assert_eq!(metric(&m, "llmproxy_quota_mode{mode=\"shared\"}"), 1.0, "{m}\n{logs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_contention_a_guarantee_and_weights_hold() {
+    let redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        redis.url()
+    );
+    // team-a is guaranteed 70 % of the org's 100/s, and the rest is split by weight (1:1):
+    // 85/s for it, 15/s for team-b while both are busy. Both flood.
+    let mut procs = Vec::new();
+    for (team, reference) in [("team-a", "{name: org, guaranteed: 70}"), ("team-b", "{name: org}")] {
+        let text =
+            format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
+        let path = dir.path().join(format!("{team}.yaml"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        procs.push(ProxyProcess::start(&path, &[], &[]).await);
+    }
+    let (a, b) = (procs[0].url("/chat/completions"), procs[1].url("/chat/completions"));
+    let start = Instant::now();
+    let timed = |urls: Vec<String>| async move {
+        let statuses = load_over(&urls, 40, 400).await;
+        (statuses, start.elapsed())
+    };
+    let ((ra, a_wall), (rb, b_wall)) = tokio::join!(timed(vec![a]), timed(vec![b]));
+    assert!(ra.iter().chain(&rb).all(|s| *s == Some(200)), "nobody is refused, nobody starves");
+    // First come, first served would give each half (400 in 8 s); at 85/s team-a's 400 take
+    // about 4.7 s. team-b finishes after, on what team-a leaves.
+    assert!(a_wall <= Duration::from_millis(6_500), "team-a's guarantee did not hold: {a_wall:?}");
+    assert!(b_wall > a_wall, "team-b {b_wall:?}, team-a {a_wall:?}");
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 3.0, "{excess} over the org quota");
+}
