@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -1013,5 +1014,120 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
         matches!(Api::<Secret>::namespaced(as_outsider, &ops).get("redis-auth").await, Err(kube::Error::Api(s)) if s.code == 403),
         "a refused consumer cannot read it"
     );
+    op.stop().await;
+}
+
+/// An EndpointSlice of the Service `service` with one ready pod at 127.0.0.1 whose metrics
+/// port is `admin` (the test API server runs no controllers; a real one would write it).
+async fn pod_slice(client: &Client, ns: &str, service: &str, name: &str, admin: u16) {
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+        "ports": [{"name": "metrics", "port": admin, "protocol": "TCP"}],
+    });
+    Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&slice))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
+    let (_env, client, ns, api) = setup("usage").await;
+    let upstream = mock(MockConfig::default()).await;
+    // 10 requests per second for the LlmProxy; each of the two pods enforces its half.
+    let spec = json!({
+        "upstream": {"url": upstream.url()},
+        "limits": {"requestsPerMinute": 600, "maxConcurrent": 50},
+        "queue": {"maxSize": 1000, "maxWait": "60s"},
+        "replicas": 2,
+    });
+    let manifest = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": "team"}, "spec": spec});
+    let mut half = manifest.clone();
+    half["spec"]["limits"]["requestsPerMinute"] = json!(300);
+    let yaml = serde_yaml::to_string(&half).unwrap_or_else(|e| panic!("{e}"));
+    let pods = [TestProxy::start(&yaml, None).await, TestProxy::start(&yaml, None).await];
+    let op = Operator::start(&client, &ns, "op-1", false);
+    apply(&api, &manifest).await;
+    wait_for(&Api::<Service>::namespaced(client.clone(), &ns), "team").await;
+    for (i, p) in pods.iter().enumerate() {
+        pod_slice(&client, &ns, "team", &format!("team-pod-{i}"), p.admin.port()).await;
+    }
+    // 60 requests at once, 30 to each pod: 5 go at once on each, the rest wait on the quota
+    // with slots free.
+    let http = load::client();
+    let load = {
+        let urls: Vec<String> = pods.iter().map(|p| p.url("/chat/completions")).collect();
+        tokio::spawn(async move {
+            join_all((0..60).map(|i| {
+                let (http, url) = (http.clone(), urls[i % 2].clone());
+                async move { load::shoot(&http, &url, None, &load::chat_body(i)).await.status }
+            }))
+            .await
+        })
+    };
+    let bound = condition(&api, "team", "QuotaBound", "True", "WaitingForUpstreamQuota").await;
+    let usage = bound.status.and_then(|s| s.usage).unwrap_or_default();
+    assert!(usage.queue_depth > 0, "{usage:?}");
+    assert_eq!(
+        llmproxy_operator::status::condition_status(
+            api.get("team").await.ok().as_ref().and_then(|p| p.status.as_ref()),
+            "Saturated"
+        )
+        .map(|c| c.status.clone()),
+        Some("False".into())
+    );
+    let statuses = load.await.unwrap_or_default();
+    assert!(statuses.iter().all(|s| *s == Some(200)));
+    // Load over: the queue empties, and the minute's count is what the upstream counted.
+    let counted = upstream.mock.stats().ok as i64;
+    let p = eventually("usage after the load", WAIT, || async {
+        let p = api.get("team").await.ok()?;
+        let u = p.status.as_ref()?.usage.clone()?;
+        (u.queue_depth == 0 && u.requests_last_minute == counted).then_some(p)
+    })
+    .await;
+    let u = p.status.clone().and_then(|s| s.usage).unwrap_or_default();
+    assert_eq!(u.utilization_percent, 10, "60 of 600 per minute");
+    assert!(u.queue_wait_p99_seconds > 1.0, "{u:?}");
+    assert_eq!(
+        llmproxy_operator::status::condition_status(p.status.as_ref(), "QuotaBound")
+            .map(|c| c.status.clone()),
+        Some("False".into())
+    );
+
+    // All slots taken, requests waiting: Saturated.
+    upstream.mock.hold();
+    let mut tight = half.clone();
+    tight["spec"]["limits"] = json!({"requestsPerMinute": 100000, "maxConcurrent": 1});
+    pods[0].proxy.apply_policy(
+        llmproxy_api::Policy::from_spec(
+            &serde_json::from_value(tight["spec"].clone()).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let url = pods[0].url("/chat/completions");
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let (http, url) = (load::client(), url.clone());
+            tokio::spawn(
+                async move { load::shoot(&http, &url, None, &load::chat_body(100 + i)).await.status },
+            )
+        })
+        .collect();
+    condition(&api, "team", "Saturated", "True", "ConcurrencyExhausted").await;
+    upstream.mock.release();
+    for h in held {
+        assert_eq!(h.await.ok().flatten(), Some(200));
+    }
+    // One LlmProxy: at most one status write per pass, however busy.
+    let m = op.metrics.render();
+    let (writes, passes) = (
+        metric(&m, "llmproxy_operator_observed_status_writes_total"),
+        metric(&m, "llmproxy_operator_observe_passes_total"),
+    );
+    assert!(writes >= 3.0 && writes <= passes + 1.0, "{writes} writes in {passes} passes");
     op.stop().await;
 }

@@ -24,7 +24,7 @@ pub use spec::{
     AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
     EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
     ModelLimitsSpec, ObservedLimits, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef, SecretNameRef,
-    TokenAccounting, UpstreamSpec, UpstreamStatus,
+    TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
 };
 
 /// The label a Secret carries (value `"true"`) before the operator lets any proxy read it: a

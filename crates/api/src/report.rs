@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::spec::UpstreamStatus;
 
 /// One proxy pod's view.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyReport {
     /// Each upstream endpoint as this pod sees it.
@@ -20,6 +20,30 @@ pub struct ProxyReport {
     /// Tokens this pod charged in the last minute.
     #[serde(default)]
     pub tokens_last_minute: u64,
+
+    /// Requests waiting in its queue now.
+    #[serde(default)]
+    pub queue_depth: u64,
+
+    /// Requests upstream now.
+    #[serde(default)]
+    pub inflight: u64,
+
+    /// Its `limits.maxConcurrent`.
+    #[serde(default)]
+    pub max_concurrent: u64,
+
+    /// The 99th percentile of its queue waits over the last minute, seconds.
+    #[serde(default)]
+    pub queue_wait_p99_seconds: f64,
+
+    /// Upstream 429s in the last minute.
+    #[serde(default)]
+    pub upstream429s_last_minute: u64,
+
+    /// Upstream 5xx, connection errors and timeouts in the last minute.
+    #[serde(default)]
+    pub upstream_errors_last_minute: u64,
 
     /// How its shared buckets run: `shared` (through Redis) or `local` (Redis unreachable);
     /// absent without shared state.

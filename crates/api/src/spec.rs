@@ -33,6 +33,8 @@ use crate::duration::Duration;
     printcolumn(name = "RPM", type_ = "integer", json_path = ".spec.limits.requestsPerMinute"),
     printcolumn(name = "TPM", type_ = "integer", json_path = ".spec.limits.tokensPerMinute"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Util", type_ = "integer", json_path = ".status.usage.utilizationPercent"),
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.usage.queueDepth"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -717,6 +719,31 @@ pub struct LlmProxyStatus {
     /// reference; what the proxies draw from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<crate::quota::GrantedQuota>,
+
+    /// What all pods together did in the last minute, as they report it (refreshed every
+    /// status interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+}
+
+/// Live usage of an LlmProxy, all pods together.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// Requests sent upstream in the last minute.
+    pub requests_last_minute: i64,
+    /// Tokens charged in the last minute.
+    pub tokens_last_minute: i64,
+    /// The larger of requests and tokens in the last minute as a percentage of the limits.
+    pub utilization_percent: i64,
+    /// Requests waiting in the queues now.
+    pub queue_depth: i64,
+    /// The highest of the pods' 99th percentile queue waits over the last minute, seconds.
+    pub queue_wait_p99_seconds: f64,
+    /// Upstream 429s in the last minute.
+    pub upstream429s_last_minute: i64,
+    /// Upstream 5xx, connection errors and timeouts in the last minute.
+    pub upstream_errors_last_minute: i64,
 }
 
 /// One upstream endpoint, as its proxies report it.

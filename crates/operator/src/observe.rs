@@ -232,18 +232,20 @@ async fn observe_one(
     if let Some(c) = status::quota_shared(&reports, p.metadata.generation, p.status.as_ref(), &now) {
         conditions.push(c);
     }
+    conditions.extend(status::bottlenecks(&reports, p.metadata.generation, p.status.as_ref(), &now));
+    let usage = status::usage(&reports, Policy::from_spec(&p.spec).ok().as_ref());
     let stored = p.status.clone().unwrap_or_default();
     let same_conditions = conditions.iter().all(|c| {
         status::condition_status(Some(&stored), &c.type_)
             .is_some_and(|o| o.status == c.status && o.reason == c.reason && o.message == c.message)
     });
-    if stored.upstreams == upstreams && same_conditions {
+    if stored.upstreams == upstreams && same_conditions && stored.usage.as_ref() == Some(&usage) {
         return Ok((false, Some(used)));
     }
     let body = serde_json::json!({
         "apiVersion": format!("{}/{}", llmproxy_api::GROUP, llmproxy_api::VERSION),
         "kind": "LlmProxy",
-        "status": LlmProxyStatus { upstreams, conditions, ..LlmProxyStatus::default() },
+        "status": LlmProxyStatus { upstreams, conditions, usage: Some(usage), ..LlmProxyStatus::default() },
     });
     let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
     api.patch_status(&p.name_any(), &PatchParams::apply(OBSERVER).force(), &Patch::Apply(&body)).await?;

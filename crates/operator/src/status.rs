@@ -2,7 +2,7 @@
 //! `Degraded`) with reasons. Pure; the reconciler writes the result.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use llmproxy_api::{LlmProxyStatus, ObservedLimits, Policy, ProxyReport, UpstreamStatus};
+use llmproxy_api::{LlmProxyStatus, ObservedLimits, Policy, ProxyReport, UpstreamStatus, UsageStatus};
 
 /// Something about the LlmProxy that the operator cannot fix by itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -243,6 +243,7 @@ pub fn compute(
         endpoint: Some(endpoint),
         upstreams: previous.map(|p| p.upstreams.clone()).unwrap_or_default(),
         quota: None,
+        usage: previous.and_then(|p| p.usage.clone()),
     };
     // What the pods report is the observer's (its own field manager): carried here so that a
     // comparison with the stored status sees no change, and left out of what the reconciler
@@ -265,7 +266,7 @@ pub fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -> bool 
 }
 
 /// Conditions written from what the proxy pods report, not by the reconciler.
-pub const OBSERVED_CONDITIONS: &[&str] = &["LimitsAboveUpstream", "QuotaShared"];
+pub const OBSERVED_CONDITIONS: &[&str] = &["LimitsAboveUpstream", "QuotaShared", "QuotaBound", "Saturated"];
 
 fn observed_condition(type_: &str) -> bool {
     OBSERVED_CONDITIONS.contains(&type_)
@@ -276,6 +277,7 @@ fn observed_condition(type_: &str) -> bool {
 pub fn reconciler_part(status: &LlmProxyStatus) -> LlmProxyStatus {
     let mut s = status.clone();
     s.upstreams.clear();
+    s.usage = None;
     s.conditions.retain(|c| !observed_condition(&c.type_));
     s
 }
@@ -311,6 +313,93 @@ fn lower(a: Option<i64>, b: Option<i64>) -> Option<i64> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// All pods' usage together, against the LlmProxy's limits.
+pub fn usage(reports: &[ProxyReport], policy: Option<&Policy>) -> UsageStatus {
+    let sum = |f: fn(&ProxyReport) -> u64| reports.iter().map(f).fold(0u64, u64::saturating_add);
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let (requests, tokens) = (sum(|r| r.requests_last_minute), sum(|r| r.tokens_last_minute));
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+    let utilization = policy.map_or(0, |p| {
+        let by_requests = requests as f64 / p.limits.requests_per_minute.max(1) as f64;
+        let by_tokens = p.limits.tokens_per_minute.map_or(0.0, |t| tokens as f64 / t.max(1) as f64);
+        (by_requests.max(by_tokens) * 100.0).round().min(1e9) as i64
+    });
+    let p99 = reports.iter().map(|r| r.queue_wait_p99_seconds).fold(0.0, f64::max);
+    UsageStatus {
+        requests_last_minute: as_i64(requests),
+        tokens_last_minute: as_i64(tokens),
+        utilization_percent: utilization,
+        queue_depth: as_i64(sum(|r| r.queue_depth)),
+        // Milliseconds are enough, and a stable value writes no status for noise.
+        queue_wait_p99_seconds: (p99 * 1000.0).round() / 1000.0,
+        upstream429s_last_minute: as_i64(sum(|r| r.upstream429s_last_minute)),
+        upstream_errors_last_minute: as_i64(sum(|r| r.upstream_errors_last_minute)),
+    }
+}
+
+/// `QuotaBound` (requests wait while slots are free: the upstream quota holds them, and more
+/// pods would only divide it) and `Saturated` (a pod's slots are all taken with requests
+/// waiting: more pods would help).
+pub fn bottlenecks(
+    reports: &[ProxyReport],
+    generation: Option<i64>,
+    previous: Option<&LlmProxyStatus>,
+    now: &Time,
+) -> Vec<Condition> {
+    let waiting = |r: &&ProxyReport| r.queue_depth > 0;
+    let quota_bound = reports.iter().filter(waiting).filter(|r| r.inflight < r.max_concurrent).count();
+    let saturated = reports
+        .iter()
+        .filter(|r| r.max_concurrent > 0 && r.inflight >= r.max_concurrent && r.queue_depth > 0)
+        .count();
+    let pods = reports.len();
+    let mut out = vec![
+        if quota_bound > 0 {
+            condition(
+                "QuotaBound",
+                true,
+                "WaitingForUpstreamQuota",
+                format!(
+                    "{quota_bound} of {pods} pods queue requests while slots are free: the upstream quota holds \
+                     them; more replicas would not help (raise the quota, spread load over time, or add an upstream)"
+                ),
+                generation,
+                now,
+            )
+        } else {
+            condition(
+                "QuotaBound",
+                false,
+                "QuotaHasRoom",
+                "no pod waits on the quota".into(),
+                generation,
+                now,
+            )
+        },
+        if saturated > 0 {
+            condition(
+                "Saturated",
+                true,
+                "ConcurrencyExhausted",
+                format!(
+                    "{saturated} of {pods} pods have every maxConcurrent slot taken with requests waiting: \
+                     scale out (or raise limits.maxConcurrent)"
+                ),
+                generation,
+                now,
+            )
+        } else {
+            condition("Saturated", false, "SlotsFree", "no pod is out of slots".into(), generation, now)
+        },
+    ];
+    for c in &mut out {
+        if let Some(old) = condition_status(previous, &c.type_).filter(|o| o.status == c.status) {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    out
 }
 
 /// `QuotaShared`: whether every pod shares its buckets through Redis (`None` when no pod has

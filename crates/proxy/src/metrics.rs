@@ -109,6 +109,34 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// Tokens cache hits and coalesced answers did not spend upstream.
     pub cache_saved_tokens: IntCounter,
+    /// How far this pod is its own bottleneck: in-flight requests, plus those waiting for a
+    /// slot while every slot is taken, over `maxConcurrent`. It stays low while requests wait
+    /// for the upstream quota (more pods cannot help then): the autoscaling signal.
+    pub saturation: prometheus::Gauge,
+    recent: std::sync::Mutex<Recent>,
+}
+
+/// The last minute of what a pod reports for its LlmProxy's status.
+#[derive(Debug)]
+struct Recent {
+    upstream_429s: crate::limiter::window::MinuteWindow,
+    upstream_errors: crate::limiter::window::MinuteWindow,
+    /// Queue waits (seconds) with when they ended; at most `MAX_WAITS`, the last minute's.
+    waits: std::collections::VecDeque<(tokio::time::Instant, f32)>,
+}
+
+/// The most queue waits remembered for the p99 (the newest).
+const MAX_WAITS: usize = 4096;
+
+/// What a pod saw in the last minute.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LastMinute {
+    /// Upstream 429s.
+    pub upstream_429s: u64,
+    /// Upstream 5xx, connection errors and timeouts.
+    pub upstream_errors: u64,
+    /// 99th percentile of queue waits, seconds.
+    pub queue_wait_p99: f64,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(reg: &Registry, c: C) -> anyhow::Result<C> {
@@ -184,6 +212,18 @@ impl Metrics {
             "result",
         )?;
         let metrics = Self {
+            saturation: register(
+                r,
+                prometheus::Gauge::new(
+                    "llmproxy_saturation",
+                    "In-flight requests, plus those waiting for a slot while all are taken, over maxConcurrent: above 1 the pod itself is the bottleneck (scale out); it stays low while requests wait for the upstream quota.",
+                )?,
+            )?,
+            recent: std::sync::Mutex::new(Recent {
+                upstream_429s: crate::limiter::window::MinuteWindow::new(tokio::time::Instant::now()),
+                upstream_errors: crate::limiter::window::MinuteWindow::new(tokio::time::Instant::now()),
+                waits: std::collections::VecDeque::new(),
+            }),
             requests,
             durations,
             queue_waits,
@@ -379,11 +419,54 @@ impl Metrics {
             },
         };
         self.upstream_responses.with_label_values(&[label, upstream]).inc();
+        if status == 429 || status >= 500 {
+            let now = tokio::time::Instant::now();
+            let mut r = self.recent();
+            let w = if status == 429 { &mut r.upstream_429s } else { &mut r.upstream_errors };
+            w.add(now, 1, 0);
+        }
     }
 
     /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
     pub fn upstream_failure(&self, upstream: &str, what: &'static str) {
         self.upstream_responses.with_label_values(&[what, upstream]).inc();
+        self.recent().upstream_errors.add(tokio::time::Instant::now(), 1, 0);
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remember a queue wait for the last minute's p99.
+    pub fn recent_wait(&self, waited: std::time::Duration) {
+        let now = tokio::time::Instant::now();
+        let mut r = self.recent();
+        if r.waits.len() >= MAX_WAITS {
+            r.waits.pop_front();
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        r.waits.push_back((now, waited.as_secs_f64() as f32));
+    }
+
+    /// The last minute's upstream 429s, errors and p99 queue wait.
+    pub fn last_minute(&self) -> LastMinute {
+        let now = tokio::time::Instant::now();
+        let mut r = self.recent();
+        while r.waits.front().is_some_and(|(at, _)| now.duration_since(*at).as_secs() >= 60) {
+            r.waits.pop_front();
+        }
+        let mut waits: Vec<f32> = r.waits.iter().map(|(_, w)| *w).collect();
+        waits.sort_by(f32::total_cmp);
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let p99 = waits
+            .get(((waits.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0);
+        LastMinute {
+            upstream_429s: r.upstream_429s.total(now).0,
+            upstream_errors: r.upstream_errors.total(now).0,
+            queue_wait_p99: f64::from(p99),
+        }
     }
 
     /// Count an endpoint taken out after failures.

@@ -519,6 +519,7 @@ impl Admission {
     fn permit(self: &Arc<Self>, ask: &Ask, party: &Party, mark: Mark, start: Instant) -> Permit {
         let waited = start.elapsed();
         self.metrics.inflight.inc();
+        self.metrics.recent_wait(waited);
         party.metrics.queue_wait(waited.as_secs_f64());
         party.metrics.tokens(TokenKind::Reserved, ask.tokens);
         Permit {

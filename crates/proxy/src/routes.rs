@@ -47,6 +47,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
     metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
     metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     metrics.set_endpoints(&proxy.admission().endpoints());
+    proxy.update_saturation();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()).into_response()
 }
 

@@ -314,6 +314,7 @@ impl Proxy {
 
     /// What this pod reports on `/status`.
     pub fn report(&self) -> llmproxy_api::ProxyReport {
+        self.update_saturation();
         let as_i64 = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
         let upstreams = self
             .admission
@@ -330,12 +331,30 @@ impl Proxy {
             })
             .collect();
         let (requests_last_minute, tokens_last_minute) = self.admission.last_minute();
+        let recent = self.metrics.last_minute();
         llmproxy_api::ProxyReport {
             upstreams,
             requests_last_minute,
             tokens_last_minute,
+            queue_depth: self.admission.waiting() as u64,
+            inflight: u64::from(self.admission.inflight()),
+            max_concurrent: u64::from(self.policy().limits.max_concurrent),
+            queue_wait_p99_seconds: recent.queue_wait_p99,
+            upstream429s_last_minute: recent.upstream_429s,
+            upstream_errors_last_minute: recent.upstream_errors,
             quota_mode: self.shared.mode().map(|m| m.label().to_owned()),
         }
+    }
+
+    /// `llmproxy_saturation`: in flight, plus those waiting for a slot while all are taken,
+    /// over `maxConcurrent`.
+    pub fn update_saturation(&self) {
+        let max = f64::from(self.policy().limits.max_concurrent.max(1));
+        let inflight = f64::from(self.admission.inflight());
+        #[allow(clippy::cast_precision_loss)]
+        let waiting = self.admission.waiting() as f64;
+        let busy = if inflight >= max { inflight + waiting } else { inflight };
+        self.metrics.saturation.set(busy / max);
     }
 
     pub(crate) fn request_id(&self) -> String {

@@ -14,7 +14,7 @@
 mod bucket;
 mod endpoint;
 pub(crate) mod lease;
-mod window;
+pub(crate) mod window;
 
 use std::collections::HashMap;
 use std::fmt;
