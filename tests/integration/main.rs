@@ -7,6 +7,7 @@ mod clients;
 mod connections;
 mod crd;
 mod operator;
+mod prometheus;
 mod proxy;
 mod proxy_process;
 mod shared;

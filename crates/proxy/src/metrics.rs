@@ -427,6 +427,17 @@ impl Metrics {
         }
     }
 
+    /// Export every endpoint's response series from zero (what rates and alerts divide by,
+    /// and a first failure then counts in a rate: a series born at 1 shows no increase).
+    pub fn init_upstreams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for upstream in names {
+            for status in KNOWN_STATUSES.iter().copied().chain(["connect_error", "timeout"]) {
+                self.upstream_responses.with_label_values(&[status, upstream]);
+            }
+            self.upstream_ejections.with_label_values(&[upstream]);
+        }
+    }
+
     /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
     pub fn upstream_failure(&self, upstream: &str, what: &'static str) {
         self.upstream_responses.with_label_values(&[what, upstream]).inc();

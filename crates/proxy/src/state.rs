@@ -104,6 +104,7 @@ impl Proxy {
             replicas: Arc::default(),
         });
         let policy = proxy.policy.load_full();
+        proxy.metrics.init_upstreams(policy.upstreams.iter().map(|u| u.name.as_str()));
         proxy.admission.set_byte_budget(policy.queue.max_bytes);
         proxy.update_gauges();
         proxy.metrics.source_up.set(1);
@@ -173,6 +174,7 @@ impl Proxy {
             return Reload::Unchanged;
         }
         self.admission.reconfigure(&policy);
+        self.metrics.init_upstreams(policy.upstreams.iter().map(|u| u.name.as_str()));
         self.admission.set_byte_budget(policy.queue.max_bytes);
         self.cache.reconfigure(policy.cache.as_ref());
         self.policy.store(Arc::new(policy));
