@@ -87,9 +87,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { file } => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let (_, policy) = llmproxy_api::from_yaml(&text)
-                .with_context(|| format!("{} is not a usable LlmProxy", file.display()))?;
-            println!("{}: ok\n{policy:#?}", file.display());
+            match llmproxy_api::from_yaml(&text) {
+                Ok((proxy, _)) => {
+                    // The manifest as the proxy reads it, every default filled in: valid YAML
+                    // that reads back to the same policy.
+                    let mut yaml = serde_yaml::to_string(&proxy).context("printing the manifest")?;
+                    // The LlmQuota documents the file holds beside it, as they are.
+                    for doc in serde_yaml::Deserializer::from_str(&text) {
+                        let v =
+                            <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap_or_default();
+                        if v["kind"] == "LlmQuota" {
+                            yaml.push_str("---\n");
+                            yaml.push_str(&serde_yaml::to_string(&v).context("printing the manifest")?);
+                        }
+                    }
+                    println!("# {}: ok (every default filled in)\n{yaml}", file.display());
+                }
+                Err(e) => {
+                    let head: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_default();
+                    let name = head["metadata"]["name"].as_str().unwrap_or("?").to_owned();
+                    let problems: Vec<String> = match &e {
+                        llmproxy_api::ManifestError::Invalid(p) => {
+                            p.0.iter()
+                                .map(|f| format!("* {}: Invalid value: {}", f.field, f.message))
+                                .collect()
+                        }
+                        other => vec![format!("* {other}")],
+                    };
+                    anyhow::bail!(
+                        "{}: The LlmProxy {name:?} is invalid:\n{}",
+                        file.display(),
+                        problems.join("\n")
+                    );
+                }
+            }
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
         Command::Proxy(args) => runtime()?.block_on(proxy::run(args))?,

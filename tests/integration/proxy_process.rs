@@ -265,3 +265,43 @@ async fn absurd_durations_are_refused_by_check_and_by_a_running_proxy() {
     assert_eq!(status, 200);
     assert_eq!(get_text(&format!("http://{}/readyz", proxy.admin)).await, "ok");
 }
+
+#[test]
+fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy() {
+    for example in
+        ["examples/openai.yaml", "examples/upstreams.yaml", "examples/teams.yaml", "examples/org-quota.yaml"]
+    {
+        let path = crate::support::repo_path(example);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+            .arg("check")
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{example}: {e}")))
+            .collect();
+        let yaml = &docs[0];
+        assert!(yaml["spec"]["queue"]["maxWait"].is_string(), "{example}: defaults filled in:\n{printed}");
+        let original = llmproxy_api::from_yaml(&std::fs::read_to_string(&path).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let again = llmproxy_api::from_yaml(&printed).unwrap_or_else(|e| panic!("{example}: {e}\n{printed}"));
+        assert_eq!(again.1, original.1, "{example}: the same policy");
+        assert_eq!(again.0.spec, original.0.spec, "{example}: the same spec");
+    }
+    let broken = crate::support::repo_path("examples/invalid/backoff-exceeds-max.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .arg("check")
+        .arg(&broken)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("The LlmProxy \"broken\" is invalid:")
+            && stderr.contains("* spec.limits.requestsPerMinute: Invalid value: must be > 0")
+            && stderr.contains("* spec.retry.initialBackoff: Invalid value: must not exceed maxBackoff"),
+        "kubectl-like, one line per field: {stderr}"
+    );
+}
