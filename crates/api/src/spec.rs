@@ -112,6 +112,42 @@ pub struct LlmProxySpec {
     /// within that quota, which all its consumers share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_ref: Option<crate::quota::QuotaRef>,
+
+    /// How the proxy pods log: request records and the log format, as the standalone flags
+    /// set them (a change restarts the pods: these are process settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observability: Option<ObservabilitySpec>,
+}
+
+/// Logs and request records of the proxy pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservabilitySpec {
+    /// Percent of requests that get a request record (a JSON log line); metrics count all.
+    /// Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub request_records: Option<i32>,
+
+    /// A request header naming the client in records when no client key does (else the
+    /// body's `user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub client_id_header: Option<String>,
+
+    /// `json` (default: one object per line, for log pipelines) or `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormatSpec>,
+}
+
+/// How a pod writes its logs.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatSpec {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
 }
 
 impl LlmProxySpec {

@@ -229,15 +229,20 @@ fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
         name: "proxy".into(),
         image: Some(settings.image.clone()),
         image_pull_policy: settings.image_pull_policy.clone(),
-        args: Some(vec![
-            "proxy".into(),
-            "--resource".into(),
-            format!("{}/{name}", p.namespace().unwrap_or_default()),
-            "--listen".into(),
-            format!("0.0.0.0:{API_PORT}"),
-            "--admin-listen".into(),
-            format!("0.0.0.0:{ADMIN_PORT}"),
-        ]),
+        args: Some(
+            vec![
+                "proxy".into(),
+                "--resource".into(),
+                format!("{}/{name}", p.namespace().unwrap_or_default()),
+                "--listen".into(),
+                format!("0.0.0.0:{API_PORT}"),
+                "--admin-listen".into(),
+                format!("0.0.0.0:{ADMIN_PORT}"),
+            ]
+            .into_iter()
+            .chain(observability_args(p))
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort { name: Some("http".into()), container_port: API_PORT, ..ContainerPort::default() },
             ContainerPort {
@@ -300,6 +305,23 @@ fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
         }),
         ..Deployment::default()
     }
+}
+
+/// The proxy's process flags from `spec.observability` (JSON logs by default in a cluster).
+fn observability_args(p: &LlmProxy) -> Vec<String> {
+    let o = p.spec.observability.clone().unwrap_or_default();
+    let format = match o.log_format {
+        Some(llmproxy_api::spec::LogFormatSpec::Text) => "text",
+        _ => "json",
+    };
+    let mut args = vec!["--log-format".to_owned(), format.to_owned()];
+    if let Some(percent) = o.request_records {
+        args.extend(["--request-records".to_owned(), percent.clamp(0, 100).to_string()]);
+    }
+    if let Some(header) = o.client_id_header {
+        args.extend(["--client-id-header".to_owned(), header]);
+    }
+    args
 }
 
 fn service(p: &LlmProxy) -> Service {
@@ -521,7 +543,23 @@ spec:
         let c = &pod.containers[0];
         assert_eq!(
             c.args.as_ref().map(|a| a.join(" ")).as_deref(),
-            Some("proxy --resource team-a/openai --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090")
+            Some(
+                "proxy --resource team-a/openai --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090 --log-format json"
+            )
+        );
+        let yaml = format!(
+            "{BASE}  observability: {{requestRecords: 10, clientIdHeader: x-team, logFormat: text}}\n"
+        );
+        let d = build(&proxy(&yaml), &settings(), &granted()).deployment;
+        let args = d
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|p| p.containers[0].args.clone().unwrap_or_default().join(" "));
+        assert!(
+            args.as_deref().is_some_and(
+                |a| a.ends_with("--log-format text --request-records 10 --client-id-header x-team")
+            ),
+            "{args:?}"
         );
         assert_eq!(pod.termination_grace_period_seconds, Some(5 + 30 + 600 + 5), "drain + maxWait + timeout");
         let sc = c.security_context.clone().unwrap_or_default();
