@@ -170,6 +170,7 @@ const OPERATOR_NEEDS: &[(&str, &str, &[&str])] = &[
     ("autoscaling", "horizontalpodautoscalers", &["get", "list", "watch", "create", "patch", "delete"]),
     ("networking.k8s.io", "networkpolicies", &["get", "list", "watch", "create", "patch", "delete"]),
     ("discovery.k8s.io", "endpointslices", &["list"]),
+    ("keda.sh", "scaledobjects", &["get", "create", "patch", "delete"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 

@@ -1131,3 +1131,82 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     assert!(writes >= 3.0 && writes <= passes + 1.0, "{writes} writes in {passes} passes");
     op.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_scales_on_saturation_where_asked_and_the_adapter_rules_render() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::DynamicObject;
+    let (_env, client, ns, api) = setup("keda").await;
+    // KEDA does not run here: its ScaledObject CRD, as little of it as the API server needs.
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "scaledobjects.keda.sh"},
+        "spec": {"group": "keda.sh", "scope": "Namespaced",
+                 "names": {"plural": "scaledobjects", "singular": "scaledobject", "kind": "ScaledObject"},
+                 "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch("scaledobjects.keda.sh", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let scaled: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &llmproxy_operator::children::scaled_object_resource());
+    eventually("the ScaledObject type served", WAIT, || async {
+        scaled.list(&Default::default()).await.ok()
+    })
+    .await;
+    secret(&client, &ns, "sk-1").await;
+    let _op = Operator::start(&client, &ns, "op-1", false);
+    let keda = json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 8,
+        "keda": {"prometheusAddress": "http://prometheus.monitoring.svc:9090", "targetSaturation": 75}}});
+    apply(&api, &llmproxy("scaled", "https://api.openai.com/v1", keda)).await;
+    let so = wait_for(&scaled, "scaled").await;
+    let spec = &so.data["spec"];
+    assert_eq!(spec["scaleTargetRef"]["name"], "scaled");
+    assert_eq!((spec["minReplicaCount"].as_i64(), spec["maxReplicaCount"].as_i64()), (Some(2), Some(8)));
+    let trigger = &spec["triggers"][0];
+    assert_eq!(trigger["type"], "prometheus");
+    assert_eq!(trigger["metadata"]["threshold"], "0.75");
+    assert_eq!(
+        trigger["metadata"]["query"],
+        format!("sum(llmproxy_saturation{{namespace=\"{ns}\",service=\"scaled\"}})")
+    );
+    assert_eq!(so.metadata.owner_references.unwrap_or_default()[0].kind, "LlmProxy");
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    assert!(hpas.get_opt("scaled").await.ok().flatten().is_none(), "KEDA instead of an HPA");
+
+    // Back to an HPA on the saturation pods metric: the ScaledObject goes.
+    let hpa = json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 8, "targetSaturation": 80}});
+    apply(&api, &llmproxy("scaled", "https://api.openai.com/v1", hpa)).await;
+    let h = wait_for(&hpas, "scaled").await;
+    let metric = h.spec.and_then(|s| s.metrics).unwrap_or_default();
+    let pods = metric[0].pods.clone().unwrap_or_else(|| panic!("a pods metric"));
+    assert_eq!(
+        (pods.metric.name.as_str(), pods.target.average_value.map(|q| q.0)),
+        ("llmproxy_saturation", Some("800m".into()))
+    );
+    eventually("the ScaledObject removed", WAIT, || async {
+        scaled.get_opt("scaled").await.ok().flatten().is_none().then_some(())
+    })
+    .await;
+
+    // The adapter rules the HPA needs, as the chart renders them.
+    let chart = crate::support::repo_path("charts/llmproxy").display().to_string();
+    let out = crate::support::helm::ok(&[
+        "template",
+        "x",
+        &chart,
+        "--set",
+        "prometheusAdapter.enabled=true",
+        "--show-only",
+        "templates/prometheus-adapter-rules.yaml",
+    ]);
+    let cm: Value = serde_yaml::from_str(&out).unwrap_or_else(|e| panic!("{e}"));
+    let rules: Value =
+        serde_yaml::from_str(cm["data"]["config.yaml"].as_str().unwrap_or_default()).unwrap_or_default();
+    let names: Vec<&str> =
+        rules["rules"].as_array().into_iter().flatten().filter_map(|r| r["name"]["as"].as_str()).collect();
+    assert_eq!(names, ["llmproxy_saturation", "llmproxy_queue_depth"]);
+}

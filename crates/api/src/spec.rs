@@ -322,6 +322,37 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub target_queue_depth: Option<i32>,
+
+    /// Average `llmproxy_saturation` per pod to scale at, in percent (in-flight requests, and
+    /// those waiting for a slot while all are taken, over `maxConcurrent`). It rises only when
+    /// the pods themselves are the bottleneck, never while requests wait for the upstream
+    /// quota. Needs prometheus-adapter (the chart's `prometheusAdapter` rules serve it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_saturation: Option<i32>,
+
+    /// Scale with KEDA instead of a HorizontalPodAutoscaler: a `ScaledObject` (keda.sh/v1alpha1)
+    /// with a Prometheus trigger on the pods' `llmproxy_saturation`. Needs KEDA installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keda: Option<KedaSpec>,
+}
+
+/// KEDA scaling on the proxy's own saturation.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KedaSpec {
+    /// The Prometheus that scrapes the proxies, e.g. `http://prometheus.monitoring.svc:9090`.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub prometheus_address: String,
+
+    /// `llmproxy_saturation` per pod to keep, in percent (default 80).
+    #[serde(default = "default_target_saturation")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_saturation: i32,
+}
+
+fn default_target_saturation() -> i32 {
+    80
 }
 
 /// The upstream API and how to reach it.

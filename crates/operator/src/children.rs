@@ -65,6 +65,8 @@ pub struct Children {
     pub pdb: Option<PodDisruptionBudget>,
     /// Present when `spec.autoscaling` is set.
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// With `spec.autoscaling.keda`: a KEDA ScaledObject instead of the HPA.
+    pub scaled_object: Option<kube::api::DynamicObject>,
     /// Present when `spec.clients.allowFrom` is set.
     pub network_policy: Option<NetworkPolicy>,
 }
@@ -130,7 +132,8 @@ pub fn build(p: &LlmProxy, settings: &Settings, grants: &Grants) -> Children {
         deployment: deployment(p, settings),
         service: service(p),
         pdb: (desired_replicas(p) > 1).then(|| pdb(p)),
-        hpa: p.spec.autoscaling.as_ref().map(|a| hpa(p, a)),
+        hpa: p.spec.autoscaling.as_ref().filter(|a| a.keda.is_none()).map(|a| hpa(p, a)),
+        scaled_object: p.spec.autoscaling.as_ref().and_then(|a| scaled_object(p, a)),
         network_policy: p
             .spec
             .clients
@@ -399,9 +402,65 @@ fn pdb(p: &LlmProxy) -> PodDisruptionBudget {
     }
 }
 
+/// KEDA's ScaledObject type.
+pub fn scaled_object_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: "ScaledObject".into(),
+        plural: "scaledobjects".into(),
+    }
+}
+
+/// A ScaledObject scaling the Deployment on the pods' saturation: desired pods = the sum of
+/// their saturation over the target (KEDA's AverageValue).
+fn scaled_object(p: &LlmProxy, a: &llmproxy_api::AutoscalingSpec) -> Option<kube::api::DynamicObject> {
+    let keda = a.keda.as_ref()?;
+    let name = p.name_any();
+    let ns = p.namespace().unwrap_or_default();
+    let mut obj = kube::api::DynamicObject::new(&name, &scaled_object_resource()).within(&ns);
+    obj.metadata = meta(p, name.clone());
+    obj.data = serde_json::json!({
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicaCount": a.min_replicas,
+            "maxReplicaCount": a.max_replicas,
+            "triggers": [{
+                "type": "prometheus",
+                "metricType": "AverageValue",
+                "metadata": {
+                    "serverAddress": keda.prometheus_address,
+                    "query": format!("sum(llmproxy_saturation{{namespace=\"{ns}\",service=\"{name}\"}})"),
+                    "threshold": format!("{}", f64::from(keda.target_saturation) / 100.0),
+                },
+            }],
+        },
+    });
+    Some(obj)
+}
+
 fn hpa(p: &LlmProxy, a: &llmproxy_api::AutoscalingSpec) -> HorizontalPodAutoscaler {
     let mut metrics = Vec::new();
-    let cpu = a.target_cpu_utilization.or(if a.target_queue_depth.is_none() { Some(70) } else { None });
+    let others = a.target_queue_depth.is_some() || a.target_saturation.is_some();
+    let cpu = a.target_cpu_utilization.or(if others { None } else { Some(70) });
+    if let Some(percent) = a.target_saturation {
+        metrics.push(MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: "llmproxy_saturation".into(),
+                    ..MetricIdentifier::default()
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(Quantity(format!("{}m", i64::from(percent) * 10))),
+                    ..MetricTarget::default()
+                },
+            }),
+            ..MetricSpec::default()
+        });
+    }
     if let Some(cpu) = cpu {
         metrics.push(MetricSpec {
             type_: "Resource".into(),

@@ -97,7 +97,7 @@ async fn apply_children(
     apply(client, ns, &c.role).await?;
     apply(client, ns, &c.role_binding).await?;
     apply(client, ns, &c.service).await?;
-    if c.hpa.is_some() {
+    if c.hpa.is_some() || c.scaled_object.is_some() {
         hand_over_replicas(client, ns, &p.name_any()).await?;
     }
     let deployment = apply(client, ns, &c.deployment).await?;
@@ -113,6 +113,34 @@ async fn apply_children(
     match &c.network_policy {
         Some(np) => drop(apply(client, ns, np).await?),
         None => remove_owned::<NetworkPolicy>(client, ns, &name, p).await?,
+    }
+    let scaled: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &children::scaled_object_resource());
+    match &c.scaled_object {
+        Some(so) => {
+            match scaled.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(so)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    let message = "spec.autoscaling.keda: KEDA's ScaledObject (keda.sh/v1alpha1) is not installed \
+                               in this cluster; install KEDA or scale with the HPA (remove keda)";
+                    return Err(kube::Error::Api(
+                        kube::core::Status::failure(message, "NotFound").with_code(422).boxed(),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Gone from the spec: remove ours, if KEDA is there at all.
+        None => match scaled.get_opt(&name).await {
+            Ok(Some(existing)) => {
+                let uid = p.uid();
+                if existing.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()) {
+                    scaled.delete(&name, &DeleteParams::default()).await?;
+                }
+            }
+            Ok(None) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(e),
+        },
     }
     Ok(deployment)
 }
