@@ -108,9 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     let name = head["metadata"]["name"].as_str().unwrap_or("?").to_owned();
                     let problems: Vec<String> = match &e {
                         llmproxy_api::ManifestError::Invalid(p) => {
-                            p.0.iter()
-                                .map(|f| format!("* {}: Invalid value: {}", f.field, f.message))
-                                .collect()
+                            p.0.iter().map(|f| format!("* {}: {}", f.field, f.message)).collect()
                         }
                         other => vec![format!("* {other}")],
                     };

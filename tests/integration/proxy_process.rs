@@ -300,8 +300,8 @@ fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy(
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr.contains("The LlmProxy \"broken\" is invalid:")
-            && stderr.contains("* spec.limits.requestsPerMinute: Invalid value: must be > 0")
-            && stderr.contains("* spec.retry.initialBackoff: Invalid value: must not exceed maxBackoff"),
+            && stderr.contains("* spec.limits.requestsPerMinute: must be > 0")
+            && stderr.contains("* spec.retry.initialBackoff: must not exceed maxBackoff"),
         "kubectl-like, one line per field: {stderr}"
     );
 }
