@@ -220,8 +220,11 @@ async fn another_user_of_the_key_is_noticed_through_remaining() {
     let proxy_429s = upstream.mock.stats().rate_limited.saturating_sub(direct_refused);
     // Blind to the other user, the proxy would send at the full 100/s while the upstream has
     // about 50/s left for it: a third of its 300 refused. Through `remaining` it learns of the
-    // other user on every answer; what it cannot see is the other's next burst, in flight.
-    assert!(proxy_429s <= 15, "{proxy_429s} upstream 429s for the proxy's 300 (at most 5 %)");
+    // other user on every answer; what it cannot see is the other's next burst while its own
+    // requests are in flight. Alone this run sees 1 to 6; with the whole suite running beside
+    // it on two cores answers slow down, more requests are in flight at each burst, and up to
+    // 33 were seen: the bound sits above that, well below the blind third.
+    assert!(proxy_429s <= 45, "{proxy_429s} upstream 429s for the proxy's 300 (at most 15 %)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
