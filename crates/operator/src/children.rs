@@ -109,7 +109,7 @@ fn meta(p: &LlmProxy, name: String) -> ObjectMeta {
 
 /// Pods wanted: the fixed count, or the autoscaler's floor.
 pub fn desired_replicas(p: &LlmProxy) -> i32 {
-    p.spec.autoscaling.as_ref().map_or(p.spec.replicas, |a| a.min_replicas)
+    llmproxy_api::replicas::desired(&p.spec)
 }
 
 /// What the checks before building found the proxies may be given.

@@ -2,8 +2,12 @@
 //! Service, ServiceAccount and least-privilege RBAC (plus a PodDisruptionBudget and an
 //! autoscaler where asked), and reports status conditions and events.
 
+pub mod apply;
+pub mod checks;
 pub mod children;
+pub mod context;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod leader;
 pub mod metrics;

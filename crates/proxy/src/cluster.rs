@@ -44,9 +44,7 @@ impl std::str::FromStr for ResourceRef {
 /// How many pods share the quota: the most of what is wanted and what runs, so that a scale-up
 /// never briefly grants every pod the whole quota.
 pub fn sharing_pods(p: &LlmProxy) -> u32 {
-    let wanted = p.spec.autoscaling.as_ref().map_or(p.spec.replicas, |a| a.min_replicas);
-    let running = p.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-    u32::try_from(wanted.max(running).max(1)).unwrap_or(1)
+    llmproxy_api::replicas::sharing(p)
 }
 
 /// This pod's policy for an LlmProxy.
