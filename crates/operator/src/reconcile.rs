@@ -151,3 +151,211 @@ pub fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Co
     tracing::warn!(name = %p.name_any(), namespace = p.namespace().unwrap_or_default(), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver against a mocked API server (`tower-test`), for the paths a real API server
+    //! reaches only by accident: a child refused, a conflict, the replica hand-over.
+
+    use http::{Request, Response, StatusCode};
+    use kube::Client;
+    use kube::client::Body;
+    use kube::runtime::events::{Recorder, Reporter};
+
+    use crate::metrics::Metrics;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context() -> (Arc<Context>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "team");
+        let reporter = Reporter { controller: MANAGER.into(), instance: None };
+        let settings = crate::children::Settings {
+            image: "llmproxy:test".into(),
+            image_pull_policy: None,
+            metrics_namespace: None,
+            operator_namespace: None,
+        };
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        (Arc::new(Context::new(client.clone(), Recorder::new(client, reporter), metrics, settings)), handle)
+    }
+
+    fn proxy(extra: &str) -> Arc<DeserializeGuard<LlmProxy>> {
+        let yaml = format!(
+            "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: p, namespace: team, uid: u1, generation: 1}}\nspec:\n  upstream: {{url: 'https://api.openai.com/v1'}}\n  limits: {{requestsPerMinute: 600}}\n{extra}"
+        );
+        Arc::new(DeserializeGuard(Ok(serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}")))))
+    }
+
+    fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(body.to_string().into_bytes()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn failure(code: u16, reason: &str, message: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+    }
+
+    /// Answer each request with what `answer` says (method, path with query, body); every
+    /// request is recorded.
+    fn serve(
+        mut handle: Handle,
+        answer: impl Fn(&str, &str, &Value) -> Response<Body> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Vec<(String, String, Value)>> {
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let path = parts.uri.path_and_query().map(ToString::to_string).unwrap_or_default();
+                let method = parts.method.to_string();
+                send.send_response(answer(&method, &path, &body));
+                seen.push((method, path, body));
+            }
+            seen
+        })
+    }
+
+    /// SSA echoes what was applied (with the object's metadata, and for the status its spec);
+    /// a GET finds nothing; events are accepted.
+    fn echo(method: &str, path: &str, body: &Value) -> Response<Body> {
+        if method == "GET" {
+            return json_response(StatusCode::NOT_FOUND, &failure(404, "NotFound", "not found"));
+        }
+        let mut out = body.clone();
+        if let Some(o) = out.as_object_mut() {
+            o.entry("metadata").or_insert_with(|| json!({"name": "p", "namespace": "team"}));
+            if path.contains("/llmproxies/p/status") {
+                o.insert(
+                    "spec".into(),
+                    json!({"upstream": {"url": "https://api.openai.com/v1"}, "limits": {"requestsPerMinute": 600}}),
+                );
+            }
+        }
+        json_response(StatusCode::OK, &out)
+    }
+
+    #[tokio::test]
+    async fn a_child_the_api_server_refuses_is_reported_and_not_retried() {
+        let (ctx, handle) = context();
+        let server = serve(handle, |method, path, body| {
+            if method == "PATCH" && path.starts_with("/apis/apps/v1/namespaces/team/deployments/p") {
+                let msg = "Deployment.apps \"p\" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit";
+                return json_response(StatusCode::UNPROCESSABLE_ENTITY, &failure(422, "Invalid", msg));
+            }
+            echo(method, path, body)
+        });
+        let action = reconcile(proxy(""), Arc::clone(&ctx)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(action, Action::await_change(), "nothing to retry until the LlmProxy changes");
+        drop(ctx);
+        let seen = server.await.unwrap_or_default();
+        let status = seen
+            .iter()
+            .find(|(m, p, _)| {
+                m == "PATCH"
+                    && p.starts_with("/apis/llmproxy.io/v1alpha1/namespaces/team/llmproxies/p/status")
+            })
+            .map(|(_, _, b)| b.clone())
+            .unwrap_or_else(|| panic!("no status write: {seen:?}"));
+        let degraded = status["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Degraded")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            (degraded["status"].as_str(), degraded["reason"].as_str()),
+            (Some("True"), Some("ChildRejected"))
+        );
+        assert!(
+            degraded["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("must be less than or equal to cpu limit"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_a_failure_counted_and_retried_with_back_off() {
+        let (ctx, handle) = context();
+        let server = serve(handle, |method, path, body| {
+            if method == "PATCH" && path.contains("/services/p") {
+                return json_response(
+                    StatusCode::CONFLICT,
+                    &failure(409, "Conflict", "the object has been modified"),
+                );
+            }
+            echo(method, path, body)
+        });
+        let p = proxy("");
+        let err = reconcile(Arc::clone(&p), Arc::clone(&ctx))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a conflict fails the reconcile"));
+        assert_eq!(err.metric_label(), "conflict");
+        let first = error_policy(Arc::clone(&p), &err, Arc::clone(&ctx));
+        let second = error_policy(Arc::clone(&p), &err, Arc::clone(&ctx));
+        assert_eq!(
+            (first, second),
+            (Action::requeue(Duration::from_secs(5)), Action::requeue(Duration::from_secs(10)))
+        );
+        let rendered = ctx.metrics.render();
+        assert!(
+            rendered.contains("llmproxy_operator_reconcile_errors_total{reason=\"conflict\"} 2"),
+            "{rendered}"
+        );
+        drop(ctx);
+        let seen = server.await.unwrap_or_default();
+        assert!(
+            !seen.iter().any(|(_, p, _)| p.contains("/deployments/")),
+            "stopped at the conflict: {seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn autoscaling_takes_the_replica_count_over_without_a_dip() {
+        let (ctx, handle) = context();
+        let server = serve(handle, |method, path, body| {
+            if method == "GET" && path.starts_with("/apis/apps/v1/namespaces/team/deployments/p") {
+                return json_response(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "p", "namespace": "team"},
+                            "spec": {"replicas": 3, "selector": {}, "template": {}}}),
+                );
+            }
+            echo(method, path, body)
+        });
+        reconcile(proxy("  autoscaling: {minReplicas: 2, maxReplicas: 6}\n"), Arc::clone(&ctx))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(ctx);
+        let seen = server.await.unwrap_or_default();
+        let deployment_patches: Vec<&(String, String, Value)> = seen
+            .iter()
+            .filter(|(m, p, _)| m == "PATCH" && p.starts_with("/apis/apps/v1/namespaces/team/deployments/p"))
+            .collect();
+        assert_eq!(deployment_patches.len(), 2, "{seen:?}");
+        // First a second field manager keeps the running count, then the operator's apply
+        // drops `replicas` for the autoscaler.
+        let (_, handoff_path, handoff) = deployment_patches[0];
+        assert!(handoff_path.contains("fieldManager=llmproxy-operator-replicas"), "{handoff_path}");
+        assert_eq!(handoff["spec"]["replicas"], 3);
+        let (_, apply_path, applied) = deployment_patches[1];
+        assert!(
+            apply_path.contains("fieldManager=llmproxy-operator&")
+                || apply_path.ends_with("fieldManager=llmproxy-operator"),
+            "{apply_path}"
+        );
+        assert!(applied["spec"].get("replicas").is_none(), "the operator no longer sets replicas: {applied}");
+        assert!(
+            seen.iter().any(|(m, p, _)| m == "PATCH" && p.contains("/horizontalpodautoscalers/p")),
+            "an HPA"
+        );
+    }
+}
