@@ -97,7 +97,13 @@ async fn start_proxy_with(
     let manifest = format!(
         "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
     );
-    std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
+    run_proxy(&file, &manifest, args).await
+}
+
+/// `llmproxy proxy --config FILE` (written with `manifest`) on free ports with extra `args`,
+/// ready; its API and admin addresses.
+async fn run_proxy(file: &Path, manifest: &str, args: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    std::fs::write(file, manifest).unwrap_or_else(|e| panic!("{e}"));
     let (addr, admin) = (free_addr(), free_addr());
     // LLMPROXY_BENCH_PROXY=/path/to/an/older/llmproxy: A/B another build's proxy against the
     // same mock, load and baselines.
@@ -106,7 +112,7 @@ async fn start_proxy_with(
         Command::new(bin)
             .arg("proxy")
             .arg("--config")
-            .arg(&file)
+            .arg(file)
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
             .args(args),
     );
@@ -451,16 +457,7 @@ async fn upstreams_workload(dir: &Path) {
             let manifest = format!(
                 "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstreams:\n{endpoints}  limits: {{requestsPerMinute: 100000000, maxConcurrent: 256}}\n  queue: {{maxSize: 100000, maxWait: 120s}}\n"
             );
-            std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
-            let (addr, admin) = (free_addr(), free_addr());
-            let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
-            let p = spawn(Command::new(bin).arg("proxy").arg("--config").arg(&file).args([
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ]));
-            wait_http(&format!("http://{admin}/readyz")).await;
+            let (p, addr, _) = run_proxy(&file, &manifest, &[]).await;
             Some((p, addr))
         } else {
             None
@@ -584,16 +581,7 @@ async fn start_replicas(
         let manifest = format!(
             "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
         );
-        std::fs::write(&file, manifest).unwrap_or_else(|e| panic!("{e}"));
-        let (addr, admin) = (free_addr(), free_addr());
-        let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
-        let p = spawn(Command::new(bin).arg("proxy").arg("--config").arg(&file).args([
-            "--listen",
-            &addr.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ]));
-        wait_http(&format!("http://{admin}/readyz")).await;
+        let (p, addr, _) = run_proxy(&file, &manifest, &[]).await;
         out.push((p, addr));
     }
     out

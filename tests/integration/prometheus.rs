@@ -11,17 +11,11 @@ use futures_util::future::join_all;
 use llmproxy_mock::{Fault, MockConfig, load};
 use serde_json::Value;
 
-use crate::support::proxy_env::{TestProxy, get_text, mock};
+use crate::support::proxy_env::{TestProxy, free_addr, get_text, mock};
 use crate::support::{eventually, helm, repo_path};
 
 fn tool(name: &str, env: &str) -> String {
     std::env::var(env).unwrap_or_else(|_| name.to_owned())
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// The chart's PrometheusRule, rendered with `values` (`--set-json prometheusRule=...`), as a

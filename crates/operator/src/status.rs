@@ -228,12 +228,8 @@ pub fn compute(
             ]
         }
     };
-    if let Some(prev) = previous {
-        for c in &mut conditions {
-            if let Some(old) = prev.conditions.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
-                c.last_transition_time = old.last_transition_time.clone();
-            }
-        }
+    for c in &mut conditions {
+        keep_transition(c, previous);
     }
     let mut status = LlmProxyStatus {
         conditions,
@@ -395,9 +391,7 @@ pub fn bottlenecks(
         },
     ];
     for c in &mut out {
-        if let Some(old) = condition_status(previous, &c.type_).filter(|o| o.status == c.status) {
-            c.last_transition_time = old.last_transition_time.clone();
-        }
+        keep_transition(c, previous);
     }
     out
 }
@@ -438,9 +432,7 @@ pub fn quota_shared(
             now,
         )
     };
-    if let Some(old) = condition_status(previous, "QuotaShared").filter(|o| o.status == c.status) {
-        c.last_transition_time = old.last_transition_time.clone();
-    }
+    keep_transition(&mut c, previous);
     Some(c)
 }
 
@@ -488,9 +480,7 @@ pub fn limits_above_upstream(
             now,
         )
     };
-    if let Some(old) = condition_status(previous, "LimitsAboveUpstream").filter(|o| o.status == c.status) {
-        c.last_transition_time = old.last_transition_time.clone();
-    }
+    keep_transition(&mut c, previous);
     c
 }
 
@@ -522,11 +512,16 @@ pub fn add_client_auth(
             now,
         )
     };
-    if let Some(old) = condition_status(previous, "ClientAuth").filter(|o| o.status == c.status) {
-        c.last_transition_time = old.last_transition_time.clone();
-    }
+    keep_transition(&mut c, previous);
     status.conditions.retain(|x| x.type_ != "ClientAuth");
     status.conditions.push(c);
+}
+
+/// A condition whose status did not change keeps its `lastTransitionTime` from `previous`.
+fn keep_transition(c: &mut Condition, previous: Option<&LlmProxyStatus>) {
+    if let Some(old) = condition_status(previous, &c.type_).filter(|o| o.status == c.status) {
+        c.last_transition_time = old.last_transition_time.clone();
+    }
 }
 
 /// The status of the condition `type_`, if set.

@@ -210,7 +210,8 @@ pub struct ProxyProcess {
     _dir: tempfile::TempDir,
 }
 
-fn free_addr() -> SocketAddr {
+/// A free loopback address (the port may be taken again before use; tests accept that).
+pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .unwrap_or_else(|e| panic!("no free port: {e}"))

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::eventually;
+use super::proxy_env::free_addr;
 
 /// One `redis-server` process.
 pub struct RedisServer {
@@ -14,12 +15,6 @@ pub struct RedisServer {
     /// Where it listens.
     pub addr: SocketAddr,
     password: Option<String>,
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 fn binary() -> String {
