@@ -70,6 +70,10 @@ pub struct Args {
     /// take a few seconds to drop a terminating pod); 0s closes the listener at once.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::duration)]
     drain_delay: std::time::Duration,
+    /// Serving threads (each its own event loop and upstream connections); default: the CPUs
+    /// this process may use (the container's CPU limit counts).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
     /// Log format.
     #[arg(long, value_enum, default_value = "json")]
     log_format: LogFormat,
@@ -97,6 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         write_timeout: args.write_timeout,
         max_connections: args.max_connections,
         drain_delay: args.drain_delay,
+        workers: args.workers.map_or_else(llmproxy_proxy::serve::default_workers, usize::from),
     };
     let metrics = Metrics::new(llmproxy_proxy::metrics::Registry::new())?;
     let (proxy, source, name) = match (&args.config, &args.resource) {

@@ -44,6 +44,28 @@ pub fn client(connect_timeout: Duration) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
+thread_local! {
+    /// A serving worker's own pool: an upstream connection is driven by the thread that made
+    /// it, and only that thread's requests use it.
+    static WORKER_CLIENT: std::cell::RefCell<Option<reqwest::Client>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Give this thread (a serving worker) its own upstream pool.
+pub(crate) fn use_worker_client(connect_timeout: Duration) -> anyhow::Result<()> {
+    let own = client(connect_timeout)?;
+    WORKER_CLIENT.with(|c| *c.borrow_mut() = Some(own));
+    Ok(())
+}
+
+/// A request through this worker's pool, or through `shared` on a thread that has none.
+pub(crate) fn request(shared: &reqwest::Client, method: http::Method, url: &str) -> reqwest::RequestBuilder {
+    WORKER_CLIENT.with(|c| match c.borrow().as_ref() {
+        Some(own) => own.request(method, url),
+        None => shared.request(method, url),
+    })
+}
+
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) and headers the proxy sets itself.
 const HOP_BY_HOP: &[HeaderName] = &[
     header::CONNECTION,

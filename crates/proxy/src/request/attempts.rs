@@ -156,7 +156,7 @@ async fn send_once(
         endpoint.key_header,
     );
     let url = format!("{}{}", endpoint.url, out.rest);
-    let send = proxy.client().request(out.method.clone(), &url).headers(headers).body(out.body.clone());
+    let send = upstream::request(proxy.client(), out.method.clone(), &url).headers(headers).body(out.body.clone());
     let sent = Instant::now();
     let result = tokio::time::timeout(endpoint.timeout, send.send()).await;
     let latency = sent.elapsed();
