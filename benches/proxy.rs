@@ -2,8 +2,12 @@
 //! in one run against baselines from the same run (the mock called directly, and nginx as a
 //! plain reverse proxy when it is installed). Every server is a separate process on loopback.
 //!
-//! (a) added latency p50/p99 at a fixed 1,000 req/s with limits off;
-//! (b) the most requests per second each path sustains (64 clients back to back);
+//! (a) added latency p50/p99/p99.9 at a fixed 1,000 req/s (open loop: each request sent on its
+//!     own schedule), limits on but not binding and request records at 100 %, as ratios to
+//!     nginx's; (a2) a cache hit against the plain nginx hop;
+//! (b) the most requests per second each path sustains (64 clients back to back), as ratios to
+//!     direct and to nginx; `LLMPROXY_BENCH_BASELINE=/path/to/llmproxy` adds another build's
+//!     proxy to (a) and (b), an A/B in the same run;
 //! (c) an overload burst of 10x the configured rate: client 429s, upstream 429s, achieved rate;
 //! (d) a mixed workload, half of it repeated prompts, through the cache: upstream calls saved,
 //!     latency of hits vs misses;
@@ -15,7 +19,8 @@
 //! (h) three upstreams of unequal quota: blind round robin vs quota-aware balancing, quotas
 //!     configured or learned from headers, and one upstream failing half way;
 //! (i) one quota across 1, 3 and 6 replicas, a static share each vs shared through Redis, and
-//!     the latency the shared limiter adds.
+//!     the latency the shared limiter adds;
+//! (j) 5,000 streaming responses open at once: errors, and resident memory per open stream.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -103,11 +108,16 @@ async fn start_proxy_with(
 /// `llmproxy proxy --config FILE` (written with `manifest`) on free ports with extra `args`,
 /// ready; its API and admin addresses.
 async fn run_proxy(file: &Path, manifest: &str, args: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
-    std::fs::write(file, manifest).unwrap_or_else(|e| panic!("{e}"));
-    let (addr, admin) = (free_addr(), free_addr());
     // LLMPROXY_BENCH_PROXY=/path/to/an/older/llmproxy: A/B another build's proxy against the
     // same mock, load and baselines.
     let bin = std::env::var("LLMPROXY_BENCH_PROXY").unwrap_or_else(|_| llmproxy().to_owned());
+    run_proxy_bin(&bin, file, manifest, args).await
+}
+
+/// As [`run_proxy`], with the proxy binary `bin`.
+async fn run_proxy_bin(bin: &str, file: &Path, manifest: &str, args: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    std::fs::write(file, manifest).unwrap_or_else(|e| panic!("{e}"));
+    let (addr, admin) = (free_addr(), free_addr());
     let p = spawn(
         Command::new(bin)
             .arg("proxy")
@@ -157,26 +167,45 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn latency(shots: &[Shot]) -> (Duration, Duration, usize) {
+/// p50, p99 and p99.9 of the 200s, and how many shots were not 200.
+fn latency(shots: &[Shot]) -> ([Duration; 3], usize) {
     let mut lat: Vec<Duration> = shots.iter().filter(|s| s.status == Some(200)).map(|s| s.latency).collect();
     lat.sort();
-    (load::percentile(&lat, 50.0), load::percentile(&lat, 99.0), shots.len() - lat.len())
+    let p = |q| load::percentile(&lat, q);
+    ([p(50.0), p(99.0), p(99.9)], shots.len() - lat.len())
 }
 
-#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+/// A second llmproxy build to measure beside this one in the hop table (an A/B in one run).
+fn baseline_build() -> Option<String> {
+    std::env::var("LLMPROXY_BENCH_BASELINE").ok().filter(|p| Path::new(p).is_file())
+}
+
+#[allow(clippy::print_stdout, clippy::cast_precision_loss, clippy::too_many_lines)]
 async fn run() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let client = load::client();
     let (_mock, mock_addr) = start_mock(&[]).await;
-    let off = "{requestsPerMinute: 100000000, maxConcurrent: 100000}";
-    let (_proxy, proxy_addr, _) =
-        start_proxy(dir.path(), mock_addr, off, "{maxSize: 100000, maxWait: 60s}").await;
+    // Limits on but not binding; request records at 100 % (the default), as an auditing user
+    // runs them.
+    let on = "{requestsPerMinute: 100000000, tokensPerMinute: 10000000000, maxConcurrent: 100000}";
+    let queue = "{maxSize: 100000, maxWait: 60s}";
+    let (_proxy, proxy_addr, _) = start_proxy(dir.path(), mock_addr, on, queue).await;
     let nginx = start_nginx(dir.path(), mock_addr).await;
-    let mut targets = vec![("direct", mock_addr)];
+    let mut targets = vec![("direct".to_owned(), mock_addr)];
     if let Some((_, addr)) = &nginx {
-        targets.push(("nginx", *addr));
+        targets.push(("nginx".to_owned(), *addr));
     }
-    targets.push(("llmproxy", proxy_addr));
+    targets.push(("llmproxy".to_owned(), proxy_addr));
+    let mut _baseline = None;
+    if let Some(bin) = baseline_build() {
+        let file = dir.path().join("baseline.yaml");
+        let manifest = format!(
+            "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{mock_addr}/v1'}}\n  limits: {on}\n  queue: {queue}\n"
+        );
+        let (p, addr, _) = run_proxy_bin(&bin, &file, &manifest, &[]).await;
+        _baseline = Some(p);
+        targets.push(("llmproxy (baseline build)".to_owned(), addr));
+    }
     let url = |addr: &SocketAddr| format!("http://{addr}/v1/chat/completions");
 
     // Warm up connection pools.
@@ -184,33 +213,81 @@ async fn run() {
         let _ = load::constant_rate(&client, &url(addr), 200.0, Duration::from_millis(500)).await;
     }
 
-    println!("## (a) latency at 1,000 req/s for 5 s, limits off\n");
-    println!("| path | p50 ms | p99 ms | errors | added p50 ms | added p99 ms |");
-    println!("|---|---|---|---|---|---|");
+    println!("## (a) latency at 1,000 req/s for 8 s (open loop: every request sent on its own schedule)\n");
+    println!("| path | p50 ms | p99 ms | p99.9 ms | errors | added p50 ms | added p99 ms | added p99.9 ms | added p50 / nginx's | added p99 / nginx's |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut base = None;
+    let mut nginx_added = None;
+    let mut nginx_total = None;
     for (name, addr) in &targets {
-        let (shots, _) = load::constant_rate(&client, &url(addr), 1000.0, Duration::from_secs(5)).await;
-        let (p50, p99, errors) = latency(&shots);
-        let (b50, b99) = *base.get_or_insert((p50, p99));
+        let (shots, _) = load::constant_rate(&client, &url(addr), 1000.0, Duration::from_secs(8)).await;
+        let (p, errors) = latency(&shots);
+        let b = *base.get_or_insert(p);
+        let added = [0, 1, 2].map(|i| ms(p[i]) - ms(b[i]));
+        if name == "nginx" {
+            nginx_added = Some(added);
+            nginx_total = Some(p);
+        }
+        let ratio = |i: usize| match nginx_added {
+            Some(n) if name != "direct" => format!("{:.2}", added[i] / n[i].max(1e-3)),
+            _ => "-".to_owned(),
+        };
         println!(
-            "| {name} | {:.3} | {:.3} | {errors} | {:.3} | {:.3} |",
-            ms(p50),
-            ms(p99),
-            ms(p50) - ms(b50),
-            ms(p99) - ms(b99)
+            "| {name} | {:.3} | {:.3} | {:.3} | {errors} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            ms(p[0]),
+            ms(p[1]),
+            ms(p[2]),
+            added[0],
+            added[1],
+            added[2],
+            ratio(0),
+            ratio(1),
         );
     }
+    println!("\nGoal: added p50 <= 2x nginx's; added p99 <= 0.4 ms and <= 3x nginx's.");
 
     println!("\n## (b) most requests per second, 64 clients back to back for 5 s\n");
-    println!("| path | req/s | ratio to direct | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|");
+    println!("| path | req/s | ratio to direct | ratio to nginx | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
     let mut direct_rps = None;
+    let mut nginx_rps = None;
     for (name, addr) in &targets {
         let (shots, wall) = load::saturate(&client, &url(addr), 64, Duration::from_secs(5)).await;
         let s = Summary::of(&shots, wall);
         let rps = s.ok as f64 / wall.as_secs_f64();
         let base = *direct_rps.get_or_insert(rps);
-        println!("| {name} | {rps:.0} | {:.2} | {:.3} | {:.3} |", rps / base, ms(s.p50), ms(s.p99));
+        if name == "nginx" {
+            nginx_rps = Some(rps);
+        }
+        let to_nginx = nginx_rps.filter(|_| name != "direct").map_or("-".to_owned(), |n| format!("{:.2}", rps / n));
+        println!("| {name} | {rps:.0} | {:.2} | {to_nginx} | {:.3} | {:.3} |", rps / base, ms(s.p50), ms(s.p99));
+    }
+    println!("\nGoal: llmproxy >= 0.7x nginx's requests per second.");
+
+    println!("\n## (a2) a cache hit vs the plain nginx hop, 1,000 req/s for 5 s\n");
+    let cached = format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{mock_addr}/v1'}}\n  limits: {on}\n  queue: {queue}\n  cache: {{ttl: 10m}}\n"
+    );
+    let (_cp, cp_addr, _) = run_proxy(&dir.path().join("cached.yaml"), &cached, &[]).await;
+    let same = |_| load::chat_body(7);
+    let _ = load::constant_rate_with(&client, &url(&cp_addr), 200.0, Duration::from_millis(500), same).await;
+    let (shots, _) = load::constant_rate_with(&client, &url(&cp_addr), 1000.0, Duration::from_secs(5), same).await;
+    let hits = shots.iter().filter(|s| s.from_cache).count();
+    let (hit, errors) = latency(&shots);
+    println!("| path | p50 ms | p99 ms | p99.9 ms | errors | hits |");
+    println!("|---|---|---|---|---|---|");
+    if let Some(n) = nginx_total {
+        println!("| nginx hop (from (a)) | {:.3} | {:.3} | {:.3} | 0 | - |", ms(n[0]), ms(n[1]), ms(n[2]));
+    }
+    println!(
+        "| llmproxy cache hit | {:.3} | {:.3} | {:.3} | {errors} | {hits} of {} |",
+        ms(hit[0]),
+        ms(hit[1]),
+        ms(hit[2]),
+        shots.len()
+    );
+    if let Some(n) = nginx_total {
+        println!("\nCache hit / nginx hop: p50 {:.2}, p99 {:.2} (goal: <= 1).", ms(hit[0]) / ms(n[0]), ms(hit[1]) / ms(n[1]));
     }
 
     println!("\n## (c) overload: 1,000 req/s for 1 s against a 6,000 RPM (100/s) quota\n");
@@ -277,8 +354,8 @@ async fn cache_workload(dir: &Path) {
         None => 0,
     };
     let (hits, misses): (Vec<Shot>, Vec<Shot>) = shots.iter().partition(|s| s.from_cache);
-    let (h50, h99, _) = latency(&hits);
-    let (m50, m99, _) = latency(&misses);
+    let ([h50, h99, _], _) = latency(&hits);
+    let ([m50, m99, _], _) = latency(&misses);
     println!("| requests | upstream calls | saved | hit p50 ms | hit p99 ms | miss p50 ms | miss p99 ms |");
     println!("|---|---|---|---|---|---|---|");
     println!(
@@ -341,6 +418,67 @@ async fn memory_workload(dir: &Path) {
     for w in waiting {
         w.abort();
     }
+}
+
+/// One streaming request read to its end: whether it came back 200 with every event and the
+/// closing `[DONE]`.
+async fn one_stream(client: reqwest::Client, url: String, i: usize) -> bool {
+    let mut body = load::chat_body(i);
+    body["stream"] = serde_json::Value::Bool(true);
+    let sent = client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await;
+    let Ok(resp) = sent else { return false };
+    if resp.status() != 200 {
+        return false;
+    }
+    resp.text().await.is_ok_and(|t| t.trim_end().ends_with("data: [DONE]"))
+}
+
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+async fn streams_workload(dir: &Path) {
+    const STREAMS: usize = 5_000;
+    println!(
+        "\n## (j) {STREAMS} streaming responses open at once (the mock sends a chunk every 500 ms, 40 chunks)\n"
+    );
+    let (_mock, mock_addr) = start_mock(&["--chunk-delay-ms", "500", "--completion-tokens", "40"]).await;
+    let (proxy, addr, admin) = start_proxy(
+        dir,
+        mock_addr,
+        "{requestsPerMinute: 100000000, maxConcurrent: 100000}",
+        "{maxSize: 100000, maxWait: 60s}",
+    )
+    .await;
+    let pid = proxy.0.id();
+    let url = format!("http://{addr}/v1/chat/completions");
+    // One stream first, so that what is measured is the streams, not the first use of the code.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default();
+    let warm = one_stream(client.clone(), url.clone(), 0).await;
+    let before = load::rss_bytes(pid);
+    let tasks: Vec<_> =
+        (0..STREAMS).map(|i| tokio::spawn(one_stream(client.clone(), url.clone(), i + 1))).collect();
+    // Watch the peak while they are all open.
+    let (mut peak, mut most_open) = (before, 0.0f64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline && !tasks.iter().all(tokio::task::JoinHandle::is_finished) {
+        let open = metric_value(admin, "llmproxy_inflight_requests").await;
+        most_open = most_open.max(open);
+        peak = peak.max(load::rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap_or(false) {
+            ok += 1;
+        }
+    }
+    let per_stream = (peak.saturating_sub(before)) as f64 / most_open.max(1.0) / 1024.0;
+    println!("| streams | most open at once | completed whole | errors | RSS before MiB | peak RSS MiB | KiB per open stream | goal |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {STREAMS} | {most_open:.0} | {ok} | {} | {:.1} | {:.1} | {per_stream:.1} | <= 16 KiB, no errors |",
+        STREAMS - ok + usize::from(!warm),
+        before as f64 / f64::from(1 << 20),
+        peak as f64 / f64::from(1 << 20),
+    );
 }
 
 /// The TPM-bound burst of (e): `max_tokens: 100`, a short distinct prompt each.
@@ -708,7 +846,7 @@ async fn quota_workload(dir: &Path) {
         let url = format!("http://{}/v1/chat/completions", pods[0].1);
         let _ = load::constant_rate(&client, &url, 200.0, Duration::from_millis(500)).await;
         let (shots, _) = load::constant_rate(&client, &url, 300.0, Duration::from_secs(5)).await;
-        let (p50, p99, _) = latency(&shots);
+        let ([p50, p99, _], _) = latency(&shots);
         let (b50, b99) = *base.get_or_insert((p50, p99));
         println!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} |",
@@ -826,7 +964,8 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
-    // tpm = e, memory = f, fairness = g, upstreams = h, quota = i); none named: all.
+    // tpm = e, memory = f, fairness = g, upstreams = h, quota = i,
+    // streams = j); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
@@ -851,6 +990,9 @@ fn main() {
         }
         if wanted("quota") {
             quota_workload(dir.path()).await;
+        }
+        if wanted("streams") {
+            streams_workload(dir.path()).await;
         }
     });
 }

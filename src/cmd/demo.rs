@@ -38,7 +38,7 @@ fn secs(d: Duration) -> String {
 /// Run both phases and print the table.
 #[allow(clippy::print_stdout)]
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    super::init_logging(super::LogFormat::Text, "warn");
+    let _logs = super::init_logging(super::LogFormat::Text, "warn");
     let config = MockConfig {
         requests_per_minute: Some(args.rpm),
         api_key: Some("sk-demo".into()),

@@ -49,7 +49,7 @@ enum Accounting {
 
 /// Serve until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    super::init_logging(LogFormat::Text, "info");
+    let _logs = super::init_logging(LogFormat::Text, "info");
     let config = MockConfig {
         requests_per_minute: args.rpm,
         tokens_per_minute: args.tpm,

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod demo;
+mod logsink;
 mod mock;
 mod operator;
 mod proxy;
@@ -54,15 +55,19 @@ pub enum LogFormat {
     Text,
 }
 
-/// Log to stderr; `RUST_LOG` overrides the default level.
-pub fn init_logging(format: LogFormat, default: &str) {
+/// Log to stderr, through the batching writer thread (`logsink`); `RUST_LOG` overrides the
+/// default level. Hold the guard until the end: dropping it writes out what is still queued.
+#[must_use]
+pub fn init_logging(format: LogFormat, default: &str) -> Option<logsink::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (sink, guard) = logsink::start();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -57,7 +57,7 @@ fn hostname() -> String {
 
 /// Run until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    super::init_logging(args.log_format, "info");
+    let _logs = super::init_logging(args.log_format, "info");
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let identity = args.identity.unwrap_or_else(hostname);
     let config = Config {

@@ -88,7 +88,7 @@ fn member_id(listen: SocketAddr) -> String {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    super::init_logging(args.log_format, "info");
+    let _logs = super::init_logging(args.log_format, "info");
     let options = Options {
         max_request_bytes: args.max_request_bytes,
         client_id_header: args.client_id_header.clone(),

@@ -163,6 +163,11 @@ pub async fn constant_rate_with(
     while next < start + duration {
         tokio::time::sleep_until(next).await;
         let (client, url, body) = (client.clone(), url.to_owned(), body(i));
+        // Each request on its own task at its scheduled time, whatever the earlier ones are
+        // doing (open loop): a stall in the server under test delays no later send, so its
+        // cost shows in the latencies instead of hiding in a slower schedule (no coordinated
+        // omission to correct for). Timed from the send: tokio's timer wakes the schedule up
+        // to a millisecond late, which would otherwise land on every path alike.
         tasks.push(tokio::spawn(async move { shoot(&client, &url, None, &body).await }));
         next += interval;
         i += 1;

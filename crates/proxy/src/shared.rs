@@ -29,6 +29,8 @@ const LEASE_WINDOW: f64 = 0.25;
 const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// The lessee's pace when nothing asks it to hurry.
 const TICK: Duration = Duration::from_millis(25);
+/// How often an idle lessee (no shared state configured) looks at the policy again.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// A heartbeat older than this no longer counts a member.
 const MEMBER_TTL: Duration = Duration::from_secs(5);
 /// The most one exchange with Redis may take before the replica goes on alone.
@@ -186,16 +188,21 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
     let mut last_try = Instant::now() - RETRY_REDIS;
     let mut last_beat = Instant::now() - RETRY_REDIS;
     let script = redis::Script::new(SCRIPT);
+    // Without shared state in the policy, only look for it to appear (a reload) once a second,
+    // rather than waking the process 40 times a second for nothing.
+    let mut idle = false;
     loop {
         let Some(strong) = proxy.upgrade() else { return };
         let wake = strong.admission().lease_wake();
         drop(strong);
+        let tick = if idle { IDLE_TICK } else { TICK };
         tokio::select! {
             () = wake.notified() => {}
-            () = tokio::time::sleep(TICK) => {}
+            () = tokio::time::sleep(tick) => {}
         }
         let Some(proxy_now) = proxy.upgrade() else { return };
         let p = proxy_now.policy();
+        idle = p.shared.is_none();
         let Some(shared) = p.shared.clone() else {
             state.set_mode(None);
             conn = None;

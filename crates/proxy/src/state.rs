@@ -60,7 +60,7 @@ pub struct Proxy {
     /// are loaded nobody gets in.
     keys_required: AtomicBool,
     admission: Arc<Admission>,
-    client: reqwest::Client,
+    client: upstream::Client,
     cache: Arc<ResponseCache>,
     flights: Arc<Flights>,
     metrics: Arc<Metrics>,
@@ -263,7 +263,7 @@ impl Proxy {
         &self.admission
     }
 
-    pub(crate) fn client(&self) -> &reqwest::Client {
+    pub(crate) fn client(&self) -> &upstream::Client {
         &self.client
     }
 

@@ -68,7 +68,94 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     let u = v.get("usage").filter(|u| u.is_object()).or_else(|| v.get("response")?.get("usage"))?;
     let prompt = uint(u, "prompt_tokens").or_else(|| uint(u, "input_tokens"));
     let completion = uint(u, "completion_tokens").or_else(|| uint(u, "output_tokens"));
-    let total = uint(u, "total_tokens");
+    combine(prompt, completion, uint(u, "total_tokens"))
+}
+
+/// The `usage` of a whole JSON answer (top level, or in `response` for the Responses API), as
+/// [`usage_of`] reads it, without building the answer's tree: every other field is skipped.
+pub fn usage_in_body(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Top {
+        #[serde(default)]
+        usage: Lenient<Fields>,
+        #[serde(default)]
+        response: Lenient<Inner>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        #[serde(default)]
+        usage: Lenient<Fields>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        #[serde(default)]
+        prompt_tokens: Lenient<u64>,
+        #[serde(default)]
+        input_tokens: Lenient<u64>,
+        #[serde(default)]
+        completion_tokens: Lenient<u64>,
+        #[serde(default)]
+        output_tokens: Lenient<u64>,
+        #[serde(default)]
+        total_tokens: Lenient<u64>,
+    }
+    let top: Top = serde_json::from_slice(body).ok()?;
+    let f = top.usage.0.or_else(|| top.response.0?.usage.0)?;
+    let prompt = f.prompt_tokens.0.or(f.input_tokens.0);
+    let completion = f.completion_tokens.0.or(f.output_tokens.0);
+    combine(prompt, completion, f.total_tokens.0)
+}
+
+/// A value of the expected shape, or `None` for any other JSON value (skipped, not an error).
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, IgnoredAny, IntoDeserializer as _, MapAccess, SeqAccess};
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> de::Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                let d: de::value::U64Deserializer<E> = v.into_deserializer();
+                Ok(Lenient(T::deserialize(d).ok()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Lenient(Some(t)))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+fn combine(prompt: Option<u64>, completion: Option<u64>, total: Option<u64>) -> Option<Usage> {
     match (prompt, completion, total) {
         (Some(p), Some(c), _) => Some(Usage { prompt: p, completion: c }),
         (Some(p), None, t) => Some(Usage { prompt: p, completion: t.unwrap_or(p).saturating_sub(p) }),
@@ -157,5 +244,25 @@ mod tests {
         let responses = json!({"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 4}}});
         assert_eq!(usage_of(&responses), Some(Usage { prompt: 3, completion: 4 }));
         assert_eq!(usage_of(&json!({"usage": null})), None);
+    }
+
+    #[test]
+    fn the_body_reader_agrees_with_the_tree_reader() {
+        let bodies = [
+            json!({"id": "x", "choices": [{"message": {"content": "a \"usage\": 1"}}], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 2}}}),
+            json!({"usage": {"prompt_tokens": 8, "total_tokens": 8}}),
+            json!({"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 4}}}),
+            json!({"usage": null, "response": {"usage": {"input_tokens": 1, "output_tokens": 2}}}),
+            json!({"usage": "n/a"}),
+            json!({"usage": {"prompt_tokens": -1, "completion_tokens": 2.5, "total_tokens": 7}}),
+            json!({"usage": [1, 2], "data": [[1.5, {"a": null}]]}),
+            json!({"nothing": true}),
+        ];
+        for body in bodies {
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            assert_eq!(usage_in_body(&bytes), usage_of(&body), "{body}");
+        }
+        assert_eq!(usage_in_body(b"not json"), None);
+        assert_eq!(usage_in_body(b"[1, 2]"), None);
     }
 }

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use std::sync::Arc;
 
@@ -108,15 +108,15 @@ pub(crate) fn next_step(
 /// The result of sending once.
 enum Sent {
     /// An answer to relay (2xx, or a status not worth retrying).
-    Answer(reqwest::Response),
+    Answer(upstream::Response),
     /// The upstream refused our own key.
-    Unauthorized(reqwest::Response),
+    Unauthorized(upstream::Response),
     /// A 429 about the quota window, read whole (it is small).
     RateLimited { headers: HeaderMap, body: Bytes, hint: Option<Duration> },
     /// A 429 that waiting cannot fix (the account is out of credit), read whole.
     OutOfQuota { headers: HeaderMap, body: Bytes },
     /// A transient error status: the response (to relay if we give up) and what it said.
-    Transient(reqwest::Response, Failure),
+    Transient(upstream::Response, Failure),
     /// No response at all; `unsent` when no connection was made, so the upstream never saw it.
     Failed { failure: Failure, message: String, unsent: bool },
 }
@@ -125,19 +125,10 @@ enum Sent {
 const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// Read a small error body, within a second and a bound.
-async fn read_small(resp: reqwest::Response) -> Bytes {
-    let mut resp = resp;
-    let mut buf = Vec::new();
-    let read = async {
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            if buf.len() + chunk.len() > MAX_ERROR_BODY {
-                break;
-            }
-            buf.extend_from_slice(&chunk);
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
-    Bytes::from(buf)
+async fn read_small(resp: upstream::Response) -> Bytes {
+    let mut buf = BytesMut::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), upstream::read_into(resp, &mut buf, MAX_ERROR_BODY)).await;
+    buf.freeze()
 }
 
 async fn send_once(
@@ -155,15 +146,24 @@ async fn send_once(
         key.as_deref(),
         endpoint.key_header,
     );
-    let url = format!("{}{}", endpoint.url, out.rest);
-    let send = upstream::request(proxy.client(), out.method.clone(), &url).headers(headers).body(out.body.clone());
+    let failure = |reason| Failure { reason, hint: None, window_known: false };
+    let uri = match http::Uri::try_from(format!("{}{}", endpoint.url, out.rest)) {
+        Ok(uri) => uri,
+        Err(e) => {
+            let message = format!("the request path does not make a valid upstream URL: {e}");
+            return Sent::Failed { failure: failure(RetryReason::Connect), message, unsent: true };
+        }
+    };
+    let mut req = upstream::Request::new(http_body_util::Full::new(out.body.clone()));
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
     let sent = Instant::now();
-    let result = tokio::time::timeout(endpoint.timeout, send.send()).await;
+    let result = tokio::time::timeout(endpoint.timeout, upstream::send(proxy.client(), req)).await;
     let latency = sent.elapsed();
     record.get().upstream_latency = Some(latency);
     let metrics = proxy.metrics();
     metrics.upstream_latency.observe(latency.as_secs_f64());
-    let failure = |reason| Failure { reason, hint: None, window_known: false };
     match result {
         Ok(Ok(resp)) => {
             let status = resp.status();
@@ -191,7 +191,7 @@ async fn send_once(
             let unsent = e.is_connect();
             Sent::Failed {
                 failure: failure(RetryReason::Connect),
-                message: e.without_url().to_string(),
+                message: upstream::error_message(&e),
                 unsent,
             }
         }
@@ -213,13 +213,15 @@ fn is_out_of_credit(body: &[u8]) -> bool {
 
 /// Read (and drop) a small error body so the connection can be reused. Boxed: the reading
 /// future is large, and the request's future should not carry it while it waits in line.
-async fn drain(resp: reqwest::Response) {
-    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), resp.bytes())).await;
+async fn drain(resp: upstream::Response) {
+    let mut sink = BytesMut::new();
+    let read = upstream::read_into(resp, &mut sink, MAX_ERROR_BODY);
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), read)).await;
 }
 
 /// What the last failed attempt left to answer with, if the request gives up.
 enum Last {
-    Response(reqwest::Response),
+    Response(upstream::Response),
     Buffered(StatusCode, HeaderMap, Bytes),
     Error(String),
 }

@@ -2,14 +2,13 @@
 //! arrives, watched for `usage`, and closed out (token settlement, cache fill, record) when it
 //! ends or the client goes away.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+
 use http::{HeaderValue, header};
 
 use super::cached::Fill;
@@ -19,7 +18,7 @@ use crate::error::ApiError;
 use crate::labels::Outcome;
 use crate::queue::Permit;
 use crate::sse::SseTap;
-use crate::tokens::{Usage, usage_in_tail, usage_of};
+use crate::tokens::{Usage, usage_in_body, usage_in_tail};
 use crate::upstream;
 
 /// Bodies up to this size are read whole for their `usage`; of larger ones only the tail is kept.
@@ -32,7 +31,7 @@ pub(crate) enum Answer {
     /// The upstream's response, to relay; its reservation is settled when the body ends.
     Upstream {
         /// Status and headers received, body not yet read.
-        response: reqwest::Response,
+        response: upstream::Response,
         /// The admission it was sent under.
         permit: Permit,
         /// The longest gap allowed between two chunks.
@@ -140,18 +139,16 @@ impl Tap {
         match self {
             Tap::Sse(sse) => sse.usage(),
             Tap::Body { buf, total } if *total <= WHOLE_BODY => {
-                serde_json::from_slice::<serde_json::Value>(buf).ok().as_ref().and_then(usage_of)
+                usage_in_body(buf)
             }
             Tap::Body { buf, .. } => usage_in_tail(buf),
         }
     }
 }
 
-type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
 /// The state of one relayed body.
 struct Relay {
-    upstream: Upstream,
+    upstream: hyper::body::Incoming,
     tap: Tap,
     idle_timeout: Duration,
     permit: Option<Permit>,
@@ -166,7 +163,7 @@ struct Relay {
 
 impl Relay {
     fn new(
-        response: reqwest::Response,
+        response: upstream::Response,
         tap: Tap,
         idle_timeout: Duration,
         permit: Permit,
@@ -174,11 +171,11 @@ impl Relay {
         fill: Option<Fill>,
     ) -> Self {
         Self {
-            expected: response.content_length(),
+            expected: upstream::content_length(&response),
             relayed: 0,
             content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
             fill,
-            upstream: Box::pin(response.bytes_stream()),
+            upstream: response.into_body(),
             tap,
             idle_timeout,
             permit: Some(permit),
@@ -239,7 +236,7 @@ impl Relay {
             if relay.ended() {
                 return None;
             }
-            match tokio::time::timeout(relay.idle_timeout, relay.upstream.next()).await {
+            match tokio::time::timeout(relay.idle_timeout, upstream::next_chunk(&mut relay.upstream)).await {
                 Ok(Some(Ok(chunk))) => {
                     relay.relayed += chunk.len() as u64;
                     if let Some(fill) = relay.fill.as_mut() {
