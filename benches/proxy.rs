@@ -22,6 +22,7 @@
 //!     the latency the shared limiter adds;
 //! (j) 5,000 streaming responses open at once: errors, and resident memory per open stream.
 
+use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +34,24 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nginx, stopped with SIGTERM: its master takes the workers down with it (killed outright, it
+/// leaves them running).
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        for _ in 0..100 {
+            if self.0.try_wait().is_ok_and(|s| s.is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -115,7 +134,12 @@ async fn run_proxy(file: &Path, manifest: &str, args: &[&str]) -> (Proc, SocketA
 }
 
 /// As [`run_proxy`], with the proxy binary `bin`.
-async fn run_proxy_bin(bin: &str, file: &Path, manifest: &str, args: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+async fn run_proxy_bin(
+    bin: &str,
+    file: &Path,
+    manifest: &str,
+    args: &[&str],
+) -> (Proc, SocketAddr, SocketAddr) {
     std::fs::write(file, manifest).unwrap_or_else(|e| panic!("{e}"));
     let (addr, admin) = (free_addr(), free_addr());
     let p = spawn(
@@ -137,7 +161,7 @@ fn nginx_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-async fn start_nginx(dir: &Path, upstream: SocketAddr) -> Option<(Proc, SocketAddr)> {
+async fn start_nginx(dir: &Path, upstream: SocketAddr) -> Option<(Nginx, SocketAddr)> {
     let bin = nginx_binary()?;
     let addr = free_addr();
     let d = dir.display();
@@ -158,7 +182,14 @@ http {{
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).ok()?;
-    let p = spawn(Command::new(bin).arg("-p").arg(dir).arg("-c").arg(&path));
+    let child = Command::new(bin)
+        .args([OsStr::new("-p"), dir.as_os_str(), OsStr::new("-c"), path.as_os_str()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let p = Nginx(child);
     wait_http(&format!("http://{addr}/v1/models")).await;
     Some((p, addr))
 }
@@ -214,7 +245,9 @@ async fn run() {
     }
 
     println!("## (a) latency at 1,000 req/s for 8 s (open loop: every request sent on its own schedule)\n");
-    println!("| path | p50 ms | p99 ms | p99.9 ms | errors | added p50 ms | added p99 ms | added p99.9 ms | added p50 / nginx's | added p99 / nginx's |");
+    println!(
+        "| path | p50 ms | p99 ms | p99.9 ms | errors | added p50 ms | added p99 ms | added p99.9 ms | added p50 / nginx's | added p99 / nginx's |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut base = None;
     let mut nginx_added = None;
@@ -259,8 +292,14 @@ async fn run() {
         if name == "nginx" {
             nginx_rps = Some(rps);
         }
-        let to_nginx = nginx_rps.filter(|_| name != "direct").map_or("-".to_owned(), |n| format!("{:.2}", rps / n));
-        println!("| {name} | {rps:.0} | {:.2} | {to_nginx} | {:.3} | {:.3} |", rps / base, ms(s.p50), ms(s.p99));
+        let to_nginx =
+            nginx_rps.filter(|_| name != "direct").map_or("-".to_owned(), |n| format!("{:.2}", rps / n));
+        println!(
+            "| {name} | {rps:.0} | {:.2} | {to_nginx} | {:.3} | {:.3} |",
+            rps / base,
+            ms(s.p50),
+            ms(s.p99)
+        );
     }
     println!("\nGoal: llmproxy >= 0.7x nginx's requests per second.");
 
@@ -271,7 +310,8 @@ async fn run() {
     let (_cp, cp_addr, _) = run_proxy(&dir.path().join("cached.yaml"), &cached, &[]).await;
     let same = |_| load::chat_body(7);
     let _ = load::constant_rate_with(&client, &url(&cp_addr), 200.0, Duration::from_millis(500), same).await;
-    let (shots, _) = load::constant_rate_with(&client, &url(&cp_addr), 1000.0, Duration::from_secs(5), same).await;
+    let (shots, _) =
+        load::constant_rate_with(&client, &url(&cp_addr), 1000.0, Duration::from_secs(5), same).await;
     let hits = shots.iter().filter(|s| s.from_cache).count();
     let (hit, errors) = latency(&shots);
     println!("| path | p50 ms | p99 ms | p99.9 ms | errors | hits |");
@@ -287,7 +327,11 @@ async fn run() {
         shots.len()
     );
     if let Some(n) = nginx_total {
-        println!("\nCache hit / nginx hop: p50 {:.2}, p99 {:.2} (goal: <= 1).", ms(hit[0]) / ms(n[0]), ms(hit[1]) / ms(n[1]));
+        println!(
+            "\nCache hit / nginx hop: p50 {:.2}, p99 {:.2} (goal: <= 1).",
+            ms(hit[0]) / ms(n[0]),
+            ms(hit[1]) / ms(n[1])
+        );
     }
 
     println!("\n## (c) overload: 1,000 req/s for 1 s against a 6,000 RPM (100/s) quota\n");
@@ -425,7 +469,8 @@ async fn memory_workload(dir: &Path) {
 async fn one_stream(client: reqwest::Client, url: String, i: usize) -> bool {
     let mut body = load::chat_body(i);
     body["stream"] = serde_json::Value::Bool(true);
-    let sent = client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await;
+    let sent =
+        client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await;
     let Ok(resp) = sent else { return false };
     if resp.status() != 200 {
         return false;
@@ -471,7 +516,9 @@ async fn streams_workload(dir: &Path) {
         }
     }
     let per_stream = (peak.saturating_sub(before)) as f64 / most_open.max(1.0) / 1024.0;
-    println!("| streams | most open at once | completed whole | errors | RSS before MiB | peak RSS MiB | KiB per open stream | goal |");
+    println!(
+        "| streams | most open at once | completed whole | errors | RSS before MiB | peak RSS MiB | KiB per open stream | goal |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
         "| {STREAMS} | {most_open:.0} | {ok} | {} | {:.1} | {:.1} | {per_stream:.1} | <= 16 KiB, no errors |",

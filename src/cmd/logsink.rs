@@ -1,5 +1,5 @@
 //! Log lines leave the serving threads through a bounded channel to one writer thread, which
-//! writes them to stderr in batches: a slow or blocked stderr (a full pipe, a stalled log
+//! writes them to stderr in batches every few milliseconds: a slow or blocked stderr (a full pipe, a stalled log
 //! collector) never holds up a request, and a burst of request records costs one write per
 //! batch rather than one per line. When the writer falls behind by more than the channel holds,
 //! lines are dropped and counted, and the writer says how many in the log itself.
@@ -13,6 +13,8 @@ use std::time::Duration;
 const CAPACITY: usize = 8192;
 /// Bytes gathered before a write, at most.
 const BATCH: usize = 64 << 10;
+/// How often a busy writer collects lines (a line waits at most about this long).
+const TICK: Duration = Duration::from_millis(10);
 
 /// Lines dropped because the writer was behind, since the last report.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -49,17 +51,41 @@ pub fn start() -> (LogSink, Option<LogGuard>) {
 
 fn write_out(rx: &Receiver<Msg>, sink: impl Write) {
     let mut out = io::BufWriter::with_capacity(BATCH, sink);
-    while let Ok(first) = rx.recv() {
+    let mut busy = false;
+    loop {
+        // While lines keep coming, collect them on a clock: a sender then never has to wake
+        // this thread (a futex call and a context switch per line). After a quiet spell, block
+        // until the next line.
+        let first = if busy {
+            std::thread::sleep(TICK);
+            match rx.try_recv() {
+                Ok(msg) => msg,
+                Err(mpsc::TryRecvError::Empty) => {
+                    busy = false;
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => return,
+            }
+        };
+        busy = true;
         let mut next = Some(first);
         let mut acks = Vec::new();
+        let mut taken = 0;
         while let Some(msg) = next {
+            taken += 1;
             match msg {
                 Msg::Line(line) => {
                     let _ = out.write_all(&line);
                 }
                 Msg::Flush(ack) => acks.push(ack),
             }
-            next = if out.buffer().len() < BATCH { rx.try_recv().ok() } else { None };
+            // BufWriter writes whenever BATCH bytes have gathered; at most one channel's worth a round.
+            next = if taken < CAPACITY { rx.try_recv().ok() } else { None };
         }
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
         if dropped > 0 {

@@ -166,7 +166,11 @@ struct Acceptor {
 
 impl Acceptor {
     /// Accept and serve connections until `stopped` turns true; then let them finish.
-    async fn run(self, api: TcpListener, mut stopped: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn run(
+        self,
+        api: TcpListener,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let graceful = GracefulShutdown::new();
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;

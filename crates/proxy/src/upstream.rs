@@ -128,7 +128,9 @@ pub(crate) async fn read_into(resp: Response, buf: &mut bytes::BytesMut, max: us
 }
 
 /// The next piece of an upstream body (trailers skipped); `None` at its end.
-pub(crate) async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Result<bytes::Bytes, hyper::Error>> {
+pub(crate) async fn next_chunk(
+    body: &mut hyper::body::Incoming,
+) -> Option<Result<bytes::Bytes, hyper::Error>> {
     use http_body_util::BodyExt as _;
     loop {
         match body.frame().await? {

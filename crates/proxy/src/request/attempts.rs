@@ -127,7 +127,8 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 /// Read a small error body, within a second and a bound.
 async fn read_small(resp: upstream::Response) -> Bytes {
     let mut buf = BytesMut::new();
-    let _ = tokio::time::timeout(Duration::from_secs(1), upstream::read_into(resp, &mut buf, MAX_ERROR_BODY)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), upstream::read_into(resp, &mut buf, MAX_ERROR_BODY))
+        .await;
     buf.freeze()
 }
 

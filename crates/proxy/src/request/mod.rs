@@ -27,7 +27,11 @@ pub(crate) async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Res
     let request_id = client_request_id(&parts.headers).map_or_else(|| proxy.request_id(), str::to_owned);
     let header_id = HeaderValue::from_str(&request_id).ok();
     let record = RequestRecord::new(parts.method.clone(), parts.uri.path(), request_id);
-    let mut resp = pipeline(&proxy, parts, body, RecordGuard::new(record, Arc::clone(proxy.metrics()))).await;
+    // Boxed: the connection's task then holds only this small future, and the request's own
+    // state exists only while the request runs, not for as long as the connection lives (a
+    // streaming answer is a body of its own by then).
+    let guard = RecordGuard::new(record, Arc::clone(proxy.metrics()));
+    let mut resp = Box::pin(pipeline(&proxy, parts, body, guard)).await;
     if let Some(id) = header_id {
         resp.headers_mut().insert("x-request-id", id);
     }

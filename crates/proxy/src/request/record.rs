@@ -103,10 +103,10 @@ impl RequestRecord {
         let reasons: Vec<&str> = self.retry_reasons.iter().map(|r| r.label()).collect();
         tracing::info!(
             target: "llmproxy::request",
-            request_id = %self.request_id,
+            request_id = self.request_id.as_str(),
             client = self.client.as_deref(),
-            method = %self.method,
-            path = %self.path,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
             model = self.model.as_deref(),
             stream = self.stream,
             status = self.status,

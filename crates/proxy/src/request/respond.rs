@@ -138,9 +138,7 @@ impl Tap {
     fn usage(&self) -> Option<Usage> {
         match self {
             Tap::Sse(sse) => sse.usage(),
-            Tap::Body { buf, total } if *total <= WHOLE_BODY => {
-                usage_in_body(buf)
-            }
+            Tap::Body { buf, total } if *total <= WHOLE_BODY => usage_in_body(buf),
             Tap::Body { buf, .. } => usage_in_tail(buf),
         }
     }
