@@ -195,7 +195,7 @@ impl Acceptor {
             };
             let _ = stream.set_nodelay(true);
             let io = TokioIo::new(WriteTimeout::new(stream, self.write_timeout));
-            let conn = self.builder.serve_connection_with_upgrades(io, self.service.clone());
+            let conn = self.builder.serve_connection(io, self.service.clone());
             let conn = graceful.watch(conn.into_owned());
             tokio::spawn(async move {
                 let _ = conn.await;
