@@ -163,3 +163,57 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
     // see the connection close first (0 here) instead of reading that answer.
     assert_eq!(statuses.iter().filter(|s| **s == 429 || **s == 0).count(), 12, "{statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_clients_are_told_apart_on_serving_workers() {
+    let upstream = mock(MockConfig::default()).await;
+    let serve = ServeOptions {
+        header_read_timeout: Duration::from_secs(1),
+        drain_delay: Duration::ZERO,
+        workers: 2,
+        ..ServeOptions::default()
+    };
+    let proxy = TestProxy::start_serving(
+        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""),
+        None,
+        Options::default(),
+        serve,
+    )
+    .await;
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let body = load::chat_body(1).to_string();
+    // HTTP/2 with prior knowledge (no TLS), then HTTP/1.1.
+    for (client, version) in [
+        (reqwest::Client::builder().http2_prior_knowledge().build(), http::Version::HTTP_2),
+        (reqwest::Client::builder().http1_only().build(), http::Version::HTTP_11),
+    ] {
+        let client = client.unwrap_or_else(|e| panic!("{e}"));
+        let resp = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        assert_eq!((resp.version(), resp.status().as_u16()), (version, 200));
+    }
+    // An HTTP/1.1 request whose first byte arrives alone (a `P` could still open the HTTP/2
+    // preface): the pause only splits the bytes into two segments.
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let _ = conn.set_nodelay(true);
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(&request.as_bytes()[..1]).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(&request.as_bytes()[1..]).await.unwrap_or_else(|e| panic!("{e}"));
+    let answer = read_until_closed(&mut conn, Duration::from_secs(20)).await.unwrap_or_default();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    // A connection that never says anything is closed after the header read timeout.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let start = Instant::now();
+    assert!(read_until_closed(&mut silent, Duration::from_secs(20)).await.is_some());
+    assert!(start.elapsed() < Duration::from_secs(15), "closed only after {:?}", start.elapsed());
+    assert_eq!(upstream.mock.seen().len(), 3);
+}

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -78,20 +78,19 @@ pub async fn serve(
             .await
     });
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut h1 = http1::Builder::new();
     // hyper's smallest read buffer: a waiting request holds its connection's buffer, and 8 KiB
     // is what nginx allows a header block by default.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(8192);
-    builder.http2().timer(TokioTimer::new());
+    h1.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).max_buf_size(8192);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
     let acceptor = Acceptor {
-        builder,
+        h1,
+        h2,
         service: TowerToHyperService::new(routes::api(&proxy)),
         slots: Arc::new(Semaphore::new(options.max_connections.max(1))),
         write_timeout: options.write_timeout,
+        first_bytes_timeout: options.header_read_timeout,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Each accept loop reports here when it has stopped and its connections have finished.
@@ -158,10 +157,37 @@ pub async fn serve(
 /// What each accept loop needs: the connection settings, the service, the connection cap.
 #[derive(Clone)]
 struct Acceptor {
-    builder: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
     service: TowerToHyperService<axum::Router>,
     slots: Arc<Semaphore>,
     write_timeout: Duration,
+    /// Longest wait for the bytes that tell HTTP/1.1 from HTTP/2.
+    first_bytes_timeout: Duration,
+}
+
+/// What a client speaking HTTP/2 without TLS (prior knowledge) opens its connection with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the connection opens with the HTTP/2 preface, from its first bytes (peeked, not
+/// read: hyper reads them). An HTTP/1.1 request line differs by its second byte at the latest.
+/// `None`: nothing that tells arrived in time, or the connection failed.
+async fn speaks_h2(stream: &TcpStream, limit: Duration) -> Option<bool> {
+    let tell = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 || buf[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            // A prefix of the preface so far: the rest is in flight.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(limit, tell).await.ok().flatten()
 }
 
 impl Acceptor {
@@ -194,12 +220,27 @@ impl Acceptor {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let io = TokioIo::new(WriteTimeout::new(stream, self.write_timeout));
-            let conn = self.builder.serve_connection(io, self.service.clone());
-            let conn = graceful.watch(conn.into_owned());
+            // Each protocol's connection is a task of its own size: one task that could hold
+            // either would carry an HTTP/2 connection's 1.5 KiB for every HTTP/1.1 one (600 B).
+            let (h1, h2, service) = (self.h1.clone(), self.h2.clone(), self.service.clone());
+            let (watcher, write_timeout, limit) =
+                (graceful.watcher(), self.write_timeout, self.first_bytes_timeout);
             tokio::spawn(async move {
-                let _ = conn.await;
-                drop(slot);
+                let Some(h2_client) = speaks_h2(&stream, limit).await else { return };
+                let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
+                if h2_client {
+                    let conn = watcher.watch(h2.serve_connection(io, service));
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        drop(slot);
+                    });
+                } else {
+                    let conn = watcher.watch(h1.serve_connection(io, service));
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        drop(slot);
+                    });
+                }
             });
         }
         drop(api);
