@@ -262,7 +262,9 @@ async fn run() {
             nginx_total = Some(p);
         }
         let ratio = |i: usize| match nginx_added {
-            Some(n) if name != "direct" => format!("{:.2}", added[i] / n[i].max(1e-3)),
+            // Only where nginx adds anything measurable: on a busy machine its added tail can
+            // come out below zero, and a ratio to that says nothing.
+            Some(n) if name != "direct" && n[i] >= 0.005 => format!("{:.2}", added[i] / n[i]),
             _ => "-".to_owned(),
         };
         println!(
