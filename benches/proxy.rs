@@ -22,7 +22,6 @@
 //!     the latency the shared limiter adds;
 //! (j) 5,000 streaming responses open at once: errors, and resident memory per open stream.
 
-use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,12 +61,18 @@ fn free_addr() -> SocketAddr {
 }
 
 fn spawn(cmd: &mut Command) -> Proc {
-    Proc(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{e}")),
+    Proc(try_spawn(cmd).unwrap_or_else(|| panic!("could not start {cmd:?}")))
+}
+
+/// Start `cmd` with no terminal attached; `None` when it cannot be started (not installed).
+fn try_spawn(cmd: &mut Command) -> Option<Child> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()
+}
+
+/// The bench's LlmProxy for one upstream, its spec ending with `spec_tail` (indented YAML).
+fn manifest(upstream: SocketAddr, spec_tail: &str) -> String {
+    format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
     )
 }
 
@@ -118,10 +123,7 @@ async fn start_proxy_with(
     args: &[&str],
 ) -> (Proc, SocketAddr, SocketAddr) {
     let file = dir.join(format!("proxy-{}.yaml", upstream.port()));
-    let manifest = format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
-    );
-    run_proxy(&file, &manifest, args).await
+    run_proxy(&file, &manifest(upstream, spec_tail), args).await
 }
 
 /// `llmproxy proxy --config FILE` (written with `manifest`) on free ports with extra `args`,
@@ -182,14 +184,7 @@ http {{
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).ok()?;
-    let child = Command::new(bin)
-        .args([OsStr::new("-p"), dir.as_os_str(), OsStr::new("-c"), path.as_os_str()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let p = Nginx(child);
+    let p = Nginx(try_spawn(Command::new(bin).arg("-p").arg(dir).arg("-c").arg(&path))?);
     wait_http(&format!("http://{addr}/v1/models")).await;
     Some((p, addr))
 }
@@ -220,6 +215,7 @@ async fn run() {
     // runs them.
     let on = "{requestsPerMinute: 100000000, tokensPerMinute: 10000000000, maxConcurrent: 100000}";
     let queue = "{maxSize: 100000, maxWait: 60s}";
+    let plain = format!("  limits: {on}\n  queue: {queue}\n");
     let (_proxy, proxy_addr, _) = start_proxy(dir.path(), mock_addr, on, queue).await;
     let nginx = start_nginx(dir.path(), mock_addr).await;
     let mut targets = vec![("direct".to_owned(), mock_addr)];
@@ -230,10 +226,7 @@ async fn run() {
     let mut _baseline = None;
     if let Some(bin) = baseline_build() {
         let file = dir.path().join("baseline.yaml");
-        let manifest = format!(
-            "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{mock_addr}/v1'}}\n  limits: {on}\n  queue: {queue}\n"
-        );
-        let (p, addr, _) = run_proxy_bin(&bin, &file, &manifest, &[]).await;
+        let (p, addr, _) = run_proxy_bin(&bin, &file, &manifest(mock_addr, &plain), &[]).await;
         _baseline = Some(p);
         targets.push(("llmproxy (baseline build)".to_owned(), addr));
     }
@@ -306,9 +299,7 @@ async fn run() {
     println!("\nGoal: llmproxy >= 0.7x nginx's requests per second.");
 
     println!("\n## (a2) a cache hit vs the plain nginx hop, 1,000 req/s for 5 s\n");
-    let cached = format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{mock_addr}/v1'}}\n  limits: {on}\n  queue: {queue}\n  cache: {{ttl: 10m}}\n"
-    );
+    let cached = manifest(mock_addr, &format!("{plain}  cache: {{ttl: 10m}}\n"));
     let (_cp, cp_addr, _) = run_proxy(&dir.path().join("cached.yaml"), &cached, &[]).await;
     let same = |_| load::chat_body(7);
     let _ = load::constant_rate_with(&client, &url(&cp_addr), 200.0, Duration::from_millis(500), same).await;
@@ -738,14 +729,16 @@ async fn upstreams_workload(dir: &Path) {
 /// A `redis-server` on a free port, without persistence; `None` when it is not installed.
 fn start_redis() -> Option<(Proc, SocketAddr)> {
     let addr = free_addr();
-    let child = Command::new("redis-server")
-        .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let proc = Proc(child);
+    let proc = Proc(try_spawn(Command::new("redis-server").args([
+        "--port",
+        &addr.port().to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]))?);
     for _ in 0..100 {
         if std::net::TcpStream::connect(addr).is_ok() {
             return Some((proc, addr));
@@ -765,10 +758,7 @@ async fn start_replicas(
     let mut out = Vec::new();
     for i in 0..n {
         let file = dir.join(format!("replica-{i}.yaml"));
-        let manifest = format!(
-            "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
-        );
-        let (p, addr, _) = run_proxy(&file, &manifest, &[]).await;
+        let (p, addr, _) = run_proxy(&file, &manifest(upstream, spec_tail), &[]).await;
         out.push((p, addr));
     }
     out

@@ -12,6 +12,12 @@ use tokio::time::Instant;
 use crate::support::eventually;
 use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, mock, post_json};
 
+/// A proxy in front of `upstream_url` at 6,000 requests a minute, served with `serve`.
+async fn serving(upstream_url: &str, options: Options, serve: ServeOptions) -> TestProxy {
+    TestProxy::start_serving(&manifest(upstream_url, "{requestsPerMinute: 6000}", ""), None, options, serve)
+        .await
+}
+
 /// Read until the server closes the connection (or `limit` passes); the bytes read.
 async fn read_until_closed(conn: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
@@ -28,13 +34,7 @@ async fn slow_headers_and_slow_bodies_are_cut_off() {
         drain_delay: Duration::ZERO,
         ..ServeOptions::default()
     };
-    let proxy = TestProxy::start_serving(
-        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""),
-        None,
-        options,
-        serve,
-    )
-    .await;
+    let proxy = serving(&upstream.url(), options, serve).await;
     // Slowloris: half a request line, then nothing.
     let start = Instant::now();
     let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
@@ -63,13 +63,7 @@ async fn slow_headers_and_slow_bodies_are_cut_off() {
 async fn connections_beyond_the_cap_wait_for_a_free_one() {
     let upstream = mock(MockConfig::default()).await;
     let serve = ServeOptions { max_connections: 2, drain_delay: Duration::ZERO, ..ServeOptions::default() };
-    let proxy = TestProxy::start_serving(
-        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""),
-        None,
-        Options::default(),
-        serve,
-    )
-    .await;
+    let proxy = serving(&upstream.url(), Options::default(), serve).await;
     let first = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
     let _second = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
     let url = proxy.url("/models");
@@ -173,13 +167,7 @@ async fn http1_and_http2_clients_are_told_apart_on_serving_workers() {
         workers: 2,
         ..ServeOptions::default()
     };
-    let proxy = TestProxy::start_serving(
-        &manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""),
-        None,
-        Options::default(),
-        serve,
-    )
-    .await;
+    let proxy = serving(&upstream.url(), Options::default(), serve).await;
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
     let body = load::chat_body(1).to_string();
     // HTTP/2 with prior knowledge (no TLS), then HTTP/1.1.

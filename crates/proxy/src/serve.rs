@@ -141,8 +141,11 @@ pub async fn serve(
         () = stop_accepting => {}
         early = done.recv() => {
             let _ = stop.send(true);
-            return Err(early.unwrap_or_else(|| Err(anyhow::anyhow!("a serving worker died"))).err()
-                .unwrap_or_else(|| anyhow::anyhow!("a serving worker stopped on its own")));
+            return Err(match early {
+                Some(Err(e)) => e,
+                Some(Ok(())) => anyhow::anyhow!("a serving worker stopped on its own"),
+                None => anyhow::anyhow!("a serving worker died"),
+            });
         }
     }
     let _ = stop.send(true);
@@ -164,6 +167,18 @@ struct Acceptor {
     write_timeout: Duration,
     /// Longest wait for the bytes that tell HTTP/1.1 from HTTP/2.
     first_bytes_timeout: Duration,
+}
+
+/// Run a connection as a task of its own, holding its place under `--max-connections` until it
+/// ends.
+fn spawn_holding<C>(conn: C, slot: tokio::sync::OwnedSemaphorePermit)
+where
+    C: Future + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _ = conn.await;
+        drop(slot);
+    });
 }
 
 /// What a client speaking HTTP/2 without TLS (prior knowledge) opens its connection with.
@@ -229,17 +244,9 @@ impl Acceptor {
                 let Some(h2_client) = speaks_h2(&stream, limit).await else { return };
                 let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
                 if h2_client {
-                    let conn = watcher.watch(h2.serve_connection(io, service));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                        drop(slot);
-                    });
+                    spawn_holding(watcher.watch(h2.serve_connection(io, service)), slot);
                 } else {
-                    let conn = watcher.watch(h1.serve_connection(io, service));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                        drop(slot);
-                    });
+                    spawn_holding(watcher.watch(h1.serve_connection(io, service)), slot);
                 }
             });
         }

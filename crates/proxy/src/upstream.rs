@@ -116,10 +116,8 @@ pub(crate) fn error_message(e: &hyper_util::client::legacy::Error) -> String {
 
 /// Read `resp`'s body into `buf`, up to `max` bytes (the rest is left unread).
 pub(crate) async fn read_into(resp: Response, buf: &mut bytes::BytesMut, max: usize) {
-    use http_body_util::BodyExt as _;
     let mut body = resp.into_body();
-    while let Some(Ok(frame)) = body.frame().await {
-        let Ok(chunk) = frame.into_data() else { continue };
+    while let Some(Ok(chunk)) = next_chunk(&mut body).await {
         if buf.len() + chunk.len() > max {
             return;
         }
