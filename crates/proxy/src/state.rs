@@ -71,6 +71,8 @@ pub struct Proxy {
     /// Cluster mode with an `apiKeySecretRef`: not ready until the key has been read.
     key_required: AtomicBool,
     next_id: AtomicU64,
+    /// `req-` and this process' id: read once, not with a system call per request.
+    id_prefix: String,
     /// The shared buckets' mode and members (with `sharedState` or `quotaRef`).
     shared: Arc<crate::shared::SharedState>,
     /// The lessee runs (started once, by `share`).
@@ -99,6 +101,7 @@ impl Proxy {
             source_up: AtomicBool::new(true),
             key_required: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
+            id_prefix: format!("req-{:08x}", std::process::id()),
             shared: Arc::default(),
             sharing: AtomicBool::new(false),
             replicas: Arc::default(),
@@ -361,6 +364,6 @@ impl Proxy {
 
     pub(crate) fn request_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("req-{:08x}{n:08x}", std::process::id())
+        format!("{}{n:08x}", self.id_prefix)
     }
 }
