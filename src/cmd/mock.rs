@@ -39,6 +39,10 @@ pub struct Args {
     /// refunded) or `used` (settled to the real usage).
     #[arg(long, value_enum, default_value = "requested")]
     token_accounting: Accounting,
+    /// Streams one HTTP/2 connection may carry at once (HTTP/2 is spoken to clients that start
+    /// with its preface; hyper's default of 200 when absent).
+    #[arg(long)]
+    http2_max_streams: Option<u32>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -62,6 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Accounting::Requested => llmproxy_mock::Accounting::Requested,
             Accounting::Used => llmproxy_mock::Accounting::Used,
         },
+        http2_max_streams: args.http2_max_streams,
     };
     let server = MockServer::start(config, args.listen).await?;
     tracing::info!(url = %server.url(), "mock upstream serving; GET /mock/stats, POST /mock/faults");

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::eventually;
-use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, mock, post_json};
+use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, mock, post_json, stream};
 
 /// A proxy in front of `upstream_url` at 6,000 requests a minute, served with `serve`.
 async fn serving(upstream_url: &str, options: Options, serve: ServeOptions) -> TestProxy {
@@ -204,4 +204,47 @@ async fn http1_and_http2_clients_are_told_apart_on_serving_workers() {
     assert!(read_until_closed(&mut silent, Duration::from_secs(20)).await.is_some());
     assert!(start.elapsed() < Duration::from_secs(15), "closed only after {:?}", start.elapsed());
     assert_eq!(upstream.mock.seen().len(), 3);
+}
+
+/// An HTTP/2 upstream that allows two streams per connection, and a proxy told to put at most
+/// two on one: six streams at once all run at once, over HTTP/2 and three connections or more
+/// (hyper's pool alone keeps one connection per host and queues the other four inside it), and
+/// the next six reuse those connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upstreams_get_another_connection_past_the_stream_cap_not_a_queue() {
+    let upstream = mock(MockConfig {
+        http2_max_streams: Some(2),
+        chunk_delay: Duration::from_millis(300),
+        completion_tokens: 4,
+        ..MockConfig::default()
+    })
+    .await;
+    let manifest = format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{}', protocol: http2, maxStreamsPerConnection: 2}}\n  limits: {{requestsPerMinute: 6000}}\n",
+        upstream.url()
+    );
+    let proxy = TestProxy::start(&manifest, None).await;
+    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let url = proxy.url("/chat/completions");
+    let round = || async {
+        let streams = futures_util::future::join_all((0..6).map(|_| stream(&url, &body))).await;
+        for s in streams {
+            assert_eq!(s.status, 200, "{}", s.text);
+            assert!(!s.broke && s.text.contains("[DONE]"), "{}", s.text);
+        }
+    };
+    round().await;
+    let stats = upstream.mock.stats();
+    assert_eq!(stats.http2_requests, 6, "the upstream was spoken to in HTTP/2");
+    assert_eq!(stats.max_inflight, 6, "all six streams ran at once, none queued behind the cap");
+    assert!(
+        stats.connections >= 3,
+        "six streams at two per connection took {} connections",
+        stats.connections
+    );
+    round().await;
+    let again = upstream.mock.stats();
+    assert_eq!(again.http2_requests, 12);
+    assert_eq!(again.connections, stats.connections, "the second round reused the connections");
 }

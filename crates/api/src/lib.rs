@@ -24,8 +24,8 @@ pub use report::ProxyReport;
 pub use spec::{
     AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
     EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
-    ModelLimitsSpec, ObservedLimits, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef, SecretNameRef,
-    TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
+    ModelLimitsSpec, ObservedLimits, Protocol, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef,
+    SecretNameRef, TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
 };
 
 /// The label a Secret carries (value `"true"`) before the operator lets any proxy read it: a

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::paths::{DEFAULT_ALLOWED_PATHS, PathRule};
 use crate::spec::{
-    ClientPriority, ClientSettings, EndpointSpec, KeyHeader, LlmProxySpec, ModelLimitsSpec, SecretKeyRef,
-    TokenAccounting, UpstreamSpec,
+    ClientPriority, ClientSettings, EndpointSpec, KeyHeader, LlmProxySpec, ModelLimitsSpec, Protocol,
+    SecretKeyRef, TokenAccounting, UpstreamSpec,
 };
 
 /// Everything the data plane needs to serve one LlmProxy.
@@ -126,6 +126,10 @@ pub struct UpstreamPolicy {
     pub models: Option<Vec<String>>,
     /// Its own quota (for `spec.upstream`: the LlmProxy's limits).
     pub limits: EndpointLimits,
+    /// The HTTP version spoken to it.
+    pub protocol: Protocol,
+    /// The most requests in flight on one of its HTTP/2 connections (>= 1).
+    pub max_streams_per_connection: u32,
 }
 
 impl UpstreamPolicy {
@@ -700,6 +704,24 @@ fn endpoint(
         weight: u32::try_from(weight).unwrap_or(u32::MAX),
         models,
         limits,
+        protocol: u.protocol,
+        max_streams_per_connection: streams_per_connection(c, field, u.max_streams_per_connection),
+    }
+}
+
+/// Requests in flight on one HTTP/2 connection when `maxStreamsPerConnection` is absent.
+pub const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
+
+/// `maxStreamsPerConnection`, checked as the schema does (1 to 10,000).
+fn streams_per_connection(c: &mut Check, field: &str, n: Option<i32>) -> u32 {
+    let Some(n) = n else { return DEFAULT_STREAMS_PER_CONNECTION };
+    let field = format!("{field}.maxStreamsPerConnection");
+    match u32::try_from(n) {
+        Ok(n @ 1..=10_000) => n,
+        _ => {
+            c.fail(&field, "must be between 1 and 10000");
+            DEFAULT_STREAMS_PER_CONNECTION
+        }
     }
 }
 
@@ -958,11 +980,34 @@ limits: {requestsPerMinute: 1200, models: {gpt-4o: {requestsPerMinute: 300}}}",
         assert_eq!((west.key_header, west.limits.requests_per_minute), (KeyHeader::ApiKey, None));
         assert!(west.serves(Some("gpt-4o-mini")) && !west.serves(Some("gpt-4o")) && west.serves(None));
         assert!(east.serves(Some("anything")));
+        assert_eq!((east.protocol, east.max_streams_per_connection), (Protocol::Auto, 100), "the defaults");
         assert_eq!(p.limits.models["gpt-4o"].requests_per_minute, Some(300));
         let half = p.for_replicas(2);
         assert_eq!(half.upstreams[0].limits.requests_per_minute, Some(300));
         assert_eq!(half.upstreams[0].limits.models["gpt-4o"].tokens_per_minute, Some(3000));
         assert_eq!(half.limits.models["gpt-4o"].requests_per_minute, Some(150));
+    }
+
+    #[test]
+    fn upstream_protocol_and_streams_per_connection_resolve_and_are_checked() {
+        let p = Policy::from_spec(&spec(
+            "upstream: {url: 'https://x.io/v1', protocol: http2, maxStreamsPerConnection: 64}\nlimits: {requestsPerMinute: 60}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (p.upstreams[0].protocol, p.upstreams[0].max_streams_per_connection),
+            (Protocol::Http2, 64)
+        );
+        for bad in [0, -1, 10_001] {
+            let yaml = format!(
+                "upstream: {{url: 'https://x.io/v1', maxStreamsPerConnection: {bad}}}\nlimits: {{requestsPerMinute: 60}}"
+            );
+            assert!(
+                errors(&yaml).contains("spec.upstream.maxStreamsPerConnection"),
+                "{bad}: {}",
+                errors(&yaml)
+            );
+        }
     }
 
     #[test]

@@ -417,6 +417,41 @@ pub struct UpstreamSpec {
         "message": "must be at most 1h",
     }]))]
     pub timeout: Duration,
+
+    /// The HTTP version spoken to the upstream: `auto` (HTTP/2 where TLS negotiates it, as the
+    /// hosted APIs do, else HTTP/1.1), `http1` (HTTP/1.1 only: a connection per request in
+    /// flight) or `http2` (HTTP/2 only; to a plain `http://` URL without negotiation, which the
+    /// upstream must accept: an h2c server).
+    #[serde(default, skip_serializing_if = "Protocol::is_default")]
+    pub protocol: Protocol,
+
+    /// The most requests in flight on one HTTP/2 connection to this upstream; past it the proxy
+    /// opens another connection, where they would otherwise wait unseen behind the server's
+    /// own limit. Default 100, the least RFC 9113 advises a server to allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_streams_per_connection: Option<i32>,
+}
+
+/// The HTTP version spoken to an upstream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Protocol {
+    /// HTTP/2 where TLS negotiates it (ALPN), else HTTP/1.1.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// HTTP/1.1 only.
+    #[serde(rename = "http1")]
+    Http1,
+    /// HTTP/2 only (with prior knowledge on `http://`).
+    #[serde(rename = "http2")]
+    Http2,
+}
+
+impl Protocol {
+    fn is_default(&self) -> bool {
+        *self == Protocol::Auto
+    }
 }
 
 /// How an endpoint takes its key.

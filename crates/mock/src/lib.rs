@@ -39,6 +39,8 @@ pub struct MockConfig {
     pub completion_tokens: u64,
     /// How tokens count against `tokens_per_minute`.
     pub token_accounting: Accounting,
+    /// Streams one HTTP/2 connection may carry at once (hyper's default, 200, when `None`).
+    pub http2_max_streams: Option<u32>,
 }
 
 /// How the mock counts a request's tokens, like one provider or another.
@@ -64,6 +66,7 @@ impl Default for MockConfig {
             chunk_delay: Duration::ZERO,
             completion_tokens: 16,
             token_accounting: Accounting::Requested,
+            http2_max_streams: None,
         }
     }
 }
@@ -118,6 +121,10 @@ pub struct Stats {
     pub faults: u64,
     /// Most requests in flight at once.
     pub max_inflight: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Requests that came over HTTP/2.
+    pub http2_requests: u64,
     /// Tokens used (prompt + completion) by successful requests.
     pub tokens: u64,
     /// Tokens counted against `tokens_per_minute`, by its accounting (what it charged and kept).

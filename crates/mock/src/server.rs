@@ -30,12 +30,17 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, st
             },
         };
         let _ = stream.set_nodelay(true);
+        crate::lock(&mock.stats).connections += 1;
+        let max_streams = crate::lock(&mock.config).http2_max_streams;
         let kill = CancellationToken::new();
         let router = router.clone();
         let conn_kill = kill.clone();
         let early_mock = Arc::clone(&mock);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(Kill(conn_kill.clone()));
+            if req.version() == http::Version::HTTP_2 {
+                crate::lock(&early_mock.stats).http2_requests += 1;
+            }
             let mut router = router.clone();
             let early = early_mock.take_early();
             async move {
@@ -47,7 +52,10 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, st
         });
         let stop = stop.clone();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            if let Some(n) = max_streams {
+                builder.http2().max_concurrent_streams(n);
+            }
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}

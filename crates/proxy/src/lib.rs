@@ -12,6 +12,7 @@ pub mod flight;
 pub mod labels;
 pub mod limiter;
 pub mod metrics;
+pub mod pool;
 pub mod queue;
 pub mod quota;
 pub mod reload;

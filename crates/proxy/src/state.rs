@@ -18,7 +18,7 @@ use crate::flight::Flights;
 use crate::labels::Reload;
 use crate::metrics::Metrics;
 use crate::queue::Admission;
-use crate::upstream::{self, ApiKey};
+use crate::upstream::ApiKey;
 
 /// Settings of the process, as opposed to the policy (which reloads).
 #[derive(Clone, Debug)]
@@ -60,7 +60,7 @@ pub struct Proxy {
     /// are loaded nobody gets in.
     keys_required: AtomicBool,
     admission: Arc<Admission>,
-    client: upstream::Client,
+    pool: crate::pool::Pool,
     cache: Arc<ResponseCache>,
     flights: Arc<Flights>,
     metrics: Arc<Metrics>,
@@ -87,7 +87,7 @@ impl Proxy {
         let metrics = Arc::new(metrics);
         let proxy = Arc::new(Self {
             admission: Admission::new(&policy, Arc::clone(&metrics)),
-            client: upstream::client(options.connect_timeout)?,
+            pool: crate::pool::Pool::new(options.connect_timeout),
             cache: Arc::new(ResponseCache::new(policy.cache.as_ref())),
             flights: Arc::default(),
             policy: ArcSwap::from_pointee(policy),
@@ -266,8 +266,8 @@ impl Proxy {
         &self.admission
     }
 
-    pub(crate) fn client(&self) -> &upstream::Client {
-        &self.client
+    pub(crate) fn pool(&self) -> &crate::pool::Pool {
+        &self.pool
     }
 
     pub(crate) fn cache(&self) -> &Arc<ResponseCache> {

@@ -1,8 +1,8 @@
-//! The pooled HTTP client to the upstream, and which headers cross the proxy in each direction.
+//! Upstream requests and answers, and which headers cross the proxy in each direction (the
+//! connections themselves are `pool`'s).
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use llmproxy_api::KeyHeader;
@@ -30,76 +30,11 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// The upstream client: hyper's pooled client over rustls (ALPN offers HTTP/2 and HTTP/1.1;
-/// plain `http://` upstreams stay HTTP/1.1). Request bodies are always whole in memory.
-pub type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<bytes::Bytes>,
->;
-
 /// An upstream answer: status and headers read, the body still to come.
 pub type Response = http::Response<hyper::body::Incoming>;
 
 /// An upstream request as it is sent.
 pub type Request = http::Request<http_body_util::Full<bytes::Bytes>>;
-
-/// The read buffer of an upstream HTTP/1 connection. An answer streams through it chunk by
-/// chunk, so it need not grow: 4 KiB per open stream instead of hyper's adaptive 8 KiB-and-up.
-const UPSTREAM_READ_BUF: usize = 4096;
-
-/// Build a client: connection pooling, `TCP_NODELAY`, no overall timeout (streams may run long;
-/// the proxy times the wait for headers and each gap between chunks itself), no redirects
-/// followed (hyper's client has none).
-pub fn client(connect_timeout: Duration) -> anyhow::Result<Client> {
-    // kube and this client both use rustls; pick the ring provider once for the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let roots = hyper_rustls::HttpsConnectorBuilder::new().with_native_roots();
-    let tls = match roots {
-        Ok(builder) => builder,
-        Err(e) => {
-            // No system CA bundle (a bare image): http:// upstreams still work, and an https://
-            // one fails each attempt with a certificate error that says so.
-            tracing::warn!(error = %e, "no system root certificates found; https upstreams will fail");
-            let config = rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-        }
-    };
-    let connector = tls.https_or_http().enable_all_versions().wrap_connector(http);
-    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
-        .build(connector))
-}
-
-thread_local! {
-    /// A serving worker's own pool: an upstream connection is driven by the thread that made
-    /// it, and only that thread's requests use it.
-    static WORKER_CLIENT: std::cell::RefCell<Option<Client>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Give this thread (a serving worker) its own upstream pool.
-pub(crate) fn use_worker_client(connect_timeout: Duration) -> anyhow::Result<()> {
-    let own = client(connect_timeout)?;
-    WORKER_CLIENT.with(|c| *c.borrow_mut() = Some(own));
-    Ok(())
-}
-
-/// Send through this worker's pool, or through `shared` on a thread that has none.
-pub(crate) fn send(shared: &Client, req: Request) -> hyper_util::client::legacy::ResponseFuture {
-    WORKER_CLIENT.with(|c| match c.borrow().as_ref() {
-        Some(own) => own.request(req),
-        None => shared.request(req),
-    })
-}
 
 /// A client error with its causes, for the client's error body (it holds no URL or header, so
 /// no key): `client error (Connect): tcp connect error: Connection refused (os error 111)`.

@@ -160,7 +160,11 @@ async fn send_once(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     let sent = Instant::now();
-    let result = tokio::time::timeout(endpoint.timeout, upstream::send(proxy.client(), req)).await;
+    let result = tokio::time::timeout(
+        endpoint.timeout,
+        crate::pool::send(proxy.pool(), endpoint.protocol, endpoint.max_streams_per_connection, req),
+    )
+    .await;
     let latency = sent.elapsed();
     record.get().upstream_latency = Some(latency);
     let metrics = proxy.metrics();

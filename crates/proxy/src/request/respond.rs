@@ -16,6 +16,7 @@ use super::record::RecordGuard;
 use crate::cache::CachedResponse;
 use crate::error::ApiError;
 use crate::labels::Outcome;
+use crate::pool::Slot;
 use crate::queue::Permit;
 use crate::sse::SseTap;
 use crate::tokens::{Usage, usage_in_body, usage_in_tail};
@@ -157,11 +158,13 @@ struct Relay {
     relayed: u64,
     fill: Option<Fill>,
     content_type: Option<HeaderValue>,
+    /// Its place on a shared HTTP/2 connection, until the body is done with.
+    _slot: Option<Slot>,
 }
 
 impl Relay {
     fn new(
-        response: upstream::Response,
+        mut response: upstream::Response,
         tap: Tap,
         idle_timeout: Duration,
         permit: Permit,
@@ -172,6 +175,7 @@ impl Relay {
             expected: upstream::content_length(&response),
             relayed: 0,
             content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
+            _slot: response.extensions_mut().remove::<Slot>(),
             fill,
             upstream: response.into_body(),
             tap,
