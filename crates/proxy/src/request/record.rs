@@ -85,8 +85,11 @@ impl RequestRecord {
         }
     }
 
-    /// Count the request in metrics (its client's series in `client`) and write its log line.
-    pub fn finish(&self, metrics: &Metrics, client: &ClientMetrics) {
+    /// Count the request in metrics (its client's series in `client`) at once, and write its
+    /// log line once the serving thread is free: the record is finished while the answer's last
+    /// bytes are still on their way to the client, and formatting the line there would delay
+    /// them (it runs right after, on the same thread, as its own task).
+    pub fn finish(self, metrics: &Metrics, client: &ClientMetrics) {
         let elapsed = self.started.elapsed();
         client.request_done(self.outcome, elapsed.as_secs_f64());
         if let Some(u) = self.usage {
@@ -99,6 +102,15 @@ impl RequestRecord {
         if !self.logged {
             return;
         }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move { self.log(elapsed) })),
+            // Outside a runtime (a request dropped as its runtime shuts down): here and now.
+            Err(_) => self.log(elapsed),
+        }
+    }
+
+    /// The record's log line (target `llmproxy::request`).
+    fn log(&self, elapsed: Duration) {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let reasons: Vec<&str> = self.retry_reasons.iter().map(|r| r.label()).collect();
         tracing::info!(
