@@ -76,6 +76,12 @@ impl Pool {
         Self { tls: tls_config(), connect_timeout, kinds: Default::default() }
     }
 
+    /// Another pool with this one's settings and roots (read from disk once per process), and
+    /// connections of its own.
+    fn sibling(&self) -> Self {
+        Self { tls: self.tls.clone(), connect_timeout: self.connect_timeout, kinds: Default::default() }
+    }
+
     /// Send `req` over a connection that speaks `protocol`, at most `max_streams` to a
     /// connection where it multiplexes.
     pub async fn send(
@@ -84,13 +90,12 @@ impl Pool {
         max_streams: u32,
         req: Request,
     ) -> Result<Response, hyper_util::client::legacy::Error> {
-        let origin = origin(req.uri());
-        let (client, slot) = self.pick(protocol, max_streams, &origin);
+        let (client, counted) = self.pick(protocol, max_streams, req.uri());
         let mut resp = client.request(req).await?;
-        if protocol == Protocol::Auto && resp.version() < http::Version::HTTP_2 && slot.is_some() {
-            self.kind(protocol).http1.insert(origin);
-        }
-        if let Some(slot) = slot {
+        if let Some((slot, origin)) = counted {
+            if protocol == Protocol::Auto && resp.version() < http::Version::HTTP_2 {
+                self.kind(protocol).http1.insert(origin);
+            }
             resp.extensions_mut().insert(slot);
         }
         Ok(resp)
@@ -105,22 +110,29 @@ impl Pool {
         self.kinds[i].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The lane for a request to `origin`, and its slot where it multiplexes.
-    fn pick(&self, protocol: Protocol, max_streams: u32, origin: &str) -> (Client, Option<Slot>) {
+    /// The lane for a request to `uri`; where it multiplexes, also its slot and its origin.
+    fn pick(
+        &self,
+        protocol: Protocol,
+        max_streams: u32,
+        uri: &http::Uri,
+    ) -> (Client, Option<(Slot, String)>) {
         let mut kind = self.kind(protocol);
-        let multiplexed = match protocol {
-            Protocol::Http1 => false,
-            Protocol::Http2 => true,
-            // Plain http:// under `auto` is HTTP/1.1; TLS may negotiate HTTP/2 until an answer
-            // says otherwise.
-            Protocol::Auto => origin.starts_with("https:") && !kind.http1.contains(origin),
-        };
         if kind.lanes.is_empty() {
             kind.lanes.push(Lane { client: self.client(protocol), open: HashMap::new() });
         }
-        if !multiplexed {
+        // Plain http:// under `auto` is HTTP/1.1; TLS may negotiate HTTP/2 until an answer says
+        // otherwise. HTTP/1.1 takes the first lane, uncounted (and without an origin string).
+        let tls = uri.scheme_str() == Some("https");
+        let origin = match protocol {
+            Protocol::Http2 => origin(uri),
+            Protocol::Auto if tls => origin(uri),
+            Protocol::Auto | Protocol::Http1 => return (kind.lanes[0].client.clone(), None),
+        };
+        if kind.http1.contains(&origin) {
             return (kind.lanes[0].client.clone(), None);
         }
+        let origin = origin.as_str();
         let cap = usize::try_from(max_streams.max(1)).unwrap_or(usize::MAX);
         let load = |lane: &Lane| lane.open.get(origin).map_or(0, |n| n.load(Ordering::Relaxed));
         let i = match kind.lanes.iter().position(|lane| load(lane) < cap) {
@@ -138,7 +150,7 @@ impl Pool {
             None => Arc::clone(lane.open.entry(origin.to_owned()).or_default()),
         };
         open.fetch_add(1, Ordering::Relaxed);
-        (lane.client.clone(), Some(Slot(Arc::new(Taken(open)))))
+        (lane.client.clone(), Some((Slot(Arc::new(Taken(open))), origin.to_owned())))
     }
 
     /// A new lane's client: its own pool, hence its own connections.
@@ -194,9 +206,9 @@ thread_local! {
     static WORKER_POOL: std::cell::RefCell<Option<Arc<Pool>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Give this thread (a serving worker) its own upstream pool.
-pub(crate) fn use_worker_pool(connect_timeout: Duration) {
-    WORKER_POOL.with(|p| *p.borrow_mut() = Some(Arc::new(Pool::new(connect_timeout))));
+/// Give this thread (a serving worker) its own upstream pool, a sibling of `shared`.
+pub(crate) fn use_worker_pool(shared: &Pool) {
+    WORKER_POOL.with(|p| *p.borrow_mut() = Some(Arc::new(shared.sibling())));
 }
 
 /// Send through this worker's pool, or through `shared` on a thread that has none.
@@ -227,25 +239,26 @@ mod tests {
     #[tokio::test]
     async fn http2_requests_spread_over_lanes_past_the_stream_cap() {
         let pool = Pool::new(Duration::from_secs(1));
-        let o = "http://mock:80";
-        let a: Vec<_> = (0..3).map(|_| pool.pick(Protocol::Http2, 2, o)).collect();
+        let (h2c, o) = (uri("http://mock/v1/chat"), "http://mock:80");
+        let a: Vec<_> = (0..3).map(|_| pool.pick(Protocol::Http2, 2, &h2c)).collect();
         assert_eq!(pool.kind(Protocol::Http2).lanes.len(), 2, "the third request opens a second lane");
         assert!(a.iter().all(|(_, slot)| slot.is_some()));
         drop(a);
-        let again = pool.pick(Protocol::Http2, 2, o);
+        let again = pool.pick(Protocol::Http2, 2, &h2c);
         assert_eq!(pool.kind(Protocol::Http2).lanes[0].open[o].load(Ordering::Relaxed), 1, "slots come back");
         drop(again);
         // HTTP/1.1 (by choice, or plain http:// under auto) stays in one lane, uncounted.
         for protocol in [Protocol::Http1, Protocol::Auto] {
-            let many: Vec<_> = (0..5).map(|_| pool.pick(protocol, 2, o)).collect();
+            let many: Vec<_> = (0..5).map(|_| pool.pick(protocol, 2, &h2c)).collect();
             assert!(many.iter().all(|(_, slot)| slot.is_none()));
             assert_eq!(pool.kind(protocol).lanes.len(), 1);
         }
         // https under auto counts until an answer says HTTP/1.1.
-        let tls = "https://api:443";
-        let (_, slot) = pool.pick(Protocol::Auto, 2, tls);
-        assert!(slot.is_some());
-        pool.kind(Protocol::Auto).http1.insert(tls.to_owned());
-        assert!(pool.pick(Protocol::Auto, 2, tls).1.is_none());
+        let tls = uri("https://api/v1/chat");
+        let (_, counted) = pool.pick(Protocol::Auto, 2, &tls);
+        let origin = counted.map(|(_, origin)| origin);
+        assert_eq!(origin.as_deref(), Some("https://api:443"));
+        pool.kind(Protocol::Auto).http1.extend(origin);
+        assert!(pool.pick(Protocol::Auto, 2, &tls).1.is_none());
     }
 }

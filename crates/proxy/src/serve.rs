@@ -114,7 +114,7 @@ pub async fn serve(
                 let run = || -> anyhow::Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                     rt.block_on(async {
-                        crate::pool::use_worker_pool(proxy.options().connect_timeout);
+                        crate::pool::use_worker_pool(proxy.pool());
                         acceptor.run(TcpListener::from_std(listener)?, stopped).await
                     })
                 };
