@@ -71,8 +71,13 @@ fn try_spawn(cmd: &mut Command) -> Option<Child> {
 
 /// The bench's LlmProxy for one upstream, its spec ending with `spec_tail` (indented YAML).
 fn manifest(upstream: SocketAddr, spec_tail: &str) -> String {
+    manifest_with(upstream, "", spec_tail)
+}
+
+/// As [`manifest`], with `upstream_fields` (`, field: value` pairs) after the upstream's URL.
+fn manifest_with(upstream: SocketAddr, upstream_fields: &str, spec_tail: &str) -> String {
     format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'}}\n{spec_tail}"
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: 'http://{upstream}/v1'{upstream_fields}}}\n{spec_tail}"
     )
 }
 
@@ -485,8 +490,8 @@ async fn streams_workload(dir: &Path) {
     // negotiate it over TLS): the upstream side shares connections, 100 streams to each.
     for (protocol, upstream_extra) in [("HTTP/1.1", ""), ("HTTP/2", ", protocol: http2")] {
         let (_mock, mock_addr) = start_mock(&["--chunk-delay-ms", "500", "--completion-tokens", "40"]).await;
-        let spec = manifest(mock_addr, "  limits: {requestsPerMinute: 100000000, maxConcurrent: 100000}\n  queue: {maxSize: 100000, maxWait: 60s}\n")
-            .replacen("/v1'}", &format!("/v1'{upstream_extra}}}"), 1);
+        let tail = "  limits: {requestsPerMinute: 100000000, maxConcurrent: 100000}\n  queue: {maxSize: 100000, maxWait: 60s}\n";
+        let spec = manifest_with(mock_addr, upstream_extra, tail);
         let file = dir.join(format!("streams-{}.yaml", mock_addr.port()));
         let (proxy, addr, admin) = run_proxy(&file, &spec, &[]).await;
         let pid = proxy.0.id();

@@ -10,7 +10,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::eventually;
-use crate::support::proxy_env::{ProxyProcess, TestProxy, get_text, manifest, mock, post_json, stream};
+use crate::support::proxy_env::{
+    ProxyProcess, TestProxy, get_text, manifest, manifest_with, mock, post_json, stream,
+};
 
 /// A proxy in front of `upstream_url` at 6,000 requests a minute, served with `serve`.
 async fn serving(upstream_url: &str, options: Options, serve: ServeOptions) -> TestProxy {
@@ -219,10 +221,8 @@ async fn http2_upstreams_get_another_connection_past_the_stream_cap_not_a_queue(
         ..MockConfig::default()
     })
     .await;
-    let manifest = format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{}', protocol: http2, maxStreamsPerConnection: 2}}\n  limits: {{requestsPerMinute: 6000}}\n",
-        upstream.url()
-    );
+    let fields = ", protocol: http2, maxStreamsPerConnection: 2";
+    let manifest = manifest_with(&upstream.url(), fields, "{requestsPerMinute: 6000}", "");
     let proxy = TestProxy::start(&manifest, None).await;
     let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
         "messages": [{"role": "user", "content": "hi"}]});

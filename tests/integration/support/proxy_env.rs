@@ -16,8 +16,13 @@ use super::eventually;
 /// An LlmProxy manifest for `upstream`, with `spec_extra` (YAML lines, two-space indented under
 /// `spec:`) appended.
 pub fn manifest(upstream: &str, limits: &str, spec_extra: &str) -> String {
+    manifest_with(upstream, "", limits, spec_extra)
+}
+
+/// As [`manifest`], with `upstream_fields` (`, field: value` pairs) after the upstream's URL.
+pub fn manifest_with(upstream: &str, upstream_fields: &str, limits: &str, spec_extra: &str) -> String {
     format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{upstream}'}}\n  limits: {limits}\n{spec_extra}"
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{upstream}'{upstream_fields}}}\n  limits: {limits}\n{spec_extra}"
     )
 }
 
