@@ -9,6 +9,7 @@ pub mod clients;
 pub mod cluster;
 pub mod error;
 pub mod flight;
+pub mod h1;
 pub mod labels;
 pub mod limiter;
 pub mod metrics;

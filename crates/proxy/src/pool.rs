@@ -5,8 +5,10 @@
 //! would run 100 at a time, and the rest would time out waiting for headers. So the pool holds
 //! lanes, each a hyper client of its own (its own connections): an HTTP/2 upstream's request
 //! takes the first lane with fewer than `maxStreamsPerConnection` of its requests in flight, and
-//! past that a new lane, a new connection. HTTP/1.1 upstreams stay in the first lane, where hyper
-//! already opens a connection per request in flight.
+//! past that a new lane, a new connection. HTTP/1.1 over TLS stays in the first lane, where
+//! hyper already opens a connection per request in flight; plain `http://` HTTP/1.1 (model
+//! servers in the cluster) goes through the lean client of `h1`, without hyper's per-connection
+//! task, channels and buffers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,8 @@ use std::time::Duration;
 use hyper_util::client::legacy::connect::HttpConnector;
 use llmproxy_api::Protocol;
 
-use crate::upstream::{Request, Response};
+use crate::h1;
+use crate::upstream::{Body, Request, Response, SendError};
 
 /// One lane's client: hyper's pool over rustls.
 type Client = hyper_util::client::legacy::Client<
@@ -24,8 +27,9 @@ type Client = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
-/// The read buffer of an upstream HTTP/1 connection. An answer streams through it chunk by
-/// chunk, so it need not grow: 4 KiB per open stream instead of hyper's adaptive 8 KiB-and-up.
+/// The read buffer of an upstream HTTP/1 connection over TLS. An answer streams through it
+/// chunk by chunk, so it need not grow: 4 KiB per open stream instead of hyper's adaptive
+/// 8 KiB-and-up.
 const UPSTREAM_READ_BUF: usize = 4096;
 
 /// Lanes of one protocol at most (256 x 100 streams by default); past that, the least busy
@@ -38,6 +42,8 @@ pub struct Pool {
     connect_timeout: Duration,
     /// By protocol: `auto`, `http1`, `http2`.
     kinds: [Mutex<Kind>; 3],
+    /// Idle plain-HTTP/1.1 connections.
+    h1: Arc<h1::Idle>,
 }
 
 #[derive(Default)]
@@ -73,13 +79,18 @@ impl Pool {
     pub fn new(connect_timeout: Duration) -> Self {
         // kube and this client both use rustls; pick the ring provider once for the process.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self { tls: tls_config(), connect_timeout, kinds: Default::default() }
+        Self { tls: tls_config(), connect_timeout, kinds: Default::default(), h1: Arc::default() }
     }
 
     /// Another pool with this one's settings and roots (read from disk once per process), and
     /// connections of its own.
     fn sibling(&self) -> Self {
-        Self { tls: self.tls.clone(), connect_timeout: self.connect_timeout, kinds: Default::default() }
+        Self {
+            tls: self.tls.clone(),
+            connect_timeout: self.connect_timeout,
+            kinds: Default::default(),
+            h1: Arc::default(),
+        }
     }
 
     /// Send `req` over a connection that speaks `protocol`, at most `max_streams` to a
@@ -89,9 +100,13 @@ impl Pool {
         protocol: Protocol,
         max_streams: u32,
         req: Request,
-    ) -> Result<Response, hyper_util::client::legacy::Error> {
+    ) -> Result<Response, SendError> {
+        if req.uri().scheme_str() != Some("https") && protocol != Protocol::Http2 {
+            let resp = h1::send(&self.h1, self.connect_timeout, req).await.map_err(SendError::H1)?;
+            return Ok(resp.map(|b| Body::H1(Box::new(b))));
+        }
         let (client, counted) = self.pick(protocol, max_streams, req.uri());
-        let mut resp = client.request(req).await?;
+        let mut resp = client.request(req).await.map_err(SendError::Hyper)?.map(Body::Hyper);
         if let Some((slot, origin)) = counted {
             if protocol == Protocol::Auto && resp.version() < http::Version::HTTP_2 {
                 self.kind(protocol).http1.insert(origin);
@@ -217,7 +232,7 @@ pub(crate) async fn send(
     protocol: Protocol,
     max_streams: u32,
     req: Request,
-) -> Result<Response, hyper_util::client::legacy::Error> {
+) -> Result<Response, SendError> {
     let own = WORKER_POOL.with(|p| p.borrow().clone());
     own.as_deref().unwrap_or(shared).send(protocol, max_streams, req).await
 }

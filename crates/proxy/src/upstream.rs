@@ -31,16 +31,97 @@ impl fmt::Debug for ApiKey {
 }
 
 /// An upstream answer: status and headers read, the body still to come.
-pub type Response = http::Response<hyper::body::Incoming>;
+pub type Response = http::Response<Body>;
 
 /// An upstream request as it is sent.
 pub type Request = http::Request<http_body_util::Full<bytes::Bytes>>;
 
+/// An upstream answer's body: from hyper (TLS, HTTP/2) or from the lean HTTP/1.1 client.
+#[derive(Debug)]
+pub enum Body {
+    /// Read by hyper's connection task.
+    Hyper(hyper::body::Incoming),
+    /// Read from its connection as it is polled (boxed: it holds the connection itself).
+    H1(Box<crate::h1::Body>),
+}
+
+/// A failure while reading an upstream body.
+#[derive(Debug)]
+pub enum BodyError {
+    /// From hyper.
+    Hyper(hyper::Error),
+    /// From the lean HTTP/1.1 client.
+    H1(crate::h1::Error),
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hyper(e) => e.fmt(f),
+            Self::H1(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+impl hyper::body::Body for Body {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(BodyError::Hyper),
+            Self::H1(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(BodyError::H1),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            Self::H1(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub enum SendError {
+    /// From hyper's client.
+    Hyper(hyper_util::client::legacy::Error),
+    /// From the lean HTTP/1.1 client.
+    H1(crate::h1::Error),
+}
+
+impl SendError {
+    /// Whether no connection was made, so the upstream never saw the request.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Hyper(e) => e.is_connect(),
+            Self::H1(e) => e.is_connect(),
+        }
+    }
+}
+
 /// A client error with its causes, for the client's error body (it holds no URL or header, so
 /// no key): `client error (Connect): tcp connect error: Connection refused (os error 111)`.
-pub(crate) fn error_message(e: &hyper_util::client::legacy::Error) -> String {
+pub(crate) fn error_message(e: &SendError) -> String {
+    let e: &dyn std::error::Error = match e {
+        SendError::Hyper(e) => e,
+        SendError::H1(e) => e,
+    };
     let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());
@@ -61,9 +142,7 @@ pub(crate) async fn read_into(resp: Response, buf: &mut bytes::BytesMut, max: us
 }
 
 /// The next piece of an upstream body (trailers skipped); `None` at its end.
-pub(crate) async fn next_chunk(
-    body: &mut hyper::body::Incoming,
-) -> Option<Result<bytes::Bytes, hyper::Error>> {
+pub(crate) async fn next_chunk(body: &mut Body) -> Option<Result<bytes::Bytes, BodyError>> {
     use http_body_util::BodyExt as _;
     loop {
         match body.frame().await? {

@@ -147,7 +147,7 @@ impl Tap {
 
 /// The state of one relayed body.
 struct Relay {
-    upstream: hyper::body::Incoming,
+    upstream: upstream::Body,
     tap: Tap,
     idle_timeout: Duration,
     permit: Option<Permit>,
