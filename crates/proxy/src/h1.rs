@@ -41,6 +41,9 @@ const MAX_IDLE_PER_HOST: usize = 1024;
 /// How long an idle connection is kept (servers close theirs after 5 s to a few minutes; a
 /// reused connection the server closed meanwhile is noticed, and the request sent again).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connections idle this long are checked for a close before they carry a request (servers'
+/// own keep-alive timeouts start at a few seconds).
+const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a request got no answer.
 #[derive(Debug)]
@@ -96,12 +99,16 @@ impl Idle {
         let mut conns = self.lock();
         let list = conns.get_mut(to)?;
         while let Some(conn) = list.pop() {
-            if conn.since.elapsed() >= IDLE_TIMEOUT {
+            let idle_for = conn.since.elapsed();
+            if idle_for >= IDLE_TIMEOUT {
                 // The rest are older still.
                 list.clear();
                 break;
             }
-            if is_open(&conn.io) {
+            // Back from its last answer a moment ago, a connection is taken as it is (under
+            // load, a probe would be a system call per request; a server that closed it
+            // meanwhile gets the request again on a new one). Idle longer, it is probed first.
+            if idle_for < PROBE_AFTER || is_open(&conn.io) {
                 return Some(conn.io);
             }
         }
