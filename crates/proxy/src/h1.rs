@@ -41,9 +41,8 @@ const MAX_IDLE_PER_HOST: usize = 1024;
 /// How long an idle connection is kept (servers close theirs after 5 s to a few minutes; a
 /// reused connection the server closed meanwhile is noticed, and the request sent again).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Connections idle this long are checked for a close before they carry a request (servers'
-/// own keep-alive timeouts start at a few seconds).
-const PROBE_AFTER: Duration = Duration::from_secs(1);
+/// Interim (1xx) answers skipped before the final one, at most.
+const MAX_INTERIM: usize = 16;
 
 /// Why a request got no answer.
 #[derive(Debug)]
@@ -99,16 +98,12 @@ impl Idle {
         let mut conns = self.lock();
         let list = conns.get_mut(to)?;
         while let Some(conn) = list.pop() {
-            let idle_for = conn.since.elapsed();
-            if idle_for >= IDLE_TIMEOUT {
+            if conn.since.elapsed() >= IDLE_TIMEOUT {
                 // The rest are older still.
                 list.clear();
                 break;
             }
-            // Back from its last answer a moment ago, a connection is taken as it is (under
-            // load, a probe would be a system call per request; a server that closed it
-            // meanwhile gets the request again on a new one). Idle longer, it is probed first.
-            if idle_for < PROBE_AFTER || is_open(&conn.io) {
+            if is_open(&conn.io) {
                 return Some(conn.io);
             }
         }
@@ -177,24 +172,35 @@ pub async fn send(
     let authority =
         parts.uri.authority().cloned().ok_or_else(|| Error::connect("no host in the URL".into()))?;
     let head = request_head(&parts, &authority, body.len());
-    // A connection the server closed while it lay idle fails before any byte of an answer
-    // comes back: the server never read the request, so it goes again on a new connection.
+    let mut maybe_seen = false;
     if let Some(io) = idle.take(&authority) {
-        match exchange(io, &head, &body, &parts.method).await {
-            Ok((head, io, buf, complete)) => {
-                return Ok(response(idle, authority, &parts.method, head, io, buf, complete));
+        match exchange(io, &head, &body).await {
+            Ok(done) => return Ok(response(idle, authority, &parts.method, done)),
+            // The server closed the kept-alive connection (a close that crossed the request)
+            // before it had the whole request, or, for a method safe to repeat, before any
+            // answer: it goes again on a new connection. A POST it may have acted on does not;
+            // the retry policy decides about it.
+            Err(Failed::Unanswered { written, .. }) if !written || idempotent(&parts.method) => {
+                maybe_seen = written;
             }
-            Err(Failed::Unanswered(_)) => {}
-            Err(Failed::Other(e)) => return Err(e),
+            Err(Failed::Unanswered { error, .. } | Failed::Other(error)) => return Err(error),
         }
     }
-    let io = connect(&authority, connect_timeout).await?;
-    match exchange(io, &head, &body, &parts.method).await {
-        Ok((head, io, buf, complete)) => {
-            Ok(response(idle, authority, &parts.method, head, io, buf, complete))
-        }
-        Err(Failed::Unanswered(e) | Failed::Other(e)) => Err(e),
+    let io = match connect(&authority, connect_timeout).await {
+        Ok(io) => io,
+        // The first try may have reached the upstream: not a request that was never sent.
+        Err(e) if maybe_seen => return Err(Error::other(e.message)),
+        Err(e) => return Err(e),
+    };
+    match exchange(io, &head, &body).await {
+        Ok(done) => Ok(response(idle, authority, &parts.method, done)),
+        Err(Failed::Unanswered { error, .. } | Failed::Other(error)) => Err(error),
     }
+}
+
+/// Methods that may be sent twice without harm (RFC 9110 9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
 }
 
 /// The bytes of a `Full` body (ready at once: it is one frame).
@@ -237,7 +243,8 @@ fn request_head(parts: &http::request::Parts, authority: &Authority, body_len: u
         head.extend_from_slice(b"\r\n");
     }
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        // The body is whole and goes at once: no `Expect: 100-continue` handshake.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::EXPECT {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -256,9 +263,23 @@ fn request_head(parts: &http::request::Parts, authority: &Authority, body_len: u
 }
 
 enum Failed {
-    /// Nothing came back before the connection failed: safe to send again elsewhere.
-    Unanswered(Error),
+    /// Not a byte came back before the connection failed; `written` if the whole request had
+    /// gone out (so the upstream may have acted on it).
+    Unanswered {
+        error: Error,
+        written: bool,
+    },
     Other(Error),
+}
+
+/// A request written (perhaps not all of it) and its answer's head read.
+struct Exchanged {
+    head: Head,
+    io: TcpStream,
+    /// Bytes read past the head.
+    buf: BytesMut,
+    /// Whether the whole request went out before the answer came.
+    complete: bool,
 }
 
 /// The parts of a response head, owned.
@@ -269,46 +290,45 @@ struct Head {
 }
 
 /// Write the request and read the response head; the bytes after the head stay in the buffer.
-/// `complete` is false when the upstream answered before it had the whole request.
-async fn exchange(
-    io: TcpStream,
-    head: &[u8],
-    body: &Bytes,
-    method: &Method,
-) -> Result<(Head, TcpStream, BytesMut, bool), Failed> {
+async fn exchange(io: TcpStream, head: &[u8], body: &Bytes) -> Result<Exchanged, Failed> {
     let mut buf = BytesMut::new();
-    let complete = write_request(&io, head, body, &mut buf).await?;
+    let complete = write_request(&io, head, body, &mut buf).await;
+    let mut interim = 0;
     loop {
-        // Informational answers (100 Continue, 103 Early Hints) are skipped.
+        // Informational answers (100 Continue, 103 Early Hints) are skipped, a few at most.
         while let Some((parsed, len)) = parse_head(&buf).map_err(Failed::Other)? {
             buf.advance(len);
-            if parsed.status.is_informational() && parsed.status != StatusCode::SWITCHING_PROTOCOLS {
-                continue;
-            }
-            if parsed.status == StatusCode::SWITCHING_PROTOCOLS && method != Method::CONNECT {
+            if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
                 return Err(Failed::Other(Error::other("the upstream switched protocols unasked")));
             }
-            return Ok((parsed, io, buf, complete));
+            if !parsed.status.is_informational() {
+                return Ok(Exchanged { head: parsed, io, buf, complete });
+            }
+            interim += 1;
+            if interim > MAX_INTERIM {
+                return Err(Failed::Other(Error::other("the upstream sent too many interim answers")));
+            }
         }
         if buf.len() > MAX_HEAD {
             return Err(Failed::Other(Error::other("the upstream's answer head is larger than 64 KiB")));
         }
-        io.readable().await.map_err(|e| read_failed(&buf, &e))?;
+        let answered = interim > 0 || !buf.is_empty();
+        let failed = |error: Error| {
+            if answered { Failed::Other(error) } else { Failed::Unanswered { error, written: complete } }
+        };
+        let read_failed = |e: std::io::Error| failed(Error::other(format!("reading the answer failed: {e}")));
+        io.readable().await.map_err(read_failed)?;
         match read_some(&io, &mut buf) {
             Ok(0) => {
-                let e = Error::other("the upstream closed the connection before a complete answer");
-                return Err(if buf.is_empty() { Failed::Unanswered(e) } else { Failed::Other(e) });
+                return Err(failed(Error::other(
+                    "the upstream closed the connection before a complete answer",
+                )));
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(read_failed(&buf, &e)),
+            Err(e) => return Err(read_failed(e)),
         }
     }
-}
-
-fn read_failed(buf: &[u8], e: &std::io::Error) -> Failed {
-    let e = Error::other(format!("reading the answer failed: {e}"));
-    if buf.is_empty() { Failed::Unanswered(e) } else { Failed::Other(e) }
 }
 
 /// Read what the socket has into `buf`, growing it by a read's worth when it is nearly full.
@@ -320,47 +340,66 @@ fn read_some(io: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
 }
 
 /// Write the request, watching for an answer meanwhile: an upstream may refuse an upload
-/// before it has read it (a 413) and close; that answer is the one to relay. `Ok(true)` when
-/// the whole request went out, `Ok(false)` when an answer came first (its start in `buf`).
-async fn write_request(io: &TcpStream, head: &[u8], body: &[u8], buf: &mut BytesMut) -> Result<bool, Failed> {
+/// before it has read it (a 413) and close; that answer is the one to relay. Interim answers
+/// (a `100 Continue`) do not stop the upload. True when the whole request went out; false when
+/// a final answer (its start in `buf`) or a failure came first, which the read that follows
+/// reports.
+async fn write_request(io: &TcpStream, head: &[u8], body: &[u8], buf: &mut BytesMut) -> bool {
     let (mut head, mut body) = (head, body);
-    let unanswered =
-        |e: std::io::Error| Failed::Unanswered(Error::other(format!("sending the request failed: {e}")));
     while !head.is_empty() || !body.is_empty() {
         // Most requests go out in one write, without waiting for anything.
         match io.try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)]) {
-            Ok(0) => return Err(unanswered(std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => {
+            Ok(n) if n > 0 => {
                 let from_head = n.min(head.len());
                 head = &head[from_head..];
                 body = &body[n - from_head..];
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                // A server that answered and closed resets the rest of the upload: its answer
-                // may be in the socket still.
-                return match read_some(io, buf) {
-                    Ok(n) if n > 0 => Ok(false),
-                    _ => Err(unanswered(e)),
-                };
-            }
+            // A server that answered and closed resets the rest of the upload; its answer may
+            // be in the socket still, for the read to find.
+            Ok(_) | Err(_) => return false,
         }
         tokio::select! {
             biased;
             ready = io.readable() => {
-                ready.map_err(unanswered)?;
+                if ready.is_err() {
+                    return false;
+                }
                 match read_some(io, buf) {
-                    Ok(0) => return Err(unanswered(std::io::ErrorKind::UnexpectedEof.into())),
-                    Ok(_) => return Ok(false),
+                    Ok(n) if n > 0 && only_interim(buf) && buf.len() <= MAX_HEAD => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(unanswered(e)),
+                    Ok(_) | Err(_) => return false,
                 }
             }
-            ready = io.writable() => ready.map_err(unanswered)?,
+            ready = io.writable() => {
+                if ready.is_err() {
+                    return false;
+                }
+            }
         }
     }
-    Ok(true)
+    true
+}
+
+/// Whether `buf` holds nothing but interim (1xx) answers so far, the last perhaps unfinished.
+fn only_interim(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    while !rest.is_empty() {
+        // `HTTP/1.1 1xx`: the status is known from the twelfth byte.
+        if rest.len() < 12 {
+            return true;
+        }
+        if !rest.starts_with(b"HTTP/1.") || rest[9] != b'1' {
+            return false;
+        }
+        match parse_head(rest) {
+            Ok(None) => return true,
+            Ok(Some((head, len))) if head.status != StatusCode::SWITCHING_PROTOCOLS => rest = &rest[len..],
+            Ok(Some(_)) | Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// A complete head at the start of `buf` and its length, `None` if more is needed.
@@ -420,17 +459,16 @@ fn response(
     idle: &Arc<Idle>,
     authority: Authority,
     method: &Method,
-    head: Head,
-    io: TcpStream,
-    buf: BytesMut,
-    complete: bool,
+    done: Exchanged,
 ) -> http::Response<Body> {
+    let Exchanged { head, io, buf, complete } = done;
     let Head { status, version, mut headers } = head;
     let (framing, mut reuse) = framing(method, status, &headers);
     // After an answer that came before the whole request, the connection is out of step.
     reuse = reuse && complete && keeps_alive(version, &headers);
-    if matches!(framing, Framing::Chunked(_)) {
-        // Both would be a smuggling attempt; chunked wins (RFC 9112 6.3), the length goes.
+    if matches!(framing, Framing::Chunked(_) | Framing::Close) {
+        // Beside chunked (a smuggling attempt: chunked wins, RFC 9112 6.3) or invalid, a length
+        // is not what the client gets.
         headers.remove(header::CONTENT_LENGTH);
     }
     let mut body = Body { io: Some(io), buf, framing, reuse, idle: Arc::clone(idle), authority };
@@ -470,7 +508,10 @@ fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> (Framing
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
-            let n = std::str::from_utf8(part.trim_ascii()).ok().and_then(|s| s.parse::<u64>().ok());
+            let digits = part.trim_ascii();
+            let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                .flatten();
             match (n, length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
@@ -578,7 +619,8 @@ impl Body {
                         self.framing = Framing::Chunked(Chunk::Size);
                     }
                     Chunk::Trailers(seen) => {
-                        let Some(line) = self.line(MAX_TRAILERS - seen.min(MAX_TRAILERS))? else {
+                        // Room for the final empty line even when the trailers used it all.
+                        let Some(line) = self.line(MAX_TRAILERS.saturating_sub(seen).max(2))? else {
                             return Ok(None);
                         };
                         self.framing = if line.is_empty() {
@@ -635,7 +677,7 @@ fn take_len(left: u64, have: usize) -> usize {
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let invalid = || Error::other("the upstream's chunked framing is invalid");
     let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-    if digits.is_empty() || digits.len() > 16 {
+    if digits.is_empty() {
         return Err(invalid());
     }
     let mut size: u64 = 0;
@@ -722,45 +764,59 @@ impl Body {
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
-    /// A server that answers each connection's requests with `answers`, written in pieces
-    /// `split` bytes long, one answer per request read; it counts connections.
-    async fn server(
-        answers: Vec<&'static [u8]>,
-        split: usize,
-    ) -> (Authority, Arc<std::sync::atomic::AtomicUsize>) {
+    struct Server {
+        to: Authority,
+        /// Connections accepted, and closed by the server.
+        conns: Arc<AtomicUsize>,
+        closed: Arc<AtomicUsize>,
+    }
+
+    /// A server that answers each connection's requests with `answers` (an empty one: read the
+    /// request and close without answering), written in pieces `split` bytes long.
+    async fn server(answers: Vec<&'static [u8]>, split: usize) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = Arc::clone(&conns);
+        let (conns, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counted, closing) = (Arc::clone(&conns), Arc::clone(&closed));
         tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let answers = answers.clone();
+            while let Ok((sock, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let (answers, closing) = (answers.clone(), Arc::clone(&closing));
                 tokio::spawn(async move {
-                    for answer in answers {
-                        let mut req = Vec::new();
-                        let mut b = [0u8; 4096];
-                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match sock.read(&mut b).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => req.extend_from_slice(&b[..n]),
-                            }
-                        }
-                        for piece in answer.chunks(split.max(1)) {
-                            if sock.write_all(piece).await.is_err() {
-                                return;
-                            }
-                            let _ = sock.flush().await;
-                            tokio::task::yield_now().await;
-                        }
-                    }
+                    answer_all(sock, &answers, split).await;
+                    closing.fetch_add(1, Ordering::Relaxed);
                 });
             }
         });
-        (Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|e| panic!("{e}")), conns)
+        let to = Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|e| panic!("{e}"));
+        Server { to, conns, closed }
+    }
+
+    async fn answer_all(mut sock: tokio::net::TcpStream, answers: &[&'static [u8]], split: usize) {
+        for answer in answers {
+            let mut req = Vec::new();
+            let mut b = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&b[..n]),
+                }
+            }
+            for piece in answer.chunks(split.max(1)) {
+                if sock.write_all(piece).await.is_err() {
+                    return;
+                }
+                let _ = sock.flush().await;
+                tokio::task::yield_now().await;
+            }
+            if answer.is_empty() {
+                return;
+            }
+        }
     }
 
     fn request(to: &Authority, path: &str) -> http::Request<Full<Bytes>> {
@@ -788,7 +844,7 @@ mod tests {
     #[tokio::test]
     async fn chunked_and_sized_answers_read_whole_in_any_pieces_and_reuse_the_connection() {
         for split in [1, 3, 7, 1000] {
-            let (to, conns) = server(vec![CHUNKED, LENGTH, CHUNKED], split).await;
+            let Server { to, conns, .. } = server(vec![CHUNKED, LENGTH, CHUNKED], split).await;
             let idle = Arc::new(Idle::default());
             for want in [&b"hello, world"[..], b"hello world", b"hello, world"] {
                 let resp = send(&idle, Duration::from_secs(5), request(&to, "/v1/x")).await;
@@ -797,7 +853,7 @@ mod tests {
                 assert!(resp.headers().get("trailer").is_none());
                 assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), want, "split {split}");
             }
-            assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1, "one connection for all three");
+            assert_eq!(conns.load(Ordering::Relaxed), 1, "one connection for all three");
             assert_eq!(idle.count(&to), 1);
         }
     }
@@ -805,16 +861,81 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_server_closed_while_idle_is_replaced_unseen() {
         // One answer per connection, then the server closes it.
-        let (to, conns) = server(vec![LENGTH], 5).await;
+        let Server { to, conns, closed } = server(vec![LENGTH], 5).await;
         let idle = Arc::new(Idle::default());
-        for _ in 0..3 {
+        for i in 0..3 {
             let resp = send(&idle, Duration::from_secs(5), request(&to, "/")).await;
             let body = body_of(resp.unwrap_or_else(|e| panic!("{e}"))).await;
             assert_eq!(body.unwrap_or_else(|e| panic!("{e}")), b"hello world");
-            // Let the close arrive (or not: a request on the closed connection goes again).
-            tokio::task::yield_now().await;
+            assert_eq!(idle.count(&to), 1, "kept: the answer allowed it");
+            until(|| closed.load(Ordering::Relaxed) > i).await;
         }
-        assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(conns.load(Ordering::Relaxed), 3);
+    }
+
+    /// Wait (a few seconds at most) for `done`.
+    async fn until(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_post_the_server_may_have_read_is_not_sent_again_but_a_get_is() {
+        // The first request is answered and the connection kept; the second is read, and the
+        // connection closed without an answer (the server crashed, or closed it as it came).
+        for (method, resent) in [(Method::POST, false), (Method::GET, true)] {
+            let Server { to, conns, .. } = server(vec![LENGTH, b""], 1000).await;
+            let idle = Arc::new(Idle::default());
+            let first = send(&idle, Duration::from_secs(5), request(&to, "/")).await;
+            assert!(body_of(first.unwrap_or_else(|e| panic!("{e}"))).await.is_ok());
+            let mut again = request(&to, "/");
+            *again.method_mut() = method.clone();
+            let second = send(&idle, Duration::from_secs(5), again).await;
+            match second {
+                Ok(resp) => {
+                    assert!(resent, "{method}: answered");
+                    assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"hello world");
+                    assert_eq!(conns.load(Ordering::Relaxed), 2, "{method}: sent again on a new connection");
+                }
+                Err(e) => {
+                    assert!(!resent && !e.is_connect(), "{method}: {e}");
+                    assert_eq!(conns.load(Ordering::Relaxed), 1, "{method}: not sent again");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upload_goes_on_past_a_100_continue() {
+        // The server says `100 Continue` at once, reads the whole body, then answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        const SIZE: usize = 8 << 20;
+        tokio::spawn(async move {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let _ = sock.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            let mut got = Vec::new();
+            let mut b = vec![0u8; 64 << 10];
+            // The head and the body: more than the body alone.
+            while got.len() < SIZE {
+                match sock.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                }
+            }
+            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        });
+        let to = Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let mut req = request(&to, "/");
+        *req.body_mut() = Full::new(Bytes::from(vec![b'x'; SIZE]));
+        req.headers_mut().insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        let resp = send(&Arc::new(Idle::default()), Duration::from_secs(10), req).await;
+        let resp = resp.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), 200);
+        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"ok");
     }
 
     #[tokio::test]
@@ -831,7 +952,7 @@ mod tests {
             (b"garbage\r\n\r\n", "head is invalid"),
         ];
         for (answer, want) in cases {
-            let (to, _) = server(vec![answer], 1000).await;
+            let Server { to, .. } = server(vec![answer], 1000).await;
             let idle = Arc::new(Idle::default());
             let err = match send(&idle, Duration::from_secs(5), request(&to, "/")).await {
                 Ok(resp) => body_of(resp).await.err(),
@@ -850,7 +971,7 @@ mod tests {
             .concat()
             .into_boxed_slice(),
         );
-        let (to, _) = server(vec![huge], 8192).await;
+        let Server { to, .. } = server(vec![huge], 8192).await;
         let err = send(&Arc::new(Idle::default()), Duration::from_secs(5), request(&to, "/")).await.err();
         assert!(err.is_some_and(
             |e| e.to_string().contains("larger than 64 KiB") || e.to_string().contains("invalid")
@@ -862,7 +983,7 @@ mod tests {
         // The server reads the head only, refuses, and closes with the body unread.
         let refusal: &'static [u8] =
             b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 4\r\n\r\nbig!";
-        let (to, _) = server(vec![refusal], 1000).await;
+        let Server { to, .. } = server(vec![refusal], 1000).await;
         let idle = Arc::new(Idle::default());
         let mut req = request(&to, "/");
         *req.body_mut() = Full::new(Bytes::from(vec![b'x'; 8 << 20]));
@@ -874,7 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_delimited_answers_end_at_the_close_and_are_not_reused() {
-        let (to, _) = server(vec![b"HTTP/1.0 200 OK\r\n\r\nuntil the end"], 4).await;
+        let Server { to, .. } = server(vec![b"HTTP/1.0 200 OK\r\n\r\nuntil the end"], 4).await;
         // The server task ends after its one answer, which closes the socket.
         let idle = Arc::new(Idle::default());
         let resp =
@@ -938,5 +1059,7 @@ mod tests {
         assert!(!keeps_alive(Version::HTTP_10, &h(&[])));
         assert_eq!(chunk_size(b"1a;name=value").ok(), Some(26));
         assert!(chunk_size(b"").is_err() && chunk_size(b"-1").is_err() && chunk_size(b"x").is_err());
+        assert_eq!(chunk_size(b"00000000000000000001a").ok(), Some(26), "leading zeros are not an overflow");
+        assert_eq!(framing(&Method::POST, ok, &h(&[("content-length", "+5")])), (Framing::Close, false));
     }
 }
