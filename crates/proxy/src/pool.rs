@@ -136,8 +136,9 @@ impl Pool {
         if kind.lanes.is_empty() {
             kind.lanes.push(Lane { client: self.client(protocol), open: HashMap::new() });
         }
-        // Plain http:// under `auto` is HTTP/1.1; TLS may negotiate HTTP/2 until an answer says
-        // otherwise. HTTP/1.1 takes the first lane, uncounted (and without an origin string).
+        // TLS under `auto` may negotiate HTTP/2 until an answer says otherwise; HTTP/1.1 takes
+        // the first lane, uncounted (and without an origin string). Plain http:// in HTTP/1.1
+        // does not come here (`send` gives it to `h1`), but would take that lane too.
         let tls = uri.scheme_str() == Some("https");
         let origin = match protocol {
             Protocol::Http2 => origin(uri),
