@@ -466,3 +466,33 @@ async fn an_upstream_that_answered_during_the_upload_is_answered_not_retried() {
     assert!(body.contains("request_too_large"), "the upstream's answer: {body}");
     assert_eq!(upstream.mock.stats().requests, 1, "not sent again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_limit_as_high_as_the_configured_one_keeps_the_configured_burst() {
+    // The upstream grants the 1,200/min the spec asks for, over 6-second windows (a bucket of
+    // 120), and says so in its limit headers: they must not shrink the spec's burst of 100 to
+    // one second's worth.
+    let upstream = mock(MockConfig {
+        requests_per_minute: Some(1200),
+        window: Duration::from_secs(6),
+        ..MockConfig::default()
+    })
+    .await;
+    let proxy = TestProxy::start(
+        &manifest(&upstream.url(), "{requestsPerMinute: 1200, burst: 100, maxConcurrent: 100}", ""),
+        None,
+    )
+    .await;
+    let client = load::client();
+    let (shots, wall) =
+        load::clients(&client, &proxy.url("/chat/completions"), 50, 200, load::chat_body).await;
+    let summary = load::Summary::of(&shots, wall);
+    assert_eq!((summary.ok, summary.rate_limited, summary.other), (200, 0, 0), "{summary:?}");
+    assert!(upstream.mock.stats().rate_limited <= 4, "{:?}", upstream.mock.stats());
+    // At best 90 at once (the burst less the tenth kept in hand), then 20/s: 5.5 s. One
+    // second's burst instead would take 9 s.
+    assert!(
+        wall <= Duration::from_millis(7_500),
+        "200 requests took {wall:?}: the configured burst was lost"
+    );
+}

@@ -128,9 +128,23 @@ pub(super) fn configured(policy: &UpstreamPolicy) -> RateConfig {
     .with_headroom()
 }
 
-/// What an answer's `x-ratelimit-limit-*` headers report, with headroom.
-fn reported(q: &QuotaHeaders) -> RateConfig {
-    RateConfig::per_minute(q.limit_requests, q.limit_tokens).with_headroom()
+/// What an answer's `x-ratelimit-limit-*` headers report, with headroom. A per-minute limit
+/// says nothing of the burst: a report no lower than what `spec` configures (with headroom)
+/// keeps the spec's burst, a lower one scales that burst down by the same ratio, and a rate the
+/// spec does not limit gets one second's worth.
+fn reported(q: &QuotaHeaders, spec: RateConfig) -> RateConfig {
+    let unit = |reported: Option<u64>, spec: Option<(u64, u64)>| {
+        let pm = reported?;
+        Some(match spec {
+            Some((spec_pm, burst)) if pm >= spec_pm => (pm, burst),
+            Some((spec_pm, burst)) => {
+                let scaled = u128::from(burst) * u128::from(pm) / u128::from(spec_pm.max(1));
+                (pm, u64::try_from(scaled).unwrap_or(u64::MAX).max(1))
+            }
+            None => RateConfig::per_minute(Some(pm), None).with_headroom().requests?,
+        })
+    };
+    RateConfig { requests: unit(q.limit_requests, spec.requests), tokens: unit(q.limit_tokens, spec.tokens) }
 }
 
 fn model_config(policy: &UpstreamPolicy, model: &str) -> RateConfig {
@@ -309,9 +323,9 @@ impl Endpoint {
         if q.limit_requests.is_none() && q.limit_tokens.is_none() {
             return;
         }
-        let seen = reported(q);
         match model {
             None => {
+                let seen = reported(q, self.configured);
                 self.observed = seen;
                 self.rates.set(self.configured.min(seen), now);
             }
@@ -327,6 +341,12 @@ impl Endpoint {
                     }
                 }
                 let configured = model_config(&self.policy, m);
+                // A model the spec does not limit takes its burst from the endpoint's.
+                let spec = RateConfig {
+                    requests: configured.requests.or(self.configured.requests),
+                    tokens: configured.tokens.or(self.configured.tokens),
+                };
+                let seen = reported(q, spec);
                 let in_flight = &self.unanswered;
                 let q = self.models.entry(Arc::clone(m)).or_insert_with(|| {
                     // A quota learned now starts where it would stand had it existed all along:
@@ -488,6 +508,33 @@ mod tests {
         wide.calibrate(t0, None, &says(6000), None, correction());
         wide.take(t0, &Ask::default(), 0);
         assert_eq!(wide.ready_at(t0, &Ask::default()).at, t0 + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_reported_limit_keeps_the_configured_burst_unless_it_is_lower() {
+        let t0 = Instant::now();
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(
+            "upstream: {url: 'https://e.example/v1'}\nlimits: {requestsPerMinute: 1200, burst: 100}",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let says = |rpm| QuotaHeaders { limit_requests: Some(rpm), ..QuotaHeaders::default() };
+        let m: Arc<str> = Arc::from("gpt");
+        let burst_after = |rpm| {
+            let mut e = Endpoint::new(Arc::new(policy.upstreams[0].clone()), 0, t0);
+            e.calibrate(t0, Some(&m), &says(rpm), None, correction());
+            let mut n = 0;
+            while e.ready_at(t0, &ask("gpt", 0)).at == t0 && n < 1000 {
+                e.take(t0, &ask("gpt", 0), n);
+                n += 1;
+            }
+            n
+        };
+        // The burst of 100, less the tenth kept in hand, whatever the same or a higher report.
+        assert_eq!(burst_after(1200), 90);
+        assert_eq!(burst_after(6000), 90);
+        // Half the rate reported: half the burst.
+        assert_eq!(burst_after(600), 45);
     }
 
     #[test]
