@@ -248,3 +248,137 @@ async fn under_contention_a_guarantee_and_weights_hold() {
     let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
     assert!(excess <= 3.0, "{excess} over the org quota");
 }
+
+/// How Redis fails in an outage test.
+#[derive(Clone, Copy, Debug)]
+enum Outage {
+    /// SIGKILL, never started again.
+    Killed,
+    /// SIGKILL, then started again empty three seconds later.
+    Restarted,
+    /// SIGSTOP (connections hang instead of failing), then SIGCONT three seconds later.
+    Paused,
+}
+
+impl Outage {
+    fn begin(self, redis: &mut RedisServer) {
+        match self {
+            Outage::Killed | Outage::Restarted => redis.kill(),
+            Outage::Paused => redis.pause(),
+        }
+    }
+
+    async fn end(self, redis: &mut RedisServer) {
+        match self {
+            Outage::Killed => {}
+            Outage::Restarted => redis.restart().await,
+            Outage::Paused => redis.resume(),
+        }
+    }
+}
+
+/// 20 requests per second, as the upstream allows.
+const OUTAGE_RPM: u64 = 1200;
+
+/// 300 requests over `pods` against an upstream allowing 20/s, Redis failing as `outage` 3 s
+/// in: every request is answered 200 at about the rate (each pod admits its share while Redis
+/// is out), and the upstream refuses almost none (no burst at either switch).
+async fn through_an_outage(
+    outage: Outage,
+    pods: &[ProxyProcess],
+    redis: &mut RedisServer,
+    upstream: &MockServer,
+) {
+    let urls: Vec<String> = pods.iter().map(|p| p.url("/chat/completions")).collect();
+    let admins: Vec<String> = pods.iter().map(|p| format!("http://{}/metrics", p.admin)).collect();
+    let all_in = |admins: Vec<String>, mode: &'static str, members: f64| async move {
+        for a in &admins {
+            let m = get_text(a).await;
+            if metric(&m, &format!("llmproxy_quota_mode{{mode=\"{mode}\"}}")) != 1.0
+                || (members > 0.0 && metric(&m, "llmproxy_quota_members") != members)
+            {
+                return None;
+            }
+        }
+        Some(())
+    };
+    let n = pods.len() as f64;
+    eventually("every pod shared and counted", Duration::from_secs(10), || {
+        all_in(admins.clone(), "shared", n)
+    })
+    .await;
+    let start = Instant::now();
+    let load = tokio::spawn({
+        let urls = urls.clone();
+        async move { load_over(&urls, 60, 300).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    outage.begin(redis);
+    eventually("every pod on its own", Duration::from_secs(10), || all_in(admins.clone(), "local", 0.0))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    outage.end(redis).await;
+    let statuses = load.await.unwrap_or_default();
+    let wall = start.elapsed();
+    let failed: std::collections::BTreeSet<_> = statuses.iter().filter(|s| **s != Some(200)).collect();
+    let ok = statuses.iter().filter(|s| **s == Some(200)).count();
+    assert_eq!(ok, 300, "{outage:?}: {ok} of 300 answered 200, the others {failed:?}");
+    let refused = upstream.mock.stats().rate_limited;
+    eprintln!("{outage:?}: 300 requests answered 200 in {wall:?}, {refused} upstream 429s");
+    assert!(refused <= 6, "{outage:?}: the upstream refused {refused} of 300 (more than 2 %)");
+    // 300 at 20/s take 15 s at best (the buckets start empty); the outage may cost a little.
+    assert!(wall <= Duration::from_millis(15_000 * 3 / 2 + 3_000), "{outage:?}: 300 requests took {wall:?}");
+    if !matches!(outage, Outage::Killed) {
+        eventually("sharing again", Duration::from_secs(15), || all_in(admins.clone(), "shared", 0.0)).await;
+    }
+}
+
+async fn three_replicas_through(outage: Outage) {
+    let mut redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig { requests_per_minute: Some(OUTAGE_RPM), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: outage, namespace: team}}\nspec:\n  upstream: {{url: '{}'}}\n  limits: {{requestsPerMinute: {OUTAGE_RPM}, maxConcurrent: 1000}}\n  queue: {{maxSize: 10000, maxWait: 30s}}\n  replicas: 3\n{}",
+        upstream.url(),
+        shared(&redis)
+    );
+    let pods = replicas(3, &text, &dir).await;
+    through_an_outage(outage, &pods, &mut redis, &upstream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_for_good_each_replica_admits_its_share() {
+    three_replicas_through(Outage::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_each_replica_admits_its_share_then_shares_again() {
+    three_replicas_through(Outage::Restarted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_each_replica_admits_its_share_then_shares_again() {
+    three_replicas_through(Outage::Paused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llmquota_redis_killed_each_consumer_admits_its_share() {
+    let mut redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig { requests_per_minute: Some(OUTAGE_RPM), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {OUTAGE_RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        redis.url()
+    );
+    let mut procs = Vec::new();
+    for team in ["team-a", "team-b"] {
+        let text = format!(
+            "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: {team}, namespace: {team}}}\nspec:\n  upstream: {{url: '{}'}}\n  limits: {{requestsPerMinute: {OUTAGE_RPM}, maxConcurrent: 1000}}\n  queue: {{maxSize: 10000, maxWait: 30s}}\n  quotaRef: {{name: org}}\n{quota}",
+            upstream.url()
+        );
+        let path = dir.path().join(format!("{team}.yaml"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        procs.push(ProxyProcess::start(&path, &[], &[]).await);
+    }
+    through_an_outage(Outage::Killed, &procs, &mut redis, &upstream).await;
+}

@@ -367,11 +367,12 @@ impl Admission {
         admission
     }
 
-    /// What wakes the lessee of the shared buckets (a stock ran short).
-    pub(crate) fn lease_wake(&self) -> Arc<Notify> {
+    /// What wakes the lessee of the shared buckets (a stock ran short): of the LlmQuota's
+    /// buckets if `quota`, else of the LlmProxy's.
+    pub(crate) fn lease_wake(&self, quota: bool) -> Arc<Notify> {
         let mut s = self.lock();
         match s.limiter.leases.as_mut() {
-            Some(l) => Arc::clone(&l.wake),
+            Some(l) => Arc::clone(&l.wake[usize::from(quota)]),
             None => Arc::clone(&self.idle_lessee),
         }
     }

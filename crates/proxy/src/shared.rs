@@ -15,9 +15,12 @@
 //! Redis was out is emptied by the first replica to return, so the switch brings no burst.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use llmproxy_api::policy::{Policy, QuotaPolicy, SharedPolicy};
 use tokio::time::Instant;
 
 use crate::limiter::lease::{LeaseKey, Leases};
@@ -135,26 +138,94 @@ pub struct Identity {
     pub replicas: u32,
 }
 
-/// What the lessee tells the rest of the proxy (status, metrics).
+/// Which Redis a lessee serves. The LlmProxy's own buckets live in its `sharedState` (or,
+/// without one, in its LlmQuota's Redis); the LlmQuota's buckets always live in the quota's
+/// Redis, over a connection of their own with the quota's credentials, whatever the LlmProxy's
+/// own `sharedState` says, so a tenant's Redis never holds (or grants) the organisation's quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// The LlmProxy's buckets (its limits, models, clients, endpoints).
+    Proxy,
+    /// The LlmQuota's buckets.
+    Quota,
+}
+
+impl Store {
+    /// Both stores, each served by a lessee of its own so that one Redis failing never stalls
+    /// the other.
+    pub const ALL: [Store; 2] = [Store::Proxy, Store::Quota];
+
+    fn index(self) -> usize {
+        usize::from(self == Store::Quota)
+    }
+
+    /// Whether bucket `key` lives in this store.
+    fn holds(self, key: &LeaseKey) -> bool {
+        key.is_quota() == (self == Store::Quota)
+    }
+
+    /// This store's Redis under `policy`; `None`: nothing of it is shared.
+    fn redis(self, policy: &Policy) -> Option<&SharedPolicy> {
+        match self {
+            Store::Proxy => policy.shared.as_ref(),
+            Store::Quota => policy.quota.as_ref().map(|q| &q.redis),
+        }
+    }
+
+    /// The key of its member set: the LlmProxy's replicas, or every pod of every consumer of the
+    /// LlmQuota.
+    fn member_key(self, identity: &Identity, quota: Option<&QuotaPolicy>) -> String {
+        match (self, quota) {
+            (Store::Quota, Some(q)) => format!("llmproxy:members:{}", q.name),
+            _ => format!("llmproxy:members:{}", identity.proxy),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Store::Proxy => "the LlmProxy's",
+            Store::Quota => "the LlmQuota's",
+        }
+    }
+}
+
+/// What the lessees tell the rest of the proxy (status, metrics).
 #[derive(Debug, Default)]
 pub struct SharedState {
-    mode: std::sync::Mutex<Option<Mode>>,
-    members: std::sync::atomic::AtomicU32,
+    modes: std::sync::Mutex<[Option<Mode>; 2]>,
+    members: [AtomicU32; 2],
 }
 
 impl SharedState {
-    /// The current mode; `None` without shared state.
+    /// The current mode, `Local` while any store is out of reach; `None` without shared state.
     pub fn mode(&self) -> Option<Mode> {
-        *self.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        let modes = *self.modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if modes.contains(&Some(Mode::Local)) {
+            Some(Mode::Local)
+        } else if modes.contains(&Some(Mode::Shared)) {
+            Some(Mode::Shared)
+        } else {
+            None
+        }
     }
 
-    fn set_mode(&self, mode: Option<Mode>) {
-        *self.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = mode;
+    fn set(&self, store: Store, mode: Option<Mode>, members: u32) {
+        self.modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[store.index()] = mode;
+        self.members[store.index()].store(members, Ordering::Relaxed);
     }
 
-    /// Live members last seen.
+    /// Live members last seen: the LlmQuota's (every consumer's pods) where one is drawn from,
+    /// else the LlmProxy's replicas.
     pub fn members(&self) -> u32 {
-        self.members.load(std::sync::atomic::Ordering::Relaxed)
+        let quota = self.members[Store::Quota.index()].load(Ordering::Relaxed);
+        if quota > 0 { quota } else { self.members[Store::Proxy.index()].load(Ordering::Relaxed) }
+    }
+
+    fn report(&self, metrics: &crate::metrics::Metrics) {
+        if let Some(mode) = self.mode() {
+            metrics.set_quota_mode(mode.label());
+            metrics.quota_members.set(i64::from(self.members()));
+        }
     }
 }
 
@@ -177,23 +248,71 @@ struct Seen {
     rate: [f64; 2],
 }
 
-/// Runs the lessee for `proxy` until it is dropped; follows its policy (a new Redis URL or
-/// password reconnects). `identity` names the buckets.
-pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>) {
-    let mut conn: Option<(String, Option<String>, redis::aio::ConnectionManager)> = None;
-    let mut mode = Mode::Shared;
-    let mut members = identity.replicas.max(1);
-    let mut seen: HashMap<LeaseKey, Seen> = HashMap::new();
-    let mut last = Instant::now();
-    let mut last_try = Instant::now() - RETRY_REDIS;
-    let mut last_beat = Instant::now() - RETRY_REDIS;
-    let script = redis::Script::new(SCRIPT);
+/// A connection to a store's Redis and what it was opened with.
+struct Conn {
+    url: String,
+    password: Option<String>,
+    manager: redis::aio::ConnectionManager,
+}
+
+/// A background try of a Redis that was out: a connection and a heartbeat through the script,
+/// then the live member count.
+type Probe = tokio::task::JoinHandle<redis::RedisResult<(Conn, u32)>>;
+
+/// The lessee of one store: keeps this replica's stocks of that store's buckets topped up.
+struct Lessee {
+    store: Store,
+    identity: Identity,
+    state: Arc<SharedState>,
+    script: redis::Script,
+    conn: Option<Conn>,
+    mode: Mode,
+    members: u32,
+    seen: HashMap<LeaseKey, Seen>,
+    last: Instant,
+    last_try: Instant,
+    last_beat: Instant,
+    /// Until when grants resume (`r`) rather than take: right after an outage, a bucket
+    /// untouched while Redis was out is emptied first, so the return brings no burst.
+    resume_until: Option<Instant>,
+    /// While out: the try of Redis in flight, off the admission path.
+    probe: Option<Probe>,
+}
+
+/// What the lessee needs of the proxy for one look.
+struct Look<'a> {
+    url: &'a str,
+    password: Option<String>,
+    replicas: u32,
+    admission: &'a crate::queue::Admission,
+    quota: Option<&'a QuotaPolicy>,
+}
+
+/// Runs the lessee of `store` for `proxy` until the proxy is dropped; follows its policy (a
+/// new Redis URL or password reconnects). `identity` names the buckets.
+pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>, store: Store) {
+    let now = Instant::now();
+    let mut lessee = Lessee {
+        store,
+        members: identity.replicas.max(1),
+        identity,
+        state,
+        script: redis::Script::new(SCRIPT),
+        conn: None,
+        mode: Mode::Shared,
+        seen: HashMap::new(),
+        last: now,
+        last_try: now.checked_sub(RETRY_REDIS).unwrap_or(now),
+        last_beat: now.checked_sub(RETRY_REDIS).unwrap_or(now),
+        resume_until: None,
+        probe: None,
+    };
     // Without shared state in the policy, only look for it to appear (a reload) once a second,
     // rather than waking the process 40 times a second for nothing.
     let mut idle = false;
     loop {
         let Some(strong) = proxy.upgrade() else { return };
-        let wake = strong.admission().lease_wake();
+        let wake = strong.admission().lease_wake(store == Store::Quota);
         drop(strong);
         let tick = if idle { IDLE_TICK } else { TICK };
         tokio::select! {
@@ -202,121 +321,185 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
         }
         let Some(proxy_now) = proxy.upgrade() else { return };
         let p = proxy_now.policy();
-        idle = p.shared.is_none();
-        let Some(shared) = p.shared.clone() else {
-            state.set_mode(None);
-            conn = None;
+        let Some(redis) = store.redis(&p) else {
+            idle = true;
+            lessee.stop();
             continue;
         };
-        let pass = shared.password.as_ref().and_then(|r| proxy_now.secret_value(&r.name, &r.key));
-        let replicas_now = proxy_now.replicas_hint(identity.replicas);
-        let strong = Arc::clone(proxy_now.admission());
+        idle = false;
+        let password = redis.password.as_ref().and_then(|r| proxy_now.secret_value(&r.name, &r.key));
+        let replicas =
+            proxy_now.replicas_hint(lessee.identity.replicas).load(std::sync::atomic::Ordering::Relaxed);
+        let admission = Arc::clone(proxy_now.admission());
         let metrics = Arc::clone(proxy_now.metrics());
         drop(proxy_now);
-        let now = Instant::now();
-        let dt = now.duration_since(last).as_secs_f64().min(1.0);
-        last = now;
-
-        if conn.as_ref().is_none_or(|(u, pw, _)| *u != shared.url || *pw != pass) {
-            conn = None;
-            if mode == Mode::Shared || now.duration_since(last_try) >= RETRY_REDIS {
-                last_try = now;
-                match connect(&shared.url, pass.as_deref()).await {
-                    Ok(c) => conn = Some((shared.url.clone(), pass.clone(), c)),
-                    Err(e) => {
-                        if mode == Mode::Shared {
-                            tracing::warn!(error = %redacted(&e.to_string()), "cannot reach Redis; enforcing a local share of the shared limits");
-                        }
-                        mode = Mode::Local;
-                    }
-                }
-            }
-        }
-
-        let lines = strong.with_leases(|l| plan(l, &mut seen, now, dt, &identity, p.quota.as_ref()));
-        let Some(mut lines) = lines else {
-            state.set_mode(None);
-            continue;
-        };
-
-        let mut exchanged = None;
-        // Shared: whenever there is something to ask or give, and a heartbeat a second;
-        // alone: a try a second.
-        let due = match mode {
-            Mode::Shared => !lines.is_empty() || now.duration_since(last_beat) >= RETRY_REDIS,
-            Mode::Local => now.duration_since(last_try) >= RETRY_REDIS,
-        };
-        if !due {
-            continue;
-        }
-        if let Some((_, _, c)) = conn.as_mut() {
-            if mode == Mode::Local {
-                last_try = now;
-                // Coming back: buckets untouched while Redis was out are emptied first.
-                for l in &mut lines {
-                    if l.mode == "g" {
-                        l.mode = "r";
-                    }
-                }
-            }
-            let member_key = format!(
-                "llmproxy:members:{}",
-                p.quota.as_ref().map_or(identity.proxy.as_str(), |q| q.name.as_str())
-            );
-            let call = exchange(&script, c, &lines, &member_key, &identity, p.quota.as_ref());
-            match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-                Ok(Ok(r)) => exchanged = Some(r),
-                Ok(Err(e)) => tracing::debug!(error = %redacted(&e.to_string()), "Redis exchange failed"),
-                Err(_) => tracing::debug!("Redis exchange timed out"),
-            }
-        }
-        match exchanged {
-            Some((grants, live)) => {
-                if mode == Mode::Local {
-                    tracing::info!("Redis is back; sharing the limits through it again");
-                }
-                mode = Mode::Shared;
-                last_beat = now;
-                members = live.clamp(1, 100_000);
-                strong.with_leases(|l| {
-                    for (line, granted) in lines.iter().zip(&grants) {
-                        // Never more than asked, whatever the store answers.
-                        let granted = if granted.is_finite() { granted.clamp(0.0, line.ask) } else { 0.0 };
-                        if let Some(s) = l.stocks.get_mut(&line.key) {
-                            s.have[line.unit] += granted;
-                        }
-                    }
-                });
-            }
-            None => {
-                if mode == Mode::Shared {
-                    tracing::warn!(
-                        "Redis cannot be reached; enforcing a local share of the shared limits (1/{})",
-                        members.max(replicas_now.load(std::sync::atomic::Ordering::Relaxed))
-                    );
-                    conn = None;
-                }
-                mode = Mode::Local;
-                let share =
-                    f64::from(members.max(replicas_now.load(std::sync::atomic::Ordering::Relaxed)).max(1));
-                // Alone: what was asked of Redis is handed out locally, at a share of the rate.
-                strong.with_leases(|l| {
-                    for line in &lines {
-                        if let Some(s) = l.stocks.get_mut(&line.key) {
-                            let cap = (line.burst / share).max(1.0);
-                            let room = (cap - s.have[line.unit]).max(0.0);
-                            s.have[line.unit] += (line.per_sec / share * dt).min(room);
-                        }
-                    }
-                });
-            }
-        }
-        state.set_mode(Some(mode));
-        state.members.store(members, std::sync::atomic::Ordering::Relaxed);
-        metrics.set_quota_mode(mode.label());
-        metrics.quota_members.set(i64::from(members));
-        strong.wake_dispatcher();
+        let look =
+            Look { url: &redis.url, password, replicas, admission: &admission, quota: p.quota.as_ref() };
+        let shared = lessee.look(look).await;
+        lessee.state.set(store, shared.then_some(lessee.mode), lessee.members);
+        lessee.state.report(&metrics);
+        admission.wake_dispatcher();
     }
+}
+
+impl Lessee {
+    /// Nothing of this store is shared (any more).
+    fn stop(&mut self) {
+        self.conn = None;
+        if let Some(p) = self.probe.take() {
+            p.abort();
+        }
+        self.state.set(self.store, None, 0);
+    }
+
+    /// One look: plan, then exchange with Redis or, while it is out, hand out a local share.
+    /// Returns whether this store has shared buckets at all.
+    async fn look(&mut self, look: Look<'_>) -> bool {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64().min(1.0);
+        self.last = now;
+        if self.conn.as_ref().is_some_and(|c| c.url != look.url || c.password != look.password) {
+            // A new Redis or password: reconnect (a probe for the old one is of no use).
+            self.conn = None;
+            if let Some(p) = self.probe.take() {
+                p.abort();
+            }
+        }
+        let (store, identity) = (self.store, &self.identity);
+        let seen = &mut self.seen;
+        let Some(mut lines) =
+            look.admission.with_leases(|l| plan(l, seen, now, dt, identity, look.quota, store))
+        else {
+            return false;
+        };
+        if self.mode == Mode::Shared {
+            if self.conn.is_none() {
+                match connect(look.url, look.password.as_deref()).await {
+                    Ok(manager) => {
+                        self.conn =
+                            Some(Conn { url: look.url.to_owned(), password: look.password.clone(), manager });
+                    }
+                    Err(e) => self.go_local(now, &redacted(&e.to_string()), look.replicas),
+                }
+            }
+            let due = !lines.is_empty() || now.duration_since(self.last_beat) >= RETRY_REDIS;
+            if let Some(c) = self.conn.as_mut().filter(|_| due) {
+                if self.resume_until.is_some_and(|u| now < u) {
+                    for l in &mut lines {
+                        if l.mode == "g" {
+                            l.mode = "r";
+                        }
+                    }
+                }
+                let member_key = store.member_key(&self.identity, look.quota);
+                let call =
+                    exchange(&self.script, &mut c.manager, &lines, &member_key, &self.identity, look.quota);
+                match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+                    Ok(Ok((grants, live))) => {
+                        self.members = live.clamp(1, 100_000);
+                        self.last_beat = now;
+                        grant(look.admission, &lines, &grants);
+                    }
+                    Ok(Err(e)) => self.go_local(now, &redacted(&e.to_string()), look.replicas),
+                    Err(_) => self.go_local(now, "no answer in time", look.replicas),
+                }
+            }
+        }
+        if self.mode == Mode::Local {
+            // Alone: what was asked of Redis is handed out here, at a share of the rate.
+            let share = f64::from(self.members.max(look.replicas).max(1));
+            fill_locally(look.admission, &lines, dt, share);
+            self.try_again(now, &look);
+        }
+        true
+    }
+
+    /// Redis is out of reach: go on alone from this moment, with a local share of each rate.
+    fn go_local(&mut self, now: Instant, why: &str, replicas: u32) {
+        tracing::warn!(
+            error = %why,
+            "Redis cannot be reached; enforcing a local share of {} shared limits (1/{})",
+            self.store.label(),
+            self.members.max(replicas).max(1)
+        );
+        self.mode = Mode::Local;
+        self.conn = None;
+        self.last_try = now;
+    }
+
+    /// While out: look at the probe in flight, start one a second, and go back to sharing when
+    /// one got through.
+    fn try_again(&mut self, now: Instant, look: &Look<'_>) {
+        if self.probe.as_ref().is_some_and(tokio::task::JoinHandle::is_finished) {
+            let done = self.probe.take().and_then(|p| p.now_or_never());
+            match done {
+                Some(Ok(Ok((conn, live)))) if conn.url == look.url && conn.password == look.password => {
+                    tracing::info!("Redis is back; sharing {} limits through it again", self.store.label());
+                    self.conn = Some(conn);
+                    self.mode = Mode::Shared;
+                    self.members = live.clamp(1, 100_000);
+                    self.last_beat = now;
+                    self.resume_until = now.checked_add(MEMBER_TTL);
+                    // What was handed out alone never came from Redis: spent, so the switch
+                    // brings no burst.
+                    let store = self.store;
+                    look.admission.with_leases(|l| {
+                        for (key, s) in &mut l.stocks {
+                            if store.holds(key) {
+                                s.have = [s.have[0].min(0.0), s.have[1].min(0.0)];
+                            }
+                        }
+                    });
+                    return;
+                }
+                Some(Ok(Err(e))) => tracing::debug!(error = %redacted(&e.to_string()), "Redis still out"),
+                Some(Err(e)) => tracing::warn!(error = %e, "a try of Redis failed"),
+                _ => {}
+            }
+        }
+        if self.probe.is_none() && now.duration_since(self.last_try) >= RETRY_REDIS {
+            self.last_try = now;
+            let (url, password) = (look.url.to_owned(), look.password.clone());
+            let script = self.script.clone();
+            let member_key = self.store.member_key(&self.identity, look.quota);
+            let identity = self.identity.clone();
+            let quota = look.quota.cloned();
+            self.probe = Some(tokio::spawn(async move {
+                let mut manager = connect(&url, password.as_deref()).await?;
+                let beat = exchange(&script, &mut manager, &[], &member_key, &identity, quota.as_ref());
+                let (_, live) = tokio::time::timeout(REDIS_TIMEOUT, beat)
+                    .await
+                    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "no answer in time")))??;
+                Ok((Conn { url, password, manager }, live))
+            }));
+        }
+    }
+}
+
+/// Add what Redis granted to the stocks: never more than asked, whatever the store answers.
+fn grant(admission: &crate::queue::Admission, lines: &[Line], grants: &[f64]) {
+    admission.with_leases(|l| {
+        for (line, granted) in lines.iter().zip(grants) {
+            let granted = if granted.is_finite() { granted.clamp(0.0, line.ask) } else { 0.0 };
+            if let Some(s) = l.stocks.get_mut(&line.key) {
+                s.have[line.unit] += granted;
+            }
+        }
+    });
+}
+
+/// Alone: top each asked-for stock up by its share (`1 / share`) of the rate over `dt`, up to
+/// its share of the burst.
+fn fill_locally(admission: &crate::queue::Admission, lines: &[Line], dt: f64, share: f64) {
+    admission.with_leases(|l| {
+        for line in lines {
+            if let Some(s) = l.stocks.get_mut(&line.key) {
+                let cap = (line.burst / share).max(1.0);
+                let room = (cap - s.have[line.unit]).max(0.0);
+                s.have[line.unit] += (line.per_sec / share * dt).min(room);
+            }
+        }
+    });
 }
 
 fn redacted(error: &str) -> String {
@@ -354,12 +537,20 @@ fn plan(
     now: Instant,
     dt: f64,
     identity: &Identity,
-    quota: Option<&llmproxy_api::policy::QuotaPolicy>,
+    quota: Option<&QuotaPolicy>,
+    store: Store,
 ) -> Vec<Line> {
     seen.retain(|k, _| leases.stocks.contains_key(k));
-    let dry = std::mem::take(&mut leases.dry);
+    let mut dry = Vec::new();
+    leases.dry.retain(|k| {
+        let mine = store.holds(k);
+        if mine {
+            dry.push(k.clone());
+        }
+        !mine
+    });
     let mut lines = Vec::new();
-    for (key, stock) in &mut leases.stocks {
+    for (key, stock) in leases.stocks.iter_mut().filter(|(k, _)| store.holds(k)) {
         let s = seen.entry(key.clone()).or_default();
         let idle = now.duration_since(stock.active) > IDLE_RETURN;
         for unit in 0..2 {
@@ -473,7 +664,7 @@ mod tests {
         l.configure(&[(LeaseKey::Total, RateConfig::per_minute(Some(6000), None))], t0);
         let mut seen = HashMap::new();
         // Nothing wanted yet: one request's worth is kept ready.
-        let lines = plan(&mut l, &mut seen, t0, 0.025, &identity(), None);
+        let lines = plan(&mut l, &mut seen, t0, 0.025, &identity(), None, Store::Proxy);
         assert_eq!(lines.len(), 1);
         assert_eq!((lines[0].ask, lines[0].redis_key.as_str()), (1.0, "llmproxy:p:ns/p:total:r"));
         // Busy at 100/s for a second (smoothed over about a quarter second): a quarter
@@ -483,14 +674,15 @@ mod tests {
             if let Some(s) = l.stocks.get_mut(&LeaseKey::Total) {
                 s.used[0] = 2.5;
             }
-            ask = plan(&mut l, &mut seen, t0, 0.025, &identity(), None)[0].ask;
+            ask = plan(&mut l, &mut seen, t0, 0.025, &identity(), None, Store::Proxy)[0].ask;
         }
         assert!((ask - 25.0).abs() < 0.5, "{ask}");
         // Idle for more than a second: what it holds goes back.
         if let Some(s) = l.stocks.get_mut(&LeaseKey::Total) {
             s.have[0] = 7.0;
         }
-        let lines = plan(&mut l, &mut seen, t0 + Duration::from_secs(2), 0.025, &identity(), None);
+        let lines =
+            plan(&mut l, &mut seen, t0 + Duration::from_secs(2), 0.025, &identity(), None, Store::Proxy);
         assert_eq!((lines[0].ask, lines[0].give), (0.0, 7.0));
         assert_eq!(l.stocks[&LeaseKey::Total].have[0], 0.0);
     }

@@ -114,8 +114,9 @@ impl Proxy {
         Ok(proxy)
     }
 
-    /// Start sharing buckets through Redis as `identity` whenever the policy says so (a
-    /// policy without shared state leaves the lessee idle). Once per proxy.
+    /// Start sharing buckets through Redis as `identity` whenever the policy says so: one lessee
+    /// for the LlmProxy's buckets and one for its LlmQuota's, each with its own connection (a
+    /// policy without shared state leaves them idle). Once per proxy.
     pub fn share(self: &Arc<Self>, identity: crate::shared::Identity) {
         if self.sharing.swap(true, Ordering::SeqCst) {
             return;
@@ -124,22 +125,29 @@ impl Proxy {
         let weak = Arc::downgrade(self);
         // Supervised: a panic is logged and the lessee starts again (stocks carry over); it
         // ends only with the proxy.
-        tokio::spawn(async move {
-            loop {
-                let run =
-                    tokio::spawn(crate::shared::run(weak.clone(), identity.clone(), Arc::clone(&state)));
-                match run.await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the shared-quota lessee stopped; starting it again in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        if weak.strong_count() == 0 {
-                            return;
+        for store in crate::shared::Store::ALL {
+            let (weak, identity, state) = (weak.clone(), identity.clone(), Arc::clone(&state));
+            tokio::spawn(async move {
+                loop {
+                    let run = tokio::spawn(crate::shared::run(
+                        weak.clone(),
+                        identity.clone(),
+                        Arc::clone(&state),
+                        store,
+                    ));
+                    match run.await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::error!(error = %e, ?store, "a shared-quota lessee stopped; starting it again in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
+        }
     }
 
     /// The replicas the cluster runs of this LlmProxy (what the operator reports), so that a pod

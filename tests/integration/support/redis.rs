@@ -34,11 +34,28 @@ impl RedisServer {
         format!("redis://{}/0", self.addr)
     }
 
-    /// Kill it at once (SIGKILL): connections are refused until it is restarted.
+    /// Kill it at once (SIGKILL, paused or not): connections are refused until it is restarted.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Stop it without closing anything (SIGSTOP): a Redis that hangs rather than refuses.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused Redis go on (SIGCONT), with its data.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill").args([signal, &c.id().to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "kill {signal} redis-server");
         }
     }
 

@@ -36,6 +36,11 @@ pub(crate) enum LeaseKey {
 }
 
 impl LeaseKey {
+    /// Whether it is one of the LlmQuota's buckets, which live in the quota's own Redis.
+    pub(crate) fn is_quota(&self) -> bool {
+        matches!(self, LeaseKey::Quota | LeaseKey::QuotaModel(_))
+    }
+
     /// The limit named when this bucket holds a request back (requests, tokens).
     pub(crate) fn limits(&self) -> (Limit, Limit) {
         match self {
@@ -75,8 +80,9 @@ pub(crate) struct Leases {
     pub(crate) stocks: HashMap<LeaseKey, Stock>,
     /// Buckets an upstream 429 said are dry, for the lessee to lower in the shared store.
     pub(crate) dry: Vec<LeaseKey>,
-    /// Wakes the lessee when a request finds a stock short.
-    pub(crate) wake: Arc<tokio::sync::Notify>,
+    /// Wakes the lessee of a store when a request finds one of its stocks short: the
+    /// LlmProxy's (0) or the LlmQuota's (1).
+    pub(crate) wake: [Arc<tokio::sync::Notify>; 2],
 }
 
 #[allow(clippy::cast_precision_loss)] // costs are far below 2^52
@@ -104,7 +110,7 @@ impl Leases {
                 let want = need - s.have[unit].min(0.0);
                 if want > s.want[unit] {
                     s.want[unit] = want;
-                    self.wake.notify_one();
+                    self.wake[usize::from(key.is_quota())].notify_one();
                 }
                 lack.get_or_insert(if unit == 0 { requests } else { token_limit });
             }
