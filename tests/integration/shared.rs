@@ -382,3 +382,44 @@ async fn an_llmquota_redis_killed_each_consumer_admits_its_share() {
     }
     through_an_outage(Outage::Killed, &procs, &mut redis, &upstream).await;
 }
+
+/// The keys of `redis` that match `pattern`.
+async fn keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    let client = redis::Client::open(redis.url()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{e}"));
+    redis::cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llmquota_buckets_live_in_its_own_redis_whatever_the_llmproxy_shares_through() {
+    let org = RedisServer::start(None).await;
+    let tenant = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // The org grants 10/s; the tenant's LlmProxy allows itself 100/s and shares its own
+    // buckets through a Redis of its own.
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: 600\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        org.url()
+    );
+    let text = format!(
+        "{}  quotaRef: {{name: org}}\n{quota}",
+        manifest("tenant", &upstream.url(), &shared(&tenant)).replace("replicas: 3", "replicas: 1")
+    );
+    let path = dir.path().join("tenant.yaml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = ProxyProcess::start(&path, &[], &[]).await;
+    let start = Instant::now();
+    let statuses = load_over(&[proxy.url("/chat/completions")], 20, 60).await;
+    let wall = start.elapsed();
+    assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
+    // 60 at the org's 10/s, from an empty bucket: about 6 s.
+    assert!(wall >= Duration::from_millis(5_000), "60 requests in {wall:?}: the org quota did not hold");
+    let excess = worst_excess(&upstream, 10.0 * 1.02, 10.0);
+    assert!(excess <= 2.0, "{excess} over the org quota");
+    let in_org = keys(&org, "llmproxy:q:org:*").await;
+    assert!(!in_org.is_empty(), "the org's Redis holds none of its quota's buckets");
+    let in_tenant = keys(&tenant, "llmproxy:q:*").await;
+    assert!(in_tenant.is_empty(), "the quota's buckets went to the tenant's Redis: {in_tenant:?}");
+    assert!(!keys(&tenant, "llmproxy:p:team/tenant:*").await.is_empty(), "its own buckets stay in its Redis");
+}

@@ -44,6 +44,20 @@ pub struct SharedPolicy {
     pub password_namespace: Option<String>,
 }
 
+impl SharedPolicy {
+    /// Where the password is kept among the Secrets a proxy loaded: a Secret of another
+    /// namespace (an LlmQuota's) under `NAMESPACE/NAME`, a name no Secret of the LlmProxy's own
+    /// namespace can have, so no reference in a tenant's spec can resolve to it.
+    pub fn password_slot(&self) -> Option<(String, String)> {
+        let r = self.password.as_ref()?;
+        let name = match &self.password_namespace {
+            Some(ns) => format!("{ns}/{}", r.name),
+            None => r.name.clone(),
+        };
+        Some((name, r.key.clone()))
+    }
+}
+
 /// An LlmQuota as one consumer draws from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuotaPolicy {
@@ -835,6 +849,16 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
             p.cache,
             Some(CachePolicy { ttl: Duration::from_secs(300), max_entries: 10_000, max_bytes: 64 << 20 })
         );
+    }
+
+    #[test]
+    fn a_quota_password_of_another_namespace_has_a_slot_no_local_reference_can_name() {
+        let r = crate::quota::RedisPasswordRef { name: "org-redis".into(), key: "password".into() };
+        let local =
+            SharedPolicy { url: "redis://r".into(), password: Some(r.clone()), password_namespace: None };
+        assert_eq!(local.password_slot(), Some(("org-redis".into(), "password".into())));
+        let quota = SharedPolicy { password_namespace: Some("llmproxy-system".into()), ..local };
+        assert_eq!(quota.password_slot(), Some(("llmproxy-system/org-redis".into(), "password".into())));
     }
 
     #[test]

@@ -141,13 +141,15 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
             }
         }
         // The LlmQuota's password lives in the operator's namespace, readable once granted.
+        // It is kept under `NAMESPACE/NAME` (`SharedPolicy::password_slot`), out of reach of
+        // the LlmProxy's own references.
         let quota_secret = p.status.as_ref().and_then(|s| s.quota.as_ref()).and_then(|q| {
             let r = q.redis.password_secret_ref.as_ref()?;
             Some((q.password_namespace.clone()?, r.name.clone(), r.key.clone()))
         });
         if quota_secret.as_ref() != quota_watch.as_ref().map(|(id, _)| id) {
-            if let Some(((_, name, key), _)) = quota_watch.take() {
-                proxy.set_secret_key(&name, &key, None);
+            if let Some(((ns, name, key), _)) = quota_watch.take() {
+                proxy.set_secret_key(&format!("{ns}/{name}"), &key, None);
             }
             quota_watch = quota_secret.map(|(ns, name, key)| {
                 let task = AbortOnDrop(tokio::spawn(watch_secret(
@@ -155,6 +157,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                     client.clone(),
                     ns.clone(),
                     name.clone(),
+                    format!("{ns}/{name}"),
                     vec![key.clone()],
                 )));
                 ((ns, name, key), task)
@@ -177,6 +180,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 Arc::clone(&proxy),
                 client.clone(),
                 p.namespace().unwrap_or_default(),
+                name.clone(),
                 name.clone(),
                 keys.clone(),
             )));
@@ -231,7 +235,15 @@ async fn watch_client_keys(proxy: Arc<Proxy>, client: Client, namespace: String,
 }
 
 /// Follow the keys `keys` of Secret `name`: every change reaches the next upstream request.
-async fn watch_secret(proxy: Arc<Proxy>, client: Client, namespace: String, name: String, keys: Vec<String>) {
+/// Follow Secret `namespace/name` and keep its `keys` loaded under the name `slot`.
+async fn watch_secret(
+    proxy: Arc<Proxy>,
+    client: Client,
+    namespace: String,
+    name: String,
+    slot: String,
+    keys: Vec<String>,
+) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let mut updates = watcher(api, by_name(&name)).default_backoff().applied_objects().boxed();
     while let Some(event) = updates.next().await {
@@ -242,7 +254,7 @@ async fn watch_secret(proxy: Arc<Proxy>, client: Client, namespace: String, name
                         s.data.as_ref().and_then(|d| d.get(key)).and_then(|v| std::str::from_utf8(&v.0).ok());
                     match value.and_then(ApiKey::new) {
                         Some(k) => {
-                            proxy.set_secret_key(&name, key, Some(k));
+                            proxy.set_secret_key(&slot, key, Some(k));
                             tracing::info!(secret = %name, key = %key, "key loaded from the Secret");
                         }
                         None => tracing::error!(

@@ -327,7 +327,7 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
             continue;
         };
         idle = false;
-        let password = redis.password.as_ref().and_then(|r| proxy_now.secret_value(&r.name, &r.key));
+        let password = redis.password_slot().and_then(|(name, key)| proxy_now.secret_value(&name, &key));
         let replicas =
             proxy_now.replicas_hint(lessee.identity.replicas).load(std::sync::atomic::Ordering::Relaxed);
         let admission = Arc::clone(proxy_now.admission());
