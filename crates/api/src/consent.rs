@@ -147,6 +147,15 @@ pub fn verdict(meta: &ObjectMeta, read: &SecretRead, proxy: &str) -> Result<(), 
     Ok(())
 }
 
+/// Whether a Secret with metadata `meta` consents to being read by LlmProxy `proxy` for any
+/// use at all (the label of one, and not narrowed to other LlmProxies).
+pub fn consents_to_any_use(meta: &ObjectMeta, proxy: &str) -> bool {
+    [SecretUse::UpstreamKey, SecretUse::ClientKeys, SecretUse::RedisPassword].into_iter().any(|use_| {
+        let read = SecretRead { secret: String::new(), key: None, use_, url: None };
+        !matches!(verdict(meta, &read, proxy), Err(Refusal::NotOptedIn | Refusal::NotThisProxy))
+    })
+}
+
 /// The host a URL's requests go to, lower-case, without port, brackets or a final dot: the same
 /// parse (`http::Uri`) the proxy connects with.
 pub fn upstream_host(url: &str) -> Option<String> {
@@ -226,6 +235,8 @@ mod tests {
         let narrowed = meta(&[crate::SECRET_OPT_IN_LABEL], &[(crate::SECRET_ALLOWED_PROXIES, "a, b")]);
         assert_eq!(verdict(&narrowed, &as_upstream, "b"), Ok(()));
         assert_eq!(verdict(&narrowed, &as_upstream, "p"), Err(Refusal::NotThisProxy));
+        assert!(consents_to_any_use(&client_keys_only, "p") && consents_to_any_use(&narrowed, "a"));
+        assert!(!consents_to_any_use(&narrowed, "p") && !consents_to_any_use(&meta(&[], &[]), "p"));
     }
 
     #[test]

@@ -62,9 +62,9 @@ fn client_keys_problem(s: &Secret, name: &str) -> Option<Problem> {
 
 /// Check the Secrets the proxies will read: they exist, consent to each use the spec makes of
 /// them (and, for an upstream key, to its host), and hold what the proxy needs. Only those that
-/// consent to a use are granted; while any use is refused, nothing is granted that the proxies'
-/// Role does not already grant (a refused spec never widens their access). The first problem
-/// is reported.
+/// consent to a use are granted; while any use is refused, the proxies' Role keeps what it
+/// grants (they serve their last good policy) less what lost all consent, and a refused spec
+/// never widens it. The first problem is reported.
 pub(crate) async fn check_secrets(
     client: &Client,
     ns: &str,
@@ -90,8 +90,22 @@ pub(crate) async fn check_secrets(
         }
     }
     if refused {
-        let granted = granted_secrets(client, ns, p).await?;
-        grants.secrets.retain(|name| granted.contains(name));
+        // The running proxies keep their last good policy: keep what their Role grants (less
+        // any Secret whose owner withdrew all consent), and add nothing.
+        grants.secrets.clear();
+        for name in granted_secrets(client, ns, p).await? {
+            if !fetched.contains_key(&name) {
+                let secret = secrets.get_opt(&name).await?;
+                fetched.insert(name.clone(), secret);
+            }
+            let consents = fetched
+                .get(&name)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| consent::consents_to_any_use(&s.metadata, &p.name_any()));
+            if consents && !grants.secrets.contains(&name) {
+                grants.secrets.push(name);
+            }
+        }
     }
     Ok((problems.into_iter().next(), grants))
 }
