@@ -149,6 +149,26 @@ async fn a_client_keys_secret_never_becomes_an_upstream_key() {
         ["team-keys", "upstream-key"],
         "a refused spec widens no access (redis-auth would be granted for its use otherwise)"
     );
+
+    // The owner withdraws the client keys' consent: the proxy stops accepting them at once (the
+    // next version of the Secret is checked before use), and the Role stops naming it.
+    put_secret(
+        &client,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-keys", "labels": {}},
+               "stringData": {"alice": "sk-alice"}}),
+    )
+    .await;
+    let url = proxy.url("/chat/completions");
+    eventually("Alice's key to be refused", WAIT, || async {
+        let shot = load::shoot(&load::client(), &url, Some("sk-alice"), &load::chat_body(7)).await;
+        (shot.status == Some(503)).then_some(())
+    })
+    .await;
+    eventually("the Role to stop naming team-keys", WAIT, || async {
+        (granted_secrets(&client, &ns).await == ["upstream-key"]).then_some(())
+    })
+    .await;
     let logs = proxy.logs();
     assert!(logs.contains("team-keys") && !logs.contains("sk-alice") && !logs.contains("sk-org"), "{logs}");
 }
