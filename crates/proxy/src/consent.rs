@@ -54,3 +54,34 @@ pub fn allowed(meta: &ObjectMeta, reads: &[SecretRead], proxy: &str) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use llmproxy_api::SecretUse;
+
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_secret_the_use_and_its_label_and_every_use_must_pass() {
+        let meta = ObjectMeta {
+            labels: Some([(llmproxy_api::CLIENT_KEYS_LABEL.to_owned(), "true".to_owned())].into()),
+            ..ObjectMeta::default()
+        };
+        let read = |use_, key: Option<&str>, url: Option<&str>| SecretRead {
+            secret: "team-keys".into(),
+            key: key.map(str::to_owned),
+            use_,
+            url: url.map(str::to_owned),
+        };
+        let as_clients = read(SecretUse::ClientKeys, None, None);
+        assert_eq!(allowed(&meta, std::slice::from_ref(&as_clients), "p"), Ok(()));
+        let as_upstream = read(SecretUse::UpstreamKey, Some("alice"), Some("https://attacker.example/v1"));
+        let refusal = allowed(&meta, &[as_clients, as_upstream], "p").err().unwrap_or_default();
+        assert!(
+            refusal.contains("team-keys")
+                && refusal.contains("apiKeySecretRef")
+                && refusal.contains(llmproxy_api::SECRET_OPT_IN_LABEL),
+            "{refusal}"
+        );
+    }
+}
