@@ -5,6 +5,7 @@ mod cache;
 mod chart;
 mod clients;
 mod connections;
+mod consent;
 mod crd;
 mod operator;
 mod prometheus;

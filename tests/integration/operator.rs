@@ -23,17 +23,17 @@ use serde_json::{Value, json};
 use crate::support::proxy_env::{TestProxy, get_text, metric, mock};
 use crate::support::{self, KubeEnv, MANAGER, eventually};
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// A running in-process operator; stops when dropped.
-struct Operator {
+pub(crate) struct Operator {
     metrics: Metrics,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Operator {
-    fn start(client: &Client, ns: &str, identity: &str, lease: bool) -> Self {
+    pub(crate) fn start(client: &Client, ns: &str, identity: &str, lease: bool) -> Self {
         Self::start_with(client, ns, Some(ns), identity, lease, None)
     }
 
@@ -96,7 +96,7 @@ impl Drop for Operator {
     }
 }
 
-fn llmproxy(name: &str, upstream: &str, spec_extra: Value) -> Value {
+pub(crate) fn llmproxy(name: &str, upstream: &str, spec_extra: Value) -> Value {
     let mut spec = json!({
         "upstream": {"url": upstream, "apiKeySecretRef": {"name": "upstream-key"}},
         "limits": {"requestsPerMinute": 600},
@@ -108,7 +108,7 @@ fn llmproxy(name: &str, upstream: &str, spec_extra: Value) -> Value {
     json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": name}, "spec": spec})
 }
 
-async fn apply(api: &Api<LlmProxy>, manifest: &Value) -> LlmProxy {
+pub(crate) async fn apply(api: &Api<LlmProxy>, manifest: &Value) -> LlmProxy {
     let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
     api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(manifest))
         .await
@@ -116,7 +116,7 @@ async fn apply(api: &Api<LlmProxy>, manifest: &Value) -> LlmProxy {
 }
 
 /// The upstream-key Secret, opted in to being read by proxies.
-async fn secret(client: &Client, ns: &str, key: &str) {
+pub(crate) async fn secret(client: &Client, ns: &str, key: &str) {
     let labels = [(llmproxy_api::SECRET_OPT_IN_LABEL.to_owned(), "true".to_owned())].into();
     let s = Secret {
         metadata: kube::api::ObjectMeta {
@@ -133,7 +133,7 @@ async fn secret(client: &Client, ns: &str, key: &str) {
         .unwrap_or_else(|e| panic!("secret: {e}"));
 }
 
-async fn setup(prefix: &str) -> (KubeEnv, Client, String, Api<LlmProxy>) {
+pub(crate) async fn setup(prefix: &str) -> (KubeEnv, Client, String, Api<LlmProxy>) {
     let env = KubeEnv::start().await;
     let client = env.client().await;
     support::install_crd(&client).await;
@@ -142,14 +142,20 @@ async fn setup(prefix: &str) -> (KubeEnv, Client, String, Api<LlmProxy>) {
     (env, client, ns, api)
 }
 
-async fn wait_for<K>(api: &Api<K>, name: &str) -> K
+pub(crate) async fn wait_for<K>(api: &Api<K>, name: &str) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     eventually(&format!("{name} to exist"), WAIT, || async { api.get_opt(name).await.ok().flatten() }).await
 }
 
-async fn condition(api: &Api<LlmProxy>, name: &str, type_: &str, status: &str, reason: &str) -> LlmProxy {
+pub(crate) async fn condition(
+    api: &Api<LlmProxy>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> LlmProxy {
     eventually(&format!("{type_}={status} ({reason})"), WAIT, || async {
         let p = api.get(name).await.ok()?;
         let c = llmproxy_operator::status::condition_status(p.status.as_ref(), type_)?;

@@ -2,6 +2,7 @@
 //! [`Policy`] that the proxy and the operator both derive from a spec.
 
 pub mod client_keys;
+pub mod consent;
 pub mod duration;
 pub mod manifest;
 pub mod paths;
@@ -13,6 +14,7 @@ pub mod report;
 pub mod spec;
 
 pub use client_keys::ClientKeys;
+pub use consent::{ALLOWED_UPSTREAM_HOSTS, SecretUse};
 pub use duration::Duration;
 pub use manifest::{ManifestError, crd_yaml, from_yaml, quota_crd_yaml};
 pub use policy::{FieldError, Policy, PolicyError};

@@ -1,42 +1,42 @@
 //! What the schema cannot check before building: the Secrets the proxies will read (they
-//! exist, opted in, hold the key) and the LlmQuota reference.
+//! exist, consent to each use and destination, hold the key) and the LlmQuota reference.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::Role;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
-use llmproxy_api::{LlmProxy, SecretKeyRef};
+use llmproxy_api::LlmProxy;
+use llmproxy_api::consent::{self, Refusal, SecretRead};
 
 use crate::children::{Grants, Settings};
-use crate::status::{Problem, SecretUse};
+use crate::status::Problem;
 
-/// Whether a proxy of `proxy` may read `secret` for `use_` (it opted in to that use, and does
-/// not exclude this proxy), and what is wrong with it if anything. Pure, for tests.
-pub fn secret_verdict(
-    secret: Option<&Secret>,
-    name: &str,
-    use_: SecretUse,
-    proxy: &str,
-) -> (Option<Problem>, bool) {
+/// Whether a proxy of `proxy` may read `secret` for `read` (it opted in to that use, does not
+/// exclude this proxy, and for an upstream key allows its host), and what is wrong with it if
+/// anything. Pure, for tests.
+pub fn secret_verdict(secret: Option<&Secret>, read: &SecretRead, proxy: &str) -> (Option<Problem>, bool) {
+    let name = read.secret.clone();
     let Some(s) = secret else {
-        return (Some(Problem::SecretNotFound { secret: name.to_owned(), use_ }), false);
+        return (Some(Problem::SecretNotFound { secret: name, use_: read.use_ }), false);
     };
-    let opted_in = s.labels().get(use_.label()).is_some_and(|v| v == "true");
-    let listed = s
-        .annotations()
-        .get(llmproxy_api::SECRET_ALLOWED_PROXIES)
-        .is_none_or(|names| names.split(',').any(|n| n.trim() == proxy));
-    if !(opted_in && listed) {
-        return (Some(Problem::SecretNotAllowed { secret: name.to_owned(), use_ }), false);
+    match consent::verdict(&s.metadata, read, proxy) {
+        Ok(()) => (None, true),
+        Err(Refusal::HostNotAllowed { host }) => {
+            (Some(Problem::UpstreamHostNotAllowed { secret: name, host }), false)
+        }
+        Err(Refusal::NotOptedIn | Refusal::NotThisProxy) => {
+            (Some(Problem::SecretNotAllowed { secret: name, use_: read.use_ }), false)
+        }
     }
-    (None, true)
 }
 
-/// What the upstream key Secret lacks, if anything.
-fn upstream_key_problem(s: &Secret, r: &SecretKeyRef) -> Option<Problem> {
-    let present = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key));
-    (!present).then(|| Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() })
+/// What a Secret the proxies may read lacks for `read`, if anything.
+fn content_problem(s: &Secret, read: &SecretRead) -> Option<Problem> {
+    let Some(key) = &read.key else { return client_keys_problem(s, &read.secret) };
+    let present = s.data.as_ref().is_some_and(|d| d.contains_key(key));
+    (!present).then(|| Problem::SecretKeyMissing { secret: read.secret.clone(), key: key.clone() })
 }
 
 /// Whether the client keys Secret loads the way the proxy will load it, with one key at least.
@@ -60,47 +60,67 @@ fn client_keys_problem(s: &Secret, name: &str) -> Option<Problem> {
     Some(Problem::ClientKeysInvalid { secret: name.to_owned(), error })
 }
 
-/// Check the Secrets the proxies will read: they exist, opted in to their use, and hold what
-/// the proxy needs. Only those that opted in are granted; the first problem is reported.
+/// Check the Secrets the proxies will read: they exist, consent to each use the spec makes of
+/// them (and, for an upstream key, to its host), and hold what the proxy needs. Only those that
+/// consent to a use are granted; while any use is refused, the proxies' Role keeps what it
+/// grants (they serve their last good policy) less what lost all consent, and a refused spec
+/// never widens it. The first problem is reported.
 pub(crate) async fn check_secrets(
     client: &Client,
     ns: &str,
     p: &LlmProxy,
 ) -> Result<(Option<Problem>, Grants), kube::Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let (mut problems, mut grants) = (Vec::new(), Grants::default());
-    for r in p.spec.upstream_key_refs() {
-        let secret = secrets.get_opt(&r.name).await?;
-        let (problem, readable) =
-            secret_verdict(secret.as_ref(), &r.name, SecretUse::UpstreamKey, &p.name_any());
-        problems.extend(problem.or_else(|| upstream_key_problem(secret.as_ref()?, &r)));
-        if readable && !grants.secrets.contains(&r.name) {
-            grants.secrets.push(r.name.clone());
+    let mut fetched: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    let (mut problems, mut grants, mut refused) = (Vec::new(), Grants::default(), false);
+    for read in consent::reads(&p.spec) {
+        if !fetched.contains_key(&read.secret) {
+            let secret = secrets.get_opt(&read.secret).await?;
+            fetched.insert(read.secret.clone(), secret);
+        }
+        let secret = fetched.get(&read.secret).and_then(Option::as_ref);
+        let (problem, readable) = secret_verdict(secret, &read, &p.name_any());
+        refused |= matches!(
+            problem,
+            Some(Problem::SecretNotAllowed { .. } | Problem::UpstreamHostNotAllowed { .. })
+        );
+        problems.extend(problem.or_else(|| content_problem(secret?, &read)));
+        if readable && !grants.secrets.contains(&read.secret) {
+            grants.secrets.push(read.secret.clone());
         }
     }
-    if let Some(r) = p.spec.shared_state.as_ref().and_then(|s| s.redis.password_secret_ref.as_ref()) {
-        let secret = secrets.get_opt(&r.name).await?;
-        let (problem, readable) =
-            secret_verdict(secret.as_ref(), &r.name, SecretUse::RedisPassword, &p.name_any());
-        let lacks_key = |s: &Secret| {
-            let present = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key));
-            (!present).then(|| Problem::SecretKeyMissing { secret: r.name.clone(), key: r.key.clone() })
-        };
-        problems.extend(problem.or_else(|| lacks_key(secret.as_ref()?)));
-        if readable && !grants.secrets.contains(&r.name) {
-            grants.secrets.push(r.name.clone());
-        }
-    }
-    if let Some(r) = p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()) {
-        let secret = secrets.get_opt(&r.name).await?;
-        let (problem, readable) =
-            secret_verdict(secret.as_ref(), &r.name, SecretUse::ClientKeys, &p.name_any());
-        problems.extend(problem.or_else(|| client_keys_problem(secret.as_ref()?, &r.name)));
-        if readable && !grants.secrets.contains(&r.name) {
-            grants.secrets.push(r.name.clone());
+    if refused {
+        // The running proxies keep their last good policy: keep what their Role grants (less
+        // any Secret whose owner withdrew all consent), and add nothing.
+        grants.secrets.clear();
+        for name in granted_secrets(client, ns, p).await? {
+            if !fetched.contains_key(&name) {
+                let secret = secrets.get_opt(&name).await?;
+                fetched.insert(name.clone(), secret);
+            }
+            let consents = fetched
+                .get(&name)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| consent::consents_to_any_use(&s.metadata, &p.name_any()));
+            if consents && !grants.secrets.contains(&name) {
+                grants.secrets.push(name);
+            }
         }
     }
     Ok((problems.into_iter().next(), grants))
+}
+
+/// The Secrets the proxies' Role grants now (none when it does not exist yet).
+async fn granted_secrets(client: &Client, ns: &str, p: &LlmProxy) -> Result<Vec<String>, kube::Error> {
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    let role = roles.get_opt(&crate::children::proxy_identity(&p.name_any())).await?;
+    Ok(role
+        .and_then(|r| r.rules)
+        .into_iter()
+        .flatten()
+        .filter(|rule| rule.resources.iter().flatten().any(|r| r == "secrets"))
+        .flat_map(|rule| rule.resource_names.unwrap_or_default())
+        .collect())
 }
 
 /// The LlmProxies that name quota `name`, as the verdict needs them: from all namespaces
@@ -153,8 +173,6 @@ pub(crate) async fn check_quota(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use k8s_openapi::ByteString;
     use kube::api::ObjectMeta;
 
@@ -189,15 +207,21 @@ mod tests {
             );
             s
         };
+        let as_client_keys = SecretRead {
+            secret: "k".into(),
+            key: None,
+            use_: llmproxy_api::SecretUse::ClientKeys,
+            url: None,
+        };
         let upstream_consent = secret(true, None, "team-a");
-        let (problem, readable) = secret_verdict(Some(&upstream_consent), "k", SecretUse::ClientKeys, "p");
+        let (problem, readable) = secret_verdict(Some(&upstream_consent), &as_client_keys, "p");
         assert_eq!(
             (problem.map(|p| p.reason()), readable),
             (Some("SecretNotAllowed"), false),
             "consent is per use"
         );
         let good = keys(true, &[("team-a", "sk-a"), ("team-b", "sk-b")]);
-        assert!(secret_verdict(Some(&good), "k", SecretUse::ClientKeys, "p").1);
+        assert!(secret_verdict(Some(&good), &as_client_keys, "p").1);
         assert!(client_keys_problem(&good, "k").is_none());
         let empty = keys(true, &[]);
         assert_eq!(client_keys_problem(&empty, "k").map(|p| p.reason()), Some("ClientKeysInvalid"));
@@ -208,11 +232,16 @@ mod tests {
 
     #[test]
     fn only_a_secret_that_opted_in_is_granted() {
-        let r = SecretKeyRef { name: "openai-key".into(), key: "api-key".into() };
+        let r = SecretRead {
+            secret: "openai-key".into(),
+            key: Some("api-key".into()),
+            use_: llmproxy_api::SecretUse::UpstreamKey,
+            url: Some("https://api.openai.com/v1".into()),
+        };
         let reason = |v: (Option<Problem>, bool)| (v.0.map(|p| p.reason()), v.1);
-        let secret_verdict = |s: Option<&Secret>, r: &SecretKeyRef, proxy: &str| {
-            let (problem, readable) = secret_verdict(s, &r.name, SecretUse::UpstreamKey, proxy);
-            (problem.or_else(|| upstream_key_problem(s?, r)), readable)
+        let secret_verdict = |s: Option<&Secret>, r: &SecretRead, proxy: &str| {
+            let (problem, readable) = secret_verdict(s, r, proxy);
+            (problem.or_else(|| content_problem(s?, r)), readable)
         };
         assert_eq!(reason(secret_verdict(None, &r, "p")), (Some("SecretNotFound"), false));
         assert_eq!(
@@ -233,5 +262,38 @@ mod tests {
             reason(secret_verdict(Some(&secret(true, None, "other-key")), &r, "p")),
             (Some("SecretKeyMissing"), true)
         );
+    }
+
+    #[test]
+    fn a_pinned_upstream_key_is_refused_for_another_host_and_the_message_names_the_host() {
+        let s = Secret {
+            metadata: ObjectMeta {
+                labels: Some([(llmproxy_api::SECRET_OPT_IN_LABEL.to_owned(), "true".to_owned())].into()),
+                annotations: Some(
+                    [(llmproxy_api::ALLOWED_UPSTREAM_HOSTS.to_owned(), "api.openai.com".to_owned())].into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            data: Some([("api-key".to_owned(), ByteString(b"sk-org".to_vec()))].into()),
+            ..Secret::default()
+        };
+        let read = |url: &str| SecretRead {
+            secret: "org-key".into(),
+            key: Some("api-key".into()),
+            use_: llmproxy_api::SecretUse::UpstreamKey,
+            url: Some(url.into()),
+        };
+        assert_eq!(secret_verdict(Some(&s), &read("https://api.openai.com/v1"), "p"), (None, true));
+        let (problem, readable) = secret_verdict(Some(&s), &read("https://attacker.example/v1"), "p");
+        assert!(!readable);
+        let problem = problem.unwrap_or_else(|| panic!("refused"));
+        assert_eq!(problem.reason(), "SecretNotAllowed");
+        let message = problem.message();
+        assert!(
+            message.contains("\"attacker.example\"")
+                && message.contains(llmproxy_api::ALLOWED_UPSTREAM_HOSTS),
+            "{message}"
+        );
+        assert!(!message.contains("sk-org"), "{message}");
     }
 }

@@ -26,6 +26,14 @@ pub enum Problem {
         /// Why it is read.
         use_: SecretUse,
     },
+    /// The upstream key Secret pins where its key may go (`llmproxy.io/allowed-upstream-hosts`)
+    /// and an upstream URL of the spec is elsewhere.
+    UpstreamHostNotAllowed {
+        /// Secret name.
+        secret: String,
+        /// The host the spec would send the key to.
+        host: String,
+    },
     /// The upstream key Secret exists but lacks the key.
     SecretKeyMissing {
         /// Secret name.
@@ -51,50 +59,19 @@ pub enum Problem {
     },
 }
 
-/// Why a proxy reads a Secret; each use has its own opt-in label, so a Secret's owner agrees to
-/// exactly one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SecretUse {
-    /// `spec.upstream.apiKeySecretRef`: the key sent upstream.
-    UpstreamKey,
-    /// `spec.clients.keysSecretRef`: the keys clients must present.
-    ClientKeys,
-    /// `spec.sharedState.redis.passwordSecretRef`: the shared buckets' Redis password.
-    RedisPassword,
-}
+pub use llmproxy_api::SecretUse;
 
-impl SecretUse {
-    /// The spec field that names the Secret.
-    pub fn field(self) -> &'static str {
-        match self {
-            SecretUse::UpstreamKey => "an upstream's apiKeySecretRef",
-            SecretUse::ClientKeys => "spec.clients.keysSecretRef",
-            SecretUse::RedisPassword => "spec.sharedState.redis.passwordSecretRef",
+/// How to create the Secret for `use_`, for the message of a missing one.
+fn example(use_: SecretUse, secret: &str) -> String {
+    match use_ {
+        SecretUse::UpstreamKey => {
+            format!("kubectl create secret generic {secret} --from-literal=api-key=...")
         }
-    }
-
-    /// The label (value `"true"`) with which the Secret's owner lets proxies read it.
-    pub fn label(self) -> &'static str {
-        match self {
-            SecretUse::UpstreamKey => llmproxy_api::SECRET_OPT_IN_LABEL,
-            SecretUse::ClientKeys => llmproxy_api::CLIENT_KEYS_LABEL,
-            SecretUse::RedisPassword => llmproxy_api::REDIS_PASSWORD_LABEL,
+        SecretUse::ClientKeys => {
+            format!("kubectl create secret generic {secret} --from-literal=TEAM=KEY (one entry per client)")
         }
-    }
-
-    fn example(self, secret: &str) -> String {
-        match self {
-            SecretUse::UpstreamKey => {
-                format!("kubectl create secret generic {secret} --from-literal=api-key=...")
-            }
-            SecretUse::ClientKeys => {
-                format!(
-                    "kubectl create secret generic {secret} --from-literal=TEAM=KEY (one entry per client)"
-                )
-            }
-            SecretUse::RedisPassword => {
-                format!("kubectl create secret generic {secret} --from-literal=password=...")
-            }
+        SecretUse::RedisPassword => {
+            format!("kubectl create secret generic {secret} --from-literal=password=...")
         }
     }
 }
@@ -106,7 +83,7 @@ impl Problem {
             Problem::InvalidPolicy(_) => "InvalidPolicy",
             Problem::SecretNotFound { .. } => "SecretNotFound",
             Problem::ChildRejected(_) => "ChildRejected",
-            Problem::SecretNotAllowed { .. } => "SecretNotAllowed",
+            Problem::SecretNotAllowed { .. } | Problem::UpstreamHostNotAllowed { .. } => "SecretNotAllowed",
             Problem::SecretKeyMissing { .. } => "SecretKeyMissing",
             Problem::ClientKeysInvalid { .. } => "ClientKeysInvalid",
             Problem::QuotaNotFound(_) => "QuotaNotFound",
@@ -121,14 +98,21 @@ impl Problem {
             Problem::SecretNotFound { secret, use_ } => format!(
                 "Secret {secret} ({}) not found; create it, e.g. {}",
                 use_.field(),
-                use_.example(secret)
+                example(*use_, secret)
             ),
             Problem::SecretNotAllowed { secret, use_ } => format!(
-                "Secret {secret} ({}) has not opted in to being read by llmproxy: whoever owns it runs \
-                 kubectl label secret {secret} {}=true (and may narrow it with the annotation {}=NAME,...)",
+                "Secret {secret} ({}) has not opted in to being read by llmproxy for that use: whoever owns it \
+                 runs kubectl label secret {secret} {}=true (and may narrow it with the annotation {}=NAME,...); \
+                 until then no proxy takes up this spec",
                 use_.field(),
                 use_.label(),
                 llmproxy_api::SECRET_ALLOWED_PROXIES
+            ),
+            Problem::UpstreamHostNotAllowed { secret, host } => format!(
+                "Secret {secret} (an upstream's apiKeySecretRef) lets its key go only to the hosts in its \
+                 annotation {}, and {host:?} is not one of them: point the upstream at an allowed host, or \
+                 ask the Secret's owner to allow it; until then no proxy takes up this spec",
+                llmproxy_api::ALLOWED_UPSTREAM_HOSTS
             ),
             Problem::QuotaNotFound(q) => {
                 format!("LlmQuota {q} (spec.quotaRef) not found; create it, or remove the reference")

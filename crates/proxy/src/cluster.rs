@@ -73,7 +73,12 @@ pub async fn initial(client: &Client, r: &ResourceRef) -> Policy {
     loop {
         match api.get(&r.name).await {
             Ok(p) => match policy_for(&p) {
-                Ok(policy) => return policy,
+                Ok(policy) => match crate::consent::check(client, &p).await {
+                    Ok(()) => return policy,
+                    Err(e) => {
+                        tracing::error!(error = %e, "LlmProxy {}/{} cannot run yet", r.namespace, r.name)
+                    }
+                },
                 Err(e) => tracing::error!(error = %e, "LlmProxy {}/{} cannot run yet", r.namespace, r.name),
             },
             Err(e) => tracing::error!(error = %e, "cannot read LlmProxy {}/{}", r.namespace, r.name),
@@ -82,6 +87,12 @@ pub async fn initial(client: &Client, r: &ResourceRef) -> Policy {
         delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
+
+/// The keys read from one Secret, and every use the spec makes of them.
+type Reads = (Vec<String>, Vec<llmproxy_api::consent::SecretRead>);
+
+/// How often a version refused for a Secret's consent is checked again.
+const RECHECK: Duration = Duration::from_secs(5);
 
 fn by_name(name: &str) -> watcher::Config {
     // A field selector, so that RBAC scoped to this one name (resourceNames) allows the watch.
@@ -94,11 +105,22 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
     // it never breaks the watch.
     let api: Api<DeserializeGuard<LlmProxy>> = Api::namespaced(client.clone(), &r.namespace);
     let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
-    // One watch per Secret the upstream keys come from, with the keys read from it.
-    let mut secrets: std::collections::BTreeMap<String, (Vec<String>, AbortOnDrop)> = Default::default();
+    // One watch per Secret the upstream keys come from, with the keys read from it and why.
+    let mut secrets: std::collections::BTreeMap<String, (Reads, AbortOnDrop)> = Default::default();
     let mut client_keys: Option<(String, AbortOnDrop)> = None;
     let mut quota_watch: Option<((String, String, String), AbortOnDrop)> = None;
-    while let Some(event) = updates.next().await {
+    // A version refused for a Secret's consent, checked again until it passes or is replaced
+    // (the consent may come, or the operator's grant land, without the LlmProxy changing).
+    let mut refused: Option<(LlmProxy, String)> = None;
+    loop {
+        let (next, last_refusal) = match refused.take() {
+            None => (updates.next().await, None),
+            Some((p, why)) => {
+                let next = tokio::time::timeout(RECHECK, updates.next()).await;
+                (next.unwrap_or(Some(Ok(DeserializeGuard(Ok(p))))), Some(why))
+            }
+        };
+        let Some(event) = next else { break };
         let p = match event {
             Ok(DeserializeGuard(Ok(p))) => p,
             Ok(DeserializeGuard(Err(invalid))) => {
@@ -111,6 +133,15 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 continue;
             }
         };
+        if let Err(e) = crate::consent::check(&client, &p).await {
+            // Counted and logged once per reason, not on every re-check.
+            if last_refusal.as_ref() != Some(&e) {
+                proxy.reject_policy();
+                tracing::error!(error = %e, "policy refused; the last good policy keeps serving");
+            }
+            refused = Some((p, e));
+            continue;
+        }
         proxy.set_replicas(sharing_pods(&p));
         match policy_for(&p) {
             Ok(policy) => {
@@ -129,16 +160,15 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
         }
         let refs = p.spec.upstream_key_refs();
         proxy.set_key_required(!refs.is_empty());
-        let mut wanted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for r in refs {
-            wanted.entry(r.name).or_default().push(r.key);
-        }
-        // The shared buckets' Redis password, when the LlmProxy names one in its namespace.
-        if let Some(r) = p.spec.shared_state.as_ref().and_then(|s| s.redis.password_secret_ref.as_ref()) {
-            let keys = wanted.entry(r.name.clone()).or_default();
-            if !keys.contains(&r.key) {
-                keys.push(r.key.clone());
+        // Upstream keys and the shared buckets' Redis password, each with the uses it is read for.
+        let mut wanted: std::collections::BTreeMap<String, Reads> = Default::default();
+        for read in llmproxy_api::consent::reads(&p.spec) {
+            let Some(key) = read.key.clone() else { continue };
+            let (keys, reads) = wanted.entry(read.secret.clone()).or_default();
+            if !keys.contains(&key) {
+                keys.push(key);
             }
+            reads.push(read);
         }
         // The LlmQuota's password lives in the operator's namespace, readable once granted.
         // It is kept under `NAMESPACE/NAME` (`SharedPolicy::password_slot`), out of reach of
@@ -158,21 +188,21 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                     ns.clone(),
                     name.clone(),
                     format!("{ns}/{name}"),
-                    vec![key.clone()],
+                    (vec![key.clone()], Vec::new()),
+                    String::new(),
                 )));
                 ((ns, name, key), task)
             });
         }
-        secrets.retain(|name, (keys, _)| {
-            let keep = wanted.get(name) == Some(keys);
-            if !keep {
-                for key in keys.iter() {
-                    proxy.set_secret_key(name, key, None);
-                }
+        secrets.retain(|name, (old, _)| {
+            let new = wanted.get(name);
+            // A key still read keeps its value until the new watch has checked the Secret again.
+            for key in old.0.iter().filter(|k| !new.is_some_and(|(keys, _)| keys.contains(k))) {
+                proxy.set_secret_key(name, key, None);
             }
-            keep
+            new == Some(old)
         });
-        for (name, keys) in wanted {
+        for (name, reads) in wanted {
             if secrets.contains_key(&name) {
                 continue;
             }
@@ -182,9 +212,10 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 p.namespace().unwrap_or_default(),
                 name.clone(),
                 name.clone(),
-                keys.clone(),
+                reads.clone(),
+                p.name_any(),
             )));
-            secrets.insert(name, (keys, task));
+            secrets.insert(name, (reads, task));
         }
         let wanted_keys =
             p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()).map(|r| r.name.clone());
@@ -199,6 +230,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                     client.clone(),
                     namespace,
                     name.clone(),
+                    p.name_any(),
                 )));
                 (name, task)
             });
@@ -208,12 +240,29 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
 
 /// Follow the client keys Secret: every change reaches the next request; a Secret that does not
 /// parse leaves the previous keys in force.
-async fn watch_client_keys(proxy: Arc<Proxy>, client: Client, namespace: String, name: String) {
+async fn watch_client_keys(
+    proxy: Arc<Proxy>,
+    client: Client,
+    namespace: String,
+    name: String,
+    owner: String,
+) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let mut updates = watcher(api, by_name(&name)).default_backoff().applied_objects().boxed();
     while let Some(event) = updates.next().await {
         match event {
             Ok(s) => {
+                let read = llmproxy_api::consent::SecretRead {
+                    secret: name.clone(),
+                    key: None,
+                    use_: llmproxy_api::SecretUse::ClientKeys,
+                    url: None,
+                };
+                if let Err(e) = crate::consent::allowed(&s.metadata, &[read], &owner) {
+                    proxy.set_client_keys(None);
+                    tracing::error!(secret = %name, error = %e, "client keys dropped: no client is admitted");
+                    continue;
+                }
                 let data = s.data.unwrap_or_default();
                 let pairs: Vec<(&str, &str)> = data
                     .iter()
@@ -234,15 +283,18 @@ async fn watch_client_keys(proxy: Arc<Proxy>, client: Client, namespace: String,
     }
 }
 
-/// Follow the keys `keys` of Secret `name`: every change reaches the next upstream request.
-/// Follow Secret `namespace/name` and keep its `keys` loaded under the name `slot`.
+/// Follow the keys of Secret `namespace/name`, kept under the name `slot`: every change reaches
+/// the next upstream request. Each version is checked against the uses `reads` makes of it (by
+/// LlmProxy `owner`); a key the Secret does not consent to is dropped, never used. With no reads
+/// (the LlmQuota's password, granted by the operator from the quota), no check.
 async fn watch_secret(
     proxy: Arc<Proxy>,
     client: Client,
     namespace: String,
     name: String,
     slot: String,
-    keys: Vec<String>,
+    (keys, reads): Reads,
+    owner: String,
 ) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let mut updates = watcher(api, by_name(&name)).default_backoff().applied_objects().boxed();
@@ -250,6 +302,13 @@ async fn watch_secret(
         match event {
             Ok(s) => {
                 for key in &keys {
+                    let uses: Vec<_> =
+                        reads.iter().filter(|r| r.key.as_ref() == Some(key)).cloned().collect();
+                    if let Err(e) = crate::consent::allowed(&s.metadata, &uses, &owner) {
+                        proxy.set_secret_key(&slot, key, None);
+                        tracing::error!(secret = %name, key = %key, error = %e, "key not used");
+                        continue;
+                    }
                     let value =
                         s.data.as_ref().and_then(|d| d.get(key)).and_then(|v| std::str::from_utf8(&v.0).ok());
                     match value.and_then(ApiKey::new) {

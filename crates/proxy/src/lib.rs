@@ -7,6 +7,7 @@ mod budget;
 pub mod cache;
 pub mod clients;
 pub mod cluster;
+pub mod consent;
 pub mod error;
 pub mod flight;
 pub mod h1;
