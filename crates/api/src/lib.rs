@@ -3,6 +3,7 @@
 
 pub mod client_keys;
 pub mod duration;
+pub mod fields;
 pub mod manifest;
 pub mod paths;
 pub mod policy;
