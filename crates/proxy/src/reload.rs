@@ -192,23 +192,25 @@ impl FileWatcher {
     fn check_secrets(&mut self) {
         let Some(dir) = self.files.secrets_dir.clone() else { return };
         let policy = self.proxy.policy();
-        let mut wanted = Vec::new();
+        // Each (secret, key) with what it holds, for the log lines.
+        let mut wanted: Vec<((String, String), &str)> = Vec::new();
+        let mut want = |id: (String, String), what| {
+            if !wanted.iter().any(|(w, _)| *w == id) {
+                wanted.push((id, what));
+            }
+        };
         for u in &policy.upstreams {
-            if let Some(r) = &u.api_key_secret_ref
-                && !wanted.contains(&(r.name.clone(), r.key.clone()))
-            {
-                wanted.push((r.name.clone(), r.key.clone()));
+            if let Some(r) = &u.api_key_secret_ref {
+                want((r.name.clone(), r.key.clone()), "upstream API key");
             }
         }
         // The Redis passwords of shared state and of the LlmQuota.
         let redis = policy.shared.iter().chain(policy.quota.as_ref().map(|q| &q.redis));
         for r in redis.filter_map(|s| s.password.as_ref()) {
-            if !wanted.contains(&(r.name.clone(), r.key.clone())) {
-                wanted.push((r.name.clone(), r.key.clone()));
-            }
+            want((r.name.clone(), r.key.clone()), "Redis password");
         }
-        self.last_secrets.retain(|id, _| wanted.contains(id));
-        for (secret, key) in wanted {
+        self.last_secrets.retain(|id, _| wanted.iter().any(|(w, _)| w == id));
+        for ((secret, key), what) in wanted {
             let bytes = std::fs::read(dir.join(&secret).join(&key)).ok();
             let last = self.last_secrets.entry((secret.clone(), key.clone())).or_insert(None);
             if *last == bytes && bytes.is_some() {
@@ -217,10 +219,10 @@ impl FileWatcher {
             match bytes.as_deref().map(String::from_utf8_lossy).and_then(|t| ApiKey::new(&t)) {
                 Some(value) => {
                     self.proxy.set_secret_key(&secret, &key, Some(value));
-                    tracing::info!(secret = %secret, key = %key, "upstream API key loaded");
+                    tracing::info!(secret = %secret, key = %key, "{what} loaded");
                 }
                 None if last.is_some() || bytes.is_some() => {
-                    tracing::error!(secret = %secret, key = %key, dir = %dir.display(), "key file missing or empty; keeping the previous key");
+                    tracing::error!(secret = %secret, key = %key, dir = %dir.display(), "{what} file missing or empty; keeping the previous one");
                 }
                 None => {}
             }
