@@ -70,30 +70,66 @@ fn key_text(key: &Value) -> String {
     }
 }
 
-/// A serde path (from `serde_ignored` or `serde_path_to_error`) in kubectl's notation: list
-/// indices in brackets, and no `?` for the options and newtypes serde passes through.
-pub fn kubectl_path(serde_path: &str) -> String {
+/// One step of a path into a document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A field of an object, or a key of a map.
+    Field(String),
+    /// An item of a list.
+    Index(usize),
+}
+
+/// A path in kubectl's notation: fields joined by dots, list indices in brackets
+/// (`spec.upstreams[0].limits.burst`).
+pub fn kubectl_path(steps: impl IntoIterator<Item = Step>) -> String {
     let mut out = String::new();
-    for segment in serde_path.split('.') {
-        // serde_path_to_error prints indices as `[0]` already; serde_ignored as `.0`.
-        let segment = segment.trim_matches('?');
-        if segment.is_empty() {
-            continue;
-        }
-        if segment.starts_with('[') || (!out.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())) {
-            if segment.starts_with('[') {
-                out.push_str(segment);
-            } else {
-                let _ = write!(out, "[{segment}]");
+    for step in steps {
+        match step {
+            Step::Index(i) => {
+                let _ = write!(out, "[{i}]");
             }
-        } else {
-            if !out.is_empty() {
-                out.push('.');
+            Step::Field(name) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&name);
             }
-            out.push_str(segment);
         }
     }
     out
+}
+
+/// The steps of a `serde_ignored` path; the options and newtypes serde passes through are
+/// no steps of the document.
+pub fn ignored_steps(path: &serde_ignored::Path<'_>) -> Vec<Step> {
+    use serde_ignored::Path;
+    let mut steps = match path {
+        Path::Root => return Vec::new(),
+        Path::Seq { parent, .. }
+        | Path::Map { parent, .. }
+        | Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_steps(parent),
+    };
+    match path {
+        Path::Seq { index, .. } => steps.push(Step::Index(*index)),
+        Path::Map { key, .. } => steps.push(Step::Field(key.clone())),
+        _ => {}
+    }
+    steps
+}
+
+/// The steps of a `serde_path_to_error` path (segments it could not name are left out).
+pub fn error_steps(path: &serde_path_to_error::Path) -> Vec<Step> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(Step::Index(*index)),
+            Segment::Map { key } => Some(Step::Field(key.clone())),
+            Segment::Enum { variant } => Some(Step::Field(variant.clone())),
+            Segment::Unknown => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -102,11 +138,11 @@ mod tests {
 
     #[test]
     fn paths_read_like_kubectls() {
-        assert_eq!(kubectl_path("spec.upstreams.?.0.limits.?.burst"), "spec.upstreams[0].limits.burst");
-        assert_eq!(kubectl_path("spec.clients.?.default.bogus2"), "spec.clients.default.bogus2");
-        assert_eq!(kubectl_path("spec.upstreams[1].url"), "spec.upstreams[1].url");
-        assert_eq!(kubectl_path("spec.limits?.rpm"), "spec.limits.rpm");
-        assert_eq!(kubectl_path("spec.upstreams.?[0].url"), "spec.upstreams[0].url");
+        let f = |s: &str| Step::Field(s.to_owned());
+        let steps = [f("spec"), f("upstreams"), Step::Index(0), f("limits"), f("burst")];
+        assert_eq!(kubectl_path(steps), "spec.upstreams[0].limits.burst");
+        let steps = [f("spec"), f("limits"), f("models"), f("gpt-4.1"), f("rpm")];
+        assert_eq!(kubectl_path(steps), "spec.limits.models.gpt-4.1.rpm", "a dotted key stays one key");
     }
 
     #[test]

@@ -133,8 +133,9 @@ fn strict<T: serde::de::DeserializeOwned>(
     }
     let mut unknown = Vec::new();
     let de = serde_yaml::Deserializer::from_str(doc);
-    let mut note_unknown =
-        |path: serde_ignored::Path<'_>| unknown.push(crate::fields::kubectl_path(&path.to_string()));
+    let mut note_unknown = |path: serde_ignored::Path<'_>| {
+        unknown.push(crate::fields::kubectl_path(crate::fields::ignored_steps(&path)))
+    };
     let ignoring = serde_ignored::Deserializer::new(de, &mut note_unknown);
     // The error names the field it is about (`spec.queue.maxWait: ...`), like kubectl does.
     let value: T = serde_path_to_error::deserialize(ignoring).map_err(|e| {
@@ -146,7 +147,10 @@ fn strict<T: serde::de::DeserializeOwned>(
                 !prefix.contains(' ') && prefix.starts_with(|c: char| c.is_ascii_lowercase())
             })
             .map_or(inner.as_str(), |(_, rest)| rest);
-        ManifestError::Parse(format!("{}: {message}", crate::fields::kubectl_path(&e.path().to_string())))
+        ManifestError::Parse(format!(
+            "{}: {message}",
+            crate::fields::kubectl_path(crate::fields::error_steps(e.path()))
+        ))
     })?;
     // apiVersion and kind are read by kube's own (de)serialisation and may surface here.
     unknown.retain(|p| p != "apiVersion" && p != "kind");
@@ -198,12 +202,21 @@ spec:
                 "  upstreams:\n    - name: a\n      url: 'http://127.0.0.1:9'\n      tiemout: 5s\n",
                 "spec.upstreams[0].tiemout",
             ),
+            ("  cache: {ttl: 1m, maxEntrys: 5}\n", "spec.cache.maxEntrys"),
         ] {
             let text = GOOD.replace("  upstream: {url: 'http://127.0.0.1:9'}\n", "") + spec;
             let text = if spec.contains("upstreams") { text } else { format!("{GOOD}{spec}") };
             let err = from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(&format!("unknown field {path} ")), "{path}: {err}");
         }
+    }
+
+    #[test]
+    fn a_dotted_model_name_stays_one_step_of_the_path() {
+        let text =
+            GOOD.replace("requestsPerMinute: 60}", "requestsPerMinute: 60, models: {gpt-4.1: {rpm: 1}}}");
+        let err = from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unknown field spec.limits.models.gpt-4.1.rpm "), "{err}");
     }
 
     #[test]
