@@ -298,3 +298,53 @@ async fn rotated_client_keys_take_effect_without_a_restart() {
         "no key in the logs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_client_is_refused_even_when_another_line_of_the_file_is_invalid() {
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("llmproxy.yaml");
+    let keys = dir.path().join("keys.yaml");
+    let spec = "  clients:\n    keysSecretRef: {name: team-keys}\n";
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keys, "team-a: sk-aaa\nteam-b: sk-bbb\nteam-c: sk-ccc\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let keys_arg = keys.display().to_string();
+    let proxy = ProxyProcess::start(&file, &["--client-keys-file", &keys_arg], &[]).await;
+    let url = Target { url: proxy.url("/chat/completions"), client: load::client() };
+    for key in ["sk-aaa", "sk-bbb", "sk-ccc"] {
+        assert_eq!(send(&url, key, &chat(1)).await.0, 200, "{key}");
+    }
+    // team-b removed, and in the same edit a line with a name no client may have.
+    std::fs::write(&keys, "team-a: sk-aaa\nteam c: sk-bad\nteam-c: sk-ccc\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("team-b's key to be revoked", Duration::from_secs(5), || {
+        let url = url.clone();
+        async move { (send(&url, "sk-bbb", &chat(2)).await.0 == 401).then_some(()) }
+    })
+    .await;
+    assert_eq!(send(&url, "sk-aaa", &chat(3)).await.0, 200, "the valid entries stay in force");
+    assert_eq!(send(&url, "sk-bad", &chat(4)).await.0, 401, "the invalid entry is not admitted");
+    // team-c removed, and a line that is not YAML at all: the rest still applies.
+    std::fs::write(&keys, "team-a: sk-aaa\nteam-d sk-ddd: [\n").unwrap_or_else(|e| panic!("{e}"));
+    eventually("team-c's key to be revoked", Duration::from_secs(5), || {
+        let url = url.clone();
+        async move { (send(&url, "sk-ccc", &chat(5)).await.0 == 401).then_some(()) }
+    })
+    .await;
+    assert_eq!(send(&url, "sk-aaa", &chat(6)).await.0, 200);
+    // The file deleted: no key is in force.
+    std::fs::remove_file(&keys).unwrap_or_else(|e| panic!("{e}"));
+    eventually("every key to be revoked", Duration::from_secs(5), || {
+        let url = url.clone();
+        async move { (send(&url, "sk-aaa", &chat(7)).await.0 == 401).then_some(()) }
+    })
+    .await;
+    let logs = proxy.logs();
+    assert!(logs.contains("client name \\\"team c\\\""), "the refused entry is named: {logs}");
+    assert!(logs.contains("line 2"), "the line that is not YAML is named: {logs}");
+    for key in ["sk-aaa", "sk-bbb", "sk-bad", "sk-ddd"] {
+        assert!(!logs.contains(key), "a key leaked into the logs");
+    }
+}

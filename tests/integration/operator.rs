@@ -1216,3 +1216,144 @@ async fn keda_scales_on_saturation_where_asked_and_the_adapter_rules_render() {
         rules["rules"].as_array().into_iter().flatten().filter_map(|r| r["name"]["as"].as_str()).collect();
     assert_eq!(names, ["llmproxy_saturation", "llmproxy_queue_depth"]);
 }
+
+/// One chat request with a client key (`None`: none); status and body.
+async fn chat_as(http: &reqwest::Client, url: &str, key: Option<&str>) -> (u16, String) {
+    let mut req =
+        http.post(url).header("content-type", "application/json").body(load::chat_body(1).to_string());
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    match req.send().await {
+        Ok(resp) => (resp.status().as_u16(), resp.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_proxy_revokes_removed_and_deleted_client_keys() {
+    let (env, client, ns, api) = setup("revoke").await;
+    let upstream = mock(MockConfig { api_key: Some("sk-up".into()), ..MockConfig::default() }).await;
+    secret(&client, &ns, "sk-up").await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let keys = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "team-keys", "labels": {llmproxy_api::CLIENT_KEYS_LABEL: "true"}},
+        "stringData": {"web": "sk-web", "etl": "sk-etl"}});
+    secrets
+        .patch("team-keys", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&keys))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let clients = json!({"clients": {"keysSecretRef": {"name": "team-keys"}}});
+    apply(&api, &llmproxy("p", &upstream.url(), clients)).await;
+    let kubeconfig = env.kubeconfig().display().to_string();
+    let proxy = crate::support::proxy_env::ProxyProcess::start_with_args(
+        &["proxy", "--resource", &format!("{ns}/p")],
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
+    .await;
+    let (http, url) = (load::client(), proxy.url("/chat/completions"));
+    for key in ["sk-web", "sk-etl"] {
+        assert_eq!(chat_as(&http, &url, Some(key)).await.0, 200, "{key}");
+    }
+
+    // etl removed and, in the same edit, an entry that cannot be used: the removal holds.
+    let bad = ByteString(b"sha256:not-hex".to_vec());
+    let edit = json!({"data": {"etl": null, "ops": bad}});
+    secrets
+        .patch("team-keys", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("etl's key to be revoked", WAIT, || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { (chat_as(&http, &url, Some("sk-etl")).await.0 == 401).then_some(()) }
+    })
+    .await;
+    assert_eq!(chat_as(&http, &url, Some("sk-web")).await.0, 200, "the valid entry stays in force");
+
+    // The Secret deleted: its keys go with it.
+    secrets.delete("team-keys", &Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    eventually("every key to be revoked", WAIT, || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { (chat_as(&http, &url, Some("sk-web")).await.0 == 401).then_some(()) }
+    })
+    .await;
+    let logs = proxy.logs();
+    assert!(logs.contains(r#"client \"ops\""#), "the refused entry is named: {logs}");
+    for key in ["sk-web", "sk-etl", "sk-up", "not-hex"] {
+        assert!(!logs.contains(key), "a key leaked into the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_quota_grant_stops_admission_until_it_is_granted_again() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let (env, client, ops, _) = setup("withdraw-ops").await;
+    let ns = env.namespace(&client, "team").await;
+    let label =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"team": "a"}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&ns, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&label))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let redis = crate::support::redis::RedisServer::start(None).await;
+    let quota = |team: &str| {
+        json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmQuota", "metadata": {"name": "org"},
+               "spec": {"requestsPerMinute": 6000, "sharedState": {"redis": {"url": redis.url()}},
+                        "allowedNamespaces": {"matchLabels": {"team": team}}}})
+    };
+    let quotas: Api<llmproxy_api::LlmQuota> = Api::all(client.clone());
+    let set_quota = |team: &'static str| {
+        let (quotas, q) = (quotas.clone(), quota(team));
+        async move {
+            quotas
+                .patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&q))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    set_quota("a").await;
+    let _op = Operator::start_with(&client, &ops, None, "op-1", false, Some(&ops));
+    let upstream = mock(MockConfig { api_key: Some("sk-up".into()), ..MockConfig::default() }).await;
+    secret(&client, &ns, "sk-up").await;
+    let api = Api::<LlmProxy>::namespaced(client.clone(), &ns);
+    apply(&api, &llmproxy("p", &upstream.url(), json!({"quotaRef": {"name": "org"}}))).await;
+    let granted = || {
+        let api = api.clone();
+        async move { api.get("p").await.ok()?.status?.quota.map(|_| ()) }
+    };
+    eventually("the quota granted", WAIT, granted).await;
+    let kubeconfig = env.kubeconfig().display().to_string();
+    let proxy = crate::support::proxy_env::ProxyProcess::start_with_args(
+        &["proxy", "--resource", &format!("{ns}/p")],
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
+    .await;
+    let (http, url) = (load::client(), proxy.url("/chat/completions"));
+    assert_eq!(chat_as(&http, &url, None).await.0, 200);
+
+    // The quota's owner no longer allows the namespace: the grant goes, and so does admission.
+    set_quota("b").await;
+    let (status, body) = eventually("admission to stop", WAIT, || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { Some(chat_as(&http, &url, None).await).filter(|(s, _)| *s != 200) }
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(body["error"]["code"], "quota_not_granted", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("LlmQuota \"org\" is not granted"), "{message}");
+    let before = upstream.mock.seen().len();
+    assert_eq!(chat_as(&http, &url, None).await.0, 503);
+    assert_eq!(upstream.mock.seen().len(), before, "nothing reaches the upstream while withdrawn");
+
+    // Granted again: served again, by the same process.
+    let pid = proxy.pid();
+    set_quota("a").await;
+    eventually("admission to resume", WAIT, || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { (chat_as(&http, &url, None).await.0 == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(proxy.pid(), pid);
+}

@@ -305,3 +305,38 @@ fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy(
         "kubectl-like, one line per field: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_is_logged_as_a_redis_password() {
+    let redis = crate::support::redis::RedisServer::start(Some("s3cret-redis")).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("redis-auth")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(secrets.join("redis-auth").join("password"), "s3cret-redis")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let shared = format!(
+        "  sharedState: {{redis: {{url: '{}', passwordSecretRef: {{name: redis-auth}}}}}}\n",
+        redis.url()
+    );
+    let file = dir.path().join("llmproxy.yaml");
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 600}", &shared))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let secrets = secrets.display().to_string();
+    let proxy =
+        ProxyProcess::start(&file, &["--secrets-dir", &secrets], &[("LLMPROXY_UPSTREAM_API_KEY", "sk-up")])
+            .await;
+    // The password works (shared mode), and its log line says what it is.
+    let metrics = format!("http://{}/metrics", proxy.admin);
+    eventually("shared mode with the password", Duration::from_secs(20), || {
+        let metrics = metrics.clone();
+        async move {
+            (metric(&get_text(&metrics).await, "llmproxy_quota_mode{mode=\"shared\"}") == 1.0).then_some(())
+        }
+    })
+    .await;
+    let logs = proxy.logs();
+    assert!(logs.contains("Redis password loaded"), "{logs}");
+    assert!(!logs.contains("upstream API key loaded"), "the password is not an upstream key: {logs}");
+    assert!(!logs.contains("s3cret-redis"), "the password leaked into the logs");
+}

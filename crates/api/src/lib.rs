@@ -4,6 +4,7 @@
 pub mod client_keys;
 pub mod consent;
 pub mod duration;
+pub mod fields;
 pub mod manifest;
 pub mod paths;
 pub mod policy;

@@ -59,8 +59,10 @@ pub fn from_yaml(text: &str) -> Result<(LlmProxy, Policy), ManifestError> {
         let (api_version, kind) = (field("apiVersion"), field("kind"));
         let ours = api_version == format!("{}/{}", crate::GROUP, crate::VERSION);
         match kind.as_str() {
-            "LlmProxy" if ours && proxy.is_none() => proxy = Some(strict::<LlmProxy>(doc)?),
-            "LlmQuota" if ours => quotas.push(strict::<LlmQuota>(doc)?),
+            "LlmProxy" if ours && proxy.is_none() => {
+                proxy = Some(strict::<LlmProxy>(doc, &head, schema::<LlmProxy>())?);
+            }
+            "LlmQuota" if ours => quotas.push(strict::<LlmQuota>(doc, &head, schema::<LlmQuota>())?),
             _ => return Err(ManifestError::WrongKind { api_version, kind }),
         }
     }
@@ -109,11 +111,31 @@ fn is_blank(doc: &str) -> bool {
     doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
 }
 
-/// One document, strictly: an unknown field is an error, and errors name the field's path.
-fn strict<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, ManifestError> {
+/// The `openAPIV3Schema` of `T`'s generated CRD, built once per kind.
+fn schema<T: CustomResourceExt + 'static>() -> &'static serde_json::Value {
+    static SCHEMAS: std::sync::OnceLock<[serde_json::Value; 2]> = std::sync::OnceLock::new();
+    let of = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
+        serde_json::to_value(crd).unwrap_or_default()["spec"]["versions"][0]["schema"]["openAPIV3Schema"].take()
+    };
+    let schemas = SCHEMAS.get_or_init(|| [of(LlmProxy::crd()), of(LlmQuota::crd())]);
+    if T::crd_name() == LlmQuota::crd_name() { &schemas[1] } else { &schemas[0] }
+}
+
+/// One document, strictly: a field the CRD schema does not know is an error at any depth (as
+/// the API server's strict field validation makes it), and errors name the field's path.
+fn strict<T: serde::de::DeserializeOwned>(
+    doc: &str,
+    value: &serde_yaml::Value,
+    schema: &serde_json::Value,
+) -> Result<T, ManifestError> {
+    if let Some(first) = crate::fields::unknown_fields(value, schema).into_iter().next() {
+        return Err(ManifestError::UnknownField(first));
+    }
     let mut unknown = Vec::new();
     let de = serde_yaml::Deserializer::from_str(doc);
-    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let mut note_unknown = |path: serde_ignored::Path<'_>| {
+        unknown.push(crate::fields::kubectl_path(crate::fields::ignored_steps(&path)))
+    };
     let ignoring = serde_ignored::Deserializer::new(de, &mut note_unknown);
     // The error names the field it is about (`spec.queue.maxWait: ...`), like kubectl does.
     let value: T = serde_path_to_error::deserialize(ignoring).map_err(|e| {
@@ -125,7 +147,10 @@ fn strict<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, ManifestError>
                 !prefix.contains(' ') && prefix.starts_with(|c: char| c.is_ascii_lowercase())
             })
             .map_or(inner.as_str(), |(_, rest)| rest);
-        ManifestError::Parse(format!("{}: {message}", e.path()))
+        ManifestError::Parse(format!(
+            "{}: {message}",
+            crate::fields::kubectl_path(crate::fields::error_steps(e.path()))
+        ))
     })?;
     // apiVersion and kind are read by kube's own (de)serialisation and may surface here.
     unknown.retain(|p| p != "apiVersion" && p != "kind");
@@ -159,6 +184,46 @@ spec:
         let text = GOOD.replace("requestsPerMinute: 60", "requestsPerMinute: 60, rpm: 5");
         let err = from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("unknown field spec.limits.rpm"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_inside_list_items_are_errors_too() {
+        for (spec, path) in [
+            (
+                "  clients:\n    overrides:\n      - {name: web, weight: 3, bogus: 1}\n",
+                "spec.clients.overrides[0].bogus",
+            ),
+            ("  clients:\n    default: {weight: 1, bogus2: 1}\n", "spec.clients.default.bogus2"),
+            (
+                "  upstreams:\n    - name: a\n      url: 'http://127.0.0.1:9'\n      limits: {burst: 5}\n",
+                "spec.upstreams[0].limits.burst",
+            ),
+            (
+                "  upstreams:\n    - name: a\n      url: 'http://127.0.0.1:9'\n      tiemout: 5s\n",
+                "spec.upstreams[0].tiemout",
+            ),
+            ("  cache: {ttl: 1m, maxEntrys: 5}\n", "spec.cache.maxEntrys"),
+        ] {
+            let text = GOOD.replace("  upstream: {url: 'http://127.0.0.1:9'}\n", "") + spec;
+            let text = if spec.contains("upstreams") { text } else { format!("{GOOD}{spec}") };
+            let err = from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(&format!("unknown field {path} ")), "{path}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_dotted_model_name_stays_one_step_of_the_path() {
+        let text =
+            GOOD.replace("requestsPerMinute: 60}", "requestsPerMinute: 60, models: {gpt-4.1: {rpm: 1}}}");
+        let err = from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unknown field spec.limits.models.gpt-4.1.rpm "), "{err}");
+    }
+
+    #[test]
+    fn error_paths_index_lists_and_skip_options() {
+        let text = format!("{GOOD}  clients:\n    overrides:\n      - {{name: web, weight: heavy}}\n");
+        let err = from_yaml(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!err.contains('?') && err.contains("spec.clients.overrides[0]"), "{err}");
     }
 
     #[test]

@@ -52,18 +52,23 @@ pub fn sharing_pods(p: &LlmProxy) -> u32 {
 /// the proxies draw from no LlmQuota the operator did not check.
 pub fn policy_for(p: &LlmProxy) -> Result<Policy, llmproxy_api::PolicyError> {
     let mut policy = Policy::from_spec(&p.spec)?;
-    if let Some(r) = &p.spec.quota_ref {
-        match p.status.as_ref().and_then(|s| s.quota.as_ref()).filter(|q| q.name == r.name) {
-            Some(granted) => policy = policy.with_quota(granted)?,
-            None => {
-                return Err(llmproxy_api::PolicyError::one(
-                    "spec.quotaRef",
-                    format!("LlmQuota {:?} not granted yet (see the LlmProxy's conditions)", r.name),
-                ));
-            }
-        }
+    if let Some(reason) = quota_not_granted(p) {
+        return Err(llmproxy_api::PolicyError::one("spec.quotaRef", reason));
+    }
+    if let Some(granted) = p.status.as_ref().and_then(|s| s.quota.as_ref())
+        && p.spec.quota_ref.as_ref().is_some_and(|r| r.name == granted.name)
+    {
+        policy = policy.with_quota(granted)?;
     }
     Ok(policy.for_replicas(sharing_pods(p)))
+}
+
+/// Why the LlmQuota the spec names may not be drawn on, if it may not: the operator has not
+/// granted it (or withdrew the grant) in the status.
+pub fn quota_not_granted(p: &LlmProxy) -> Option<String> {
+    let r = p.spec.quota_ref.as_ref()?;
+    let granted = p.status.as_ref().and_then(|s| s.quota.as_ref()).is_some_and(|q| q.name == r.name);
+    (!granted).then(|| format!("LlmQuota {:?} is not granted to this LlmProxy (see its conditions)", r.name))
 }
 
 /// Read the LlmProxy once, retrying until it exists and is valid.
@@ -143,6 +148,16 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
             continue;
         }
         proxy.set_replicas(sharing_pods(&p));
+        // A withdrawn grant stops admission at once; the last good policy drew on that quota.
+        let not_granted = quota_not_granted(&p);
+        if proxy.withhold(not_granted.clone()) {
+            match &not_granted {
+                Some(reason) => {
+                    tracing::error!(reason = %reason, "quota grant withdrawn; admitting nothing until it is granted again")
+                }
+                None => tracing::info!("quota granted; admitting requests"),
+            }
+        }
         match policy_for(&p) {
             Ok(policy) => {
                 if proxy.apply_policy(policy) == Reload::Applied {
@@ -153,6 +168,8 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                     );
                 }
             }
+            // Said above: nothing is served, the last good policy included.
+            Err(_) if not_granted.is_some() => {}
             Err(e) => {
                 proxy.reject_policy();
                 tracing::error!(error = %e, "policy refused; the last good policy keeps serving");
@@ -238,8 +255,10 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
     }
 }
 
-/// Follow the client keys Secret: every change reaches the next request; a Secret that does not
-/// parse leaves the previous keys in force.
+/// Follow the client keys Secret: every change reaches the next request, as far as the Secret
+/// is valid (an invalid entry admits no one and is logged by client name); a deleted Secret, or
+/// one a re-list no longer finds, revokes every key; a version that does not consent to this use
+/// (by LlmProxy `owner`) admits no one.
 async fn watch_client_keys(
     proxy: Arc<Proxy>,
     client: Client,
@@ -248,10 +267,14 @@ async fn watch_client_keys(
     owner: String,
 ) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
-    let mut updates = watcher(api, by_name(&name)).default_backoff().applied_objects().boxed();
+    let mut updates = watcher(api, by_name(&name)).default_backoff().boxed();
+    // Whether the current (re-)list has found the Secret, and whether any keys are in force.
+    let (mut listed, mut loaded) = (false, false);
     while let Some(event) = updates.next().await {
         match event {
-            Ok(s) => {
+            Ok(watcher::Event::Init) => listed = false,
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                listed = true;
                 let read = llmproxy_api::consent::SecretRead {
                     secret: name.clone(),
                     key: None,
@@ -260,26 +283,40 @@ async fn watch_client_keys(
                 };
                 if let Err(e) = crate::consent::allowed(&s.metadata, &[read], &owner) {
                     proxy.set_client_keys(None);
+                    loaded = false;
                     tracing::error!(secret = %name, error = %e, "client keys dropped: no client is admitted");
                     continue;
                 }
+                loaded = true;
                 let data = s.data.unwrap_or_default();
-                let pairs: Vec<(&str, &str)> = data
-                    .iter()
-                    .filter_map(|(client, key)| Some((client.as_str(), std::str::from_utf8(&key.0).ok()?)))
-                    .collect();
-                match ClientKeys::from_pairs(pairs) {
-                    Ok(keys) => {
-                        tracing::info!(secret = %name, clients = keys.names().count(), "client keys loaded");
-                        proxy.set_client_keys(Some(keys));
-                    }
-                    Err(e) => {
-                        tracing::error!(secret = %name, error = %e, "client keys refused; keeping the previous keys")
+                let mut refused = Vec::new();
+                let mut pairs: Vec<(&str, &str)> = Vec::new();
+                for (client, key) in &data {
+                    match std::str::from_utf8(&key.0) {
+                        Ok(key) => pairs.push((client.as_str(), key)),
+                        Err(_) => refused.push(format!("client {client:?}: the key is not UTF-8 text")),
                     }
                 }
+                let mut table = ClientKeys::load_pairs(pairs);
+                refused.append(&mut table.refused);
+                table.refused = refused;
+                let keys = crate::reload::report_refused(table, &format!("Secret {name}"));
+                tracing::info!(secret = %name, clients = keys.names().count(), "client keys loaded");
+                proxy.set_client_keys(Some(keys));
             }
+            Ok(watcher::Event::Delete(_)) => revoke_client_keys(&proxy, &name, &mut loaded),
+            Ok(watcher::Event::InitDone) if !listed => revoke_client_keys(&proxy, &name, &mut loaded),
+            Ok(watcher::Event::InitDone) => {}
             Err(e) => tracing::warn!(error = %e, "watching the client keys Secret failed; retrying"),
         }
+    }
+}
+
+/// The client keys Secret is gone: no key it held is in force any more.
+fn revoke_client_keys(proxy: &Proxy, name: &str, loaded: &mut bool) {
+    if std::mem::take(loaded) {
+        proxy.set_client_keys(Some(ClientKeys::default()));
+        tracing::error!(secret = %name, "the client keys Secret is gone; every client key is revoked");
     }
 }
 

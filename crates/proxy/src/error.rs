@@ -56,6 +56,18 @@ impl ApiError {
         }
     }
 
+    /// 503 while the LlmQuota grant this proxy draws on is withdrawn: its owner must grant it
+    /// again (or the LlmProxy must stop naming it) before anything is admitted.
+    pub fn quota_withdrawn(reason: &str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("llmproxy admits no requests: {reason}"),
+            kind: "api_error",
+            code: Some("quota_not_granted"),
+            retry_after: Some(Duration::from_secs(5)),
+        }
+    }
+
     /// 429 from the proxy's own queue, naming the limit that held the request.
     pub fn throttled(r: &Rejection, waited_for: Duration) -> Self {
         let message = if r.queue_full {

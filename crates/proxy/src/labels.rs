@@ -25,11 +25,13 @@ pub enum Outcome {
     Coalesced,
     /// No client key, or an unknown one.
     Unauthorized,
+    /// The LlmQuota grant the proxy draws on was withdrawn: nothing is admitted until it is back.
+    QuotaWithdrawn,
 }
 
 impl Outcome {
     /// Every outcome, for initialising metric series.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -40,6 +42,7 @@ impl Outcome {
         Outcome::CacheHit,
         Outcome::Coalesced,
         Outcome::Unauthorized,
+        Outcome::QuotaWithdrawn,
     ];
 
     /// The metric label.
@@ -55,6 +58,7 @@ impl Outcome {
             Outcome::CacheHit => "cache_hit",
             Outcome::Coalesced => "coalesced",
             Outcome::Unauthorized => "unauthorized",
+            Outcome::QuotaWithdrawn => "quota_withdrawn",
         }
     }
 

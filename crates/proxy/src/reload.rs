@@ -64,11 +64,20 @@ pub fn load_key(path: &Path) -> anyhow::Result<Option<ApiKey>> {
     Ok(ApiKey::new(&text))
 }
 
-/// Read a client keys file (YAML `name: key` lines).
+/// Read a client keys file (YAML `name: key` lines) as far as it is valid: the valid entries
+/// are in force, each invalid one is logged (by client or line, never its key) and admits no one.
 pub fn load_client_keys(path: &Path) -> anyhow::Result<ClientKeys> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    ClientKeys::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    Ok(report_refused(ClientKeys::load_yaml(&text), &path.display().to_string()))
+}
+
+/// Log the entries of a client keys table that are not in force; the valid ones are returned.
+pub(crate) fn report_refused(loaded: llmproxy_api::client_keys::Loaded, source: &str) -> ClientKeys {
+    for why in &loaded.refused {
+        tracing::error!(source = %source, error = %why, "client keys entry refused; the other entries are in force");
+    }
+    loaded.keys
 }
 
 /// The files a standalone proxy follows.
@@ -173,42 +182,56 @@ impl FileWatcher {
                 Err(e) => tracing::error!(error = %e, "API key file unreadable; keeping the old key"),
             }
         }
-        if let Some(keys_file) = &self.files.client_keys
-            && changed(keys_file, &mut self.last_client_keys)
-        {
-            match load_client_keys(keys_file) {
-                Ok(keys) => {
-                    let names = keys.names().count();
-                    self.proxy.set_client_keys(Some(keys));
-                    tracing::info!(file = %keys_file.display(), clients = names, "client keys reloaded");
-                }
-                Err(e) => tracing::error!(error = %e, "client keys file refused; keeping the previous keys"),
-            }
+        if let Some(keys_file) = self.files.client_keys.clone() {
+            self.check_client_keys(&keys_file);
         }
         self.check_secrets();
+    }
+
+    /// Apply a changed client keys file as far as it is valid; a deleted one revokes every key.
+    fn check_client_keys(&mut self, keys_file: &Path) {
+        match std::fs::read(keys_file) {
+            Ok(bytes) if self.last_client_keys.as_ref() != Some(&bytes) => {
+                let loaded = ClientKeys::load_yaml(&String::from_utf8_lossy(&bytes));
+                let keys = report_refused(loaded, &keys_file.display().to_string());
+                let names = keys.names().count();
+                self.proxy.set_client_keys(Some(keys));
+                tracing::info!(file = %keys_file.display(), clients = names, "client keys reloaded");
+                self.last_client_keys = Some(bytes);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.last_client_keys.is_some() => {
+                self.proxy.set_client_keys(Some(ClientKeys::default()));
+                tracing::error!(file = %keys_file.display(), "client keys file removed; every client key is revoked");
+                self.last_client_keys = None;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "client keys file unreadable; keeping the previous keys"),
+        }
     }
 
     /// Read the Secrets the policy in force names from `--secrets-dir`, applying what changed.
     fn check_secrets(&mut self) {
         let Some(dir) = self.files.secrets_dir.clone() else { return };
         let policy = self.proxy.policy();
-        let mut wanted = Vec::new();
+        // Each (secret, key) with what it holds, for the log lines.
+        let mut wanted: Vec<((String, String), &str)> = Vec::new();
+        let mut want = |id: (String, String), what| {
+            if !wanted.iter().any(|(w, _)| *w == id) {
+                wanted.push((id, what));
+            }
+        };
         for u in &policy.upstreams {
-            if let Some(r) = &u.api_key_secret_ref
-                && !wanted.contains(&(r.name.clone(), r.key.clone()))
-            {
-                wanted.push((r.name.clone(), r.key.clone()));
+            if let Some(r) = &u.api_key_secret_ref {
+                want((r.name.clone(), r.key.clone()), "upstream API key");
             }
         }
         // The Redis passwords of shared state and of the LlmQuota.
         let redis = policy.shared.iter().chain(policy.quota.as_ref().map(|q| &q.redis));
         for r in redis.filter_map(|s| s.password.as_ref()) {
-            if !wanted.contains(&(r.name.clone(), r.key.clone())) {
-                wanted.push((r.name.clone(), r.key.clone()));
-            }
+            want((r.name.clone(), r.key.clone()), "Redis password");
         }
-        self.last_secrets.retain(|id, _| wanted.contains(id));
-        for (secret, key) in wanted {
+        self.last_secrets.retain(|id, _| wanted.iter().any(|(w, _)| w == id));
+        for ((secret, key), what) in wanted {
             let bytes = std::fs::read(dir.join(&secret).join(&key)).ok();
             let last = self.last_secrets.entry((secret.clone(), key.clone())).or_insert(None);
             if *last == bytes && bytes.is_some() {
@@ -217,10 +240,10 @@ impl FileWatcher {
             match bytes.as_deref().map(String::from_utf8_lossy).and_then(|t| ApiKey::new(&t)) {
                 Some(value) => {
                     self.proxy.set_secret_key(&secret, &key, Some(value));
-                    tracing::info!(secret = %secret, key = %key, "upstream API key loaded");
+                    tracing::info!(secret = %secret, key = %key, "{what} loaded");
                 }
                 None if last.is_some() || bytes.is_some() => {
-                    tracing::error!(secret = %secret, key = %key, dir = %dir.display(), "key file missing or empty; keeping the previous key");
+                    tracing::error!(secret = %secret, key = %key, dir = %dir.display(), "{what} file missing or empty; keeping the previous one");
                 }
                 None => {}
             }
@@ -236,7 +259,18 @@ impl FileWatcher {
     /// Client keys from a mounted Secret's directory: one file per client (hidden entries, such
     /// as the `..data` links of a Kubernetes mount, are skipped).
     fn check_keys_dir(&mut self, dir: &Path) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // The Secret is gone: so are its keys.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.last_keys_dir.take().is_some() {
+                    self.proxy.set_client_keys(Some(ClientKeys::default()));
+                    tracing::error!(dir = %dir.display(), "client keys Secret removed; every client key is revoked");
+                }
+                return;
+            }
+            Err(_) => return,
+        };
         let mut files: Vec<(String, Vec<u8>)> = entries
             .filter_map(Result::ok)
             .filter_map(|e| {
@@ -251,14 +285,11 @@ impl FileWatcher {
         }
         let pairs: Vec<(&str, String)> =
             files.iter().map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v).into_owned())).collect();
-        match ClientKeys::from_pairs(pairs.iter().map(|(n, v)| (*n, v.as_str()))) {
-            Ok(keys) => {
-                let names = keys.names().count();
-                self.proxy.set_client_keys(Some(keys));
-                tracing::info!(dir = %dir.display(), clients = names, "client keys loaded");
-            }
-            Err(e) => tracing::error!(error = %e, "client keys refused; keeping the previous keys"),
-        }
+        let loaded = ClientKeys::load_pairs(pairs.iter().map(|(n, v)| (*n, v.as_str())));
+        let keys = report_refused(loaded, &dir.display().to_string());
+        let names = keys.names().count();
+        self.proxy.set_client_keys(Some(keys));
+        tracing::info!(dir = %dir.display(), clients = names, "client keys loaded");
         self.last_keys_dir = Some(files);
     }
 

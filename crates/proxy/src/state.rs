@@ -79,6 +79,8 @@ pub struct Proxy {
     sharing: AtomicBool,
     /// Replicas the cluster reports (0: unknown), a floor for the members without Redis.
     replicas: Arc<std::sync::atomic::AtomicU32>,
+    /// Why nothing is admitted (the LlmQuota grant was withdrawn), if so.
+    withheld: ArcSwapOption<String>,
 }
 
 impl Proxy {
@@ -105,6 +107,7 @@ impl Proxy {
             shared: Arc::default(),
             sharing: AtomicBool::new(false),
             replicas: Arc::default(),
+            withheld: ArcSwapOption::empty(),
         });
         let policy = proxy.policy.load_full();
         proxy.metrics.init_upstreams(policy.upstreams.iter().map(|u| u.name.as_str()));
@@ -192,6 +195,19 @@ impl Proxy {
         self.update_gauges();
         self.metrics.reload(Reload::Applied);
         Reload::Applied
+    }
+
+    /// Admit nothing, answering 503 with `reason` (the LlmQuota grant was withdrawn), or admit
+    /// again (`None`): the last good policy must not go on drawing on a quota no longer granted.
+    /// Whether that changed anything.
+    pub fn withhold(&self, reason: Option<String>) -> bool {
+        let before = self.withheld.swap(reason.map(Arc::new));
+        before.as_deref() != self.withheld.load().as_deref()
+    }
+
+    /// Why nothing is admitted, if so.
+    pub(crate) fn withheld(&self) -> Option<Arc<String>> {
+        self.withheld.load_full()
     }
 
     /// Count a policy that was refused (the last good one keeps serving).

@@ -50,6 +50,11 @@ async fn pipeline(
         Ok(client) => client,
         Err(err) => return respond::respond(Answer::Refused(err, Outcome::Unauthorized), record, None),
     };
+    // A withdrawn quota grant admits nothing, not even from the cache, until it is back.
+    if let Some(reason) = proxy.withheld() {
+        let err = crate::error::ApiError::quota_withdrawn(&reason);
+        return respond::respond(Answer::Refused(err, Outcome::QuotaWithdrawn), record, None);
+    }
     record.set_client(Arc::clone(&client.party.metrics));
     // The phases that hold large futures (reading, sending) are boxed, so that a request
     // waiting in line carries only the small state it waits in.
