@@ -497,12 +497,13 @@ fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> (Framing
         .map(<[u8]>::trim_ascii)
         .filter(|c| !c.is_empty())
         .collect();
-    if let Some(last) = codings.last() {
-        if last.eq_ignore_ascii_case(b"chunked") {
-            let both = headers.contains_key(header::CONTENT_LENGTH);
-            return (Framing::Chunked(Chunk::Size), !both);
-        }
-        // Another coding last: the body ends when the connection does.
+    if codings.last().is_some_and(|last| last.eq_ignore_ascii_case(b"chunked")) {
+        let both = headers.contains_key(header::CONTENT_LENGTH);
+        return (Framing::Chunked(Chunk::Size), !both);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Another coding last, or none named (an empty field): the body ends when the
+        // connection does (RFC 9112 6.3), whatever a Content-Length says.
         return (Framing::Close, false);
     }
     let mut length = None;
@@ -573,83 +574,7 @@ impl Body {
 
     /// The next piece of the body out of what is buffered: `Ok(None)` when more must be read.
     fn decode(&mut self) -> Result<Option<Bytes>, Error> {
-        loop {
-            match self.framing {
-                Framing::Done => return Ok(None),
-                Framing::Length(left) => {
-                    if self.buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let n = take_len(left, self.buf.len());
-                    let left = left - n as u64;
-                    self.framing = if left == 0 { Framing::Done } else { Framing::Length(left) };
-                    return Ok(Some(self.buf.split_to(n).freeze()));
-                }
-                Framing::Close => {
-                    return Ok((!self.buf.is_empty()).then(|| self.buf.split().freeze()));
-                }
-                Framing::Chunked(state) => match state {
-                    Chunk::Size => {
-                        let Some(line) = self.line(MAX_CHUNK_LINE)? else { return Ok(None) };
-                        let size = chunk_size(&line)?;
-                        self.framing =
-                            Framing::Chunked(if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) });
-                    }
-                    Chunk::Data(left) => {
-                        if self.buf.is_empty() {
-                            return Ok(None);
-                        }
-                        let n = take_len(left, self.buf.len());
-                        let left = left - n as u64;
-                        self.framing =
-                            Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
-                        return Ok(Some(self.buf.split_to(n).freeze()));
-                    }
-                    Chunk::DataEnd => {
-                        let end = match self.buf.first() {
-                            None => return Ok(None),
-                            Some(b'\n') => 1,
-                            Some(b'\r') if self.buf.len() < 2 => return Ok(None),
-                            Some(b'\r') if self.buf[1] == b'\n' => 2,
-                            Some(_) => {
-                                return Err(Error::other("the upstream's chunk is longer than its size"));
-                            }
-                        };
-                        self.buf.advance(end);
-                        self.framing = Framing::Chunked(Chunk::Size);
-                    }
-                    Chunk::Trailers(seen) => {
-                        // Room for the final empty line even when the trailers used it all.
-                        let Some(line) = self.line(MAX_TRAILERS.saturating_sub(seen).max(2))? else {
-                            return Ok(None);
-                        };
-                        self.framing = if line.is_empty() {
-                            Framing::Done
-                        } else {
-                            Framing::Chunked(Chunk::Trailers(seen + line.len() + 2))
-                        };
-                    }
-                },
-            }
-        }
-    }
-
-    /// The next line (without its CRLF or LF), if a whole one is buffered; an error if more
-    /// than `max` bytes come without one.
-    fn line(&mut self, max: usize) -> Result<Option<Bytes>, Error> {
-        match memchr::memchr(b'\n', &self.buf) {
-            Some(end) if end > max => Err(Error::other("the upstream's chunked framing is invalid")),
-            Some(end) => {
-                let mut line = self.buf.split_to(end + 1).freeze();
-                line.truncate(end);
-                if line.last() == Some(&b'\r') {
-                    line.truncate(end - 1);
-                }
-                Ok(Some(line))
-            }
-            None if self.buf.len() > max => Err(Error::other("the upstream's chunked framing is invalid")),
-            None => Ok(None),
-        }
+        decode(&mut self.framing, &mut self.buf)
     }
 
     /// Read more from the connection: `Ok(false)` at its end.
@@ -668,6 +593,89 @@ impl Body {
     }
 }
 
+/// The next piece of a body framed by `framing` out of `buf` (its state moves on as bytes are
+/// taken): `Ok(None)` when more must be read. Exactly the answer's bytes are taken, never one
+/// of whatever follows it; lines end in CRLF only, as hyper's decoder wants.
+fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+    loop {
+        match *framing {
+            Framing::Done => return Ok(None),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = take_len(left, buf.len());
+                let left = left - n as u64;
+                *framing = if left == 0 { Framing::Done } else { Framing::Length(left) };
+                return Ok(Some(buf.split_to(n).freeze()));
+            }
+            Framing::Close => return Ok((!buf.is_empty()).then(|| buf.split().freeze())),
+            Framing::Chunked(state) => match state {
+                Chunk::Size => {
+                    let Some(line) = line(buf, MAX_CHUNK_LINE)? else { return Ok(None) };
+                    let size = chunk_size(&line)?;
+                    *framing =
+                        Framing::Chunked(if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) });
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = take_len(left, buf.len());
+                    let left = left - n as u64;
+                    *framing = Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
+                    return Ok(Some(buf.split_to(n).freeze()));
+                }
+                Chunk::DataEnd => {
+                    match buf.first() {
+                        None => return Ok(None),
+                        Some(b'\r') if buf.len() < 2 => return Ok(None),
+                        Some(b'\r') if buf[1] == b'\n' => buf.advance(2),
+                        Some(_) => return Err(Error::other("the upstream's chunk is longer than its size")),
+                    }
+                    *framing = Framing::Chunked(Chunk::Size);
+                }
+                Chunk::Trailers(seen) => {
+                    // Room for the final empty line even when the trailers used it all.
+                    let Some(line) = line(buf, MAX_TRAILERS.saturating_sub(seen).max(2))? else {
+                        return Ok(None);
+                    };
+                    *framing = if line.is_empty() {
+                        Framing::Done
+                    } else {
+                        Framing::Chunked(Chunk::Trailers(seen + line.len() + 2))
+                    };
+                }
+            },
+        }
+    }
+}
+
+/// The next line of `buf` (without its CRLF), if a whole one is buffered; an error if more
+/// than `max` bytes come without one, or if a CR or LF stands alone (a bare LF is a line end to
+/// some parsers and not to others: the way responses are smuggled).
+fn line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Error> {
+    let invalid = || Error::other("the upstream's chunked framing is invalid");
+    match memchr::memchr(b'\n', buf) {
+        Some(end) if end > max => Err(invalid()),
+        Some(end) => {
+            if end == 0 || buf[end - 1] != b'\r' || memchr::memchr(b'\r', &buf[..end - 1]).is_some() {
+                return Err(invalid());
+            }
+            let mut line = buf.split_to(end + 1).freeze();
+            line.truncate(end - 1);
+            Ok(Some(line))
+        }
+        // A CR not followed by LF is an error as soon as the byte after it is in.
+        None if buf.len() > max
+            || buf.len() > 1 && memchr::memchr(b'\r', &buf[..buf.len() - 1]).is_some() =>
+        {
+            Err(invalid())
+        }
+        None => Ok(None),
+    }
+}
+
 /// `left` bytes still due, `have` buffered: how many to hand out now.
 fn take_len(left: u64, have: usize) -> usize {
     usize::try_from(left).map_or(have, |left| left.min(have))
@@ -676,7 +684,9 @@ fn take_len(left: u64, have: usize) -> usize {
 /// A chunk-size line's size: hex digits, then optional extensions after `;`.
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let invalid = || Error::other("the upstream's chunked framing is invalid");
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    // Whitespace only between the size and its extensions (BWS), as hyper's decoder allows.
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = &digits[..digits.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(0, |i| i + 1)];
     if digits.is_empty() {
         return Err(invalid());
     }
@@ -1033,6 +1043,57 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&head), "GET /v1/models HTTP/1.1\r\nhost: up\r\n\r\n");
     }
 
+    #[tokio::test]
+    async fn an_empty_transfer_encoding_reads_to_the_close_and_is_not_reused() {
+        // Not chunked, so not framed by the Content-Length either (RFC 9112 6.3): what comes
+        // after five bytes is still this answer's, and the connection ends with it.
+        let answer: &'static [u8] =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 5\r\n\r\nhello, and more";
+        let Server { to, .. } = server(vec![answer], 7).await;
+        let idle = Arc::new(Idle::default());
+        let resp =
+            send(&idle, Duration::from_secs(5), request(&to, "/")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
+        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"hello, and more");
+        assert_eq!(idle.count(&to), 0, "never reused");
+    }
+
+    /// Decode a whole chunked body out of `bytes`.
+    fn chunked_body(bytes: &[u8]) -> Result<Vec<u8>, Error> {
+        let (mut framing, mut buf, mut out) =
+            (Framing::Chunked(Chunk::Size), BytesMut::from(bytes), Vec::new());
+        while let Some(data) = decode(&mut framing, &mut buf)? {
+            out.extend_from_slice(&data);
+        }
+        if framing == Framing::Done { Ok(out) } else { Err(Error::other("unfinished")) }
+    }
+
+    #[test]
+    fn chunked_lines_end_in_crlf_only() {
+        assert_eq!(
+            chunked_body(b"5;a=b\r\nhello\r\n1 ;c\r\n!\r\n0\r\nx: y\r\n\r\n").ok(),
+            Some(b"hello!".to_vec())
+        );
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
+            b"5\r\nhello\r\n0\r\nx: y\n\r\n",
+            b"5\r;x\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nx: \ry\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let got = chunked_body(bad);
+            assert!(
+                got.as_ref()
+                    .is_err_and(|e| e.to_string().contains("invalid") || e.to_string().contains("longer")),
+                "{:?} decoded to {got:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
     #[test]
     fn framing_follows_rfc_9112() {
         let h = |pairs: &[(&'static str, &'static str)]| -> HeaderMap {
@@ -1052,6 +1113,14 @@ mod tests {
             (Framing::Chunked(Chunk::Size), false)
         );
         assert_eq!(framing(&Method::POST, ok, &h(&[("transfer-encoding", "gzip")])), (Framing::Close, false));
+        assert_eq!(
+            framing(&Method::POST, ok, &h(&[("transfer-encoding", ""), ("content-length", "5")])),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            framing(&Method::POST, ok, &h(&[("transfer-encoding", " , "), ("content-length", "5")])),
+            (Framing::Close, false)
+        );
         assert_eq!(framing(&Method::HEAD, ok, &h(&[("content-length", "5")])), (Framing::Done, true));
         assert_eq!(framing(&Method::POST, StatusCode::NO_CONTENT, &h(&[])), (Framing::Done, true));
         assert!(!keeps_alive(Version::HTTP_11, &h(&[("connection", "Keep-Alive, close")])));
