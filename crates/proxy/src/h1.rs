@@ -1131,4 +1131,218 @@ mod tests {
         assert_eq!(chunk_size(b"00000000000000000001a").ok(), Some(26), "leading zeros are not an overflow");
         assert_eq!(framing(&Method::POST, ok, &h(&[("content-length", "+5")])), (Framing::Close, false));
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// What the client makes of an answer: its status and headers, its body, and whether
+        /// its connection would carry the next request; then the bytes it never took.
+        #[derive(Debug, PartialEq, Eq)]
+        struct Decoded {
+            status: u16,
+            headers: Vec<(String, Vec<u8>)>,
+            body: Vec<u8>,
+            reused: bool,
+            left: Vec<u8>,
+        }
+
+        /// Read one answer out of `pieces` as `exchange` and `Body` do (the connection closes
+        /// after the last piece): interim answers skipped, the head, then the body by its
+        /// framing. Bytes past the answer count as unread, and a connection is reused only when
+        /// none are left (`finish_if_done`, and `is_open` for those still in the socket).
+        fn run(pieces: &[Vec<u8>]) -> Result<Decoded, String> {
+            let mut pieces = pieces.iter();
+            let mut buf = BytesMut::new();
+            let mut interim = 0;
+            let head = loop {
+                if let Some((head, len)) = parse_head(&buf).map_err(|e| e.to_string())? {
+                    buf.advance(len);
+                    if !head.status.is_informational() {
+                        break head;
+                    }
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err("too many interim answers".into());
+                    }
+                    continue;
+                }
+                if buf.len() > MAX_HEAD {
+                    return Err("head too large".into());
+                }
+                buf.extend_from_slice(pieces.next().ok_or("closed in the head")?);
+            };
+            let (mut framing, reuse) = framing(&Method::POST, head.status, &head.headers);
+            let mut reuse = reuse && keeps_alive(head.version, &head.headers);
+            let mut body = Vec::new();
+            loop {
+                match decode(&mut framing, &mut buf).map_err(|e| e.to_string())? {
+                    Some(data) => body.extend_from_slice(&data),
+                    None if framing == Framing::Done => break,
+                    None => match pieces.next() {
+                        Some(piece) => buf.extend_from_slice(piece),
+                        None if framing == Framing::Close => {
+                            reuse = false;
+                            break;
+                        }
+                        None => return Err("closed in the body".into()),
+                    },
+                }
+            }
+            let mut left = buf.to_vec();
+            pieces.for_each(|p| left.extend_from_slice(p));
+            let headers = head.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+            Ok(Decoded {
+                status: head.status.as_u16(),
+                headers,
+                body,
+                reused: reuse && left.is_empty(),
+                left,
+            })
+        }
+
+        /// Cut `bytes` at `cuts` (positions, any order).
+        fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            at.sort_unstable();
+            at.push(bytes.len());
+            let mut start = 0;
+            at.into_iter()
+                .map(|end| {
+                    let piece = bytes[start..end].to_vec();
+                    start = end;
+                    piece
+                })
+                .collect()
+        }
+
+        /// A valid answer: its bytes, and the status, headers and body it carries.
+        #[derive(Debug, Clone)]
+        struct Answer {
+            bytes: Vec<u8>,
+            status: u16,
+            headers: Vec<(String, Vec<u8>)>,
+            body: Vec<u8>,
+        }
+
+        fn answers() -> impl Strategy<Value = Answer> {
+            (
+                prop::sample::select(vec![200u16, 201, 400, 404, 429, 500, 503]),
+                any::<bool>(),
+                prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,24}"), 0..4),
+                prop::collection::vec(any::<u8>(), 0..200),
+                // None: Content-Length; else chunked, with these chunk cuts, an extension on
+                // each chunk or not, and trailers.
+                prop::option::of((
+                    prop::collection::vec(any::<usize>(), 0..6),
+                    any::<bool>(),
+                    prop::collection::vec(("t-[a-z]{1,6}", "[a-z0-9]{0,12}"), 0..3),
+                )),
+            )
+                .prop_map(|(status, interim, extra, body, chunked)| {
+                    let mut bytes = Vec::new();
+                    if interim {
+                        bytes.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    bytes.extend_from_slice(format!("HTTP/1.1 {status} X\r\n").as_bytes());
+                    let mut headers: Vec<(String, Vec<u8>)> =
+                        extra.into_iter().map(|(k, v)| (k, v.trim().as_bytes().to_vec())).collect();
+                    match &chunked {
+                        None => headers.push(("content-length".into(), body.len().to_string().into_bytes())),
+                        Some(_) => headers.push(("transfer-encoding".into(), b"chunked".to_vec())),
+                    }
+                    for (k, v) in &headers {
+                        bytes.extend_from_slice(format!("{k}: ").as_bytes());
+                        bytes.extend_from_slice(v);
+                        bytes.extend_from_slice(b"\r\n");
+                    }
+                    bytes.extend_from_slice(b"\r\n");
+                    match chunked {
+                        None => bytes.extend_from_slice(&body),
+                        Some((cuts, ext, trailers)) => {
+                            for chunk in split(&body, &cuts).into_iter().filter(|c| !c.is_empty()) {
+                                let ext = if ext { " ;a=\"b;c\"" } else { "" };
+                                bytes.extend_from_slice(format!("{:x}{ext}\r\n", chunk.len()).as_bytes());
+                                bytes.extend_from_slice(&chunk);
+                                bytes.extend_from_slice(b"\r\n");
+                            }
+                            bytes.extend_from_slice(b"0\r\n");
+                            for (k, v) in trailers {
+                                bytes.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+                            }
+                            bytes.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    Answer { bytes, status, headers, body }
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_split_of_a_valid_answer_decodes_to_its_head_and_body_and_takes_nothing_more(
+                answer in answers(),
+                next in prop::collection::vec(any::<u8>(), 0..64),
+                cuts in prop::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut input = answer.bytes.clone();
+                input.extend_from_slice(&next);
+                let got = run(&split(&input, &cuts)).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(got.status, answer.status);
+                prop_assert_eq!(&got.headers, &answer.headers);
+                prop_assert_eq!(&got.body, &answer.body);
+                // What follows the answer is never read as part of it, and a connection with
+                // bytes nobody asked for is not reused.
+                prop_assert_eq!(&got.left, &next);
+                prop_assert_eq!(got.reused, next.is_empty());
+            }
+
+            #[test]
+            fn two_answers_in_a_row_come_apart_at_the_right_byte(
+                first in answers(),
+                second in answers(),
+                cuts in prop::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut input = first.bytes.clone();
+                input.extend_from_slice(&second.bytes);
+                let got = run(&split(&input, &cuts)).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&got.body, &first.body);
+                prop_assert_eq!(&got.left, &second.bytes);
+                prop_assert!(!got.reused);
+            }
+
+            #[test]
+            fn garbage_never_panics_hangs_or_leaves_a_reusable_connection_with_bytes_in_it(
+                head in prop::sample::select(vec![
+                    &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 3\r\n\r\n",
+                    b"HTTP/1.1 100 Continue\r\n\r\n",
+                    b"",
+                ]),
+                bytes in prop::collection::vec(
+                    prop::sample::select(b"0123456789abcdefxz;= \t\r\n:".to_vec()), 0..256),
+                cuts in prop::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut input = head.to_vec();
+                input.extend_from_slice(&bytes);
+                let whole = run(std::slice::from_ref(&input));
+                let pieces = run(&split(&input, &cuts));
+                // The same answer, however the bytes arrive.
+                prop_assert_eq!(pieces.is_ok(), whole.is_ok());
+                if let (Ok(whole), Ok(pieces)) = (&whole, &pieces) {
+                    prop_assert_eq!(whole, pieces);
+                    prop_assert!(!pieces.reused || pieces.left.is_empty());
+                    // Where the answer ended was decided by its own bytes: they alone decode
+                    // to the same answer, with nothing left.
+                    let taken = &input[..input.len() - pieces.left.len()];
+                    let alone = run(&[taken.to_vec()]).map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(&alone.body, &pieces.body);
+                    prop_assert!(alone.left.is_empty());
+                }
+            }
+        }
+    }
 }
