@@ -248,3 +248,140 @@ async fn http2_upstreams_get_another_connection_past_the_stream_cap_not_a_queue(
     assert_eq!(again.http2_requests, 12);
     assert_eq!(again.connections, stats.connections, "the second round reused the connections");
 }
+
+/// What an HTTP/2 client without TLS opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame: its 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap_or_else(|e| panic!("{e}"));
+    let mut frame = len.to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A HEADERS frame (END_STREAM, END_HEADERS) for `GET path`, every field a literal without
+/// indexing (short names and values only).
+fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [(":method", "GET"), (":scheme", "http"), (":path", path), (":authority", "x")] {
+        block.push(0);
+        for s in [name, value] {
+            block.push(u8::try_from(s.len()).unwrap_or_else(|e| panic!("{e}")));
+            block.extend_from_slice(s.as_bytes());
+        }
+    }
+    h2_frame(1, 0x5, stream, &block)
+}
+
+/// The reproduction: eight HTTP/2 connections that send the preface (half of them a
+/// SETTINGS frame too) and nothing else held `--max-connections 8` for good. Now each is told to
+/// go away once the header read timeout passes with no request, and the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_that_never_ask_are_closed_and_free_their_slots() {
+    let upstream = mock(MockConfig::default()).await;
+    let serve = ServeOptions {
+        max_connections: 8,
+        header_read_timeout: Duration::from_secs(2),
+        drain_delay: Duration::ZERO,
+        ..ServeOptions::default()
+    };
+    let proxy = serving(&upstream.url(), Options::default(), serve).await;
+    let start = Instant::now();
+    let mut silent = Vec::new();
+    for i in 0..8 {
+        let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+        conn.write_all(H2_PREFACE).await.unwrap_or_else(|e| panic!("{e}"));
+        if i % 2 == 1 {
+            conn.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        silent.push(conn);
+    }
+    // The cap is full: this one waits in the backlog until a silent connection is closed.
+    let url = proxy.url("/models");
+    let next = tokio::spawn(async move {
+        let client = reqwest::Client::builder().http2_prior_knowledge().build().ok()?;
+        Some(client.get(&url).send().await.ok()?.status().as_u16())
+    });
+    for (i, conn) in silent.iter_mut().enumerate() {
+        let closed = read_until_closed(conn, Duration::from_secs(30)).await;
+        assert!(closed.is_some(), "silent HTTP/2 connection {i} stayed open past 30 s");
+    }
+    // The timeout is 2 s: a generous bound for a loaded machine.
+    assert!(start.elapsed() < Duration::from_secs(20), "closed only after {:?}", start.elapsed());
+    let status = tokio::time::timeout(Duration::from_secs(20), next).await;
+    let status = status.unwrap_or_else(|_| panic!("the next client was not served")).ok().flatten();
+    assert_eq!(status, Some(200));
+}
+
+/// HTTP/2 gets HTTP/1.1's bounds: an idle connection (its one request answered, pings
+/// answered) is told to go away after the header read timeout; a peer that stops answering
+/// pings while its stream waits is dropped; headers are capped at 8 KiB in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_bounded_like_http1() {
+    let upstream = mock(MockConfig::default()).await;
+    let serve = ServeOptions {
+        header_read_timeout: Duration::from_secs(2),
+        drain_delay: Duration::ZERO,
+        ..ServeOptions::default()
+    };
+    let proxy = serving(&upstream.url(), Options::default(), serve).await;
+
+    // Idle after one answer: the h2 client answers pings and keeps its handle, so only the
+    // server's idle timeout can end the connection.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap_or_else(|e| panic!("{e}"));
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/v1/models", proxy.addr))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (answer, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let answer = answer.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap_or_else(|e| panic!("{e}"));
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let start = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open past 30 s");
+    assert!(start.elapsed() < Duration::from_secs(20), "closed only after {:?}", start.elapsed());
+    drop(send);
+
+    // A stream waits on a held upstream while its peer reads nothing, so answers no ping.
+    upstream.mock.hold();
+    let mut mute = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut opening = H2_PREFACE.to_vec();
+    opening.extend(h2_frame(4, 0, 0, &[]));
+    opening.extend(h2_get(1, "/v1/models"));
+    mute.write_all(&opening).await.unwrap_or_else(|e| panic!("{e}"));
+    let seen = upstream.mock.stats().requests;
+    eventually("the request to reach the upstream", Duration::from_secs(10), || async {
+        (upstream.mock.stats().requests > seen).then_some(())
+    })
+    .await;
+    let start = Instant::now();
+    let closed = read_until_closed(&mut mute, Duration::from_secs(30)).await;
+    assert!(closed.is_some(), "a peer that answers no ping kept its connection past 30 s");
+    assert!(start.elapsed() < Duration::from_secs(20), "closed only after {:?}", start.elapsed());
+    upstream.mock.release();
+
+    // Header blocks: 4 KiB pass, 12 KiB do not, in either protocol.
+    let url = proxy.url("/models");
+    for (client, version) in [
+        (reqwest::Client::builder().http2_prior_knowledge().build(), "HTTP/2"),
+        (reqwest::Client::builder().http1_only().build(), "HTTP/1.1"),
+    ] {
+        let client = client.unwrap_or_else(|e| panic!("{e}"));
+        let get = |pad: usize| client.get(&url).header("x-pad", "a".repeat(pad)).send();
+        let small = get(4 << 10).await.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert_eq!(small, 200, "{version}: 4 KiB of headers");
+        let seen = upstream.mock.stats().requests;
+        let large = get(12 << 10).await.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert!(large == 431 || large == 0, "{version}: 12 KiB of headers got {large}");
+        assert_eq!(upstream.mock.stats().requests, seen, "{version}: 12 KiB of headers reached the upstream");
+    }
+}

@@ -205,6 +205,16 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
         ),
         ("not a URL", |s| s["upstream"]["url"] = json!("api.openai.com"), &["spec.upstream.url"]),
         (
+            "plain http to a name that only starts like loopback",
+            |s| s["upstream"]["url"] = json!("http://127.0.0.1.1/v1"),
+            &["spec.upstream.url", "url must be https://"],
+        ),
+        (
+            "plain http to a loopback look-alike that DNS resolves anywhere",
+            |s| s["upstream"]["url"] = json!("http://127.0.0.1.attacker.example/v1"),
+            &["spec.upstream.url", "url must be https://"],
+        ),
+        (
             "a wait beyond a day",
             |s| s["queue"]["maxWait"] = json!("25h"),
             &["spec.queue.maxWait", "must be at most 24h"],

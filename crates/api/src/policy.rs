@@ -384,13 +384,8 @@ fn check_url(url: &str, allow_insecure: bool) -> Result<(), String> {
     let rest = if let Some(rest) = url.strip_prefix("https://") {
         rest
     } else if let Some(rest) = url.strip_prefix("http://") {
-        let host = rest.split('/').next().unwrap_or_default();
-        let host = host
-            .rsplit_once(':')
-            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host, |(h, _)| h);
-        let loopback = host == "localhost" || host == "[::1]" || host.starts_with("127.");
-        if !loopback && !allow_insecure {
+        let authority = rest.split('/').next().unwrap_or_default();
+        if !is_loopback(authority) && !allow_insecure {
             return Err(format!(
                 "{url:?} is plain http to a non-loopback host: use https://, or set allowInsecure: true"
             ));
@@ -410,6 +405,30 @@ fn check_url(url: &str, allow_insecure: bool) -> Result<(), String> {
         return Err("must not carry a query or fragment".to_owned());
     }
     Ok(())
+}
+
+/// Whether a URL's `host[:port]` names this machine whatever DNS says: an IPv4 literal in
+/// 127.0.0.0/8, the IPv6 literal `[::1]`, or `localhost`. A name that merely starts like one
+/// (`127.0.0.1.attacker.example`) resolves wherever its owner wants.
+fn is_loopback(authority: &str) -> bool {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, port)) => {
+                let Ok(ip) = ip.parse::<std::net::Ipv6Addr>() else { return false };
+                if !ip.is_loopback() {
+                    return false;
+                }
+                ("localhost", port)
+            }
+            None => return false,
+        },
+        None => authority.split_at(authority.find(':').unwrap_or(authority.len())),
+    };
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok =
+        host == "localhost" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.octets()[0] == 127);
+    port_ok && host_ok
 }
 
 /// One second's worth of a per-minute rate, at least 1.
@@ -928,9 +947,31 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         };
         assert!(url("http://evil.example/v1", "").contains("plain http to a non-loopback host"));
         assert!(url("http://evil.example/v1", ", allowInsecure: true").is_empty());
-        for ok in ["http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:9/v1", "https://x.io/v1"]
-        {
+        for ok in [
+            "http://127.0.0.1:8000/v1",
+            "http://127.255.0.9/v1",
+            "http://localhost/v1",
+            "http://[::1]:9/v1",
+            "http://[0:0::1]/v1",
+            "https://x.io/v1",
+        ] {
             assert!(url(ok, "").is_empty(), "{ok}");
+        }
+        // Names that only look like loopback resolve wherever their owner says.
+        for leaky in [
+            "http://127.0.0.1.attacker.example/v1",
+            "http://127.attacker.example/v1",
+            "http://127.0.0.1.nip.io:8000/v1",
+            "http://localhost.attacker.example/v1",
+            "http://127.1/v1",
+            "http://0177.0.0.1/v1",
+            "http://[::ffff:127.0.0.1]/v1",
+            "http://[::1]x/v1",
+            "http://128.0.0.1/v1",
+            "http://127.0.0.1:80:80/v1",
+            "http://LocalHost/v1",
+        ] {
+            assert!(url(leaky, "").contains("plain http to a non-loopback host"), "{leaky}");
         }
         assert!(url("https://user:pw@x.io/v1", "").contains("must not carry user info"));
         assert!(url("https://x.io/v1?key=1", "").contains("must not carry a query or fragment"));

@@ -363,7 +363,7 @@ fn default_target_saturation() -> i32 {
     "message": "timeout must be greater than 0s",
     "fieldPath": ".timeout",
 }, {
-    "rule": "self.url.startsWith('https://') || (has(self.allowInsecure) && self.allowInsecure) || self.url.matches('^http://(localhost|127\\\\.[0-9.]+|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')",
+    "rule": "self.url.startsWith('https://') || (has(self.allowInsecure) && self.allowInsecure) || self.url.matches('^http://(localhost|127(\\\\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')",
     "message": "url must be https:// (http:// only to a loopback address, or with allowInsecure: true)",
     "fieldPath": ".url",
 }]))]

@@ -497,12 +497,13 @@ fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> (Framing
         .map(<[u8]>::trim_ascii)
         .filter(|c| !c.is_empty())
         .collect();
-    if let Some(last) = codings.last() {
-        if last.eq_ignore_ascii_case(b"chunked") {
-            let both = headers.contains_key(header::CONTENT_LENGTH);
-            return (Framing::Chunked(Chunk::Size), !both);
-        }
-        // Another coding last: the body ends when the connection does.
+    if codings.last().is_some_and(|last| last.eq_ignore_ascii_case(b"chunked")) {
+        let both = headers.contains_key(header::CONTENT_LENGTH);
+        return (Framing::Chunked(Chunk::Size), !both);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Another coding last, or none named (an empty field): the body ends when the
+        // connection does (RFC 9112 6.3), whatever a Content-Length says.
         return (Framing::Close, false);
     }
     let mut length = None;
@@ -573,83 +574,7 @@ impl Body {
 
     /// The next piece of the body out of what is buffered: `Ok(None)` when more must be read.
     fn decode(&mut self) -> Result<Option<Bytes>, Error> {
-        loop {
-            match self.framing {
-                Framing::Done => return Ok(None),
-                Framing::Length(left) => {
-                    if self.buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let n = take_len(left, self.buf.len());
-                    let left = left - n as u64;
-                    self.framing = if left == 0 { Framing::Done } else { Framing::Length(left) };
-                    return Ok(Some(self.buf.split_to(n).freeze()));
-                }
-                Framing::Close => {
-                    return Ok((!self.buf.is_empty()).then(|| self.buf.split().freeze()));
-                }
-                Framing::Chunked(state) => match state {
-                    Chunk::Size => {
-                        let Some(line) = self.line(MAX_CHUNK_LINE)? else { return Ok(None) };
-                        let size = chunk_size(&line)?;
-                        self.framing =
-                            Framing::Chunked(if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) });
-                    }
-                    Chunk::Data(left) => {
-                        if self.buf.is_empty() {
-                            return Ok(None);
-                        }
-                        let n = take_len(left, self.buf.len());
-                        let left = left - n as u64;
-                        self.framing =
-                            Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
-                        return Ok(Some(self.buf.split_to(n).freeze()));
-                    }
-                    Chunk::DataEnd => {
-                        let end = match self.buf.first() {
-                            None => return Ok(None),
-                            Some(b'\n') => 1,
-                            Some(b'\r') if self.buf.len() < 2 => return Ok(None),
-                            Some(b'\r') if self.buf[1] == b'\n' => 2,
-                            Some(_) => {
-                                return Err(Error::other("the upstream's chunk is longer than its size"));
-                            }
-                        };
-                        self.buf.advance(end);
-                        self.framing = Framing::Chunked(Chunk::Size);
-                    }
-                    Chunk::Trailers(seen) => {
-                        // Room for the final empty line even when the trailers used it all.
-                        let Some(line) = self.line(MAX_TRAILERS.saturating_sub(seen).max(2))? else {
-                            return Ok(None);
-                        };
-                        self.framing = if line.is_empty() {
-                            Framing::Done
-                        } else {
-                            Framing::Chunked(Chunk::Trailers(seen + line.len() + 2))
-                        };
-                    }
-                },
-            }
-        }
-    }
-
-    /// The next line (without its CRLF or LF), if a whole one is buffered; an error if more
-    /// than `max` bytes come without one.
-    fn line(&mut self, max: usize) -> Result<Option<Bytes>, Error> {
-        match memchr::memchr(b'\n', &self.buf) {
-            Some(end) if end > max => Err(Error::other("the upstream's chunked framing is invalid")),
-            Some(end) => {
-                let mut line = self.buf.split_to(end + 1).freeze();
-                line.truncate(end);
-                if line.last() == Some(&b'\r') {
-                    line.truncate(end - 1);
-                }
-                Ok(Some(line))
-            }
-            None if self.buf.len() > max => Err(Error::other("the upstream's chunked framing is invalid")),
-            None => Ok(None),
-        }
+        decode(&mut self.framing, &mut self.buf)
     }
 
     /// Read more from the connection: `Ok(false)` at its end.
@@ -668,6 +593,89 @@ impl Body {
     }
 }
 
+/// The next piece of a body framed by `framing` out of `buf` (its state moves on as bytes are
+/// taken): `Ok(None)` when more must be read. Exactly the answer's bytes are taken, never one
+/// of whatever follows it; lines end in CRLF only, as hyper's decoder wants.
+fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+    loop {
+        match *framing {
+            Framing::Done => return Ok(None),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = take_len(left, buf.len());
+                let left = left - n as u64;
+                *framing = if left == 0 { Framing::Done } else { Framing::Length(left) };
+                return Ok(Some(buf.split_to(n).freeze()));
+            }
+            Framing::Close => return Ok((!buf.is_empty()).then(|| buf.split().freeze())),
+            Framing::Chunked(state) => match state {
+                Chunk::Size => {
+                    let Some(line) = line(buf, MAX_CHUNK_LINE)? else { return Ok(None) };
+                    let size = chunk_size(&line)?;
+                    *framing =
+                        Framing::Chunked(if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) });
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = take_len(left, buf.len());
+                    let left = left - n as u64;
+                    *framing = Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
+                    return Ok(Some(buf.split_to(n).freeze()));
+                }
+                Chunk::DataEnd => {
+                    match buf.first() {
+                        None => return Ok(None),
+                        Some(b'\r') if buf.len() < 2 => return Ok(None),
+                        Some(b'\r') if buf[1] == b'\n' => buf.advance(2),
+                        Some(_) => return Err(Error::other("the upstream's chunk is longer than its size")),
+                    }
+                    *framing = Framing::Chunked(Chunk::Size);
+                }
+                Chunk::Trailers(seen) => {
+                    // Room for the final empty line even when the trailers used it all.
+                    let Some(line) = line(buf, MAX_TRAILERS.saturating_sub(seen).max(2))? else {
+                        return Ok(None);
+                    };
+                    *framing = if line.is_empty() {
+                        Framing::Done
+                    } else {
+                        Framing::Chunked(Chunk::Trailers(seen + line.len() + 2))
+                    };
+                }
+            },
+        }
+    }
+}
+
+/// The next line of `buf` (without its CRLF), if a whole one is buffered; an error if more
+/// than `max` bytes come without one, or if a CR or LF stands alone (a bare LF is a line end to
+/// some parsers and not to others: the way responses are smuggled).
+fn line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Error> {
+    let invalid = || Error::other("the upstream's chunked framing is invalid");
+    match memchr::memchr(b'\n', buf) {
+        Some(end) if end > max => Err(invalid()),
+        Some(end) => {
+            if end == 0 || buf[end - 1] != b'\r' || memchr::memchr(b'\r', &buf[..end - 1]).is_some() {
+                return Err(invalid());
+            }
+            let mut line = buf.split_to(end + 1).freeze();
+            line.truncate(end - 1);
+            Ok(Some(line))
+        }
+        // A CR not followed by LF is an error as soon as the byte after it is in.
+        None if buf.len() > max
+            || buf.len() > 1 && memchr::memchr(b'\r', &buf[..buf.len() - 1]).is_some() =>
+        {
+            Err(invalid())
+        }
+        None => Ok(None),
+    }
+}
+
 /// `left` bytes still due, `have` buffered: how many to hand out now.
 fn take_len(left: u64, have: usize) -> usize {
     usize::try_from(left).map_or(have, |left| left.min(have))
@@ -676,7 +684,9 @@ fn take_len(left: u64, have: usize) -> usize {
 /// A chunk-size line's size: hex digits, then optional extensions after `;`.
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let invalid = || Error::other("the upstream's chunked framing is invalid");
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    // Whitespace only between the size and its extensions (BWS), as hyper's decoder allows.
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = &digits[..digits.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(0, |i| i + 1)];
     if digits.is_empty() {
         return Err(invalid());
     }
@@ -1033,6 +1043,57 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&head), "GET /v1/models HTTP/1.1\r\nhost: up\r\n\r\n");
     }
 
+    #[tokio::test]
+    async fn an_empty_transfer_encoding_reads_to_the_close_and_is_not_reused() {
+        // Not chunked, so not framed by the Content-Length either (RFC 9112 6.3): what comes
+        // after five bytes is still this answer's, and the connection ends with it.
+        let answer: &'static [u8] =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 5\r\n\r\nhello, and more";
+        let Server { to, .. } = server(vec![answer], 7).await;
+        let idle = Arc::new(Idle::default());
+        let resp =
+            send(&idle, Duration::from_secs(5), request(&to, "/")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
+        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"hello, and more");
+        assert_eq!(idle.count(&to), 0, "never reused");
+    }
+
+    /// Decode a whole chunked body out of `bytes`.
+    fn chunked_body(bytes: &[u8]) -> Result<Vec<u8>, Error> {
+        let (mut framing, mut buf, mut out) =
+            (Framing::Chunked(Chunk::Size), BytesMut::from(bytes), Vec::new());
+        while let Some(data) = decode(&mut framing, &mut buf)? {
+            out.extend_from_slice(&data);
+        }
+        if framing == Framing::Done { Ok(out) } else { Err(Error::other("unfinished")) }
+    }
+
+    #[test]
+    fn chunked_lines_end_in_crlf_only() {
+        assert_eq!(
+            chunked_body(b"5;a=b\r\nhello\r\n1 ;c\r\n!\r\n0\r\nx: y\r\n\r\n").ok(),
+            Some(b"hello!".to_vec())
+        );
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
+            b"5\r\nhello\r\n0\r\nx: y\n\r\n",
+            b"5\r;x\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nx: \ry\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let got = chunked_body(bad);
+            assert!(
+                got.as_ref()
+                    .is_err_and(|e| e.to_string().contains("invalid") || e.to_string().contains("longer")),
+                "{:?} decoded to {got:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
     #[test]
     fn framing_follows_rfc_9112() {
         let h = |pairs: &[(&'static str, &'static str)]| -> HeaderMap {
@@ -1052,6 +1113,14 @@ mod tests {
             (Framing::Chunked(Chunk::Size), false)
         );
         assert_eq!(framing(&Method::POST, ok, &h(&[("transfer-encoding", "gzip")])), (Framing::Close, false));
+        assert_eq!(
+            framing(&Method::POST, ok, &h(&[("transfer-encoding", ""), ("content-length", "5")])),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            framing(&Method::POST, ok, &h(&[("transfer-encoding", " , "), ("content-length", "5")])),
+            (Framing::Close, false)
+        );
         assert_eq!(framing(&Method::HEAD, ok, &h(&[("content-length", "5")])), (Framing::Done, true));
         assert_eq!(framing(&Method::POST, StatusCode::NO_CONTENT, &h(&[])), (Framing::Done, true));
         assert!(!keeps_alive(Version::HTTP_11, &h(&[("connection", "Keep-Alive, close")])));
@@ -1061,5 +1130,219 @@ mod tests {
         assert!(chunk_size(b"").is_err() && chunk_size(b"-1").is_err() && chunk_size(b"x").is_err());
         assert_eq!(chunk_size(b"00000000000000000001a").ok(), Some(26), "leading zeros are not an overflow");
         assert_eq!(framing(&Method::POST, ok, &h(&[("content-length", "+5")])), (Framing::Close, false));
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// What the client makes of an answer: its status and headers, its body, and whether
+        /// its connection would carry the next request; then the bytes it never took.
+        #[derive(Debug, PartialEq, Eq)]
+        struct Decoded {
+            status: u16,
+            headers: Vec<(String, Vec<u8>)>,
+            body: Vec<u8>,
+            reused: bool,
+            left: Vec<u8>,
+        }
+
+        /// Read one answer out of `pieces` as `exchange` and `Body` do (the connection closes
+        /// after the last piece): interim answers skipped, the head, then the body by its
+        /// framing. Bytes past the answer count as unread, and a connection is reused only when
+        /// none are left (`finish_if_done`, and `is_open` for those still in the socket).
+        fn run(pieces: &[Vec<u8>]) -> Result<Decoded, String> {
+            let mut pieces = pieces.iter();
+            let mut buf = BytesMut::new();
+            let mut interim = 0;
+            let head = loop {
+                if let Some((head, len)) = parse_head(&buf).map_err(|e| e.to_string())? {
+                    buf.advance(len);
+                    if !head.status.is_informational() {
+                        break head;
+                    }
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err("too many interim answers".into());
+                    }
+                    continue;
+                }
+                if buf.len() > MAX_HEAD {
+                    return Err("head too large".into());
+                }
+                buf.extend_from_slice(pieces.next().ok_or("closed in the head")?);
+            };
+            let (mut framing, reuse) = framing(&Method::POST, head.status, &head.headers);
+            let mut reuse = reuse && keeps_alive(head.version, &head.headers);
+            let mut body = Vec::new();
+            loop {
+                match decode(&mut framing, &mut buf).map_err(|e| e.to_string())? {
+                    Some(data) => body.extend_from_slice(&data),
+                    None if framing == Framing::Done => break,
+                    None => match pieces.next() {
+                        Some(piece) => buf.extend_from_slice(piece),
+                        None if framing == Framing::Close => {
+                            reuse = false;
+                            break;
+                        }
+                        None => return Err("closed in the body".into()),
+                    },
+                }
+            }
+            let mut left = buf.to_vec();
+            pieces.for_each(|p| left.extend_from_slice(p));
+            let headers = head.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+            Ok(Decoded {
+                status: head.status.as_u16(),
+                headers,
+                body,
+                reused: reuse && left.is_empty(),
+                left,
+            })
+        }
+
+        /// Cut `bytes` at `cuts` (positions, any order).
+        fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            at.sort_unstable();
+            at.push(bytes.len());
+            let mut start = 0;
+            at.into_iter()
+                .map(|end| {
+                    let piece = bytes[start..end].to_vec();
+                    start = end;
+                    piece
+                })
+                .collect()
+        }
+
+        /// A valid answer: its bytes, and the status, headers and body it carries.
+        #[derive(Debug, Clone)]
+        struct Answer {
+            bytes: Vec<u8>,
+            status: u16,
+            headers: Vec<(String, Vec<u8>)>,
+            body: Vec<u8>,
+        }
+
+        fn answers() -> impl Strategy<Value = Answer> {
+            (
+                prop::sample::select(vec![200u16, 201, 400, 404, 429, 500, 503]),
+                any::<bool>(),
+                prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,24}"), 0..4),
+                prop::collection::vec(any::<u8>(), 0..200),
+                // None: Content-Length; else chunked, with these chunk cuts, an extension on
+                // each chunk or not, and trailers.
+                prop::option::of((
+                    prop::collection::vec(any::<usize>(), 0..6),
+                    any::<bool>(),
+                    prop::collection::vec(("t-[a-z]{1,6}", "[a-z0-9]{0,12}"), 0..3),
+                )),
+            )
+                .prop_map(|(status, interim, extra, body, chunked)| {
+                    let mut bytes = Vec::new();
+                    if interim {
+                        bytes.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    bytes.extend_from_slice(format!("HTTP/1.1 {status} X\r\n").as_bytes());
+                    let mut headers: Vec<(String, Vec<u8>)> =
+                        extra.into_iter().map(|(k, v)| (k, v.trim().as_bytes().to_vec())).collect();
+                    match &chunked {
+                        None => headers.push(("content-length".into(), body.len().to_string().into_bytes())),
+                        Some(_) => headers.push(("transfer-encoding".into(), b"chunked".to_vec())),
+                    }
+                    for (k, v) in &headers {
+                        bytes.extend_from_slice(format!("{k}: ").as_bytes());
+                        bytes.extend_from_slice(v);
+                        bytes.extend_from_slice(b"\r\n");
+                    }
+                    bytes.extend_from_slice(b"\r\n");
+                    match chunked {
+                        None => bytes.extend_from_slice(&body),
+                        Some((cuts, ext, trailers)) => {
+                            for chunk in split(&body, &cuts).into_iter().filter(|c| !c.is_empty()) {
+                                let ext = if ext { " ;a=\"b;c\"" } else { "" };
+                                bytes.extend_from_slice(format!("{:x}{ext}\r\n", chunk.len()).as_bytes());
+                                bytes.extend_from_slice(&chunk);
+                                bytes.extend_from_slice(b"\r\n");
+                            }
+                            bytes.extend_from_slice(b"0\r\n");
+                            for (k, v) in trailers {
+                                bytes.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+                            }
+                            bytes.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    Answer { bytes, status, headers, body }
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_split_of_a_valid_answer_decodes_to_its_head_and_body_and_takes_nothing_more(
+                answer in answers(),
+                next in prop::collection::vec(any::<u8>(), 0..64),
+                cuts in prop::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut input = answer.bytes.clone();
+                input.extend_from_slice(&next);
+                let got = run(&split(&input, &cuts)).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(got.status, answer.status);
+                prop_assert_eq!(&got.headers, &answer.headers);
+                prop_assert_eq!(&got.body, &answer.body);
+                // What follows the answer is never read as part of it, and a connection with
+                // bytes nobody asked for is not reused.
+                prop_assert_eq!(&got.left, &next);
+                prop_assert_eq!(got.reused, next.is_empty());
+            }
+
+            #[test]
+            fn two_answers_in_a_row_come_apart_at_the_right_byte(
+                first in answers(),
+                second in answers(),
+                cuts in prop::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut input = first.bytes.clone();
+                input.extend_from_slice(&second.bytes);
+                let got = run(&split(&input, &cuts)).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&got.body, &first.body);
+                prop_assert_eq!(&got.left, &second.bytes);
+                prop_assert!(!got.reused);
+            }
+
+            #[test]
+            fn garbage_never_panics_hangs_or_leaves_a_reusable_connection_with_bytes_in_it(
+                head in prop::sample::select(vec![
+                    &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 3\r\n\r\n",
+                    b"HTTP/1.1 100 Continue\r\n\r\n",
+                    b"",
+                ]),
+                bytes in prop::collection::vec(
+                    prop::sample::select(b"0123456789abcdefxz;= \t\r\n:".to_vec()), 0..256),
+                cuts in prop::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut input = head.to_vec();
+                input.extend_from_slice(&bytes);
+                let whole = run(std::slice::from_ref(&input));
+                let pieces = run(&split(&input, &cuts));
+                // The same answer, however the bytes arrive.
+                prop_assert_eq!(pieces.is_ok(), whole.is_ok());
+                if let (Ok(whole), Ok(pieces)) = (&whole, &pieces) {
+                    prop_assert_eq!(whole, pieces);
+                    prop_assert!(!pieces.reused || pieces.left.is_empty());
+                    // Where the answer ended was decided by its own bytes: they alone decode
+                    // to the same answer, with nothing left.
+                    let taken = &input[..input.len() - pieces.left.len()];
+                    let alone = run(&[taken.to_vec()]).map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(&alone.body, &pieces.body);
+                    prop_assert!(alone.left.is_empty());
+                }
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::routes;
 use crate::state::Proxy;
@@ -81,9 +83,17 @@ pub async fn serve(
     let mut h1 = http1::Builder::new();
     // hyper's smallest read buffer: a waiting request holds its connection's buffer, and 8 KiB
     // is what nginx allows a header block by default.
-    h1.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).max_buf_size(8192);
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES as usize);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new());
+    // The bounds HTTP/1.1 has, for HTTP/2 too: the same 8 KiB of headers, and a peer that stops
+    // answering pings is dropped within two header read timeouts (the wait for the preface and
+    // requests, and the idle timeout, are `serve_h2`'s).
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES)
+        .keep_alive_interval(options.header_read_timeout)
+        .keep_alive_timeout(options.header_read_timeout);
     let acceptor = Acceptor {
         h1,
         h2,
@@ -157,6 +167,9 @@ pub async fn serve(
     Ok(())
 }
 
+/// The largest request head, in either protocol (HTTP/2 counts 32 bytes more for each header).
+const MAX_HEADER_BYTES: u32 = 8192;
+
 /// What each accept loop needs: the connection settings, the service, the connection cap.
 #[derive(Clone)]
 struct Acceptor {
@@ -213,6 +226,8 @@ impl Acceptor {
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let graceful = GracefulShutdown::new();
+        // HTTP/2 connections watch for the stop themselves (they also close when idle).
+        let h2_stop = stopped.clone();
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
@@ -234,17 +249,22 @@ impl Acceptor {
                     }
                 },
             };
+            let accepted = tokio::time::Instant::now();
             let _ = stream.set_nodelay(true);
             // Each protocol's connection is a task of its own size: one task that could hold
             // either would carry an HTTP/2 connection's 1.5 KiB for every HTTP/1.1 one (600 B).
             let (h1, h2, service) = (self.h1.clone(), self.h2.clone(), self.service.clone());
             let (watcher, write_timeout, limit) =
                 (graceful.watcher(), self.write_timeout, self.first_bytes_timeout);
+            let stopped = h2_stop.clone();
             tokio::spawn(async move {
                 let Some(h2_client) = speaks_h2(&stream, limit).await else { return };
                 let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
                 if h2_client {
-                    spawn_holding(watcher.watch(h2.serve_connection(io, service)), slot);
+                    let streams = Arc::new(Streams::new(accepted));
+                    let service = counting(service, Arc::clone(&streams));
+                    let conn = h2.serve_connection(io, service);
+                    spawn_holding(serve_h2(conn, streams, limit, stopped, watcher), slot);
                 } else {
                     spawn_holding(watcher.watch(h1.serve_connection(io, service)), slot);
                 }
@@ -253,6 +273,152 @@ impl Acceptor {
         drop(api);
         graceful.shutdown().await;
         Ok(())
+    }
+}
+
+/// The streams open on one HTTP/2 connection and when that number last changed: hyper's
+/// HTTP/2 server has no header read or idle timeout of its own, so `serve_h2` keeps them.
+struct Streams {
+    open: AtomicUsize,
+    /// Milliseconds from `since` to the last stream opened or closed.
+    changed: AtomicU64,
+    since: Instant,
+}
+
+impl Streams {
+    fn new(since: Instant) -> Self {
+        Self { open: AtomicUsize::new(0), changed: AtomicU64::new(0), since }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.changed.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no stream has been open for `limit` (from the accept, for the first).
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            if self.open.load(Ordering::Acquire) > 0 {
+                // A stream that closes meanwhile sets `changed` later than this sleep's start:
+                // the check after it still waits the whole `limit` from that close.
+                tokio::time::sleep(limit).await;
+                continue;
+            }
+            let at = self.since + Duration::from_millis(self.changed.load(Ordering::Relaxed)) + limit;
+            if Instant::now() >= at && self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+/// One open stream: counted from its request's headers until its response is sent or dropped.
+struct OpenStream(Arc<Streams>);
+
+impl OpenStream {
+    fn new(streams: &Arc<Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        streams.touch();
+        Self(Arc::clone(streams))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its stream counted as open while hyper sends it.
+struct Counted {
+    body: axum::body::Body,
+    _open: OpenStream,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `service`, counting each request as an open stream of `streams` until its answer is done.
+fn counting(
+    service: TowerToHyperService<axum::Router>,
+    streams: Arc<Streams>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<Counted>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<http::Response<Counted>, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req| {
+        let open = OpenStream::new(&streams);
+        let answer = hyper::service::Service::call(&service, req);
+        async move { answer.await.map(|resp| resp.map(|body| Counted { body, _open: open })) }
+    })
+}
+
+/// Serve an HTTP/2 connection with the bounds HTTP/1.1 has: told to go away (GOAWAY) once no
+/// stream has been open for `limit`, which also bounds the wait for the preface and the first
+/// request's headers, or when the accept loop stops; its open streams finish first.
+async fn serve_h2<C>(
+    conn: C,
+    streams: Arc<Streams>,
+    limit: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    // Held: the accept loop's shutdown waits for this connection until it ends.
+    _watcher: hyper_util::server::graceful::Watcher,
+) where
+    C: GoAway,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = streams.idle_for(limit) => {}
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().go_away();
+    // The streams in flight finish, and the connection closes; if the peer never reads the
+    // GOAWAY, `limit` after the last of them ends (or after the GOAWAY, if none was open).
+    streams.touch();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = streams.idle_for(limit) => {}
+    }
+}
+
+/// An HTTP/2 connection that can be told to finish (hyper's `graceful_shutdown`).
+trait GoAway: Future {
+    fn go_away(self: Pin<&mut Self>);
+}
+
+impl<S, B> GoAway for http2::Connection<TokioIo<WriteTimeout>, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn go_away(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
