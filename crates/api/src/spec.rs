@@ -213,8 +213,9 @@ pub struct ClientsSpec {
     pub batch_max_delay: Duration,
 
     /// Who may reach the proxies' API port: NetworkPolicy peers (namespace and pod
-    /// selectors). Set, the operator adds a NetworkPolicy that admits only them to the API port
-    /// (and the monitoring namespace to the metrics port). Absent: no NetworkPolicy.
+    /// selectors). Set, the operator's NetworkPolicy admits only them to the API port; absent,
+    /// anyone. Either way only the monitoring namespace and the operator's reach the metrics
+    /// port, which names clients and their usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_from: Option<Vec<NetworkPolicyPeer>>,
 }
