@@ -24,8 +24,8 @@ pub struct Args {
     /// imagePullPolicy of the proxy pods.
     #[arg(long, env = "LLMPROXY_PROXY_IMAGE_PULL_POLICY")]
     proxy_image_pull_policy: Option<String>,
-    /// Namespace whose pods may scrape the proxies' metrics port where a NetworkPolicy guards
-    /// the proxies (`spec.clients.allowFrom`).
+    /// Namespace whose pods may scrape the proxies' metrics port (besides the operator's own,
+    /// the only ones their NetworkPolicy admits there).
     #[arg(long, env = "LLMPROXY_METRICS_NAMESPACE")]
     metrics_namespace: Option<String>,
     /// Watch only this namespace (default: all).

@@ -167,6 +167,106 @@ async fn a_failed_leader_does_not_take_its_followers_down() {
     assert_eq!(upstream.mock.seen().len(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_only_the_close_ended_is_kept_only_if_its_json_parses() {
+    let upstream = mock(MockConfig::default()).await;
+    let proxy = TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", CACHED), None).await;
+    let url = proxy.url("/chat/completions");
+    let body = prompt("cut me off").to_string();
+
+    // A 2xx without Content-Length or chunked encoding, closed half way: relayed, not stored.
+    upstream.mock.inject(Fault::Unframed { cut: true }, 1);
+    let (status, cache, text) = send(&url, &body, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"));
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "the client got the cut answer: {text}");
+    let (status, cache, text) = send(&url, &body, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"), "a cut answer is never served as a hit: {text}");
+    assert!(serde_json::from_str::<Value>(&text).is_ok(), "{text}");
+    assert_eq!(send(&url, &body, &[]).await.1, "hit", "the framed answer that followed is kept");
+    assert_eq!(upstream.mock.seen().len(), 2);
+
+    // Followers of a leader whose answer was cut are not handed it: one of them asks again.
+    let shared = prompt("cut me off, all of you").to_string();
+    upstream.mock.inject(Fault::Unframed { cut: true }, 1);
+    upstream.mock.hold();
+    let requests = tokio::spawn({
+        let (url, shared) = (url.clone(), shared.clone());
+        async move { join_all((0..4).map(|_| send(&url, &shared, &[]))).await }
+    });
+    let flights = std::sync::Arc::clone(proxy.proxy.flights());
+    eventually("3 followers behind one leader", Duration::from_secs(20), || {
+        let n = flights.followers();
+        async move { (n == 3).then_some(()) }
+    })
+    .await;
+    upstream.mock.release();
+    let results = requests.await.unwrap_or_else(|e| panic!("{e}"));
+    let whole = results.iter().filter(|r| serde_json::from_str::<Value>(&r.2).is_ok()).count();
+    assert_eq!(whole, 3, "only the leader got the cut answer: {results:?}");
+    assert_eq!(upstream.mock.seen().len(), 4);
+
+    // Complete and read to the close: it parses, so it is kept.
+    let whole = prompt("the close ends me").to_string();
+    upstream.mock.inject(Fault::Unframed { cut: false }, 1);
+    let (status, cache, text) = send(&url, &whole, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"));
+    let (_, again, replay) = send(&url, &whole, &[]).await;
+    assert_eq!((again.as_str(), replay), ("hit", text));
+    assert_eq!(upstream.mock.seen().len(), 5);
+}
+
+/// A proxy with client keys for alice and bob and the cache with `cache` (YAML flow mapping).
+async fn with_two_clients(upstream: &str, cache: &str) -> TestProxy {
+    let spec = format!("  cache: {cache}\n  clients:\n    keysSecretRef: {{name: keys}}\n");
+    let proxy = TestProxy::start(&manifest(upstream, "{requestsPerMinute: 6000}", &spec), None).await;
+    let pairs = [("alice", "sk-alice"), ("bob", "sk-bob")];
+    let keys = llmproxy_proxy::clients::ClientKeys::from_pairs(pairs).unwrap_or_else(|e| panic!("{e}"));
+    proxy.proxy.require_client_keys(true);
+    proxy.proxy.set_client_keys(Some(keys));
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_keys_each_client_has_its_own_entries_unless_the_scope_is_shared() {
+    let upstream = mock(MockConfig::default()).await;
+    let proxy = with_two_clients(&upstream.url(), "{ttl: 5m}").await;
+    let url = proxy.url("/chat/completions");
+    let body = prompt("what did the others ask?").to_string();
+    let (alice, bob) = ([("authorization", "Bearer sk-alice")], [("authorization", "Bearer sk-bob")]);
+
+    assert_eq!(send(&url, &body, &alice).await.1, "miss");
+    assert_eq!(send(&url, &body, &alice).await.1, "hit");
+    let (status, cache, _) = send(&url, &body, &bob).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"), "bob is not told that alice asked the same");
+    assert_eq!(send(&url, &body, &bob).await.1, "hit");
+    assert_eq!(upstream.mock.seen().len(), 2);
+
+    // Nor does bob wait for alice's answer in flight: both go upstream.
+    let other = prompt("asked at the same time").to_string();
+    upstream.mock.hold();
+    let both = tokio::spawn({
+        let (url, other) = (url.clone(), other.clone());
+        async move { join_all([send(&url, &other, &alice), send(&url, &other, &bob)]).await }
+    });
+    let held = std::sync::Arc::clone(&upstream.mock);
+    eventually("both requests upstream", Duration::from_secs(20), || {
+        let n = held.seen().len();
+        async move { (n == 4).then_some(()) }
+    })
+    .await;
+    upstream.mock.release();
+    let results = both.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(results.iter().all(|(s, c, _)| *s == 200 && c == "miss"), "{results:?}");
+
+    // `scope: shared` shares them across clients, as without client keys.
+    let upstream = mock(MockConfig::default()).await;
+    let proxy = with_two_clients(&upstream.url(), "{ttl: 5m, scope: shared}").await;
+    let url = proxy.url("/chat/completions");
+    assert_eq!(send(&url, &body, &alice).await.1, "miss");
+    assert_eq!(send(&url, &body, &bob).await.1, "hit");
+    assert_eq!(upstream.mock.seen().len(), 1);
+}
+
 #[tokio::test]
 async fn the_cache_stays_within_its_bounds_under_a_flood() {
     let upstream = mock(MockConfig::default()).await;

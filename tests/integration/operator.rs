@@ -796,13 +796,18 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
     names.sort();
     assert_eq!(names, ["p", "team-keys", "upstream-key"], "{role:?}");
 
-    // The fence exists while allowFrom does, and goes with it.
+    // The fence admits allowFrom's peers to the API port. Without allowFrom it stays: the API
+    // port opens to anyone, the metrics port (client names and usage) still only to the
+    // monitoring and operator namespaces, neither of which this operator names.
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
     let np = wait_for(&policies, "p").await;
     assert!(np.owner_references().iter().any(|o| o.name == "p" && o.controller == Some(true)));
     apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
-    eventually("the NetworkPolicy to go", WAIT, || async {
-        policies.get_opt("p").await.ok()?.is_none().then_some(())
+    let http = Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()));
+    eventually("the API port to open to anyone, and only it", WAIT, || async {
+        let rules = policies.get_opt("p").await.ok()??.spec?.ingress?;
+        let only_http = rules.len() == 1 && rules[0].ports.as_ref()?.first()?.port == http;
+        (only_http && rules[0].from.is_none()).then_some(())
     })
     .await;
     condition(&api, "p", "ClientAuth", "False", "ClientAuthDisabled").await;

@@ -25,7 +25,7 @@ pub use quota::{
 };
 pub use report::ProxyReport;
 pub use spec::{
-    AutoscalingSpec, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
+    AutoscalingSpec, CacheScope, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
     EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
     ModelLimitsSpec, ObservedLimits, Protocol, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef,
     SecretNameRef, TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,

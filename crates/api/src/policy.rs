@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::paths::{DEFAULT_ALLOWED_PATHS, PathRule};
 use crate::spec::{
-    ClientPriority, ClientSettings, EndpointSpec, KeyHeader, LlmProxySpec, ModelLimitsSpec, Protocol,
-    SecretKeyRef, TokenAccounting, UpstreamSpec,
+    CacheScope, ClientPriority, ClientSettings, EndpointSpec, KeyHeader, LlmProxySpec, ModelLimitsSpec,
+    Protocol, SecretKeyRef, TokenAccounting, UpstreamSpec,
 };
 
 /// Everything the data plane needs to serve one LlmProxy.
@@ -284,6 +284,16 @@ pub struct CachePolicy {
     pub max_entries: u64,
     /// Bytes held at most.
     pub max_bytes: u64,
+    /// Who shares entries; `None`: each client when client keys are in force, else everyone.
+    pub scope: Option<CacheScope>,
+}
+
+impl CachePolicy {
+    /// Whether entries are kept per client, for a request whose client is `named` (client keys
+    /// in force) or not.
+    pub fn per_client(&self, named: bool) -> bool {
+        self.scope.map_or(named, |s| s == CacheScope::Client)
+    }
 }
 
 /// One reason a spec cannot run, naming the field the way `kubectl explain` does.
@@ -569,6 +579,7 @@ impl Policy {
                 ttl: c.at_most("spec.cache.ttl", cache.ttl.get(), MAX_CACHE_TTL, "720h"),
                 max_entries: c.positive("spec.cache.maxEntries", cache.max_entries),
                 max_bytes: c.quantity("spec.cache.maxBytes", &cache.max_bytes.0),
+                scope: cache.scope,
             }),
             _ => None,
         };
@@ -866,7 +877,12 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         assert_eq!(p.limits.request_burst, 30);
         assert_eq!(
             p.cache,
-            Some(CachePolicy { ttl: Duration::from_secs(300), max_entries: 10_000, max_bytes: 64 << 20 })
+            Some(CachePolicy {
+                ttl: Duration::from_secs(300),
+                max_entries: 10_000,
+                max_bytes: 64 << 20,
+                scope: None
+            })
         );
     }
 
@@ -891,6 +907,23 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         assert_eq!(share.limits.max_concurrent, p.limits.max_concurrent, "per pod already");
         assert_eq!(p.clone().for_replicas(1), p);
         assert_eq!(p.clone().for_replicas(0), p, "0 pods is treated as 1");
+    }
+
+    #[test]
+    fn the_cache_scope_defaults_to_the_client_when_clients_are_named() {
+        let scoped = |scope: &str| {
+            let yaml = format!("{MINIMAL}cache: {{ttl: 1m{scope}}}");
+            Policy::from_spec(&spec(&yaml)).ok().and_then(|p| p.cache).unwrap_or_else(|| panic!("{yaml}"))
+        };
+        let auto = scoped("");
+        assert_eq!(auto.scope, None);
+        assert!(auto.per_client(true) && !auto.per_client(false), "client keys decide");
+        assert!(!scoped(", scope: shared").per_client(true));
+        assert!(scoped(", scope: client").per_client(true));
+        assert!(
+            serde_yaml::from_str::<LlmProxySpec>(&format!("{MINIMAL}cache: {{ttl: 1m, scope: tenant}}"))
+                .is_err()
+        );
     }
 
     #[test]

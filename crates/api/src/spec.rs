@@ -213,8 +213,9 @@ pub struct ClientsSpec {
     pub batch_max_delay: Duration,
 
     /// Who may reach the proxies' API port: NetworkPolicy peers (namespace and pod
-    /// selectors). Set, the operator adds a NetworkPolicy that admits only them to the API port
-    /// (and the monitoring namespace to the metrics port). Absent: no NetworkPolicy.
+    /// selectors). Set, the operator's NetworkPolicy admits only them to the API port; absent,
+    /// anyone. Either way only the monitoring namespace and the operator's reach the metrics
+    /// port, which names clients and their usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_from: Option<Vec<NetworkPolicyPeer>>,
 }
@@ -784,6 +785,22 @@ pub struct CacheSpec {
         "message": "maxBytes must be a quantity such as 64Mi or 1Gi",
     }]))]
     pub max_bytes: Quantity,
+
+    /// Who shares entries and coalesced requests (see [`CacheScope`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<CacheScope>,
+}
+
+/// Who shares the cache's entries and coalesced requests: `shared` (every client) or `client`
+/// (each client key its own, so that no client learns from `x-llmproxy-cache` or `Age` what
+/// another asked). Absent: `client` when client keys are configured, `shared` otherwise.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CacheScope {
+    /// Every client: an answer stored for one serves all.
+    Shared,
+    /// Each client key: one client's answers serve only that client.
+    Client,
 }
 
 /// What the operator and the proxies report about an LlmProxy.

@@ -86,6 +86,8 @@ struct Admitted {
     n: u64,
     headers: HeaderMap,
     cut_after: Option<usize>,
+    /// Answer JSON close-delimited (`Some`), cut mid-body (`Some(true)`).
+    unframed: Option<bool>,
     inflight: Inflight,
 }
 
@@ -192,7 +194,7 @@ async fn gate(
     }
 
     let fault = lock(&mock.faults).pop_front();
-    let mut cut_after = None;
+    let (mut cut_after, mut unframed) = (None, None);
     if let Some(f) = &fault {
         lock(&mock.stats).faults += 1;
         match f {
@@ -217,6 +219,7 @@ async fn gate(
             }
             Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
             Fault::CutStream { after_chunks } => cut_after = Some(*after_chunks),
+            Fault::Unframed { cut } => unframed = Some(*cut),
             Fault::Early { .. } => {}
         }
     }
@@ -289,7 +292,7 @@ async fn gate(
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
-    Ok(Admitted { prompt, completion, n, headers, cut_after, inflight })
+    Ok(Admitted { prompt, completion, n, headers, cut_after, unframed, inflight })
 }
 
 fn parse(body: &Bytes) -> Result<Value, Response> {
@@ -321,8 +324,26 @@ async fn admit(
 
 /// A JSON answer carrying the rate-limit headers.
 fn answer(body: Value, admitted: &Admitted) -> Response {
-    let mut resp = Json(body).into_response();
+    let mut resp = match admitted.unframed {
+        None => Json(body).into_response(),
+        Some(cut) => unframed(&body, cut),
+    };
     resp.headers_mut().extend(admitted.headers.clone());
+    resp
+}
+
+/// `body` as HTTP/1.0 of unknown length: hyper then sends no `Content-Length` nor chunked
+/// encoding and closes the connection after it, which is all that marks its end (`cut`: after
+/// half of it, as an upstream that fails mid-answer does).
+fn unframed(body: &Value, cut: bool) -> Response {
+    let mut bytes = Bytes::from(body.to_string());
+    if cut {
+        bytes.truncate(bytes.len() / 2);
+    }
+    let once = futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes) });
+    let mut resp = Response::new(Body::from_stream(once));
+    *resp.version_mut() = http::Version::HTTP_10;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

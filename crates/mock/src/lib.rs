@@ -104,6 +104,12 @@ pub enum Fault {
         /// HTTP status.
         status: u16,
     },
+    /// Answer a JSON body as HTTP/1.0 with neither `Content-Length` nor chunked encoding, so
+    /// that only the connection's close ends it; `cut`: close after half of it.
+    Unframed {
+        /// Close mid-body.
+        cut: bool,
+    },
 }
 
 /// What the mock has seen and done.

@@ -12,7 +12,6 @@ use serde::de::DeserializeOwned;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use crate::children::{self, Children};
@@ -73,10 +72,7 @@ pub(crate) async fn apply_children(
         Some(hpa) => drop(apply(client, ns, hpa).await?),
         None => remove_owned::<HorizontalPodAutoscaler>(client, ns, &name, p).await?,
     }
-    match &c.network_policy {
-        Some(np) => drop(apply(client, ns, np).await?),
-        None => remove_owned::<NetworkPolicy>(client, ns, &name, p).await?,
-    }
+    apply(client, ns, &c.network_policy).await?;
     let scaled: Api<kube::api::DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &children::scaled_object_resource());
     match &c.scaled_object {

@@ -67,8 +67,9 @@ pub struct Children {
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// With `spec.autoscaling.keda`: a KEDA ScaledObject instead of the HPA.
     pub scaled_object: Option<kube::api::DynamicObject>,
-    /// Present when `spec.clients.allowFrom` is set.
-    pub network_policy: Option<NetworkPolicy>,
+    /// Always: the metrics port tells client names and usage, so only the monitoring and the
+    /// operator's namespaces reach it; the API port admits `spec.clients.allowFrom` (or all).
+    pub network_policy: NetworkPolicy,
 }
 
 /// Labels on every child and pod.
@@ -134,12 +135,11 @@ pub fn build(p: &LlmProxy, settings: &Settings, grants: &Grants) -> Children {
         pdb: (desired_replicas(p) > 1).then(|| pdb(p)),
         hpa: p.spec.autoscaling.as_ref().filter(|a| a.keda.is_none()).map(|a| hpa(p, a)),
         scaled_object: p.spec.autoscaling.as_ref().and_then(|a| scaled_object(p, a)),
-        network_policy: p
-            .spec
-            .clients
-            .as_ref()
-            .and_then(|c| c.allow_from.as_ref())
-            .map(|peers| network_policy(p, peers, settings)),
+        network_policy: network_policy(
+            p,
+            p.spec.clients.as_ref().and_then(|c| c.allow_from.as_deref()),
+            settings,
+        ),
     }
 }
 
@@ -347,16 +347,17 @@ fn service(p: &LlmProxy) -> Service {
     }
 }
 
-/// Only `peers` reach the API port, only the monitoring namespace and the operator's the
-/// metrics port.
-fn network_policy(p: &LlmProxy, peers: &[NetworkPolicyPeer], settings: &Settings) -> NetworkPolicy {
+/// Only `peers` (`None`: anyone) reach the API port, only the monitoring namespace and the
+/// operator's the metrics port, whose `/metrics` and `/status` name clients and their usage.
+fn network_policy(p: &LlmProxy, peers: Option<&[NetworkPolicyPeer]>, settings: &Settings) -> NetworkPolicy {
     let port = |name: &str| NetworkPolicyPort {
         port: Some(IntOrString::String(name.to_owned())),
         protocol: Some("TCP".into()),
         ..NetworkPolicyPort::default()
     };
+    // A rule without `from` admits every source.
     let mut ingress =
-        vec![NetworkPolicyIngressRule { from: Some(peers.to_vec()), ports: Some(vec![port("http")]) }];
+        vec![NetworkPolicyIngressRule { from: peers.map(<[_]>::to_vec), ports: Some(vec![port("http")]) }];
     let mut readers: Vec<&String> =
         settings.metrics_namespace.iter().chain(&settings.operator_namespace).collect();
     readers.dedup();
@@ -649,14 +650,10 @@ spec:
 
     #[test]
     fn allow_from_builds_a_network_policy_for_the_api_and_metrics_ports() {
-        assert!(build(&proxy(BASE), &settings(), &granted()).network_policy.is_none(), "absent: none");
         let yaml = format!(
             "{BASE}  clients:\n    allowFrom: [{{namespaceSelector: {{matchLabels: {{team: a}}}}}}]\n"
         );
-        let np = build(&proxy(&yaml), &settings(), &granted())
-            .network_policy
-            .and_then(|n| n.spec)
-            .unwrap_or_default();
+        let np = build(&proxy(&yaml), &settings(), &granted()).network_policy.spec.unwrap_or_default();
         let selected = np.pod_selector.and_then(|s| s.match_labels).unwrap_or_default();
         assert_eq!(selected.get("app.kubernetes.io/instance").map(String::as_str), Some("openai"));
         let rules = np.ingress.unwrap_or_default();
@@ -690,6 +687,34 @@ spec:
             Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "llmproxy-system".to_owned())])),
             "the operator reads the pods' reports there"
         );
+    }
+
+    #[test]
+    fn without_allow_from_the_metrics_port_still_admits_only_monitoring_and_the_operator() {
+        let np = build(&proxy(BASE), &settings(), &granted()).network_policy.spec.unwrap_or_default();
+        assert_eq!(np.policy_types, Some(vec!["Ingress".to_owned()]));
+        let rules = np.ingress.unwrap_or_default();
+        let port = |r: &NetworkPolicyIngressRule| r.ports.as_ref().and_then(|p| p[0].port.clone());
+        let ports: Vec<_> = rules.iter().map(port).collect();
+        let (http, metrics) = (IntOrString::String("http".into()), IntOrString::String("metrics".into()));
+        assert_eq!(ports, [Some(http), Some(metrics)], "no other port is open");
+        assert_eq!(rules[0].from, None, "the API port admits anyone");
+        let namespaces: Vec<_> = rules[1]
+            .from
+            .iter()
+            .flatten()
+            .map(|peer| {
+                assert!(peer.pod_selector.is_none() && peer.ip_block.is_none(), "{peer:?}");
+                peer.namespace_selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default()
+            })
+            .collect();
+        let ns = |n: &str| BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), n.to_owned())]);
+        assert_eq!(namespaces, [ns("monitoring"), ns("llmproxy-system")]);
+        // No monitoring namespace configured: only the operator reads it.
+        let alone = Settings { metrics_namespace: None, ..settings() };
+        let np = build(&proxy(BASE), &alone, &granted()).network_policy.spec.unwrap_or_default();
+        let from = np.ingress.unwrap_or_default().get(1).and_then(|r| r.from.clone()).unwrap_or_default();
+        assert_eq!(from.len(), 1);
     }
 
     #[test]

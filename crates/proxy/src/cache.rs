@@ -39,9 +39,26 @@ pub fn cacheable_path(rest: &str) -> bool {
 
 /// The cache key of a request to `upstream` + `path_and_query` with the forwarded headers that
 /// change the answer (`headers`, see `upstream::answer_headers`) and whose body has the
-/// canonical digest `body` (see `body::inspect`).
-pub fn key(upstream: &str, method: &str, path_and_query: &str, headers: &str, body: &[u8; 32]) -> Key {
+/// canonical digest `body` (see `body::inspect`); `client`: the client whose own entries these
+/// are (`cache.scope: client`), `None` when every client shares them.
+pub fn key(
+    client: Option<&str>,
+    upstream: &str,
+    method: &str,
+    path_and_query: &str,
+    headers: &str,
+    body: &[u8; 32],
+) -> Key {
     let mut h = Sha256::new();
+    // Tagged, so that no client name can spell the shared scope.
+    match client {
+        None => h.update([0]),
+        Some(name) => {
+            h.update([1]);
+            h.update(name.as_bytes());
+            h.update([0]);
+        }
+    }
     for part in [upstream, method, path_and_query, headers] {
         h.update(part.as_bytes());
         h.update([0]);
@@ -177,19 +194,24 @@ mod tests {
     }
 
     fn policy(ttl_ms: u64, max_entries: u64, max_bytes: u64) -> CachePolicy {
-        CachePolicy { ttl: Duration::from_millis(ttl_ms), max_entries, max_bytes }
+        CachePolicy { ttl: Duration::from_millis(ttl_ms), max_entries, max_bytes, scope: None }
     }
 
     #[test]
     fn the_key_covers_upstream_method_path_and_body() {
-        let k = |up: &str, path: &str, body: u8| key(up, "POST", path, "", &[body; 32]);
+        let k = |up: &str, path: &str, body: u8| key(None, up, "POST", path, "", &[body; 32]);
         let base = k("https://api.openai.com/v1", "/chat/completions", 1);
         assert_eq!(base, k("https://api.openai.com/v1", "/chat/completions", 1));
         assert_ne!(base, k("https://other/v1", "/chat/completions", 1));
         assert_ne!(base, k("https://api.openai.com/v1", "/completions", 1));
         assert_ne!(base, k("https://api.openai.com/v1", "/chat/completions", 2));
-        let beta = key("https://api.openai.com/v1", "POST", "/chat/completions", "openai-beta:x\n", &[1; 32]);
+        let beta =
+            key(None, "https://api.openai.com/v1", "POST", "/chat/completions", "openai-beta:x\n", &[1; 32]);
         assert_ne!(base, beta, "a header that changes the answer changes the key");
+        let of = |c| key(c, "https://api.openai.com/v1", "POST", "/chat/completions", "", &[1; 32]);
+        assert_ne!(of(Some("alice")), of(Some("bob")), "each client has its own entries");
+        assert_ne!(of(Some("alice")), base, "a client's entries are not the shared ones");
+        assert_ne!(of(Some("")), base);
         assert_eq!(prompt_hash(&[0xab; 32]), "abababababababab");
     }
 

@@ -161,6 +161,24 @@ pub(crate) fn content_length(resp: &Response) -> Option<u64> {
     hyper::body::Body::size_hint(resp.body()).exact()
 }
 
+/// Whether the answer's framing marks where its body ends (a length, the last chunk, HTTP/2's
+/// end of stream), so that a body cut short fails instead of ending: an HTTP/1.x answer with
+/// neither a length nor chunked encoding last (RFC 9112 6.3) ends when the connection closes,
+/// which an upstream failing mid-answer does too.
+pub(crate) fn framed_end(resp: &Response) -> bool {
+    if resp.version() >= http::Version::HTTP_2 || content_length(resp).is_some() {
+        return true;
+    }
+    let last = resp
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .rfind(|c| !c.is_empty());
+    last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+}
+
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) and headers the proxy sets itself.
 const HOP_BY_HOP: &[HeaderName] = &[
     header::CONNECTION,

@@ -193,9 +193,13 @@ pub(crate) async fn read(
         eligible.iter().flat_map(|u| u.allowed_client_headers.iter().cloned()).collect();
     let headers = upstream::request_headers(&parts.headers, &account);
     let rest = format!("{rest}{query}");
+    // The coalescing key is this key too, so the scope bounds who waits for whose answer.
+    let per_client = policy.cache.as_ref().is_some_and(|c| c.per_client(client.name.is_some()));
+    let scope = client.name.as_deref().filter(|_| per_client);
     let cache_key = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable).map(|d| {
         let upstreams: Vec<&str> = policy.upstreams.iter().map(|u| u.url.as_str()).collect();
-        cache::key(&upstreams.join(" "), parts.method.as_str(), &rest, &upstream::answer_headers(&headers), d)
+        let answer_headers = upstream::answer_headers(&headers);
+        cache::key(scope, &upstreams.join(" "), parts.method.as_str(), &rest, &answer_headers, d)
     });
     Ok(Intake {
         out: Outgoing { method: parts.method, rest, headers, body, strip_usage_event },

@@ -156,6 +156,9 @@ struct Relay {
     /// stops polling a body once it has sent the announced length, so the end is noticed here.
     expected: Option<u64>,
     relayed: u64,
+    /// The framing marks the body's end; else only the connection's close did, as it does for
+    /// an answer cut short.
+    framed: bool,
     fill: Option<Fill>,
     content_type: Option<HeaderValue>,
     /// Its place on a shared HTTP/2 connection, until the body is done with.
@@ -174,6 +177,7 @@ impl Relay {
         Self {
             expected: upstream::content_length(&response),
             relayed: 0,
+            framed: upstream::framed_end(&response),
             content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
             _slot: response.extensions_mut().remove::<Slot>(),
             fill,
@@ -221,6 +225,11 @@ impl Relay {
             Tap::Body { .. } => false,
         };
         let Some(body) = fill.raw() else { return };
+        // Ended by the connection's close alone, a body may have been cut anywhere: only one
+        // that parses whole as JSON is known to be complete.
+        if !stream && !self.framed && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            return;
+        }
         let answer = Arc::new(CachedResponse {
             status,
             content_type: self.content_type.clone(),
