@@ -220,13 +220,13 @@ async fn under_contention_a_guarantee_and_weights_hold() {
     let upstream = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let quota = format!(
-        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n  consumers: [{{namespace: team, name: team-a, guaranteed: 70}}]\n",
         redis.url()
     );
-    // team-a is guaranteed 70 % of the org's 100/s, and the rest is split by weight (1:1):
-    // 85/s for it, 15/s for team-b while both are busy. Both flood.
+    // The owner guarantees team-a 70 % of the org's 100/s, and the rest is split by weight
+    // (1:1): 85/s for it, 15/s for team-b while both are busy. Both flood.
     let mut procs = Vec::new();
-    for (team, reference) in [("team-a", "{name: org, guaranteed: 70}"), ("team-b", "{name: org}")] {
+    for (team, reference) in [("team-a", "{name: org}"), ("team-b", "{name: org}")] {
         let text =
             format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
         let path = dir.path().join(format!("{team}.yaml"));
@@ -245,6 +245,44 @@ async fn under_contention_a_guarantee_and_weights_hold() {
     // about 4.7 s. team-b finishes after, on what team-a leaves.
     assert!(a_wall <= Duration::from_millis(6_500), "team-a's guarantee did not hold: {a_wall:?}");
     assert!(b_wall > a_wall, "team-b {b_wall:?}, team-a {a_wall:?}");
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 3.0, "{excess} over the org quota");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_consumer_cannot_starve_another_the_shares_are_the_owners() {
+    let redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // The owner lists nobody: every allowed consumer has the default weight and no guarantee.
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        redis.url()
+    );
+    // team-a claims the whole quota for itself; team-b asks for nothing.
+    let mut procs = Vec::new();
+    for (team, reference) in
+        [("team-a", "{name: org, weight: 1000, guaranteed: 100}"), ("team-b", "{name: org}")]
+    {
+        let text =
+            format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
+        let path = dir.path().join(format!("{team}.yaml"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        procs.push(ProxyProcess::start(&path, &[], &[]).await);
+    }
+    let (a, b) = (procs[0].url("/chat/completions"), procs[1].url("/chat/completions"));
+    let start = Instant::now();
+    let timed = |urls: Vec<String>| async move {
+        let statuses = load_over(&urls, 40, 400).await;
+        (statuses, start.elapsed())
+    };
+    let ((ra, a_wall), (rb, b_wall)) = tokio::join!(timed(vec![a]), timed(vec![b]));
+    assert!(ra.iter().chain(&rb).all(|s| *s == Some(200)), "nobody is refused");
+    // Equal shares: both floods of 400 end together, near 8 s at 100/s. Had team-a's claim
+    // held, it would have had the whole quota (done in about 4 s) and team-b nothing until then.
+    let (a_ms, b_ms) = (a_wall.as_millis() as f64, b_wall.as_millis() as f64);
+    assert!(a_ms >= 0.8 * b_ms, "team-a took more than its share: team-a {a_wall:?}, team-b {b_wall:?}");
+    assert!(b_ms >= 0.8 * a_ms, "team-b took more than its share: team-a {a_wall:?}, team-b {b_wall:?}");
     let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
     assert!(excess <= 3.0, "{excess} over the org quota");
 }
