@@ -8,6 +8,7 @@ pub mod paths;
 pub mod policy;
 pub mod quantity;
 pub mod quota;
+pub mod redis_acl;
 pub mod replicas;
 pub mod report;
 pub mod spec;
