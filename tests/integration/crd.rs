@@ -79,6 +79,21 @@ fn the_org_quota_example_resolves_standalone_with_its_quota() {
     let missing = text.replace("name: org-openai\nspec", "name: another\nspec");
     let err = llmproxy_api::from_yaml(&missing).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("spec.quotaRef.name: no LlmQuota named \"org-openai\""), "{err}");
+    // The shares are the owner's: asking for more gets what the LlmQuota sets, asking for less
+    // gets less, and guarantees over 100 % are refused.
+    let share = |text: &str| {
+        let q = llmproxy_api::from_yaml(text).unwrap_or_else(|e| panic!("{e}")).1.quota;
+        q.map(|q| (q.weight, q.guaranteed))
+    };
+    let reference = "quotaRef: {name: org-openai}";
+    let greedy = text.replace(reference, "quotaRef: {name: org-openai, weight: 1000, guaranteed: 100}");
+    assert_eq!(share(&greedy), Some((2, 30)));
+    let modest = text.replace(reference, "quotaRef: {name: org-openai, weight: 1, guaranteed: 10}");
+    assert_eq!(share(&modest), Some((1, 10)));
+    let over = text
+        .replace("guaranteed: 30}", "guaranteed: 30}\n    - {namespace: team-b, name: x, guaranteed: 80}");
+    let err = llmproxy_api::from_yaml(&over).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("the guarantees sum to 110 %"), "{err}");
 }
 
 #[tokio::test]

@@ -920,9 +920,19 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
             "requestsPerMinute": 6000, "tokensPerMinute": 1000000,
             "sharedState": {"redis": {"url": "redis://redis.ops.svc:6379/0", "passwordSecretRef": {"name": "redis-auth"}}},
             "allowedNamespaces": {"matchLabels": {"team": "a"}},
+            "consumers": [{"namespace": team_a, "name": "first", "weight": 3, "guaranteed": 60}],
         },
     });
     let quotas: Api<llmproxy_api::LlmQuota> = Api::all(client.clone());
+    // The owner's guarantees sum to at most 100: the API server refuses more, saying why.
+    let mut over = quota.clone();
+    over["spec"]["consumers"] = json!([
+        {"namespace": team_a, "name": "first", "guaranteed": 60},
+        {"namespace": other, "name": "x", "guaranteed": 50},
+    ]);
+    let refused = quotas.patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&over)).await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("guarantees sum to more than 100"), "{message}");
     quotas
         .patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&quota))
         .await
@@ -939,31 +949,37 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     for ns in [&team_a, &other] {
         secret(&client, ns, "sk-1").await;
     }
-    apply(&in_ns(&team_a), &with_ref("first", 60)).await;
+    apply(&in_ns(&team_a), &with_ref("first", 100)).await;
     apply(&in_ns(&other), &with_ref("outsider", 0)).await;
     apply(&in_ns(&team_a), &with_ref("greedy", 50)).await;
 
-    // Allowed: granted in its status, with the password's namespace.
-    let first = eventually("the quota granted", WAIT, || async {
-        let p = in_ns(&team_a).get("first").await.ok()?;
-        p.status.as_ref()?.quota.clone()
-    })
-    .await;
+    // Allowed: granted in its status, with the password's namespace and the owner's share
+    // (asking for all of it gets what the owner set).
+    let granted = |name: &'static str| {
+        let api = in_ns(&team_a);
+        async move {
+            eventually("the quota granted", WAIT, || async {
+                let p = api.get(name).await.ok()?;
+                p.status.as_ref()?.quota.clone()
+            })
+            .await
+        }
+    };
+    let first = granted("first").await;
     assert_eq!((first.name.as_str(), first.requests_per_minute), ("org", 6000));
     assert_eq!(first.password_namespace.as_deref(), Some(ops.as_str()));
-    assert_eq!(first.guaranteed, Some(60));
-    // Another namespace, and a guarantee that does not fit: refused, and said why.
+    assert_eq!((first.weight, first.guaranteed), (3, Some(60)));
+    // A consumer the owner did not list: allowed, with the default share and no guarantee,
+    // whatever it asks for.
+    let greedy = granted("greedy").await;
+    assert_eq!((greedy.weight, greedy.guaranteed), (1, None));
+    // Another namespace: refused, and said why.
     let outsider = condition(&in_ns(&other), "outsider", "Degraded", "True", "QuotaNotAllowed").await;
     let message = llmproxy_operator::status::condition_status(outsider.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(message.contains("allowedNamespaces"), "{message}");
     assert!(outsider.status.as_ref().is_some_and(|s| s.quota.is_none()), "nothing granted");
-    let greedy = condition(&in_ns(&team_a), "greedy", "Degraded", "True", "QuotaNotAllowed").await;
-    let message = llmproxy_operator::status::condition_status(greedy.status.as_ref(), "Degraded")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
-    assert!(message.contains("earlier consumers hold 60 %"), "{message}");
 
     // The LlmQuota lists its consumers; only the allowed one may read the password.
     let q = eventually("the consumers listed", WAIT, || async {
@@ -972,32 +988,34 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     })
     .await;
     let s = q.status.unwrap_or_default();
-    assert_eq!(s.consumer_count, Some(1));
+    assert_eq!(s.consumer_count, Some(2));
     let allowed: Vec<(&str, bool)> = s.consumers.iter().map(|c| (c.name.as_str(), c.allowed)).collect();
     assert!(
         allowed.contains(&("first", true))
             && allowed.contains(&("outsider", false))
-            && allowed.contains(&("greedy", false)),
+            && allowed.contains(&("greedy", true)),
         "{allowed:?}"
     );
-    // The binding follows the consumers the observer has seen; it settles on the allowed one.
-    let expected = vec![(team_a.clone(), "first-proxy".to_owned())];
+    // The binding follows the consumers the observer has seen; it settles on the allowed ones.
+    let expected =
+        vec![(team_a.clone(), "first-proxy".to_owned()), (team_a.clone(), "greedy-proxy".to_owned())];
     let subjects = eventually("the password RoleBinding to name the allowed consumer", WAIT, || async {
         let b = Api::<RoleBinding>::namespaced(client.clone(), &ops)
             .get_opt("llmproxy-quota-org-password")
             .await
             .ok()
             .flatten()?;
-        let subjects: Vec<(String, String)> = b
+        let mut subjects: Vec<(String, String)> = b
             .subjects
             .unwrap_or_default()
             .into_iter()
             .map(|s| (s.namespace.unwrap_or_default(), s.name))
             .collect();
+        subjects.sort();
         (subjects == expected).then_some(subjects)
     })
     .await;
-    assert_eq!(subjects, [(team_a.clone(), "first-proxy".to_owned())]);
+    assert_eq!(subjects, expected);
     let role = Api::<Role>::namespaced(client.clone(), &ops)
         .get("llmproxy-quota-org-password")
         .await

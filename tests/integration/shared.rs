@@ -220,13 +220,13 @@ async fn under_contention_a_guarantee_and_weights_hold() {
     let upstream = mock(MockConfig::default()).await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let quota = format!(
-        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n  consumers: [{{namespace: team, name: team-a, guaranteed: 70}}]\n",
         redis.url()
     );
-    // team-a is guaranteed 70 % of the org's 100/s, and the rest is split by weight (1:1):
-    // 85/s for it, 15/s for team-b while both are busy. Both flood.
+    // The owner guarantees team-a 70 % of the org's 100/s, and the rest is split by weight
+    // (1:1): 85/s for it, 15/s for team-b while both are busy. Both flood.
     let mut procs = Vec::new();
-    for (team, reference) in [("team-a", "{name: org, guaranteed: 70}"), ("team-b", "{name: org}")] {
+    for (team, reference) in [("team-a", "{name: org}"), ("team-b", "{name: org}")] {
         let text =
             format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
         let path = dir.path().join(format!("{team}.yaml"));
@@ -422,4 +422,121 @@ async fn an_llmquota_buckets_live_in_its_own_redis_whatever_the_llmproxy_shares_
     let in_tenant = keys(&tenant, "llmproxy:q:*").await;
     assert!(in_tenant.is_empty(), "the quota's buckets went to the tenant's Redis: {in_tenant:?}");
     assert!(!keys(&tenant, "llmproxy:p:team/tenant:*").await.is_empty(), "its own buckets stay in its Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_consumer_cannot_starve_another_the_shares_are_the_owners() {
+    let redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // The owner lists nobody: every allowed consumer has the default weight and no guarantee.
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
+        redis.url()
+    );
+    // team-a claims the whole quota for itself; team-b asks for nothing.
+    let mut procs = Vec::new();
+    for (team, reference) in
+        [("team-a", "{name: org, weight: 1000, guaranteed: 100}"), ("team-b", "{name: org}")]
+    {
+        let text =
+            format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
+        let path = dir.path().join(format!("{team}.yaml"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        procs.push(ProxyProcess::start(&path, &[], &[]).await);
+    }
+    let (a, b) = (procs[0].url("/chat/completions"), procs[1].url("/chat/completions"));
+    let start = Instant::now();
+    let timed = |urls: Vec<String>| async move {
+        let statuses = load_over(&urls, 40, 400).await;
+        (statuses, start.elapsed())
+    };
+    let ((ra, a_wall), (rb, b_wall)) = tokio::join!(timed(vec![a]), timed(vec![b]));
+    assert!(ra.iter().chain(&rb).all(|s| *s == Some(200)), "nobody is refused");
+    // Equal shares: both floods of 400 end together, near 8 s at 100/s. Had team-a's claim
+    // held, it would have had the whole quota (done in about 4 s) and team-b nothing until then.
+    let (a_ms, b_ms) = (a_wall.as_millis() as f64, b_wall.as_millis() as f64);
+    assert!(a_ms >= 0.8 * b_ms, "team-a took more than its share: team-a {a_wall:?}, team-b {b_wall:?}");
+    assert!(b_ms >= 0.8 * a_ms, "team-b took more than its share: team-a {a_wall:?}, team-b {b_wall:?}");
+    let excess = worst_excess(&upstream, 100.0 * 1.02, 100.0);
+    assert!(excess <= 3.0, "{excess} over the org quota");
+}
+
+/// A connection as `user` (an ACL user) with `password`.
+async fn redis_as(redis: &RedisServer, user: &str, password: &str) -> redis::aio::MultiplexedConnection {
+    use redis::IntoConnectionInfo;
+    let info = redis.url().into_connection_info().unwrap_or_else(|e| panic!("{e}"));
+    let settings = info.redis_settings().clone().set_username(user).set_password(password);
+    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap_or_else(|e| panic!("{e}"));
+    client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{user}: {e}"))
+}
+
+async fn run(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumers_redis_identity_cannot_write_another_consumers_entries_or_the_shares() {
+    use llmproxy_api::redis_acl::{consumer_prefix, consumer_rules, consumer_user, shares_key};
+    use sha2::Digest;
+    let redis = RedisServer::start(Some("admin-pass")).await;
+    let mut admin = redis_as(&redis, "default", "admin-pass").await;
+    for (consumer, password) in [("team-a/p", "pass-a"), ("team-b/p", "pass-b")] {
+        let digest: String = sha2::Sha256::digest(password).iter().map(|b| format!("{b:02x}")).collect();
+        let user = consumer_user("org", consumer);
+        let mut args = vec!["ACL", "SETUSER", user.as_str()];
+        let rules = consumer_rules("org", consumer, &digest);
+        args.extend(rules.iter().map(String::as_str));
+        run(&mut admin, &args).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (shares, b_key) = (shares_key("org"), format!("{}total:r", consumer_prefix("org", "team-b/p")));
+    run(&mut admin, &["HSET", &shares, "team-a/p", "1,0", "team-b/p", "1,0"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    run(&mut admin, &["HSET", &b_key, "l", "50", "t", "1"]).await.unwrap_or_else(|e| panic!("{e}"));
+
+    // team-a, with the credential its proxy holds.
+    let mut a = redis_as(&redis, &consumer_user("org", "team-a/p"), "pass-a").await;
+    let a_key = format!("{}total:r", consumer_prefix("org", "team-a/p"));
+    assert!(run(&mut a, &["HSET", &a_key, "l", "1"]).await.is_ok(), "its own entry");
+    assert!(run(&mut a, &["HGETALL", &shares]).await.is_ok(), "the shares are readable");
+    let script_writing_b = format!("return redis.call('HSET', '{b_key}', 'l', '-1e9')");
+    let attempts: [&[&str]; 9] = [
+        &["HSET", &b_key, "l", "-1000000000"],
+        &["DEL", &b_key],
+        &["HSET", &shares, "team-a/p", "1000,100"],
+        &["HSET", "llmproxy:q:org:total:r", "l", "1000000"],
+        &["EVAL", &script_writing_b, "0"],
+        &["FLUSHALL"],
+        &["CONFIG", "SET", "requirepass", ""],
+        &["ACL", "SETUSER", "default", "on", "nopass"],
+        &["FUNCTION", "FLUSH"],
+    ];
+    for args in attempts {
+        let r = run(&mut a, args).await;
+        assert!(
+            r.as_ref().is_err_and(|e| ["NOPERM", "permission", "can't access"]
+                .iter()
+                .any(|m| e.to_string().contains(m))),
+            "{args:?}: {r:?}"
+        );
+    }
+    // team-b's entry and the owner's shares are as they were.
+    let b: Vec<String> =
+        redis::cmd("HMGET").arg(&b_key).arg("l").query_async(&mut admin).await.unwrap_or_default();
+    assert_eq!(b, ["50"]);
+    let s: Vec<String> =
+        redis::cmd("HMGET").arg(&shares).arg("team-a/p").query_async(&mut admin).await.unwrap_or_default();
+    assert_eq!(s, ["1,0"]);
+    // A wrong password is no way in.
+    use redis::IntoConnectionInfo;
+    let info = redis.url().into_connection_info().unwrap_or_else(|e| panic!("{e}"));
+    let settings =
+        info.redis_settings().clone().set_username(consumer_user("org", "team-b/p")).set_password("pass-a");
+    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(client.get_multiplexed_async_connection().await.is_err(), "team-a's password is not team-b's");
 }

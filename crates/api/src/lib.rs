@@ -10,6 +10,7 @@ pub mod paths;
 pub mod policy;
 pub mod quantity;
 pub mod quota;
+pub mod redis_acl;
 pub mod replicas;
 pub mod report;
 pub mod spec;
@@ -20,8 +21,8 @@ pub use duration::Duration;
 pub use manifest::{ManifestError, crd_yaml, from_yaml, quota_crd_yaml};
 pub use policy::{FieldError, Policy, PolicyError};
 pub use quota::{
-    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaRef, RedisPasswordRef,
-    RedisSpec, SharedStateSpec,
+    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaRef, QuotaShareSpec,
+    RedisPasswordRef, RedisSpec, Share, SharedStateSpec,
 };
 pub use report::ProxyReport;
 pub use spec::{

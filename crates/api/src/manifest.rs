@@ -1,6 +1,8 @@
 //! LlmProxy manifests as files: the same YAML a user would `kubectl apply`, read strictly
 //! (an unknown or misspelt field is an error, as `kubectl apply --validate=strict` makes it).
 
+use std::collections::BTreeMap;
+
 use kube::CustomResourceExt;
 
 use crate::policy::{Policy, PolicyError};
@@ -77,6 +79,15 @@ pub fn from_yaml(text: &str) -> Result<(LlmProxy, Policy), ManifestError> {
                 r.name
             )));
         };
+        let problems = q.spec.problems();
+        if !problems.is_empty() {
+            return Err(ManifestError::Parse(format!("LlmQuota {}: {}", r.name, problems.join("; "))));
+        }
+        // Standalone, the namespace's only label is its name, as the API server sets it.
+        let namespace = proxy.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), namespace.clone())]);
+        let name = proxy.metadata.name.clone().unwrap_or_default();
+        let share = q.spec.share_of(&namespace, &name, &labels, r);
         policy = policy.with_quota(&crate::quota::GrantedQuota {
             name: r.name.clone(),
             requests_per_minute: q.spec.requests_per_minute,
@@ -84,8 +95,8 @@ pub fn from_yaml(text: &str) -> Result<(LlmProxy, Policy), ManifestError> {
             models: q.spec.models.clone(),
             redis: q.spec.shared_state.redis.clone(),
             password_namespace: None,
-            weight: r.weight,
-            guaranteed: r.guaranteed,
+            weight: share.weight,
+            guaranteed: Some(share.guaranteed),
         })?;
     }
     Ok((proxy, policy))

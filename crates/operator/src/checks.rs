@@ -156,7 +156,7 @@ pub(crate) async fn check_quota(
     let mine = verdicts.iter().find(|v| v.namespace == ns && v.name == p.name_any());
     match mine {
         Some(v) if v.allowed => {
-            Ok((None, crate::quota::grant(&quota, p, settings.operator_namespace.as_deref())))
+            Ok((None, Some(crate::quota::grant(&quota, v, settings.operator_namespace.as_deref()))))
         }
         Some(v) => Ok((
             Some(Problem::QuotaNotAllowed {

@@ -1,5 +1,5 @@
 //! LlmQuota references: which LlmProxies may draw from an LlmQuota (their namespace matches its
-//! `allowedNamespaces`, and the guarantees fit in 100 %), what each is granted, and the RBAC
+//! `allowedNamespaces`), what each is granted (the share its owner sets in `consumers`), and the RBAC
 //! that lets exactly those proxies read the quota's Redis password. Pure, for tests; the
 //! reconciler and the observer apply the results.
 
@@ -8,25 +8,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use llmproxy_api::{GrantedQuota, LlmProxy, LlmQuota, QuotaConsumer};
+use llmproxy_api::{GrantedQuota, LlmProxy, LlmQuota, QuotaConsumer, QuotaRef};
 
-/// Whether labels `labels` match `selector` (`matchLabels` and `matchExpressions`, as the API
-/// server evaluates them). An absent selector matches nothing: a quota is closed until its
-/// owner says who may draw from it.
+/// Whether labels `labels` match `selector`; an absent selector matches nothing.
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
-    let Some(s) = selector else { return false };
-    let by_labels = s.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let by_expressions = s.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    by_labels && by_expressions
+    llmproxy_api::quota::selects(selector, labels)
 }
 
 /// One LlmProxy that names a quota, as the verdict needs it.
@@ -38,11 +24,9 @@ pub struct Candidate {
     pub name: String,
     /// The namespace's labels.
     pub namespace_labels: BTreeMap<String, String>,
-    /// `quotaRef.weight`.
-    pub weight: i32,
-    /// `quotaRef.guaranteed`.
-    pub guaranteed: Option<i32>,
-    /// Creation time, oldest first: earlier consumers keep their guarantees.
+    /// Its `quotaRef`: what it asks for (it may only lower what the owner grants).
+    pub reference: QuotaRef,
+    /// Creation time, for a stable order in the LlmQuota's status.
     pub created: Option<k8s_openapi::jiff::Timestamp>,
 }
 
@@ -69,38 +53,34 @@ pub async fn candidates<'a>(
             namespace: ns.clone(),
             name: p.name_any(),
             namespace_labels: labels.get(&ns).cloned().unwrap_or_default(),
-            weight: r.weight,
-            guaranteed: r.guaranteed,
+            reference: r.clone(),
             created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
         });
     }
     Ok(out)
 }
 
-/// Every consumer's verdict, oldest first: a namespace the quota does not allow, or a
-/// guarantee that would push the sum over 100 %, is refused with a reason; usage is left
-/// for the observer.
+/// Every consumer's verdict, oldest first, with the share the quota's owner grants it: a
+/// namespace the quota does not allow, or a quota whose shares do not add up, is refused with
+/// a reason; usage is left for the observer.
 pub fn verdicts(quota: &LlmQuota, candidates: &[Candidate]) -> Vec<QuotaConsumer> {
     let mut ordered: Vec<&Candidate> = candidates.iter().collect();
     ordered.sort_by(|a, b| (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name)));
-    let mut guaranteed = 0i64;
+    let invalid = quota.spec.problems();
     ordered
         .into_iter()
         .map(|c| {
-            let g = i64::from(c.guaranteed.unwrap_or(0).max(0));
+            let share = quota.spec.share_of(&c.namespace, &c.name, &c.namespace_labels, &c.reference);
             let reason = if !selects(quota.spec.allowed_namespaces.as_ref(), &c.namespace_labels) {
                 Some(format!("namespace {} is not in the LlmQuota's allowedNamespaces", c.namespace))
-            } else if guaranteed + g > 100 {
-                Some(format!("guaranteed {g} % does not fit: earlier consumers hold {guaranteed} % of 100 %"))
             } else {
-                guaranteed += g;
-                None
+                invalid.first().map(|problem| format!("the LlmQuota is invalid: {problem}"))
             };
             QuotaConsumer {
                 namespace: c.namespace.clone(),
                 name: c.name.clone(),
-                weight: c.weight,
-                guaranteed: c.guaranteed,
+                weight: share.weight,
+                guaranteed: (share.guaranteed > 0).then_some(share.guaranteed),
                 allowed: reason.is_none(),
                 reason,
                 requests_last_minute: None,
@@ -110,11 +90,11 @@ pub fn verdicts(quota: &LlmQuota, candidates: &[Candidate]) -> Vec<QuotaConsumer
         .collect()
 }
 
-/// What an allowed consumer is granted: the quota as the proxies will enforce it, the password
-/// Secret found in the operator's namespace.
-pub fn grant(quota: &LlmQuota, p: &LlmProxy, operator_namespace: Option<&str>) -> Option<GrantedQuota> {
-    let r = p.spec.quota_ref.as_ref()?;
-    Some(GrantedQuota {
+/// What an allowed consumer is granted (`verdict`: its entry in [`verdicts`]): the quota as
+/// the proxies will enforce it, with the owner's share, the password Secret found in the
+/// operator's namespace.
+pub fn grant(quota: &LlmQuota, verdict: &QuotaConsumer, operator_namespace: Option<&str>) -> GrantedQuota {
+    GrantedQuota {
         name: quota.name_any(),
         requests_per_minute: quota.spec.requests_per_minute,
         tokens_per_minute: quota.spec.tokens_per_minute,
@@ -127,9 +107,9 @@ pub fn grant(quota: &LlmQuota, p: &LlmProxy, operator_namespace: Option<&str>) -
             .password_secret_ref
             .as_ref()
             .and(operator_namespace.map(str::to_owned)),
-        weight: r.weight,
-        guaranteed: r.guaranteed,
-    })
+        weight: verdict.weight,
+        guaranteed: verdict.guaranteed,
+    }
 }
 
 /// The name of the Role and RoleBinding that let a quota's consumers read its password.
@@ -211,39 +191,83 @@ mod tests {
             namespace: ns.into(),
             name: "p".into(),
             namespace_labels: BTreeMap::from([("team".to_owned(), team.to_owned())]),
-            weight: 1,
-            guaranteed,
+            reference: QuotaRef { name: "org".into(), weight: None, guaranteed },
             created: k8s_openapi::jiff::Timestamp::from_second(created).ok(),
         }
     }
 
-    #[test]
-    fn namespaces_and_guarantees_decide_who_may_draw() {
-        let sel = LabelSelector {
+    fn team_selector() -> LabelSelector {
+        LabelSelector {
             match_expressions: Some(vec![LabelSelectorRequirement {
                 key: "team".into(),
                 operator: "In".into(),
                 values: Some(vec!["a".into(), "b".into()]),
             }]),
             ..LabelSelector::default()
-        };
-        let q = quota(Some(sel));
+        }
+    }
+
+    #[test]
+    fn namespaces_decide_who_may_draw() {
+        let q = quota(Some(team_selector()));
         let v = verdicts(
             &q,
             &[
-                candidate("ns-late", "b", Some(50), 30),
-                candidate("ns-a", "a", Some(60), 10),
+                candidate("ns-late", "b", None, 30),
+                candidate("ns-a", "a", None, 10),
                 candidate("ns-x", "x", None, 20),
             ],
         );
         let summary: Vec<(&str, bool)> = v.iter().map(|c| (c.namespace.as_str(), c.allowed)).collect();
-        assert_eq!(summary, [("ns-a", true), ("ns-x", false), ("ns-late", false)]);
+        assert_eq!(summary, [("ns-a", true), ("ns-x", false), ("ns-late", true)]);
         assert!(v[1].reason.as_deref().is_some_and(|r| r.contains("allowedNamespaces")));
-        assert!(v[2].reason.as_deref().is_some_and(|r| r.contains("earlier consumers hold 60 %")));
         assert!(
             verdicts(&quota(None), &[candidate("ns-a", "a", None, 1)]).iter().all(|c| !c.allowed),
             "closed without a selector"
         );
+    }
+
+    #[test]
+    fn shares_are_the_owners_and_a_consumer_can_only_ask_for_less() {
+        let mut q = quota(Some(team_selector()));
+        let yaml = "- {namespace: ns-a, name: p, weight: 4, guaranteed: 30}\n- {namespaceSelector: {matchLabels: {team: b}}, weight: 2}\n";
+        q.spec.consumers = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        q.spec.default_weight = Some(3);
+        // The oldest consumer asks for everything: it gets what the owner set, no more. A later
+        // one asking nothing is not starved: it has its entry's weight.
+        let mut greedy = candidate("ns-a", "a", Some(100), 1);
+        greedy.reference.weight = Some(1000);
+        let mut modest = candidate("ns-b", "b", None, 2);
+        modest.reference.weight = Some(1);
+        let mut unlisted = candidate("ns-a", "a", None, 3);
+        unlisted.name = "other".into();
+        let v = verdicts(&q, &[greedy, candidate("ns-b2", "b", Some(10), 4), modest, unlisted]);
+        let shares: Vec<(&str, &str, bool, i32, Option<i32>)> = v
+            .iter()
+            .map(|c| (c.namespace.as_str(), c.name.as_str(), c.allowed, c.weight, c.guaranteed))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                ("ns-a", "p", true, 4, Some(30)),
+                ("ns-b", "p", true, 1, None),
+                ("ns-a", "other", true, 3, None),
+                ("ns-b2", "p", true, 2, None),
+            ]
+        );
+        let g = grant(&q, &v[0], Some("ops"));
+        assert_eq!((g.weight, g.guaranteed, g.password_namespace.as_deref()), (4, Some(30), Some("ops")));
+    }
+
+    #[test]
+    fn guarantees_over_100_refuse_every_consumer_with_the_reason() {
+        let mut q = quota(Some(team_selector()));
+        let yaml =
+            "- {namespace: ns-a, name: p, guaranteed: 70}\n- {namespace: ns-b, name: p, guaranteed: 40}\n";
+        q.spec.consumers = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let v = verdicts(&q, &[candidate("ns-a", "a", None, 1), candidate("ns-b", "b", None, 2)]);
+        assert!(v.iter().all(|c| !c.allowed), "{v:?}");
+        assert!(v[0].reason.as_deref().is_some_and(|r| r.contains("sum to 110 %")), "{v:?}");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct Metrics {
     quota_mode: IntGaugeVec,
     /// Replicas (and LlmQuota consumers' pods) sharing the buckets, as Redis last counted them.
     pub quota_members: IntGauge,
+    /// Malformed entries the shared store's script skipped (a tenant or a bug wrote them).
+    pub quota_malformed_entries: IntCounter,
     /// Retries the retry budget refused.
     pub retry_budget_exhausted: IntCounter,
     /// Upstream time to response headers.
@@ -289,6 +291,11 @@ impl Metrics {
                     "llmproxy_quota_members",
                     "Pods sharing the buckets, by their heartbeats in Redis (a pod alone divides each rate by it).",
                 )?,
+            )?,
+            quota_malformed_entries: counter(
+                r,
+                "llmproxy_quota_malformed_entries_total",
+                "Malformed entries in Redis the shared limits' script skipped or removed instead of failing.",
             )?,
             retry_budget_exhausted: counter(
                 r,

@@ -45,7 +45,10 @@ const RETRY_REDIS: Duration = Duration::from_secs(1);
 /// units asked, units given back, and a mode (`g` grant, `d` dry, `r` resume, `q` grant
 /// within the consumer's fair share of an LlmQuota). Then the member set, this member, the
 /// member TTL in seconds, and for `q` buckets the consumer, its weight and guaranteed percent.
-/// Returns the grants, then the number of live members.
+/// Returns the grants, then the number of live members, then how many malformed entries it
+/// met. A malformed entry (a key of another type, a field that is not a finite number in range,
+/// a consumer record that does not parse) is removed or skipped and counted, never an error:
+/// one bad entry must not fail the call, and with it every consumer's sharing.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -53,14 +56,36 @@ local n = #KEYS
 local extra = n * 5
 local members, me, ttl = ARGV[extra + 1], ARGV[extra + 2], tonumber(ARGV[extra + 3])
 local consumer, weight, guaranteed = ARGV[extra + 4], tonumber(ARGV[extra + 5]), tonumber(ARGV[extra + 6])
-redis.call('ZADD', members, now, me)
+local bad = 0
+local function num(s)
+  if s == nil or s == false then return nil end
+  local v = tonumber(s)
+  if v == nil or v ~= v or v == math.huge or v == -math.huge then return nil end
+  return v
+end
+-- A command on a key someone filled with another type: the key is dropped and counted, and
+-- the command runs again on a fresh one.
+local function call(cmd, key, ...)
+  local r = redis.pcall(cmd, key, ...)
+  if type(r) == 'table' and r.err then
+    bad = bad + 1
+    redis.call('DEL', key)
+    r = redis.call(cmd, key, ...)
+  end
+  return r
+end
+call('ZADD', members, now, me)
 redis.call('ZREMRANGEBYSCORE', members, '-inf', now - ttl)
 redis.call('PEXPIRE', members, math.ceil(ttl * 2000))
 local out = {}
 local function fill(key, rate, burst)
-  local v = redis.call('HMGET', key, 'l', 't')
-  local level, ts = tonumber(v[1]), tonumber(v[2])
-  if level == nil or ts == nil then return 0, now, true end
+  local v = call('HMGET', key, 'l', 't')
+  local level, ts = num(v[1]), num(v[2])
+  if level == nil or ts == nil then
+    if v[1] or v[2] then bad = bad + 1 end
+    return 0, now, true
+  end
+  level = math.max(-burst, math.min(burst, level))
   return math.min(burst, level + math.max(0, now - ts) * rate), ts, false
 end
 for i = 1, n do
@@ -78,15 +103,19 @@ for i = 1, n do
     -- Under contention (less than half the burst left), a consumer draws only within its
     -- fair share: its guarantee plus its weight's part of what is not guaranteed.
     local cons = key .. ':c'
-    redis.call('HSET', cons, consumer, weight .. ',' .. guaranteed .. ',' .. now)
+    call('HSET', cons, consumer, weight .. ',' .. guaranteed .. ',' .. now)
     redis.call('PEXPIRE', cons, math.ceil(ttl * 2000))
     local sumw, sumg = 0, 0
     local all = redis.call('HGETALL', cons)
     for j = 1, #all, 2 do
-      local w, g, seen = string.match(all[j + 1], '([^,]+),([^,]+),([^,]+)')
-      if now - tonumber(seen) <= ttl then
-        sumw = sumw + tonumber(w)
-        sumg = sumg + tonumber(g)
+      local w, g, seen = string.match(all[j + 1], '^([^,]+),([^,]+),([^,]+)$')
+      w, g, seen = num(w), num(g), num(seen)
+      if w == nil or g == nil or seen == nil or w < 1 or w > 1000 or g < 0 or g > 100 then
+        bad = bad + 1
+        redis.call('HDEL', cons, all[j])
+      elseif now - seen <= ttl then
+        sumw = sumw + w
+        sumg = sumg + g
       else
         redis.call('HDEL', cons, all[j])
       end
@@ -105,6 +134,7 @@ for i = 1, n do
   out[i] = tostring(grant)
 end
 out[n + 1] = redis.call('ZCARD', members)
+out[n + 2] = bad
 return out
 ";
 
@@ -286,6 +316,7 @@ struct Look<'a> {
     replicas: u32,
     admission: &'a crate::queue::Admission,
     quota: Option<&'a QuotaPolicy>,
+    metrics: &'a Arc<crate::metrics::Metrics>,
 }
 
 /// Runs the lessee of `store` for `proxy` until the proxy is dropped; follows its policy (a
@@ -333,8 +364,14 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
         let admission = Arc::clone(proxy_now.admission());
         let metrics = Arc::clone(proxy_now.metrics());
         drop(proxy_now);
-        let look =
-            Look { url: &redis.url, password, replicas, admission: &admission, quota: p.quota.as_ref() };
+        let look = Look {
+            url: &redis.url,
+            password,
+            replicas,
+            admission: &admission,
+            quota: p.quota.as_ref(),
+            metrics: &metrics,
+        };
         let shared = lessee.look(look).await;
         lessee.state.set(store, shared.then_some(lessee.mode), lessee.members);
         lessee.state.report(&metrics);
@@ -392,8 +429,15 @@ impl Lessee {
                     }
                 }
                 let member_key = store.member_key(&self.identity, look.quota);
-                let call =
-                    exchange(&self.script, &mut c.manager, &lines, &member_key, &self.identity, look.quota);
+                let call = exchange(
+                    &self.script,
+                    &mut c.manager,
+                    &lines,
+                    &member_key,
+                    &self.identity,
+                    look.quota,
+                    look.metrics,
+                );
                 match tokio::time::timeout(REDIS_TIMEOUT, call).await {
                     Ok(Ok((grants, live))) => {
                         self.members = live.clamp(1, 100_000);
@@ -464,9 +508,11 @@ impl Lessee {
             let member_key = self.store.member_key(&self.identity, look.quota);
             let identity = self.identity.clone();
             let quota = look.quota.cloned();
+            let metrics = Arc::clone(look.metrics);
             self.probe = Some(tokio::spawn(async move {
                 let mut manager = connect(&url, password.as_deref()).await?;
-                let beat = exchange(&script, &mut manager, &[], &member_key, &identity, quota.as_ref());
+                let beat =
+                    exchange(&script, &mut manager, &[], &member_key, &identity, quota.as_ref(), &metrics);
                 let (_, live) = tokio::time::timeout(REDIS_TIMEOUT, beat)
                     .await
                     .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "no answer in time")))??;
@@ -632,6 +678,7 @@ async fn exchange(
     member_key: &str,
     identity: &Identity,
     quota: Option<&llmproxy_api::policy::QuotaPolicy>,
+    metrics: &crate::metrics::Metrics,
 ) -> redis::RedisResult<(Vec<f64>, u32)> {
     let mut call = script.prepare_invoke();
     for l in lines {
@@ -645,6 +692,11 @@ async fn exchange(
     let out: Vec<String> = call.invoke_async(conn).await?;
     let grants: Vec<f64> = out.iter().take(lines.len()).map(|g| g.parse().unwrap_or(0.0)).collect();
     let members = out.get(lines.len()).and_then(|m| m.parse().ok()).unwrap_or(1);
+    let malformed: u64 = out.get(lines.len() + 1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    if malformed > 0 {
+        metrics.quota_malformed_entries.inc_by(malformed);
+        tracing::warn!(malformed, "skipped malformed entries in the shared store (someone wrote them)");
+    }
     Ok((grants, members))
 }
 
@@ -655,6 +707,106 @@ mod tests {
 
     fn identity() -> Identity {
         Identity { proxy: "ns/p".into(), member: "m".into(), replicas: 1 }
+    }
+
+    /// A real `redis-server` on a free port, killed on drop.
+    struct Redis(std::process::Child, String);
+
+    impl Redis {
+        async fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting redis-server (install Debian's redis-server): {e}"));
+            let r = Redis(child, format!("redis://127.0.0.1:{port}/0"));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn line(key: LeaseKey, redis_key: &str, ask: f64, mode: &'static str) -> Line {
+        Line { key, unit: 0, redis_key: redis_key.into(), per_sec: 100.0, burst: 100.0, ask, give: 0.0, mode }
+    }
+
+    #[tokio::test]
+    async fn malformed_entries_are_skipped_and_counted_never_failing_the_call() {
+        let redis = Redis::start().await;
+        let mut c = connect(&redis.1, None).await.unwrap_or_else(|e| panic!("{e}"));
+        let quota = llmproxy_api::policy::QuotaPolicy {
+            name: "org".into(),
+            requests_per_minute: 6000,
+            tokens_per_minute: None,
+            models: std::collections::BTreeMap::new(),
+            redis: llmproxy_api::policy::SharedPolicy {
+                url: redis.1.clone(),
+                password: None,
+                password_namespace: None,
+            },
+            weight: 1,
+            guaranteed: 0,
+        };
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        // What a tenant holding the password could plant: a bucket and the member set of
+        // another type, consumer records that do not parse or are out of range; beside them a
+        // quota bucket with stock, so the fair-share path reads the records.
+        let plant: [&[&str]; 5] = [
+            &["SET", "llmproxy:p:ns/p:total:r", "garbage"],
+            &["SET", "llmproxy:members:org", "garbage"],
+            &["HSET", "llmproxy:q:org:total:r:c", "junk", "nonsense", "huge", "1e309,0,1"],
+            &["HSET", "llmproxy:q:org:total:r:c", "greedy", "1000000,0,99999999999"],
+            &["HSET", "llmproxy:q:org:total:r", "l", "80", "t", &now.to_string()],
+        ];
+        for args in plant {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            let () =
+                cmd.query_async(&mut c).await.map(|_: redis::Value| ()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let lines = [
+            line(LeaseKey::Total, "llmproxy:p:ns/p:total:r", 5.0, "g"),
+            line(LeaseKey::Quota, "llmproxy:q:org:total:r", 10.0, "q"),
+        ];
+        let metrics =
+            crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let script = redis::Script::new(SCRIPT);
+        let id = identity();
+        let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);
+        let (grants, members) = call.await.unwrap_or_else(|e| panic!("one bad entry failed the call: {e}"));
+        // The replaced bucket starts empty; the quota's stock is granted; this member counts.
+        assert_eq!((grants, members), (vec![0.0, 10.0], 1));
+        assert_eq!(metrics.quota_malformed_entries.get(), 5, "two keys of another type, three bad records");
+        // Dropped or skipped once: the next call finds nothing malformed.
+        let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);
+        call.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(metrics.quota_malformed_entries.get(), 5);
     }
 
     #[test]
