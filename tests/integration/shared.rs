@@ -214,19 +214,16 @@ async fn two_llmproxies_drawing_on_one_llmquota_stay_within_it_together() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_contention_a_guarantee_and_weights_hold() {
-    let redis = RedisServer::start(None).await;
-    let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let quota = format!(
-        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n  consumers: [{{namespace: team, name: team-a, guaranteed: 70}}]\n",
-        redis.url()
-    );
-    // The owner guarantees team-a 70 % of the org's 100/s, and the rest is split by weight
-    // (1:1): 85/s for it, 15/s for team-b while both are busy. Both flood.
+/// team-a and team-b, each one proxy process drawing on `quota` with its `quotaRef`, flood
+/// 400 requests each at once; what each got and when each finished.
+async fn two_teams_flood(
+    dir: &tempfile::TempDir,
+    upstream: &MockServer,
+    quota: &str,
+    references: [&str; 2],
+) -> ((Vec<Option<u16>>, Duration), (Vec<Option<u16>>, Duration)) {
     let mut procs = Vec::new();
-    for (team, reference) in [("team-a", "{name: org}"), ("team-b", "{name: org}")] {
+    for (team, reference) in ["team-a", "team-b"].into_iter().zip(references) {
         let text =
             format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
         let path = dir.path().join(format!("{team}.yaml"));
@@ -239,7 +236,22 @@ async fn under_contention_a_guarantee_and_weights_hold() {
         let statuses = load_over(&urls, 40, 400).await;
         (statuses, start.elapsed())
     };
-    let ((ra, a_wall), (rb, b_wall)) = tokio::join!(timed(vec![a]), timed(vec![b]));
+    tokio::join!(timed(vec![a]), timed(vec![b]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_contention_a_guarantee_and_weights_hold() {
+    let redis = RedisServer::start(None).await;
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let quota = format!(
+        "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n  consumers: [{{namespace: team, name: team-a, guaranteed: 70}}]\n",
+        redis.url()
+    );
+    // The owner guarantees team-a 70 % of the org's 100/s, and the rest is split by weight
+    // (1:1): 85/s for it, 15/s for team-b while both are busy. Both flood.
+    let ((ra, a_wall), (rb, b_wall)) =
+        two_teams_flood(&dir, &upstream, &quota, ["{name: org}", "{name: org}"]).await;
     assert!(ra.iter().chain(&rb).all(|s| *s == Some(200)), "nobody is refused, nobody starves");
     // First come, first served would give each half (400 in 8 s); at 85/s team-a's 400 take
     // about 4.7 s. team-b finishes after, on what team-a leaves.
@@ -435,23 +447,13 @@ async fn a_greedy_consumer_cannot_starve_another_the_shares_are_the_owners() {
         redis.url()
     );
     // team-a claims the whole quota for itself; team-b asks for nothing.
-    let mut procs = Vec::new();
-    for (team, reference) in
-        [("team-a", "{name: org, weight: 1000, guaranteed: 100}"), ("team-b", "{name: org}")]
-    {
-        let text =
-            format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
-        let path = dir.path().join(format!("{team}.yaml"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
-        procs.push(ProxyProcess::start(&path, &[], &[]).await);
-    }
-    let (a, b) = (procs[0].url("/chat/completions"), procs[1].url("/chat/completions"));
-    let start = Instant::now();
-    let timed = |urls: Vec<String>| async move {
-        let statuses = load_over(&urls, 40, 400).await;
-        (statuses, start.elapsed())
-    };
-    let ((ra, a_wall), (rb, b_wall)) = tokio::join!(timed(vec![a]), timed(vec![b]));
+    let ((ra, a_wall), (rb, b_wall)) = two_teams_flood(
+        &dir,
+        &upstream,
+        &quota,
+        ["{name: org, weight: 1000, guaranteed: 100}", "{name: org}"],
+    )
+    .await;
     assert!(ra.iter().chain(&rb).all(|s| *s == Some(200)), "nobody is refused");
     // Equal shares: both floods of 400 end together, near 8 s at 100/s. Had team-a's claim
     // held, it would have had the whole quota (done in about 4 s) and team-b nothing until then.
