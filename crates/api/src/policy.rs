@@ -44,17 +44,21 @@ pub struct SharedPolicy {
     pub password_namespace: Option<String>,
 }
 
+/// The name a proxy keeps Secret `name` under among the Secrets it loaded: one of another
+/// namespace (an LlmQuota's) as `NAMESPACE/NAME`, a name no Secret of the LlmProxy's own
+/// namespace can have, so no reference in a tenant's spec can resolve to it.
+pub fn secret_slot(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
 impl SharedPolicy {
-    /// Where the password is kept among the Secrets a proxy loaded: a Secret of another
-    /// namespace (an LlmQuota's) under `NAMESPACE/NAME`, a name no Secret of the LlmProxy's own
-    /// namespace can have, so no reference in a tenant's spec can resolve to it.
+    /// Where the password is kept among the Secrets a proxy loaded (see [`secret_slot`]).
     pub fn password_slot(&self) -> Option<(String, String)> {
         let r = self.password.as_ref()?;
-        let name = match &self.password_namespace {
-            Some(ns) => format!("{ns}/{}", r.name),
-            None => r.name.clone(),
-        };
-        Some((name, r.key.clone()))
+        Some((secret_slot(self.password_namespace.as_deref(), &r.name), r.key.clone()))
     }
 }
 

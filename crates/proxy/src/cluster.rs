@@ -196,7 +196,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
         });
         if quota_secret.as_ref() != quota_watch.as_ref().map(|(id, _)| id) {
             if let Some(((ns, name, key), _)) = quota_watch.take() {
-                proxy.set_secret_key(&format!("{ns}/{name}"), &key, None);
+                proxy.set_secret_key(&llmproxy_api::policy::secret_slot(Some(&ns), &name), &key, None);
             }
             quota_watch = quota_secret.map(|(ns, name, key)| {
                 let task = AbortOnDrop(tokio::spawn(watch_secret(
@@ -204,7 +204,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                     client.clone(),
                     ns.clone(),
                     name.clone(),
-                    format!("{ns}/{name}"),
+                    llmproxy_api::policy::secret_slot(Some(&ns), &name),
                     (vec![key.clone()], Vec::new()),
                     String::new(),
                 )));
