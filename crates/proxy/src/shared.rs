@@ -41,21 +41,36 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a replica on its own tries Redis again.
 const RETRY_REDIS: Duration = Duration::from_secs(1);
 
-/// The grant script; see the module docs. Per bucket, five arguments: rate per second, burst,
-/// units asked, units given back, and a mode (`g` grant, `d` dry, `r` resume, `q` grant
-/// within the consumer's fair share of an LlmQuota). Then the member set, this member, the
-/// member TTL in seconds, and for `q` buckets the consumer, its weight and guaranteed percent.
-/// Returns the grants, then the number of live members, then how many malformed entries it
-/// met. A malformed entry (a key of another type, a field that is not a finite number in range,
-/// a consumer record that does not parse) is removed or skipped and counted, never an error:
-/// one bad entry must not fail the call, and with it every consumer's sharing.
+/// The grant script; see the module docs. Per bucket, six arguments: rate per second, burst,
+/// units asked, units given back, a mode (`g` grant, `d` dry, `r` resume) and this member's
+/// demand per second. Then the member set, this member, the member TTL in seconds, and, for an
+/// LlmQuota's buckets, the quota, the consumer, and the weight and guaranteed percent it
+/// declares (used only where no operator wrote the owner's shares). Returns the grants, then
+/// the number of live members, then how many malformed entries it met, then this consumer's
+/// share of the quota with every consumer busy (1 for an LlmProxy's own buckets).
+///
+/// An LlmQuota's buckets are the consumers' own: each consumer writes only keys under
+/// `llmproxy:q:QUOTA:f:CONSUMER:` (and its member set there), so a per-consumer Redis user (see
+/// `llmproxy_api::redis_acl`) can be held to them, and reads the others' demand. The quota's
+/// rate is divided among the consumers by max-min fairness over their demands: each gets its
+/// guarantee, then the rest is filled by weight up to what each asks, and what nobody asks goes
+/// to those who ask more, so an idle consumer's part is used and a busy one never gets less
+/// than its fair share, whatever another writes about itself. A bucket refills at the rate it
+/// was allotted when last written, so a consumer returning from idle starts empty.
+///
+/// A malformed entry (a key of another type, a field that is not a finite number in range, a
+/// record that does not parse) is removed where the caller may write it, else skipped, and
+/// counted, never an error: one bad entry must not fail the call, and with it every consumer's
+/// sharing.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #KEYS
-local extra = n * 5
+local extra = n * 6
 local members, me, ttl = ARGV[extra + 1], ARGV[extra + 2], tonumber(ARGV[extra + 3])
-local consumer, weight, guaranteed = ARGV[extra + 4], tonumber(ARGV[extra + 5]), tonumber(ARGV[extra + 6])
+local quota, consumer = ARGV[extra + 4], ARGV[extra + 5]
+local weight, guaranteed = tonumber(ARGV[extra + 6]), tonumber(ARGV[extra + 7])
+local keep = math.ceil(ttl * 2000)
 local bad = 0
 local function num(s)
   if s == nil or s == false then return nil end
@@ -63,11 +78,12 @@ local function num(s)
   if v == nil or v ~= v or v == math.huge or v == -math.huge then return nil end
   return v
 end
--- A command on a key someone filled with another type: the key is dropped and counted, and
--- the command runs again on a fresh one.
+local function failed(r) return type(r) == 'table' and r.err ~= nil end
+-- A command on a key of the caller's that someone filled with another type: the key is dropped
+-- and counted, and the command runs again on a fresh one.
 local function call(cmd, key, ...)
   local r = redis.pcall(cmd, key, ...)
-  if type(r) == 'table' and r.err then
+  if failed(r) then
     bad = bad + 1
     redis.call('DEL', key)
     r = redis.call(cmd, key, ...)
@@ -76,65 +92,166 @@ local function call(cmd, key, ...)
 end
 call('ZADD', members, now, me)
 redis.call('ZREMRANGEBYSCORE', members, '-inf', now - ttl)
-redis.call('PEXPIRE', members, math.ceil(ttl * 2000))
+redis.call('PEXPIRE', members, keep)
 local out = {}
+-- A bucket's level now, the rate and burst it was last written with, and whether it is new.
 local function fill(key, rate, burst)
-  local v = call('HMGET', key, 'l', 't')
+  local v = call('HMGET', key, 'l', 't', 'r', 'b')
   local level, ts = num(v[1]), num(v[2])
-  if level == nil or ts == nil then
+  local r0, b0 = num(v[3]) or rate, num(v[4]) or burst
+  if level == nil or ts == nil or r0 < 0 or b0 < 0 then
     if v[1] or v[2] then bad = bad + 1 end
     return 0, now, true
   end
-  level = math.max(-burst, math.min(burst, level))
-  return math.min(burst, level + math.max(0, now - ts) * rate), ts, false
+  level = math.max(-b0, math.min(b0, level))
+  return math.min(b0, level + math.max(0, now - ts) * math.min(r0, rate)), ts, false
 end
+
+local qbase = 'llmproxy:q:' .. quota .. ':'
+local mine = qbase .. 'f:' .. consumer .. ':'
+local function share(s)
+  if type(s) ~= 'string' then return nil end
+  local w, g = string.match(s, '^([^,]+),([^,]+)$')
+  w, g = num(w), num(g)
+  if w == nil or g == nil or w < 1 or w > 1000 or g < 0 or g > 100 then return nil end
+  return w, g
+end
+-- The quota's consumers with their weights and guarantees: the owner's, as the operator wrote
+-- them (read only to consumers), or where no operator runs, as each consumer declares its own.
+local sharers = {}
+if quota ~= '' then
+  local owned = redis.pcall('HGETALL', qbase .. 'shares')
+  if failed(owned) then bad = bad + 1; owned = {} end
+  if #owned > 0 then
+    for j = 1, #owned, 2 do
+      local w, g = share(owned[j + 1])
+      if w then sharers[#sharers + 1] = {owned[j], w, g} else bad = bad + 1 end
+    end
+  else
+    local index = qbase .. 'consumers'
+    redis.call('SET', mine .. 'share', weight .. ',' .. guaranteed, 'PX', keep)
+    local r = redis.pcall('ZADD', index, now, consumer)
+    if failed(r) then
+      if string.find(r.err, 'NOPERM', 1, true) then
+        return redis.error_reply('ERR the LlmQuota ' .. quota .. ' has no shares written yet')
+      end
+      call('ZADD', index, now, consumer)
+    end
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now - ttl)
+    redis.call('PEXPIRE', index, keep)
+    for _, name in ipairs(redis.call('ZRANGE', index, 0, 999)) do
+      local s = redis.pcall('GET', qbase .. 'f:' .. name .. ':share')
+      local w, g = share(s)
+      if w then sharers[#sharers + 1] = {name, w, g} elseif s then bad = bad + 1 end
+    end
+  end
+end
+local sumw, sumg, wme, gme = 0, 0, 0, 0
+for _, c in ipairs(sharers) do
+  sumw = sumw + c[2]
+  sumg = sumg + c[3]
+  if c[1] == consumer then wme, gme = c[2], c[3] end
+end
+-- Guarantees beyond the whole are scaled down to it.
+local gscale = 1
+if sumg > 100 then gscale = 100 / sumg end
+local fair = 1
+if quota ~= '' then
+  fair = 0
+  if wme > 0 then fair = gme * gscale / 100 + (wme / sumw) * math.max(0, 1 - sumg * gscale / 100) end
+end
+
+-- A consumer's demand on a bucket: its live members' together.
+local function demand(name, suffix)
+  local key = qbase .. 'f:' .. name .. ':' .. suffix .. ':d'
+  local all = redis.pcall('HGETALL', key)
+  if failed(all) then bad = bad + 1; return 0 end
+  local sum = 0
+  for j = 1, #all, 2 do
+    local d, seen = string.match(all[j + 1], '^([^,]+),([^,]+)$')
+    d, seen = num(d), num(seen)
+    if d == nil or seen == nil or d < 0 then
+      bad = bad + 1
+      if name == consumer then redis.call('HDEL', key, all[j]) end
+    elseif now - seen <= ttl then
+      sum = sum + d
+    elseif name == consumer then
+      redis.call('HDEL', key, all[j])
+    end
+  end
+  return sum
+end
+-- This consumer's rate of a quota bucket of `rate` per second.
+local function allot(suffix, rate, asked)
+  local own = mine .. suffix .. ':d'
+  call('HSET', own, me, asked .. ',' .. now)
+  redis.call('PEXPIRE', own, keep)
+  local cap, got, mine_at = {}, {}, 0
+  local left = rate
+  for i, c in ipairs(sharers) do
+    cap[i] = math.min(rate, demand(c[1], suffix) * 1.25)
+    got[i] = math.min(cap[i], rate * c[3] * gscale / 100)
+    left = left - got[i]
+    if c[1] == consumer then mine_at = i end
+  end
+  if mine_at == 0 then return 0 end
+  for _ = 1, #sharers do
+    local w = 0
+    for i, c in ipairs(sharers) do if got[i] < cap[i] then w = w + c[2] end end
+    if w == 0 or left <= 0 then break end
+    local full = false
+    for i, c in ipairs(sharers) do
+      if got[i] < cap[i] and cap[i] - got[i] <= left * c[2] / w then full = true end
+    end
+    if not full then
+      for i, c in ipairs(sharers) do
+        if got[i] < cap[i] then got[i] = got[i] + left * c[2] / w end
+      end
+      left = 0
+      break
+    end
+    local before = left
+    for i, c in ipairs(sharers) do
+      if got[i] < cap[i] and cap[i] - got[i] <= before * c[2] / w then
+        left = left - (cap[i] - got[i])
+        got[i] = cap[i]
+      end
+    end
+  end
+  -- What nobody asks for goes, by weight, to those who ask at all, so they may grow into it.
+  if left > 0 then
+    local w = 0
+    for i, c in ipairs(sharers) do if cap[i] > 0 then w = w + c[2] end end
+    if w > 0 and cap[mine_at] > 0 then got[mine_at] = got[mine_at] + left * sharers[mine_at][2] / w end
+  end
+  return math.max(0, math.min(rate, got[mine_at]))
+end
+
 for i = 1, n do
   local key = KEYS[i]
-  local b = (i - 1) * 5
+  local b = (i - 1) * 6
   local rate, burst = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local ask, give, mode = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
+  local ask, give, mode, asked = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5], tonumber(ARGV[b + 6])
+  if quota ~= '' then
+    local r = allot(string.sub(key, #mine + 1), rate, asked)
+    burst = math.max(burst * r / rate, math.min(burst, 1))
+    rate = r
+  end
   local level, ts, new = fill(key, rate, burst)
+  level = math.min(level, burst)
   if mode == 'r' and not new and now - ts > 1 then level = math.min(level, 0) end
   level = math.min(burst, level + give)
   if mode == 'd' then level = math.min(level, 0) end
   local grant = 0
   if ask > 0 and level > 0 then grant = math.min(ask, level) end
-  if mode == 'q' and grant > 0 then
-    -- Under contention (less than half the burst left), a consumer draws only within its
-    -- fair share: its guarantee plus its weight's part of what is not guaranteed.
-    local cons = key .. ':c'
-    call('HSET', cons, consumer, weight .. ',' .. guaranteed .. ',' .. now)
-    redis.call('PEXPIRE', cons, math.ceil(ttl * 2000))
-    local sumw, sumg = 0, 0
-    local all = redis.call('HGETALL', cons)
-    for j = 1, #all, 2 do
-      local w, g, seen = string.match(all[j + 1], '^([^,]+),([^,]+),([^,]+)$')
-      w, g, seen = num(w), num(g), num(seen)
-      if w == nil or g == nil or seen == nil or w < 1 or w > 1000 or g < 0 or g > 100 then
-        bad = bad + 1
-        redis.call('HDEL', cons, all[j])
-      elseif now - seen <= ttl then
-        sumw = sumw + w
-        sumg = sumg + g
-      else
-        redis.call('HDEL', cons, all[j])
-      end
-    end
-    local share = guaranteed / 100 + (weight / math.max(sumw, 1)) * math.max(0, 1 - sumg / 100)
-    local fkey = key .. ':f:' .. consumer
-    local fburst = math.max(burst * share, 1)
-    local fair = fill(fkey, rate * share, fburst)
-    if level < burst / 2 then grant = math.max(0, math.min(grant, fair)) end
-    redis.call('HSET', fkey, 'l', tostring(math.max(fair - grant, -fburst)), 't', tostring(now))
-    redis.call('PEXPIRE', fkey, math.ceil((burst / rate + 60) * 1000))
-  end
   level = level - grant
-  redis.call('HSET', key, 'l', tostring(level), 't', tostring(now))
-  redis.call('PEXPIRE', key, math.ceil((burst / rate + 60) * 1000))
+  redis.call('HSET', key, 'l', tostring(level), 't', tostring(now), 'r', tostring(rate), 'b', tostring(burst))
+  redis.call('PEXPIRE', key, math.ceil((math.min(burst / math.max(rate, 0.001), 3600) + 60) * 1000))
   out[i] = tostring(grant)
 end
 out[n + 1] = redis.call('ZCARD', members)
 out[n + 2] = bad
+out[n + 3] = tostring(fair)
 return out
 ";
 
@@ -202,13 +319,17 @@ impl Store {
         }
     }
 
-    /// The key of its member set: the LlmProxy's replicas, or every pod of every consumer of the
-    /// LlmQuota.
+    /// The key of its member set: the LlmProxy's replicas, among its own keys in either store.
     fn member_key(self, identity: &Identity, quota: Option<&QuotaPolicy>) -> String {
         match (self, quota) {
-            (Store::Quota, Some(q)) => format!("llmproxy:members:{}", q.name),
+            (Store::Quota, Some(q)) => format!("llmproxy:q:{}:f:{}:members", q.name, identity.proxy),
             _ => format!("llmproxy:members:{}", identity.proxy),
         }
+    }
+
+    /// The LlmQuota whose buckets this store's exchanges carry.
+    fn quota(self, quota: Option<&QuotaPolicy>) -> Option<&QuotaPolicy> {
+        quota.filter(|_| self == Store::Quota)
     }
 
     fn label(self) -> &'static str {
@@ -269,6 +390,8 @@ struct Line {
     ask: f64,
     give: f64,
     mode: &'static str,
+    /// This replica's demand per second (what it used, or more when requests wait).
+    demand: f64,
 }
 
 /// What the lessee remembers about a stock between looks.
@@ -276,6 +399,8 @@ struct Line {
 struct Seen {
     /// Recent use per second, smoothed.
     rate: [f64; 2],
+    /// The demand last told an LlmQuota's store, and when.
+    told: [(f64, Option<Instant>); 2],
 }
 
 /// A connection to a store's Redis and what it was opened with.
@@ -287,7 +412,7 @@ struct Conn {
 
 /// A background try of a Redis that was out: a connection and a heartbeat through the script,
 /// then the live member count.
-type Probe = tokio::task::JoinHandle<redis::RedisResult<(Conn, u32)>>;
+type Probe = tokio::task::JoinHandle<redis::RedisResult<(Conn, Answer)>>;
 
 /// The lessee of one store: keeps this replica's stocks of that store's buckets topped up.
 struct Lessee {
@@ -298,6 +423,9 @@ struct Lessee {
     conn: Option<Conn>,
     mode: Mode,
     members: u32,
+    /// This consumer's part of the LlmQuota with every consumer busy, as Redis last said (1 for
+    /// the LlmProxy's own buckets): the rate it admits alone.
+    fair: f64,
     seen: HashMap<LeaseKey, Seen>,
     last: Instant,
     last_try: Instant,
@@ -331,6 +459,7 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
         script: redis::Script::new(SCRIPT),
         conn: None,
         mode: Mode::Shared,
+        fair: 1.0,
         seen: HashMap::new(),
         last: now,
         last_try: now.checked_sub(RETRY_REDIS).unwrap_or(now),
@@ -435,14 +564,15 @@ impl Lessee {
                     &lines,
                     &member_key,
                     &self.identity,
-                    look.quota,
+                    store.quota(look.quota),
                     look.metrics,
                 );
                 match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-                    Ok(Ok((grants, live))) => {
-                        self.members = live.clamp(1, 100_000);
+                    Ok(Ok(answer)) => {
+                        self.members = answer.members;
+                        self.fair = answer.fair;
                         self.last_beat = now;
-                        grant(look.admission, &lines, &grants);
+                        grant(look.admission, &lines, &answer.grants);
                     }
                     Ok(Err(e)) => self.go_local(now, &redacted(&e.to_string()), look.replicas),
                     Err(_) => self.go_local(now, "no answer in time", look.replicas),
@@ -450,8 +580,9 @@ impl Lessee {
             }
         }
         if self.mode == Mode::Local {
-            // Alone: what was asked of Redis is handed out here, at a share of the rate.
-            let share = f64::from(self.members.max(look.replicas).max(1));
+            // Alone: what was asked of Redis is handed out here, at a share of the rate: the
+            // replica's part of this LlmProxy's (and of its part of an LlmQuota's).
+            let share = f64::from(self.members.max(look.replicas).max(1)) / self.fair;
             fill_locally(look.admission, &lines, dt, share);
             self.try_again(now, &look);
         }
@@ -477,11 +608,12 @@ impl Lessee {
         if self.probe.as_ref().is_some_and(tokio::task::JoinHandle::is_finished) {
             let done = self.probe.take().and_then(|p| p.now_or_never());
             match done {
-                Some(Ok(Ok((conn, live)))) if conn.url == look.url && conn.password == look.password => {
+                Some(Ok(Ok((conn, answer)))) if conn.url == look.url && conn.password == look.password => {
                     tracing::info!("Redis is back; sharing {} limits through it again", self.store.label());
                     self.conn = Some(conn);
                     self.mode = Mode::Shared;
-                    self.members = live.clamp(1, 100_000);
+                    self.members = answer.members;
+                    self.fair = answer.fair;
                     self.last_beat = now;
                     self.resume_until = now.checked_add(MEMBER_TTL);
                     // What was handed out alone never came from Redis: spent, so the switch
@@ -507,16 +639,16 @@ impl Lessee {
             let script = self.script.clone();
             let member_key = self.store.member_key(&self.identity, look.quota);
             let identity = self.identity.clone();
-            let quota = look.quota.cloned();
+            let quota = self.store.quota(look.quota).cloned();
             let metrics = Arc::clone(look.metrics);
             self.probe = Some(tokio::spawn(async move {
                 let mut manager = connect(&url, password.as_deref()).await?;
                 let beat =
                     exchange(&script, &mut manager, &[], &member_key, &identity, quota.as_ref(), &metrics);
-                let (_, live) = tokio::time::timeout(REDIS_TIMEOUT, beat)
+                let answer = tokio::time::timeout(REDIS_TIMEOUT, beat)
                     .await
                     .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "no answer in time")))??;
-                Ok((Conn { url, password, manager }, live))
+                Ok((Conn { url, password, manager }, answer))
             }));
         }
     }
@@ -625,16 +757,21 @@ fn plan(
                 ((target - stock.have[unit]).max(0.0), 0.0)
             };
             let is_dry = dry.contains(key);
-            if ask <= 0.0 && give <= 0.0 && !is_dry {
+            // An LlmQuota divides its rate by the consumers' demands: tell it when this
+            // replica's changed, and at least once a second while there is any (an untold
+            // demand lapses after the member TTL).
+            let demand = if idle { 0.0 } else { s.rate[unit].max(stock.want[unit] / LEASE_WINDOW) };
+            let (told, at) = s.told[unit];
+            let tell = store == Store::Quota
+                && ((demand - told).abs() > 0.2 * told.max(1.0)
+                    || (told > 0.0 && at.is_none_or(|at| now.duration_since(at) >= RETRY_REDIS)));
+            if ask <= 0.0 && give <= 0.0 && !is_dry && !tell {
                 continue;
             }
-            let mode = if is_dry {
-                "d"
-            } else if matches!(key, LeaseKey::Quota) && quota.is_some() {
-                "q"
-            } else {
-                "g"
-            };
+            if store == Store::Quota {
+                s.told[unit] = (demand, Some(now));
+            }
+            let mode = if is_dry { "d" } else { "g" };
             lines.push(Line {
                 key: key.clone(),
                 unit,
@@ -644,14 +781,15 @@ fn plan(
                 ask,
                 give,
                 mode,
+                demand,
             });
         }
     }
     lines
 }
 
-/// The Redis key of a bucket unit. An LlmProxy's are under its namespace and name; an
-/// LlmQuota's under its name, shared by every consumer.
+/// The Redis key of a bucket unit. An LlmProxy's are under its namespace and name; its share
+/// of an LlmQuota's under the quota's name and its own.
 fn redis_key(
     key: &LeaseKey,
     unit: usize,
@@ -666,11 +804,24 @@ fn redis_key(
         LeaseKey::Model(m) => format!("llmproxy:p:{p}:model:{m}:{u}"),
         LeaseKey::Client(c) => format!("llmproxy:p:{p}:client:{c}:{u}"),
         LeaseKey::Endpoint(e) => format!("llmproxy:p:{p}:endpoint:{e}:{u}"),
-        LeaseKey::Quota => format!("llmproxy:q:{q}:total:{u}"),
-        LeaseKey::QuotaModel(m) => format!("llmproxy:q:{q}:model:{m}:{u}"),
+        LeaseKey::Quota => format!("llmproxy:q:{q}:f:{p}:total:{u}"),
+        LeaseKey::QuotaModel(m) => format!("llmproxy:q:{q}:f:{p}:model:{m}:{u}"),
     }
 }
 
+/// What one exchange with Redis answered.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    /// Units granted per line.
+    grants: Vec<f64>,
+    /// Live members of the member set.
+    members: u32,
+    /// This consumer's part of an LlmQuota with every consumer busy (1 for an LlmProxy's own).
+    fair: f64,
+}
+
+/// One call of the script. `quota` is the LlmQuota whose buckets `lines` are, `None` for the
+/// LlmProxy's own.
 async fn exchange(
     script: &redis::Script,
     conn: &mut redis::aio::ConnectionManager,
@@ -679,25 +830,32 @@ async fn exchange(
     identity: &Identity,
     quota: Option<&llmproxy_api::policy::QuotaPolicy>,
     metrics: &crate::metrics::Metrics,
-) -> redis::RedisResult<(Vec<f64>, u32)> {
+) -> redis::RedisResult<Answer> {
     let mut call = script.prepare_invoke();
     for l in lines {
         call.key(&l.redis_key);
     }
     for l in lines {
-        call.arg(l.per_sec).arg(l.burst).arg(l.ask).arg(l.give).arg(l.mode);
+        call.arg(l.per_sec).arg(l.burst).arg(l.ask).arg(l.give).arg(l.mode).arg(l.demand);
     }
     call.arg(member_key).arg(&identity.member).arg(MEMBER_TTL.as_secs());
-    call.arg(&identity.proxy).arg(quota.map_or(1, |q| q.weight)).arg(quota.map_or(0, |q| q.guaranteed));
+    call.arg(quota.map_or("", |q| q.name.as_str()))
+        .arg(&identity.proxy)
+        .arg(quota.map_or(1, |q| q.weight))
+        .arg(quota.map_or(0, |q| q.guaranteed));
     let out: Vec<String> = call.invoke_async(conn).await?;
-    let grants: Vec<f64> = out.iter().take(lines.len()).map(|g| g.parse().unwrap_or(0.0)).collect();
-    let members = out.get(lines.len()).and_then(|m| m.parse().ok()).unwrap_or(1);
-    let malformed: u64 = out.get(lines.len() + 1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    let at = |i: usize| out.get(i).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite());
+    let grants = (0..lines.len()).map(|i| at(i).unwrap_or(0.0)).collect();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let members = at(lines.len()).map_or(1, |m| m.clamp(1.0, 100_000.0) as u32);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let malformed = at(lines.len() + 1).map_or(0, |m| m.clamp(0.0, 1e9) as u64);
+    let fair = at(lines.len() + 2).map_or(0.0, |f| f.clamp(0.0, 1.0));
     if malformed > 0 {
         metrics.quota_malformed_entries.inc_by(malformed);
         tracing::warn!(malformed, "skipped malformed entries in the shared store (someone wrote them)");
     }
-    Ok((grants, members))
+    Ok(Answer { grants, members, fair })
 }
 
 #[cfg(test)]
@@ -749,64 +907,129 @@ mod tests {
         }
     }
 
-    fn line(key: LeaseKey, redis_key: &str, ask: f64, mode: &'static str) -> Line {
-        Line { key, unit: 0, redis_key: redis_key.into(), per_sec: 100.0, burst: 100.0, ask, give: 0.0, mode }
+    fn line(key: LeaseKey, redis_key: &str, ask: f64, demand: f64) -> Line {
+        let (per_sec, burst, give, mode) = (100.0, 100.0, 0.0, "g");
+        Line { key, unit: 0, redis_key: redis_key.into(), per_sec, burst, ask, give, mode, demand }
+    }
+
+    fn org(url: &str, weight: u32, guaranteed: u32) -> QuotaPolicy {
+        QuotaPolicy {
+            name: "org".into(),
+            requests_per_minute: 6000,
+            tokens_per_minute: None,
+            models: std::collections::BTreeMap::new(),
+            redis: SharedPolicy { url: url.into(), password: None, password_namespace: None },
+            weight,
+            guaranteed,
+        }
+    }
+
+    async fn send(c: &mut redis::aio::ConnectionManager, args: &[&str]) {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let _: redis::Value = cmd.query_async(c).await.unwrap();
+    }
+
+    /// One exchange of consumer `team/p` (`ns/p` is the other) on the org's total bucket.
+    async fn draw(
+        c: &mut redis::aio::ConnectionManager,
+        consumer: &str,
+        quota: &QuotaPolicy,
+        ask: f64,
+        demand: f64,
+    ) -> (f64, f64, Answer) {
+        let id = Identity { proxy: consumer.into(), member: format!("{consumer}-0"), replicas: 1 };
+        let key = format!("llmproxy:q:org:f:{consumer}:total:r");
+        let lines = [line(LeaseKey::Quota, &key, ask, demand)];
+        let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap();
+        let members = Store::Quota.member_key(&id, Some(quota));
+        let answer = exchange(&redis::Script::new(SCRIPT), c, &lines, &members, &id, Some(quota), &metrics)
+            .await
+            .unwrap();
+        let rate: Vec<String> = redis::cmd("HMGET").arg(&key).arg("r").query_async(c).await.unwrap();
+        (answer.grants[0], rate[0].parse().unwrap(), answer)
+    }
+
+    #[tokio::test]
+    async fn an_llmquota_is_divided_by_demand_guarantee_first_then_by_weight() {
+        let redis = Redis::start().await;
+        let mut c = connect(&redis.1, None).await.unwrap();
+        send(&mut c, &["HSET", "llmproxy:q:org:shares", "a/p", "1,30", "b/p", "1,0", "c/p", "2,0"]).await;
+        let q = org(&redis.1, 1, 0);
+        // Only a asks: it may use the whole quota.
+        let (_, rate, answer) = draw(&mut c, "a/p", &q, 1.0, 40.0).await;
+        assert!((rate - 100.0).abs() < 1e-6, "{rate}");
+        // Its part with everyone busy: 30 % guaranteed, then a quarter of the other 70 %.
+        assert!((answer.fair - (0.3 + 0.7 / 4.0)).abs() < 1e-9, "{}", answer.fair);
+        // b asks a little, c a lot: b gets what it asks (with room to grow), a its guarantee
+        // and its weight's part beside c.
+        draw(&mut c, "b/p", &q, 1.0, 8.0).await;
+        draw(&mut c, "c/p", &q, 1.0, 500.0).await;
+        let (_, b, _) = draw(&mut c, "b/p", &q, 1.0, 8.0).await;
+        assert!((b - 10.0).abs() < 1e-6, "b {b}");
+        let (_, a, _) = draw(&mut c, "a/p", &q, 1.0, 500.0).await;
+        let (_, cc, _) = draw(&mut c, "c/p", &q, 1.0, 500.0).await;
+        // 90 left after b: a 30 + (60 / 3), c 2 * 20.
+        assert!((a - 50.0).abs() < 1e-6 && (cc - 40.0).abs() < 1e-6, "a {a}, c {cc}");
+        assert!((a + b + cc - 100.0).abs() < 1e-6);
+        // Whatever c writes about itself, a keeps its part.
+        send(&mut c, &["HSET", "llmproxy:q:org:f:c/p:total:r:d", "x", "1e300,9e9", "y", "1e12,9e9"]).await;
+        let (_, a, _) = draw(&mut c, "a/p", &q, 1.0, 500.0).await;
+        assert!(a >= 50.0 - 1e-6, "a {a}");
+        // A consumer the owner did not list gets nothing, whatever it declares.
+        let (granted, rate, answer) = draw(&mut c, "z/p", &org(&redis.1, 1000, 100), 5.0, 500.0).await;
+        assert_eq!((granted, rate, answer.fair), (0.0, 0.0, 0.0));
+    }
+
+    #[tokio::test]
+    async fn without_an_operator_consumers_declare_their_shares_and_a_new_bucket_starts_empty() {
+        let redis = Redis::start().await;
+        let mut c = connect(&redis.1, None).await.unwrap();
+        let (granted, rate, answer) = draw(&mut c, "a/p", &org(&redis.1, 3, 0), 5.0, 50.0).await;
+        assert_eq!((granted, answer.fair), (0.0, 1.0), "a new bucket starts empty");
+        assert!((rate - 100.0).abs() < 1e-6, "alone, it may use the whole quota: {rate}");
+        let (_, _, answer) = draw(&mut c, "b/p", &org(&redis.1, 1, 0), 5.0, 50.0).await;
+        assert!((answer.fair - 0.25).abs() < 1e-9, "{}", answer.fair);
     }
 
     #[tokio::test]
     async fn malformed_entries_are_skipped_and_counted_never_failing_the_call() {
         let redis = Redis::start().await;
-        let mut c = connect(&redis.1, None).await.unwrap_or_else(|e| panic!("{e}"));
-        let quota = llmproxy_api::policy::QuotaPolicy {
-            name: "org".into(),
-            requests_per_minute: 6000,
-            tokens_per_minute: None,
-            models: std::collections::BTreeMap::new(),
-            redis: llmproxy_api::policy::SharedPolicy {
-                url: redis.1.clone(),
-                password: None,
-                password_namespace: None,
-            },
-            weight: 1,
-            guaranteed: 0,
-        };
+        let mut c = connect(&redis.1, None).await.unwrap();
+        let quota = org(&redis.1, 1, 0);
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        // What a tenant holding the password could plant: a bucket and the member set of
-        // another type, consumer records that do not parse or are out of range; beside them a
-        // quota bucket with stock, so the fair-share path reads the records.
+        let stocked = now.to_string();
+        // What a tenant could plant: keys of another type, shares and demand records that do
+        // not parse or are out of range; beside them a bucket of its own with stock.
         let plant: [&[&str]; 5] = [
-            &["SET", "llmproxy:p:ns/p:total:r", "garbage"],
-            &["SET", "llmproxy:members:org", "garbage"],
-            &["HSET", "llmproxy:q:org:total:r:c", "junk", "nonsense", "huge", "1e309,0,1"],
-            &["HSET", "llmproxy:q:org:total:r:c", "greedy", "1000000,0,99999999999"],
-            &["HSET", "llmproxy:q:org:total:r", "l", "80", "t", &now.to_string()],
+            &["SET", "llmproxy:q:org:f:ns/p:members", "garbage"],
+            &["HSET", "llmproxy:q:org:shares", "ns/p", "1,0", "o/p", "1,0", "junk", "x", "huge", "1e309,0"],
+            &["SET", "llmproxy:q:org:f:o/p:total:r:d", "garbage"],
+            &["HSET", "llmproxy:q:org:f:ns/p:total:r:d", "old", "x,y"],
+            &["HSET", "llmproxy:q:org:f:ns/p:total:r", "l", "80", "t", &stocked, "r", "100", "b", "100"],
         ];
         for args in plant {
-            let mut cmd = redis::cmd(args[0]);
-            for a in &args[1..] {
-                cmd.arg(*a);
-            }
-            let () =
-                cmd.query_async(&mut c).await.map(|_: redis::Value| ()).unwrap_or_else(|e| panic!("{e}"));
+            send(&mut c, args).await;
         }
-        let lines = [
-            line(LeaseKey::Total, "llmproxy:p:ns/p:total:r", 5.0, "g"),
-            line(LeaseKey::Quota, "llmproxy:q:org:total:r", 10.0, "q"),
-        ];
-        let metrics =
-            crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap();
         let script = redis::Script::new(SCRIPT);
         let id = identity();
-        let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);
-        let (grants, members) = call.await.unwrap_or_else(|e| panic!("one bad entry failed the call: {e}"));
-        // The replaced bucket starts empty; the quota's stock is granted; this member counts.
-        assert_eq!((grants, members), (vec![0.0, 10.0], 1));
-        assert_eq!(metrics.quota_malformed_entries.get(), 5, "two keys of another type, three bad records");
-        // Dropped or skipped once: the next call finds nothing malformed.
-        let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);
-        call.await.unwrap_or_else(|e| panic!("{e}"));
+        let key = "llmproxy:q:org:f:ns/p:total:r";
+        let lines = [line(LeaseKey::Quota, key, 10.0, 20.0)];
+        let members = Store::Quota.member_key(&id, Some(&quota));
+        let call = exchange(&script, &mut c, &lines, &members, &id, Some(&quota), &metrics);
+        let answer = call.await.unwrap_or_else(|e| panic!("one bad entry failed the call: {e}"));
+        // The stock is granted (the other listed consumer asks nothing), this member counts.
+        assert_eq!(answer, Answer { grants: vec![10.0], members: 1, fair: 0.5 });
+        // The member set of another type, two shares, the other's demand key, its own record.
         assert_eq!(metrics.quota_malformed_entries.get(), 5);
+        // What it may drop is gone; the owner's shares and another's keys are not its to fix.
+        let call = exchange(&script, &mut c, &lines, &members, &id, Some(&quota), &metrics);
+        call.await.unwrap();
+        assert_eq!(metrics.quota_malformed_entries.get(), 5 + 3, "the shares and the other's key, skipped");
     }
 
     #[test]
