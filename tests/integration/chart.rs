@@ -197,6 +197,25 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
             assert!(granted, "the chart's ClusterRole lacks {verb} on {group}/{resource}");
         }
     }
+    // In its own namespace only, it writes the LlmQuota consumers' identities.
+    let own = Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), "llmproxy-system")
+        .get("llmproxy-quota-identities")
+        .await
+        .unwrap();
+    let own_rules = own.rules.unwrap_or_default();
+    for (group, resource, verb) in [
+        ("", "secrets", "create"),
+        ("", "secrets", "delete"),
+        ("rbac.authorization.k8s.io", "roles", "delete"),
+        ("rbac.authorization.k8s.io", "rolebindings", "delete"),
+    ] {
+        let granted = own_rules.iter().any(|r| {
+            r.api_groups.as_ref().is_some_and(|g| g.iter().any(|g| g == group))
+                && r.resources.as_ref().is_some_and(|rs| rs.iter().any(|rs| rs == resource))
+                && r.verbs.iter().any(|v| v == verb)
+        });
+        assert!(granted, "the chart's quota-identities Role lacks {verb} on {group}/{resource}");
+    }
     // The CRD came with the release.
     crate::support::install_crd(&client).await;
 

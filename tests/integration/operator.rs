@@ -915,7 +915,14 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     use k8s_openapi::api::core::v1::Namespace;
+    use llmproxy_api::redis_acl::{consumer_secret, consumer_user, shares_key};
     let (env, client, ops, _) = setup("quota-ops").await;
+    let redis = crate::support::redis::RedisServer::start(Some("admin-pass")).await;
+    let admin = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-auth"}, "stringData": {"password": "admin-pass"}});
+    Api::<Secret>::namespaced(client.clone(), &ops)
+        .patch("redis-auth", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&admin))
+        .await
+        .unwrap();
     let team_a = env.namespace(&client, "team-a").await;
     let other = env.namespace(&client, "other").await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -928,7 +935,7 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
         "apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmQuota", "metadata": {"name": "org"},
         "spec": {
             "requestsPerMinute": 6000, "tokensPerMinute": 1000000,
-            "sharedState": {"redis": {"url": "redis://redis.ops.svc:6379/0", "passwordSecretRef": {"name": "redis-auth"}}},
+            "sharedState": {"redis": {"url": redis.url(), "passwordSecretRef": {"name": "redis-auth"}}},
             "allowedNamespaces": {"matchLabels": {"team": "a"}},
             "consumers": [{"namespace": team_a, "name": "first", "weight": 3, "guaranteed": 60}],
         },
@@ -1006,54 +1013,110 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
             && allowed.contains(&("greedy", true)),
         "{allowed:?}"
     );
-    // The binding follows the consumers the observer has seen; it settles on the allowed ones.
-    let expected =
-        vec![(team_a.clone(), "first-proxy".to_owned()), (team_a.clone(), "greedy-proxy".to_owned())];
-    let subjects = eventually("the password RoleBinding to name the allowed consumer", WAIT, || async {
-        let b = Api::<RoleBinding>::namespaced(client.clone(), &ops)
-            .get_opt("llmproxy-quota-org-password")
+    // Each allowed consumer has its own Redis user, its password in a Secret of its own in the
+    // operator's namespace; the grant names those, never the quota's own password.
+    assert_eq!(first.username, Some(consumer_user("org", &format!("{team_a}/first"))));
+    let own = consumer_secret("org", &team_a, "first");
+    assert_eq!(first.redis.password_secret_ref.as_ref().map(|r| r.name.as_str()), Some(own.as_str()));
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ops);
+    let password_of = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            eventually("a consumer's password Secret", WAIT, || async {
+                let s = secrets.get_opt(&name).await.ok()??;
+                String::from_utf8(s.data?.get("password")?.0.clone()).ok()
+            })
             .await
-            .ok()
-            .flatten()?;
-        let mut subjects: Vec<(String, String)> = b
-            .subjects
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| (s.namespace.unwrap_or_default(), s.name))
-            .collect();
-        subjects.sort();
-        (subjects == expected).then_some(subjects)
+        }
+    };
+    let first_password = password_of(own.clone()).await;
+    let greedy_secret = consumer_secret("org", &team_a, "greedy");
+    let greedy_password = password_of(greedy_secret.clone()).await;
+    assert_ne!(first_password, greedy_password);
+    let mut admin_conn = redis_as(&redis, "default", "admin-pass").await;
+    let users = |conn: redis::aio::MultiplexedConnection| async move {
+        let mut conn = conn;
+        redis::cmd("ACL").arg("USERS").query_async::<Vec<String>>(&mut conn).await.unwrap_or_default()
+    };
+    let (first_user, greedy_user) =
+        (consumer_user("org", &format!("{team_a}/first")), consumer_user("org", &format!("{team_a}/greedy")));
+    eventually("both consumers' Redis users", WAIT, || async {
+        let u = users(admin_conn.clone()).await;
+        (u.contains(&first_user) && u.contains(&greedy_user)).then_some(())
     })
     .await;
-    assert_eq!(subjects, expected);
-    let role = Api::<Role>::namespaced(client.clone(), &ops)
-        .get("llmproxy-quota-org-password")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let rules = role.rules.unwrap_or_default();
-    assert_eq!(rules[0].resource_names.as_deref(), Some(&["redis-auth".to_owned()][..]));
-    assert_eq!(role.metadata.owner_references.unwrap_or_default()[0].kind, "LlmQuota");
-    // As the allowed proxy's ServiceAccount (RBAC enforced): that one Secret, nothing else.
-    for (name, key) in [("redis-auth", "password"), ("other", "x")] {
-        let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": {key: "v"}});
-        Api::<Secret>::namespaced(client.clone(), &ops)
-            .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    // The owner's shares, where every consumer reads them.
+    let shares: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg(shares_key("org")).query_async(&mut admin_conn).await.unwrap();
+    assert_eq!(shares.get(&format!("{team_a}/first")).map(String::as_str), Some("3,60"), "{shares:?}");
+    assert_eq!(shares.get(&format!("{team_a}/greedy")).map(String::as_str), Some("1,0"), "{shares:?}");
+    // With its credential, first writes its own entries and nobody else's, nor the shares.
+    let mut as_first = redis_as(&redis, &first_user, &first_password).await;
+    let own_key = format!("llmproxy:q:org:f:{team_a}/first:total:r");
+    let greedy_key = format!("llmproxy:q:org:f:{team_a}/greedy:total:r");
+    let hset = |key: String| redis::cmd("HSET").arg(key).arg("l").arg("1").clone();
+    assert!(hset(own_key).query_async::<i64>(&mut as_first).await.is_ok());
+    let denied = hset(greedy_key).query_async::<i64>(&mut as_first).await;
+    let refused = |e: &redis::RedisError| e.to_string().to_ascii_lowercase().contains("noperm");
+    assert!(denied.as_ref().is_err_and(refused), "another consumer's entry: {denied:?}");
+    let denied = hset(shares_key("org")).query_async::<i64>(&mut as_first).await;
+    assert!(denied.as_ref().is_err_and(refused), "the owner's shares: {denied:?}");
+
+    // As the allowed proxy's ServiceAccount (RBAC enforced): its own password, not the
+    // quota's, not another consumer's, nothing else.
+    let other_secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "other"}, "stringData": {"x": "v"}});
+    secrets.patch("other", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&other_secret)).await.unwrap();
     let as_proxy = env.service_account_client(&team_a, "first-proxy").await;
-    let secrets = Api::<Secret>::namespaced(as_proxy, &ops);
-    assert!(secrets.get("redis-auth").await.is_ok(), "the granted password is readable");
-    assert!(
-        matches!(secrets.get("other").await, Err(kube::Error::Api(s)) if s.code == 403),
-        "nothing else in the operator's namespace"
-    );
+    let proxy_secrets = Api::<Secret>::namespaced(as_proxy, &ops);
+    let forbidden = |r: Result<Secret, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    eventually("its own password readable", WAIT, || async { proxy_secrets.get(&own).await.ok() }).await;
+    for name in ["redis-auth", "other", greedy_secret.as_str()] {
+        assert!(forbidden(proxy_secrets.get(name).await), "{name} is readable by the first consumer");
+    }
     let as_outsider = env.service_account_client(&other, "outsider-proxy").await;
-    assert!(
-        matches!(Api::<Secret>::namespaced(as_outsider, &ops).get("redis-auth").await, Err(kube::Error::Api(s)) if s.code == 403),
-        "a refused consumer cannot read it"
-    );
+    let outsider_secrets = Api::<Secret>::namespaced(as_outsider, &ops);
+    for name in ["redis-auth", own.as_str()] {
+        assert!(forbidden(outsider_secrets.get(name).await), "a refused consumer reads {name}");
+    }
+
+    // Revoked: team-a's namespace no longer allowed. The users are gone from Redis (the
+    // credential no longer logs in) and the Secrets from the cluster.
+    let mut narrowed = quota.clone();
+    narrowed["spec"]["allowedNamespaces"] = json!({"matchLabels": {"team": "nobody"}});
+    narrowed["spec"]["consumers"] = json!([]);
+    quotas.patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&narrowed)).await.unwrap();
+    eventually("the consumers' Redis users removed", WAIT, || async {
+        let u = users(admin_conn.clone()).await;
+        (!u.contains(&first_user) && !u.contains(&greedy_user)).then_some(())
+    })
+    .await;
+    eventually("the consumers' Secrets removed", WAIT, || async {
+        (secrets.get_opt(&own).await.ok()?.is_none() && secrets.get_opt(&greedy_secret).await.ok()?.is_none())
+            .then_some(())
+    })
+    .await;
+    let client_as = |user: &str, password: &str| {
+        use redis::IntoConnectionInfo;
+        let info = redis.url().into_connection_info().unwrap();
+        let settings = info.redis_settings().clone().set_username(user).set_password(password);
+        redis::Client::open(info.set_redis_settings(settings)).unwrap()
+    };
+    let revoked = client_as(&first_user, &first_password).get_multiplexed_async_connection().await;
+    assert!(revoked.is_err(), "a revoked consumer still logs in to the quota's Redis");
     op.stop().await;
+}
+
+/// A connection to `redis` as `user` (an ACL user) with `password`.
+async fn redis_as(
+    redis: &crate::support::redis::RedisServer,
+    user: &str,
+    password: &str,
+) -> redis::aio::MultiplexedConnection {
+    use redis::IntoConnectionInfo;
+    let info = redis.url().into_connection_info().unwrap();
+    let settings = info.redis_settings().clone().set_username(user).set_password(password);
+    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{user}: {e}"))
 }
 
 /// An EndpointSlice of the Service `service` with one ready pod at 127.0.0.1 whose metrics

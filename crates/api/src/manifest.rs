@@ -95,6 +95,7 @@ pub fn from_yaml(text: &str) -> Result<(LlmProxy, Policy), ManifestError> {
             models: q.spec.models.clone(),
             redis: q.spec.shared_state.redis.clone(),
             password_namespace: None,
+            username: None,
             weight: share.weight,
             guaranteed: Some(share.guaranteed),
         })?;

@@ -42,6 +42,8 @@ pub struct SharedPolicy {
     pub password: Option<crate::quota::RedisPasswordRef>,
     /// The namespace of the password Secret when it is not the LlmProxy's (an LlmQuota's).
     pub password_namespace: Option<String>,
+    /// The Redis user to log in as (an LlmQuota consumer's own); `None`: the default user.
+    pub username: Option<String>,
 }
 
 /// The name a proxy keeps Secret `name` under among the Secrets it loaded: one of another
@@ -655,6 +657,7 @@ impl Policy {
                 url: s.redis.url.clone(),
                 password: s.redis.password_secret_ref.clone(),
                 password_namespace: None,
+                username: None,
             }),
             quota: None,
         })
@@ -679,6 +682,7 @@ impl Policy {
             url: granted.redis.url.clone(),
             password: granted.redis.password_secret_ref.clone(),
             password_namespace: granted.password_namespace.clone(),
+            username: granted.username.clone(),
         };
         if self.shared.is_none() {
             self.shared = Some(redis.clone());
@@ -893,8 +897,12 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
     #[test]
     fn a_quota_password_of_another_namespace_has_a_slot_no_local_reference_can_name() {
         let r = crate::quota::RedisPasswordRef { name: "org-redis".into(), key: "password".into() };
-        let local =
-            SharedPolicy { url: "redis://r".into(), password: Some(r.clone()), password_namespace: None };
+        let local = SharedPolicy {
+            url: "redis://r".into(),
+            password: Some(r.clone()),
+            password_namespace: None,
+            username: None,
+        };
         assert_eq!(local.password_slot(), Some(("org-redis".into(), "password".into())));
         let quota = SharedPolicy { password_namespace: Some("llmproxy-system".into()), ..local };
         assert_eq!(quota.password_slot(), Some(("llmproxy-system/org-redis".into(), "password".into())));

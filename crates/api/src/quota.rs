@@ -336,6 +336,10 @@ pub struct GrantedQuota {
     /// Where the Redis password Secret is (the operator's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_namespace: Option<String>,
+    /// This consumer's own Redis user (its password is in `redis.passwordSecretRef`): it may
+    /// write only this consumer's entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
     /// This consumer's weight.
     pub weight: i32,
     /// This consumer's guaranteed percent.

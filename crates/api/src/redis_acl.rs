@@ -1,5 +1,6 @@
 //! Each LlmQuota consumer's own Redis identity: an ACL user that may write only its own keys
-//! (`llmproxy:q:QUOTA:f:CONSUMER:*`) and read the quota's others, so one tenant holding its
+//! (its part of the quota, `llmproxy:q:QUOTA:f:CONSUMER:*`, and its LlmProxy's own buckets
+//! where they share the quota's Redis) and read the quota's others, so one tenant holding its
 //! credential cannot rewrite another's entries or the shares the quota's owner set. Redis 7
 //! checks every command a script runs against the caller's ACL, so the rules, not the script,
 //! are the boundary. Pure, for the operator and tests.
@@ -13,6 +14,25 @@ pub fn consumer_user(quota: &str, consumer: &str) -> String {
 pub fn consumer_prefix(quota: &str, consumer: &str) -> String {
     format!("llmproxy:q:{quota}:f:{consumer}:")
 }
+
+/// The prefix of every ACL user of quota `quota`'s consumers.
+pub fn users_prefix(quota: &str) -> String {
+    format!("llmproxy:{quota}:")
+}
+
+/// The Secret (in the operator's namespace) holding the password of consumer `namespace/name`
+/// of quota `quota`: a DNS name however long the names, distinct per consumer.
+pub fn consumer_secret(quota: &str, namespace: &str, name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{quota}\n{namespace}/{name}"));
+    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let mut quota = quota.to_owned();
+    quota.truncate(200);
+    format!("llmproxy-quota-{}-{short}", quota.trim_end_matches(['-', '.']))
+}
+
+/// The key of a consumer's Secret that holds its password.
+pub const PASSWORD_KEY: &str = "password";
 
 /// The key holding the shares the quota's owner set (written by the operator only).
 pub fn shares_key(quota: &str) -> String {
@@ -64,6 +84,9 @@ pub fn consumer_rules(quota: &str, consumer: &str, password_sha256: &str) -> Vec
     rules.push("-@all".into());
     rules.extend(COMMANDS.iter().map(|c| (*c).to_owned()));
     rules.push(format!("~{}*", literal(&consumer_prefix(quota, consumer))));
+    // The consumer's LlmProxy's own buckets and replicas, where it has no Redis of its own.
+    rules.push(format!("~{}*", literal(&format!("llmproxy:p:{consumer}:"))));
+    rules.push(format!("~{}", literal(&format!("llmproxy:members:{consumer}"))));
     rules.push(format!("%R~{}*", literal(&format!("llmproxy:q:{quota}:"))));
     rules
 }
@@ -81,5 +104,8 @@ mod tests {
         assert!(!rules.iter().any(|r| r.contains("@all") && r.starts_with('+')), "{rules:?}");
         assert!(!rules.iter().any(|r| r.contains("acl") || r.contains("function") || r.contains("flush")));
         assert_eq!(literal("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        assert!(consumer_user("org", "team-a/p").starts_with(&users_prefix("org")));
+        let long = consumer_secret(&"q".repeat(253), "team-a", "p");
+        assert!(long.len() <= 253 && long != consumer_secret(&"q".repeat(253), "team-a", "p2"), "{long}");
     }
 }

@@ -9,6 +9,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod identities;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -72,7 +71,6 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rbac_applied: HashMap<String, Vec<(String, String)>> = HashMap::new();
     loop {
         tick.tick().await;
         let proxies: Vec<Arc<LlmProxy>> = store
@@ -106,9 +104,7 @@ pub async fn run(
             })
             .await;
         let usage = usage.into_inner().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) =
-            observe_quotas(&client, &proxies, &usage, operator_namespace.as_deref(), &mut rbac_applied).await
-        {
+        if let Err(e) = observe_quotas(&client, &proxies, &usage, operator_namespace.as_deref()).await {
             metrics.observe_errors.inc();
             tracing::debug!(error = %e, "could not update the LlmQuotas");
         }
@@ -116,14 +112,13 @@ pub async fn run(
     }
 }
 
-/// Each LlmQuota's status (its consumers, allowed or not, and their usage) and the RBAC that
-/// lets its allowed consumers read its Redis password. One writer: this pass.
+/// Each LlmQuota's status (its consumers, allowed or not, and their usage) and its consumers'
+/// own Redis identities (`crate::identities`). One writer: this pass.
 async fn observe_quotas(
     client: &Client,
     proxies: &[Arc<LlmProxy>],
     usage: &HashMap<(String, String), (u64, u64)>,
     operator_namespace: Option<&str>,
-    rbac_applied: &mut HashMap<String, Vec<(String, String)>>,
 ) -> anyhow::Result<()> {
     let quotas = match Api::<LlmQuota>::all(client.clone()).list(&ListParams::default()).await {
         Ok(q) => q.items,
@@ -165,24 +160,11 @@ async fn observe_quotas(
                 .patch_status(&name, &PatchParams::apply(OBSERVER).force(), &Patch::Apply(&body))
                 .await?;
         }
+        // A Redis that is out (or a missing password Secret) must not stall the other quotas.
         if let Some(ns) = operator_namespace
-            && let Some((role, binding)) = crate::quota::password_rbac(&q, ns, &consumers)
+            && let Err(e) = crate::identities::apply(client, &q, ns, &consumers).await
         {
-            let subjects: Vec<(String, String)> = consumers
-                .iter()
-                .filter(|c| c.allowed)
-                .map(|c| (c.namespace.clone(), c.name.clone()))
-                .collect();
-            if rbac_applied.get(&name) != Some(&subjects) {
-                let params = PatchParams::apply(OBSERVER).force();
-                Api::<Role>::namespaced(client.clone(), ns)
-                    .patch(&role.name_any(), &params, &Patch::Apply(&role))
-                    .await?;
-                Api::<RoleBinding>::namespaced(client.clone(), ns)
-                    .patch(&binding.name_any(), &params, &Patch::Apply(&binding))
-                    .await?;
-                rbac_applied.insert(name.clone(), subjects);
-            }
+            tracing::warn!(quota = %name, error = %e, "could not give the LlmQuota's consumers their Redis identities");
         }
     }
     Ok(())

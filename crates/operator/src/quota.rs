@@ -1,13 +1,12 @@
 //! LlmQuota references: which LlmProxies may draw from an LlmQuota (their namespace matches its
-//! `allowedNamespaces`), what each is granted (the share its owner sets in `consumers`), and the RBAC
-//! that lets exactly those proxies read the quota's Redis password. Pure, for tests; the
-//! reconciler and the observer apply the results.
+//! `allowedNamespaces`) and what each is granted (the share its owner sets in `consumers`, its
+//! own Redis user). Pure, for tests; the reconciler and the observer apply the results.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use kube::{Resource, ResourceExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use llmproxy_api::redis_acl::{PASSWORD_KEY, consumer_secret, consumer_user};
 use llmproxy_api::{GrantedQuota, LlmProxy, LlmQuota, QuotaConsumer, QuotaRef};
 
 /// Whether labels `labels` match `selector`; an absent selector matches nothing.
@@ -91,86 +90,36 @@ pub fn verdicts(quota: &LlmQuota, candidates: &[Candidate]) -> Vec<QuotaConsumer
 }
 
 /// What an allowed consumer is granted (`verdict`: its entry in [`verdicts`]): the quota as
-/// the proxies will enforce it, with the owner's share, the password Secret found in the
-/// operator's namespace.
+/// the proxies will enforce it, with the owner's share and, where the quota's Redis has a
+/// password, the consumer's own Redis user and the Secret of its password (in the operator's
+/// namespace; see `crate::identities`), never the quota's own password.
 pub fn grant(quota: &LlmQuota, verdict: &QuotaConsumer, operator_namespace: Option<&str>) -> GrantedQuota {
+    let name = quota.name_any();
+    let mut redis = quota.spec.shared_state.redis.clone();
+    let (mut password_namespace, mut username) = (None, None);
+    if let (Some(r), Some(ns)) = (redis.password_secret_ref.as_mut(), operator_namespace) {
+        r.name = consumer_secret(&name, &verdict.namespace, &verdict.name);
+        r.key = PASSWORD_KEY.to_owned();
+        password_namespace = Some(ns.to_owned());
+        username = Some(consumer_user(&name, &format!("{}/{}", verdict.namespace, verdict.name)));
+    }
     GrantedQuota {
-        name: quota.name_any(),
+        name,
         requests_per_minute: quota.spec.requests_per_minute,
         tokens_per_minute: quota.spec.tokens_per_minute,
         models: quota.spec.models.clone(),
-        redis: quota.spec.shared_state.redis.clone(),
-        password_namespace: quota
-            .spec
-            .shared_state
-            .redis
-            .password_secret_ref
-            .as_ref()
-            .and(operator_namespace.map(str::to_owned)),
+        redis,
+        password_namespace,
+        username,
         weight: verdict.weight,
         guaranteed: verdict.guaranteed,
     }
 }
 
-/// The name of the Role and RoleBinding that let a quota's consumers read its password.
+/// The name of the Role and RoleBinding that once let all of a quota's consumers read its
+/// password; the operator deletes them where an older version left them.
 pub fn password_rbac_name(quota: &str) -> String {
     format!("llmproxy-quota-{quota}-password")
-}
-
-/// A Role in the operator's namespace reading only the quota's password Secret, and a
-/// RoleBinding naming only the allowed consumers' ServiceAccounts; both owned by the LlmQuota
-/// (so they go with it). `None` when the quota has no password.
-pub fn password_rbac(
-    quota: &LlmQuota,
-    namespace: &str,
-    allowed: &[QuotaConsumer],
-) -> Option<(Role, RoleBinding)> {
-    let secret = quota.spec.shared_state.redis.password_secret_ref.as_ref()?;
-    let name = password_rbac_name(&quota.name_any());
-    let owner = OwnerReference {
-        api_version: LlmQuota::api_version(&()).into_owned(),
-        kind: LlmQuota::kind(&()).into_owned(),
-        name: quota.name_any(),
-        uid: quota.metadata.uid.clone().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    };
-    let meta = ObjectMeta {
-        name: Some(name.clone()),
-        namespace: Some(namespace.to_owned()),
-        labels: Some(BTreeMap::from([
-            ("app.kubernetes.io/managed-by".to_owned(), "llmproxy-operator".to_owned()),
-            ("llmproxy.io/quota".to_owned(), quota.name_any()),
-        ])),
-        owner_references: Some(vec![owner]),
-        ..ObjectMeta::default()
-    };
-    let role = Role {
-        metadata: meta.clone(),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["secrets".into()]),
-            resource_names: Some(vec![secret.name.clone()]),
-            verbs: vec!["get".into(), "list".into(), "watch".into()],
-            ..PolicyRule::default()
-        }]),
-    };
-    let subjects: Vec<Subject> = allowed
-        .iter()
-        .filter(|c| c.allowed)
-        .map(|c| Subject {
-            kind: "ServiceAccount".into(),
-            name: crate::children::proxy_identity(&c.name),
-            namespace: Some(c.namespace.clone()),
-            api_group: None,
-        })
-        .collect();
-    let binding = RoleBinding {
-        metadata: meta,
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name },
-        subjects: Some(subjects),
-    };
-    Some((role, binding))
 }
 
 #[cfg(test)]
@@ -257,6 +206,11 @@ mod tests {
         );
         let g = grant(&q, &v[0], Some("ops"));
         assert_eq!((g.weight, g.guaranteed, g.password_namespace.as_deref()), (4, Some(30), Some("ops")));
+        // Its own Redis user and password Secret, never the quota's own password.
+        let secret = g.redis.password_secret_ref.as_ref().map(|r| r.name.clone());
+        assert_eq!(secret, Some(consumer_secret("org", &v[0].namespace, &v[0].name)));
+        assert_ne!(secret.as_deref(), Some("redis-auth"));
+        assert_eq!(g.username, Some(consumer_user("org", &format!("{}/{}", v[0].namespace, v[0].name))));
     }
 
     #[test]
@@ -268,33 +222,5 @@ mod tests {
         let v = verdicts(&q, &[candidate("ns-a", "a", None, 1), candidate("ns-b", "b", None, 2)]);
         assert!(v.iter().all(|c| !c.allowed), "{v:?}");
         assert!(v[0].reason.as_deref().is_some_and(|r| r.contains("sum to 110 %")), "{v:?}");
-    }
-
-    #[test]
-    fn only_allowed_consumers_read_the_password_and_only_that_secret() {
-        let q = quota(None);
-        let consumers = [
-            QuotaConsumer {
-                namespace: "a".into(),
-                name: "p".into(),
-                allowed: true,
-                ..QuotaConsumer::default()
-            },
-            QuotaConsumer {
-                namespace: "b".into(),
-                name: "q".into(),
-                allowed: false,
-                ..QuotaConsumer::default()
-            },
-        ];
-        let (role, binding) =
-            password_rbac(&q, "llmproxy-system", &consumers).unwrap_or_else(|| panic!("rbac"));
-        let rule = &role.rules.unwrap_or_default()[0];
-        assert_eq!(rule.resource_names.as_deref(), Some(&["redis-auth".to_owned()][..]));
-        assert_eq!(rule.verbs, ["get", "list", "watch"]);
-        let subjects = binding.subjects.unwrap_or_default();
-        assert_eq!(subjects.len(), 1);
-        assert_eq!((subjects[0].namespace.as_deref(), subjects[0].name.as_str()), (Some("a"), "p-proxy"));
-        assert_eq!(role.metadata.namespace.as_deref(), Some("llmproxy-system"));
     }
 }

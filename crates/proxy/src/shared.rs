@@ -403,10 +403,17 @@ struct Seen {
     told: [(f64, Option<Instant>); 2],
 }
 
+/// Where and as whom a store's Redis is reached.
+#[derive(Clone, PartialEq, Eq)]
+struct Login {
+    url: String,
+    username: Option<String>,
+    password: Option<String>,
+}
+
 /// A connection to a store's Redis and what it was opened with.
 struct Conn {
-    url: String,
-    password: Option<String>,
+    login: Login,
     manager: redis::aio::ConnectionManager,
 }
 
@@ -439,8 +446,7 @@ struct Lessee {
 
 /// What the lessee needs of the proxy for one look.
 struct Look<'a> {
-    url: &'a str,
-    password: Option<String>,
+    login: Login,
     replicas: u32,
     admission: &'a crate::queue::Admission,
     quota: Option<&'a QuotaPolicy>,
@@ -493,14 +499,9 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
         let admission = Arc::clone(proxy_now.admission());
         let metrics = Arc::clone(proxy_now.metrics());
         drop(proxy_now);
-        let look = Look {
-            url: &redis.url,
-            password,
-            replicas,
-            admission: &admission,
-            quota: p.quota.as_ref(),
-            metrics: &metrics,
-        };
+        let login = Login { url: redis.url.clone(), username: redis.username.clone(), password };
+        let look =
+            Look { login, replicas, admission: &admission, quota: p.quota.as_ref(), metrics: &metrics };
         let shared = lessee.look(look).await;
         lessee.state.set(store, shared.then_some(lessee.mode), lessee.members);
         lessee.state.report(&metrics);
@@ -524,7 +525,7 @@ impl Lessee {
         let now = Instant::now();
         let dt = now.duration_since(self.last).as_secs_f64().min(1.0);
         self.last = now;
-        if self.conn.as_ref().is_some_and(|c| c.url != look.url || c.password != look.password) {
+        if self.conn.as_ref().is_some_and(|c| c.login != look.login) {
             // A new Redis or password: reconnect (a probe for the old one is of no use).
             self.conn = None;
             if let Some(p) = self.probe.take() {
@@ -540,11 +541,8 @@ impl Lessee {
         };
         if self.mode == Mode::Shared {
             if self.conn.is_none() {
-                match connect(look.url, look.password.as_deref()).await {
-                    Ok(manager) => {
-                        self.conn =
-                            Some(Conn { url: look.url.to_owned(), password: look.password.clone(), manager });
-                    }
+                match connect(&look.login).await {
+                    Ok(manager) => self.conn = Some(Conn { login: look.login.clone(), manager }),
                     Err(e) => self.go_local(now, &redacted(&e.to_string()), look.replicas),
                 }
             }
@@ -608,7 +606,7 @@ impl Lessee {
         if self.probe.as_ref().is_some_and(tokio::task::JoinHandle::is_finished) {
             let done = self.probe.take().and_then(|p| p.now_or_never());
             match done {
-                Some(Ok(Ok((conn, answer)))) if conn.url == look.url && conn.password == look.password => {
+                Some(Ok(Ok((conn, answer)))) if conn.login == look.login => {
                     tracing::info!("Redis is back; sharing {} limits through it again", self.store.label());
                     self.conn = Some(conn);
                     self.mode = Mode::Shared;
@@ -635,20 +633,20 @@ impl Lessee {
         }
         if self.probe.is_none() && now.duration_since(self.last_try) >= RETRY_REDIS {
             self.last_try = now;
-            let (url, password) = (look.url.to_owned(), look.password.clone());
+            let login = look.login.clone();
             let script = self.script.clone();
             let member_key = self.store.member_key(&self.identity, look.quota);
             let identity = self.identity.clone();
             let quota = self.store.quota(look.quota).cloned();
             let metrics = Arc::clone(look.metrics);
             self.probe = Some(tokio::spawn(async move {
-                let mut manager = connect(&url, password.as_deref()).await?;
+                let mut manager = connect(&login).await?;
                 let beat =
                     exchange(&script, &mut manager, &[], &member_key, &identity, quota.as_ref(), &metrics);
                 let answer = tokio::time::timeout(REDIS_TIMEOUT, beat)
                     .await
                     .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "no answer in time")))??;
-                Ok((Conn { url, password, manager }, answer))
+                Ok((Conn { login, manager }, answer))
             }));
         }
     }
@@ -690,11 +688,14 @@ fn redacted(error: &str) -> String {
     }
 }
 
-async fn connect(url: &str, password: Option<&str>) -> redis::RedisResult<redis::aio::ConnectionManager> {
+async fn connect(login: &Login) -> redis::RedisResult<redis::aio::ConnectionManager> {
     use redis::IntoConnectionInfo;
-    let mut info = url.into_connection_info()?;
-    if let Some(pw) = password {
-        let settings = info.redis_settings().clone().set_password(pw);
+    let mut info = login.url.as_str().into_connection_info()?;
+    if let Some(pw) = &login.password {
+        let mut settings = info.redis_settings().clone().set_password(pw);
+        if let Some(user) = &login.username {
+            settings = settings.set_username(user);
+        }
         info = info.set_redis_settings(settings);
     }
     let client = redis::Client::open(info)?;
@@ -872,6 +873,10 @@ mod tests {
 
     impl Redis {
         async fn start() -> Self {
+            Self::start_with(&[]).await
+        }
+
+        async fn start_with(extra: &[&str]) -> Self {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
@@ -887,6 +892,7 @@ mod tests {
                     "--appendonly",
                     "no",
                 ])
+                .args(extra)
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting redis-server (install Debian's redis-server): {e}"));
@@ -918,7 +924,7 @@ mod tests {
             requests_per_minute: 6000,
             tokens_per_minute: None,
             models: std::collections::BTreeMap::new(),
-            redis: SharedPolicy { url: url.into(), password: None, password_namespace: None },
+            redis: SharedPolicy { url: url.into(), password: None, password_namespace: None, username: None },
             weight,
             guaranteed,
         }
@@ -955,7 +961,7 @@ mod tests {
     #[tokio::test]
     async fn an_llmquota_is_divided_by_demand_guarantee_first_then_by_weight() {
         let redis = Redis::start().await;
-        let mut c = connect(&redis.1, None).await.unwrap();
+        let mut c = connect(&Login { url: redis.1.clone(), username: None, password: None }).await.unwrap();
         send(&mut c, &["HSET", "llmproxy:q:org:shares", "a/p", "1,30", "b/p", "1,0", "c/p", "2,0"]).await;
         let q = org(&redis.1, 1, 0);
         // Only a asks: it may use the whole quota.
@@ -984,9 +990,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn as_its_own_redis_user_a_consumer_draws_writing_only_its_own_entries() {
+        use llmproxy_api::redis_acl::{consumer_rules, consumer_user, shares_key};
+        let redis = Redis::start_with(&["--requirepass", "admin"]).await;
+        let login = |user: Option<String>, password: &str| Login {
+            url: redis.1.clone(),
+            username: user,
+            password: Some(password.into()),
+        };
+        let mut admin = connect(&login(None, "admin")).await.unwrap();
+        for (consumer, password) in [("a/p", "pass-a"), ("b/p", "pass-b")] {
+            let digest: String =
+                <sha2::Sha256 as sha2::Digest>::digest(password).iter().map(|b| format!("{b:02x}")).collect();
+            let mut args = vec!["ACL".to_owned(), "SETUSER".to_owned(), consumer_user("org", consumer)];
+            args.extend(consumer_rules("org", consumer, &digest));
+            send(&mut admin, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        }
+        send(&mut admin, &["HSET", &shares_key("org"), "a/p", "1,0", "b/p", "1,0"]).await;
+        let q = org(&redis.1, 1, 0);
+        let mut a = connect(&login(Some(consumer_user("org", "a/p")), "pass-a")).await.unwrap();
+        let mut b = connect(&login(Some(consumer_user("org", "b/p")), "pass-b")).await.unwrap();
+        // Both busy: each draws half the quota, through the script, as itself.
+        draw(&mut a, "a/p", &q, 1.0, 500.0).await;
+        let (_, b_rate, _) = draw(&mut b, "b/p", &q, 1.0, 500.0).await;
+        let (_, a_rate, answer) = draw(&mut a, "a/p", &q, 1.0, 500.0).await;
+        assert!((a_rate - 50.0).abs() < 1e-6 && (b_rate - 50.0).abs() < 1e-6, "a {a_rate}, b {b_rate}");
+        assert!((answer.fair - 0.5).abs() < 1e-9);
+        // As a, pretending to be b in the script's arguments: refused by Redis, not by trust.
+        let id = Identity { proxy: "b/p".into(), member: "x".into(), replicas: 1 };
+        let lines = [line(LeaseKey::Quota, "llmproxy:q:org:f:b/p:total:r", 1.0, 500.0)];
+        let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap();
+        let members = Store::Quota.member_key(&id, Some(&q));
+        let forged =
+            exchange(&redis::Script::new(SCRIPT), &mut a, &lines, &members, &id, Some(&q), &metrics).await;
+        assert!(forged.is_err_and(|e| e.to_string().to_ascii_lowercase().contains("noperm")));
+    }
+
+    #[tokio::test]
     async fn without_an_operator_consumers_declare_their_shares_and_a_new_bucket_starts_empty() {
         let redis = Redis::start().await;
-        let mut c = connect(&redis.1, None).await.unwrap();
+        let mut c = connect(&Login { url: redis.1.clone(), username: None, password: None }).await.unwrap();
         let (granted, rate, answer) = draw(&mut c, "a/p", &org(&redis.1, 3, 0), 5.0, 50.0).await;
         assert_eq!((granted, answer.fair), (0.0, 1.0), "a new bucket starts empty");
         assert!((rate - 100.0).abs() < 1e-6, "alone, it may use the whole quota: {rate}");
@@ -997,7 +1040,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_entries_are_skipped_and_counted_never_failing_the_call() {
         let redis = Redis::start().await;
-        let mut c = connect(&redis.1, None).await.unwrap();
+        let mut c = connect(&Login { url: redis.1.clone(), username: None, password: None }).await.unwrap();
         let quota = org(&redis.1, 1, 0);
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
