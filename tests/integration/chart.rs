@@ -69,9 +69,13 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option() {
     ] {
         assert!(k.contains(kind), "{kind} missing from the default render: {k:?}");
     }
-    for kind in ["ServiceMonitor", "PrometheusRule", "ConfigMap", "Role"] {
+    for kind in ["ServiceMonitor", "PrometheusRule", "ConfigMap"] {
         assert!(!k.contains(kind), "{kind} rendered although its option is off");
     }
+    // The one Role by default is the LlmQuota consumers' identities' (leader election is off).
+    let roles: Vec<&Value> = defaults.iter().filter(|d| d["kind"] == "Role").collect();
+    assert_eq!(roles.len(), 1, "{roles:?}");
+    assert_eq!(roles[0]["metadata"]["name"], "llmproxy-quota-identities");
     let all = docs(&helm::ok(&["template", "llmproxy", &chart, "-n", "llmproxy-system", "--set", ALL_ON]));
     let k = kinds(&all);
     for kind in ["ServiceMonitor", "PrometheusRule", "ConfigMap", "Role", "RoleBinding"] {

@@ -1113,9 +1113,9 @@ async fn redis_as(
     password: &str,
 ) -> redis::aio::MultiplexedConnection {
     use redis::IntoConnectionInfo;
-    let info = redis.url().into_connection_info().unwrap();
+    let info = redis.url().into_connection_info().unwrap_or_else(|e| panic!("{e}"));
     let settings = info.redis_settings().clone().set_username(user).set_password(password);
-    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap();
+    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap_or_else(|e| panic!("{e}"));
     client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{user}: {e}"))
 }
 
@@ -1391,10 +1391,17 @@ async fn a_withdrawn_quota_grant_stops_admission_until_it_is_granted_again() {
         .patch(&ns, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&label))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let redis = crate::support::redis::RedisServer::start(None).await;
+    // The quota's Redis asks for a password: the proxy logs in as its own consumer user.
+    let redis = crate::support::redis::RedisServer::start(Some("admin-pass")).await;
+    let admin = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-auth"}, "stringData": {"password": "admin-pass"}});
+    Api::<Secret>::namespaced(client.clone(), &ops)
+        .patch("redis-auth", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&admin))
+        .await
+        .unwrap();
     let quota = |team: &str| {
         json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmQuota", "metadata": {"name": "org"},
-               "spec": {"requestsPerMinute": 6000, "sharedState": {"redis": {"url": redis.url()}},
+               "spec": {"requestsPerMinute": 6000,
+                        "sharedState": {"redis": {"url": redis.url(), "passwordSecretRef": {"name": "redis-auth"}}},
                         "allowedNamespaces": {"matchLabels": {"team": team}}}})
     };
     let quotas: Api<llmproxy_api::LlmQuota> = Api::all(client.clone());
@@ -1426,6 +1433,22 @@ async fn a_withdrawn_quota_grant_stops_admission_until_it_is_granted_again() {
     .await;
     let (http, url) = (load::client(), proxy.url("/chat/completions"));
     assert_eq!(chat_as(&http, &url, None).await.0, 200);
+    // It shares through the quota's Redis as itself, its buckets under its own keys.
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    eventually("the proxy sharing through the quota's Redis", WAIT, || async {
+        let m = get_text(&metrics_url).await;
+        (metric(&m, "llmproxy_quota_mode{mode=\"shared\"}") == 1.0).then_some(())
+    })
+    .await;
+    let mut admin_conn = redis_as(&redis, "default", "admin-pass").await;
+    let own: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("llmproxy:q:org:f:{ns}/p:*"))
+        .query_async(&mut admin_conn)
+        .await
+        .unwrap();
+    assert!(!own.is_empty(), "no buckets under the consumer's own keys");
+    let logs = proxy.logs();
+    assert!(!logs.contains("admin-pass"), "the quota's password in the proxy's logs");
 
     // The quota's owner no longer allows the namespace: the grant goes, and so does admission.
     set_quota("b").await;
