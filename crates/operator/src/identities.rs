@@ -4,9 +4,11 @@
 //! consumer reads them. So no consumer holds the quota's own password, and none can write
 //! another's entries or the shares.
 //!
-//! Applied on every observer pass, not only on change: a Redis that restarted has forgotten
-//! its ACL users and the shares. Revocation runs first in Redis (the user is deleted, and with
-//! it the consumer's access), then in the cluster (its Secret and RBAC go).
+//! The Redis side is applied on every observer pass, not only on change: a Redis that restarted
+//! has forgotten its ACL users and the shares. The cluster side (Secrets, RBAC) is applied when
+//! the allowed consumers change and every few minutes, so a pass costs the API server nothing
+//! in the steady state. Revocation runs first in Redis (the user is deleted, and with it the
+//! consumer's access), then in the cluster (its Secret and RBAC go).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -30,6 +32,24 @@ const QUOTA_LABEL: &str = "llmproxy.io/quota";
 const IDENTITY_LABEL: &str = "llmproxy.io/quota-identity";
 /// The most one pass may wait on a quota's Redis, so a dead one never stalls the others.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the cluster side, once applied, is trusted before it is applied again (someone may
+/// have deleted a Secret or a Role by hand).
+const REAPPLY: Duration = Duration::from_secs(300);
+
+/// What the cluster side last was, per LlmQuota.
+#[derive(Default)]
+pub struct Applied {
+    quotas: std::collections::HashMap<String, Known>,
+}
+
+/// One LlmQuota's cluster side as last applied.
+struct Known {
+    at: tokio::time::Instant,
+    /// The allowed consumers' Secrets.
+    keep: BTreeSet<String>,
+    /// Each Secret's password (none without a quota password).
+    passwords: BTreeMap<String, String>,
+}
 
 /// Why a quota's consumers could not be given their identities.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +82,7 @@ pub async fn apply(
     quota: &LlmQuota,
     namespace: &str,
     consumers: &[QuotaConsumer],
+    applied: &mut Applied,
 ) -> Result<(), IdentityError> {
     let name = quota.name_any();
     let allowed: Vec<Consumer> = consumers
@@ -86,11 +107,25 @@ pub async fn apply(
         }
         None => None,
     };
-    if admin.is_some() {
+    let keep: BTreeSet<String> =
+        allowed.iter().map(|c| consumer_secret(&name, &c.namespace, &c.name)).collect();
+    let now = tokio::time::Instant::now();
+    let known = applied.quotas.get(&name).filter(|k| {
+        now.duration_since(k.at) < REAPPLY && k.keep == keep && k.passwords.is_empty() == admin.is_none()
+    });
+    let cluster_due = known.is_none();
+    let mut passwords = known.map(|k| k.passwords.clone()).unwrap_or_default();
+    if admin.is_some() && cluster_due {
+        passwords.clear();
         for c in &allowed {
             let password = password(&secrets, quota, namespace, c).await?;
             rbac(client, quota, namespace, c).await?;
-            users.push((consumer_user(&name, &c.id), digest(&password), c.id.clone()));
+            passwords.insert(consumer_secret(&name, &c.namespace, &c.name), password);
+        }
+    }
+    for c in allowed.iter().filter(|_| admin.is_some()) {
+        if let Some(password) = passwords.get(&consumer_secret(&name, &c.namespace, &c.name)) {
+            users.push((consumer_user(&name, &c.id), digest(password), c.id.clone()));
         }
     }
     let shares: Vec<(String, String)> = allowed.iter().map(|c| (c.id.clone(), c.share.clone())).collect();
@@ -101,9 +136,10 @@ pub async fn apply(
             .and_then(|r| r);
     // What no allowed consumer is: gone from the cluster too, once Redis has forgotten it (or
     // right away when Redis is out: a Secret nobody may read is no access).
-    let keep: BTreeSet<String> =
-        allowed.iter().map(|c| consumer_secret(&name, &c.namespace, &c.name)).collect();
-    remove_others(client, &name, namespace, &keep).await?;
+    if cluster_due {
+        remove_others(client, &name, namespace, &keep).await?;
+        applied.quotas.insert(name, Known { at: now, keep, passwords });
+    }
     written
 }
 

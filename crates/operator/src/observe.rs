@@ -71,6 +71,7 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut identities = crate::identities::Applied::default();
     loop {
         tick.tick().await;
         let proxies: Vec<Arc<LlmProxy>> = store
@@ -104,7 +105,9 @@ pub async fn run(
             })
             .await;
         let usage = usage.into_inner().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = observe_quotas(&client, &proxies, &usage, operator_namespace.as_deref()).await {
+        if let Err(e) =
+            observe_quotas(&client, &proxies, &usage, operator_namespace.as_deref(), &mut identities).await
+        {
             metrics.observe_errors.inc();
             tracing::debug!(error = %e, "could not update the LlmQuotas");
         }
@@ -119,6 +122,7 @@ async fn observe_quotas(
     proxies: &[Arc<LlmProxy>],
     usage: &HashMap<(String, String), (u64, u64)>,
     operator_namespace: Option<&str>,
+    identities: &mut crate::identities::Applied,
 ) -> anyhow::Result<()> {
     let quotas = match Api::<LlmQuota>::all(client.clone()).list(&ListParams::default()).await {
         Ok(q) => q.items,
@@ -162,7 +166,7 @@ async fn observe_quotas(
         }
         // A Redis that is out (or a missing password Secret) must not stall the other quotas.
         if let Some(ns) = operator_namespace
-            && let Err(e) = crate::identities::apply(client, &q, ns, &consumers).await
+            && let Err(e) = crate::identities::apply(client, &q, ns, &consumers, identities).await
         {
             tracing::warn!(quota = %name, error = %e, "could not give the LlmQuota's consumers their Redis identities");
         }
