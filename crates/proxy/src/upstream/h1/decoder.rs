@@ -5,8 +5,9 @@
 //!
 //! The framing is as strict as hyper's: chunk-size lines, chunk ends and trailers end in CRLF
 //! only (a bare LF or CR is how responses are smuggled past one parser and not another), a
-//! Content-Length that is invalid or conflicts with itself is a broken answer (RFC 9112 6.3: a
-//! proxy answers 502), and every buffer an upstream can fill is bounded.
+//! Content-Length that is invalid or conflicts with itself, or a Transfer-Encoding in an
+//! HTTP/1.0 answer, is a broken answer (RFC 9112 6.1, 6.3: a proxy answers 502), and every
+//! buffer an upstream can fill is bounded.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -155,9 +156,10 @@ pub(super) fn framing(method: &Method, head: &Head) -> Result<(Framing, bool), E
         .map(<[u8]>::trim_ascii)
         .filter(|c| !c.is_empty())
         .collect();
-    // Transfer-Encoding in an HTTP/1.0 answer is faulty framing: the connection closes after it
-    // (RFC 9112 6.1).
-    let keep = keep && !(*version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING));
+    if *version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+        // HTTP/1.0 has no transfer codings: faulty framing (RFC 9112 6.1), refused as hyper does.
+        return Err(Error::other("the upstream's HTTP/1.0 answer has a transfer-encoding"));
+    }
     if codings.last().is_some_and(|last| last.eq_ignore_ascii_case(b"chunked")) {
         // Beside chunked, a Content-Length is a smuggling attempt: chunked wins (RFC 9112 6.3)
         // and the connection is not trusted with another request.
@@ -446,10 +448,12 @@ mod tests {
     }
 
     #[test]
-    fn transfer_encoding_in_an_http_1_0_answer_closes_the_connection_after_it() {
-        let pairs = [("transfer-encoding", "chunked"), ("connection", "keep-alive")];
-        let got = framing(&Method::POST, &head(Version::HTTP_10, 200, &pairs)).ok();
-        assert_eq!(got, Some((Framing::Chunked(Chunk::Size), false)));
+    fn transfer_encoding_in_an_http_1_0_answer_is_a_broken_answer() {
+        for coding in ["chunked", "gzip", ""] {
+            let pairs = [("transfer-encoding", coding), ("connection", "keep-alive")];
+            let got = framing(&Method::POST, &head(Version::HTTP_10, 200, &pairs));
+            assert!(got.as_ref().is_err_and(|e| e.to_string().contains("HTTP/1.0")), "{coding:?}: {got:?}");
+        }
         let kept = framing(
             &Method::POST,
             &head(Version::HTTP_10, 200, &[("content-length", "1"), ("connection", "keep-alive")]),

@@ -181,7 +181,8 @@ async fn an_upload_goes_on_past_a_100_continue() {
 
 #[tokio::test]
 async fn broken_answers_are_errors_not_hangs() {
-    let cases: [(&'static [u8], &str); 8] = [
+    let cases: [(&'static [u8], &str); 9] = [
+        (b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "HTTP/1.0"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello", "invalid content-length"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\nhello", "invalid content-length"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "chunked framing"),
