@@ -13,5 +13,6 @@ mod proxy;
 mod proxy_process;
 mod shared;
 mod support;
+mod tls;
 mod tokens;
 mod upstreams;

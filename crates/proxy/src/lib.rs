@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod consent;
 pub mod error;
 pub mod flight;
+#[path = "upstream/h1/mod.rs"]
 pub mod h1;
 pub mod labels;
 pub mod limiter;
