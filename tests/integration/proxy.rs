@@ -370,7 +370,7 @@ async fn only_plain_allowed_paths_reach_the_upstream() {
     let proxy =
         TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), Some("sk-upstream"))
             .await;
-    // The reproduction: the mock's admin API, with the key attached, through a dot segment.
+    // The mock's admin API, with the key attached, through a dot segment, must stay out of reach.
     for path in [
         "/v1/../mock/stats",
         "/v1/%2e%2e/mock/stats",
