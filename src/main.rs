@@ -6,10 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// jemalloc, not the system allocator: measured in the bench (same run, same load), it served
-/// 17 % more requests per second through the proxy and kept 10,000 queued requests in a sixth
-/// less memory, because hyper's per-connection buffers that are allocated and never written cost
-/// no resident memory in its page-aligned size classes.
+/// jemalloc, not the system allocator: hyper's per-connection buffers that are allocated and
+/// never written cost no resident memory in its page-aligned size classes, so thousands of
+/// waiting connections stay small (figures in docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

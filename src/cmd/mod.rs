@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod demo;
+mod docs;
 mod logsink;
 mod mock;
 mod operator;
@@ -39,6 +40,9 @@ enum Command {
         #[arg(value_enum, default_value = "llmproxy")]
         kind: CrdKind,
     },
+    /// Print the configuration reference (every field of LlmProxy and LlmQuota) as Markdown,
+    /// generated from the CRD schemas: `llmproxy docs > docs/configuration.md`.
+    Docs,
     /// Check an LlmProxy manifest the way the proxy will read it, and print the resolved policy.
     Check {
         /// Path to an LlmProxy YAML manifest.
@@ -89,6 +93,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd { kind: CrdKind::Llmproxy } => print!("{}", llmproxy_api::crd_yaml()),
         Command::Crd { kind: CrdKind::Llmquota } => print!("{}", llmproxy_api::quota_crd_yaml()),
+        Command::Docs => print!("{}", docs::page()),
         Command::Check { file } => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;

@@ -359,7 +359,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_and_operator_export() {
             "the {what} uses metrics nobody exports: {missing:?}\nexported: {exported:?}"
         );
     }
-    // And the panels the issue asks for are there.
+    // And the panels an operator looks for first are there.
     for needle in [
         "llmproxy_throttled_total",
         "status=\\\"429\\\"",

@@ -106,7 +106,8 @@ async fn after_sigterm_new_requests_are_still_served_during_the_drain_delay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_queued_bodies_stay_within_the_memory_budget() {
-    // The reproduction: many large bodies waiting at once took one proxy to ~1 GB.
+    // Many large bodies waiting at once: the queue's byte budget, not their number, bounds
+    // the memory they hold.
     let upstream = mock(MockConfig::default()).await;
     upstream.mock.hold();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -276,9 +277,9 @@ fn h2_get(stream: u32, path: &str) -> Vec<u8> {
     h2_frame(1, 0x5, stream, &block)
 }
 
-/// The reproduction: eight HTTP/2 connections that send the preface (half of them a
-/// SETTINGS frame too) and nothing else held `--max-connections 8` for good. Now each is told to
-/// go away once the header read timeout passes with no request, and the next client is served.
+/// Eight HTTP/2 connections that send the preface (half of them a SETTINGS frame too) and
+/// nothing else must not hold `--max-connections 8` for good: each is told to go away once the
+/// header read timeout passes with no request, and the next client is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_connections_that_never_ask_are_closed_and_free_their_slots() {
     let upstream = mock(MockConfig::default()).await;

@@ -15,7 +15,7 @@ use crate::support::proxy_env::{TestProxy, free_addr, get_text, mock};
 use crate::support::{eventually, helm, repo_path};
 
 fn tool(name: &str, env: &str) -> String {
-    std::env::var(env).unwrap_or_else(|_| name.to_owned())
+    crate::support::tools::require(name, env, "prometheus")
 }
 
 /// The chart's PrometheusRule, rendered with `values` (`--set-json prometheusRule=...`), as a

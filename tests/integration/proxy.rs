@@ -129,8 +129,8 @@ async fn dropped_connections_are_retried_but_a_timed_out_attempt_is_not_sent_twi
     let m = proxy.metrics().await;
     assert_eq!(metric(&m, "llmproxy_retries_total{reason=\"connect_error\"}"), 1.0, "{m}");
 
-    // The reproduction: an answer slower than upstream.timeout used to be sent four times (four
-    // billed calls) and still end in a 504. Once is enough to learn that.
+    // An answer slower than upstream.timeout is not sent again: each attempt may run (and be
+    // billed) upstream, and a second one would end in the same 504. Once is enough to learn that.
     upstream.mock.reset_stats();
     upstream.mock.inject(Fault::Delay { ms: 2_000 }, 4);
     let (status, _, body) = post_json(&proxy.url("/chat/completions"), &chat(5)).await;
@@ -370,7 +370,7 @@ async fn only_plain_allowed_paths_reach_the_upstream() {
     let proxy =
         TestProxy::start(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""), Some("sk-upstream"))
             .await;
-    // The reproduction: the mock's admin API, with the key attached, through a dot segment.
+    // The mock's admin API, with the key attached, through a dot segment, must stay out of reach.
     for path in [
         "/v1/../mock/stats",
         "/v1/%2e%2e/mock/stats",

@@ -36,7 +36,7 @@ struct Run {
     ideal: Duration,
 }
 
-/// The burst of the issue: `REQUESTS` chat requests with `max_tokens: 100` from `CLIENTS` naive
+/// A TPM-bound burst: `REQUESTS` chat requests with `max_tokens: 100` from `CLIENTS` naive
 /// clients, the proxy set to exactly the upstream's limits.
 async fn tpm_bound_burst(proxy_counts: &str, upstream_counts: Accounting, rate: u64) -> Run {
     let tpm = rate * 60;
@@ -131,7 +131,8 @@ async fn a_request_that_can_never_fit_is_refused_at_once_and_locks_nothing() {
     )
     .await;
     let client = load::client();
-    // The reproduction of the issue: a trillion max_tokens, and a client that goes away.
+    // A trillion max_tokens from a client that goes away: a charge that can never fit is
+    // refused at once and holds no capacity for anyone behind it.
     let mut huge = body(1);
     huge["max_tokens"] = json!(1_000_000_000_000u64);
     let gone = tokio::time::timeout(

@@ -38,8 +38,8 @@ pub struct ServeOptions {
     /// listener, while Service endpoints drop this pod. Zero: close at once.
     pub drain_delay: Duration,
     /// Serving threads, each a single-threaded runtime with its own upstream connections, so a
-    /// request never crosses threads (work stealing between two cores cost a fifth of the
-    /// throughput and most of the p99). Zero: serve on the caller's runtime.
+    /// request never crosses threads (work stealing between cores costs throughput and the
+    /// tail; docs/benchmarks.md has the figures). Zero: serve on the caller's runtime.
     pub workers: usize,
 }
 

@@ -6,6 +6,7 @@ pub mod kube_env;
 pub mod proxy_env;
 pub mod python;
 pub mod redis;
+pub mod tools;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

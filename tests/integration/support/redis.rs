@@ -1,4 +1,4 @@
-//! A real `redis-server` (Debian's, installed by `.ci/run`) on a free port, without persistence,
+//! A real `redis-server` (Debian's, installed by `scripts/test`) on a free port, without persistence,
 //! killed on drop; it can be killed and started again on the same port (an outage, then a
 //! Redis that lost its data).
 
@@ -18,7 +18,7 @@ pub struct RedisServer {
 }
 
 fn binary() -> String {
-    std::env::var("LLMPROXY_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+    super::tools::require("redis-server", "LLMPROXY_REDIS_SERVER", "redis-server")
 }
 
 impl RedisServer {
