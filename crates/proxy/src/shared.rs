@@ -23,8 +23,8 @@ use futures_util::FutureExt;
 use llmproxy_api::policy::{Policy, QuotaPolicy, SharedPolicy};
 use tokio::time::Instant;
 
-use crate::limiter::lease::{LeaseKey, Leases};
-use crate::state::Proxy;
+use crate::admission::limiter::lease::{LeaseKey, Leases};
+use crate::proxy::Proxy;
 
 /// How far ahead of need a replica holds stock: this much of its recent rate.
 const LEASE_WINDOW: f64 = 0.25;
@@ -251,7 +251,7 @@ impl SharedState {
         if quota > 0 { quota } else { self.members[Store::Proxy.index()].load(Ordering::Relaxed) }
     }
 
-    fn report(&self, metrics: &crate::metrics::Metrics) {
+    fn report(&self, metrics: &crate::telemetry::metrics::Metrics) {
         if let Some(mode) = self.mode() {
             metrics.set_quota_mode(mode.label());
             metrics.quota_members.set(i64::from(self.members()));
@@ -314,9 +314,9 @@ struct Look<'a> {
     url: &'a str,
     password: Option<String>,
     replicas: u32,
-    admission: &'a crate::queue::Admission,
+    admission: &'a crate::admission::queue::Admission,
     quota: Option<&'a QuotaPolicy>,
-    metrics: &'a Arc<crate::metrics::Metrics>,
+    metrics: &'a Arc<crate::telemetry::metrics::Metrics>,
 }
 
 /// Runs the lessee of `store` for `proxy` until the proxy is dropped; follows its policy (a
@@ -523,7 +523,7 @@ impl Lessee {
 }
 
 /// Add what Redis granted to the stocks: never more than asked, whatever the store answers.
-fn grant(admission: &crate::queue::Admission, lines: &[Line], grants: &[f64]) {
+fn grant(admission: &crate::admission::queue::Admission, lines: &[Line], grants: &[f64]) {
     admission.with_leases(|l| {
         for (line, granted) in lines.iter().zip(grants) {
             let granted = if granted.is_finite() { granted.clamp(0.0, line.ask) } else { 0.0 };
@@ -536,7 +536,7 @@ fn grant(admission: &crate::queue::Admission, lines: &[Line], grants: &[f64]) {
 
 /// Alone: top each asked-for stock up by its share (`1 / share`) of the rate over `dt`, up to
 /// its share of the burst.
-fn fill_locally(admission: &crate::queue::Admission, lines: &[Line], dt: f64, share: f64) {
+fn fill_locally(admission: &crate::admission::queue::Admission, lines: &[Line], dt: f64, share: f64) {
     admission.with_leases(|l| {
         for line in lines {
             if let Some(s) = l.stocks.get_mut(&line.key) {
@@ -678,7 +678,7 @@ async fn exchange(
     member_key: &str,
     identity: &Identity,
     quota: Option<&llmproxy_api::policy::QuotaPolicy>,
-    metrics: &crate::metrics::Metrics,
+    metrics: &crate::telemetry::metrics::Metrics,
 ) -> redis::RedisResult<(Vec<f64>, u32)> {
     let mut call = script.prepare_invoke();
     for l in lines {
@@ -703,7 +703,7 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::RateConfig;
+    use crate::admission::limiter::RateConfig;
 
     fn identity() -> Identity {
         Identity { proxy: "ns/p".into(), member: "m".into(), replicas: 1 }
@@ -794,8 +794,8 @@ mod tests {
             line(LeaseKey::Total, "llmproxy:p:ns/p:total:r", 5.0, "g"),
             line(LeaseKey::Quota, "llmproxy:q:org:total:r", 10.0, "q"),
         ];
-        let metrics =
-            crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = crate::telemetry::metrics::Metrics::new(prometheus::Registry::new())
+            .unwrap_or_else(|e| panic!("{e}"));
         let script = redis::Script::new(SCRIPT);
         let id = identity();
         let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);

@@ -24,13 +24,13 @@ use super::auth::Client;
 use super::intake::Intake;
 use super::record::RecordGuard;
 use super::respond::Answer;
-use crate::error::ApiError;
-use crate::labels::Outcome;
-use crate::limiter::Verdict;
-use crate::queue::Permit;
-use crate::quota::QuotaHeaders;
-use crate::retry::{self, RetryReason};
-use crate::state::Proxy;
+use crate::admission::limiter::Verdict;
+use crate::admission::queue::Permit;
+use crate::admission::retry::{self, RetryReason};
+use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::proxy::Proxy;
+use crate::request::error::ApiError;
+use crate::telemetry::labels::Outcome;
 use crate::upstream;
 
 /// An attempt that did not produce an answer to relay.
@@ -162,7 +162,12 @@ async fn send_once(
     let sent = Instant::now();
     let result = tokio::time::timeout(
         endpoint.timeout,
-        crate::pool::send(proxy.pool(), endpoint.protocol, endpoint.max_streams_per_connection, req),
+        crate::upstream::pool::send(
+            proxy.pool(),
+            endpoint.protocol,
+            endpoint.max_streams_per_connection,
+            req,
+        ),
     )
     .await;
     let latency = sent.elapsed();

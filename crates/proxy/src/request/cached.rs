@@ -11,13 +11,13 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use llmproxy_api::Policy;
 
 use super::record::RecordGuard;
+use crate::cache::flight::{self, Followed, Join, Leader};
 use crate::cache::{CachedResponse, Key, ResponseCache};
-use crate::error::ApiError;
-use crate::flight::{self, Followed, Join, Leader};
-use crate::labels::{CacheResult, Outcome};
-use crate::metrics::Metrics;
-use crate::sse::SseTap;
-use crate::state::Proxy;
+use crate::protocol::sse::SseTap;
+use crate::proxy::Proxy;
+use crate::request::error::ApiError;
+use crate::telemetry::labels::{CacheResult, Outcome};
+use crate::telemetry::metrics::Metrics;
 
 /// What the cache did for a request.
 pub(crate) enum Cached {

@@ -2,8 +2,9 @@
 //! of its own; this one only strings them together.
 
 mod attempts;
-mod auth;
+pub(crate) mod auth;
 mod cached;
+pub mod error;
 mod intake;
 mod path;
 pub mod record;
@@ -18,8 +19,8 @@ use http::HeaderValue;
 use self::cached::Cached;
 use self::record::{RecordGuard, RequestRecord};
 use self::respond::Answer;
-use crate::labels::Outcome;
-use crate::state::Proxy;
+use crate::proxy::Proxy;
+use crate::telemetry::labels::Outcome;
 
 /// axum handler for `/v1/{*rest}`.
 pub(crate) async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
@@ -52,7 +53,7 @@ async fn pipeline(
     };
     // A withdrawn quota grant admits nothing, not even from the cache, until it is back.
     if let Some(reason) = proxy.withheld() {
-        let err = crate::error::ApiError::quota_withdrawn(&reason);
+        let err = crate::request::error::ApiError::quota_withdrawn(&reason);
         return respond::respond(Answer::Refused(err, Outcome::QuotaWithdrawn), record, None);
     }
     record.set_client(Arc::clone(&client.party.metrics));

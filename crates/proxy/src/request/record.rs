@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::labels::{CacheResult, Outcome, TokenKind};
-use crate::metrics::{ClientMetrics, Metrics};
-use crate::retry::RetryReason;
-use crate::tokens::{Estimate, Usage};
+use crate::admission::retry::RetryReason;
+use crate::protocol::tokens::{Estimate, Usage};
+use crate::telemetry::labels::{CacheResult, Outcome, TokenKind};
+use crate::telemetry::metrics::{ClientMetrics, Metrics};
 
 /// What is known about one request, filled in as it goes.
 #[derive(Debug)]

@@ -13,14 +13,14 @@ use http::{HeaderValue, header};
 
 use super::cached::Fill;
 use super::record::RecordGuard;
+use crate::admission::queue::Permit;
 use crate::cache::CachedResponse;
-use crate::error::ApiError;
-use crate::labels::Outcome;
-use crate::pool::Slot;
-use crate::queue::Permit;
-use crate::sse::SseTap;
-use crate::tokens::{Usage, usage_in_body, usage_in_tail};
+use crate::protocol::sse::SseTap;
+use crate::protocol::tokens::{Usage, usage_in_body, usage_in_tail};
+use crate::request::error::ApiError;
+use crate::telemetry::labels::Outcome;
 use crate::upstream;
+use crate::upstream::pool::Slot;
 
 /// Bodies up to this size are read whole for their `usage`; of larger ones only the tail is kept.
 const WHOLE_BODY: usize = 1 << 20;

@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::routes;
-use crate::state::Proxy;
+use crate::proxy::Proxy;
+use crate::server::routes;
 
 /// How the API port treats connections.
 #[derive(Clone, Debug)]
@@ -124,7 +124,7 @@ pub async fn serve(
                 let run = || -> anyhow::Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                     rt.block_on(async {
-                        crate::pool::use_worker_pool(proxy.pool());
+                        crate::upstream::pool::use_worker_pool(proxy.pool());
                         acceptor.run(TcpListener::from_std(listener)?, stopped).await
                     })
                 };

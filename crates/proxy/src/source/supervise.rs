@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::state::Proxy;
+use crate::proxy::Proxy;
 
 /// Aborts the task when dropped, so that stopping a task stops the tasks it started.
 pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);

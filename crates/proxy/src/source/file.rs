@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clients::ClientKeys;
-use crate::labels::Reload;
-use crate::state::Proxy;
+use crate::proxy::Proxy;
+use crate::request::auth::clients::ClientKeys;
+use crate::telemetry::labels::Reload;
 use crate::upstream::ApiKey;
 
 /// Whether a policy asks for client keys.

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use http::{StatusCode, header};
 
-use crate::error::ApiError;
-use crate::state::Proxy;
+use crate::proxy::Proxy;
+use crate::request::error::ApiError;
 
 /// The OpenAI-compatible API: every `/v1/...` path is forwarded.
 pub fn api(proxy: &Arc<Proxy>) -> Router {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::body::Inspected;
+use crate::protocol::body::Inspected;
 
 /// Tokens reserved for a request before it is sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -193,7 +193,7 @@ mod tests {
     use super::*;
 
     fn inspect(v: &Value) -> Inspected {
-        crate::body::inspect(v.to_string().as_bytes(), false).unwrap_or_else(|e| panic!("{e}"))
+        crate::protocol::body::inspect(v.to_string().as_bytes(), false).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

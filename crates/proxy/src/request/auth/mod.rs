@@ -2,16 +2,18 @@
 //! a known key gets a 401 before its body is read or anything is queued, and never reaches the
 //! upstream. The client's settings (weight, priority, caps, wait) come from the policy.
 
+pub mod clients;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use llmproxy_api::{ClientPriority, Policy};
 
-use crate::clients::presented_key;
-use crate::error::ApiError;
-use crate::queue::Party;
-use crate::state::Proxy;
+use crate::admission::queue::Party;
+use crate::proxy::Proxy;
+use crate::request::auth::clients::presented_key;
+use crate::request::error::ApiError;
 
 /// The identified client of a request.
 pub(crate) struct Client {

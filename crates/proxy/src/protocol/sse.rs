@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde_json::Value;
 
-use crate::tokens::{Usage, usage_of};
+use crate::protocol::tokens::{Usage, usage_of};
 
 /// The most bytes of one unfinished line (scan mode) or event (strip mode) held back.
 pub const MAX_HELD: usize = 1 << 20;

@@ -1,6 +1,8 @@
 //! Upstream requests and answers, and which headers cross the proxy in each direction (the
 //! connections themselves are `pool`'s).
 
+pub mod pool;
+
 use std::fmt;
 use std::sync::Arc;
 

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::bucket::{Correction, RateConfig, Rates};
 use super::{Ask, Hold, Limit};
-use crate::quota::QuotaHeaders;
+use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// The most models an endpoint keeps quotas or pauses for; beyond it idle ones are forgotten
 /// (a client naming models cannot grow the maps without bound).

@@ -563,7 +563,7 @@ mod tests {
                     .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
                 prop_assert_eq!(got.text, Text { chars, numbers });
                 // Estimating never overflows, whatever the numbers.
-                let _ = crate::tokens::estimate("/chat/completions", &got, u32::MAX).total();
+                let _ = crate::protocol::tokens::estimate("/chat/completions", &got, u32::MAX).total();
             }
 
             #[test]

@@ -26,11 +26,13 @@ use llmproxy_api::policy::{LimitsPolicy, UpstreamPolicy};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::budget::RetryBudget;
-use crate::labels::TokenKind;
-use crate::limiter::{Ask, Calibration, Decision, EndpointReport, Holds, Limit, Limiter, Mark, Verdict};
-use crate::metrics::{ClientMetrics, Metrics};
-use crate::quota::QuotaHeaders;
+use crate::admission::budget::RetryBudget;
+use crate::admission::limiter::{
+    Ask, Calibration, Decision, EndpointReport, Holds, Limit, Limiter, Mark, Verdict,
+};
+use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::telemetry::labels::TokenKind;
+use crate::telemetry::metrics::{ClientMetrics, Metrics};
 
 /// Why a request was not admitted; becomes a 429 with `Retry-After`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -380,7 +382,7 @@ impl Admission {
     /// Work on this replica's stocks of the shared buckets; `None` without shared state.
     pub(crate) fn with_leases<R>(
         &self,
-        f: impl FnOnce(&mut crate::limiter::lease::Leases) -> R,
+        f: impl FnOnce(&mut crate::admission::limiter::lease::Leases) -> R,
     ) -> Option<R> {
         self.lock().limiter.leases.as_mut().map(f)
     }

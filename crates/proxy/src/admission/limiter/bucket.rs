@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Limit;
-use crate::quota::QuotaHeaders;
+use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// A token bucket: `cap` units, refilled at `per_sec`, allowed to go negative so that a cost
 /// larger than the bucket is admitted once the bucket is full and then paid off over time.

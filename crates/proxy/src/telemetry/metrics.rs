@@ -9,9 +9,9 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::labels::{CacheResult, Outcome, Reload, TokenKind};
-use crate::limiter::{EndpointReport, Limit};
-use crate::retry::RetryReason;
+use crate::admission::limiter::{EndpointReport, Limit};
+use crate::admission::retry::RetryReason;
+use crate::telemetry::labels::{CacheResult, Outcome, Reload, TokenKind};
 
 /// Buckets for waits and latencies, 1 ms to 2 minutes.
 const SECONDS: &[f64] =
@@ -121,8 +121,8 @@ pub struct Metrics {
 /// The last minute of what a pod reports for its LlmProxy's status.
 #[derive(Debug)]
 struct Recent {
-    upstream_429s: crate::limiter::window::MinuteWindow,
-    upstream_errors: crate::limiter::window::MinuteWindow,
+    upstream_429s: crate::admission::limiter::window::MinuteWindow,
+    upstream_errors: crate::admission::limiter::window::MinuteWindow,
     /// Queue waits (seconds) with when they ended; at most `MAX_WAITS`, the last minute's.
     waits: std::collections::VecDeque<(tokio::time::Instant, f32)>,
 }
@@ -222,8 +222,12 @@ impl Metrics {
                 )?,
             )?,
             recent: std::sync::Mutex::new(Recent {
-                upstream_429s: crate::limiter::window::MinuteWindow::new(tokio::time::Instant::now()),
-                upstream_errors: crate::limiter::window::MinuteWindow::new(tokio::time::Instant::now()),
+                upstream_429s: crate::admission::limiter::window::MinuteWindow::new(
+                    tokio::time::Instant::now(),
+                ),
+                upstream_errors: crate::admission::limiter::window::MinuteWindow::new(
+                    tokio::time::Instant::now(),
+                ),
                 waits: std::collections::VecDeque::new(),
             }),
             requests,

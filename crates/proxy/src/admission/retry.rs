@@ -65,8 +65,8 @@ pub fn backoff(policy: &RetryPolicy, retry: u32, unit: f64) -> Duration {
     Duration::from_secs_f64(secs.max(0.0))
 }
 
-pub use crate::quota::MAX_UPSTREAM_DELAY;
-use crate::quota::header;
+pub use crate::protocol::ratelimit_headers::MAX_UPSTREAM_DELAY;
+use crate::protocol::ratelimit_headers::header;
 
 fn seconds(secs: f64) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0)
@@ -96,7 +96,7 @@ pub fn upstream_delay(status: StatusCode, headers: &HeaderMap, now: SystemTime) 
         return None;
     }
     let exhausted = |name: &str| header(headers, name).and_then(|v| v.parse::<u64>().ok()) == Some(0);
-    let reset = |name: &str| crate::quota::reset(headers, name);
+    let reset = |name: &str| crate::protocol::ratelimit_headers::reset(headers, name);
     let requests =
         exhausted("x-ratelimit-remaining-requests").then(|| reset("x-ratelimit-reset-requests")).flatten();
     let tokens =

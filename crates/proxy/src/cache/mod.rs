@@ -1,6 +1,8 @@
 //! The exact-match response cache: successful answers to identical requests, kept for the
 //! policy's TTL within an entry and a byte budget (moka, weighed by size).
 
+pub mod flight;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use http::HeaderValue;
 use llmproxy_api::policy::CachePolicy;
 use sha2::{Digest, Sha256};
 
-use crate::tokens::Usage;
+use crate::protocol::tokens::Usage;
 
 /// SHA-256 of what identifies a request.
 pub type Key = [u8; 32];

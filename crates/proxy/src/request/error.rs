@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
-use crate::queue::Rejection;
+use crate::admission::queue::Rejection;
 
 /// An error the proxy answers itself.
 #[derive(Debug, Clone)]

@@ -12,12 +12,12 @@ use http::HeaderName;
 use llmproxy_api::Policy;
 use llmproxy_api::policy::UpstreamPolicy;
 
+use crate::admission::queue::Admission;
 use crate::cache::ResponseCache;
-use crate::clients::ClientKeys;
-use crate::flight::Flights;
-use crate::labels::Reload;
-use crate::metrics::Metrics;
-use crate::queue::Admission;
+use crate::cache::flight::Flights;
+use crate::request::auth::clients::ClientKeys;
+use crate::telemetry::labels::Reload;
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::ApiKey;
 
 /// Settings of the process, as opposed to the policy (which reloads).
@@ -60,7 +60,7 @@ pub struct Proxy {
     /// are loaded nobody gets in.
     keys_required: AtomicBool,
     admission: Arc<Admission>,
-    pool: crate::pool::Pool,
+    pool: crate::upstream::pool::Pool,
     cache: Arc<ResponseCache>,
     flights: Arc<Flights>,
     metrics: Arc<Metrics>,
@@ -89,7 +89,7 @@ impl Proxy {
         let metrics = Arc::new(metrics);
         let proxy = Arc::new(Self {
             admission: Admission::new(&policy, Arc::clone(&metrics)),
-            pool: crate::pool::Pool::new(options.connect_timeout),
+            pool: crate::upstream::pool::Pool::new(options.connect_timeout),
             cache: Arc::new(ResponseCache::new(policy.cache.as_ref())),
             flights: Arc::default(),
             policy: ArcSwap::from_pointee(policy),
@@ -290,7 +290,7 @@ impl Proxy {
         &self.admission
     }
 
-    pub(crate) fn pool(&self) -> &crate::pool::Pool {
+    pub(crate) fn pool(&self) -> &crate::upstream::pool::Pool {
         &self.pool
     }
 

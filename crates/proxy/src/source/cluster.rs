@@ -13,10 +13,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, Policy};
 
-use crate::clients::ClientKeys;
-use crate::labels::Reload;
-use crate::state::Proxy;
-use crate::supervise::AbortOnDrop;
+use crate::proxy::Proxy;
+use crate::request::auth::clients::ClientKeys;
+use crate::source::supervise::AbortOnDrop;
+use crate::telemetry::labels::Reload;
 use crate::upstream::ApiKey;
 
 /// `namespace/name` of the LlmProxy to serve.
@@ -78,7 +78,7 @@ pub async fn initial(client: &Client, r: &ResourceRef) -> Policy {
     loop {
         match api.get(&r.name).await {
             Ok(p) => match policy_for(&p) {
-                Ok(policy) => match crate::consent::check(client, &p).await {
+                Ok(policy) => match crate::source::consent::check(client, &p).await {
                     Ok(()) => return policy,
                     Err(e) => {
                         tracing::error!(error = %e, "LlmProxy {}/{} cannot run yet", r.namespace, r.name)
@@ -138,7 +138,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 continue;
             }
         };
-        if let Err(e) = crate::consent::check(&client, &p).await {
+        if let Err(e) = crate::source::consent::check(&client, &p).await {
             // Counted and logged once per reason, not on every re-check.
             if last_refusal.as_ref() != Some(&e) {
                 proxy.reject_policy();
@@ -281,7 +281,7 @@ async fn watch_client_keys(
                     use_: llmproxy_api::SecretUse::ClientKeys,
                     url: None,
                 };
-                if let Err(e) = crate::consent::allowed(&s.metadata, &[read], &owner) {
+                if let Err(e) = crate::source::consent::allowed(&s.metadata, &[read], &owner) {
                     proxy.set_client_keys(None);
                     loaded = false;
                     tracing::error!(secret = %name, error = %e, "client keys dropped: no client is admitted");
@@ -300,7 +300,7 @@ async fn watch_client_keys(
                 let mut table = ClientKeys::load_pairs(pairs);
                 refused.append(&mut table.refused);
                 table.refused = refused;
-                let keys = crate::reload::report_refused(table, &format!("Secret {name}"));
+                let keys = crate::source::file::report_refused(table, &format!("Secret {name}"));
                 tracing::info!(secret = %name, clients = keys.names().count(), "client keys loaded");
                 proxy.set_client_keys(Some(keys));
             }
@@ -341,7 +341,7 @@ async fn watch_secret(
                 for key in &keys {
                     let uses: Vec<_> =
                         reads.iter().filter(|r| r.key.as_ref() == Some(key)).cloned().collect();
-                    if let Err(e) = crate::consent::allowed(&s.metadata, &uses, &owner) {
+                    if let Err(e) = crate::source::consent::allowed(&s.metadata, &uses, &owner) {
                         proxy.set_secret_key(&slot, key, None);
                         tracing::error!(secret = %name, key = %key, error = %e, "key not used");
                         continue;

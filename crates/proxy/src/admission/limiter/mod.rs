@@ -30,7 +30,7 @@ use self::bucket::{Correction, Rates};
 pub use self::endpoint::Verdict;
 use self::endpoint::{Avail, Endpoint, Target};
 use self::lease::{LeaseKey, Leases, TOP_UP_WAIT};
-use crate::quota::QuotaHeaders;
+use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// Which limit held a request back; named in 429 messages and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -757,7 +757,7 @@ impl Limiter {
         let name = &mark.endpoint.name;
         let others_in = self.endpoints.iter().any(|e| e.name() != name && e.health.is_in());
         let ejection = self.ejection.clone();
-        let backoff = move |n: u32| crate::retry::backoff(&ejection, n, 1.0);
+        let backoff = move |n: u32| crate::admission::retry::backoff(&ejection, n, 1.0);
         match self.endpoint_of(mark) {
             Some(e) => e.verdict(now, mark.probe, verdict, others_in, backoff),
             None => false,
