@@ -139,7 +139,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
             let proxy = Proxy::new(policy, metrics, options)?;
-            proxy.share(llmproxy_proxy::shared::Identity {
+            proxy.share(llmproxy_proxy::admission::shared::Identity {
                 proxy: format!(
                     "{}/{}",
                     resource.metadata.namespace.as_deref().unwrap_or("default"),
@@ -171,7 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let policy = cluster::initial(&client, r).await;
             let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
             let proxy = Proxy::new(policy, metrics, options)?;
-            proxy.share(llmproxy_proxy::shared::Identity {
+            proxy.share(llmproxy_proxy::admission::shared::Identity {
                 proxy: format!("{}/{}", r.namespace, r.name),
                 member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),
                 replicas: 1,

@@ -13,7 +13,6 @@ pub mod protocol;
 pub mod proxy;
 pub mod request;
 pub mod server;
-pub mod shared;
 pub mod source;
 pub mod telemetry;
 pub mod upstream;

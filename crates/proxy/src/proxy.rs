@@ -74,7 +74,7 @@ pub struct Proxy {
     /// `req-` and this process' id: read once, not with a system call per request.
     id_prefix: String,
     /// The shared buckets' mode and members (with `sharedState` or `quotaRef`).
-    shared: Arc<crate::shared::SharedState>,
+    shared: Arc<crate::admission::shared::SharedState>,
     /// The lessee runs (started once, by `share`).
     sharing: AtomicBool,
     /// Replicas the cluster reports (0: unknown), a floor for the members without Redis.
@@ -120,7 +120,7 @@ impl Proxy {
     /// Start sharing buckets through Redis as `identity` whenever the policy says so: one lessee
     /// for the LlmProxy's buckets and one for its LlmQuota's, each with its own connection (a
     /// policy without shared state leaves them idle). Once per proxy.
-    pub fn share(self: &Arc<Self>, identity: crate::shared::Identity) {
+    pub fn share(self: &Arc<Self>, identity: crate::admission::shared::Identity) {
         if self.sharing.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -128,11 +128,11 @@ impl Proxy {
         let weak = Arc::downgrade(self);
         // Supervised: a panic is logged and the lessee starts again (stocks carry over); it
         // ends only with the proxy.
-        for store in crate::shared::Store::ALL {
+        for store in crate::admission::shared::Store::ALL {
             let (weak, identity, state) = (weak.clone(), identity.clone(), Arc::clone(&state));
             tokio::spawn(async move {
                 loop {
-                    let run = tokio::spawn(crate::shared::run(
+                    let run = tokio::spawn(crate::admission::shared::run(
                         weak.clone(),
                         identity.clone(),
                         Arc::clone(&state),
@@ -166,7 +166,7 @@ impl Proxy {
     }
 
     /// Whether the buckets are shared through Redis now (`None`: no shared state).
-    pub fn shared_mode(&self) -> Option<crate::shared::Mode> {
+    pub fn shared_mode(&self) -> Option<crate::admission::shared::Mode> {
         self.shared.mode()
     }
 

@@ -5,3 +5,4 @@ pub(crate) mod budget;
 pub mod limiter;
 pub mod queue;
 pub mod retry;
+pub mod shared;

@@ -1,7 +1,7 @@
 //! Shares of shared buckets held by this replica. With shared state, a bucket lives in Redis
 //! (or, while Redis is out, in a local share of it), and this replica holds a small stock taken
 //! from it ahead of need (a lease): admission takes from the stock without a round trip, and
-//! the lessee (`crate::shared`) tops it up, from what requests wanted and what was used, and
+//! the lessee (`crate::admission::shared`) tops it up, from what requests wanted and what was used, and
 //! gives back what an idle replica holds. What a stock holds has left the shared bucket, so
 //! the replicas together never admit more than it grants.
 
