@@ -15,10 +15,10 @@ use llmproxy_api::policy::UpstreamPolicy;
 use crate::admission::queue::Admission;
 use crate::cache::ResponseCache;
 use crate::cache::flight::Flights;
-use crate::request::auth::clients::ClientKeys;
 use crate::telemetry::labels::Reload;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::ApiKey;
+use llmproxy_api::ClientKeys;
 
 /// Settings of the process, as opposed to the policy (which reloads).
 #[derive(Clone, Debug)]

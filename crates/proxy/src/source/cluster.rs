@@ -14,10 +14,10 @@ use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, Policy};
 
 use crate::proxy::Proxy;
-use crate::request::auth::clients::ClientKeys;
 use crate::source::supervise::AbortOnDrop;
 use crate::telemetry::labels::Reload;
 use crate::upstream::ApiKey;
+use llmproxy_api::ClientKeys;
 
 /// `namespace/name` of the LlmProxy to serve.
 #[derive(Clone, Debug, PartialEq, Eq)]

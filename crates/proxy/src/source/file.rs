@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proxy::Proxy;
-use crate::request::auth::clients::ClientKeys;
 use crate::telemetry::labels::Reload;
 use crate::upstream::ApiKey;
+use llmproxy_api::ClientKeys;
 
 /// Whether a policy asks for client keys.
 pub fn needs_client_keys(policy: &llmproxy_api::Policy) -> bool {

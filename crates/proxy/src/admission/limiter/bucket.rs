@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Limit;
+use super::limit::Limit;
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// A token bucket: `cap` units, refilled at `per_sec`, allowed to go negative so that a cost

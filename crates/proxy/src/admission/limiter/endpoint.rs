@@ -10,7 +10,7 @@ use llmproxy_api::policy::UpstreamPolicy;
 use tokio::time::Instant;
 
 use super::bucket::{Correction, RateConfig, Rates};
-use super::{Ask, Hold, Limit};
+use super::limit::{Ask, Hold, Limit};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// The most models an endpoint keeps quotas or pauses for; beyond it idle ones are forgotten

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Limit;
 use super::bucket::RateConfig;
+use super::limit::Limit;
 
 /// How long a request waits for a top-up before the dispatcher looks again (a grant wakes it
 /// sooner).
