@@ -101,9 +101,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         write_timeout: args.write_timeout,
         max_connections: args.max_connections,
         drain_delay: args.drain_delay,
-        workers: args.workers.map_or_else(llmproxy_proxy::server::serve::default_workers, usize::from),
+        workers: args.workers.map_or_else(llmproxy_proxy::default_workers, usize::from),
     };
-    let metrics = Metrics::new(llmproxy_proxy::telemetry::metrics::Registry::new())?;
+    let metrics = Metrics::new(llmproxy_proxy::Registry::new())?;
     let (proxy, source, name) = match (&args.config, &args.resource) {
         (Some(file), _) => {
             let (resource, policy) = source_file::load_policy(file)?;
@@ -139,7 +139,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
             let proxy = Proxy::new(policy, metrics, options)?;
-            proxy.share(llmproxy_proxy::admission::shared::Identity {
+            proxy.share(llmproxy_proxy::Identity {
                 proxy: format!(
                     "{}/{}",
                     resource.metadata.namespace.as_deref().unwrap_or("default"),
@@ -171,7 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let policy = cluster::initial(&client, r).await;
             let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
             let proxy = Proxy::new(policy, metrics, options)?;
-            proxy.share(llmproxy_proxy::admission::shared::Identity {
+            proxy.share(llmproxy_proxy::Identity {
                 proxy: format!("{}/{}", r.namespace, r.name),
                 member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),
                 replicas: 1,

@@ -155,7 +155,7 @@ impl Proxy {
 
     /// The replicas the cluster runs of this LlmProxy (what the operator reports), so that a pod
     /// cut off from Redis divides by at least that many.
-    pub fn set_replicas(&self, replicas: u32) {
+    pub(crate) fn set_replicas(&self, replicas: u32) {
         self.replicas.store(replicas, Ordering::Relaxed);
     }
 
@@ -163,11 +163,6 @@ impl Proxy {
     pub(crate) fn replicas_hint(&self, fallback: u32) -> Arc<std::sync::atomic::AtomicU32> {
         let _ = self.replicas.compare_exchange(0, fallback.max(1), Ordering::Relaxed, Ordering::Relaxed);
         Arc::clone(&self.replicas)
-    }
-
-    /// Whether the buckets are shared through Redis now (`None`: no shared state).
-    pub fn shared_mode(&self) -> Option<crate::admission::shared::Mode> {
-        self.shared.mode()
     }
 
     /// The value stored under `key` in Secret `secret`, if loaded (the Redis password).
@@ -200,7 +195,7 @@ impl Proxy {
     /// Admit nothing, answering 503 with `reason` (the LlmQuota grant was withdrawn), or admit
     /// again (`None`): the last good policy must not go on drawing on a quota no longer granted.
     /// Whether that changed anything.
-    pub fn withhold(&self, reason: Option<String>) -> bool {
+    pub(crate) fn withhold(&self, reason: Option<String>) -> bool {
         let before = self.withheld.swap(reason.map(Arc::new));
         before.as_deref() != self.withheld.load().as_deref()
     }
@@ -211,7 +206,7 @@ impl Proxy {
     }
 
     /// Count a policy that was refused (the last good one keeps serving).
-    pub fn reject_policy(&self) {
+    pub(crate) fn reject_policy(&self) {
         self.metrics.reload(Reload::Rejected);
     }
 
@@ -231,7 +226,7 @@ impl Proxy {
     }
 
     /// Set or rotate the key stored under `key` in Secret `secret` (`None`: it is gone).
-    pub fn set_secret_key(&self, secret: &str, key: &str, value: Option<ApiKey>) {
+    pub(crate) fn set_secret_key(&self, secret: &str, key: &str, value: Option<ApiKey>) {
         let id = (secret.to_owned(), key.to_owned());
         self.secret_keys.rcu(|keys| {
             let mut keys = HashMap::clone(keys);
@@ -308,13 +303,13 @@ impl Proxy {
     }
 
     /// Report not-ready (during shutdown, so load balancers stop sending).
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
     /// Whether the policy source runs; while it does not, the proxy reports not ready (it keeps
     /// serving its last good policy, but its policy no longer follows the source).
-    pub fn set_source_up(&self, up: bool) {
+    pub(crate) fn set_source_up(&self, up: bool) {
         self.source_up.store(up, Ordering::SeqCst);
         self.metrics.source_up.set(i64::from(up));
     }
@@ -377,7 +372,7 @@ impl Proxy {
 
     /// `llmproxy_saturation`: in flight, plus those waiting for a slot while all are taken,
     /// over `maxConcurrent`.
-    pub fn update_saturation(&self) {
+    pub(crate) fn update_saturation(&self) {
         let max = f64::from(self.policy().limits.max_concurrent.max(1));
         let inflight = f64::from(self.admission.inflight());
         #[allow(clippy::cast_precision_loss)]

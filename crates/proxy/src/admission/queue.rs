@@ -65,14 +65,15 @@ pub struct Party {
     /// Whether its requests are `batch`.
     pub batch: bool,
     /// Most of its requests waiting at once.
-    pub max_queued: usize,
+    pub(crate) max_queued: usize,
     /// Its series.
     pub metrics: Arc<ClientMetrics>,
 }
 
 impl Party {
     /// The one party of a proxy without client identities.
-    pub fn anonymous(metrics: &Metrics) -> Self {
+    #[cfg(test)]
+    pub(crate) fn anonymous(metrics: &Metrics) -> Self {
         Self { name: None, weight: 1, batch: false, max_queued: usize::MAX, metrics: metrics.client(None) }
     }
 }
@@ -257,7 +258,7 @@ impl Permit {
     }
 
     /// Follow what the upstream's headers say remains; `refused` when they came with a 429.
-    pub fn calibrate(&self, quota: &QuotaHeaders, refused: bool, max_reset: Duration) {
+    pub(crate) fn calibrate(&self, quota: &QuotaHeaders, refused: bool, max_reset: Duration) {
         if !quota.says_remaining() {
             return;
         }
@@ -296,14 +297,14 @@ impl Drop for Permit {
 }
 
 /// Request body bytes counted against `queue.maxBytes` until dropped.
-pub struct BytesLease {
+pub(crate) struct BytesLease {
     admission: Arc<Admission>,
     bytes: u64,
 }
 
 impl BytesLease {
     /// Count `more` bytes too, if the budget has room.
-    pub fn grow(&mut self, more: u64) -> Result<(), Rejection> {
+    pub(crate) fn grow(&mut self, more: u64) -> Result<(), Rejection> {
         self.admission.take_bytes(more)?;
         self.bytes += more;
         Ok(())
@@ -408,7 +409,7 @@ impl Admission {
     }
 
     /// Set `queue.maxBytes`.
-    pub fn set_byte_budget(&self, max: u64) {
+    pub(crate) fn set_byte_budget(&self, max: u64) {
         self.bytes_max.store(max, Ordering::SeqCst);
     }
 
@@ -432,13 +433,13 @@ impl Admission {
     }
 
     /// Count `bytes` of a request body against `queue.maxBytes`.
-    pub fn reserve_bytes(self: &Arc<Self>, bytes: u64) -> Result<BytesLease, Rejection> {
+    pub(crate) fn reserve_bytes(self: &Arc<Self>, bytes: u64) -> Result<BytesLease, Rejection> {
         self.take_bytes(bytes)?;
         Ok(BytesLease { admission: Arc::clone(self), bytes })
     }
 
     /// The most body bytes held at once (`queue.maxBytes`).
-    pub fn byte_budget(&self) -> u64 {
+    pub(crate) fn byte_budget(&self) -> u64 {
         self.bytes_max.load(Ordering::SeqCst)
     }
 
@@ -638,7 +639,7 @@ impl Admission {
 
     /// Apply a reloaded policy (limits, endpoints, client settings); the line is looked at
     /// again at once. Returns whether any limit changed.
-    pub fn reconfigure(&self, policy: &Policy) -> bool {
+    pub(crate) fn reconfigure(&self, policy: &Policy) -> bool {
         let mut shared = self.lock();
         let changed = shared.limiter.reconfigure(policy, Instant::now());
         shared.budget.reconfigure(&policy.retry);
@@ -655,12 +656,12 @@ impl Admission {
     }
 
     /// Count a first attempt towards the retry budget.
-    pub fn first_attempt(&self) {
+    pub(crate) fn first_attempt(&self) {
         self.lock().budget.first(Instant::now());
     }
 
     /// Whether the retry budget allows one more retry now (and, if so, spend it).
-    pub fn retry_allowed(&self) -> bool {
+    pub(crate) fn retry_allowed(&self) -> bool {
         let allowed = self.lock().budget.try_retry(Instant::now());
         if !allowed {
             self.metrics.retry_budget_exhausted.inc();
@@ -674,7 +675,7 @@ impl Admission {
     }
 
     /// Requests admitted and tokens charged in the last minute (for status).
-    pub fn last_minute(&self) -> (u64, u64) {
+    pub(crate) fn last_minute(&self) -> (u64, u64) {
         self.lock().limiter.last_minute(Instant::now())
     }
 
@@ -684,7 +685,8 @@ impl Admission {
     }
 
     /// Body bytes held now by waiting and in-flight requests.
-    pub fn bytes_held(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn bytes_held(&self) -> u64 {
         self.bytes_held.load(Ordering::SeqCst)
     }
 

@@ -57,7 +57,7 @@ impl RetryReason {
 /// The computed back-off before retry number `retry` (1 for the first retry):
 /// `initialBackoff * multiplier^(retry-1)`, capped at `maxBackoff`; with jitter, a uniformly
 /// random point in its upper half (`unit` in [0, 1) picks it, so tests choose).
-pub fn backoff(policy: &RetryPolicy, retry: u32, unit: f64) -> Duration {
+pub(crate) fn backoff(policy: &RetryPolicy, retry: u32, unit: f64) -> Duration {
     let exp = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
     let raw = policy.initial_backoff.as_secs_f64() * policy.multiplier.powi(exp);
     let capped = raw.min(policy.max_backoff.as_secs_f64());
@@ -65,7 +65,7 @@ pub fn backoff(policy: &RetryPolicy, retry: u32, unit: f64) -> Duration {
     Duration::from_secs_f64(secs.max(0.0))
 }
 
-pub use crate::protocol::ratelimit_headers::MAX_UPSTREAM_DELAY;
+pub(crate) use crate::protocol::ratelimit_headers::MAX_UPSTREAM_DELAY;
 use crate::protocol::ratelimit_headers::header;
 
 fn seconds(secs: f64) -> Option<Duration> {
@@ -77,7 +77,7 @@ fn seconds(secs: f64) -> Option<Duration> {
 /// `Retry-After` (seconds or an HTTP date); on a 429 only, then the `x-ratelimit-reset-*` of
 /// the quota that is at 0 (OpenAI sends those headers on every answer, so on anything else they
 /// say nothing about this failure).
-pub fn upstream_delay(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(crate) fn upstream_delay(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     if let Some(d) = header(headers, "retry-after-ms")
         .and_then(|v| v.parse::<f64>().ok())
         .and_then(|ms| seconds(ms / 1000.0))

@@ -13,7 +13,7 @@ use crate::cache::{CachedResponse, Key};
 
 /// The state of one flight, as followers see it.
 #[derive(Clone, Debug)]
-pub enum Flight {
+pub(crate) enum Flight {
     /// The leader is still working; every progress signal re-sends this.
     Running,
     /// The leader's answer (also stored in the cache).
@@ -107,7 +107,7 @@ impl Leader {
 
     /// Tell the followers the leader is still making progress (a chunk arrived), so they keep
     /// waiting for a long stream instead of giving up on it.
-    pub fn progress(&self) {
+    pub(crate) fn progress(&self) {
         self.tx.send_replace(Flight::Running);
     }
 }
@@ -120,7 +120,7 @@ impl Drop for Leader {
 
 /// How following a flight ended.
 #[derive(Debug)]
-pub enum Followed {
+pub(crate) enum Followed {
     /// The leader's answer.
     Answer(Arc<CachedResponse>),
     /// The leader got no cacheable answer.
@@ -132,7 +132,7 @@ pub enum Followed {
 
 /// Wait for a flight to end, until `deadline` at first and then for `idle` after each progress
 /// signal of the leader, so no follower waits on a stalled leader for ever.
-pub async fn follow(follower: Follower, deadline: tokio::time::Instant, idle: Duration) -> Followed {
+pub(crate) async fn follow(follower: Follower, deadline: tokio::time::Instant, idle: Duration) -> Followed {
     let mut rx = follower.rx.clone();
     let mut deadline = deadline;
     loop {

@@ -1,7 +1,7 @@
 //! The exact-match response cache: successful answers to identical requests, kept for the
 //! policy's TTL within an entry and a byte budget (moka, weighed by size).
 
-pub mod flight;
+pub(crate) mod flight;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::protocol::tokens::Usage;
 
 /// SHA-256 of what identifies a request.
-pub type Key = [u8; 32];
+pub(crate) type Key = [u8; 32];
 
 /// A stored answer.
 #[derive(Debug)]
@@ -35,7 +35,7 @@ pub struct CachedResponse {
 }
 
 /// Endpoints whose answers depend only on the request body, without side effects.
-pub fn cacheable_path(rest: &str) -> bool {
+pub(crate) fn cacheable_path(rest: &str) -> bool {
     matches!(rest, "/chat/completions" | "/completions" | "/embeddings" | "/moderations")
 }
 
@@ -43,7 +43,7 @@ pub fn cacheable_path(rest: &str) -> bool {
 /// change the answer (`headers`, see `upstream::answer_headers`) and whose body has the
 /// canonical digest `body` (see `body::inspect`); `client`: the client whose own entries these
 /// are (`cache.scope: client`), `None` when every client shares them.
-pub fn key(
+pub(crate) fn key(
     client: Option<&str>,
     upstream: &str,
     method: &str,
@@ -70,7 +70,7 @@ pub fn key(
 }
 
 /// A short, stable fingerprint of the prompt for request records (never the text itself).
-pub fn prompt_hash(digest: &[u8; 32]) -> String {
+pub(crate) fn prompt_hash(digest: &[u8; 32]) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -107,19 +107,19 @@ impl Inner {
 }
 
 /// The cache of one proxy; off when the policy has no cache.
-pub struct ResponseCache {
+pub(crate) struct ResponseCache {
     inner: ArcSwapOption<Inner>,
 }
 
 impl ResponseCache {
     /// A cache for `policy` (`None`: off).
-    pub fn new(policy: Option<&CachePolicy>) -> Self {
+    pub(crate) fn new(policy: Option<&CachePolicy>) -> Self {
         Self { inner: ArcSwapOption::new(policy.map(|p| Arc::new(Inner::new(p)))) }
     }
 
     /// Apply a reloaded policy: off empties the cache; a new TTL or bound rebuilds it and
     /// carries the live entries over (each keeps its own age).
-    pub fn reconfigure(&self, policy: Option<&CachePolicy>) {
+    pub(crate) fn reconfigure(&self, policy: Option<&CachePolicy>) {
         let current = self.inner.load_full();
         match (current, policy) {
             (Some(cur), Some(p)) if cur.policy == *p => {}
@@ -141,17 +141,17 @@ impl ResponseCache {
     }
 
     /// Whether caching is on.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.inner.load().is_some()
     }
 
     /// A live entry.
-    pub fn get(&self, key: &Key) -> Option<Arc<CachedResponse>> {
+    pub(crate) fn get(&self, key: &Key) -> Option<Arc<CachedResponse>> {
         self.inner.load().as_ref()?.entries.get(key)
     }
 
     /// Store an answer (ignored when caching is off or the body alone exceeds the budget).
-    pub fn insert(&self, key: Key, value: Arc<CachedResponse>) {
+    pub(crate) fn insert(&self, key: Key, value: Arc<CachedResponse>) {
         if let Some(inner) = self.inner.load().as_ref()
             && (value.body.len() as u64) < inner.policy.max_bytes
         {
@@ -161,7 +161,7 @@ impl ResponseCache {
 
     /// The most body bytes one entry may hold: an eighth of the budget, so one answer never
     /// crowds out the rest (and a fill in progress holds at most that much).
-    pub fn max_entry_bytes(&self) -> usize {
+    pub(crate) fn max_entry_bytes(&self) -> usize {
         self.inner
             .load()
             .as_ref()
@@ -169,7 +169,7 @@ impl ResponseCache {
     }
 
     /// Entries and weighed bytes held now (after pending evictions are applied).
-    pub fn usage(&self) -> (u64, u64) {
+    pub(crate) fn usage(&self) -> (u64, u64) {
         match self.inner.load().as_ref() {
             Some(inner) => {
                 inner.entries.run_pending_tasks();

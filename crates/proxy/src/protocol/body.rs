@@ -11,7 +11,7 @@ use serde::{Deserialize as _, Deserializer as _};
 use sha2::{Digest, Sha256};
 
 /// Fields whose text is sent to the model and counts as prompt.
-pub const PROMPT_FIELDS: &[&str] =
+pub(crate) const PROMPT_FIELDS: &[&str] =
     &["messages", "prompt", "input", "instructions", "system", "tools", "functions"];
 
 /// Fields that do not change the answer: who asked (`user` and its successors) and
@@ -27,7 +27,7 @@ const PROMPT_HASH_FIELDS: &[&str] = &["messages", "prompt", "input", "instructio
 
 /// The prompt's size as the provider estimates it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Text {
+pub(crate) struct Text {
     /// Characters (Unicode scalar values) of every string.
     pub chars: u64,
     /// Numbers (pre-tokenised input: one token each).
@@ -41,14 +41,14 @@ impl Text {
     }
 
     /// Tokens by the documented rule: characters / 4 (rounded up) plus one per number.
-    pub fn tokens(self) -> u64 {
+    pub(crate) fn tokens(self) -> u64 {
         self.chars.div_ceil(4).saturating_add(self.numbers)
     }
 }
 
 /// What the proxy reads from a JSON request body.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Inspected {
+pub(crate) struct Inspected {
     /// `model`.
     pub model: Option<String>,
     /// `stream`.
@@ -77,14 +77,14 @@ pub struct Inspected {
 
 /// Why a body could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// Not JSON, or a top-level value that is not an object.
     #[error("{0}")]
     Invalid(String),
 }
 
 /// Read `body` (which must be one JSON object). `digest`: also compute the canonical digests.
-pub fn inspect(body: &[u8], digest: bool) -> Result<Inspected, BodyError> {
+pub(crate) fn inspect(body: &[u8], digest: bool) -> Result<Inspected, BodyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let inspected = de
         .deserialize_map(Top { digest })

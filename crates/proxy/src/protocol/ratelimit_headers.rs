@@ -8,11 +8,11 @@ use std::time::Duration;
 use http::HeaderMap;
 
 /// The longest duration taken from an upstream header; anything longer is nonsense or hostile.
-pub const MAX_UPSTREAM_DELAY: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_UPSTREAM_DELAY: Duration = Duration::from_secs(3600);
 
 /// What one answer's headers said; every field is optional.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QuotaHeaders {
+pub(crate) struct QuotaHeaders {
     /// `x-ratelimit-limit-requests`.
     pub limit_requests: Option<u64>,
     /// `x-ratelimit-limit-tokens`.
@@ -50,7 +50,7 @@ pub(crate) fn reset(headers: &HeaderMap, name: &str) -> Option<Duration> {
 
 impl QuotaHeaders {
     /// Read the headers; `None` when the answer carries none of them.
-    pub fn parse(headers: &HeaderMap) -> Option<Self> {
+    pub(crate) fn parse(headers: &HeaderMap) -> Option<Self> {
         let q = Self {
             limit_requests: count(headers, "x-ratelimit-limit-requests"),
             limit_tokens: count(headers, "x-ratelimit-limit-tokens"),
@@ -63,7 +63,7 @@ impl QuotaHeaders {
     }
 
     /// Whether they say what remains of a quota (what a correction needs).
-    pub fn says_remaining(&self) -> bool {
+    pub(crate) fn says_remaining(&self) -> bool {
         self.remaining_requests.is_some()
             || self.remaining_tokens.is_some()
             || self.reset_requests.is_some()

@@ -11,11 +11,11 @@ use serde_json::Value;
 use crate::protocol::tokens::{Usage, usage_of};
 
 /// The most bytes of one unfinished line (scan mode) or event (strip mode) held back.
-pub const MAX_HELD: usize = 1 << 20;
+pub(crate) const MAX_HELD: usize = 1 << 20;
 
 /// Watches an SSE body chunk by chunk.
 #[derive(Default)]
-pub struct SseTap {
+pub(crate) struct SseTap {
     /// Drop the final `choices: []` usage event (the proxy injected `include_usage`).
     strip_usage_event: bool,
     /// Bytes of an unfinished line (scan mode) or event (strip mode).
@@ -48,17 +48,17 @@ fn usage_candidate(payload: &[u8]) -> Option<Value> {
 
 impl SseTap {
     /// A tap; `strip_usage_event` when the proxy added `include_usage` on the client's behalf.
-    pub fn new(strip_usage_event: bool) -> Self {
+    pub(crate) fn new(strip_usage_event: bool) -> Self {
         Self { strip_usage_event, ..Self::default() }
     }
 
     /// Usage reported so far (the last usage event wins).
-    pub fn usage(&self) -> Option<Usage> {
+    pub(crate) fn usage(&self) -> Option<Usage> {
         self.usage
     }
 
     /// Whether the stream ended with `data: [DONE]`.
-    pub fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.done
     }
 
@@ -87,7 +87,7 @@ impl SseTap {
     }
 
     /// Feed a chunk from the upstream; returns what to send to the client now.
-    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+    pub(crate) fn feed(&mut self, chunk: Bytes) -> Bytes {
         if self.strip_usage_event { self.feed_events(&chunk) } else { self.scan_lines(chunk) }
     }
 
@@ -161,7 +161,7 @@ impl SseTap {
     }
 
     /// The end of the body: whatever is still held back.
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         let rest = self.pending.split().freeze();
         if std::mem::take(&mut self.oversized) {
             // Passed on already (strip mode keeps only a few bytes of it; they went out too).

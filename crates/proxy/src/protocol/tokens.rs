@@ -7,7 +7,7 @@ use crate::protocol::body::Inspected;
 
 /// Tokens reserved for a request before it is sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Estimate {
+pub(crate) struct Estimate {
     /// Prompt tokens, from the request text.
     pub prompt: u64,
     /// Completion tokens: the request's maximum, or the policy's default.
@@ -16,7 +16,7 @@ pub struct Estimate {
 
 impl Estimate {
     /// Prompt and completion together: what the limiter charges.
-    pub fn total(self) -> u64 {
+    pub(crate) fn total(self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
 }
@@ -43,7 +43,7 @@ impl Usage {
 /// `max_output_tokens`, else `default_max_tokens`, times `n`). Endpoints that generate nothing
 /// (embeddings, moderations) have no completion budget. Arithmetic saturates: an absurd budget
 /// becomes an absurd charge, which the limits then refuse.
-pub fn estimate(path: &str, body: &Inspected, default_max_tokens: u32) -> Estimate {
+pub(crate) fn estimate(path: &str, body: &Inspected, default_max_tokens: u32) -> Estimate {
     let generates = !(path.ends_with("/embeddings") || path.ends_with("/moderations"));
     let completion = if generates {
         let max = body
@@ -64,7 +64,7 @@ fn uint(v: &Value, key: &str) -> Option<u64> {
 
 /// The `usage` of a response body or stream event: chat/completions/embeddings put it at the top
 /// level, the Responses API under `response`.
-pub fn usage_of(v: &Value) -> Option<Usage> {
+pub(crate) fn usage_of(v: &Value) -> Option<Usage> {
     let u = v.get("usage").filter(|u| u.is_object()).or_else(|| v.get("response")?.get("usage"))?;
     let prompt = uint(u, "prompt_tokens").or_else(|| uint(u, "input_tokens"));
     let completion = uint(u, "completion_tokens").or_else(|| uint(u, "output_tokens"));
@@ -73,7 +73,7 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
 
 /// The `usage` of a whole JSON answer (top level, or in `response` for the Responses API), as
 /// [`usage_of`] reads it, without building the answer's tree: every other field is skipped.
-pub fn usage_in_body(body: &[u8]) -> Option<Usage> {
+pub(crate) fn usage_in_body(body: &[u8]) -> Option<Usage> {
     #[derive(serde::Deserialize)]
     struct Top {
         #[serde(default)]
@@ -166,7 +166,7 @@ fn combine(prompt: Option<u64>, completion: Option<u64>, total: Option<u64>) -> 
 
 /// The `usage` object in the tail of a JSON body too large to keep whole: the last `"usage"` key
 /// (OpenAI writes it near the end) and the object after it.
-pub fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+pub(crate) fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
     let mut end = tail.len();
     while let Some(at) = memchr::memmem::rfind(&tail[..end], b"\"usage\"") {
         end = at;

@@ -11,7 +11,7 @@ use crate::admission::queue::Rejection;
 
 /// An error the proxy answers itself.
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Human-readable, never containing a key or prompt text.
@@ -26,12 +26,16 @@ pub struct ApiError {
 
 impl ApiError {
     /// 400 and friends: the client's request is wrong.
-    pub fn invalid(status: StatusCode, message: impl Into<String>, code: Option<&'static str>) -> Self {
+    pub(crate) fn invalid(
+        status: StatusCode,
+        message: impl Into<String>,
+        code: Option<&'static str>,
+    ) -> Self {
         Self { status, message: message.into(), kind: "invalid_request_error", code, retry_after: None }
     }
 
     /// 502/504: the upstream could not be reached or did not answer in time.
-    pub fn upstream(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn upstream(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -42,7 +46,7 @@ impl ApiError {
     }
 
     /// Upstream endpoint `name` answered 401 to the proxy's own key: nothing the client can fix.
-    pub fn upstream_auth(name: &str) -> Self {
+    pub(crate) fn upstream_auth(name: &str) -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
             message: format!(
@@ -58,7 +62,7 @@ impl ApiError {
 
     /// 503 while the LlmQuota grant this proxy draws on is withdrawn: its owner must grant it
     /// again (or the LlmProxy must stop naming it) before anything is admitted.
-    pub fn quota_withdrawn(reason: &str) -> Self {
+    pub(crate) fn quota_withdrawn(reason: &str) -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: format!("llmproxy admits no requests: {reason}"),
@@ -69,7 +73,7 @@ impl ApiError {
     }
 
     /// 429 from the proxy's own queue, naming the limit that held the request.
-    pub fn throttled(r: &Rejection, waited_for: Duration) -> Self {
+    pub(crate) fn throttled(r: &Rejection, waited_for: Duration) -> Self {
         let message = if r.queue_full {
             format!("llmproxy queue is full: too many requests are already waiting for {}", r.limit)
         } else {

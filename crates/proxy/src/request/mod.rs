@@ -4,10 +4,10 @@
 mod attempts;
 pub(crate) mod auth;
 mod cached;
-pub mod error;
+pub(crate) mod error;
 mod intake;
 mod path;
-pub mod record;
+pub(crate) mod record;
 mod respond;
 
 use std::sync::Arc;

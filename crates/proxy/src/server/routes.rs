@@ -12,7 +12,7 @@ use crate::proxy::Proxy;
 use crate::request::error::ApiError;
 
 /// The OpenAI-compatible API: every `/v1/...` path is forwarded.
-pub fn api(proxy: &Arc<Proxy>) -> Router {
+pub(crate) fn api(proxy: &Arc<Proxy>) -> Router {
     Router::new()
         .route("/v1/{*rest}", any(crate::request::handle))
         .fallback(not_found)
@@ -21,7 +21,7 @@ pub fn api(proxy: &Arc<Proxy>) -> Router {
 
 /// The admin port: `/livez`, `/readyz`, `/metrics`, and `/status` (what the operator reads
 /// into the LlmProxy's status).
-pub fn admin(proxy: &Arc<Proxy>) -> Router {
+pub(crate) fn admin(proxy: &Arc<Proxy>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

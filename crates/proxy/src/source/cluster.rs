@@ -43,14 +43,14 @@ impl std::str::FromStr for ResourceRef {
 
 /// How many pods share the quota: the most of what is wanted and what runs, so that a scale-up
 /// never briefly grants every pod the whole quota.
-pub fn sharing_pods(p: &LlmProxy) -> u32 {
+pub(crate) fn sharing_pods(p: &LlmProxy) -> u32 {
     llmproxy_api::replicas::sharing(p)
 }
 
 /// This pod's policy for an LlmProxy.
 /// With `spec.quotaRef`, only once the operator granted the quota (wrote it into the status):
 /// the proxies draw from no LlmQuota the operator did not check.
-pub fn policy_for(p: &LlmProxy) -> Result<Policy, llmproxy_api::PolicyError> {
+pub(crate) fn policy_for(p: &LlmProxy) -> Result<Policy, llmproxy_api::PolicyError> {
     let mut policy = Policy::from_spec(&p.spec)?;
     if let Some(reason) = quota_not_granted(p) {
         return Err(llmproxy_api::PolicyError::one("spec.quotaRef", reason));

@@ -15,7 +15,7 @@ use llmproxy_api::consent::{self, SecretRead};
 /// Whether every Secret that `p` reads consents to each use it makes of it, as far as this
 /// proxy can see: a Secret that does not exist is no refusal (nothing is read; its watch checks
 /// each version that appears), one it may not read is (the operator did not grant it).
-pub async fn check(client: &Client, p: &LlmProxy) -> Result<(), String> {
+pub(crate) async fn check(client: &Client, p: &LlmProxy) -> Result<(), String> {
     let ns = p.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut by_name: BTreeMap<String, Vec<SecretRead>> = BTreeMap::new();
@@ -41,7 +41,7 @@ pub async fn check(client: &Client, p: &LlmProxy) -> Result<(), String> {
 
 /// Whether a Secret with metadata `meta` consents to all of `reads` by LlmProxy `proxy`; the
 /// refusal names the Secret, the use and the reason (never a value).
-pub fn allowed(meta: &ObjectMeta, reads: &[SecretRead], proxy: &str) -> Result<(), String> {
+pub(crate) fn allowed(meta: &ObjectMeta, reads: &[SecretRead], proxy: &str) -> Result<(), String> {
     for read in reads {
         consent::verdict(meta, read, proxy).map_err(|refusal| {
             format!(

@@ -48,7 +48,7 @@ pub fn standalone_gaps(policy: &llmproxy_api::Policy, files: &Files) -> Option<S
 }
 
 /// How often the files are read.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Read and check a manifest file.
 pub fn load_policy(path: &Path) -> anyhow::Result<(llmproxy_api::LlmProxy, llmproxy_api::Policy)> {

@@ -3,7 +3,7 @@
 
 /// How a request ended; a metric label and a log field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The upstream answered 2xx (after retries, if any).
     Ok,
     /// The upstream refused the request as the client's fault (4xx other than 408/429).
@@ -31,7 +31,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for initialising metric series.
-    pub const ALL: [Outcome; 11] = [
+    pub(crate) const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -46,7 +46,7 @@ impl Outcome {
     ];
 
     /// The metric label.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::ClientError => "client_error",
@@ -63,7 +63,7 @@ impl Outcome {
     }
 
     /// The outcome of a final upstream status.
-    pub fn for_status(status: u16) -> Self {
+    pub(crate) fn for_status(status: u16) -> Self {
         match status {
             200..=399 => Outcome::Ok,
             408 | 429 | 500.. => Outcome::UpstreamError,
@@ -87,7 +87,7 @@ pub enum CacheResult {
 
 impl CacheResult {
     /// The results counted in `llmproxy_cache_requests_total` (coalesced ones have their own).
-    pub const COUNTED: [CacheResult; 3] = [CacheResult::Hit, CacheResult::Miss, CacheResult::Bypass];
+    pub(crate) const COUNTED: [CacheResult; 3] = [CacheResult::Hit, CacheResult::Miss, CacheResult::Bypass];
 
     /// The label and header value.
     pub fn label(self) -> &'static str {

@@ -24,10 +24,10 @@ const KNOWN_STATUSES: &[&str] = &[
 ];
 
 /// The most distinct `client` label values; clients beyond them are counted as `other`.
-pub const MAX_CLIENT_LABELS: usize = 100;
+pub(crate) const MAX_CLIENT_LABELS: usize = 100;
 
 /// The `client` label of requests from no identified client (no client keys configured).
-pub const ANONYMOUS: &str = "anonymous";
+pub(crate) const ANONYMOUS: &str = "anonymous";
 
 /// One client's series, resolved once and shared by all its requests.
 pub struct ClientMetrics {
@@ -39,7 +39,7 @@ pub struct ClientMetrics {
 
 impl ClientMetrics {
     /// Count a finished client request and its duration.
-    pub fn request_done(&self, outcome: Outcome, seconds: f64) {
+    pub(crate) fn request_done(&self, outcome: Outcome, seconds: f64) {
         let (count, duration) = &self.by_outcome[outcome as usize];
         count.inc();
         duration.observe(seconds);
@@ -56,7 +56,7 @@ impl ClientMetrics {
     }
 
     /// Record a request's wait from arrival to admission.
-    pub fn queue_wait(&self, seconds: f64) {
+    pub(crate) fn queue_wait(&self, seconds: f64) {
         self.queue_wait.observe(seconds);
     }
 }
@@ -77,40 +77,40 @@ pub struct Metrics {
     upstream_remaining: IntGaugeVec,
     quota_mode: IntGaugeVec,
     /// Replicas (and LlmQuota consumers' pods) sharing the buckets, as Redis last counted them.
-    pub quota_members: IntGauge,
+    pub(crate) quota_members: IntGauge,
     /// Malformed entries the shared store's script skipped (a tenant or a bug wrote them).
-    pub quota_malformed_entries: IntCounter,
+    pub(crate) quota_malformed_entries: IntCounter,
     /// Retries the retry budget refused.
-    pub retry_budget_exhausted: IntCounter,
+    pub(crate) retry_budget_exhausted: IntCounter,
     /// Upstream time to response headers.
-    pub upstream_latency: Histogram,
+    pub(crate) upstream_latency: Histogram,
     retries: Vec<IntCounter>,
     /// Requests waiting for admission now.
     pub queue_depth: IntGauge,
     /// Upstream requests in flight.
     pub inflight: IntGauge,
     /// Times an upstream 429 paused admission for what it named.
-    pub upstream_pauses: IntCounter,
+    pub(crate) upstream_pauses: IntCounter,
     /// The requests-per-minute limit this replica enforces.
-    pub limit_requests_per_minute: IntGauge,
+    pub(crate) limit_requests_per_minute: IntGauge,
     /// The tokens-per-minute limit this replica enforces (0: unlimited).
-    pub limit_tokens_per_minute: IntGauge,
+    pub(crate) limit_tokens_per_minute: IntGauge,
     /// `queue.maxSize` in force.
-    pub queue_capacity: IntGauge,
+    pub(crate) queue_capacity: IntGauge,
     reloads: Vec<IntCounter>,
     /// 1 while the policy source (file poller or cluster watcher) runs.
-    pub source_up: IntGauge,
+    pub(crate) source_up: IntGauge,
     /// Times the policy source ended or panicked and was started again.
-    pub source_restarts: IntCounter,
+    pub(crate) source_restarts: IntCounter,
     cache_requests: Vec<IntCounter>,
     /// Requests answered with the response of an identical request in flight.
     pub coalesced: IntCounter,
     /// Entries in the response cache.
-    pub cache_entries: IntGauge,
+    pub(crate) cache_entries: IntGauge,
     /// Bytes the response cache holds (as weighed against `cache.maxBytes`).
-    pub cache_bytes: IntGauge,
+    pub(crate) cache_bytes: IntGauge,
     /// Tokens cache hits and coalesced answers did not spend upstream.
-    pub cache_saved_tokens: IntCounter,
+    pub(crate) cache_saved_tokens: IntCounter,
     /// How far this pod is its own bottleneck: in-flight requests, plus those waiting for a
     /// slot while every slot is taken, over `maxConcurrent`. It stays low while requests wait
     /// for the upstream quota (more pods cannot help then): the autoscaling signal.
@@ -132,13 +132,13 @@ const MAX_WAITS: usize = 4096;
 
 /// What a pod saw in the last minute.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LastMinute {
+pub(crate) struct LastMinute {
     /// Upstream 429s.
     pub upstream_429s: u64,
     /// Upstream 5xx, connection errors and timeouts.
-    pub upstream_errors: u64,
+    pub(crate) upstream_errors: u64,
     /// 99th percentile of queue waits, seconds.
-    pub queue_wait_p99: f64,
+    pub(crate) queue_wait_p99: f64,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(reg: &Registry, c: C) -> anyhow::Result<C> {
@@ -417,7 +417,7 @@ impl Metrics {
     }
 
     /// Count an upstream attempt at endpoint `upstream` by its HTTP status.
-    pub fn upstream_status(&self, upstream: &str, status: u16) {
+    pub(crate) fn upstream_status(&self, upstream: &str, status: u16) {
         let text = status.to_string();
         let label = match KNOWN_STATUSES.iter().find(|s| **s == text) {
             Some(known) => *known,
@@ -440,7 +440,7 @@ impl Metrics {
 
     /// Export every endpoint's response series from zero (what rates and alerts divide by,
     /// and a first failure then counts in a rate: a series born at 1 shows no increase).
-    pub fn init_upstreams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn init_upstreams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for upstream in names {
             for status in KNOWN_STATUSES.iter().copied().chain(["connect_error", "timeout"]) {
                 self.upstream_responses.with_label_values(&[status, upstream]);
@@ -450,7 +450,7 @@ impl Metrics {
     }
 
     /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
-    pub fn upstream_failure(&self, upstream: &str, what: &'static str) {
+    pub(crate) fn upstream_failure(&self, upstream: &str, what: &'static str) {
         self.upstream_responses.with_label_values(&[what, upstream]).inc();
         self.recent().upstream_errors.add(tokio::time::Instant::now(), 1, 0);
     }
@@ -460,7 +460,7 @@ impl Metrics {
     }
 
     /// Remember a queue wait for the last minute's p99.
-    pub fn recent_wait(&self, waited: std::time::Duration) {
+    pub(crate) fn recent_wait(&self, waited: std::time::Duration) {
         let now = tokio::time::Instant::now();
         let mut r = self.recent();
         if r.waits.len() >= MAX_WAITS {
@@ -471,7 +471,7 @@ impl Metrics {
     }
 
     /// The last minute's upstream 429s, errors and p99 queue wait.
-    pub fn last_minute(&self) -> LastMinute {
+    pub(crate) fn last_minute(&self) -> LastMinute {
         let now = tokio::time::Instant::now();
         let mut r = self.recent();
         while r.waits.front().is_some_and(|(at, _)| now.duration_since(*at).as_secs() >= 60) {
@@ -492,12 +492,12 @@ impl Metrics {
     }
 
     /// Count an endpoint taken out after failures.
-    pub fn upstream_ejected(&self, upstream: &str) {
+    pub(crate) fn upstream_ejected(&self, upstream: &str) {
         self.upstream_ejections.with_label_values(&[upstream]).inc();
     }
 
     /// Set the endpoint gauges to `reports` (endpoints no longer configured disappear).
-    pub fn set_endpoints(&self, reports: &[EndpointReport]) {
+    pub(crate) fn set_endpoints(&self, reports: &[EndpointReport]) {
         self.upstream_healthy.reset();
         self.upstream_limit.reset();
         self.upstream_remaining.reset();
@@ -520,7 +520,7 @@ impl Metrics {
     }
 
     /// The shared limits now run in `mode` (`shared` or `local`).
-    pub fn set_quota_mode(&self, mode: &str) {
+    pub(crate) fn set_quota_mode(&self, mode: &str) {
         for m in ["shared", "local"] {
             self.quota_mode.with_label_values(&[m]).set(i64::from(m == mode));
         }

@@ -1,7 +1,7 @@
 //! Upstream requests and answers, and which headers cross the proxy in each direction (the
 //! connections themselves are `pool`'s).
 
-pub mod pool;
+pub(crate) mod pool;
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ impl ApiKey {
     }
 
     /// The key itself, only for building the Authorization header.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -33,14 +33,14 @@ impl fmt::Debug for ApiKey {
 }
 
 /// An upstream answer: status and headers read, the body still to come.
-pub type Response = http::Response<Body>;
+pub(crate) type Response = http::Response<Body>;
 
 /// An upstream request as it is sent.
-pub type Request = http::Request<http_body_util::Full<bytes::Bytes>>;
+pub(crate) type Request = http::Request<http_body_util::Full<bytes::Bytes>>;
 
 /// An upstream answer's body: from hyper (TLS, HTTP/2) or from the lean HTTP/1.1 client.
 #[derive(Debug)]
-pub enum Body {
+pub(crate) enum Body {
     /// Read by hyper's connection task.
     Hyper(hyper::body::Incoming),
     /// Read from its connection as it is polled (boxed: it holds the connection itself).
@@ -49,7 +49,7 @@ pub enum Body {
 
 /// A failure while reading an upstream body.
 #[derive(Debug)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// From hyper.
     Hyper(hyper::Error),
     /// From the lean HTTP/1.1 client.
@@ -98,7 +98,7 @@ impl hyper::body::Body for Body {
 
 /// Why a request got no answer.
 #[derive(Debug)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// From hyper's client.
     Hyper(hyper_util::client::legacy::Error),
     /// From the lean HTTP/1.1 client.
@@ -107,7 +107,7 @@ pub enum SendError {
 
 impl SendError {
     /// Whether no connection was made, so the upstream never saw the request.
-    pub fn is_connect(&self) -> bool {
+    pub(crate) fn is_connect(&self) -> bool {
         match self {
             Self::Hyper(e) => e.is_connect(),
             Self::H1(e) => e.is_connect(),
@@ -206,7 +206,7 @@ fn is_hop_by_hop(name: &HeaderName, connection: &HeaderMap) -> bool {
 
 /// Client headers that choose which account of the key pays; passed only where the policy
 /// names them (`spec.upstream.allowedClientHeaders`).
-pub const ACCOUNT_HEADERS: &[&str] = &["openai-organization", "openai-project"];
+pub(crate) const ACCOUNT_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
 /// Forwarded headers that change the answer, and so belong in the cache key.
 const ANSWER_HEADERS: &[&str] =
@@ -215,7 +215,7 @@ const ANSWER_HEADERS: &[&str] =
 /// Client request headers to send upstream: end-to-end headers kept; hop-by-hop, `Host`,
 /// `Content-Length` (recomputed), `Accept-Encoding` (the proxy reads usage from bodies), every
 /// client credential, and account headers not in `allowed_account` dropped.
-pub fn request_headers(client: &HeaderMap, allowed_account: &[String]) -> HeaderMap {
+pub(crate) fn request_headers(client: &HeaderMap, allowed_account: &[String]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
         let account =
@@ -240,7 +240,7 @@ pub fn request_headers(client: &HeaderMap, allowed_account: &[String]) -> Header
 
 /// The headers for one attempt at an endpoint: the forwarded ones, less the account headers
 /// that endpoint does not allow, plus its key the way it takes it.
-pub fn for_endpoint(
+pub(crate) fn for_endpoint(
     mut headers: HeaderMap,
     allowed_account: &[String],
     key: Option<&ApiKey>,
@@ -266,7 +266,7 @@ pub fn for_endpoint(
 }
 
 /// The forwarded headers that change the answer, as `name:value` lines (for the cache key).
-pub fn answer_headers(forwarded: &HeaderMap) -> String {
+pub(crate) fn answer_headers(forwarded: &HeaderMap) -> String {
     let mut out = String::new();
     for name in ANSWER_HEADERS {
         for v in forwarded.get_all(*name) {
@@ -280,7 +280,7 @@ pub fn answer_headers(forwarded: &HeaderMap) -> String {
 }
 
 /// Upstream response headers to return: everything end-to-end, `x-ratelimit-*` included.
-pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+pub(crate) fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in upstream {
         if !is_hop_by_hop(name, upstream) {

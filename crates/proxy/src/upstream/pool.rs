@@ -37,7 +37,7 @@ const UPSTREAM_READ_BUF: usize = 4096;
 const MAX_LANES: usize = 256;
 
 /// The upstream connections of one serving thread (or of the whole process, without workers).
-pub struct Pool {
+pub(crate) struct Pool {
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     /// By protocol: `auto`, `http1`, `http2`.
@@ -62,7 +62,7 @@ struct Lane {
 /// A request's place on an HTTP/2 connection, held in the response's extensions until the
 /// answer is done with (the relay takes it out and keeps it to the end of the body).
 #[derive(Clone)]
-pub struct Slot(#[allow(dead_code)] Arc<Taken>);
+pub(crate) struct Slot(#[allow(dead_code)] Arc<Taken>);
 
 struct Taken(Arc<AtomicUsize>);
 
@@ -76,7 +76,7 @@ impl Pool {
     /// A pool with no connections yet: `TCP_NODELAY`, no overall timeout (streams may run long;
     /// the proxy times the wait for headers and each gap between chunks itself), no redirects
     /// followed (hyper's client has none).
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
         // kube and this client both use rustls; pick the ring provider once for the process.
         let _ = rustls::crypto::ring::default_provider().install_default();
         Self { tls: tls_config(), connect_timeout, kinds: Default::default(), h1: Arc::default() }
@@ -95,7 +95,7 @@ impl Pool {
 
     /// Send `req` over a connection that speaks `protocol`, at most `max_streams` to a
     /// connection where it multiplexes.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         protocol: Protocol,
         max_streams: u32,

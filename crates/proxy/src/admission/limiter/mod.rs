@@ -27,11 +27,11 @@ use tokio::time::Instant;
 
 pub(crate) use self::bucket::RateConfig;
 use self::bucket::{Correction, Rates};
-pub use self::endpoint::Verdict;
+pub(crate) use self::endpoint::Verdict;
 use self::endpoint::{Avail, Endpoint, Target};
 use self::lease::{LeaseKey, Leases, TOP_UP_WAIT};
 pub(crate) use self::limit::Hold;
-pub use self::limit::{Ask, Limit};
+pub(crate) use self::limit::{Ask, Limit};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// What a wait applies to, when it does not apply to everyone.

@@ -7,7 +7,7 @@ use http::{HeaderMap, header};
 pub use llmproxy_api::ClientKeys;
 
 /// The key a client presented, from whichever header its SDK uses.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -2,7 +2,7 @@
 //! a known key gets a 401 before its body is read or anything is queued, and never reaches the
 //! upstream. The client's settings (weight, priority, caps, wait) come from the policy.
 
-pub mod clients;
+pub(crate) mod clients;
 
 use std::sync::Arc;
 use std::time::Duration;
