@@ -138,7 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
-            let proxy = Proxy::new(policy, metrics, options)?;
+            let proxy = Proxy::new(policy, metrics, options);
             proxy.share(llmproxy_proxy::Identity {
                 proxy: format!(
                     "{}/{}",
@@ -170,7 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let policy = cluster::initial(&client, r).await;
             let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
-            let proxy = Proxy::new(policy, metrics, options)?;
+            let proxy = Proxy::new(policy, metrics, options);
             proxy.share(llmproxy_proxy::Identity {
                 proxy: format!("{}/{}", r.namespace, r.name),
                 member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),

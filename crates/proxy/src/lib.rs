@@ -10,6 +10,7 @@
 
 mod admission;
 mod cache;
+mod error;
 // Its privacy follows when it moves to upstream/h1/ (being reworked alongside).
 #[allow(unreachable_pub)]
 mod h1;
@@ -24,6 +25,7 @@ mod upstream;
 pub use admission::queue::Admission;
 pub use admission::shared::Identity;
 pub use cache::flight::Flights;
+pub use error::Error;
 pub use proxy::{Options, Proxy};
 pub use request::auth::clients::ClientKeys;
 pub use server::serve::{ServeOptions, default_workers, serve};

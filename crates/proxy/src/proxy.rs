@@ -85,7 +85,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy serving `policy`, with its metrics in `metrics`.
-    pub fn new(policy: Policy, metrics: Metrics, options: Options) -> anyhow::Result<Arc<Self>> {
+    pub fn new(policy: Policy, metrics: Metrics, options: Options) -> Arc<Self> {
         let metrics = Arc::new(metrics);
         let proxy = Arc::new(Self {
             admission: Admission::new(&policy, Arc::clone(&metrics)),
@@ -114,7 +114,7 @@ impl Proxy {
         proxy.admission.set_byte_budget(policy.queue.max_bytes);
         proxy.update_gauges();
         proxy.metrics.source_up.set(1);
-        Ok(proxy)
+        proxy
     }
 
     /// Start sharing buckets through Redis as `identity` whenever the policy says so: one lessee

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::Error;
 use crate::proxy::Proxy;
 use crate::server::routes;
 
@@ -69,7 +70,7 @@ pub async fn serve(
     admin: TcpListener,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_router = routes::admin(&proxy);
     let admin_task = tokio::spawn(async move {
@@ -104,7 +105,7 @@ pub async fn serve(
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Each accept loop reports here when it has stopped and its connections have finished.
-    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Result<(), Error>>();
     let mut loops = 0;
     if options.workers == 0 {
         let (acceptor, stopped, done_tx) = (acceptor.clone(), stopped.clone(), done_tx.clone());
@@ -115,22 +116,30 @@ pub async fn serve(
     } else {
         // Every worker accepts from the same listening socket: whichever is free takes the
         // next connection, and keeps it.
-        let shared = api.into_std()?;
+        let shared = api.into_std().map_err(Error::io("taking the API listener for the workers"))?;
         for i in 0..options.workers {
-            let listener = shared.try_clone()?;
+            let listener = shared.try_clone().map_err(Error::io("sharing the API listener"))?;
             let (acceptor, stopped, proxy) = (acceptor.clone(), stopped.clone(), Arc::clone(&proxy));
             let done_tx = done_tx.clone();
-            std::thread::Builder::new().name(format!("llmproxy-worker-{i}")).spawn(move || {
-                let run = || -> anyhow::Result<()> {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                    rt.block_on(async {
-                        crate::upstream::pool::use_worker_pool(proxy.pool());
-                        acceptor.run(TcpListener::from_std(listener)?, stopped).await
-                    })
-                };
-                // A worker that panicked drops `done_tx` unsent: the receiver sees it too.
-                let _ = done_tx.send(run().map_err(|e| e.context(format!("serving worker {i}"))));
-            })?;
+            std::thread::Builder::new()
+                .name(format!("llmproxy-worker-{i}"))
+                .spawn(move || {
+                    let run = || -> Result<(), Error> {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(Error::io(format!("starting serving worker {i}")))?;
+                        rt.block_on(async {
+                            crate::upstream::pool::use_worker_pool(proxy.pool());
+                            let listener = TcpListener::from_std(listener)
+                                .map_err(Error::io(format!("serving worker {i}'s listener")))?;
+                            acceptor.run(listener, stopped).await
+                        })
+                    };
+                    // A worker that panicked drops `done_tx` unsent: the receiver sees it too.
+                    let _ = done_tx.send(run());
+                })
+                .map_err(Error::io(format!("starting serving worker {i}")))?;
             loops += 1;
         }
     }
@@ -153,17 +162,20 @@ pub async fn serve(
             let _ = stop.send(true);
             return Err(match early {
                 Some(Err(e)) => e,
-                Some(Ok(())) => anyhow::anyhow!("a serving worker stopped on its own"),
-                None => anyhow::anyhow!("a serving worker died"),
+                Some(Ok(())) => Error::Stopped("a serving worker stopped on its own".to_owned()),
+                None => Error::Stopped("a serving worker died".to_owned()),
             });
         }
     }
     let _ = stop.send(true);
     for _ in 0..loops {
-        done.recv().await.unwrap_or_else(|| Err(anyhow::anyhow!("a serving worker died")))?;
+        done.recv().await.unwrap_or_else(|| Err(Error::Stopped("a serving worker died".to_owned())))?;
     }
     let _ = admin_stop.send(());
-    admin_task.await??;
+    admin_task
+        .await
+        .map_err(|e| Error::Stopped(format!("the admin server: {e}")))?
+        .map_err(Error::io("serving the admin port"))?;
     Ok(())
 }
 
@@ -224,7 +236,7 @@ impl Acceptor {
         self,
         api: TcpListener,
         mut stopped: tokio::sync::watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Error> {
         let graceful = GracefulShutdown::new();
         // HTTP/2 connections watch for the stop themselves (they also close when idle).
         let h2_stop = stopped.clone();
@@ -235,7 +247,7 @@ impl Acceptor {
         loop {
             let slot = tokio::select! {
                 () = &mut stop => break,
-                slot = Arc::clone(&self.slots).acquire_owned() => slot?,
+                slot = Arc::clone(&self.slots).acquire_owned() => slot.map_err(|_| Error::Stopped("the connection slots closed".to_owned()))?,
             };
             let (stream, _) = tokio::select! {
                 () = &mut stop => break,

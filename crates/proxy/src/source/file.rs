@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Error;
 use crate::proxy::Proxy;
 use crate::telemetry::labels::Reload;
 use crate::upstream::ApiKey;
@@ -51,25 +52,24 @@ pub fn standalone_gaps(policy: &llmproxy_api::Policy, files: &Files) -> Option<S
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Read and check a manifest file.
-pub fn load_policy(path: &Path) -> anyhow::Result<(llmproxy_api::LlmProxy, llmproxy_api::Policy)> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    llmproxy_api::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+pub fn load_policy(path: &Path) -> Result<(llmproxy_api::LlmProxy, llmproxy_api::Policy), Error> {
+    llmproxy_api::from_yaml(&read(path)?)
+        .map_err(|e| Error::Manifest { path: path.to_owned(), message: e.to_string() })
 }
 
 /// Read an API key file.
-pub fn load_key(path: &Path) -> anyhow::Result<Option<ApiKey>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    Ok(ApiKey::new(&text))
+pub fn load_key(path: &Path) -> Result<Option<ApiKey>, Error> {
+    Ok(ApiKey::new(&read(path)?))
 }
 
 /// Read a client keys file (YAML `name: key` lines) as far as it is valid: the valid entries
 /// are in force, each invalid one is logged (by client or line, never its key) and admits no one.
-pub fn load_client_keys(path: &Path) -> anyhow::Result<ClientKeys> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    Ok(report_refused(ClientKeys::load_yaml(&text), &path.display().to_string()))
+pub fn load_client_keys(path: &Path) -> Result<ClientKeys, Error> {
+    Ok(report_refused(ClientKeys::load_yaml(&read(path)?), &path.display().to_string()))
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })
 }
 
 /// Log the entries of a client keys table that are not in force; the valid ones are returned.

@@ -59,7 +59,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let metrics = crate::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
-        let proxy = Proxy::new(policy, metrics, crate::Options::default()).unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::new(policy, metrics, crate::Options::default());
         let starts = Arc::new(AtomicU32::new(0));
         let counted = Arc::clone(&starts);
         let supervisor = tokio::spawn(supervise(Arc::clone(&proxy), "test", move || {

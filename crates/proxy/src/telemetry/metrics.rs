@@ -141,24 +141,32 @@ pub(crate) struct LastMinute {
     pub(crate) queue_wait_p99: f64,
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(reg: &Registry, c: C) -> anyhow::Result<C> {
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    reg: &Registry,
+    c: C,
+) -> Result<C, prometheus::Error> {
     reg.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn counter_vec(reg: &Registry, name: &str, help: &str, label: &str) -> anyhow::Result<IntCounterVec> {
+fn counter_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Result<IntCounterVec, prometheus::Error> {
     register(reg, IntCounterVec::new(Opts::new(name, help), &[label])?)
 }
 
-fn counter(reg: &Registry, name: &str, help: &str) -> anyhow::Result<IntCounter> {
+fn counter(reg: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
     register(reg, IntCounter::new(name, help)?)
 }
 
-fn gauge(reg: &Registry, name: &str, help: &str) -> anyhow::Result<IntGauge> {
+fn gauge(reg: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
     register(reg, IntGauge::new(name, help)?)
 }
 
-fn histogram(reg: &Registry, name: &str, help: &str) -> anyhow::Result<Histogram> {
+fn histogram(reg: &Registry, name: &str, help: &str) -> Result<Histogram, prometheus::Error> {
     register(reg, Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()))?)
 }
 
@@ -170,12 +178,15 @@ fn series(vec: &IntCounterVec, labels: impl IntoIterator<Item = &'static str>) -
 
 impl Metrics {
     /// Register every metric in `registry`.
-    pub fn new(registry: Registry) -> anyhow::Result<Self> {
+    pub fn new(registry: Registry) -> Result<Self, crate::Error> {
         let r = &registry;
-        let by_client = |name: &str, help: &str, label: &str| -> anyhow::Result<IntCounterVec> {
+        let by_client = |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
             register(r, IntCounterVec::new(Opts::new(name, help), &[label, "client"])?)
         };
-        let histograms = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<HistogramVec> {
+        let histograms = |name: &str,
+                          help: &str,
+                          labels: &[&str]|
+         -> Result<HistogramVec, prometheus::Error> {
             register(r, HistogramVec::new(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()), labels)?)
         };
         let requests =
