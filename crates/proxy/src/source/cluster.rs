@@ -110,10 +110,8 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
     // it never breaks the watch.
     let api: Api<DeserializeGuard<LlmProxy>> = Api::namespaced(client.clone(), &r.namespace);
     let mut updates = watcher(api, by_name(&r.name)).default_backoff().applied_objects().boxed();
-    // One watch per Secret the upstream keys come from, with the keys read from it and why.
-    let mut secrets: std::collections::BTreeMap<String, (Reads, AbortOnDrop)> = Default::default();
-    let mut client_keys: Option<(String, AbortOnDrop)> = None;
-    let mut quota_watch: Option<((String, String, String), AbortOnDrop)> = None;
+    // The Secret and client-key watches of the version in force.
+    let mut watches = Watches::default();
     // A version refused for a Secret's consent, checked again until it passes or is replaced
     // (the consent may come, or the operator's grant land, without the LlmProxy changing).
     let mut refused: Option<(LlmProxy, String)> = None;
@@ -147,34 +145,53 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
             refused = Some((p, e));
             continue;
         }
-        proxy.set_replicas(sharing_pods(&p));
-        // A withdrawn grant stops admission at once; the last good policy drew on that quota.
-        let not_granted = quota_not_granted(&p);
-        if proxy.withhold(not_granted.clone()) {
-            match &not_granted {
-                Some(reason) => {
-                    tracing::error!(reason = %reason, "quota grant withdrawn; admitting nothing until it is granted again")
-                }
-                None => tracing::info!("quota granted; admitting requests"),
+        apply(&proxy, &p);
+        watches.follow(&proxy, &client, &p);
+    }
+}
+
+/// Apply a consented LlmProxy version: the pods sharing its buckets, whether its quota is
+/// granted, and its policy (refused, the last good policy keeps serving).
+fn apply(proxy: &Proxy, p: &LlmProxy) {
+    proxy.set_replicas(sharing_pods(p));
+    // A withdrawn grant stops admission at once; the last good policy drew on that quota.
+    let not_granted = quota_not_granted(p);
+    if proxy.withhold(not_granted.clone()) {
+        match &not_granted {
+            Some(reason) => {
+                tracing::error!(reason = %reason, "quota grant withdrawn; admitting nothing until it is granted again")
+            }
+            None => tracing::info!("quota granted; admitting requests"),
+        }
+    }
+    match policy_for(p) {
+        Ok(policy) => {
+            if proxy.apply_policy(policy) == Reload::Applied {
+                tracing::info!(generation = p.metadata.generation, pods = sharing_pods(p), "policy reloaded");
             }
         }
-        match policy_for(&p) {
-            Ok(policy) => {
-                if proxy.apply_policy(policy) == Reload::Applied {
-                    tracing::info!(
-                        generation = p.metadata.generation,
-                        pods = sharing_pods(&p),
-                        "policy reloaded"
-                    );
-                }
-            }
-            // Said above: nothing is served, the last good policy included.
-            Err(_) if not_granted.is_some() => {}
-            Err(e) => {
-                proxy.reject_policy();
-                tracing::error!(error = %e, "policy refused; the last good policy keeps serving");
-            }
+        // Said above: nothing is served, the last good policy included.
+        Err(_) if not_granted.is_some() => {}
+        Err(e) => {
+            proxy.reject_policy();
+            tracing::error!(error = %e, "policy refused; the last good policy keeps serving");
         }
+    }
+}
+
+/// The watches one LlmProxy version needs besides its own: one per Secret its upstream keys
+/// come from (with the keys read from it and why), the LlmQuota's Redis password, and the
+/// client keys. Each ends when dropped.
+#[derive(Default)]
+struct Watches {
+    secrets: std::collections::BTreeMap<String, (Reads, AbortOnDrop)>,
+    quota: Option<((String, String, String), AbortOnDrop)>,
+    client_keys: Option<(String, AbortOnDrop)>,
+}
+
+impl Watches {
+    /// Start the watches `p` needs and stop those it no longer does.
+    fn follow(&mut self, proxy: &Arc<Proxy>, client: &Client, p: &LlmProxy) {
         let refs = p.spec.upstream_key_refs();
         proxy.set_key_required(!refs.is_empty());
         // Upstream keys and the shared buckets' Redis password, each with the uses it is read for.
@@ -194,13 +211,13 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
             let r = q.redis.password_secret_ref.as_ref()?;
             Some((q.password_namespace.clone()?, r.name.clone(), r.key.clone()))
         });
-        if quota_secret.as_ref() != quota_watch.as_ref().map(|(id, _)| id) {
-            if let Some(((ns, name, key), _)) = quota_watch.take() {
+        if quota_secret.as_ref() != self.quota.as_ref().map(|(id, _)| id) {
+            if let Some(((ns, name, key), _)) = self.quota.take() {
                 proxy.set_secret_key(&llmproxy_api::policy::secret_slot(Some(&ns), &name), &key, None);
             }
-            quota_watch = quota_secret.map(|(ns, name, key)| {
+            self.quota = quota_secret.map(|(ns, name, key)| {
                 let task = AbortOnDrop(tokio::spawn(watch_secret(
-                    Arc::clone(&proxy),
+                    Arc::clone(proxy),
                     client.clone(),
                     ns.clone(),
                     name.clone(),
@@ -211,7 +228,7 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 ((ns, name, key), task)
             });
         }
-        secrets.retain(|name, (old, _)| {
+        self.secrets.retain(|name, (old, _)| {
             let new = wanted.get(name);
             // A key still read keeps its value until the new watch has checked the Secret again.
             for key in old.0.iter().filter(|k| !new.is_some_and(|(keys, _)| keys.contains(k))) {
@@ -220,11 +237,11 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
             new == Some(old)
         });
         for (name, reads) in wanted {
-            if secrets.contains_key(&name) {
+            if self.secrets.contains_key(&name) {
                 continue;
             }
             let task = AbortOnDrop(tokio::spawn(watch_secret(
-                Arc::clone(&proxy),
+                Arc::clone(proxy),
                 client.clone(),
                 p.namespace().unwrap_or_default(),
                 name.clone(),
@@ -232,18 +249,18 @@ pub async fn watch(proxy: Arc<Proxy>, client: Client, r: ResourceRef) {
                 reads.clone(),
                 p.name_any(),
             )));
-            secrets.insert(name, (reads, task));
+            self.secrets.insert(name, (reads, task));
         }
         let wanted_keys =
             p.spec.clients.as_ref().and_then(|c| c.keys_secret_ref.as_ref()).map(|r| r.name.clone());
         proxy.require_client_keys(wanted_keys.is_some());
-        if wanted_keys.as_ref() != client_keys.as_ref().map(|(name, _)| name) {
-            drop(client_keys.take());
+        if wanted_keys.as_ref() != self.client_keys.as_ref().map(|(name, _)| name) {
+            drop(self.client_keys.take());
             proxy.set_client_keys(None);
-            client_keys = wanted_keys.map(|name| {
+            self.client_keys = wanted_keys.map(|name| {
                 let namespace = p.namespace().unwrap_or_default();
                 let task = AbortOnDrop(tokio::spawn(watch_client_keys(
-                    Arc::clone(&proxy),
+                    Arc::clone(proxy),
                     client.clone(),
                     namespace,
                     name.clone(),
