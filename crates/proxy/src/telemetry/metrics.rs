@@ -64,17 +64,8 @@ impl ClientMetrics {
 /// Every metric the proxy exports; names start with `llmproxy_` and carry their unit.
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    durations: HistogramVec,
-    queue_waits: HistogramVec,
-    throttled_vec: IntCounterVec,
-    tokens_vec: IntCounterVec,
-    clients: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ClientMetrics>>>,
-    upstream_responses: IntCounterVec,
-    upstream_ejections: IntCounterVec,
-    upstream_healthy: IntGaugeVec,
-    upstream_limit: IntGaugeVec,
-    upstream_remaining: IntGaugeVec,
+    by_client: ByClient,
+    upstreams: Upstreams,
     quota_mode: IntGaugeVec,
     /// Replicas (and LlmQuota consumers' pods) sharing the buckets, as Redis last counted them.
     pub(crate) quota_members: IntGauge,
@@ -176,10 +167,18 @@ fn series(vec: &IntCounterVec, labels: impl IntoIterator<Item = &'static str>) -
     labels.into_iter().map(|l| vec.with_label_values(&[l])).collect()
 }
 
-impl Metrics {
-    /// Register every metric in `registry`.
-    pub fn new(registry: Registry) -> Result<Self, crate::Error> {
-        let r = &registry;
+/// The per-client families, and each client's series resolved from them once.
+struct ByClient {
+    requests: IntCounterVec,
+    durations: HistogramVec,
+    queue_waits: HistogramVec,
+    throttled: IntCounterVec,
+    tokens: IntCounterVec,
+    clients: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ClientMetrics>>>,
+}
+
+impl ByClient {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
         let by_client = |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
             register(r, IntCounterVec::new(Opts::new(name, help), &[label, "client"])?)
         };
@@ -189,29 +188,134 @@ impl Metrics {
          -> Result<HistogramVec, prometheus::Error> {
             register(r, HistogramVec::new(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()), labels)?)
         };
-        let requests =
-            by_client("llmproxy_requests_total", "Client requests by outcome and client.", "outcome")?;
-        let durations = histograms(
-            "llmproxy_request_duration_seconds",
-            "Client request duration by outcome and client.",
-            &["outcome", "client"],
-        )?;
-        let queue_waits = histograms(
-            "llmproxy_queue_wait_seconds",
-            "Wait from arrival to admission, by client.",
-            &["client"],
-        )?;
+        Ok(Self {
+            requests: by_client(
+                "llmproxy_requests_total",
+                "Client requests by outcome and client.",
+                "outcome",
+            )?,
+            durations: histograms(
+                "llmproxy_request_duration_seconds",
+                "Client request duration by outcome and client.",
+                &["outcome", "client"],
+            )?,
+            queue_waits: histograms(
+                "llmproxy_queue_wait_seconds",
+                "Wait from arrival to admission, by client.",
+                &["client"],
+            )?,
+            throttled: by_client(
+                "llmproxy_throttled_total",
+                "Requests the proxy answered with 429 itself, by the limit that held them and client.",
+                "limit",
+            )?,
+            tokens: by_client(
+                "llmproxy_tokens_total",
+                "Tokens by kind (prompt, completion, reserved) and client.",
+                "kind",
+            )?,
+            clients: std::sync::Mutex::default(),
+        })
+    }
+
+    /// The series of client `name` (`None`: no identified client): at most
+    /// `MAX_CLIENT_LABELS` distinct names; later ones are counted as `other`.
+    fn client(&self, name: Option<&str>) -> std::sync::Arc<ClientMetrics> {
+        let name = name.unwrap_or(ANONYMOUS);
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = clients.get(name) {
+            return std::sync::Arc::clone(m);
+        }
+        let label = if clients.len() >= MAX_CLIENT_LABELS { "other" } else { name };
+        if let Some(m) = clients.get(label) {
+            return std::sync::Arc::clone(m);
+        }
+        let with = |vec: &IntCounterVec, labels: &[&'static str]| -> Vec<IntCounter> {
+            labels.iter().map(|l| vec.with_label_values(&[l, label])).collect()
+        };
+        let m = std::sync::Arc::new(ClientMetrics {
+            by_outcome: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        self.requests.with_label_values(&[o.label(), label]),
+                        self.durations.with_label_values(&[o.label(), label]),
+                    )
+                })
+                .collect(),
+            queue_wait: self.queue_waits.with_label_values(&[label]),
+            throttled: with(&self.throttled, &Limit::ALL.map(Limit::label)),
+            tokens: with(&self.tokens, &TokenKind::ALL.map(TokenKind::label)),
+        });
+        clients.insert(label.to_owned(), std::sync::Arc::clone(&m));
+        m
+    }
+}
+
+/// The per-endpoint families.
+struct Upstreams {
+    responses: IntCounterVec,
+    ejections: IntCounterVec,
+    healthy: IntGaugeVec,
+    limit: IntGaugeVec,
+    remaining: IntGaugeVec,
+}
+
+impl Upstreams {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            responses: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_responses_total",
+                        "Upstream attempts by endpoint and HTTP status or transport error.",
+                    ),
+                    &["status", "upstream"],
+                )?,
+            )?,
+            ejections: counter_vec(
+                r,
+                "llmproxy_upstream_ejections_total",
+                "Times an upstream endpoint was taken out after failures.",
+                "upstream",
+            )?,
+            healthy: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("llmproxy_upstream_healthy", "1 while an upstream endpoint takes requests."),
+                    &["upstream"],
+                )?,
+            )?,
+            limit: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_limit_per_minute",
+                        "The tightest limit an upstream endpoint enforces (requests, tokens per minute): configured, or lower as its x-ratelimit-limit-* headers report.",
+                    ),
+                    &["upstream", "kind"],
+                )?,
+            )?,
+            remaining: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_remaining",
+                        "What an upstream endpoint's x-ratelimit-remaining-* headers last said remains.",
+                    ),
+                    &["upstream", "kind"],
+                )?,
+            )?,
+        })
+    }
+}
+
+impl Metrics {
+    /// Register every metric in `registry`.
+    pub fn new(registry: Registry) -> Result<Self, crate::Error> {
+        let r = &registry;
         let retries = counter_vec(r, "llmproxy_retries_total", "Upstream retries by reason.", "reason")?;
-        let throttled_vec = by_client(
-            "llmproxy_throttled_total",
-            "Requests the proxy answered with 429 itself, by the limit that held them and client.",
-            "limit",
-        )?;
-        let tokens_vec = by_client(
-            "llmproxy_tokens_total",
-            "Tokens by kind (prompt, completion, reserved) and client.",
-            "kind",
-        )?;
         let reloads = counter_vec(
             r,
             "llmproxy_policy_reloads_total",
@@ -241,55 +345,8 @@ impl Metrics {
                 ),
                 waits: std::collections::VecDeque::new(),
             }),
-            requests,
-            durations,
-            queue_waits,
-            throttled_vec,
-            tokens_vec,
-            clients: std::sync::Mutex::default(),
-            upstream_responses: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "llmproxy_upstream_responses_total",
-                        "Upstream attempts by endpoint and HTTP status or transport error.",
-                    ),
-                    &["status", "upstream"],
-                )?,
-            )?,
-            upstream_ejections: counter_vec(
-                r,
-                "llmproxy_upstream_ejections_total",
-                "Times an upstream endpoint was taken out after failures.",
-                "upstream",
-            )?,
-            upstream_healthy: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new("llmproxy_upstream_healthy", "1 while an upstream endpoint takes requests."),
-                    &["upstream"],
-                )?,
-            )?,
-            upstream_limit: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "llmproxy_upstream_limit_per_minute",
-                        "The tightest limit an upstream endpoint enforces (requests, tokens per minute): configured, or lower as its x-ratelimit-limit-* headers report.",
-                    ),
-                    &["upstream", "kind"],
-                )?,
-            )?,
-            upstream_remaining: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "llmproxy_upstream_remaining",
-                        "What an upstream endpoint's x-ratelimit-remaining-* headers last said remains.",
-                    ),
-                    &["upstream", "kind"],
-                )?,
-            )?,
+            by_client: ByClient::register(r)?,
+            upstreams: Upstreams::register(r)?,
             quota_mode: register(
                 r,
                 IntGaugeVec::new(
@@ -379,34 +436,7 @@ impl Metrics {
     /// The series of a client (`None`: no client identified). The label takes at most
     /// `MAX_CLIENT_LABELS` distinct names; later ones are counted as `other`.
     pub fn client(&self, name: Option<&str>) -> std::sync::Arc<ClientMetrics> {
-        let name = name.unwrap_or(ANONYMOUS);
-        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(m) = clients.get(name) {
-            return std::sync::Arc::clone(m);
-        }
-        let label = if clients.len() >= MAX_CLIENT_LABELS { "other" } else { name };
-        if let Some(m) = clients.get(label) {
-            return std::sync::Arc::clone(m);
-        }
-        let with = |vec: &IntCounterVec, labels: &[&'static str]| -> Vec<IntCounter> {
-            labels.iter().map(|l| vec.with_label_values(&[l, label])).collect()
-        };
-        let m = std::sync::Arc::new(ClientMetrics {
-            by_outcome: Outcome::ALL
-                .iter()
-                .map(|o| {
-                    (
-                        self.requests.with_label_values(&[o.label(), label]),
-                        self.durations.with_label_values(&[o.label(), label]),
-                    )
-                })
-                .collect(),
-            queue_wait: self.queue_waits.with_label_values(&[label]),
-            throttled: with(&self.throttled_vec, &Limit::ALL.map(Limit::label)),
-            tokens: with(&self.tokens_vec, &TokenKind::ALL.map(TokenKind::label)),
-        });
-        clients.insert(label.to_owned(), std::sync::Arc::clone(&m));
-        m
+        self.by_client.client(name)
     }
 
     /// Count a retry.
@@ -440,7 +470,7 @@ impl Metrics {
                 _ => "5xx",
             },
         };
-        self.upstream_responses.with_label_values(&[label, upstream]).inc();
+        self.upstreams.responses.with_label_values(&[label, upstream]).inc();
         if status == 429 || status >= 500 {
             let now = tokio::time::Instant::now();
             let mut r = self.recent();
@@ -454,15 +484,15 @@ impl Metrics {
     pub(crate) fn init_upstreams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for upstream in names {
             for status in KNOWN_STATUSES.iter().copied().chain(["connect_error", "timeout"]) {
-                self.upstream_responses.with_label_values(&[status, upstream]);
+                self.upstreams.responses.with_label_values(&[status, upstream]);
             }
-            self.upstream_ejections.with_label_values(&[upstream]);
+            self.upstreams.ejections.with_label_values(&[upstream]);
         }
     }
 
     /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
     pub(crate) fn upstream_failure(&self, upstream: &str, what: &'static str) {
-        self.upstream_responses.with_label_values(&[what, upstream]).inc();
+        self.upstreams.responses.with_label_values(&[what, upstream]).inc();
         self.recent().upstream_errors.add(tokio::time::Instant::now(), 1, 0);
     }
 
@@ -504,27 +534,27 @@ impl Metrics {
 
     /// Count an endpoint taken out after failures.
     pub(crate) fn upstream_ejected(&self, upstream: &str) {
-        self.upstream_ejections.with_label_values(&[upstream]).inc();
+        self.upstreams.ejections.with_label_values(&[upstream]).inc();
     }
 
     /// Set the endpoint gauges to `reports` (endpoints no longer configured disappear).
     pub(crate) fn set_endpoints(&self, reports: &[EndpointReport]) {
-        self.upstream_healthy.reset();
-        self.upstream_limit.reset();
-        self.upstream_remaining.reset();
+        self.upstreams.healthy.reset();
+        self.upstreams.limit.reset();
+        self.upstreams.remaining.reset();
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for r in reports {
-            self.upstream_healthy.with_label_values(&[&r.name]).set(i64::from(r.healthy));
+            self.upstreams.healthy.with_label_values(&[&r.name]).set(i64::from(r.healthy));
             // Counted from zero, so a rate over it exists before the first ejection.
-            self.upstream_ejections.with_label_values(&[&r.name]);
+            self.upstreams.ejections.with_label_values(&[&r.name]);
             for (kind, limit, remaining) in
                 [("requests", r.in_force.0, r.remaining.0), ("tokens", r.in_force.1, r.remaining.1)]
             {
                 if let Some(l) = limit {
-                    self.upstream_limit.with_label_values(&[&r.name, kind]).set(as_i64(l));
+                    self.upstreams.limit.with_label_values(&[&r.name, kind]).set(as_i64(l));
                 }
                 if let Some(left) = remaining {
-                    self.upstream_remaining.with_label_values(&[&r.name, kind]).set(as_i64(left));
+                    self.upstreams.remaining.with_label_values(&[&r.name, kind]).set(as_i64(left));
                 }
             }
         }
