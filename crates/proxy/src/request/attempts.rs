@@ -29,7 +29,7 @@ use crate::admission::queue::Permit;
 use crate::admission::retry::{self, RetryReason};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 use crate::proxy::Proxy;
-use crate::request::error::ApiError;
+use crate::request::error::{ApiError, Refusal};
 use crate::telemetry::labels::Outcome;
 use crate::upstream;
 
@@ -197,7 +197,7 @@ async fn send_once(
             }
         }
         Ok(Err(e)) => {
-            metrics.upstream_failure(&endpoint.name, "connect_error");
+            metrics.upstream_failure(&endpoint.name, RetryReason::Connect);
             let unsent = e.is_connect();
             Sent::Failed {
                 failure: failure(RetryReason::Connect),
@@ -206,7 +206,7 @@ async fn send_once(
             }
         }
         Err(_) => {
-            metrics.upstream_failure(&endpoint.name, "timeout");
+            metrics.upstream_failure(&endpoint.name, RetryReason::Timeout);
             let message = format!("no response within {:?}", endpoint.timeout);
             Sent::Failed { failure: failure(RetryReason::Timeout), message, unsent: false }
         }
@@ -257,7 +257,10 @@ pub(crate) async fn run(
             Ok(p) => p,
             Err(rejection) => {
                 let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-                return Answer::Refused(ApiError::throttled(&rejection, client.max_wait), outcome);
+                return Answer::Refused(Refusal::new(
+                    ApiError::throttled(&rejection, client.max_wait),
+                    outcome,
+                ));
             }
         };
         if sends == 0 {
@@ -349,7 +352,10 @@ async fn settle(
             permit.verdict(&Verdict::Answered);
             permit.refund();
             drain(resp).await;
-            Attempted::Done(Answer::Refused(ApiError::upstream_auth(&endpoint.name), Outcome::UpstreamError))
+            Attempted::Done(Answer::Refused(Refusal::new(
+                ApiError::upstream_auth(&endpoint.name),
+                Outcome::UpstreamError,
+            )))
         }
         Sent::OutOfQuota { headers, body } => {
             permit.verdict(&Verdict::Answered);
@@ -413,7 +419,7 @@ fn give_up(
                 _ => (StatusCode::BAD_GATEWAY, "could not be reached"),
             };
             let text = format!("the upstream API {what} after {sends} attempt(s): {message}");
-            Answer::Refused(ApiError::upstream(status, text), Outcome::UpstreamError)
+            Answer::Refused(Refusal::new(ApiError::upstream(status, text), Outcome::UpstreamError))
         }
     }
 }

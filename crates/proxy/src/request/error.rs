@@ -8,8 +8,22 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::admission::queue::Rejection;
+use crate::telemetry::labels::Outcome;
 
 /// An error the proxy answers itself.
+/// A request the proxy answers itself: the error the client gets and the outcome it is counted as.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) error: ApiError,
+    pub(crate) outcome: Outcome,
+}
+
+impl Refusal {
+    pub(crate) fn new(error: ApiError, outcome: Outcome) -> Self {
+        Self { error, outcome }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct ApiError {
     /// HTTP status.

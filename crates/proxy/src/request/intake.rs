@@ -17,7 +17,7 @@ use crate::admission::queue::BytesLease;
 use crate::cache::{self, Key};
 use crate::protocol::body::{self, Inspected};
 use crate::proxy::Proxy;
-use crate::request::error::ApiError;
+use crate::request::error::{ApiError, Refusal};
 use crate::telemetry::labels::Outcome;
 use crate::{protocol::tokens, upstream};
 
@@ -47,11 +47,9 @@ pub(crate) struct Intake {
     _bytes: BytesLease,
 }
 
-/// Why intake refused a request: the answer, and how the request ended.
-pub(crate) type Refusal = (ApiError, Outcome);
-
+/// A refusal for a request the client got wrong.
 fn bad(err: ApiError) -> Refusal {
-    (err, Outcome::BadRequest)
+    Refusal::new(err, Outcome::BadRequest)
 }
 
 /// Read the body within the size limit, the time limit and the queue's memory budget.
@@ -74,7 +72,7 @@ async fn read_body(
         return Err(too_large(format!("the queue's memory budget of {budget} bytes (queue.maxBytes)")));
     }
     let full = |r: crate::admission::queue::Rejection| {
-        (ApiError::throttled(&r, policy.queue.max_wait), Outcome::QueueFull)
+        Refusal::new(ApiError::throttled(&r, policy.queue.max_wait), Outcome::QueueFull)
     };
     let mut lease = proxy.admission().reserve_bytes(declared.unwrap_or(0) as u64).map_err(full)?;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));

@@ -17,6 +17,7 @@ use axum::response::Response;
 use http::HeaderValue;
 
 use self::cached::Cached;
+use self::error::Refusal;
 use self::record::{RecordGuard, RequestRecord};
 use self::respond::Answer;
 use crate::proxy::Proxy;
@@ -49,19 +50,21 @@ async fn pipeline(
     let policy = proxy.policy();
     let client = match auth::identify(proxy, &policy, &parts.headers) {
         Ok(client) => client,
-        Err(err) => return respond::respond(Answer::Refused(err, Outcome::Unauthorized), record, None),
+        Err(err) => {
+            return respond::respond(Answer::Refused(Refusal::new(err, Outcome::Unauthorized)), record, None);
+        }
     };
     // A withdrawn quota grant admits nothing, not even from the cache, until it is back.
     if let Some(reason) = proxy.withheld() {
         let err = crate::request::error::ApiError::quota_withdrawn(&reason);
-        return respond::respond(Answer::Refused(err, Outcome::QuotaWithdrawn), record, None);
+        return respond::respond(Answer::Refused(Refusal::new(err, Outcome::QuotaWithdrawn)), record, None);
     }
     record.set_client(Arc::clone(&client.party.metrics));
     // The phases that hold large futures (reading, sending) are boxed, so that a request
     // waiting in line carries only the small state it waits in.
     let intake = match Box::pin(intake::read(proxy, &policy, &client, parts, body, &mut record)).await {
         Ok(intake) => intake,
-        Err((err, outcome)) => return respond::respond(Answer::Refused(err, outcome), record, None),
+        Err(refusal) => return respond::respond(Answer::Refused(refusal), record, None),
     };
     let fill = match intake.cache_key {
         None => None,
@@ -76,8 +79,8 @@ async fn pipeline(
                 }
                 Cached::Fill(fill) => Some(fill),
                 Cached::Skip => None,
-                Cached::Refused(err, outcome) => {
-                    return respond::respond(Answer::Refused(err, outcome), record, None);
+                Cached::Refused(refusal) => {
+                    return respond::respond(Answer::Refused(refusal), record, None);
                 }
             }
         }

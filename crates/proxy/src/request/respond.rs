@@ -17,7 +17,7 @@ use crate::admission::queue::Permit;
 use crate::cache::CachedResponse;
 use crate::protocol::sse::SseTap;
 use crate::protocol::tokens::{Usage, usage_in_body, usage_in_tail};
-use crate::request::error::ApiError;
+use crate::request::error::Refusal;
 use crate::telemetry::labels::Outcome;
 use crate::upstream;
 use crate::upstream::pool::Slot;
@@ -50,15 +50,15 @@ pub(crate) enum Answer {
         body: Bytes,
     },
     /// The proxy answers itself.
-    Refused(ApiError, Outcome),
+    Refused(Refusal),
 }
 
 /// Turn the answer into the client's response; the record is finished when the body ends.
 pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill>) -> Response {
     let (response, permit, idle_timeout, strip_usage_event) = match answer {
-        Answer::Refused(err, outcome) => {
-            record.finish(err.status.as_u16(), outcome);
-            return err.into_response();
+        Answer::Refused(Refusal { error, outcome }) => {
+            record.finish(error.status.as_u16(), outcome);
+            return error.into_response();
         }
         Answer::Buffered { status, headers, body } => {
             let rec = record.get();

@@ -23,6 +23,9 @@ const KNOWN_STATUSES: &[&str] = &[
     "504",
 ];
 
+/// The reasons an upstream attempt gets no HTTP answer; their labels stand in for a status.
+const NO_ANSWER: [RetryReason; 2] = [RetryReason::Connect, RetryReason::Timeout];
+
 /// The most distinct `client` label values; clients beyond them are counted as `other`.
 pub(crate) const MAX_CLIENT_LABELS: usize = 100;
 
@@ -483,16 +486,16 @@ impl Metrics {
     /// and a first failure then counts in a rate: a series born at 1 shows no increase).
     pub(crate) fn init_upstreams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for upstream in names {
-            for status in KNOWN_STATUSES.iter().copied().chain(["connect_error", "timeout"]) {
+            for status in KNOWN_STATUSES.iter().copied().chain(NO_ANSWER.map(RetryReason::label)) {
                 self.upstreams.responses.with_label_values(&[status, upstream]);
             }
             self.upstreams.ejections.with_label_values(&[upstream]);
         }
     }
 
-    /// Count an upstream attempt that got no HTTP answer (`connect_error`, `timeout`).
-    pub(crate) fn upstream_failure(&self, upstream: &str, what: &'static str) {
-        self.upstreams.responses.with_label_values(&[what, upstream]).inc();
+    /// Count an upstream attempt that got no HTTP answer (`reason` is one of `NO_ANSWER`).
+    pub(crate) fn upstream_failure(&self, upstream: &str, reason: RetryReason) {
+        self.upstreams.responses.with_label_values(&[reason.label(), upstream]).inc();
         self.recent().upstream_errors.add(tokio::time::Instant::now(), 1, 0);
     }
 
