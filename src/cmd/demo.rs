@@ -46,7 +46,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mock = MockServer::start_local(config).await?;
     let (_, policy) = llmproxy_api::from_yaml(&manifest(&mock.url(), args.rpm))?;
-    let proxy = Proxy::new(policy, Metrics::new(Default::default())?, Options::default())?;
+    let proxy = Proxy::new(policy, Metrics::new(Default::default())?, Options::default());
     proxy.set_api_key(llmproxy_proxy::ApiKey::new("sk-demo"));
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use llmproxy_proxy::cluster;
-use llmproxy_proxy::reload::{self, FileWatcher};
-use llmproxy_proxy::supervise::supervise;
+use llmproxy_proxy::source::cluster;
+use llmproxy_proxy::source::file::{self as source_file, FileWatcher};
+use llmproxy_proxy::source::supervise::supervise;
 use llmproxy_proxy::{ApiKey, Metrics, Options, Proxy, ServeOptions};
 
 use super::LogFormat;
@@ -20,7 +20,7 @@ pub struct Args {
     /// Cluster mode: serve the LlmProxy NAMESPACE/NAME, watched through the Kubernetes API
     /// (in-cluster service account, or KUBECONFIG); its Secret supplies the upstream key.
     #[arg(long, value_name = "NAMESPACE/NAME")]
-    resource: Option<llmproxy_proxy::cluster::ResourceRef>,
+    resource: Option<llmproxy_proxy::source::cluster::ResourceRef>,
     /// Address of the OpenAI-compatible API.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -101,18 +101,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         write_timeout: args.write_timeout,
         max_connections: args.max_connections,
         drain_delay: args.drain_delay,
-        workers: args.workers.map_or_else(llmproxy_proxy::serve::default_workers, usize::from),
+        workers: args.workers.map_or_else(llmproxy_proxy::default_workers, usize::from),
     };
-    let metrics = Metrics::new(llmproxy_proxy::metrics::Registry::new())?;
+    let metrics = Metrics::new(llmproxy_proxy::Registry::new())?;
     let (proxy, source, name) = match (&args.config, &args.resource) {
         (Some(file), _) => {
-            let (resource, policy) = reload::load_policy(file)?;
+            let (resource, policy) = source_file::load_policy(file)?;
             let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
-                (Some(path), _) => reload::load_key(path)?,
+                (Some(path), _) => source_file::load_key(path)?,
                 (None, Some(key)) => ApiKey::new(key),
                 (None, None) => None,
             };
-            let files = reload::Files {
+            let files = source_file::Files {
                 manifest: file.clone(),
                 upstream_key: args.upstream_api_key_file.clone(),
                 client_keys: args.client_keys_file.clone(),
@@ -125,11 +125,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                      --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY; none was given"
                 );
             }
-            if let Some(gap) = reload::standalone_gaps(&policy, &files) {
+            if let Some(gap) = source_file::standalone_gaps(&policy, &files) {
                 anyhow::bail!(gap);
             }
-            let client_keys = args.client_keys_file.as_deref().map(reload::load_client_keys).transpose()?;
-            let keys_from_dir = reload::needs_client_keys(&policy) && args.secrets_dir.is_some();
+            let client_keys =
+                args.client_keys_file.as_deref().map(source_file::load_client_keys).transpose()?;
+            let keys_from_dir = source_file::needs_client_keys(&policy) && args.secrets_dir.is_some();
             if client_keys.is_none() && !keys_from_dir {
                 tracing::warn!(
                     "client auth disabled: anything that can reach this port spends the upstream key \
@@ -137,8 +138,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
-            let proxy = Proxy::new(policy, metrics, options)?;
-            proxy.share(llmproxy_proxy::shared::Identity {
+            let proxy = Proxy::new(policy, metrics, options);
+            proxy.share(llmproxy_proxy::Identity {
                 proxy: format!(
                     "{}/{}",
                     resource.metadata.namespace.as_deref().unwrap_or("default"),
@@ -169,8 +170,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let policy = cluster::initial(&client, r).await;
             let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
-            let proxy = Proxy::new(policy, metrics, options)?;
-            proxy.share(llmproxy_proxy::shared::Identity {
+            let proxy = Proxy::new(policy, metrics, options);
+            proxy.share(llmproxy_proxy::Identity {
                 proxy: format!("{}/{}", r.namespace, r.name),
                 member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),
                 replicas: 1,

@@ -220,7 +220,7 @@ async fn with_two_clients(upstream: &str, cache: &str) -> TestProxy {
     let spec = format!("  cache: {cache}\n  clients:\n    keysSecretRef: {{name: keys}}\n");
     let proxy = TestProxy::start(&manifest(upstream, "{requestsPerMinute: 6000}", &spec), None).await;
     let pairs = [("alice", "sk-alice"), ("bob", "sk-bob")];
-    let keys = llmproxy_proxy::clients::ClientKeys::from_pairs(pairs).unwrap_or_else(|e| panic!("{e}"));
+    let keys = llmproxy_proxy::ClientKeys::from_pairs(pairs).unwrap_or_else(|e| panic!("{e}"));
     proxy.proxy.require_client_keys(true);
     proxy.proxy.set_client_keys(Some(keys));
     proxy

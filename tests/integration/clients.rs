@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use llmproxy_mock::{MockConfig, load};
-use llmproxy_proxy::clients::ClientKeys;
+use llmproxy_proxy::ClientKeys;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

@@ -1,107 +1,48 @@
-//! The proxy's own error responses, in OpenAI's shape so that SDKs parse and retry them:
-//! `{"error": {"message", "type", "param", "code"}}`.
+//! What can fail while a proxy is set up or served, as opposed to one request (whose errors are
+//! `request::error::ApiError`, answered to the client in the provider's shape).
 
-use std::time::Duration;
+use std::io;
+use std::path::PathBuf;
 
-use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
-use serde_json::json;
-
-use crate::queue::Rejection;
-
-/// An error the proxy answers itself.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Human-readable, never containing a key or prompt text.
-    pub message: String,
-    /// OpenAI's `type` (`invalid_request_error`, `rate_limit_error`, `api_error`, ...).
-    pub kind: &'static str,
-    /// OpenAI's `code` (`rate_limit_exceeded`, ...), if any.
-    pub code: Option<&'static str>,
-    /// Seconds for `Retry-After`, for 429s.
-    pub retry_after: Option<Duration>,
+/// Why the proxy could not start, load its files, or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A metric could not be registered (its name is already taken in the registry).
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A manifest that does not parse or does not validate.
+    #[error("{}: {message}", path.display())]
+    Manifest {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A socket, thread or runtime the server needs failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// A serving task ended before shutdown was asked for.
+    #[error("{0}")]
+    Stopped(String),
 }
 
-impl ApiError {
-    /// 400 and friends: the client's request is wrong.
-    pub fn invalid(status: StatusCode, message: impl Into<String>, code: Option<&'static str>) -> Self {
-        Self { status, message: message.into(), kind: "invalid_request_error", code, retry_after: None }
-    }
-
-    /// 502/504: the upstream could not be reached or did not answer in time.
-    pub fn upstream(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind: "api_error",
-            code: Some("upstream_unavailable"),
-            retry_after: None,
-        }
-    }
-
-    /// Upstream endpoint `name` answered 401 to the proxy's own key: nothing the client can fix.
-    pub fn upstream_auth(name: &str) -> Self {
-        Self {
-            status: StatusCode::UNAUTHORIZED,
-            message: format!(
-                "the upstream API (endpoint {name:?}) rejected llmproxy's API key; whoever runs this proxy \
-                 must fix its apiKeySecretRef (standalone: --secrets-dir, --upstream-api-key-file or \
-                 LLMPROXY_UPSTREAM_API_KEY)"
-            ),
-            kind: "authentication_error",
-            code: Some("upstream_auth_failed"),
-            retry_after: None,
-        }
-    }
-
-    /// 503 while the LlmQuota grant this proxy draws on is withdrawn: its owner must grant it
-    /// again (or the LlmProxy must stop naming it) before anything is admitted.
-    pub fn quota_withdrawn(reason: &str) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!("llmproxy admits no requests: {reason}"),
-            kind: "api_error",
-            code: Some("quota_not_granted"),
-            retry_after: Some(Duration::from_secs(5)),
-        }
-    }
-
-    /// 429 from the proxy's own queue, naming the limit that held the request.
-    pub fn throttled(r: &Rejection, waited_for: Duration) -> Self {
-        let message = if r.queue_full {
-            format!("llmproxy queue is full: too many requests are already waiting for {}", r.limit)
-        } else {
-            format!(
-                "llmproxy could not admit the request within queue.maxWait ({}s, waited {:.1}s): held by {}",
-                waited_for.as_secs_f64(),
-                r.waited.as_secs_f64(),
-                r.limit
-            )
-        };
-        Self {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message,
-            kind: "rate_limit_error",
-            code: Some("rate_limit_exceeded"),
-            retry_after: Some(r.retry_after),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}});
-        let mut resp = (self.status, axum::Json(body)).into_response();
-        if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up, for clients that read Retry-After; milliseconds for
-            // those (the OpenAI SDKs) that read retry-after-ms first.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            resp.headers_mut().insert("retry-after-ms", HeaderValue::from(after.as_millis().max(1) as u64));
-        }
-        resp
+impl Error {
+    /// An I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
     }
 }

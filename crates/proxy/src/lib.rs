@@ -1,37 +1,31 @@
 //! llmproxy's data plane: an OpenAI-compatible HTTP proxy that admits requests under the
 //! upstream's RPM/TPM/concurrency limits, queues bursts, retries transient failures with
 //! back-off, streams responses through, and reloads its policy without a restart.
+//!
+//! The tree follows the request: `server` accepts it, `request` runs its pipeline, `admission`
+//! decides when it may go, `cache` may answer it, `upstream` sends it, and `protocol` knows the
+//! OpenAI wire format on the way. `source` feeds the policy in; `telemetry` reports out.
 
-pub mod body;
-mod budget;
-pub mod cache;
-pub mod clients;
-pub mod cluster;
-pub mod consent;
-pub mod error;
-pub mod flight;
-#[path = "upstream/h1/mod.rs"]
-pub mod h1;
-pub mod labels;
-pub mod limiter;
-pub mod metrics;
-pub mod pool;
-pub mod queue;
-pub mod quota;
-pub mod reload;
-pub mod request;
-pub mod retry;
-pub mod routes;
-pub mod serve;
-pub mod shared;
-pub mod sse;
-pub mod state;
-pub mod supervise;
-pub mod tokens;
-pub mod upstream;
+#![warn(unreachable_pub)]
 
-pub use labels::Reload;
-pub use metrics::Metrics;
-pub use serve::{ServeOptions, serve};
-pub use state::{Options, Proxy};
+mod admission;
+mod cache;
+mod error;
+mod protocol;
+mod proxy;
+mod request;
+mod server;
+pub mod source;
+mod telemetry;
+mod upstream;
+
+pub use admission::queue::Admission;
+pub use admission::shared::Identity;
+pub use cache::flight::Flights;
+pub use error::Error;
+pub use proxy::{Options, Proxy};
+pub use request::auth::clients::ClientKeys;
+pub use server::serve::{ServeOptions, default_workers, serve};
+pub use telemetry::labels::Reload;
+pub use telemetry::metrics::{Metrics, Registry};
 pub use upstream::ApiKey;

@@ -40,7 +40,7 @@ pub struct TestProxy {
     /// Admin address.
     pub admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), llmproxy_proxy::Error>>>,
 }
 
 impl TestProxy {
@@ -64,7 +64,7 @@ impl TestProxy {
     ) -> Self {
         let (_, policy) = llmproxy_api::from_yaml(manifest).unwrap_or_else(|e| panic!("test manifest: {e}"));
         let metrics = Metrics::new(Default::default()).unwrap_or_else(|e| panic!("{e}"));
-        let proxy = Proxy::new(policy, metrics, options).unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::new(policy, metrics, options);
         proxy.set_api_key(key.and_then(ApiKey::new));
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));

@@ -24,13 +24,13 @@ use super::auth::Client;
 use super::intake::Intake;
 use super::record::RecordGuard;
 use super::respond::Answer;
-use crate::error::ApiError;
-use crate::labels::Outcome;
-use crate::limiter::Verdict;
-use crate::queue::Permit;
-use crate::quota::QuotaHeaders;
-use crate::retry::{self, RetryReason};
-use crate::state::Proxy;
+use crate::admission::limiter::Verdict;
+use crate::admission::queue::Permit;
+use crate::admission::retry::{self, RetryReason};
+use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::proxy::Proxy;
+use crate::request::error::{ApiError, Refusal};
+use crate::telemetry::labels::Outcome;
 use crate::upstream;
 
 /// An attempt that did not produce an answer to relay.
@@ -162,7 +162,12 @@ async fn send_once(
     let sent = Instant::now();
     let result = tokio::time::timeout(
         endpoint.timeout,
-        crate::pool::send(proxy.pool(), endpoint.protocol, endpoint.max_streams_per_connection, req),
+        crate::upstream::pool::send(
+            proxy.pool(),
+            endpoint.protocol,
+            endpoint.max_streams_per_connection,
+            req,
+        ),
     )
     .await;
     let latency = sent.elapsed();
@@ -192,7 +197,7 @@ async fn send_once(
             }
         }
         Ok(Err(e)) => {
-            metrics.upstream_failure(&endpoint.name, "connect_error");
+            metrics.upstream_failure(&endpoint.name, RetryReason::Connect);
             let unsent = e.is_connect();
             Sent::Failed {
                 failure: failure(RetryReason::Connect),
@@ -201,7 +206,7 @@ async fn send_once(
             }
         }
         Err(_) => {
-            metrics.upstream_failure(&endpoint.name, "timeout");
+            metrics.upstream_failure(&endpoint.name, RetryReason::Timeout);
             let message = format!("no response within {:?}", endpoint.timeout);
             Sent::Failed { failure: failure(RetryReason::Timeout), message, unsent: false }
         }
@@ -248,11 +253,14 @@ pub(crate) async fn run(
     loop {
         // A request admitted once already is not a new arrival: the queue bound is not for it.
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
-        let mut permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
+        let permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
             Ok(p) => p,
             Err(rejection) => {
                 let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-                return Answer::Refused(ApiError::throttled(&rejection, client.max_wait), outcome);
+                return Answer::Refused(Refusal::new(
+                    ApiError::throttled(&rejection, client.max_wait),
+                    outcome,
+                ));
             }
         };
         if sends == 0 {
@@ -265,55 +273,10 @@ pub(crate) async fn run(
         let endpoint = Arc::clone(permit.endpoint());
         rec.upstream = Some(endpoint.name.clone());
 
-        let (failure, last) = match Box::pin(send_once(proxy, policy, &endpoint, intake, record)).await {
-            Sent::Answer(resp) => {
-                permit.verdict(&Verdict::Answered);
-                calibrate(&permit, resp.headers(), policy);
-                return Answer::Upstream {
-                    response: resp,
-                    permit,
-                    idle_timeout: endpoint.timeout,
-                    strip_usage_event: intake.out.strip_usage_event,
-                };
-            }
-            Sent::Unauthorized(resp) => {
-                // The upstream refused the proxy's key, not the client's: say so, and never
-                // relay its body (OpenAI's quotes part of the key).
-                permit.verdict(&Verdict::Answered);
-                permit.refund();
-                drain(resp).await;
-                return Answer::Refused(ApiError::upstream_auth(&endpoint.name), Outcome::UpstreamError);
-            }
-            Sent::OutOfQuota { headers, body } => {
-                permit.verdict(&Verdict::Answered);
-                permit.refund();
-                return Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body };
-            }
-            Sent::RateLimited { headers, body, hint } => {
-                // Not counted upstream: refund, then take the upstream's word for what remains.
-                permit.verdict(&Verdict::Answered);
-                permit.refund();
-                let quota = QuotaHeaders::parse(&headers);
-                let window_known = quota.is_some_and(|q| q.says_remaining());
-                if let Some(q) = &quota {
-                    permit.calibrate(q, true, policy.queue.max_wait);
-                }
-                let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
-                (failure, Last::Buffered(StatusCode::TOO_MANY_REQUESTS, headers, body))
-            }
-            Sent::Transient(resp, failure) => {
-                // The upstream may have worked on it (and counted it): the charge stands.
-                permit.verdict(&Verdict::ServerError(format!("status {}", resp.status().as_u16())));
-                calibrate(&permit, resp.headers(), policy);
-                (failure, Last::Response(resp))
-            }
-            Sent::Failed { failure, message, unsent } => {
-                permit.verdict(&Verdict::NoAnswer(message.clone()));
-                if unsent {
-                    permit.refund();
-                }
-                (failure, Last::Error(message))
-            }
+        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, record)).await;
+        let (failure, last, permit) = match settle(sent, permit, &endpoint, policy, intake).await {
+            Attempted::Done(answer) => return answer,
+            Attempted::Failed(failure, last, permit) => (failure, last, permit),
         };
         if failure.reason == RetryReason::RateLimited {
             limited += 1;
@@ -356,6 +319,77 @@ pub(crate) async fn run(
     }
 }
 
+/// What one attempt came to: the answer to give, or a failure to retry or give up on (with
+/// the permit, which the retry decision still needs).
+enum Attempted {
+    Done(Answer),
+    Failed(Failure, Last, Permit),
+}
+
+/// Tell the admission gate what the upstream said of one attempt (its verdict, a refund, the
+/// upstream's own quota figures) and sort the attempt into an answer or a failure.
+async fn settle(
+    sent: Sent,
+    mut permit: Permit,
+    endpoint: &UpstreamPolicy,
+    policy: &Policy,
+    intake: &Intake,
+) -> Attempted {
+    match sent {
+        Sent::Answer(resp) => {
+            permit.verdict(&Verdict::Answered);
+            calibrate(&permit, resp.headers(), policy);
+            Attempted::Done(Answer::Upstream {
+                response: resp,
+                permit,
+                idle_timeout: endpoint.timeout,
+                strip_usage_event: intake.out.strip_usage_event,
+            })
+        }
+        Sent::Unauthorized(resp) => {
+            // The upstream refused the proxy's key, not the client's: say so, and never
+            // relay its body (OpenAI's quotes part of the key).
+            permit.verdict(&Verdict::Answered);
+            permit.refund();
+            drain(resp).await;
+            Attempted::Done(Answer::Refused(Refusal::new(
+                ApiError::upstream_auth(&endpoint.name),
+                Outcome::UpstreamError,
+            )))
+        }
+        Sent::OutOfQuota { headers, body } => {
+            permit.verdict(&Verdict::Answered);
+            permit.refund();
+            Attempted::Done(Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body })
+        }
+        Sent::RateLimited { headers, body, hint } => {
+            // Not counted upstream: refund, then take the upstream's word for what remains.
+            permit.verdict(&Verdict::Answered);
+            permit.refund();
+            let quota = QuotaHeaders::parse(&headers);
+            let window_known = quota.is_some_and(|q| q.says_remaining());
+            if let Some(q) = &quota {
+                permit.calibrate(q, true, policy.queue.max_wait);
+            }
+            let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
+            Attempted::Failed(failure, Last::Buffered(StatusCode::TOO_MANY_REQUESTS, headers, body), permit)
+        }
+        Sent::Transient(resp, failure) => {
+            // The upstream may have worked on it (and counted it): the charge stands.
+            permit.verdict(&Verdict::ServerError(format!("status {}", resp.status().as_u16())));
+            calibrate(&permit, resp.headers(), policy);
+            Attempted::Failed(failure, Last::Response(resp), permit)
+        }
+        Sent::Failed { failure, message, unsent } => {
+            permit.verdict(&Verdict::NoAnswer(message.clone()));
+            if unsent {
+                permit.refund();
+            }
+            Attempted::Failed(failure, Last::Error(message), permit)
+        }
+    }
+}
+
 fn calibrate(permit: &Permit, headers: &HeaderMap, policy: &Policy) {
     if let Some(q) = QuotaHeaders::parse(headers) {
         permit.calibrate(&q, false, policy.queue.max_wait);
@@ -385,7 +419,7 @@ fn give_up(
                 _ => (StatusCode::BAD_GATEWAY, "could not be reached"),
             };
             let text = format!("the upstream API {what} after {sends} attempt(s): {message}");
-            Answer::Refused(ApiError::upstream(status, text), Outcome::UpstreamError)
+            Answer::Refused(Refusal::new(ApiError::upstream(status, text), Outcome::UpstreamError))
         }
     }
 }

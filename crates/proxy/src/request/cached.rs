@@ -11,13 +11,13 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use llmproxy_api::Policy;
 
 use super::record::RecordGuard;
+use crate::cache::flight::{self, Followed, Join, Leader};
 use crate::cache::{CachedResponse, Key, ResponseCache};
-use crate::error::ApiError;
-use crate::flight::{self, Followed, Join, Leader};
-use crate::labels::{CacheResult, Outcome};
-use crate::metrics::Metrics;
-use crate::sse::SseTap;
-use crate::state::Proxy;
+use crate::protocol::sse::SseTap;
+use crate::proxy::Proxy;
+use crate::request::error::{ApiError, Refusal};
+use crate::telemetry::labels::{CacheResult, Outcome};
+use crate::telemetry::metrics::Metrics;
 
 /// What the cache did for a request.
 pub(crate) enum Cached {
@@ -28,7 +28,7 @@ pub(crate) enum Cached {
     /// Go upstream, cache nothing.
     Skip,
     /// No room to wait for an identical request's answer.
-    Refused(ApiError, Outcome),
+    Refused(Refusal),
 }
 
 /// What to do with a complete, successful answer: store it under `key` and hand it to the
@@ -149,10 +149,10 @@ pub(crate) async fn lookup(
                 let _held = match proxy.admission().hold(policy.queue.max_size) {
                     Ok(held) => held,
                     Err(r) => {
-                        return Cached::Refused(
+                        return Cached::Refused(Refusal::new(
                             ApiError::throttled(&r, policy.queue.max_wait),
                             Outcome::QueueFull,
-                        );
+                        ));
                     }
                 };
                 // Wait as long as the leader may legitimately take before its first byte (queue,

@@ -12,14 +12,14 @@ use llmproxy_api::policy::UpstreamPolicy;
 
 use super::auth::Client;
 use super::record::RecordGuard;
-use crate::body::{self, Inspected};
+use crate::admission::limiter::Ask;
+use crate::admission::queue::BytesLease;
 use crate::cache::{self, Key};
-use crate::error::ApiError;
-use crate::labels::Outcome;
-use crate::limiter::Ask;
-use crate::queue::BytesLease;
-use crate::state::Proxy;
-use crate::{tokens, upstream};
+use crate::protocol::body::{self, Inspected};
+use crate::proxy::Proxy;
+use crate::request::error::{ApiError, Refusal};
+use crate::telemetry::labels::Outcome;
+use crate::{protocol::tokens, upstream};
 
 /// The request as it will be sent upstream, every attempt alike (each attempt's endpoint
 /// supplies the base URL and the key).
@@ -47,11 +47,9 @@ pub(crate) struct Intake {
     _bytes: BytesLease,
 }
 
-/// Why intake refused a request: the answer, and how the request ended.
-pub(crate) type Refusal = (ApiError, Outcome);
-
+/// A refusal for a request the client got wrong.
 fn bad(err: ApiError) -> Refusal {
-    (err, Outcome::BadRequest)
+    Refusal::new(err, Outcome::BadRequest)
 }
 
 /// Read the body within the size limit, the time limit and the queue's memory budget.
@@ -73,8 +71,9 @@ async fn read_body(
     if declared.is_some_and(|n| n as u64 > budget) {
         return Err(too_large(format!("the queue's memory budget of {budget} bytes (queue.maxBytes)")));
     }
-    let full =
-        |r: crate::queue::Rejection| (ApiError::throttled(&r, policy.queue.max_wait), Outcome::QueueFull);
+    let full = |r: crate::admission::queue::Rejection| {
+        Refusal::new(ApiError::throttled(&r, policy.queue.max_wait), Outcome::QueueFull)
+    };
     let mut lease = proxy.admission().reserve_bytes(declared.unwrap_or(0) as u64).map_err(full)?;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
     let mut stream = body.into_data_stream();

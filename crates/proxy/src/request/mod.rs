@@ -2,11 +2,12 @@
 //! of its own; this one only strings them together.
 
 mod attempts;
-mod auth;
+pub(crate) mod auth;
 mod cached;
+pub(crate) mod error;
 mod intake;
 mod path;
-pub mod record;
+pub(crate) mod record;
 mod respond;
 
 use std::sync::Arc;
@@ -16,10 +17,11 @@ use axum::response::Response;
 use http::HeaderValue;
 
 use self::cached::Cached;
+use self::error::Refusal;
 use self::record::{RecordGuard, RequestRecord};
 use self::respond::Answer;
-use crate::labels::Outcome;
-use crate::state::Proxy;
+use crate::proxy::Proxy;
+use crate::telemetry::labels::Outcome;
 
 /// axum handler for `/v1/{*rest}`.
 pub(crate) async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
@@ -48,19 +50,21 @@ async fn pipeline(
     let policy = proxy.policy();
     let client = match auth::identify(proxy, &policy, &parts.headers) {
         Ok(client) => client,
-        Err(err) => return respond::respond(Answer::Refused(err, Outcome::Unauthorized), record, None),
+        Err(err) => {
+            return respond::respond(Answer::Refused(Refusal::new(err, Outcome::Unauthorized)), record, None);
+        }
     };
     // A withdrawn quota grant admits nothing, not even from the cache, until it is back.
     if let Some(reason) = proxy.withheld() {
-        let err = crate::error::ApiError::quota_withdrawn(&reason);
-        return respond::respond(Answer::Refused(err, Outcome::QuotaWithdrawn), record, None);
+        let err = crate::request::error::ApiError::quota_withdrawn(&reason);
+        return respond::respond(Answer::Refused(Refusal::new(err, Outcome::QuotaWithdrawn)), record, None);
     }
     record.set_client(Arc::clone(&client.party.metrics));
     // The phases that hold large futures (reading, sending) are boxed, so that a request
     // waiting in line carries only the small state it waits in.
     let intake = match Box::pin(intake::read(proxy, &policy, &client, parts, body, &mut record)).await {
         Ok(intake) => intake,
-        Err((err, outcome)) => return respond::respond(Answer::Refused(err, outcome), record, None),
+        Err(refusal) => return respond::respond(Answer::Refused(refusal), record, None),
     };
     let fill = match intake.cache_key {
         None => None,
@@ -75,8 +79,8 @@ async fn pipeline(
                 }
                 Cached::Fill(fill) => Some(fill),
                 Cached::Skip => None,
-                Cached::Refused(err, outcome) => {
-                    return respond::respond(Answer::Refused(err, outcome), record, None);
+                Cached::Refused(refusal) => {
+                    return respond::respond(Answer::Refused(refusal), record, None);
                 }
             }
         }

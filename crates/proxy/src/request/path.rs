@@ -5,7 +5,7 @@
 use http::{Method, StatusCode};
 use llmproxy_api::paths::PathRule;
 
-use crate::error::ApiError;
+use crate::request::error::ApiError;
 
 /// Decode `%XX` escapes; `None` for a malformed escape.
 fn percent_decode(segment: &str) -> Option<Vec<u8>> {

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::labels::{CacheResult, Outcome, TokenKind};
-use crate::metrics::{ClientMetrics, Metrics};
-use crate::retry::RetryReason;
-use crate::tokens::{Estimate, Usage};
+use crate::admission::retry::RetryReason;
+use crate::protocol::tokens::{Estimate, Usage};
+use crate::telemetry::labels::{CacheResult, Outcome, TokenKind};
+use crate::telemetry::metrics::{ClientMetrics, Metrics};
 
 /// What is known about one request, filled in as it goes.
 #[derive(Debug)]
-pub struct RequestRecord {
+pub(crate) struct RequestRecord {
     /// Arrival time.
     pub started: Instant,
     /// `x-request-id`.
@@ -60,7 +60,7 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// A record for a request that just arrived.
-    pub fn new(method: http::Method, path: &str, request_id: String) -> Self {
+    pub(crate) fn new(method: http::Method, path: &str, request_id: String) -> Self {
         Self {
             started: Instant::now(),
             request_id,
@@ -89,7 +89,7 @@ impl RequestRecord {
     /// log line once the serving thread is free: the record is finished while the answer's last
     /// bytes are still on their way to the client, and formatting the line there would delay
     /// them (it runs right after, on the same thread, as its own task).
-    pub fn finish(self, metrics: &Metrics, client: &ClientMetrics) {
+    pub(crate) fn finish(self, metrics: &Metrics, client: &ClientMetrics) {
         let elapsed = self.started.elapsed();
         client.request_done(self.outcome, elapsed.as_secs_f64());
         if let Some(u) = self.usage {
@@ -143,7 +143,7 @@ impl RequestRecord {
 /// Owns a record until the request ends and finishes it exactly once: with the outcome set by
 /// the code that ended the request, or as `client_closed` when the request was dropped early
 /// (the client went away while it queued or while the answer streamed).
-pub struct RecordGuard {
+pub(crate) struct RecordGuard {
     record: Option<RequestRecord>,
     metrics: Arc<Metrics>,
     client: Arc<ClientMetrics>,
@@ -151,29 +151,24 @@ pub struct RecordGuard {
 
 impl RecordGuard {
     /// Guard `record`, counting it in `metrics` (as no client in particular, until one is set).
-    pub fn new(record: RequestRecord, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(record: RequestRecord, metrics: Arc<Metrics>) -> Self {
         let client = metrics.client(None);
         Self { record: Some(record), metrics, client }
     }
 
     /// Count the request in this client's series.
-    pub fn set_client(&mut self, client: Arc<ClientMetrics>) {
+    pub(crate) fn set_client(&mut self, client: Arc<ClientMetrics>) {
         self.client = client;
     }
 
     /// The record, while the request runs.
-    pub fn get(&mut self) -> &mut RequestRecord {
+    pub(crate) fn get(&mut self) -> &mut RequestRecord {
         // Only `finish` empties it, and it consumes the guard.
         self.record.get_or_insert_with(|| RequestRecord::new(http::Method::GET, "", String::new()))
     }
 
-    /// Read-only view.
-    pub fn view(&self) -> Option<&RequestRecord> {
-        self.record.as_ref()
-    }
-
     /// End the request with `status` and `outcome`.
-    pub fn finish(mut self, status: u16, outcome: Outcome) {
+    pub(crate) fn finish(mut self, status: u16, outcome: Outcome) {
         let rec = self.get();
         rec.status = status;
         rec.outcome = outcome;
@@ -181,7 +176,7 @@ impl RecordGuard {
     }
 
     /// End the request with the status and outcome already in the record.
-    pub fn complete(mut self) {
+    pub(crate) fn complete(mut self) {
         self.close();
     }
 

@@ -13,14 +13,14 @@ use http::{HeaderValue, header};
 
 use super::cached::Fill;
 use super::record::RecordGuard;
+use crate::admission::queue::Permit;
 use crate::cache::CachedResponse;
-use crate::error::ApiError;
-use crate::labels::Outcome;
-use crate::pool::Slot;
-use crate::queue::Permit;
-use crate::sse::SseTap;
-use crate::tokens::{Usage, usage_in_body, usage_in_tail};
+use crate::protocol::sse::SseTap;
+use crate::protocol::tokens::{Usage, usage_in_body, usage_in_tail};
+use crate::request::error::Refusal;
+use crate::telemetry::labels::Outcome;
 use crate::upstream;
+use crate::upstream::pool::Slot;
 
 /// Bodies up to this size are read whole for their `usage`; of larger ones only the tail is kept.
 const WHOLE_BODY: usize = 1 << 20;
@@ -50,15 +50,15 @@ pub(crate) enum Answer {
         body: Bytes,
     },
     /// The proxy answers itself.
-    Refused(ApiError, Outcome),
+    Refused(Refusal),
 }
 
 /// Turn the answer into the client's response; the record is finished when the body ends.
 pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill>) -> Response {
     let (response, permit, idle_timeout, strip_usage_event) = match answer {
-        Answer::Refused(err, outcome) => {
-            record.finish(err.status.as_u16(), outcome);
-            return err.into_response();
+        Answer::Refused(Refusal { error, outcome }) => {
+            record.finish(error.status.as_u16(), outcome);
+            return error.into_response();
         }
         Answer::Buffered { status, headers, body } => {
             let rec = record.get();

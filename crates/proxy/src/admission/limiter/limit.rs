@@ -1,0 +1,137 @@
+//! The limiter's vocabulary: which limit held a request, what a request asks, and what an
+//! earlier waiter holds. Its own module so that the buckets and endpoints below the limiter
+//! speak it without importing the limiter itself.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Which limit held a request back; named in 429 messages and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `limits.requestsPerMinute` / `burst`.
+    Requests,
+    /// `limits.tokensPerMinute`.
+    Tokens,
+    /// `limits.maxConcurrent`.
+    Concurrency,
+    /// The upstream asked to wait (429 with Retry-After) for what the request needs.
+    UpstreamPause,
+    /// `queue.maxSize`.
+    QueueSize,
+    /// `queue.maxBytes`.
+    QueueBytes,
+    /// The client's own `requestsPerMinute`.
+    ClientRequests,
+    /// The client's own `tokensPerMinute`.
+    ClientTokens,
+    /// An endpoint's own requests per minute (configured or reported by its headers).
+    UpstreamRequests,
+    /// An endpoint's own tokens per minute.
+    UpstreamTokens,
+    /// A model's requests per minute (`limits.models`, or an endpoint's for that model).
+    ModelRequests,
+    /// A model's tokens per minute.
+    ModelTokens,
+    /// Every endpoint that serves the request is out after failures.
+    UpstreamUnavailable,
+    /// The organisation-wide LlmQuota's requests per minute.
+    QuotaRequests,
+    /// The organisation-wide LlmQuota's tokens per minute.
+    QuotaTokens,
+}
+
+impl Limit {
+    /// Every limit, for initialising metric series.
+    pub const ALL: [Limit; 15] = [
+        Limit::Requests,
+        Limit::Tokens,
+        Limit::Concurrency,
+        Limit::UpstreamPause,
+        Limit::QueueSize,
+        Limit::QueueBytes,
+        Limit::ClientRequests,
+        Limit::ClientTokens,
+        Limit::UpstreamRequests,
+        Limit::UpstreamTokens,
+        Limit::ModelRequests,
+        Limit::ModelTokens,
+        Limit::UpstreamUnavailable,
+        Limit::QuotaRequests,
+        Limit::QuotaTokens,
+    ];
+
+    /// A low-cardinality label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests_per_minute",
+            Limit::Tokens => "tokens_per_minute",
+            Limit::Concurrency => "max_concurrent",
+            Limit::UpstreamPause => "upstream_retry_after",
+            Limit::QueueSize => "queue_size",
+            Limit::QueueBytes => "queue_bytes",
+            Limit::ClientRequests => "client_requests_per_minute",
+            Limit::ClientTokens => "client_tokens_per_minute",
+            Limit::UpstreamRequests => "upstream_requests_per_minute",
+            Limit::UpstreamTokens => "upstream_tokens_per_minute",
+            Limit::ModelRequests => "model_requests_per_minute",
+            Limit::ModelTokens => "model_tokens_per_minute",
+            Limit::UpstreamUnavailable => "upstream_unavailable",
+            Limit::QuotaRequests => "quota_requests_per_minute",
+            Limit::QuotaTokens => "quota_tokens_per_minute",
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Limit::Requests => "the requests-per-minute limit",
+            Limit::Tokens => "the tokens-per-minute limit",
+            Limit::Concurrency => "the max-concurrent-requests limit",
+            Limit::UpstreamPause => "the upstream's Retry-After",
+            Limit::QueueSize => "the queue size limit",
+            Limit::QueueBytes => "the queue's memory budget (queue.maxBytes)",
+            Limit::ClientRequests => "this client's requests-per-minute cap",
+            Limit::ClientTokens => "this client's tokens-per-minute cap",
+            Limit::UpstreamRequests => "the upstream endpoint's requests-per-minute limit",
+            Limit::UpstreamTokens => "the upstream endpoint's tokens-per-minute limit",
+            Limit::ModelRequests => "this model's requests-per-minute limit",
+            Limit::ModelTokens => "this model's tokens-per-minute limit",
+            Limit::UpstreamUnavailable => "the upstream endpoints being unavailable after failures",
+            Limit::QuotaRequests => "the organisation quota's requests-per-minute limit (LlmQuota)",
+            Limit::QuotaTokens => "the organisation quota's tokens-per-minute limit (LlmQuota)",
+        })
+    }
+}
+
+/// What one request asks of the limiter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// Tokens charged at admission.
+    pub tokens: u64,
+    /// The model it is for; pauses, model limits and which endpoints serve it go by model.
+    pub model: Option<Arc<str>>,
+    /// The client it is from (`None`: no client identified); client caps apply per client.
+    pub client: Option<Arc<str>>,
+    /// The endpoints that may take it (their allowed paths admit it); `None`: any.
+    pub endpoints: Option<Arc<[Arc<str>]>>,
+    /// An endpoint to pass over while another can take it (it just failed this request).
+    pub avoid: Option<Arc<str>>,
+}
+
+impl Ask {
+    /// An ask for `tokens` with no model and no client.
+    pub fn tokens(tokens: u64) -> Self {
+        Self { tokens, ..Self::default() }
+    }
+}
+
+/// Capacity an earlier waiter is waiting for: a later request in the same look at the line
+/// must not take it first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// A whole endpoint (its own quota, pause or health holds the waiter).
+    Endpoint(usize),
+    /// One model at an endpoint.
+    EndpointModel(usize, Arc<str>),
+}

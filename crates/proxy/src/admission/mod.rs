@@ -1,0 +1,10 @@
+//! When a request may go upstream: the fair queue in front of the limiter, the limits
+//! themselves, when to retry and how often retries may be spent.
+
+pub(crate) mod budget;
+pub(crate) mod limiter;
+pub(crate) mod queue;
+pub(crate) mod retry;
+// Its privacy follows once the lessee's rework (narrow handles instead of `Weak<Proxy>`) lands.
+#[allow(unreachable_pub)]
+pub(crate) mod shared;
