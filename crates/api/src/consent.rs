@@ -302,7 +302,7 @@ spec:
   sharedState: {redis: {url: 'redis://r:6379', passwordSecretRef: {name: shared}}}
 ",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let reads = reads(&p.spec);
         let uses: Vec<(SecretUse, Option<&str>)> = reads.iter().map(|r| (r.use_, r.url.as_deref())).collect();
         assert_eq!(

@@ -194,7 +194,7 @@ mod tests {
     use super::*;
 
     fn d(s: &str) -> time::Duration {
-        s.parse::<Duration>().map(|d| d.get()).unwrap_or_else(|e| panic!("{e}"))
+        s.parse::<Duration>().map(|d| d.get()).unwrap()
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn keeps_the_users_spelling() {
-        let v: Duration = serde_json::from_str("\"5m\"").unwrap_or_else(|e| panic!("{e}"));
+        let v: Duration = serde_json::from_str("\"5m\"").unwrap();
         assert_eq!(serde_json::to_string(&v).ok().as_deref(), Some("\"5m\""));
     }
 

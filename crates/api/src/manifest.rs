@@ -185,7 +185,7 @@ spec:
 
     #[test]
     fn reads_a_manifest_and_resolves_its_policy() {
-        let (proxy, policy) = from_yaml(GOOD).unwrap_or_else(|e| panic!("{e}"));
+        let (proxy, policy) = from_yaml(GOOD).unwrap();
         assert_eq!(proxy.metadata.name.as_deref(), Some("p"));
         assert_eq!(policy.limits.requests_per_minute, 60);
     }

@@ -827,7 +827,7 @@ mod tests {
     use super::*;
 
     fn spec(yaml: &str) -> LlmProxySpec {
-        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+        serde_yaml::from_str(yaml).unwrap()
     }
 
     fn errors(yaml: &str) -> String {
@@ -841,7 +841,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 
     #[test]
     fn minimal_spec_resolves_documented_defaults() {
-        let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
+        let p = Policy::from_spec(&spec(MINIMAL)).unwrap();
         let u = &p.upstreams[0];
         assert_eq!((p.upstreams.len(), u.name.as_str()), (1, DEFAULT_ENDPOINT));
         assert_eq!(u.url, "https://api.openai.com/v1", "trailing slash trimmed");
@@ -877,7 +877,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let p = Policy::from_spec(&spec(
             "upstream: {url: 'https://x:1'}\nlimits: {requestsPerMinute: 600, burst: 30}\ncache: {ttl: 5m}",
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(p.limits.request_burst, 30);
         assert_eq!(
             p.cache,
@@ -902,7 +902,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 
     #[test]
     fn replicas_split_the_quota() {
-        let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
+        let p = Policy::from_spec(&spec(MINIMAL)).unwrap();
         let share = p.clone().for_replicas(3);
         assert_eq!(share.limits.requests_per_minute, 1166);
         assert_eq!(share.limits.request_burst, 19);
@@ -1046,8 +1046,8 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let yaml = format!(
             "{MINIMAL}queue: {{maxWait: 40s}}\nclients:\n  keysSecretRef: {{name: keys}}\n  default: {{weight: 2, tokensPerMinute: 9000}}\n  overrides: [{{name: nightly, priority: batch, maxWait: 10m}}]\n"
         );
-        let p = Policy::from_spec(&spec(&yaml)).unwrap_or_else(|e| panic!("{e}"));
-        let c = p.clients.clone().unwrap_or_else(|| panic!("clients"));
+        let p = Policy::from_spec(&spec(&yaml)).unwrap();
+        let c = p.clients.clone().expect("clients");
         assert_eq!(c.keys_secret.as_deref(), Some("keys"));
         let chat = c.client("chatbot");
         assert_eq!(
@@ -1072,7 +1072,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
   - {name: west, url: 'https://west.example/v1', keyHeader: api-key, models: [gpt-4o-mini]}
 limits: {requestsPerMinute: 1200, models: {gpt-4o: {requestsPerMinute: 300}}}",
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let (east, west) = (&p.upstreams[0], &p.upstreams[1]);
         assert_eq!(
             (east.weight, east.limits.requests_per_minute, east.limits.request_burst),
@@ -1095,7 +1095,7 @@ limits: {requestsPerMinute: 1200, models: {gpt-4o: {requestsPerMinute: 300}}}",
         let p = Policy::from_spec(&spec(
             "upstream: {url: 'https://x.io/v1', protocol: http2, maxStreamsPerConnection: 64}\nlimits: {requestsPerMinute: 60}",
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(
             (p.upstreams[0].protocol, p.upstreams[0].max_streams_per_connection),
             (Protocol::Http2, 64)

@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(secret_verdict(Some(&s), &read("https://api.openai.com/v1"), "p"), (None, true));
         let (problem, readable) = secret_verdict(Some(&s), &read("https://attacker.example/v1"), "p");
         assert!(!readable);
-        let problem = problem.unwrap_or_else(|| panic!("refused"));
+        let problem = problem.expect("refused");
         assert_eq!(problem.reason(), "SecretNotAllowed");
         let message = problem.message();
         assert!(

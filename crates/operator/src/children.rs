@@ -515,7 +515,7 @@ mod tests {
     use super::*;
 
     fn proxy(yaml: &str) -> LlmProxy {
-        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+        serde_yaml::from_str(yaml).unwrap()
     }
 
     const BASE: &str = "

@@ -181,7 +181,7 @@ mod tests {
 
     fn quota(selector: Option<LabelSelector>) -> LlmQuota {
         let yaml = "apiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {name: org, uid: u1}\nspec:\n  requestsPerMinute: 6000\n  sharedState: {redis: {url: 'redis://r:6379', passwordSecretRef: {name: redis-auth}}}\n";
-        let mut q: LlmQuota = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let mut q: LlmQuota = serde_yaml::from_str(yaml).unwrap();
         q.spec.allowed_namespaces = selector;
         q
     }
@@ -231,7 +231,7 @@ mod tests {
     fn shares_are_the_owners_and_a_consumer_can_only_ask_for_less() {
         let mut q = quota(Some(team_selector()));
         let yaml = "- {namespace: ns-a, name: p, weight: 4, guaranteed: 30}\n- {namespaceSelector: {matchLabels: {team: b}}, weight: 2}\n";
-        q.spec.consumers = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        q.spec.consumers = serde_yaml::from_str(yaml).unwrap();
         q.spec.default_weight = Some(3);
         // The oldest consumer asks for everything: it gets what the owner set, no more. A later
         // one asking nothing is not starved: it has its entry's weight.
@@ -264,7 +264,7 @@ mod tests {
         let mut q = quota(Some(team_selector()));
         let yaml =
             "- {namespace: ns-a, name: p, guaranteed: 70}\n- {namespace: ns-b, name: p, guaranteed: 40}\n";
-        q.spec.consumers = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        q.spec.consumers = serde_yaml::from_str(yaml).unwrap();
         let v = verdicts(&q, &[candidate("ns-a", "a", None, 1), candidate("ns-b", "b", None, 2)]);
         assert!(v.iter().all(|c| !c.allowed), "{v:?}");
         assert!(v[0].reason.as_deref().is_some_and(|r| r.contains("sum to 110 %")), "{v:?}");
@@ -287,8 +287,7 @@ mod tests {
                 ..QuotaConsumer::default()
             },
         ];
-        let (role, binding) =
-            password_rbac(&q, "llmproxy-system", &consumers).unwrap_or_else(|| panic!("rbac"));
+        let (role, binding) = password_rbac(&q, "llmproxy-system", &consumers).expect("rbac");
         let rule = &role.rules.unwrap_or_default()[0];
         assert_eq!(rule.resource_names.as_deref(), Some(&["redis-auth".to_owned()][..]));
         assert_eq!(rule.verbs, ["get", "list", "watch"]);

@@ -179,7 +179,7 @@ mod tests {
             metrics_namespace: None,
             operator_namespace: None,
         };
-        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap();
         (Arc::new(Context::new(client.clone(), Recorder::new(client, reporter), metrics, settings)), handle)
     }
 
@@ -187,14 +187,11 @@ mod tests {
         let yaml = format!(
             "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: p, namespace: team, uid: u1, generation: 1}}\nspec:\n  upstream: {{url: 'https://api.openai.com/v1'}}\n  limits: {{requestsPerMinute: 600}}\n{extra}"
         );
-        Arc::new(DeserializeGuard(Ok(serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}")))))
+        Arc::new(DeserializeGuard(Ok(serde_yaml::from_str(&yaml).unwrap())))
     }
 
     fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-        Response::builder()
-            .status(status)
-            .body(Body::from(body.to_string().into_bytes()))
-            .unwrap_or_else(|e| panic!("{e}"))
+        Response::builder().status(status).body(Body::from(body.to_string().into_bytes())).unwrap()
     }
 
     fn failure(code: u16, reason: &str, message: &str) -> Value {
@@ -251,7 +248,7 @@ mod tests {
             }
             echo(method, path, body)
         });
-        let action = reconcile(proxy(""), Arc::clone(&ctx)).await.unwrap_or_else(|e| panic!("{e}"));
+        let action = reconcile(proxy(""), Arc::clone(&ctx)).await.unwrap();
         assert_eq!(action, Action::await_change(), "nothing to retry until the LlmProxy changes");
         drop(ctx);
         let seen = server.await.unwrap_or_default();
@@ -294,10 +291,8 @@ mod tests {
             echo(method, path, body)
         });
         let p = proxy("");
-        let err = reconcile(Arc::clone(&p), Arc::clone(&ctx))
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("a conflict fails the reconcile"));
+        let err =
+            reconcile(Arc::clone(&p), Arc::clone(&ctx)).await.expect_err("a conflict fails the reconcile");
         assert_eq!(err.metric_label(), "conflict");
         let first = error_policy(Arc::clone(&p), &err, Arc::clone(&ctx));
         let second = error_policy(Arc::clone(&p), &err, Arc::clone(&ctx));
@@ -333,7 +328,7 @@ mod tests {
         });
         reconcile(proxy("  autoscaling: {minReplicas: 2, maxReplicas: 6}\n"), Arc::clone(&ctx))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         drop(ctx);
         let seen = server.await.unwrap_or_default();
         let deployment_patches: Vec<&(String, String, Value)> = seen

@@ -622,8 +622,8 @@ mod tests {
     #[test]
     fn limits_above_upstream_names_the_endpoint_and_the_figures() {
         let yaml = "upstreams: [{name: a, url: 'https://a.example', limits: {requestsPerMinute: 1200}}, {name: b, url: 'https://b.example'}]\nlimits: {requestsPerMinute: 5000}";
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
-        let policy = Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap();
+        let policy = Policy::from_spec(&spec).unwrap();
         let c = limits_above_upstream(
             &policy,
             &[seen("a", Some(600), true, None), seen("b", Some(10), true, None)],
@@ -670,7 +670,7 @@ mod tests {
         let ok = quota_shared(&[pod(Some("shared")), pod(Some("shared"))], Some(1), None, &at(1));
         assert_eq!(ok.map(|c| (c.status, c.reason)), Some(("True".into(), "Shared".into())));
         let down = quota_shared(&[pod(Some("shared")), pod(Some("local"))], Some(1), None, &at(1));
-        let down = down.unwrap_or_else(|| panic!("a condition"));
+        let down = down.expect("a condition");
         assert_eq!((down.status.as_str(), down.reason.as_str()), ("False", "RedisUnavailable"));
         assert!(down.message.starts_with("1 of 2 pods"), "{}", down.message);
     }

@@ -788,8 +788,8 @@ mod tests {
     /// A server that answers each connection's requests with `answers` (an empty one: read the
     /// request and close without answering), written in pieces `split` bytes long.
     async fn server(answers: Vec<&'static [u8]>, split: usize) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let (conns, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (counted, closing) = (Arc::clone(&conns), Arc::clone(&closed));
         tokio::spawn(async move {
@@ -802,7 +802,7 @@ mod tests {
                 });
             }
         });
-        let to = Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let to = Authority::try_from(addr.to_string().as_str()).unwrap();
         Server { to, conns, closed }
     }
 
@@ -832,7 +832,7 @@ mod tests {
     fn request(to: &Authority, path: &str) -> http::Request<Full<Bytes>> {
         let mut req = http::Request::new(Full::new(Bytes::from_static(b"{\"a\":1}")));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = format!("http://{to}{path}").parse().unwrap_or_else(|e| panic!("{e}"));
+        *req.uri_mut() = format!("http://{to}{path}").parse().unwrap();
         req
     }
 
@@ -858,10 +858,10 @@ mod tests {
             let idle = Arc::new(Idle::default());
             for want in [&b"hello, world"[..], b"hello world", b"hello, world"] {
                 let resp = send(&idle, Duration::from_secs(5), request(&to, "/v1/x")).await;
-                let resp = resp.unwrap_or_else(|e| panic!("{e}"));
+                let resp = resp.unwrap();
                 assert_eq!(resp.status(), 200);
                 assert!(resp.headers().get("trailer").is_none());
-                assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), want, "split {split}");
+                assert_eq!(body_of(resp).await.unwrap(), want, "split {split}");
             }
             assert_eq!(conns.load(Ordering::Relaxed), 1, "one connection for all three");
             assert_eq!(idle.count(&to), 1);
@@ -875,8 +875,8 @@ mod tests {
         let idle = Arc::new(Idle::default());
         for i in 0..3 {
             let resp = send(&idle, Duration::from_secs(5), request(&to, "/")).await;
-            let body = body_of(resp.unwrap_or_else(|e| panic!("{e}"))).await;
-            assert_eq!(body.unwrap_or_else(|e| panic!("{e}")), b"hello world");
+            let body = body_of(resp.unwrap()).await;
+            assert_eq!(body.unwrap(), b"hello world");
             assert_eq!(idle.count(&to), 1, "kept: the answer allowed it");
             until(|| closed.load(Ordering::Relaxed) > i).await;
         }
@@ -900,14 +900,14 @@ mod tests {
             let Server { to, conns, .. } = server(vec![LENGTH, b""], 1000).await;
             let idle = Arc::new(Idle::default());
             let first = send(&idle, Duration::from_secs(5), request(&to, "/")).await;
-            assert!(body_of(first.unwrap_or_else(|e| panic!("{e}"))).await.is_ok());
+            assert!(body_of(first.unwrap()).await.is_ok());
             let mut again = request(&to, "/");
             *again.method_mut() = method.clone();
             let second = send(&idle, Duration::from_secs(5), again).await;
             match second {
                 Ok(resp) => {
                     assert!(resent, "{method}: answered");
-                    assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"hello world");
+                    assert_eq!(body_of(resp).await.unwrap(), b"hello world");
                     assert_eq!(conns.load(Ordering::Relaxed), 2, "{method}: sent again on a new connection");
                 }
                 Err(e) => {
@@ -921,8 +921,8 @@ mod tests {
     #[tokio::test]
     async fn an_upload_goes_on_past_a_100_continue() {
         // The server says `100 Continue` at once, reads the whole body, then answers.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         const SIZE: usize = 8 << 20;
         tokio::spawn(async move {
             let Ok((mut sock, _)) = listener.accept().await else { return };
@@ -938,14 +938,14 @@ mod tests {
             }
             let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         });
-        let to = Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let to = Authority::try_from(addr.to_string().as_str()).unwrap();
         let mut req = request(&to, "/");
         *req.body_mut() = Full::new(Bytes::from(vec![b'x'; SIZE]));
         req.headers_mut().insert(header::EXPECT, HeaderValue::from_static("100-continue"));
         let resp = send(&Arc::new(Idle::default()), Duration::from_secs(10), req).await;
-        let resp = resp.unwrap_or_else(|e| panic!("{e}"));
+        let resp = resp.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"ok");
+        assert_eq!(body_of(resp).await.unwrap(), b"ok");
     }
 
     #[tokio::test]
@@ -997,9 +997,9 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let mut req = request(&to, "/");
         *req.body_mut() = Full::new(Bytes::from(vec![b'x'; 8 << 20]));
-        let resp = send(&idle, Duration::from_secs(5), req).await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = send(&idle, Duration::from_secs(5), req).await.unwrap();
         assert_eq!(resp.status(), 413);
-        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"big!");
+        assert_eq!(body_of(resp).await.unwrap(), b"big!");
         assert_eq!(idle.count(&to), 0);
     }
 
@@ -1008,19 +1008,18 @@ mod tests {
         let Server { to, .. } = server(vec![b"HTTP/1.0 200 OK\r\n\r\nuntil the end"], 4).await;
         // The server task ends after its one answer, which closes the socket.
         let idle = Arc::new(Idle::default());
-        let resp =
-            send(&idle, Duration::from_secs(5), request(&to, "/")).await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = send(&idle, Duration::from_secs(5), request(&to, "/")).await.unwrap();
         assert_eq!(resp.version(), Version::HTTP_10);
-        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"until the end");
+        assert_eq!(body_of(resp).await.unwrap(), b"until the end");
         assert_eq!(idle.count(&to), 0);
     }
 
     #[tokio::test]
     async fn refused_connections_are_connect_errors() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         drop(listener);
-        let to = Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let to = Authority::try_from(addr.to_string().as_str()).unwrap();
         let err = send(&Arc::new(Idle::default()), Duration::from_secs(5), request(&to, "/")).await.err();
         assert!(err.is_some_and(|e| e.is_connect()));
     }
@@ -1037,7 +1036,7 @@ mod tests {
             "POST /v1/chat?x=1 HTTP/1.1\r\nhost: up:8000\r\nx-a: b\r\ncontent-length: 7\r\n\r\n"
         );
         let mut get = http::Request::new(());
-        *get.uri_mut() = "http://up/v1/models".parse().unwrap_or_else(|e| panic!("{e}"));
+        *get.uri_mut() = "http://up/v1/models".parse().unwrap();
         let (parts, ()) = get.into_parts();
         let head = request_head(&parts, &Authority::from_static("up"), 0);
         assert_eq!(String::from_utf8_lossy(&head), "GET /v1/models HTTP/1.1\r\nhost: up\r\n\r\n");
@@ -1051,10 +1050,9 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 5\r\n\r\nhello, and more";
         let Server { to, .. } = server(vec![answer], 7).await;
         let idle = Arc::new(Idle::default());
-        let resp =
-            send(&idle, Duration::from_secs(5), request(&to, "/")).await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = send(&idle, Duration::from_secs(5), request(&to, "/")).await.unwrap();
         assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
-        assert_eq!(body_of(resp).await.unwrap_or_else(|e| panic!("{e}")), b"hello, and more");
+        assert_eq!(body_of(resp).await.unwrap(), b"hello, and more");
         assert_eq!(idle.count(&to), 0, "never reused");
     }
 

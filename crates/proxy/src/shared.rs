@@ -717,7 +717,7 @@ mod tests {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
             let child = std::process::Command::new("redis-server")
                 .args([
                     "--port",
@@ -731,7 +731,7 @@ mod tests {
                 ])
                 .stdout(std::process::Stdio::null())
                 .spawn()
-                .unwrap_or_else(|e| panic!("starting redis-server (install Debian's redis-server): {e}"));
+                .expect("starting redis-server (install Debian's redis-server)");
             let r = Redis(child, format!("redis://127.0.0.1:{port}/0"));
             let deadline = Instant::now() + Duration::from_secs(20);
             while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -756,7 +756,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_entries_are_skipped_and_counted_never_failing_the_call() {
         let redis = Redis::start().await;
-        let mut c = connect(&redis.1, None).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut c = connect(&redis.1, None).await.unwrap();
         let quota = llmproxy_api::policy::QuotaPolicy {
             name: "org".into(),
             requests_per_minute: 6000,
@@ -787,25 +787,23 @@ mod tests {
             for a in &args[1..] {
                 cmd.arg(*a);
             }
-            let () =
-                cmd.query_async(&mut c).await.map(|_: redis::Value| ()).unwrap_or_else(|e| panic!("{e}"));
+            let () = cmd.query_async(&mut c).await.map(|_: redis::Value| ()).unwrap();
         }
         let lines = [
             line(LeaseKey::Total, "llmproxy:p:ns/p:total:r", 5.0, "g"),
             line(LeaseKey::Quota, "llmproxy:q:org:total:r", 10.0, "q"),
         ];
-        let metrics =
-            crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).unwrap();
         let script = redis::Script::new(SCRIPT);
         let id = identity();
         let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);
-        let (grants, members) = call.await.unwrap_or_else(|e| panic!("one bad entry failed the call: {e}"));
+        let (grants, members) = call.await.expect("one bad entry failed the call");
         // The replaced bucket starts empty; the quota's stock is granted; this member counts.
         assert_eq!((grants, members), (vec![0.0, 10.0], 1));
         assert_eq!(metrics.quota_malformed_entries.get(), 5, "two keys of another type, three bad records");
         // Dropped or skipped once: the next call finds nothing malformed.
         let call = exchange(&script, &mut c, &lines, "llmproxy:members:org", &id, Some(&quota), &metrics);
-        call.await.unwrap_or_else(|e| panic!("{e}"));
+        call.await.unwrap();
         assert_eq!(metrics.quota_malformed_entries.get(), 5);
     }
 

@@ -57,9 +57,9 @@ mod tests {
         let (_, policy) = llmproxy_api::from_yaml(
             "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {name: p}\nspec:\n  upstream: {url: 'http://127.0.0.1:9'}\n  limits: {requestsPerMinute: 60}\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let metrics = crate::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
-        let proxy = Proxy::new(policy, metrics, crate::Options::default()).unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let metrics = crate::Metrics::new(prometheus::Registry::new()).unwrap();
+        let proxy = Proxy::new(policy, metrics, crate::Options::default()).unwrap();
         let starts = Arc::new(AtomicU32::new(0));
         let counted = Arc::clone(&starts);
         let supervisor = tokio::spawn(supervise(Arc::clone(&proxy), "test", move || {
