@@ -6,7 +6,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::spec::LlmProxySpec;
+use crate::crd::LlmProxySpec;
 
 /// Annotation on an upstream-key Secret pinning where its key may go: comma-separated host
 /// names, each exact or `*.` and a domain (one more label in front, as a TLS wildcard).

@@ -110,7 +110,7 @@ fn meta(p: &LlmProxy, name: String) -> ObjectMeta {
 
 /// Pods wanted: the fixed count, or the autoscaler's floor.
 pub fn desired_replicas(p: &LlmProxy) -> i32 {
-    llmproxy_api::replicas::desired(&p.spec)
+    llmproxy_api::policy::replicas::desired(&p.spec)
 }
 
 /// What the checks before building found the proxies may be given.
@@ -314,7 +314,7 @@ fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
 fn observability_args(p: &LlmProxy) -> Vec<String> {
     let o = p.spec.observability.clone().unwrap_or_default();
     let format = match o.log_format {
-        Some(llmproxy_api::spec::LogFormatSpec::Text) => "text",
+        Some(llmproxy_api::crd::LogFormatSpec::Text) => "text",
         _ => "json",
     };
     let mut args = vec!["--log-format".to_owned(), format.to_owned()];

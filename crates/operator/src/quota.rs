@@ -12,7 +12,7 @@ use llmproxy_api::{GrantedQuota, LlmProxy, LlmQuota, QuotaConsumer, QuotaRef};
 
 /// Whether labels `labels` match `selector`; an absent selector matches nothing.
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
-    llmproxy_api::quota::selects(selector, labels)
+    llmproxy_api::crd::selects(selector, labels)
 }
 
 /// One LlmProxy that names a quota, as the verdict needs it.
