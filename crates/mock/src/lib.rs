@@ -300,7 +300,7 @@ pub struct MockServer {
 
 impl MockServer {
     /// Start on `addr` (port 0 for any free port).
-    pub async fn start(config: MockConfig, addr: SocketAddr) -> anyhow::Result<Self> {
+    pub async fn start(config: MockConfig, addr: SocketAddr) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let mock = Mock::new(config);
@@ -310,7 +310,7 @@ impl MockServer {
     }
 
     /// Start on a free loopback port.
-    pub async fn start_local(config: MockConfig) -> anyhow::Result<Self> {
+    pub async fn start_local(config: MockConfig) -> std::io::Result<Self> {
         Self::start(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 

@@ -124,12 +124,12 @@ async fn observe_quotas(
     usage: &HashMap<(String, String), (u64, u64)>,
     operator_namespace: Option<&str>,
     rbac_applied: &mut HashMap<String, Vec<(String, String)>>,
-) -> anyhow::Result<()> {
+) -> kube::Result<()> {
     let quotas = match Api::<LlmQuota>::all(client.clone()).list(&ListParams::default()).await {
         Ok(q) => q.items,
         // No CRD (an older chart) or no permission: nothing to do.
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     for q in quotas {
@@ -194,7 +194,7 @@ async fn observe_one(
     client: &Client,
     http: &reqwest::Client,
     p: &LlmProxy,
-) -> anyhow::Result<(bool, Option<(u64, u64)>)> {
+) -> kube::Result<(bool, Option<(u64, u64)>)> {
     let ns = p.namespace().unwrap_or_default();
     let urls = pod_status_urls(client, &ns, &p.name_any()).await?;
     let reports: Vec<ProxyReport> = stream::iter(urls)
@@ -282,12 +282,23 @@ fn status_urls(slice: &EndpointSlice) -> Vec<String> {
         .collect()
 }
 
-async fn fetch(http: &reqwest::Client, url: &str) -> anyhow::Result<ProxyReport> {
+/// Why a pod's report could not be read; logged at debug, the pass goes on without it.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("report larger than {MAX_REPORT_BYTES} bytes")]
+    TooLarge,
+    #[error("report not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<ProxyReport, FetchError> {
     let mut resp = http.get(url).send().await?.error_for_status()?;
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         if body.len() + chunk.len() > MAX_REPORT_BYTES {
-            anyhow::bail!("report larger than {MAX_REPORT_BYTES} bytes");
+            return Err(FetchError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
