@@ -60,7 +60,7 @@ async fn refused_by_the_proxy(proxy: &ProxyProcess) {
 }
 
 fn degraded_message(p: &LlmProxy) -> String {
-    llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+    llmproxy_operator::condition_status(p.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default()
 }

@@ -156,7 +156,7 @@ pub(crate) async fn condition(
 ) -> LlmProxy {
     eventually(&format!("{type_}={status} ({reason})"), WAIT, || async {
         let p = api.get(name).await.ok()?;
-        let c = llmproxy_operator::status::condition_status(p.status.as_ref(), type_)?;
+        let c = llmproxy_operator::condition_status(p.status.as_ref(), type_)?;
         (c.status == status && c.reason == reason).then_some(p.clone())
     })
     .await
@@ -302,11 +302,10 @@ async fn a_missing_secret_degrades_until_it_appears() {
     let _op = Operator::start(&client, &ns, "op-1", false);
     apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
     let p = condition(&api, "p", "Degraded", "True", "SecretNotFound").await;
-    let msg =
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    let msg = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
     assert!(msg.unwrap_or_default().contains("upstream-key"));
     assert_eq!(
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Ready").map(|c| c.status.as_str()),
+        llmproxy_operator::condition_status(p.status.as_ref(), "Ready").map(|c| c.status.as_str()),
         Some("False")
     );
 
@@ -337,7 +336,7 @@ async fn ready_pods_make_the_llmproxy_ready() {
     assert_eq!((s.ready_replicas, s.replicas), (Some(2), Some(2)));
     assert_eq!(s.observed_generation, p.metadata.generation);
     assert_eq!(
-        llmproxy_operator::status::condition_status(Some(&s), "Progressing").map(|c| c.status.as_str()),
+        llmproxy_operator::condition_status(Some(&s), "Progressing").map(|c| c.status.as_str()),
         Some("False")
     );
 }
@@ -354,8 +353,7 @@ async fn an_unrunnable_spec_is_reported_once_not_retried_in_a_loop() {
     )
     .await;
     let p = condition(&api, "p", "Degraded", "True", "InvalidPolicy").await;
-    let msg =
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    let msg = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
     assert!(msg.unwrap_or_default().contains("spec.cache.maxBytes: must be > 0"));
     let settled = eventually("the reconcile to be counted", WAIT, || async {
         (op.reconciles() >= 1.0).then(|| op.reconciles())
@@ -661,8 +659,7 @@ async fn a_secret_that_did_not_opt_in_is_never_granted() {
     let _op = Operator::start(&client, &ns, "op-1", false);
     apply(&api, &llmproxy("p", "https://attacker.example/v1", json!({}))).await;
     let p = condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
-    let msg =
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    let msg = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
     assert!(
         msg.unwrap_or_default().contains("kubectl label secret upstream-key llmproxy.io/upstream-key=true")
     );
@@ -743,7 +740,7 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
                                      "allowFrom": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}});
     apply(&api, &llmproxy("p", "https://api.openai.com/v1", clients.clone())).await;
     let p = condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
-    let message = llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+    let message = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(
@@ -761,7 +758,7 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
     put(keys(json!({llmproxy_api::CLIENT_KEYS_LABEL: "true"}), json!({"web": "sk-same", "etl": "sk-same"})))
         .await;
     let p = condition(&api, "p", "Degraded", "True", "ClientKeysInvalid").await;
-    let message = llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+    let message = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(
@@ -842,7 +839,7 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
         .unwrap();
 
     let p = condition(&api, "team", "LimitsAboveUpstream", "True", "UpstreamGrantsLess").await;
-    let message = &llmproxy_operator::status::condition_status(p.status.as_ref(), "LimitsAboveUpstream")
+    let message = &llmproxy_operator::condition_status(p.status.as_ref(), "LimitsAboveUpstream")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(message.contains("a: requestsPerMinute 1200 configured, the upstream grants 600"), "{message}");
@@ -880,7 +877,7 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
     let s = p.status.clone().unwrap_or_default();
     assert_eq!(s.upstreams.len(), 2, "{s:?}");
     for type_ in ["Ready", "Progressing", "Degraded", "ClientAuth"] {
-        assert!(llmproxy_operator::status::condition_status(Some(&s), type_).is_some(), "{type_}: {s:?}");
+        assert!(llmproxy_operator::condition_status(Some(&s), type_).is_some(), "{type_}: {s:?}");
     }
     let p = eventually("the reconciler's write of generation 2", WAIT, || async {
         let p = api.get("team").await.ok()?;
@@ -889,7 +886,7 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
     .await;
     let s = p.status.unwrap_or_default();
     assert_eq!(s.upstreams.len(), 2, "the reconciler left the pods' report alone: {s:?}");
-    assert!(llmproxy_operator::status::condition_status(Some(&s), "LimitsAboveUpstream").is_some());
+    assert!(llmproxy_operator::condition_status(Some(&s), "LimitsAboveUpstream").is_some());
     op.stop().await;
     proxy.shutdown().await;
 }
@@ -961,7 +958,7 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     assert_eq!((greedy.weight, greedy.guaranteed), (1, None));
     // Another namespace: refused, and said why.
     let outsider = condition(&in_ns(&other), "outsider", "Degraded", "True", "QuotaNotAllowed").await;
-    let message = llmproxy_operator::status::condition_status(outsider.status.as_ref(), "Degraded")
+    let message = llmproxy_operator::condition_status(outsider.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(message.contains("allowedNamespaces"), "{message}");
@@ -1085,7 +1082,7 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     let usage = bound.status.and_then(|s| s.usage).unwrap_or_default();
     assert!(usage.queue_depth > 0, "{usage:?}");
     assert_eq!(
-        llmproxy_operator::status::condition_status(
+        llmproxy_operator::condition_status(
             api.get("team").await.ok().as_ref().and_then(|p| p.status.as_ref()),
             "Saturated"
         )
@@ -1106,8 +1103,7 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     assert_eq!(u.utilization_percent, 10, "60 of 600 per minute");
     assert!(u.queue_wait_p99_seconds > 1.0, "{u:?}");
     assert_eq!(
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "QuotaBound")
-            .map(|c| c.status.clone()),
+        llmproxy_operator::condition_status(p.status.as_ref(), "QuotaBound").map(|c| c.status.clone()),
         Some("False".into())
     );
 
@@ -1162,7 +1158,7 @@ async fn keda_scales_on_saturation_where_asked_and_the_adapter_rules_render() {
         .await
         .unwrap();
     let scaled: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &llmproxy_operator::children::scaled_object_resource());
+        Api::namespaced_with(client.clone(), &ns, &llmproxy_operator::scaled_object_resource());
     eventually("the ScaledObject type served", WAIT, || async {
         scaled.list(&Default::default()).await.ok()
     })

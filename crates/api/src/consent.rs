@@ -158,7 +158,7 @@ pub fn consents_to_any_use(meta: &ObjectMeta, proxy: &str) -> bool {
 
 /// The host a URL's requests go to, lower-case, without port, brackets or a final dot: the same
 /// parse (`http::Uri`) the proxy connects with.
-pub fn upstream_host(url: &str) -> Option<String> {
+pub(crate) fn upstream_host(url: &str) -> Option<String> {
     let uri: http::Uri = url.parse().ok()?;
     let host = uri.host()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -169,7 +169,7 @@ pub fn upstream_host(url: &str) -> Option<String> {
 /// Whether `host` (as [`upstream_host`] gives it) matches one of the comma-separated
 /// `patterns`: a host name exactly, or `*.DOMAIN` for exactly one label in front of DOMAIN.
 /// Anything else (an empty list, `*` alone, a port) matches nothing.
-pub fn host_allowed(patterns: &str, host: &str) -> bool {
+pub(crate) fn host_allowed(patterns: &str, host: &str) -> bool {
     patterns.split(',').any(|p| {
         let p = p.trim().to_ascii_lowercase();
         let p = p.strip_suffix('.').unwrap_or(&p);

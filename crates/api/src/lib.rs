@@ -1,17 +1,19 @@
 //! The `LlmProxy` API: the custom resource types, their generated CRD, and the checked runtime
 //! [`Policy`] that the proxy and the operator both derive from a spec.
 
+#![warn(unreachable_pub)]
+
 pub mod client_keys;
 pub mod consent;
 pub mod crd;
-pub mod duration;
-pub mod fields;
-pub mod manifest;
+mod duration;
+mod fields;
+mod manifest;
 pub mod paths;
 pub mod policy;
-pub mod quantity;
+mod quantity;
 pub mod redis_acl;
-pub mod report;
+mod report;
 
 pub use client_keys::ClientKeys;
 pub use consent::{ALLOWED_UPSTREAM_HOSTS, SecretUse};

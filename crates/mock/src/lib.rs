@@ -3,6 +3,8 @@
 //! `x-ratelimit-*`), checks the bearer key, can inject 5xx, dropped connections, slow answers
 //! and broken streams, and counts everything it served.
 
+#![warn(unreachable_pub)]
+
 mod handlers;
 pub mod load;
 mod quota;
@@ -184,7 +186,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Mock {
     /// State for a mock with `config`.
-    pub fn new(config: MockConfig) -> Arc<Self> {
+    pub(crate) fn new(config: MockConfig) -> Arc<Self> {
         let now = Instant::now();
         let limits = Limits {
             requests: config.requests_per_minute.map(|l| Quota::new(l, config.window, now)),
@@ -225,7 +227,7 @@ impl Mock {
 
     /// Enforce new limits from now on (a provider lowering or raising a key's quota); `None`
     /// lifts that limit. The headers report the new limits at once.
-    pub fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
+    pub(crate) fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
         let now = Instant::now();
         let mut config = lock(&self.config);
         config.requests_per_minute = requests_per_minute;
@@ -242,7 +244,7 @@ impl Mock {
     }
 
     /// Serve `model` again.
-    pub fn allow_model(&self, model: &str) {
+    pub(crate) fn allow_model(&self, model: &str) {
         lock(&self.limits).refused_models.remove(model);
     }
 

@@ -16,7 +16,11 @@ use crate::status::Problem;
 /// Whether a proxy of `proxy` may read `secret` for `read` (it opted in to that use, does not
 /// exclude this proxy, and for an upstream key allows its host), and what is wrong with it if
 /// anything. Pure, for tests.
-pub fn secret_verdict(secret: Option<&Secret>, read: &SecretRead, proxy: &str) -> (Option<Problem>, bool) {
+pub(crate) fn secret_verdict(
+    secret: Option<&Secret>,
+    read: &SecretRead,
+    proxy: &str,
+) -> (Option<Problem>, bool) {
     let name = read.secret.clone();
     let Some(s) = secret else {
         return (Some(Problem::SecretNotFound { secret: name, use_: read.use_ }), false);

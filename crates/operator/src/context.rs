@@ -14,10 +14,10 @@ use crate::children::Settings;
 use crate::metrics::Metrics;
 
 /// The field manager of everything the operator applies.
-pub const MANAGER: &str = "llmproxy-operator";
+pub(crate) const MANAGER: &str = "llmproxy-operator";
 
 /// What every reconcile shares.
-pub struct Context {
+pub(crate) struct Context {
     /// API client.
     pub client: Client,
     /// Publishes Kubernetes Events.
@@ -32,7 +32,7 @@ pub struct Context {
 
 impl Context {
     /// A context for one operator process.
-    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
+    pub(crate) fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
         Self { client, recorder, metrics, settings, failures: Mutex::default() }
     }
 }

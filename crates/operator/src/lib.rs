@@ -1,20 +1,23 @@
 //! The llmproxy operator: watches `LlmProxy` resources and keeps, for each, a proxy Deployment,
 //! Service, ServiceAccount and least-privilege RBAC (plus a PodDisruptionBudget and an
 //! autoscaler where asked), and reports status conditions and events.
+#![warn(unreachable_pub)]
 
-pub mod apply;
-pub mod checks;
-pub mod children;
-pub mod context;
-pub mod error;
-pub mod events;
-pub mod health;
-pub mod leader;
-pub mod metrics;
-pub mod observe;
-pub mod quota;
-pub mod reconcile;
-pub mod status;
+mod apply;
+mod checks;
+mod children;
+mod context;
+mod error;
+mod events;
+mod health;
+mod leader;
+mod metrics;
+mod observe;
+// quota.rs is being changed on the lead's branch; its `pub` items become `pub(crate)` after that merges.
+#[allow(unreachable_pub)]
+mod quota;
+mod reconcile;
+mod status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,13 +38,14 @@ use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, predicates, ref
 use kube::{Client, ResourceExt};
 use llmproxy_api::LlmProxy;
 
-pub use children::Settings;
-pub use error::Error;
+pub use children::{Settings, scaled_object_resource};
 pub use health::Health;
 pub use leader::LeaseConfig;
 pub use metrics::Metrics;
 pub use observe::ObserveConfig;
-pub use reconcile::Context;
+pub use status::condition_status;
+
+use reconcile::Context;
 
 /// How to run the operator.
 #[derive(Clone, Debug)]

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::status;
 
 /// The field manager of what the pods report (the reconciler's is [`crate::reconcile::MANAGER`]).
-pub const OBSERVER: &str = "llmproxy-operator-observer";
+pub(crate) const OBSERVER: &str = "llmproxy-operator-observer";
 /// The most a pod's report may take; a larger one is refused as hostile.
 const MAX_REPORT_BYTES: usize = 256 * 1024;
 /// Pods asked at once, across all LlmProxies.
@@ -48,7 +48,7 @@ impl Default for ObserveConfig {
 }
 
 /// Run passes until dropped (the controller's shutdown drops it).
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     store: Store<DeserializeGuard<LlmProxy>>,
     config: ObserveConfig,

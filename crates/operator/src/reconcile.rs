@@ -21,11 +21,14 @@ use crate::status::{self, Problem, Rollout};
 
 use crate::apply::apply_children;
 use crate::checks::{check_quota, check_secrets};
-pub use crate::context::{Context, MANAGER};
+pub(crate) use crate::context::{Context, MANAGER};
 use crate::events::publish_transitions;
 
 /// Reconcile one LlmProxy (or report one that cannot be read).
-pub async fn reconcile(p: Arc<DeserializeGuard<LlmProxy>>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(
+    p: Arc<DeserializeGuard<LlmProxy>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let timer = ctx.metrics.duration.start_timer();
     let result = match &p.0 {
         Ok(proxy) => reconcile_inner(proxy, &ctx).await,
@@ -141,7 +144,7 @@ async fn report_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Act
 }
 
 /// Transient failures: count them and retry with exponential back-off (5 s doubling to 5 min).
-pub fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciles.with_label_values(&["error"]).inc();
     ctx.metrics.failures.with_label_values(&[err.metric_label()]).inc();
     let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);

@@ -154,7 +154,7 @@ pub enum LogFormatSpec {
 }
 
 /// The name of the one endpoint of `spec.upstream`, in metrics and status.
-pub const DEFAULT_ENDPOINT: &str = "default";
+pub(crate) const DEFAULT_ENDPOINT: &str = "default";
 
 impl LlmProxySpec {
     /// Each endpoint's upstream settings with its name and the path of its field: the one of

@@ -17,7 +17,7 @@ use crate::paths::PathRule;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     /// Where requests go: the endpoints of `spec.upstreams`, or the one of `spec.upstream`
-    /// (named [`DEFAULT_ENDPOINT`]). Never empty.
+    /// (named `default`). Never empty.
     pub upstreams: Vec<UpstreamPolicy>,
     /// The quota to stay inside.
     pub limits: LimitsPolicy,
@@ -324,13 +324,13 @@ impl fmt::Display for PolicyError {
 
 /// Upper bounds of the durations (the CRD schema says the same in CEL): beyond them a value is a
 /// mistake, and deadline arithmetic stays far from overflow.
-pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The longest `queue.maxWait`.
-pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// The longest retry back-off.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// The longest cache TTL.
-pub const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One second's worth of a per-minute rate, at least 1.
 pub fn per_second(per_minute: u64) -> u64 {
@@ -350,7 +350,7 @@ impl Policy {
 }
 
 /// Requests in flight on one HTTP/2 connection when `maxStreamsPerConnection` is absent.
-pub const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
+pub(crate) const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
 
 #[cfg(test)]
 mod tests {
