@@ -180,6 +180,8 @@ pub struct Mock {
     gate: tokio::sync::watch::Sender<bool>,
 }
 
+/// Every lock of the mock goes through here: std's Mutex, poisoning recovered (the workspace's
+/// choice, stated beside `await_holding_lock` in Cargo.toml).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

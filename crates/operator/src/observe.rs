@@ -22,6 +22,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, LlmProxyStatus, LlmQuota, LlmQuotaStatus, Policy, ProxyReport};
 
+use crate::context::lock;
 use crate::metrics::Metrics;
 use crate::status;
 
@@ -93,7 +94,7 @@ pub(crate) async fn run(
                             }
                             if let Some(u) = used {
                                 let key = (p.namespace().unwrap_or_default(), p.name_any());
-                                usage.lock().unwrap_or_else(PoisonError::into_inner).insert(key, u);
+                                lock(usage).insert(key, u);
                             }
                         }
                         Err(e) => {

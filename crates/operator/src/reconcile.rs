@@ -1,7 +1,7 @@
 //! The reconcile driver: validate (`checks`) -> build the children (`children`, pure) ->
 //! apply them (`apply`) -> write status (`status`) and events (`events`); and the back-off.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -16,6 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use llmproxy_api::{LlmProxy, Policy};
 
 use crate::children::{self};
+use crate::context::lock;
 use crate::error::Error;
 use crate::status::{self, Problem, Rollout};
 
@@ -37,7 +38,7 @@ pub(crate) async fn reconcile(
     timer.observe_duration();
     if result.is_ok() {
         ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
-        ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from_obj(p.as_ref()));
+        lock(&ctx.failures).remove(&ObjectRef::from_obj(p.as_ref()));
     }
     result
 }
@@ -147,7 +148,7 @@ async fn report_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Act
 pub(crate) fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciles.with_label_values(&["error"]).inc();
     ctx.metrics.failures.with_label_values(&[err.metric_label()]).inc();
-    let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut failures = lock(&ctx.failures);
     let n = failures.entry(ObjectRef::from_obj(p.as_ref())).or_insert(0);
     *n = n.saturating_add(1);
     let delay = Duration::from_secs(5).saturating_mul(1 << (*n - 1).min(6)).min(Duration::from_secs(300));
