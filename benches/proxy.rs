@@ -22,6 +22,9 @@
 //!     the latency the shared limiter adds;
 //! (j) 5,000 streaming responses open at once: errors, and resident memory per open stream.
 
+// A benchmark harness, not runtime code: a failed setup step should stop the run with its error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,7 +60,7 @@ impl Drop for Nginx {
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap_or_else(|e| panic!("{e}"))
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap()
 }
 
 fn spawn(cmd: &mut Command) -> Proc {
@@ -147,7 +150,7 @@ async fn run_proxy_bin(
     manifest: &str,
     args: &[&str],
 ) -> (Proc, SocketAddr, SocketAddr) {
-    std::fs::write(file, manifest).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(file, manifest).unwrap();
     let (addr, admin) = (free_addr(), free_addr());
     let p = spawn(
         Command::new(bin)
@@ -213,7 +216,7 @@ fn baseline_build() -> Option<String> {
 
 #[allow(clippy::print_stdout, clippy::cast_precision_loss, clippy::too_many_lines)]
 async fn run() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let client = load::client();
     let (_mock, mock_addr) = start_mock(&[]).await;
     // Limits on but not binding; request records at 100 % (the default), as an auditing user
@@ -933,7 +936,7 @@ async fn quiet_under_flood(
         }));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (summary, wall, sent) = flooding.await.unwrap_or_else(|e| panic!("{e}"));
+    let (summary, wall, sent) = flooding.await.unwrap();
     assert_eq!(summary.ok, flood, "every flood request answered");
     let mut quiet: Vec<Duration> = futures_util::future::join_all(quiet)
         .await
@@ -964,7 +967,7 @@ async fn fairness_workload(dir: &Path) {
     let client = load::client();
     let rpm = (RATE * 60).to_string();
     let keys = dir.join("bench-clients.yaml");
-    std::fs::write(&keys, "flood: sk-flood\nquiet: sk-quiet\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keys, "flood: sk-flood\nquiet: sk-quiet\n").unwrap();
     let keys_arg = keys.display().to_string();
     let common =
         format!("  limits: {{requestsPerMinute: {rpm}}}\n  queue: {{maxSize: 100000, maxWait: 120s}}\n");
@@ -1007,15 +1010,14 @@ async fn fairness_workload(dir: &Path) {
 }
 
 fn main() {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
     // tpm = e, memory = f, fairness = g, upstreams = h, quota = i,
     // streams = j); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         if wanted("hop") {
             run().await;
         }

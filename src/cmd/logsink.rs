@@ -165,7 +165,7 @@ mod tests {
 
     impl Write for Shared {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(b);
+            self.0.lock().unwrap().extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> io::Result<()> {

@@ -1,7 +1,8 @@
 //! `llmproxy proxy`: serve one LlmProxy from a manifest file, reloading it on change.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use llmproxy_proxy::source::cluster;
@@ -105,85 +106,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let metrics = Metrics::new(llmproxy_proxy::Registry::new())?;
     let (proxy, source, name) = match (&args.config, &args.resource) {
-        (Some(file), _) => {
-            let (resource, policy) = source_file::load_policy(file)?;
-            let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
-                (Some(path), _) => source_file::load_key(path)?,
-                (None, Some(key)) => ApiKey::new(key),
-                (None, None) => None,
-            };
-            let files = source_file::Files {
-                manifest: file.clone(),
-                upstream_key: args.upstream_api_key_file.clone(),
-                client_keys: args.client_keys_file.clone(),
-                secrets_dir: args.secrets_dir.clone(),
-            };
-            let named_keys = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
-            if key.is_none() && named_keys && args.secrets_dir.is_none() {
-                tracing::warn!(
-                    "spec.upstream.apiKeySecretRef: standalone, the key comes from --secrets-dir, \
-                     --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY; none was given"
-                );
-            }
-            if let Some(gap) = source_file::standalone_gaps(&policy, &files) {
-                anyhow::bail!(gap);
-            }
-            let client_keys =
-                args.client_keys_file.as_deref().map(source_file::load_client_keys).transpose()?;
-            let keys_from_dir = source_file::needs_client_keys(&policy) && args.secrets_dir.is_some();
-            if client_keys.is_none() && !keys_from_dir {
-                tracing::warn!(
-                    "client auth disabled: anything that can reach this port spends the upstream key \
-                     (require client keys with spec.clients.keysSecretRef and --client-keys-file)"
-                );
-            }
-            let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
-            let proxy = Proxy::new(policy, metrics, options);
-            proxy.share(llmproxy_proxy::Identity {
-                proxy: format!(
-                    "{}/{}",
-                    resource.metadata.namespace.as_deref().unwrap_or("default"),
-                    resource.metadata.name.as_deref().unwrap_or_default()
-                ),
-                member: member_id(args.listen),
-                replicas,
-            });
-            proxy.set_api_key(key);
-            proxy.require_client_keys(client_keys.is_some() || keys_from_dir);
-            proxy.set_client_keys(client_keys);
-            // With a secrets dir, not ready until every named key has been read there.
-            proxy.set_key_required(args.secrets_dir.is_some() && named_keys);
-            let p = proxy.clone();
-            let mut first = true;
-            let source = supervise(proxy.clone(), "file", move || {
-                let (p, files) = (p.clone(), files.clone());
-                let watcher = if std::mem::take(&mut first) {
-                    FileWatcher::new(p, files)
-                } else {
-                    FileWatcher::fresh(p, files)
-                };
-                watcher.run()
-            });
-            (proxy, tokio::spawn(source), resource.metadata.name.unwrap_or_default())
-        }
-        (None, Some(r)) => {
-            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-            let policy = cluster::initial(&client, r).await;
-            let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
-            let proxy = Proxy::new(policy, metrics, options);
-            proxy.share(llmproxy_proxy::Identity {
-                proxy: format!("{}/{}", r.namespace, r.name),
-                member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),
-                replicas: 1,
-            });
-            proxy.set_key_required(key_required);
-            let (p, r2) = (proxy.clone(), r.clone());
-            let source = supervise(proxy.clone(), "cluster", move || {
-                cluster::watch(p.clone(), client.clone(), r2.clone())
-            });
-            let task = tokio::spawn(source);
-            (proxy, task, format!("{}/{}", r.namespace, r.name))
-        }
+        (Some(file), _) => from_file(&args, file, metrics, options)?,
+        (None, Some(r)) => from_cluster(&args, r, metrics, options).await?,
         (None, None) => anyhow::bail!("give --config FILE or --resource NAMESPACE/NAME"),
     };
 
@@ -204,4 +128,94 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     source.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A running proxy, the task that keeps its policy current, and the name it logs.
+type Started = (Arc<Proxy>, tokio::task::JoinHandle<()>, String);
+
+/// Standalone: the policy from the manifest `file`, keys from flags and files, reloaded when
+/// they change.
+fn from_file(args: &Args, file: &Path, metrics: Metrics, options: Options) -> anyhow::Result<Started> {
+    let (resource, policy) = source_file::load_policy(file)?;
+    let key = match (&args.upstream_api_key_file, &args.upstream_api_key) {
+        (Some(path), _) => source_file::load_key(path)?,
+        (None, Some(key)) => ApiKey::new(key),
+        (None, None) => None,
+    };
+    let files = source_file::Files {
+        manifest: file.to_path_buf(),
+        upstream_key: args.upstream_api_key_file.clone(),
+        client_keys: args.client_keys_file.clone(),
+        secrets_dir: args.secrets_dir.clone(),
+    };
+    let named_keys = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
+    if key.is_none() && named_keys && args.secrets_dir.is_none() {
+        tracing::warn!(
+            "spec.upstream.apiKeySecretRef: standalone, the key comes from --secrets-dir, \
+             --upstream-api-key-file or LLMPROXY_UPSTREAM_API_KEY; none was given"
+        );
+    }
+    if let Some(gap) = source_file::standalone_gaps(&policy, &files) {
+        anyhow::bail!(gap);
+    }
+    let client_keys = args.client_keys_file.as_deref().map(source_file::load_client_keys).transpose()?;
+    let keys_from_dir = source_file::needs_client_keys(&policy) && args.secrets_dir.is_some();
+    if client_keys.is_none() && !keys_from_dir {
+        tracing::warn!(
+            "client auth disabled: anything that can reach this port spends the upstream key \
+             (require client keys with spec.clients.keysSecretRef and --client-keys-file)"
+        );
+    }
+    let replicas = u32::try_from(resource.spec.replicas.max(1)).unwrap_or(1);
+    let proxy = Proxy::new(policy, metrics, options);
+    proxy.share(llmproxy_proxy::Identity {
+        proxy: format!(
+            "{}/{}",
+            resource.metadata.namespace.as_deref().unwrap_or("default"),
+            resource.metadata.name.as_deref().unwrap_or_default()
+        ),
+        member: member_id(args.listen),
+        replicas,
+    });
+    proxy.set_api_key(key);
+    proxy.require_client_keys(client_keys.is_some() || keys_from_dir);
+    proxy.set_client_keys(client_keys);
+    // With a secrets dir, not ready until every named key has been read there.
+    proxy.set_key_required(args.secrets_dir.is_some() && named_keys);
+    let p = proxy.clone();
+    let mut first = true;
+    let source = supervise(proxy.clone(), "file", move || {
+        let (p, files) = (p.clone(), files.clone());
+        let watcher = if std::mem::take(&mut first) {
+            FileWatcher::new(p, files)
+        } else {
+            FileWatcher::fresh(p, files)
+        };
+        watcher.run()
+    });
+    Ok((proxy, tokio::spawn(source), resource.metadata.name.unwrap_or_default()))
+}
+
+/// In a cluster: the policy from the LlmProxy `r` and its Secrets, watched.
+async fn from_cluster(
+    args: &Args,
+    r: &cluster::ResourceRef,
+    metrics: Metrics,
+    options: Options,
+) -> anyhow::Result<Started> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let policy = cluster::initial(&client, r).await;
+    let key_required = policy.upstreams.iter().any(|u| u.api_key_secret_ref.is_some());
+    let proxy = Proxy::new(policy, metrics, options);
+    proxy.share(llmproxy_proxy::Identity {
+        proxy: format!("{}/{}", r.namespace, r.name),
+        member: std::env::var("POD_NAME").unwrap_or_else(|_| member_id(args.listen)),
+        replicas: 1,
+    });
+    proxy.set_key_required(key_required);
+    let (p, r2) = (proxy.clone(), r.clone());
+    let source =
+        supervise(proxy.clone(), "cluster", move || cluster::watch(p.clone(), client.clone(), r2.clone()));
+    let task = tokio::spawn(source);
+    Ok((proxy, task, format!("{}/{}", r.namespace, r.name)))
 }

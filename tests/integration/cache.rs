@@ -21,7 +21,7 @@ async fn send(url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String, 
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     let cache = resp.headers().get("x-llmproxy-cache").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     (status, cache, resp.text().await.unwrap_or_default())
@@ -58,12 +58,12 @@ async fn identical_requests_hit_the_cache_whatever_their_formatting() {
     assert_eq!(metric(&m, "llmproxy_requests_total{outcome=\"cache_hit\"}"), 2.0, "{m}");
 
     // Turning the cache off on reload empties it; turning it on again starts cold.
-    let (_, off) = llmproxy_api::from_yaml(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, off) =
+        llmproxy_api::from_yaml(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", "")).unwrap();
     proxy.proxy.apply_policy(off);
     assert_eq!(send(&url, &prompt("hello").to_string(), &[]).await.1, "", "not cacheable while off");
-    let (_, on) = llmproxy_api::from_yaml(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", CACHED))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, on) =
+        llmproxy_api::from_yaml(&manifest(&upstream.url(), "{requestsPerMinute: 6000}", CACHED)).unwrap();
     proxy.proxy.apply_policy(on);
     assert_eq!(send(&url, &prompt("hello").to_string(), &[]).await.1, "miss");
 }
@@ -139,7 +139,7 @@ async fn fifty_identical_requests_make_one_upstream_call() {
     })
     .await;
     upstream.mock.release();
-    let results = requests.await.unwrap_or_else(|e| panic!("{e}"));
+    let results = requests.await.unwrap();
     assert_eq!(upstream.mock.seen().len(), 1, "one upstream call for 50 identical requests");
     assert!(results.iter().all(|(s, _, b)| *s == 200 && *b == results[0].2), "50 identical answers");
     let miss = results.iter().filter(|r| r.1 == "miss").count();
@@ -160,7 +160,7 @@ async fn a_failed_leader_does_not_take_its_followers_down() {
     let results =
         tokio::time::timeout(Duration::from_secs(30), join_all((0..10).map(|_| send(&url, &body, &[]))))
             .await;
-    let results = results.unwrap_or_else(|_| panic!("followers hung after the leader failed"));
+    let results = results.expect("followers hung after the leader failed");
     let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
     assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 9, "{statuses:?}");
@@ -200,7 +200,7 @@ async fn an_answer_only_the_close_ended_is_kept_only_if_its_json_parses() {
     })
     .await;
     upstream.mock.release();
-    let results = requests.await.unwrap_or_else(|e| panic!("{e}"));
+    let results = requests.await.unwrap();
     let whole = results.iter().filter(|r| serde_json::from_str::<Value>(&r.2).is_ok()).count();
     assert_eq!(whole, 3, "only the leader got the cut answer: {results:?}");
     assert_eq!(upstream.mock.seen().len(), 4);
@@ -255,7 +255,7 @@ async fn with_client_keys_each_client_has_its_own_entries_unless_the_scope_is_sh
     })
     .await;
     upstream.mock.release();
-    let results = both.await.unwrap_or_else(|e| panic!("{e}"));
+    let results = both.await.unwrap();
     assert!(results.iter().all(|(s, c, _)| *s == 200 && c == "miss"), "{results:?}");
 
     // `scope: shared` shares them across clients, as without client keys.
@@ -296,11 +296,10 @@ async fn every_request_leaves_one_record_without_prompt_or_keys() {
     const CLIENT_KEY: &str = "sk-client-RECORDKEY-2";
     const MARKER: &str = "zebra-umbrella-quartz";
     let upstream = mock(MockConfig { api_key: Some(UPSTREAM_KEY.into()), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let spec = format!("{CACHED}  retry: {{initialBackoff: 10ms}}\n");
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", &spec))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", &spec)).unwrap();
     let args = ["--client-id-header", "x-team"];
     let proxy = ProxyProcess::start(&file, &args, &[("LLMPROXY_UPSTREAM_API_KEY", UPSTREAM_KEY)]).await;
     let client = load::client();
@@ -319,7 +318,7 @@ async fn every_request_leaves_one_record_without_prompt_or_keys() {
     for body in
         [secret_prompt.clone(), secret_prompt.clone(), json!({"model": "m", "user": "bob", "input": MARKER})]
     {
-        let resp = post(body).await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = post(body).await.unwrap();
         ids.push(resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned());
         let _ = resp.bytes().await;
     }

@@ -188,8 +188,7 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
 
     // The installed ClusterRole grants what the operator uses (RBAC is not enforced by this
     // API server, so the rules are read, not exercised).
-    let role =
-        Api::<ClusterRole>::all(client.clone()).get("llmproxy").await.unwrap_or_else(|e| panic!("{e}"));
+    let role = Api::<ClusterRole>::all(client.clone()).get("llmproxy").await.unwrap();
     let rules = role.rules.unwrap_or_default();
     for (group, resource, verbs) in OPERATOR_NEEDS {
         for verb in *verbs {
@@ -243,8 +242,7 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
     assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
     let image = args.iter().find_map(|a| a.strip_prefix("--proxy-image=")).unwrap_or_default().to_owned();
     assert_eq!(image, "ghcr.io/llmproxy/llmproxy:test");
-    let metrics =
-        llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap();
     let config = llmproxy_operator::Config {
         settings: llmproxy_operator::Settings {
             image: image.clone(),
@@ -269,9 +267,7 @@ async fn helm_install_then_the_operator_reconciles_in_that_setting() {
     let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
     let p = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": "openai"},
                    "spec": {"upstream": {"url": "https://api.openai.com/v1"}, "limits": {"requestsPerMinute": 3500}}});
-    api.patch("openai", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    api.patch("openai", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p)).await.unwrap();
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
     let d = eventually("the proxy Deployment", Duration::from_secs(30), || async {
         deployments.get_opt("openai").await.ok().flatten()
@@ -342,8 +338,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_and_operator_export() {
     let _ = load::shoot(&client, &url, None, &load::chat_body(1)).await;
     let _ = load::burst(&client, &url, None, 3).await;
     let scrape = scraped(&proxy.metrics().await);
-    let operator =
-        llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+    let operator = llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap();
     let exported: BTreeSet<String> = scrape.union(&scraped(&operator.render())).cloned().collect();
 
     let dashboard = std::fs::read_to_string(repo_path("charts/llmproxy/files/grafana-dashboard.json"))
@@ -399,17 +394,11 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
     for (name, key) in [("upstream-key", "sk-team"), ("payroll", "hunter2")] {
         let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,
             "labels": {"llmproxy.io/upstream-key": "true"}}, "stringData": {"api-key": key}});
-        secrets
-            .patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&s))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        secrets.patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&s)).await.unwrap();
     }
     let keys = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-keys",
         "labels": {llmproxy_api::CLIENT_KEYS_LABEL: "true"}}, "stringData": {"web": "sk-web-1"}});
-    secrets
-        .patch("team-keys", &PatchParams::apply(MANAGER), &Patch::Apply(&keys))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    secrets.patch("team-keys", &PatchParams::apply(MANAGER), &Patch::Apply(&keys)).await.unwrap();
     let proxies: Api<LlmProxy> = Api::namespaced(admin.clone(), &ns);
     for (name, key) in [("openai", "upstream-key"), ("other", "payroll")] {
         let p = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": name},
@@ -417,10 +406,7 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
                      "limits": {"requestsPerMinute": 6000},
                      "clients": {"keysSecretRef": {"name": "team-keys"},
                                  "allowFrom": [{"podSelector": {"matchLabels": {"app": "web"}}}]}}});
-        proxies
-            .patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&p))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        proxies.patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&p)).await.unwrap();
     }
 
     // The operator as the chart's ServiceAccount, with the chart's ClusterRole and nothing else.
@@ -437,8 +423,7 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
         identity: "llmproxy-0".into(),
         observe: llmproxy_operator::ObserveConfig::default(),
     };
-    let metrics =
-        llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap();
     let health = std::sync::Arc::new(llmproxy_operator::Health::new(false));
     let running = tokio::spawn(llmproxy_operator::run(
         operator.clone(),
@@ -485,11 +470,11 @@ async fn the_operator_and_its_proxies_work_with_exactly_the_rbac_they_are_given(
         .body(load::chat_body(1).to_string())
         .send()
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(resp.status(), 200, "the proxy read its LlmProxy, its upstream key and its client keys");
 
     // Only the labelled pods reach the proxy's HTTP port.
-    let np = policies.get("openai").await.unwrap_or_else(|e| panic!("{e}"));
+    let np = policies.get("openai").await.unwrap();
     let spec = np.spec.unwrap_or_default();
     let http =
         spec.ingress.unwrap_or_default().into_iter().find(|rule| {

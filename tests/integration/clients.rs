@@ -24,7 +24,7 @@ async fn proxy_with_clients(upstream: &str, per_second: u64, clients: &str) -> T
     );
     let proxy =
         TestProxy::start(&manifest(upstream, &format!("{{requestsPerMinute: {rpm}}}"), &spec), None).await;
-    let keys = ClientKeys::from_pairs(KEYS.iter().copied()).unwrap_or_else(|e| panic!("{e}"));
+    let keys = ClientKeys::from_pairs(KEYS.iter().copied()).unwrap();
     proxy.proxy.require_client_keys(true);
     proxy.proxy.set_client_keys(Some(keys));
     proxy
@@ -260,13 +260,12 @@ async fn interactive_requests_pass_batch_work_and_batch_work_still_progresses() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_client_keys_take_effect_without_a_restart() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let keys = dir.path().join("keys.yaml");
     let spec = "  clients:\n    keysSecretRef: {name: team-keys}\n";
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(&keys, "team-a: sk-old\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec)).unwrap();
+    std::fs::write(&keys, "team-a: sk-old\n").unwrap();
     // Asking for keys without a keys file is refused outright, never served open.
     let mut refused = ProxyProcess::spawn(&["proxy", "--config", &file.display().to_string()], &[]);
     assert_eq!(refused.wait_exit(Duration::from_secs(20)).await, Some(1));
@@ -281,7 +280,7 @@ async fn rotated_client_keys_take_effect_without_a_restart() {
         use sha2::Digest;
         sha2::Sha256::digest(b"sk-new").iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
-    std::fs::write(&keys, format!("team-a: sha256:{sha}\n")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keys, format!("team-a: sha256:{sha}\n")).unwrap();
     eventually("the rotated key to work", Duration::from_secs(5), || {
         let url = url.clone();
         async move { (send(&url, "sk-new", &chat(2)).await.0 == 200).then_some(()) }
@@ -302,14 +301,12 @@ async fn rotated_client_keys_take_effect_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_client_is_refused_even_when_another_line_of_the_file_is_invalid() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let keys = dir.path().join("keys.yaml");
     let spec = "  clients:\n    keysSecretRef: {name: team-keys}\n";
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(&keys, "team-a: sk-aaa\nteam-b: sk-bbb\nteam-c: sk-ccc\n")
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec)).unwrap();
+    std::fs::write(&keys, "team-a: sk-aaa\nteam-b: sk-bbb\nteam-c: sk-ccc\n").unwrap();
     let keys_arg = keys.display().to_string();
     let proxy = ProxyProcess::start(&file, &["--client-keys-file", &keys_arg], &[]).await;
     let url = Target { url: proxy.url("/chat/completions"), client: load::client() };
@@ -317,8 +314,7 @@ async fn a_removed_client_is_refused_even_when_another_line_of_the_file_is_inval
         assert_eq!(send(&url, key, &chat(1)).await.0, 200, "{key}");
     }
     // team-b removed, and in the same edit a line with a name no client may have.
-    std::fs::write(&keys, "team-a: sk-aaa\nteam c: sk-bad\nteam-c: sk-ccc\n")
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keys, "team-a: sk-aaa\nteam c: sk-bad\nteam-c: sk-ccc\n").unwrap();
     eventually("team-b's key to be revoked", Duration::from_secs(5), || {
         let url = url.clone();
         async move { (send(&url, "sk-bbb", &chat(2)).await.0 == 401).then_some(()) }
@@ -327,7 +323,7 @@ async fn a_removed_client_is_refused_even_when_another_line_of_the_file_is_inval
     assert_eq!(send(&url, "sk-aaa", &chat(3)).await.0, 200, "the valid entries stay in force");
     assert_eq!(send(&url, "sk-bad", &chat(4)).await.0, 401, "the invalid entry is not admitted");
     // team-c removed, and a line that is not YAML at all: the rest still applies.
-    std::fs::write(&keys, "team-a: sk-aaa\nteam-d sk-ddd: [\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keys, "team-a: sk-aaa\nteam-d sk-ddd: [\n").unwrap();
     eventually("team-c's key to be revoked", Duration::from_secs(5), || {
         let url = url.clone();
         async move { (send(&url, "sk-ccc", &chat(5)).await.0 == 401).then_some(()) }
@@ -335,7 +331,7 @@ async fn a_removed_client_is_refused_even_when_another_line_of_the_file_is_inval
     .await;
     assert_eq!(send(&url, "sk-aaa", &chat(6)).await.0, 200);
     // The file deleted: no key is in force.
-    std::fs::remove_file(&keys).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_file(&keys).unwrap();
     eventually("every key to be revoked", Duration::from_secs(5), || {
         let url = url.clone();
         async move { (send(&url, "sk-aaa", &chat(7)).await.0 == 401).then_some(()) }

@@ -39,22 +39,20 @@ async fn slow_headers_and_slow_bodies_are_cut_off() {
     let proxy = serving(&upstream.url(), options, serve).await;
     // Slowloris: half a request line, then nothing.
     let start = Instant::now();
-    let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
-    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").await.unwrap();
     let closed = read_until_closed(&mut conn, Duration::from_secs(20)).await;
     assert!(closed.is_some(), "a connection with partial headers stayed open");
     assert!(start.elapsed() < Duration::from_secs(15), "closed only after {:?}", start.elapsed());
 
     // Headers complete, the body trickles: a 408 once the body read time is up.
-    let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
     let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":";
-    conn.write_all(head.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    conn.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
         .await
-        .unwrap_or_else(|_| panic!("no answer to a trickling body"))
+        .expect("no answer to a trickling body")
         .unwrap_or(0);
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -66,8 +64,8 @@ async fn connections_beyond_the_cap_wait_for_a_free_one() {
     let upstream = mock(MockConfig::default()).await;
     let serve = ServeOptions { max_connections: 2, drain_delay: Duration::ZERO, ..ServeOptions::default() };
     let proxy = serving(&upstream.url(), Options::default(), serve).await;
-    let first = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
-    let _second = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let first = TcpStream::connect(proxy.addr).await.unwrap();
+    let _second = TcpStream::connect(proxy.addr).await.unwrap();
     let url = proxy.url("/models");
     let third = tokio::spawn(async move { get_text(&url).await });
     // Absence needs a window: the third is not served while two idle connections hold the cap.
@@ -75,17 +73,16 @@ async fn connections_beyond_the_cap_wait_for_a_free_one() {
     assert!(!third.is_finished(), "served beyond the connection cap");
     drop(first);
     let body = tokio::time::timeout(Duration::from_secs(10), third).await;
-    let body = body.unwrap_or_else(|_| panic!("not served after a slot came free")).unwrap_or_default();
+    let body = body.expect("not served after a slot came free").unwrap_or_default();
     assert!(body.contains("\"object\":\"list\""), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_sigterm_new_requests_are_still_served_during_the_drain_delay() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", "")).unwrap();
     let mut proxy = ProxyProcess::start(&file, &["--drain-delay", "3s", "--log-format", "text"], &[]).await;
     let ready = format!("http://{}/readyz", proxy.admin);
     proxy.terminate();
@@ -110,12 +107,12 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
     // the memory they hold.
     let upstream = mock(MockConfig::default()).await;
     upstream.mock.hold();
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let budget: u64 = 32 << 20;
     let spec = "  queue: {maxSize: 100, maxWait: 60s, maxBytes: 32Mi}\n";
     std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000, maxConcurrent: 1}", spec))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let proxy = ProxyProcess::start(&file, &["--request-records", "0"], &[]).await;
     let idle = load::rss_bytes(proxy.pid());
     let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat((4 << 20) - 1024)}]})
@@ -178,7 +175,7 @@ async fn http1_and_http2_clients_are_told_apart_on_serving_workers() {
         (reqwest::Client::builder().http2_prior_knowledge().build(), http::Version::HTTP_2),
         (reqwest::Client::builder().http1_only().build(), http::Version::HTTP_11),
     ] {
-        let client = client.unwrap_or_else(|e| panic!("{e}"));
+        let client = client.unwrap();
         let resp = client
             .post(&url)
             .header("content-type", "application/json")
@@ -190,19 +187,19 @@ async fn http1_and_http2_clients_are_told_apart_on_serving_workers() {
     }
     // An HTTP/1.1 request whose first byte arrives alone (a `P` could still open the HTTP/2
     // preface): the pause only splits the bytes into two segments.
-    let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
     let _ = conn.set_nodelay(true);
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    conn.write_all(&request.as_bytes()[..1]).await.unwrap_or_else(|e| panic!("{e}"));
+    conn.write_all(&request.as_bytes()[..1]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    conn.write_all(&request.as_bytes()[1..]).await.unwrap_or_else(|e| panic!("{e}"));
+    conn.write_all(&request.as_bytes()[1..]).await.unwrap();
     let answer = read_until_closed(&mut conn, Duration::from_secs(20)).await.unwrap_or_default();
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
     // A connection that never says anything is closed after the header read timeout.
-    let mut silent = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
     let start = Instant::now();
     assert!(read_until_closed(&mut silent, Duration::from_secs(20)).await.is_some());
     assert!(start.elapsed() < Duration::from_secs(15), "closed only after {:?}", start.elapsed());
@@ -255,7 +252,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// One HTTP/2 frame: its 9-byte header, then `payload`.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap_or_else(|e| panic!("{e}"));
+    let len = u32::try_from(payload.len()).unwrap();
     let mut frame = len.to_be_bytes()[1..].to_vec();
     frame.extend_from_slice(&[kind, flags]);
     frame.extend_from_slice(&stream.to_be_bytes());
@@ -270,7 +267,7 @@ fn h2_get(stream: u32, path: &str) -> Vec<u8> {
     for (name, value) in [(":method", "GET"), (":scheme", "http"), (":path", path), (":authority", "x")] {
         block.push(0);
         for s in [name, value] {
-            block.push(u8::try_from(s.len()).unwrap_or_else(|e| panic!("{e}")));
+            block.push(u8::try_from(s.len()).unwrap());
             block.extend_from_slice(s.as_bytes());
         }
     }
@@ -293,10 +290,10 @@ async fn http2_connections_that_never_ask_are_closed_and_free_their_slots() {
     let start = Instant::now();
     let mut silent = Vec::new();
     for i in 0..8 {
-        let mut conn = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
-        conn.write_all(H2_PREFACE).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+        conn.write_all(H2_PREFACE).await.unwrap();
         if i % 2 == 1 {
-            conn.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap_or_else(|e| panic!("{e}"));
+            conn.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap();
         }
         silent.push(conn);
     }
@@ -313,7 +310,7 @@ async fn http2_connections_that_never_ask_are_closed_and_free_their_slots() {
     // The timeout is 2 s: a generous bound for a loaded machine.
     assert!(start.elapsed() < Duration::from_secs(20), "closed only after {:?}", start.elapsed());
     let status = tokio::time::timeout(Duration::from_secs(20), next).await;
-    let status = status.unwrap_or_else(|_| panic!("the next client was not served")).ok().flatten();
+    let status = status.expect("the next client was not served").ok().flatten();
     assert_eq!(status, Some(200));
 }
 
@@ -332,18 +329,16 @@ async fn http2_connections_are_bounded_like_http1() {
 
     // Idle after one answer: the h2 client answers pings and keeps its handle, so only the
     // server's idle timeout can end the connection.
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
-    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap_or_else(|e| panic!("{e}"));
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
     let conn = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://{}/v1/models", proxy.addr))
-        .body(())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (answer, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
-    let answer = answer.await.unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::get(format!("http://{}/v1/models", proxy.addr)).body(()).unwrap();
+    let (answer, _) = send.send_request(req, true).unwrap();
+    let answer = answer.await.unwrap();
     assert_eq!(answer.status(), 200);
     let mut body = answer.into_body();
     while let Some(data) = body.data().await {
-        let data = data.unwrap_or_else(|e| panic!("{e}"));
+        let data = data.unwrap();
         let _ = body.flow_control().release_capacity(data.len());
     }
     let start = Instant::now();
@@ -354,11 +349,11 @@ async fn http2_connections_are_bounded_like_http1() {
 
     // A stream waits on a held upstream while its peer reads nothing, so answers no ping.
     upstream.mock.hold();
-    let mut mute = TcpStream::connect(proxy.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut mute = TcpStream::connect(proxy.addr).await.unwrap();
     let mut opening = H2_PREFACE.to_vec();
     opening.extend(h2_frame(4, 0, 0, &[]));
     opening.extend(h2_get(1, "/v1/models"));
-    mute.write_all(&opening).await.unwrap_or_else(|e| panic!("{e}"));
+    mute.write_all(&opening).await.unwrap();
     let seen = upstream.mock.stats().requests;
     eventually("the request to reach the upstream", Duration::from_secs(10), || async {
         (upstream.mock.stats().requests > seen).then_some(())
@@ -376,7 +371,7 @@ async fn http2_connections_are_bounded_like_http1() {
         (reqwest::Client::builder().http2_prior_knowledge().build(), "HTTP/2"),
         (reqwest::Client::builder().http1_only().build(), "HTTP/1.1"),
     ] {
-        let client = client.unwrap_or_else(|e| panic!("{e}"));
+        let client = client.unwrap();
         let get = |pad: usize| client.get(&url).header("x-pad", "a".repeat(pad)).send();
         let small = get(4 << 10).await.map(|r| r.status().as_u16()).unwrap_or(0);
         assert_eq!(small, 200, "{version}: 4 KiB of headers");

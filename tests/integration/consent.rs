@@ -60,7 +60,7 @@ async fn refused_by_the_proxy(proxy: &ProxyProcess) {
 }
 
 fn degraded_message(p: &LlmProxy) -> String {
-    llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+    llmproxy_operator::condition_status(p.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default()
 }
@@ -182,12 +182,12 @@ async fn the_redis_password_comes_only_from_a_secret_labelled_for_it() {
     let redis = RedisServer::start(Some("sk-alice")).await;
     let redis_conn = || async {
         let url = format!("redis://:sk-alice@{}/0", redis.addr);
-        let c = redis::Client::open(url).unwrap_or_else(|e| panic!("{e}"));
-        c.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{e}"))
+        let c = redis::Client::open(url).unwrap();
+        c.get_multiplexed_async_connection().await.unwrap()
     };
     let keys_in_redis = || async {
         let mut c = redis_conn().await;
-        redis::cmd("DBSIZE").query_async::<i64>(&mut c).await.unwrap_or_else(|e| panic!("{e}"))
+        redis::cmd("DBSIZE").query_async::<i64>(&mut c).await.unwrap()
     };
     secret(&client, &ns, "sk-org").await;
     team_keys(&client, &ns).await;

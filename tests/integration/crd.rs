@@ -50,8 +50,7 @@ fn committed_quota_crd_matches_generated() {
 #[test]
 fn examples_pass_and_fail_the_standalone_check_like_the_server() {
     let read = |rel: &str| std::fs::read_to_string(support::repo_path(rel)).unwrap_or_default();
-    let (_, policy) =
-        llmproxy_api::from_yaml(&read("examples/openai.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let (_, policy) = llmproxy_api::from_yaml(&read("examples/openai.yaml")).unwrap();
     assert_eq!(policy.limits.requests_per_minute, 3500);
     let err = llmproxy_api::from_yaml(&read("examples/invalid/backoff-exceeds-max.yaml"))
         .err()
@@ -64,9 +63,9 @@ fn examples_pass_and_fail_the_standalone_check_like_the_server() {
 #[test]
 fn the_org_quota_example_resolves_standalone_with_its_quota() {
     let text = std::fs::read_to_string(support::repo_path("examples/org-quota.yaml")).unwrap_or_default();
-    let (proxy, policy) = llmproxy_api::from_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
+    let (proxy, policy) = llmproxy_api::from_yaml(&text).unwrap();
     assert_eq!(proxy.metadata.name.as_deref(), Some("team-a-openai"));
-    let quota = policy.quota.unwrap_or_else(|| panic!("the LlmQuota of the file"));
+    let quota = policy.quota.expect("the LlmQuota of the file");
     assert_eq!(
         (quota.name.as_str(), quota.requests_per_minute, quota.weight, quota.guaranteed),
         ("org-openai", 10_000, 2, 30)
@@ -82,7 +81,7 @@ fn the_org_quota_example_resolves_standalone_with_its_quota() {
     // The shares are the owner's: asking for more gets what the LlmQuota sets, asking for less
     // gets less, and guarantees over 100 % are refused.
     let share = |text: &str| {
-        let q = llmproxy_api::from_yaml(text).unwrap_or_else(|e| panic!("{e}")).1.quota;
+        let q = llmproxy_api::from_yaml(text).unwrap().1.quota;
         q.map(|q| (q.weight, q.guaranteed))
     };
     let reference = "quotaRef: {name: org-openai}";
@@ -102,10 +101,10 @@ async fn the_teams_example_applies_and_runs_with_its_clients() {
     let manifest = example("examples/teams.yaml");
     api.patch("shared-openai", &strict_apply(), &Patch::Apply(&manifest))
         .await
-        .unwrap_or_else(|e| panic!("apply examples/teams.yaml: {e}"));
-    let spec = api.get("shared-openai").await.map(|p| p.spec).unwrap_or_else(|e| panic!("{e}"));
-    let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
-    let clients = policy.clients.unwrap_or_else(|| panic!("clients"));
+        .expect("apply examples/teams.yaml");
+    let spec = api.get("shared-openai").await.map(|p| p.spec).unwrap();
+    let policy = llmproxy_api::Policy::from_spec(&spec).unwrap();
+    let clients = policy.clients.expect("clients");
     assert_eq!(clients.client("web").weight, 3);
     assert_eq!(clients.client("someone-else").weight, 1, "the default");
     let text = std::fs::read_to_string(support::repo_path("examples/teams.yaml")).unwrap_or_default();
@@ -118,12 +117,12 @@ async fn the_upstreams_example_applies_with_each_endpoint_resolved() {
     let manifest = example("examples/upstreams.yaml");
     api.patch("org-gpt", &strict_apply(), &Patch::Apply(&manifest))
         .await
-        .unwrap_or_else(|e| panic!("apply examples/upstreams.yaml: {e}"));
-    let spec = api.get("org-gpt").await.map(|p| p.spec).unwrap_or_else(|e| panic!("{e}"));
-    let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        .expect("apply examples/upstreams.yaml");
+    let spec = api.get("org-gpt").await.map(|p| p.spec).unwrap();
+    let policy = llmproxy_api::Policy::from_spec(&spec).unwrap();
     let names: Vec<&str> = policy.upstreams.iter().map(|u| u.name.as_str()).collect();
     assert_eq!(names, ["openai-main", "openai-second", "azure-eastus", "self-hosted"]);
-    let azure = policy.endpoint("azure-eastus").unwrap_or_else(|| panic!("azure"));
+    let azure = policy.endpoint("azure-eastus").expect("azure");
     assert_eq!(azure.key_header, llmproxy_api::KeyHeader::ApiKey);
     assert!(azure.serves(Some("gpt-4o")) && !azure.serves(Some("o3")));
     assert_eq!(policy.limits.models.get("gpt-4o").and_then(|m| m.tokens_per_minute), Some(2_000_000));
@@ -154,15 +153,15 @@ async fn openai_example_applies_and_reads_back_with_defaults() {
     let applied = api
         .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
         .await
-        .unwrap_or_else(|e| panic!("apply examples/openai.yaml: {e}"));
-    let back = api.get("openai").await.unwrap_or_else(|e| panic!("{e}"));
+        .expect("apply examples/openai.yaml");
+    let back = api.get("openai").await.unwrap();
     assert_eq!(applied.spec, back.spec);
     let s = back.spec;
     assert_eq!(s.limits.requests_per_minute, 3500);
     assert_eq!(s.limits.tokens_per_minute, Some(90_000));
     assert_eq!(s.limits.default_max_tokens, 1024, "limits.defaultMaxTokens default");
     assert_eq!(s.queue.max_wait.as_str(), "30s", "queue.maxWait default");
-    let upstream = s.upstream.clone().unwrap_or_else(|| panic!("spec.upstream"));
+    let upstream = s.upstream.clone().expect("spec.upstream");
     assert_eq!(upstream.timeout.as_str(), "10m", "upstream.timeout default");
     assert_eq!(upstream.api_key_secret_ref.map(|r| r.key).as_deref(), Some("api-key"));
     assert_eq!(s.retry.max_attempts, 4, "retry defaulted as a whole object");
@@ -171,7 +170,7 @@ async fn openai_example_applies_and_reads_back_with_defaults() {
     assert!(s.retry.jitter);
     assert_eq!(s.cache.map(|c| c.ttl.get()), Some(Duration::from_secs(300)));
     // And the defaulted object is a valid runtime policy.
-    let spec = api.get("openai").await.map(|p| p.spec).unwrap_or_else(|e| panic!("{e}"));
+    let spec = api.get("openai").await.map(|p| p.spec).unwrap();
     assert!(llmproxy_api::Policy::from_spec(&spec).is_ok());
 }
 
@@ -320,7 +319,7 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
             json!([{"name": "a", "url": "https://a.example/v1"}, {"name": "a", "url": "https://b.example/v1"}]),
         );
     }
-    let twins: LlmProxy = serde_json::from_value(manifest).unwrap_or_else(|e| panic!("{e}"));
+    let twins: LlmProxy = serde_json::from_value(manifest).unwrap();
     match api.create(&kube::api::PostParams::default(), &twins).await {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 422, "{}", status.message);
@@ -339,10 +338,7 @@ async fn invalid_specs_are_rejected_with_clear_messages() {
     let ns = api.namespace().unwrap_or_default().to_owned();
     let url = format!("/apis/llmproxy.io/v1alpha1/namespaces/{ns}/llmproxies?fieldValidation=Strict");
     let body = serde_json::to_vec(&manifest).unwrap_or_default();
-    let req = http::Request::post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::post(url).header("content-type", "application/json").body(body).unwrap();
     let created: Result<LlmProxy, _> = api.clone().into_client().request(req).await;
     match created {
         Err(kube::Error::Api(s)) => {
@@ -382,23 +378,14 @@ async fn server_side_apply_of_a_changed_limit_bumps_generation() {
     let mut manifest = example("examples/openai.yaml");
     let generation = |p: &LlmProxy| p.metadata.generation.unwrap_or_default();
 
-    let first = api
-        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let first = api.patch("openai", &strict_apply(), &Patch::Apply(&manifest)).await.unwrap();
     assert_eq!(generation(&first), 1);
 
-    let same = api
-        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let same = api.patch("openai", &strict_apply(), &Patch::Apply(&manifest)).await.unwrap();
     assert_eq!(generation(&same), 1, "re-applying the same spec is a no-op");
 
     manifest["spec"]["limits"]["requestsPerMinute"] = json!(5000);
-    let changed = api
-        .patch("openai", &strict_apply(), &Patch::Apply(&manifest))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let changed = api.patch("openai", &strict_apply(), &Patch::Apply(&manifest)).await.unwrap();
     assert_eq!(generation(&changed), 2);
     assert_eq!(changed.spec.limits.requests_per_minute, 5000);
 
@@ -407,7 +394,7 @@ async fn server_side_apply_of_a_changed_limit_bumps_generation() {
     let after = api
         .patch_status("openai", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&status))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(generation(&after), 2);
     assert_eq!(after.status.and_then(|s| s.observed_generation), Some(2));
 }

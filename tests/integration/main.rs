@@ -1,6 +1,10 @@
 //! Integration tests against real servers: a Kubernetes API server (etcd + kube-apiserver-lite
 //! or the official binary) started per test by `support::KubeEnv`.
 
+// This crate is test code throughout, helpers included; clippy.toml's allow-*-in-tests covers
+// only #[test] functions, so the helpers get the same allowance here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cache;
 mod chart;
 mod clients;

@@ -46,7 +46,7 @@ impl Operator {
         lease: bool,
         operator_ns: Option<&str>,
     ) -> Self {
-        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap();
         let mut lease_cfg = LeaseConfig::new(ns, identity);
         lease_cfg.duration = Duration::from_secs(4);
         lease_cfg.retry = Duration::from_millis(500);
@@ -110,9 +110,7 @@ pub(crate) fn llmproxy(name: &str, upstream: &str, spec_extra: Value) -> Value {
 
 pub(crate) async fn apply(api: &Api<LlmProxy>, manifest: &Value) -> LlmProxy {
     let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
-    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(manifest))
-        .await
-        .unwrap_or_else(|e| panic!("apply: {e}"))
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(manifest)).await.expect("apply")
 }
 
 /// The upstream-key Secret, opted in to being read by proxies.
@@ -130,7 +128,7 @@ pub(crate) async fn secret(client: &Client, ns: &str, key: &str) {
     Api::<Secret>::namespaced(client.clone(), ns)
         .patch("upstream-key", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s))
         .await
-        .unwrap_or_else(|e| panic!("secret: {e}"));
+        .expect("secret");
 }
 
 pub(crate) async fn setup(prefix: &str) -> (KubeEnv, Client, String, Api<LlmProxy>) {
@@ -158,7 +156,7 @@ pub(crate) async fn condition(
 ) -> LlmProxy {
     eventually(&format!("{type_}={status} ({reason})"), WAIT, || async {
         let p = api.get(name).await.ok()?;
-        let c = llmproxy_operator::status::condition_status(p.status.as_ref(), type_)?;
+        let c = llmproxy_operator::condition_status(p.status.as_ref(), type_)?;
         (c.status == status && c.reason == reason).then_some(p.clone())
     })
     .await
@@ -258,7 +256,7 @@ async fn limits_change_in_place_while_replicas_scale_the_deployment() {
         (p.status?.observed_generation == generation).then_some(())
     })
     .await;
-    let after = deployments.get("p").await.unwrap_or_else(|e| panic!("{e}"));
+    let after = deployments.get("p").await.unwrap();
     assert_eq!(before.metadata.generation, after.metadata.generation, "no rollout for a limits change");
     assert_eq!(before.spec.map(|s| s.template), after.spec.clone().map(|s| s.template));
 
@@ -304,11 +302,10 @@ async fn a_missing_secret_degrades_until_it_appears() {
     let _op = Operator::start(&client, &ns, "op-1", false);
     apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
     let p = condition(&api, "p", "Degraded", "True", "SecretNotFound").await;
-    let msg =
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    let msg = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
     assert!(msg.unwrap_or_default().contains("upstream-key"));
     assert_eq!(
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Ready").map(|c| c.status.as_str()),
+        llmproxy_operator::condition_status(p.status.as_ref(), "Ready").map(|c| c.status.as_str()),
         Some("False")
     );
 
@@ -333,13 +330,13 @@ async fn ready_pods_make_the_llmproxy_ready() {
     deployments
         .patch_status("p", &PatchParams::apply("kube-controller-manager").force(), &Patch::Apply(&status))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let p = condition(&api, "p", "Ready", "True", "ProxiesReady").await;
     let s = p.status.unwrap_or_default();
     assert_eq!((s.ready_replicas, s.replicas), (Some(2), Some(2)));
     assert_eq!(s.observed_generation, p.metadata.generation);
     assert_eq!(
-        llmproxy_operator::status::condition_status(Some(&s), "Progressing").map(|c| c.status.as_str()),
+        llmproxy_operator::condition_status(Some(&s), "Progressing").map(|c| c.status.as_str()),
         Some("False")
     );
 }
@@ -356,8 +353,7 @@ async fn an_unrunnable_spec_is_reported_once_not_retried_in_a_loop() {
     )
     .await;
     let p = condition(&api, "p", "Degraded", "True", "InvalidPolicy").await;
-    let msg =
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    let msg = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
     assert!(msg.unwrap_or_default().contains("spec.cache.maxBytes: must be > 0"));
     let settled = eventually("the reconcile to be counted", WAIT, || async {
         (op.reconciles() >= 1.0).then(|| op.reconciles())
@@ -451,7 +447,7 @@ async fn the_quickstart_example_applies_and_reconciles() {
     let _op = Operator::start(&client, &ns, "op-1", false);
     let text = std::fs::read_to_string(support::repo_path("examples/quickstart.yaml")).unwrap_or_default();
     for doc in serde_yaml::Deserializer::from_str(&text) {
-        let mut v: Value = serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{e}"));
+        let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
         // kube-apiserver-lite does not fold a Secret's write-only stringData into data as
         // kube-apiserver does; do it here, as the real server would.
         if let Some(Value::Object(plain)) = v.as_object_mut().and_then(|o| o.remove("stringData")) {
@@ -489,11 +485,9 @@ async fn the_quickstart_example_applies_and_reconciles() {
 async fn the_operator_binary_reconciles_and_serves_its_admin_port() {
     let (env, client, ns, api) = setup("binary").await;
     secret(&client, &ns, "sk-1").await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let log = std::fs::File::create(dir.path().join("operator.log")).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap();
+    let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
     let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
             .args([
@@ -510,7 +504,7 @@ async fn the_operator_binary_reconciles_and_serves_its_admin_port() {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("{e}")),
+            .unwrap(),
     );
     apply(&api, &llmproxy("p", "https://api.openai.com/v1", json!({}))).await;
     let result = async {
@@ -602,11 +596,11 @@ async fn an_llmproxy_that_cannot_be_read_is_reported_and_the_others_still_reconc
     let name = "llmproxies.llmproxy.io";
     crds.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
         .await
-        .unwrap_or_else(|e| panic!("permissive CRD: {e}"));
+        .expect("permissive CRD");
     tokio::time::timeout(WAIT, await_condition(crds, name, conditions::is_crd_established()))
         .await
-        .unwrap_or_else(|_| panic!("CRD not established"))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("CRD not established")
+        .unwrap();
     let ns = env.namespace(&client, "unreadable").await;
     let api: Api<LlmProxy> = Api::namespaced(client.clone(), &ns);
     secret(&client, &ns, "sk-1").await;
@@ -614,9 +608,7 @@ async fn an_llmproxy_that_cannot_be_read_is_reported_and_the_others_still_reconc
         Api::namespaced_with(client.clone(), &ns, &kube::api::ApiResource::erase::<LlmProxy>(&()));
     let broken = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": "broken"},
                         "spec": {"upstream": 5, "limits": "plenty"}});
-    raw.patch("broken", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&broken))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    raw.patch("broken", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&broken)).await.unwrap();
     let _op = Operator::start(&client, &ns, "op-1", false);
     apply(&api, &llmproxy("good", "https://api.openai.com/v1", json!({}))).await;
 
@@ -663,12 +655,11 @@ async fn a_secret_that_did_not_opt_in_is_never_granted() {
     secrets
         .patch("upstream-key", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&unlabelled))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let _op = Operator::start(&client, &ns, "op-1", false);
     apply(&api, &llmproxy("p", "https://attacker.example/v1", json!({}))).await;
     let p = condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
-    let msg =
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
+    let msg = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded").map(|c| c.message.clone());
     assert!(
         msg.unwrap_or_default().contains("kubectl label secret upstream-key llmproxy.io/upstream-key=true")
     );
@@ -683,21 +674,15 @@ async fn a_secret_that_did_not_opt_in_is_never_granted() {
     let narrowed = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "upstream-key",
         "labels": {"llmproxy.io/upstream-key": "true"}, "annotations": {"llmproxy.io/allowed-proxies": "other"}},
         "data": {"api-key": "c2stdGhlaXJz"}});
-    secrets
-        .patch("upstream-key", &PatchParams::apply(MANAGER), &Patch::Apply(&narrowed))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    secrets.patch("upstream-key", &PatchParams::apply(MANAGER), &Patch::Apply(&narrowed)).await.unwrap();
     condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
     // The owner opts in for it: granted at once (the Secret watch brings the LlmProxy back).
     let allowed = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "upstream-key",
         "labels": {"llmproxy.io/upstream-key": "true"}, "annotations": {"llmproxy.io/allowed-proxies": "other, p"}},
         "data": {"api-key": "c2stdGhlaXJz"}});
-    secrets
-        .patch("upstream-key", &PatchParams::apply(MANAGER), &Patch::Apply(&allowed))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    secrets.patch("upstream-key", &PatchParams::apply(MANAGER), &Patch::Apply(&allowed)).await.unwrap();
     condition(&api, "p", "Degraded", "False", "AsExpected").await;
-    let role = roles.get("p-proxy").await.unwrap_or_else(|e| panic!("{e}"));
+    let role = roles.get("p-proxy").await.unwrap();
     assert!(grants_secrets(&role), "{role:?}");
 }
 
@@ -715,12 +700,9 @@ async fn drift_in_any_child_is_repaired_at_once() {
     // Someone widens the proxy's Role, and deletes its ServiceAccount and RoleBinding.
     let widened = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "p-proxy"},
         "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]});
-    roles
-        .patch("p-proxy", &PatchParams::apply("intruder").force(), &Patch::Apply(&widened))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    accounts.delete("p-proxy", &Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
-    bindings.delete("p-proxy", &Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    roles.patch("p-proxy", &PatchParams::apply("intruder").force(), &Patch::Apply(&widened)).await.unwrap();
+    accounts.delete("p-proxy", &Default::default()).await.unwrap();
+    bindings.delete("p-proxy", &Default::default()).await.unwrap();
     // Repaired well within the 300 s periodic requeue.
     eventually("the Role to be restored", WAIT, || async {
         let r = roles.get("p-proxy").await.ok()?;
@@ -743,10 +725,7 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
     let put = |s: Value| {
         let secrets = secrets.clone();
         async move {
-            secrets
-                .patch("team-keys", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"))
+            secrets.patch("team-keys", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&s)).await.unwrap()
         }
     };
     let _op = Operator::start(&client, &ns, "op-1", false);
@@ -761,7 +740,7 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
                                      "allowFrom": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}});
     apply(&api, &llmproxy("p", "https://api.openai.com/v1", clients.clone())).await;
     let p = condition(&api, "p", "Degraded", "True", "SecretNotAllowed").await;
-    let message = llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+    let message = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(
@@ -779,7 +758,7 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
     put(keys(json!({llmproxy_api::CLIENT_KEYS_LABEL: "true"}), json!({"web": "sk-same", "etl": "sk-same"})))
         .await;
     let p = condition(&api, "p", "Degraded", "True", "ClientKeysInvalid").await;
-    let message = llmproxy_operator::status::condition_status(p.status.as_ref(), "Degraded")
+    let message = llmproxy_operator::condition_status(p.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(
@@ -791,7 +770,7 @@ async fn client_keys_are_checked_granted_and_reported_and_allow_from_fences_the_
     put(keys(json!({llmproxy_api::CLIENT_KEYS_LABEL: "true"}), json!({"web": "sk-web", "etl": "sk-etl"})))
         .await;
     condition(&api, "p", "Degraded", "False", "AsExpected").await;
-    let role = roles.get("p-proxy").await.unwrap_or_else(|e| panic!("{e}"));
+    let role = roles.get("p-proxy").await.unwrap();
     let mut names = granted(&role);
     names.sort();
     assert_eq!(names, ["p", "team-keys", "upstream-key"], "{role:?}");
@@ -833,7 +812,7 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
                "spec": spec(a_rpm)})
     };
     // A proxy pod (a standalone process of the same spec) that has spoken to both upstreams.
-    let yaml = serde_yaml::to_string(&manifest(1200)).unwrap_or_else(|e| panic!("{e}"));
+    let yaml = serde_yaml::to_string(&manifest(1200)).unwrap();
     let proxy = TestProxy::start(&yaml, None).await;
     let client_http = load::client();
     for model in ["ma", "mb"] {
@@ -857,10 +836,10 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
     Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), &ns)
         .patch("team-pods", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&slice))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
 
     let p = condition(&api, "team", "LimitsAboveUpstream", "True", "UpstreamGrantsLess").await;
-    let message = &llmproxy_operator::status::condition_status(p.status.as_ref(), "LimitsAboveUpstream")
+    let message = &llmproxy_operator::condition_status(p.status.as_ref(), "LimitsAboveUpstream")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(message.contains("a: requestsPerMinute 1200 configured, the upstream grants 600"), "{message}");
@@ -898,7 +877,7 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
     let s = p.status.clone().unwrap_or_default();
     assert_eq!(s.upstreams.len(), 2, "{s:?}");
     for type_ in ["Ready", "Progressing", "Degraded", "ClientAuth"] {
-        assert!(llmproxy_operator::status::condition_status(Some(&s), type_).is_some(), "{type_}: {s:?}");
+        assert!(llmproxy_operator::condition_status(Some(&s), type_).is_some(), "{type_}: {s:?}");
     }
     let p = eventually("the reconciler's write of generation 2", WAIT, || async {
         let p = api.get("team").await.ok()?;
@@ -907,7 +886,7 @@ async fn what_the_pods_learn_of_their_upstreams_reaches_the_status() {
     .await;
     let s = p.status.unwrap_or_default();
     assert_eq!(s.upstreams.len(), 2, "the reconciler left the pods' report alone: {s:?}");
-    assert!(llmproxy_operator::status::condition_status(Some(&s), "LimitsAboveUpstream").is_some());
+    assert!(llmproxy_operator::condition_status(Some(&s), "LimitsAboveUpstream").is_some());
     op.stop().await;
     proxy.shutdown().await;
 }
@@ -927,10 +906,7 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     let other = env.namespace(&client, "other").await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let label = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": team_a, "labels": {"team": "a"}}});
-    namespaces
-        .patch(&team_a, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&label))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    namespaces.patch(&team_a, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&label)).await.unwrap();
     let quota = json!({
         "apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmQuota", "metadata": {"name": "org"},
         "spec": {
@@ -950,10 +926,7 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     let refused = quotas.patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&over)).await;
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("guarantees sum to more than 100"), "{message}");
-    quotas
-        .patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&quota))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    quotas.patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&quota)).await.unwrap();
     let op = Operator::start_with(&client, &ops, None, "op-1", false, Some(&ops));
     let in_ns = |ns: &str| Api::<LlmProxy>::namespaced(client.clone(), ns);
     let with_ref = |name: &str, guaranteed: i32| {
@@ -992,7 +965,7 @@ async fn an_llmquota_grants_allowed_namespaces_and_refuses_the_rest() {
     assert_eq!((greedy.weight, greedy.guaranteed), (1, None));
     // Another namespace: refused, and said why.
     let outsider = condition(&in_ns(&other), "outsider", "Degraded", "True", "QuotaNotAllowed").await;
-    let message = llmproxy_operator::status::condition_status(outsider.status.as_ref(), "Degraded")
+    let message = llmproxy_operator::condition_status(outsider.status.as_ref(), "Degraded")
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(message.contains("allowedNamespaces"), "{message}");
@@ -1132,7 +1105,7 @@ async fn pod_slice(client: &Client, ns: &str, service: &str, name: &str, admin: 
     Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), ns)
         .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&slice))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1149,7 +1122,7 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     let manifest = json!({"apiVersion": "llmproxy.io/v1alpha1", "kind": "LlmProxy", "metadata": {"name": "team"}, "spec": spec});
     let mut half = manifest.clone();
     half["spec"]["limits"]["requestsPerMinute"] = json!(300);
-    let yaml = serde_yaml::to_string(&half).unwrap_or_else(|e| panic!("{e}"));
+    let yaml = serde_yaml::to_string(&half).unwrap();
     let pods = [TestProxy::start(&yaml, None).await, TestProxy::start(&yaml, None).await];
     let op = Operator::start(&client, &ns, "op-1", false);
     apply(&api, &manifest).await;
@@ -1174,7 +1147,7 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     let usage = bound.status.and_then(|s| s.usage).unwrap_or_default();
     assert!(usage.queue_depth > 0, "{usage:?}");
     assert_eq!(
-        llmproxy_operator::status::condition_status(
+        llmproxy_operator::condition_status(
             api.get("team").await.ok().as_ref().and_then(|p| p.status.as_ref()),
             "Saturated"
         )
@@ -1195,8 +1168,7 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     assert_eq!(u.utilization_percent, 10, "60 of 600 per minute");
     assert!(u.queue_wait_p99_seconds > 1.0, "{u:?}");
     assert_eq!(
-        llmproxy_operator::status::condition_status(p.status.as_ref(), "QuotaBound")
-            .map(|c| c.status.clone()),
+        llmproxy_operator::condition_status(p.status.as_ref(), "QuotaBound").map(|c| c.status.clone()),
         Some("False".into())
     );
 
@@ -1205,10 +1177,7 @@ async fn usage_and_bottlenecks_reach_the_status_from_two_pods() {
     let mut tight = half.clone();
     tight["spec"]["limits"] = json!({"requestsPerMinute": 100000, "maxConcurrent": 1});
     pods[0].proxy.apply_policy(
-        llmproxy_api::Policy::from_spec(
-            &serde_json::from_value(tight["spec"].clone()).unwrap_or_else(|e| panic!("{e}")),
-        )
-        .unwrap_or_else(|e| panic!("{e}")),
+        llmproxy_api::Policy::from_spec(&serde_json::from_value(tight["spec"].clone()).unwrap()).unwrap(),
     );
     let url = pods[0].url("/chat/completions");
     let held: Vec<_> = (0..3)
@@ -1248,13 +1217,13 @@ async fn keda_scales_on_saturation_where_asked_and_the_adapter_rules_render() {
                  "versions": [{"name": "v1alpha1", "served": true, "storage": true,
                                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
     }))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.patch("scaledobjects.keda.sh", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let scaled: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &llmproxy_operator::children::scaled_object_resource());
+        Api::namespaced_with(client.clone(), &ns, &llmproxy_operator::scaled_object_resource());
     eventually("the ScaledObject type served", WAIT, || async {
         scaled.list(&Default::default()).await.ok()
     })
@@ -1284,7 +1253,7 @@ async fn keda_scales_on_saturation_where_asked_and_the_adapter_rules_render() {
     apply(&api, &llmproxy("scaled", "https://api.openai.com/v1", hpa)).await;
     let h = wait_for(&hpas, "scaled").await;
     let metric = h.spec.and_then(|s| s.metrics).unwrap_or_default();
-    let pods = metric[0].pods.clone().unwrap_or_else(|| panic!("a pods metric"));
+    let pods = metric[0].pods.clone().expect("a pods metric");
     assert_eq!(
         (pods.metric.name.as_str(), pods.target.average_value.map(|q| q.0)),
         ("llmproxy_saturation", Some("800m".into()))
@@ -1305,7 +1274,7 @@ async fn keda_scales_on_saturation_where_asked_and_the_adapter_rules_render() {
         "--show-only",
         "templates/prometheus-adapter-rules.yaml",
     ]);
-    let cm: Value = serde_yaml::from_str(&out).unwrap_or_else(|e| panic!("{e}"));
+    let cm: Value = serde_yaml::from_str(&out).unwrap();
     let rules: Value =
         serde_yaml::from_str(cm["data"]["config.yaml"].as_str().unwrap_or_default()).unwrap_or_default();
     let names: Vec<&str> =
@@ -1335,10 +1304,7 @@ async fn a_cluster_proxy_revokes_removed_and_deleted_client_keys() {
     let keys = json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "team-keys", "labels": {llmproxy_api::CLIENT_KEYS_LABEL: "true"}},
         "stringData": {"web": "sk-web", "etl": "sk-etl"}});
-    secrets
-        .patch("team-keys", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&keys))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    secrets.patch("team-keys", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&keys)).await.unwrap();
     let clients = json!({"clients": {"keysSecretRef": {"name": "team-keys"}}});
     apply(&api, &llmproxy("p", &upstream.url(), clients)).await;
     let kubeconfig = env.kubeconfig().display().to_string();
@@ -1355,10 +1321,7 @@ async fn a_cluster_proxy_revokes_removed_and_deleted_client_keys() {
     // etl removed and, in the same edit, an entry that cannot be used: the removal holds.
     let bad = ByteString(b"sha256:not-hex".to_vec());
     let edit = json!({"data": {"etl": null, "ops": bad}});
-    secrets
-        .patch("team-keys", &PatchParams::default(), &Patch::Merge(&edit))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    secrets.patch("team-keys", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
     eventually("etl's key to be revoked", WAIT, || {
         let (http, url) = (http.clone(), url.clone());
         async move { (chat_as(&http, &url, Some("sk-etl")).await.0 == 401).then_some(()) }
@@ -1367,7 +1330,7 @@ async fn a_cluster_proxy_revokes_removed_and_deleted_client_keys() {
     assert_eq!(chat_as(&http, &url, Some("sk-web")).await.0, 200, "the valid entry stays in force");
 
     // The Secret deleted: its keys go with it.
-    secrets.delete("team-keys", &Default::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    secrets.delete("team-keys", &Default::default()).await.unwrap();
     eventually("every key to be revoked", WAIT, || {
         let (http, url) = (http.clone(), url.clone());
         async move { (chat_as(&http, &url, Some("sk-web")).await.0 == 401).then_some(()) }
@@ -1408,10 +1371,7 @@ async fn a_withdrawn_quota_grant_stops_admission_until_it_is_granted_again() {
     let set_quota = |team: &'static str| {
         let (quotas, q) = (quotas.clone(), quota(team));
         async move {
-            quotas
-                .patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&q))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            quotas.patch("org", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&q)).await.unwrap();
         }
     };
     set_quota("a").await;

@@ -54,11 +54,9 @@ fn alert_exprs(rules: &str) -> Vec<(String, String)> {
 
 #[test]
 fn promtool_checks_the_rendered_alerts_and_each_fires_only_where_meant() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(dir.path().join("rules.yml"), rendered_rules(r#"{"enabled": true}"#))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::copy(repo_path("tests/prometheus/alerts_test.yml"), dir.path().join("alerts_test.yml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yml"), rendered_rules(r#"{"enabled": true}"#)).unwrap();
+    std::fs::copy(repo_path("tests/prometheus/alerts_test.yml"), dir.path().join("alerts_test.yml")).unwrap();
     let promtool = tool("promtool", "LLMPROXY_PROMTOOL");
     for args in [["check", "rules", "rules.yml"], ["test", "rules", "alerts_test.yml"]] {
         let out = Command::new(&promtool)
@@ -88,9 +86,9 @@ impl Drop for Prometheus {
 
 impl Prometheus {
     async fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("prometheus.yml");
-        std::fs::write(&file, config).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&file, config).unwrap();
         let addr = free_addr();
         let child = Command::new(tool("prometheus", "LLMPROXY_PROMETHEUS"))
             .arg(format!("--config.file={}", file.display()))
@@ -100,7 +98,7 @@ impl Prometheus {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting prometheus (install Debian's prometheus): {e}"));
+            .expect("starting prometheus (install Debian's prometheus)");
         let p = Self { child, addr, _dir: dir };
         let ready = format!("http://{addr}/-/ready");
         eventually("prometheus to be ready", Duration::from_secs(30), || {
@@ -141,8 +139,8 @@ fn urlencode(s: &str) -> String {
 
 /// Serve the operator's metrics the way its admin port does.
 async fn serve_operator_metrics(metrics: llmproxy_operator::Metrics) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -187,8 +185,7 @@ async fn a_real_prometheus_evaluates_every_panel_and_alert_over_real_scrapes() {
         upstream.url()
     );
     let proxy = TestProxy::start(&manifest, None).await;
-    let operator =
-        llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+    let operator = llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap();
     operator.reconciles.with_label_values(&["ok"]).inc();
     operator.failures.with_label_values(&["conflict"]).inc();
     let operator_addr = serve_operator_metrics(operator.clone()).await;

@@ -229,8 +229,8 @@ async fn streams_reach_the_client_before_the_upstream_finishes() {
     assert!(content_type.starts_with("text/event-stream"), "{content_type}");
     assert!(!got.broke);
     let (first_at, text) = (got.first_chunk_at, got.text);
-    let last_sent = upstream.mock.last_chunk_at().unwrap_or_else(|| panic!("the mock streamed nothing"));
-    let first_at = first_at.unwrap_or_else(|| panic!("no chunk received"));
+    let last_sent = upstream.mock.last_chunk_at().expect("the mock streamed nothing");
+    let first_at = first_at.expect("no chunk received");
     assert!(first_at < last_sent, "the first chunk arrived only after the upstream sent its last: buffered");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     // The proxy asked for usage on the client's behalf and removed that event again.
@@ -254,21 +254,17 @@ async fn bad_requests_get_clear_openai_style_errors() {
         client.post(proxy.url(path)).header("content-type", "application/json").body(body).send()
     };
 
-    let resp = send("/chat/completions", "{\"model\": ".into()).await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = send("/chat/completions", "{\"model\": ".into()).await.unwrap();
     assert_eq!(resp.status(), 400);
     let msg = error_message(&resp.text().await.unwrap_or_default());
     assert!(msg.contains("invalid JSON"), "{msg}");
 
     let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4096)}]}).to_string();
-    let resp = send("/chat/completions", big).await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = send("/chat/completions", big).await.unwrap();
     assert_eq!(resp.status(), 413);
     assert!(error_message(&resp.text().await.unwrap_or_default()).contains("1024 bytes"));
 
-    let resp = client
-        .get(format!("http://{}/admin/secret", proxy.addr))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.get(format!("http://{}/admin/secret", proxy.addr)).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert!(error_message(&resp.text().await.unwrap_or_default()).contains("/v1/"));
 
@@ -289,12 +285,7 @@ async fn every_openai_path_passes_through_with_headers_and_the_upstream_key() {
             .await;
     let client = llmproxy_mock::load::client();
 
-    let resp = client
-        .get(proxy.url("/models?limit=2"))
-        .bearer_auth("client-key")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.get(proxy.url("/models?limit=2")).bearer_auth("client-key").send().await.unwrap();
     assert_eq!(resp.status(), 200, "client's Authorization replaced by the upstream key");
     assert!(resp.headers().contains_key("x-ratelimit-remaining-requests"), "x-ratelimit-* come back");
     assert!(resp.headers().contains_key("x-request-id"));
@@ -317,7 +308,7 @@ async fn every_openai_path_passes_through_with_headers_and_the_upstream_key() {
     assert_eq!(status, 200, "{body}");
     let (status, _, body) = post_json(&proxy.url("/responses"), &json!({"model": "m", "input": "hi"})).await;
     assert_eq!(status, 200, "{body}");
-    let resp = client.get(proxy.url("/models/nope")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.get(proxy.url("/models/nope")).send().await.unwrap();
     assert_eq!(resp.status(), 404, "upstream 404 passed through");
     assert!(upstream.mock.seen().iter().all(|s| s.key.as_deref() == Some("sk-upstream")));
 }
@@ -387,17 +378,13 @@ async fn only_plain_allowed_paths_reach_the_upstream() {
     for (method, path) in
         [("GET", "/files/file-1/content"), ("DELETE", "/models/ft-1"), ("POST", "/fine_tuning/jobs")]
     {
-        let resp = client
-            .request(method.parse().unwrap_or_default(), proxy.url(path))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = client.request(method.parse().unwrap_or_default(), proxy.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), 403, "{method} {path}");
         let body = resp.text().await.unwrap_or_default();
         assert!(body.contains("path_not_allowed") && body.contains("allowedPaths"), "{body}");
     }
     assert!(upstream.mock.seen().is_empty(), "nothing reached the upstream");
-    let resp = client.get(proxy.url("/models")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.get(proxy.url("/models")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 
     // A policy can open more paths.
@@ -406,11 +393,11 @@ async fn only_plain_allowed_paths_reach_the_upstream() {
     let manifest = format!(
         "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: t}}\nspec:\n{open}  limits: {{requestsPerMinute: 6000}}\n"
     );
-    let (_, policy) = llmproxy_api::from_yaml(&manifest).unwrap_or_else(|e| panic!("{e}"));
+    let (_, policy) = llmproxy_api::from_yaml(&manifest).unwrap();
     proxy.proxy.apply_policy(policy);
-    let resp = client.get(proxy.url("/files/file-1")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.get(proxy.url("/files/file-1")).send().await.unwrap();
     assert_eq!(resp.status(), 404, "let through, and the mock has no such path");
-    let resp = client.get(proxy.url("/models")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.get(proxy.url("/models")).send().await.unwrap();
     assert_eq!(resp.status(), 403, "the explicit list replaces the default");
 }
 
@@ -436,10 +423,10 @@ async fn account_headers_pass_only_where_allowed_and_change_the_cache_key() {
 
     let allowed = manifest(&upstream.url(), "{requestsPerMinute: 6000}", "  cache: {ttl: 5m}\n")
         .replace("'}\n", "', allowedClientHeaders: [openai-organization]}\n");
-    let (_, policy) = llmproxy_api::from_yaml(&allowed).unwrap_or_else(|e| panic!("{e}"));
+    let (_, policy) = llmproxy_api::from_yaml(&allowed).unwrap();
     proxy.proxy.apply_policy(policy);
     for org in ["org-a", "org-b"] {
-        let resp = send(org).await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = send(org).await.unwrap();
         assert_eq!(
             resp.headers().get("x-llmproxy-cache").and_then(|v| v.to_str().ok()),
             Some("miss"),

@@ -13,11 +13,10 @@ use crate::support::python::python_with_openai;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_the_file_reloads_the_policy_in_place() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let queue = "  queue: {maxSize: 100, maxWait: 500ms}\n";
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", queue))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", queue)).unwrap();
     let proxy = ProxyProcess::start(&file, &[], &[]).await;
     let pid = proxy.pid();
     let client = llmproxy_mock::load::client();
@@ -27,8 +26,7 @@ async fn editing_the_file_reloads_the_policy_in_place() {
     assert_eq!(fast.ok, 5, "{fast:?}");
 
     // Lower the rate to one per second.
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 60}", queue))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 60}", queue)).unwrap();
     eventually("the new limit to be in force", Duration::from_secs(2), || {
         let url = metrics_url.clone();
         async move { (metric(&get_text(&url).await, "llmproxy_limit_requests_per_minute") == 60.0).then_some(()) }
@@ -39,8 +37,7 @@ async fn editing_the_file_reloads_the_policy_in_place() {
     assert_eq!((slow.ok, slow.rate_limited), (1, 2), "{slow:?}");
 
     // A broken file is refused with a log line naming the field; the last good policy serves on.
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 0}", queue))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 0}", queue)).unwrap();
     eventually("the broken policy to be refused", Duration::from_secs(5), || {
         let logs = proxy.logs();
         async move { logs.contains("spec.limits.requestsPerMinute: must be > 0").then_some(()) }
@@ -49,7 +46,7 @@ async fn editing_the_file_reloads_the_policy_in_place() {
     let m = get_text(&metrics_url).await;
     assert_eq!(metric(&m, "llmproxy_limit_requests_per_minute"), 60.0);
     assert_eq!(metric(&m, "llmproxy_policy_reloads_total{result=\"rejected\"}"), 1.0);
-    std::fs::write(&file, "limits: [this is not yaml").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, "limits: [this is not yaml").unwrap();
     eventually("unparseable YAML to be refused", Duration::from_secs(5), || {
         let url = metrics_url.clone();
         async move {
@@ -67,10 +64,9 @@ async fn editing_the_file_reloads_the_policy_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let upstream = mock(MockConfig { latency: Duration::from_millis(1500), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", "")).unwrap();
     let mut proxy = ProxyProcess::start(&file, &["--log-format", "text"], &[]).await;
     let url = proxy.url("/chat/completions");
     let inflight = tokio::spawn(async move { post_json(&url, &load::chat_body(1)).await.0 });
@@ -91,11 +87,10 @@ async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
     const UPSTREAM_KEY: &str = "sk-upstream-SECRET-7f3a";
     const CLIENT_KEY: &str = "sk-client-SECRET-91bc";
     let upstream = mock(MockConfig { api_key: Some(UPSTREAM_KEY.into()), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let spec = "  retry: {maxAttempts: 2, initialBackoff: 10ms}\n";
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", spec)).unwrap();
     let proxy = ProxyProcess::start(
         &file,
         &["--max-request-bytes", "2048"],
@@ -118,31 +113,17 @@ async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
         "{not json".to_owned(),
         "x".repeat(4096),
     ] {
-        let resp = send(body).await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = send(body).await.unwrap();
         bodies.push(resp.text().await.unwrap_or_default());
     }
     upstream.mock.inject(Fault::Status { status: 503, retry_after_secs: None, code: None }, 2);
-    bodies.push(
-        send(load::chat_body(2).to_string())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .text()
-            .await
-            .unwrap_or_default(),
-    );
+    bodies.push(send(load::chat_body(2).to_string()).await.unwrap().text().await.unwrap_or_default());
     upstream.mock.set_api_key(Some("sk-rotated-elsewhere".into()));
-    let resp = send(load::chat_body(3).to_string()).await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = send(load::chat_body(3).to_string()).await.unwrap();
     assert_eq!(resp.status(), 401);
     bodies.push(resp.text().await.unwrap_or_default());
     upstream.stop();
-    bodies.push(
-        send(load::chat_body(4).to_string())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .text()
-            .await
-            .unwrap_or_default(),
-    );
+    bodies.push(send(load::chat_body(4).to_string()).await.unwrap().text().await.unwrap_or_default());
 
     let metrics = get_text(&format!("http://{}/metrics", proxy.admin)).await;
     eventually("a log line per request", Duration::from_secs(5), || {
@@ -163,16 +144,15 @@ async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
 async fn the_official_openai_python_sdk_works_through_the_proxy() {
     let python = python_with_openai();
     let upstream = mock(MockConfig { api_key: Some("sk-upstream".into()), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let extra = "  cache: {ttl: 5m}\n  clients:\n    keysSecretRef: {name: team-keys}\n";
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", extra))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", extra)).unwrap();
     let key_file = dir.path().join("key");
-    std::fs::write(&key_file, "sk-upstream\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&key_file, "sk-upstream\n").unwrap();
     let key_arg = key_file.display().to_string();
     let clients_file = dir.path().join("clients.yaml");
-    std::fs::write(&clients_file, "notebook: sk-team-notebook\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&clients_file, "notebook: sk-team-notebook\n").unwrap();
     let clients_arg = clients_file.display().to_string();
     let proxy = ProxyProcess::start(
         &file,
@@ -195,7 +175,7 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
         .arg("sk-team-notebook")
         .output()
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(
         out.status.success(),
         "openai SDK check failed:\n{}\n{}",
@@ -218,32 +198,30 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_durations_are_refused_by_check_and_by_a_running_proxy() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     for (wait, field_message) in [
         ("6000000000000000h", "spec.queue.maxWait: duration \"6000000000000000h\" is too large"),
         ("3000000000000000h", "spec.queue.maxWait: must be at most 24h"),
     ] {
         let queue = format!("  queue: {{maxWait: {wait}}}\n");
-        std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", &queue))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", &queue)).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
             .arg("check")
             .arg(&file)
             .output()
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "exit code for {wait}: {stderr}");
         assert!(stderr.contains(field_message) && !stderr.contains("panicked"), "{stderr}");
     }
 
     // A running proxy refuses the same edit, keeps its policy, and keeps watching the file.
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 6000}", "")).unwrap();
     let proxy = ProxyProcess::start(&file, &[], &[]).await;
     let metrics_url = format!("http://{}/metrics", proxy.admin);
     let bad = manifest(&upstream.url(), "{requestsPerMinute: 60}", "  queue: {maxWait: 3000000000000000h}\n");
-    std::fs::write(&file, bad).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, bad).unwrap();
     eventually("the absurd wait to be refused", Duration::from_secs(5), || {
         let url = metrics_url.clone();
         async move {
@@ -254,8 +232,7 @@ async fn absurd_durations_are_refused_by_check_and_by_a_running_proxy() {
     .await;
     assert!(proxy.logs().contains("spec.queue.maxWait: must be at most 24h"), "{}", proxy.logs());
     assert_eq!(metric(&get_text(&metrics_url).await, "llmproxy_limit_requests_per_minute"), 6000.0);
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 60}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 60}", "")).unwrap();
     eventually("the next good edit to apply", Duration::from_secs(5), || {
         let url = metrics_url.clone();
         async move { (metric(&get_text(&url).await, "llmproxy_limit_requests_per_minute") == 60.0).then_some(()) }
@@ -276,7 +253,7 @@ fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy(
             .arg("check")
             .arg(&path)
             .output()
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
         let printed = String::from_utf8_lossy(&out.stdout).into_owned();
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
@@ -284,8 +261,7 @@ fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy(
             .collect();
         let yaml = &docs[0];
         assert!(yaml["spec"]["queue"]["maxWait"].is_string(), "{example}: defaults filled in:\n{printed}");
-        let original = llmproxy_api::from_yaml(&std::fs::read_to_string(&path).unwrap_or_default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let original = llmproxy_api::from_yaml(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap();
         let again = llmproxy_api::from_yaml(&printed).unwrap_or_else(|e| panic!("{example}: {e}\n{printed}"));
         assert_eq!(again.1, original.1, "{example}: the same policy");
         assert_eq!(again.0.spec, original.0.spec, "{example}: the same spec");
@@ -295,7 +271,7 @@ fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy(
         .arg("check")
         .arg(&broken)
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -310,18 +286,16 @@ fn check_prints_the_manifest_with_defaults_and_it_reads_back_to_the_same_policy(
 async fn the_redis_password_is_logged_as_a_redis_password() {
     let redis = crate::support::redis::RedisServer::start(Some("s3cret-redis")).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");
-    std::fs::create_dir_all(secrets.join("redis-auth")).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(secrets.join("redis-auth").join("password"), "s3cret-redis")
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(secrets.join("redis-auth")).unwrap();
+    std::fs::write(secrets.join("redis-auth").join("password"), "s3cret-redis").unwrap();
     let shared = format!(
         "  sharedState: {{redis: {{url: '{}', passwordSecretRef: {{name: redis-auth}}}}}}\n",
         redis.url()
     );
     let file = dir.path().join("llmproxy.yaml");
-    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 600}", &shared))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, manifest(&upstream.url(), "{requestsPerMinute: 600}", &shared)).unwrap();
     let secrets = secrets.display().to_string();
     let proxy =
         ProxyProcess::start(&file, &["--secrets-dir", &secrets], &[("LLMPROXY_UPSTREAM_API_KEY", "sk-up")])

@@ -28,7 +28,7 @@ fn shared(redis: &RedisServer) -> String {
 
 async fn replicas(n: usize, text: &str, dir: &tempfile::TempDir) -> Vec<ProxyProcess> {
     let path = dir.path().join(format!("proxy-{}.yaml", rand_suffix()));
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&path, text).unwrap();
     join_all((0..n).map(|_| ProxyProcess::start(&path, &[], &[]))).await
 }
 
@@ -80,7 +80,7 @@ fn worst_excess(upstream: &MockServer, per_sec: f64, burst: f64) -> f64 {
 async fn three_replicas_share_one_quota_exactly_and_use_it() {
     let redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let pods = replicas(3, &manifest("shared", &upstream.url(), &shared(&redis)), &dir).await;
     let urls: Vec<String> = pods.iter().map(|p| p.url("/chat/completions")).collect();
     let start = Instant::now();
@@ -103,7 +103,7 @@ async fn three_replicas_share_one_quota_exactly_and_use_it() {
 async fn a_client_pinned_to_one_pod_gets_the_whole_quota() {
     let redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let pods = replicas(3, &manifest("pinned", &upstream.url(), &shared(&redis)), &dir).await;
     // Everything through the first pod, the others idle: a static share would allow it a
     // third (300 in 9 s); shared, it gets all 100/s.
@@ -120,7 +120,7 @@ async fn a_client_pinned_to_one_pod_gets_the_whole_quota() {
 async fn when_redis_dies_each_pod_keeps_a_share_and_sharing_returns_without_a_burst() {
     let mut redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let pods = replicas(3, &manifest("outage", &upstream.url(), &shared(&redis)), &dir).await;
     let urls: Vec<String> = pods.iter().map(|p| p.url("/chat/completions")).collect();
     let admins: Vec<String> = pods.iter().map(|p| format!("http://{}/metrics", p.admin)).collect();
@@ -179,11 +179,10 @@ async fn when_redis_dies_each_pod_keeps_a_share_and_sharing_returns_without_a_bu
 async fn two_llmproxies_drawing_on_one_llmquota_stay_within_it_together() {
     let redis = RedisServer::start(Some("s3cret-pass")).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");
-    std::fs::create_dir_all(secrets.join("redis-auth")).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(secrets.join("redis-auth").join("password"), "s3cret-pass")
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(secrets.join("redis-auth")).unwrap();
+    std::fs::write(secrets.join("redis-auth").join("password"), "s3cret-pass").unwrap();
     // Each team may use the whole org quota on its own (its own limit is the quota's); the org
     // has 100/s for both.
     let quota = format!(
@@ -194,7 +193,7 @@ async fn two_llmproxies_drawing_on_one_llmquota_stay_within_it_together() {
     for team in ["team-a", "team-b"] {
         let text = format!("{}{quota}", manifest(team, &upstream.url(), "  quotaRef: {name: org}\n"));
         let path = dir.path().join(format!("{team}.yaml"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, text).unwrap();
         let secrets = secrets.display().to_string();
         procs.push(ProxyProcess::start(&path, &["--secrets-dir", &secrets], &[]).await);
     }
@@ -227,7 +226,7 @@ async fn two_teams_flood(
         let text =
             format!("{}{quota}", manifest(team, &upstream.url(), &format!("  quotaRef: {reference}\n")));
         let path = dir.path().join(format!("{team}.yaml"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, text).unwrap();
         procs.push(ProxyProcess::start(&path, &[], &[]).await);
     }
     let (a, b) = (procs[0].url("/chat/completions"), procs[1].url("/chat/completions"));
@@ -243,7 +242,7 @@ async fn two_teams_flood(
 async fn under_contention_a_guarantee_and_weights_hold() {
     let redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let quota = format!(
         "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n  consumers: [{{namespace: team, name: team-a, guaranteed: 70}}]\n",
         redis.url()
@@ -349,7 +348,7 @@ async fn through_an_outage(
 async fn three_replicas_through(outage: Outage) {
     let mut redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig { requests_per_minute: Some(OUTAGE_RPM), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: outage, namespace: team}}\nspec:\n  upstream: {{url: '{}'}}\n  limits: {{requestsPerMinute: {OUTAGE_RPM}, maxConcurrent: 1000}}\n  queue: {{maxSize: 10000, maxWait: 30s}}\n  replicas: 3\n{}",
         upstream.url(),
@@ -378,7 +377,7 @@ async fn redis_paused_each_replica_admits_its_share_then_shares_again() {
 async fn an_llmquota_redis_killed_each_consumer_admits_its_share() {
     let mut redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig { requests_per_minute: Some(OUTAGE_RPM), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let quota = format!(
         "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {OUTAGE_RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
         redis.url()
@@ -390,7 +389,7 @@ async fn an_llmquota_redis_killed_each_consumer_admits_its_share() {
             upstream.url()
         );
         let path = dir.path().join(format!("{team}.yaml"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, text).unwrap();
         procs.push(ProxyProcess::start(&path, &[], &[]).await);
     }
     // Each consumer's pods are counted among its own; alone, each admits its part of the quota.
@@ -399,9 +398,9 @@ async fn an_llmquota_redis_killed_each_consumer_admits_its_share() {
 
 /// The keys of `redis` that match `pattern`.
 async fn keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
-    let client = redis::Client::open(redis.url()).unwrap_or_else(|e| panic!("{e}"));
-    let mut c = client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{e}"));
-    redis::cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap_or_else(|e| panic!("{e}"))
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,7 +408,7 @@ async fn an_llmquota_buckets_live_in_its_own_redis_whatever_the_llmproxy_shares_
     let org = RedisServer::start(None).await;
     let tenant = RedisServer::start(None).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     // The org grants 10/s; the tenant's LlmProxy allows itself 100/s and shares its own
     // buckets through a Redis of its own.
     let quota = format!(
@@ -421,7 +420,7 @@ async fn an_llmquota_buckets_live_in_its_own_redis_whatever_the_llmproxy_shares_
         manifest("tenant", &upstream.url(), &shared(&tenant)).replace("replicas: 3", "replicas: 1")
     );
     let path = dir.path().join("tenant.yaml");
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&path, text).unwrap();
     let proxy = ProxyProcess::start(&path, &[], &[]).await;
     let start = Instant::now();
     let statuses = load_over(&[proxy.url("/chat/completions")], 20, 60).await;
@@ -442,7 +441,7 @@ async fn an_llmquota_buckets_live_in_its_own_redis_whatever_the_llmproxy_shares_
 async fn a_greedy_consumer_cannot_starve_another_the_shares_are_the_owners() {
     let redis = RedisServer::start(None).await;
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     // The owner lists nobody: every allowed consumer has the default weight and no guarantee.
     let quota = format!(
         "---\napiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {{name: org}}\nspec:\n  requestsPerMinute: {RPM}\n  sharedState: {{redis: {{url: '{}'}}}}\n",
@@ -469,9 +468,9 @@ async fn a_greedy_consumer_cannot_starve_another_the_shares_are_the_owners() {
 /// A connection as `user` (an ACL user) with `password`.
 async fn redis_as(redis: &RedisServer, user: &str, password: &str) -> redis::aio::MultiplexedConnection {
     use redis::IntoConnectionInfo;
-    let info = redis.url().into_connection_info().unwrap_or_else(|e| panic!("{e}"));
+    let info = redis.url().into_connection_info().unwrap();
     let settings = info.redis_settings().clone().set_username(user).set_password(password);
-    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap_or_else(|e| panic!("{e}"));
+    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap();
     client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{user}: {e}"))
 }
 
@@ -495,13 +494,11 @@ async fn a_consumers_redis_identity_cannot_write_another_consumers_entries_or_th
         let mut args = vec!["ACL", "SETUSER", user.as_str()];
         let rules = consumer_rules("org", consumer, &digest);
         args.extend(rules.iter().map(String::as_str));
-        run(&mut admin, &args).await.unwrap_or_else(|e| panic!("{e}"));
+        run(&mut admin, &args).await.unwrap();
     }
     let (shares, b_key) = (shares_key("org"), format!("{}total:r", consumer_prefix("org", "team-b/p")));
-    run(&mut admin, &["HSET", &shares, "team-a/p", "1,0", "team-b/p", "1,0"])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    run(&mut admin, &["HSET", &b_key, "l", "50", "t", "1"]).await.unwrap_or_else(|e| panic!("{e}"));
+    run(&mut admin, &["HSET", &shares, "team-a/p", "1,0", "team-b/p", "1,0"]).await.unwrap();
+    run(&mut admin, &["HSET", &b_key, "l", "50", "t", "1"]).await.unwrap();
 
     // team-a, with the credential its proxy holds.
     let mut a = redis_as(&redis, &consumer_user("org", "team-a/p"), "pass-a").await;
@@ -538,9 +535,9 @@ async fn a_consumers_redis_identity_cannot_write_another_consumers_entries_or_th
     assert_eq!(s, ["1,0"]);
     // A wrong password is no way in.
     use redis::IntoConnectionInfo;
-    let info = redis.url().into_connection_info().unwrap_or_else(|e| panic!("{e}"));
+    let info = redis.url().into_connection_info().unwrap();
     let settings =
         info.redis_settings().clone().set_username(consumer_user("org", "team-b/p")).set_password("pass-a");
-    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap_or_else(|e| panic!("{e}"));
+    let client = redis::Client::open(info.set_redis_settings(settings)).unwrap();
     assert!(client.get_multiplexed_async_connection().await.is_err(), "team-a's password is not team-b's");
 }

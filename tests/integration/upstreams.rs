@@ -231,11 +231,11 @@ async fn another_user_of_the_key_is_noticed_through_remaining() {
 async fn each_endpoint_gets_its_own_key_the_way_it_takes_it() {
     let a = mock(MockConfig { api_key: Some("sk-a".into()), ..MockConfig::default() }).await;
     let b = mock(MockConfig { api_key: Some("azure-b".into()), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");
     for (secret, key, value) in [("openai", "api-key", "sk-a\n"), ("azure", "key1", "azure-b")] {
-        std::fs::create_dir_all(secrets.join(secret)).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(secrets.join(secret).join(key), value).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(secrets.join(secret)).unwrap();
+        std::fs::write(secrets.join(secret).join(key), value).unwrap();
     }
     let upstreams = format!(
         "    - {{name: a, url: '{}', apiKeySecretRef: {{name: openai}}, models: [gpt-a]}}\n    - {{name: b, url: '{}', apiKeySecretRef: {{name: azure, key: key1}}, keyHeader: api-key, models: [gpt-b]}}\n",
@@ -243,8 +243,7 @@ async fn each_endpoint_gets_its_own_key_the_way_it_takes_it() {
         b.url()
     );
     let file = dir.path().join("llmproxy.yaml");
-    std::fs::write(&file, several(&upstreams, "{requestsPerMinute: 6000}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, several(&upstreams, "{requestsPerMinute: 6000}", "")).unwrap();
     let secrets_arg = secrets.display().to_string();
     let proxy = ProxyProcess::start(&file, &["--secrets-dir", &secrets_arg], &[]).await;
     let url = proxy.url("/chat/completions");
@@ -259,7 +258,7 @@ async fn each_endpoint_gets_its_own_key_the_way_it_takes_it() {
     assert!(body.contains("model_not_found"), "{body}");
     // b's key rotates in its Secret file: the next requests use it.
     b.mock.set_api_key(Some("azure-b2".into()));
-    std::fs::write(secrets.join("azure").join("key1"), "azure-b2").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(secrets.join("azure").join("key1"), "azure-b2").unwrap();
     eventually("the rotated key to be used", Duration::from_secs(10), || {
         let url = url.clone();
         async move { (burst(&url, 1, |i| chat("gpt-b", 50 + i)).await == [200]).then_some(()) }
@@ -273,18 +272,17 @@ async fn each_endpoint_gets_its_own_key_the_way_it_takes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_upstreams_standalone_need_the_secrets_dir() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");
     let upstreams = "    - {name: a, url: 'http://127.0.0.1:9/v1', apiKeySecretRef: {name: openai}}\n    - {name: b, url: 'http://127.0.0.1:9/v1'}\n";
-    std::fs::write(&file, several(upstreams, "{requestsPerMinute: 60}", ""))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, several(upstreams, "{requestsPerMinute: 60}", "")).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
         .args(["proxy", "--config"])
         .arg(&file)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .env("LLMPROXY_UPSTREAM_API_KEY", "sk-not-for-several")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--secrets-dir"), "{stderr}");

@@ -196,8 +196,7 @@ mod tests {
     fn keys_identify_their_client_plain_or_hashed() {
         let hashed =
             format!("sha256:{}", digest("sk-batch").iter().map(|b| format!("{b:02x}")).collect::<String>());
-        let keys = ClientKeys::from_pairs([("chatbot", "sk-chat\n"), ("nightly", hashed.as_str())])
-            .unwrap_or_else(|e| panic!("{e}"));
+        let keys = ClientKeys::from_pairs([("chatbot", "sk-chat\n"), ("nightly", hashed.as_str())]).unwrap();
         assert_eq!(keys.identify("sk-chat").as_deref(), Some("chatbot"));
         assert_eq!(keys.identify("sk-batch").as_deref(), Some("nightly"));
         assert_eq!(keys.identify("sk-other"), None);
@@ -212,7 +211,7 @@ mod tests {
         assert!(err.contains("client \"b\": the same key as client \"a\""), "{err}");
         let err = ClientKeys::from_pairs([("team a", "k")]).err().unwrap_or_default();
         assert!(err.contains("client name \"team a\""), "{err}");
-        let keys = ClientKeys::from_yaml("team-a: sk-1\nteam-b: sk-2\n").unwrap_or_else(|e| panic!("{e}"));
+        let keys = ClientKeys::from_yaml("team-a: sk-1\nteam-b: sk-2\n").unwrap();
         assert_eq!(keys.names().collect::<Vec<_>>(), ["team-a", "team-b"]);
         assert!(ClientKeys::from_yaml("- not a map").is_err());
     }

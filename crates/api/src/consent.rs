@@ -6,7 +6,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::spec::LlmProxySpec;
+use crate::crd::LlmProxySpec;
 
 /// Annotation on an upstream-key Secret pinning where its key may go: comma-separated host
 /// names, each exact or `*.` and a domain (one more label in front, as a TLS wildcard).
@@ -158,7 +158,7 @@ pub fn consents_to_any_use(meta: &ObjectMeta, proxy: &str) -> bool {
 
 /// The host a URL's requests go to, lower-case, without port, brackets or a final dot: the same
 /// parse (`http::Uri`) the proxy connects with.
-pub fn upstream_host(url: &str) -> Option<String> {
+pub(crate) fn upstream_host(url: &str) -> Option<String> {
     let uri: http::Uri = url.parse().ok()?;
     let host = uri.host()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -169,7 +169,7 @@ pub fn upstream_host(url: &str) -> Option<String> {
 /// Whether `host` (as [`upstream_host`] gives it) matches one of the comma-separated
 /// `patterns`: a host name exactly, or `*.DOMAIN` for exactly one label in front of DOMAIN.
 /// Anything else (an empty list, `*` alone, a port) matches nothing.
-pub fn host_allowed(patterns: &str, host: &str) -> bool {
+pub(crate) fn host_allowed(patterns: &str, host: &str) -> bool {
     patterns.split(',').any(|p| {
         let p = p.trim().to_ascii_lowercase();
         let p = p.strip_suffix('.').unwrap_or(&p);
@@ -302,7 +302,7 @@ spec:
   sharedState: {redis: {url: 'redis://r:6379', passwordSecretRef: {name: shared}}}
 ",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let reads = reads(&p.spec);
         let uses: Vec<(SecretUse, Option<&str>)> = reads.iter().map(|r| (r.use_, r.url.as_deref())).collect();
         assert_eq!(

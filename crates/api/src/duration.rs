@@ -9,7 +9,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The schema pattern for a non-negative Go duration; the same strings CEL's `duration()` accepts.
-pub const PATTERN: &str = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$";
+pub(crate) const PATTERN: &str = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$";
 
 /// A duration that keeps the user's spelling (`5m` stays `5m` on the way back out) so that
 /// manifests, server-side apply and status messages show what the user wrote.
@@ -194,7 +194,7 @@ mod tests {
     use super::*;
 
     fn d(s: &str) -> time::Duration {
-        s.parse::<Duration>().map(|d| d.get()).unwrap_or_else(|e| panic!("{e}"))
+        s.parse::<Duration>().map(|d| d.get()).unwrap()
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn keeps_the_users_spelling() {
-        let v: Duration = serde_json::from_str("\"5m\"").unwrap_or_else(|e| panic!("{e}"));
+        let v: Duration = serde_json::from_str("\"5m\"").unwrap();
         assert_eq!(serde_json::to_string(&v).ok().as_deref(), Some("\"5m\""));
     }
 

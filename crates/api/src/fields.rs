@@ -9,7 +9,7 @@ use serde_yaml::Value;
 
 /// The fields of `doc` that `schema` (an `openAPIV3Schema`) does not know, as paths in
 /// kubectl's notation (`spec.upstreams[0].limits.burst`), in document order.
-pub fn unknown_fields(doc: &Value, schema: &Schema) -> Vec<String> {
+pub(crate) fn unknown_fields(doc: &Value, schema: &Schema) -> Vec<String> {
     let mut found = Vec::new();
     // The API server handles these itself; `metadata` is ObjectMeta, checked by its own type.
     let builtin = ["apiVersion", "kind", "metadata"];
@@ -72,7 +72,7 @@ fn key_text(key: &Value) -> String {
 
 /// One step of a path into a document.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// A field of an object, or a key of a map.
     Field(String),
     /// An item of a list.
@@ -81,7 +81,7 @@ pub enum Step {
 
 /// A path in kubectl's notation: fields joined by dots, list indices in brackets
 /// (`spec.upstreams[0].limits.burst`).
-pub fn kubectl_path(steps: impl IntoIterator<Item = Step>) -> String {
+pub(crate) fn kubectl_path(steps: impl IntoIterator<Item = Step>) -> String {
     let mut out = String::new();
     for step in steps {
         match step {
@@ -101,7 +101,7 @@ pub fn kubectl_path(steps: impl IntoIterator<Item = Step>) -> String {
 
 /// The steps of a `serde_ignored` path; the options and newtypes serde passes through are
 /// no steps of the document.
-pub fn ignored_steps(path: &serde_ignored::Path<'_>) -> Vec<Step> {
+pub(crate) fn ignored_steps(path: &serde_ignored::Path<'_>) -> Vec<Step> {
     use serde_ignored::Path;
     let mut steps = match path {
         Path::Root => return Vec::new(),
@@ -120,7 +120,7 @@ pub fn ignored_steps(path: &serde_ignored::Path<'_>) -> Vec<Step> {
 }
 
 /// The steps of a `serde_path_to_error` path (segments it could not name are left out).
-pub fn error_steps(path: &serde_path_to_error::Path) -> Vec<Step> {
+pub(crate) fn error_steps(path: &serde_path_to_error::Path) -> Vec<Step> {
     use serde_path_to_error::Segment;
     path.iter()
         .filter_map(|s| match s {

@@ -1,36 +1,37 @@
 //! The `LlmProxy` API: the custom resource types, their generated CRD, and the checked runtime
 //! [`Policy`] that the proxy and the operator both derive from a spec.
 
+#![warn(unreachable_pub)]
+
 pub mod client_keys;
 pub mod consent;
-pub mod duration;
-pub mod fields;
-pub mod manifest;
+pub mod crd;
+mod duration;
+mod fields;
+mod manifest;
 pub mod paths;
 pub mod policy;
-pub mod quantity;
-pub mod quota;
+mod quantity;
 pub mod redis_acl;
-pub mod replicas;
-pub mod report;
-pub mod spec;
+mod report;
 
 pub use client_keys::ClientKeys;
 pub use consent::{ALLOWED_UPSTREAM_HOSTS, SecretUse};
-pub use duration::Duration;
-pub use manifest::{ManifestError, crd_yaml, from_yaml, quota_crd_yaml};
-pub use policy::{FieldError, Policy, PolicyError};
-pub use quota::{
-    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaRef, QuotaShareSpec,
-    RedisPasswordRef, RedisSpec, Share, SharedStateSpec,
-};
-pub use report::ProxyReport;
-pub use spec::{
+pub use crd::{
     AutoscalingSpec, CacheScope, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
     EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
     ModelLimitsSpec, ObservedLimits, Protocol, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef,
     SecretNameRef, TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
 };
+pub use crd::{
+    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaRef, QuotaShareSpec,
+    RedisPasswordRef, RedisSpec, Share, SharedStateSpec,
+};
+pub use duration::Duration;
+pub use manifest::{ManifestError, crd_yaml, from_yaml, quota_crd_yaml};
+pub use policy::replicas;
+pub use policy::{FieldError, Policy, PolicyError};
+pub use report::ProxyReport;
 
 /// The label a Secret carries (value `"true"`) before the operator lets any proxy read it: a
 /// user who may edit LlmProxy objects but not read Secrets cannot name one of the namespace's

@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 
 use kube::CustomResourceExt;
 
+use crate::crd::{GrantedQuota, LlmProxy, LlmQuota};
 use crate::policy::{Policy, PolicyError};
-use crate::quota::LlmQuota;
-use crate::spec::LlmProxy;
 
 /// Why a manifest cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +87,7 @@ pub fn from_yaml(text: &str) -> Result<(LlmProxy, Policy), ManifestError> {
         let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), namespace.clone())]);
         let name = proxy.metadata.name.clone().unwrap_or_default();
         let share = q.spec.share_of(&namespace, &name, &labels, r);
-        policy = policy.with_quota(&crate::quota::GrantedQuota {
+        policy = policy.with_quota(&GrantedQuota {
             name: r.name.clone(),
             requests_per_minute: q.spec.requests_per_minute,
             tokens_per_minute: q.spec.tokens_per_minute,
@@ -186,7 +185,7 @@ spec:
 
     #[test]
     fn reads_a_manifest_and_resolves_its_policy() {
-        let (proxy, policy) = from_yaml(GOOD).unwrap_or_else(|e| panic!("{e}"));
+        let (proxy, policy) = from_yaml(GOOD).unwrap();
         assert_eq!(proxy.metadata.name.as_deref(), Some("p"));
         assert_eq!(policy.limits.requests_per_minute, 60);
     }

@@ -103,7 +103,7 @@ mod tests {
     use super::*;
 
     fn rule(s: &str) -> PathRule {
-        PathRule::parse(s).unwrap_or_else(|e| panic!("{e}"))
+        PathRule::parse(s).unwrap()
     }
 
     #[test]

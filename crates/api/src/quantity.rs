@@ -1,11 +1,11 @@
 //! Kubernetes quantities as byte counts (`64Mi`, `1Gi`, `500M`, `1048576`).
 
 /// Why a quantity was refused.
-pub type QuantityError = String;
+pub(crate) type QuantityError = String;
 
 /// The number of bytes a quantity names; binary (`Ki`..`Ei`) and decimal (`k`..`E`) suffixes,
 /// fractions allowed (`1.5Gi`), rounded up to a whole byte.
-pub fn bytes(q: &str) -> Result<u64, QuantityError> {
+pub(crate) fn bytes(q: &str) -> Result<u64, QuantityError> {
     let err = || {
         format!(
             "invalid quantity {q:?}: expected a number with an optional suffix such as Ki, Mi, Gi, k, M or G"

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::UpstreamStatus;
+use crate::crd::UpstreamStatus;
 
 /// One proxy pod's view.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]

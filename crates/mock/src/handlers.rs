@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::quota::go_duration;
 use crate::server::Kill;
-use crate::{Fault, Mock, Seen, lock};
+use crate::{Fault, Mock, MockConfig, Seen, lock};
 
 pub(crate) fn router(mock: Arc<Mock>) -> Router {
     Router::new()
@@ -180,27 +180,100 @@ async fn gate(
     let at = Instant::now();
     lock(&mock.stats).requests += 1;
     let inflight = Inflight::enter(mock);
-    let model = body.get("model").and_then(Value::as_str);
-    let key = bearer(headers);
+    let call = Call { mock, path, headers, at, model: body.get("model").and_then(Value::as_str) };
     let config = lock(&mock.config).clone();
-    if config.api_key.is_some() && key != config.api_key {
-        record(mock, path, 401, headers, at, model);
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided.",
-            "invalid_request_error",
-            Some("invalid_api_key"),
-        ));
+    call.check_key(&config)?;
+    let (cut_after, unframed) = call.fault(kill).await?;
+    let cost = Cost::of(body, path, &config);
+    call.check_limits(cost.charged)?;
+    call.settle(&config, &cost);
+    call.record(200);
+    let headers = rate_headers(mock, at);
+    mock.pass_gate().await;
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency).await;
+    }
+    Ok(Admitted {
+        prompt: cost.prompt,
+        completion: cost.completion,
+        n: cost.n,
+        headers,
+        cut_after,
+        unframed,
+        inflight,
+    })
+}
+
+/// One request as the gate sees it, for its steps and its record.
+struct Call<'a> {
+    mock: &'a Arc<Mock>,
+    path: &'a str,
+    headers: &'a HeaderMap,
+    at: Instant,
+    model: Option<&'a str>,
+}
+
+/// What a request costs: its prompt, what it will generate, and what the token bucket is
+/// charged up front (the most it may generate).
+struct Cost {
+    prompt: u64,
+    /// Completion tokens per choice.
+    completion: u64,
+    /// Choices.
+    n: u64,
+    charged: u64,
+}
+
+impl Cost {
+    fn of(body: &Value, path: &str, config: &MockConfig) -> Self {
+        let prompt = prompt_tokens(body);
+        let max = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_u64));
+        let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 128);
+        let generates = path != "/v1/embeddings";
+        let completion = if generates {
+            max.map_or(config.completion_tokens, |m| m.min(config.completion_tokens))
+        } else {
+            0
+        };
+        let charged = prompt.saturating_add(if generates {
+            max.unwrap_or(config.completion_tokens).saturating_mul(n)
+        } else {
+            0
+        });
+        Self { prompt, completion, n, charged }
+    }
+}
+
+impl Call<'_> {
+    fn record(&self, status: u16) {
+        record(self.mock, self.path, status, self.headers, self.at, self.model);
     }
 
-    let fault = lock(&mock.faults).pop_front();
-    let (mut cut_after, mut unframed) = (None, None);
-    if let Some(f) = &fault {
-        lock(&mock.stats).faults += 1;
+    /// 401 unless the bearer key is the configured one (any key when none is).
+    fn check_key(&self, config: &MockConfig) -> Result<(), Response> {
+        if config.api_key.is_some() && bearer(self.headers) != config.api_key {
+            self.record(401);
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The next injected fault, if any: an error answer, a dropped connection, a delay, or how
+    /// to break the answer (`cut_after` chunks, `unframed`).
+    async fn fault(&self, kill: &Kill) -> Result<(Option<usize>, Option<bool>), Response> {
+        let Some(f) = lock(&self.mock.faults).pop_front() else { return Ok((None, None)) };
+        lock(&self.mock.stats).faults += 1;
         match f {
             Fault::Status { status, retry_after_secs, code: error_code } => {
-                let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                record(mock, path, code.as_u16(), headers, at, model);
+                let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                self.record(code.as_u16());
                 let mut resp = error(
                     code,
                     "The server had an error while processing your request.",
@@ -208,91 +281,83 @@ async fn gate(
                     error_code.as_deref(),
                 );
                 if let Some(secs) = retry_after_secs {
-                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 }
-                return Err(resp);
+                Err(resp)
             }
             Fault::Drop => {
-                record(mock, path, 0, headers, at, model);
+                self.record(0);
                 kill.0.cancel();
                 std::future::pending::<()>().await;
+                Ok((None, None))
             }
-            Fault::Delay { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
-            Fault::CutStream { after_chunks } => cut_after = Some(*after_chunks),
-            Fault::Unframed { cut } => unframed = Some(*cut),
-            Fault::Early { .. } => {}
+            Fault::Delay { ms } => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok((None, None))
+            }
+            Fault::CutStream { after_chunks } => Ok((Some(after_chunks), None)),
+            Fault::Unframed { cut } => Ok((None, Some(cut))),
+            Fault::Early { .. } => Ok((None, None)),
         }
     }
 
-    let prompt = prompt_tokens(body);
-    let max = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64));
-    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 128);
-    let generates = path != "/v1/embeddings";
-    let completion =
-        if generates { max.map_or(config.completion_tokens, |m| m.min(config.completion_tokens)) } else { 0 };
-    let charged = prompt.saturating_add(if generates {
-        max.unwrap_or(config.completion_tokens).saturating_mul(n)
-    } else {
-        0
-    });
-    let refused_model = model.and_then(|m| lock(&mock.limits).refused_models.get(m).copied());
-    if let Some(retry_after) = refused_model {
-        record(mock, path, 429, headers, at, model);
-        lock(&mock.stats).rate_limited += 1;
-        let msg = "Rate limit reached for this model. Please try again later.";
-        let mut resp = error(StatusCode::TOO_MANY_REQUESTS, msg, "requests", Some("rate_limit_exceeded"));
-        if let Some(secs) = retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    /// 429 for a refused model, or when the request or token bucket cannot pay `charged`.
+    fn check_limits(&self, charged: u64) -> Result<(), Response> {
+        let mock = self.mock;
+        let refused_model = self.model.and_then(|m| lock(&mock.limits).refused_models.get(m).copied());
+        if let Some(retry_after) = refused_model {
+            self.record(429);
+            lock(&mock.stats).rate_limited += 1;
+            let msg = "Rate limit reached for this model. Please try again later.";
+            let mut resp = error(StatusCode::TOO_MANY_REQUESTS, msg, "requests", Some("rate_limit_exceeded"));
+            if let Some(secs) = retry_after {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            return Err(resp);
         }
-        return Err(resp);
-    }
-    let refused = {
-        let mut limits = lock(&mock.limits);
-        let requests =
-            limits.requests.as_mut().map_or(Ok(()), |q| q.try_take(at, 1)).map_err(|w| (w, "requests"));
-        requests.and_then(|()| {
-            let tokens = limits.tokens.as_mut().map_or(Ok(()), |q| q.try_take(at, charged));
-            tokens.map_err(|w| (w, "tokens"))
-        })
-    };
-    if let Err((wait, what)) = refused {
-        record(mock, path, 429, headers, at, model);
+        let refused = {
+            let mut limits = lock(&mock.limits);
+            let requests = limits
+                .requests
+                .as_mut()
+                .map_or(Ok(()), |q| q.try_take(self.at, 1))
+                .map_err(|w| (w, "requests"));
+            requests.and_then(|()| {
+                let tokens = limits.tokens.as_mut().map_or(Ok(()), |q| q.try_take(self.at, charged));
+                tokens.map_err(|w| (w, "tokens"))
+            })
+        };
+        let Err((wait, what)) = refused else { return Ok(()) };
+        self.record(429);
         lock(&mock.stats).rate_limited += 1;
         let msg = format!("Rate limit reached for {what}. Please try again in {}.", go_duration(wait));
         let mut resp = error(StatusCode::TOO_MANY_REQUESTS, &msg, what, Some("rate_limit_exceeded"));
         let h = resp.headers_mut();
-        h.extend(rate_headers(mock, at));
+        h.extend(rate_headers(mock, self.at));
         h.insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)));
         h.insert(
             "retry-after-ms",
             HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
         );
-        return Err(resp);
+        Err(resp)
     }
-    let used = prompt + completion * n;
-    let kept = if config.token_accounting == crate::Accounting::Used {
-        // It knows its answer now: settle the charge to what it will really use.
-        if let Some(q) = lock(&mock.limits).tokens.as_mut() {
-            q.refund(at, charged.saturating_sub(used));
-        }
-        used
-    } else {
-        charged
-    };
-    {
-        let mut stats = lock(&mock.stats);
+
+    /// Count the tokens used; under `Accounting::Used` refund the charge down to them.
+    fn settle(&self, config: &MockConfig, cost: &Cost) {
+        let used = cost.prompt + cost.completion * cost.n;
+        let kept = if config.token_accounting == crate::Accounting::Used {
+            // It knows its answer now: settle the charge to what it will really use.
+            if let Some(q) = lock(&self.mock.limits).tokens.as_mut() {
+                q.refund(self.at, cost.charged.saturating_sub(used));
+            }
+            used
+        } else {
+            cost.charged
+        };
+        let mut stats = lock(&self.mock.stats);
         stats.tokens += used;
         stats.charged_tokens += kept;
     }
-    record(mock, path, 200, headers, at, model);
-    let headers = rate_headers(mock, at);
-    mock.pass_gate().await;
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
-    }
-    Ok(Admitted { prompt, completion, n, headers, cut_after, unframed, inflight })
 }
 
 fn parse(body: &Bytes) -> Result<Value, Response> {

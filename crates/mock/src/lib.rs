@@ -3,6 +3,8 @@
 //! `x-ratelimit-*`), checks the bearer key, can inject 5xx, dropped connections, slow answers
 //! and broken streams, and counts everything it served.
 
+#![warn(unreachable_pub)]
+
 mod handlers;
 pub mod load;
 mod quota;
@@ -178,13 +180,15 @@ pub struct Mock {
     gate: tokio::sync::watch::Sender<bool>,
 }
 
+/// Every lock of the mock goes through here: std's Mutex, poisoning recovered (the workspace's
+/// choice, stated beside `await_holding_lock` in Cargo.toml).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Mock {
     /// State for a mock with `config`.
-    pub fn new(config: MockConfig) -> Arc<Self> {
+    pub(crate) fn new(config: MockConfig) -> Arc<Self> {
         let now = Instant::now();
         let limits = Limits {
             requests: config.requests_per_minute.map(|l| Quota::new(l, config.window, now)),
@@ -225,7 +229,7 @@ impl Mock {
 
     /// Enforce new limits from now on (a provider lowering or raising a key's quota); `None`
     /// lifts that limit. The headers report the new limits at once.
-    pub fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
+    pub(crate) fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
         let now = Instant::now();
         let mut config = lock(&self.config);
         config.requests_per_minute = requests_per_minute;
@@ -242,7 +246,7 @@ impl Mock {
     }
 
     /// Serve `model` again.
-    pub fn allow_model(&self, model: &str) {
+    pub(crate) fn allow_model(&self, model: &str) {
         lock(&self.limits).refused_models.remove(model);
     }
 
@@ -300,7 +304,7 @@ pub struct MockServer {
 
 impl MockServer {
     /// Start on `addr` (port 0 for any free port).
-    pub async fn start(config: MockConfig, addr: SocketAddr) -> anyhow::Result<Self> {
+    pub async fn start(config: MockConfig, addr: SocketAddr) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let mock = Mock::new(config);
@@ -310,7 +314,7 @@ impl MockServer {
     }
 
     /// Start on a free loopback port.
-    pub async fn start_local(config: MockConfig) -> anyhow::Result<Self> {
+    pub async fn start_local(config: MockConfig) -> std::io::Result<Self> {
         Self::start(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 

@@ -16,7 +16,11 @@ use crate::status::Problem;
 /// Whether a proxy of `proxy` may read `secret` for `read` (it opted in to that use, does not
 /// exclude this proxy, and for an upstream key allows its host), and what is wrong with it if
 /// anything. Pure, for tests.
-pub fn secret_verdict(secret: Option<&Secret>, read: &SecretRead, proxy: &str) -> (Option<Problem>, bool) {
+pub(crate) fn secret_verdict(
+    secret: Option<&Secret>,
+    read: &SecretRead,
+    proxy: &str,
+) -> (Option<Problem>, bool) {
     let name = read.secret.clone();
     let Some(s) = secret else {
         return (Some(Problem::SecretNotFound { secret: name, use_: read.use_ }), false);
@@ -286,7 +290,7 @@ mod tests {
         assert_eq!(secret_verdict(Some(&s), &read("https://api.openai.com/v1"), "p"), (None, true));
         let (problem, readable) = secret_verdict(Some(&s), &read("https://attacker.example/v1"), "p");
         assert!(!readable);
-        let problem = problem.unwrap_or_else(|| panic!("refused"));
+        let problem = problem.expect("refused");
         assert_eq!(problem.reason(), "SecretNotAllowed");
         let message = problem.message();
         assert!(

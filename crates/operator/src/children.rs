@@ -27,11 +27,11 @@ use kube::{Resource, ResourceExt};
 use llmproxy_api::LlmProxy;
 
 /// Port of the OpenAI-compatible API in the proxy pods and the Service.
-pub const API_PORT: i32 = 8080;
+pub(crate) const API_PORT: i32 = 8080;
 /// Port of `/metrics`, `/livez`, `/readyz`.
-pub const ADMIN_PORT: i32 = 9090;
+pub(crate) const ADMIN_PORT: i32 = 9090;
 /// UID and GID the proxy runs as (the distroless "nonroot" user).
-pub const PROXY_UID: i64 = 65532;
+pub(crate) const PROXY_UID: i64 = 65532;
 
 /// Operator settings that shape the children.
 #[derive(Clone, Debug)]
@@ -50,7 +50,7 @@ pub struct Settings {
 
 /// Everything one LlmProxy runs on.
 #[derive(Clone, Debug)]
-pub struct Children {
+pub(crate) struct Children {
     /// The proxy pods' identity.
     pub service_account: ServiceAccount,
     /// Read access to this LlmProxy and its Secret, nothing else.
@@ -73,7 +73,7 @@ pub struct Children {
 }
 
 /// Labels on every child and pod.
-pub fn labels(name: &str) -> BTreeMap<String, String> {
+pub(crate) fn labels(name: &str) -> BTreeMap<String, String> {
     let mut l = selector(name);
     l.insert("app.kubernetes.io/component".into(), "proxy".into());
     l.insert("app.kubernetes.io/managed-by".into(), "llmproxy-operator".into());
@@ -81,7 +81,7 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
 }
 
 /// The pod selector of one LlmProxy's proxies.
-pub fn selector(name: &str) -> BTreeMap<String, String> {
+pub(crate) fn selector(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "llmproxy".to_owned()),
         ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
@@ -89,12 +89,12 @@ pub fn selector(name: &str) -> BTreeMap<String, String> {
 }
 
 /// Name of the ServiceAccount, Role and RoleBinding.
-pub fn proxy_identity(name: &str) -> String {
+pub(crate) fn proxy_identity(name: &str) -> String {
     format!("{name}-proxy")
 }
 
 /// The URL clients use, through the Service.
-pub fn endpoint(p: &LlmProxy) -> String {
+pub(crate) fn endpoint(p: &LlmProxy) -> String {
     format!("http://{}.{}.svc:{API_PORT}/v1", p.name_any(), p.namespace().unwrap_or_default())
 }
 
@@ -109,19 +109,19 @@ fn meta(p: &LlmProxy, name: String) -> ObjectMeta {
 }
 
 /// Pods wanted: the fixed count, or the autoscaler's floor.
-pub fn desired_replicas(p: &LlmProxy) -> i32 {
-    llmproxy_api::replicas::desired(&p.spec)
+pub(crate) fn desired_replicas(p: &LlmProxy) -> i32 {
+    llmproxy_api::policy::replicas::desired(&p.spec)
 }
 
 /// What the checks before building found the proxies may be given.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Grants {
+pub(crate) struct Grants {
     /// Secrets (names) the proxies may read: only those that opted in.
     pub secrets: Vec<String>,
 }
 
 /// Build every child of `p`.
-pub fn build(p: &LlmProxy, settings: &Settings, grants: &Grants) -> Children {
+pub(crate) fn build(p: &LlmProxy, settings: &Settings, grants: &Grants) -> Children {
     Children {
         service_account: ServiceAccount {
             metadata: meta(p, proxy_identity(&p.name_any())),
@@ -204,7 +204,7 @@ const DRAIN_DELAY_SECONDS: i64 = 5;
 /// Long enough for a terminating pod to drain, then finish what it holds: a request that just
 /// arrived may wait `queue.maxWait` for admission and then `upstream.timeout` for its answer
 /// to start (a stream that keeps flowing is cut at the end of this period).
-pub fn grace_period_seconds(p: &LlmProxy) -> i64 {
+pub(crate) fn grace_period_seconds(p: &LlmProxy) -> i64 {
     let secs = |d: &llmproxy_api::Duration| i64::try_from(d.get().as_secs()).unwrap_or(i64::MAX);
     DRAIN_DELAY_SECONDS
         .saturating_add(secs(&p.spec.queue.max_wait))
@@ -314,7 +314,7 @@ fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
 fn observability_args(p: &LlmProxy) -> Vec<String> {
     let o = p.spec.observability.clone().unwrap_or_default();
     let format = match o.log_format {
-        Some(llmproxy_api::spec::LogFormatSpec::Text) => "text",
+        Some(llmproxy_api::crd::LogFormatSpec::Text) => "text",
         _ => "json",
     };
     let mut args = vec!["--log-format".to_owned(), format.to_owned()];
@@ -515,7 +515,7 @@ mod tests {
     use super::*;
 
     fn proxy(yaml: &str) -> LlmProxy {
-        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+        serde_yaml::from_str(yaml).unwrap()
     }
 
     const BASE: &str = "

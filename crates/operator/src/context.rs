@@ -2,7 +2,7 @@
 //! and the failure counts behind the back-off.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use kube::Client;
 use kube::core::DeserializeGuard;
@@ -14,10 +14,10 @@ use crate::children::Settings;
 use crate::metrics::Metrics;
 
 /// The field manager of everything the operator applies.
-pub const MANAGER: &str = "llmproxy-operator";
+pub(crate) const MANAGER: &str = "llmproxy-operator";
 
 /// What every reconcile shares.
-pub struct Context {
+pub(crate) struct Context {
     /// API client.
     pub client: Client,
     /// Publishes Kubernetes Events.
@@ -32,7 +32,13 @@ pub struct Context {
 
 impl Context {
     /// A context for one operator process.
-    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
+    pub(crate) fn new(client: Client, recorder: Recorder, metrics: Metrics, settings: Settings) -> Self {
         Self { client, recorder, metrics, settings, failures: Mutex::default() }
     }
+}
+
+/// Every lock of the operator goes through here: std's Mutex, poisoning recovered (the
+/// workspace's choice, stated beside `await_holding_lock` in Cargo.toml).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

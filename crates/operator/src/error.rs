@@ -2,7 +2,7 @@
 
 /// Why a reconcile failed; transient, retried with back-off.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The API server refused or could not be reached.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
@@ -13,11 +13,11 @@ pub enum Error {
 
 impl Error {
     /// Every value `metric_label` returns.
-    pub const LABELS: [&'static str; 5] =
+    pub(crate) const LABELS: [&'static str; 5] =
         ["conflict", "forbidden", "api_error", "api_unreachable", "no_namespace"];
 
     /// A low-cardinality label for the failure metric.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",

@@ -38,7 +38,7 @@ const REAPPLY: Duration = Duration::from_secs(300);
 
 /// What the cluster side last was, per LlmQuota.
 #[derive(Default)]
-pub struct Applied {
+pub(crate) struct Applied {
     quotas: std::collections::HashMap<String, Known>,
 }
 
@@ -53,7 +53,7 @@ struct Known {
 
 /// Why a quota's consumers could not be given their identities.
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     /// The Kubernetes API refused or failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
@@ -77,7 +77,7 @@ struct Consumer {
 
 /// Give every allowed consumer among `consumers` of `quota` its identity, and take it from
 /// every other; `namespace` is the operator's, where the quota's password Secret is.
-pub async fn apply(
+pub(crate) async fn apply(
     client: &Client,
     quota: &LlmQuota,
     namespace: &str,

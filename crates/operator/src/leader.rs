@@ -52,7 +52,7 @@ fn secs(d: Duration) -> i32 {
 /// holder's term is judged by how long its record has not changed here, as client-go does, so
 /// clock skew between machines cannot make a live Lease look expired.
 #[derive(Debug, Default)]
-pub struct Observed {
+pub(crate) struct Observed {
     record: Option<(String, tokio::time::Instant)>,
 }
 
@@ -71,7 +71,7 @@ impl Observed {
 
 /// Take or renew the Lease if it is ours, free, or unrenewed for a whole term as observed
 /// here. `Ok(true)`: we lead this term.
-pub async fn try_acquire(
+pub(crate) async fn try_acquire(
     api: &Api<Lease>,
     cfg: &LeaseConfig,
     observed: &mut Observed,
@@ -120,7 +120,7 @@ pub async fn try_acquire(
 }
 
 /// Give the Lease up (on shutdown), so a standby takes over at once instead of after a term.
-pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+pub(crate) async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
     let _ = tokio::time::timeout(Duration::from_secs(5), release_now(api, cfg)).await;
 }
 
@@ -137,7 +137,7 @@ async fn release_now(api: &Api<Lease>, cfg: &LeaseConfig) {
 /// Run `work` only while leading: wait for the Lease, run `work` and renew alongside; if a
 /// renewal fails for longer than a term, stop `work` and compete again. Returns when `work`
 /// finishes or `shutdown` resolves (the Lease is released then).
-pub async fn run_elected<F, Fut>(
+pub(crate) async fn run_elected<F, Fut>(
     client: Client,
     cfg: LeaseConfig,
     metrics: Metrics,

@@ -1,21 +1,22 @@
 //! The llmproxy operator: watches `LlmProxy` resources and keeps, for each, a proxy Deployment,
 //! Service, ServiceAccount and least-privilege RBAC (plus a PodDisruptionBudget and an
 //! autoscaler where asked), and reports status conditions and events.
+#![warn(unreachable_pub)]
 
-pub mod apply;
-pub mod checks;
-pub mod children;
-pub mod context;
-pub mod error;
-pub mod events;
-pub mod health;
-pub mod identities;
-pub mod leader;
-pub mod metrics;
-pub mod observe;
-pub mod quota;
-pub mod reconcile;
-pub mod status;
+mod apply;
+mod checks;
+mod children;
+mod context;
+mod error;
+mod events;
+mod health;
+mod identities;
+mod leader;
+mod metrics;
+mod observe;
+mod quota;
+mod reconcile;
+mod status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,13 +37,14 @@ use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, predicates, ref
 use kube::{Client, ResourceExt};
 use llmproxy_api::LlmProxy;
 
-pub use children::Settings;
-pub use error::Error;
+pub use children::{Settings, scaled_object_resource};
 pub use health::Health;
 pub use leader::LeaseConfig;
 pub use metrics::Metrics;
 pub use observe::ObserveConfig;
-pub use reconcile::Context;
+pub use status::condition_status;
+
+use reconcile::Context;
 
 /// How to run the operator.
 #[derive(Clone, Debug)]
@@ -137,36 +139,8 @@ pub async fn controller(
         .owns(api::<PodDisruptionBudget>(&client, ns), children())
         .owns(api::<HorizontalPodAutoscaler>(&client, ns), children())
         .owns(api::<NetworkPolicy>(&client, ns), children())
-        .watches_stream(secrets, move |secret| {
-            let (ns, name) = (secret.namespace(), secret.name_any());
-            store
-                .state()
-                .into_iter()
-                .filter(|p| {
-                    p.namespace() == ns
-                        && p.0.as_ref().is_ok_and(|p| {
-                            p.spec.upstream_key_refs().iter().any(|r| r.name == name)
-                                || p.spec
-                                    .clients
-                                    .as_ref()
-                                    .and_then(|c| c.keys_secret_ref.as_ref())
-                                    .is_some_and(|r| r.name == name)
-                        })
-                })
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches_stream(quotas, move |quota| {
-            let name = quota.name_any();
-            quota_store
-                .state()
-                .into_iter()
-                .filter(|p| {
-                    p.0.as_ref().is_ok_and(|p| p.spec.quota_ref.as_ref().is_some_and(|r| r.name == name))
-                })
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(secrets, move |secret| naming_secret(&store, &secret))
+        .watches_stream(quotas, move |quota| drawing_from(&quota_store, &quota))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
@@ -184,6 +158,44 @@ pub async fn controller(
         }
     }
     health.set_watching(false);
+}
+
+/// The LlmProxies of `store` that name Secret `secret` (for an upstream key or client keys).
+fn naming_secret(
+    store: &reflector::Store<DeserializeGuard<LlmProxy>>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<DeserializeGuard<LlmProxy>>> {
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace() == ns
+                && p.0.as_ref().is_ok_and(|p| {
+                    p.spec.upstream_key_refs().iter().any(|r| r.name == name)
+                        || p.spec
+                            .clients
+                            .as_ref()
+                            .and_then(|c| c.keys_secret_ref.as_ref())
+                            .is_some_and(|r| r.name == name)
+                })
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The LlmProxies of `store` whose `quotaRef` names `quota`.
+fn drawing_from(
+    store: &reflector::Store<DeserializeGuard<LlmProxy>>,
+    quota: &llmproxy_api::LlmQuota,
+) -> Vec<ObjectRef<DeserializeGuard<LlmProxy>>> {
+    let name = quota.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|p| p.0.as_ref().is_ok_and(|p| p.spec.quota_ref.as_ref().is_some_and(|r| r.name == name)))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
 }
 
 /// Run the operator: with leader election if configured, until `shutdown` resolves; `health`

@@ -27,7 +27,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Register the metrics in `registry`.
-    pub fn new(registry: Registry) -> anyhow::Result<Self> {
+    pub fn new(registry: Registry) -> prometheus::Result<Self> {
         let reconciles = IntCounterVec::new(
             Opts::new("llmproxy_operator_reconciles_total", "LlmProxy reconciles by result (ok, error)."),
             &["result"],

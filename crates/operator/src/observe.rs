@@ -21,11 +21,12 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use llmproxy_api::{LlmProxy, LlmProxyStatus, LlmQuota, LlmQuotaStatus, Policy, ProxyReport};
 
+use crate::context::lock;
 use crate::metrics::Metrics;
 use crate::status;
 
 /// The field manager of what the pods report (the reconciler's is [`crate::reconcile::MANAGER`]).
-pub const OBSERVER: &str = "llmproxy-operator-observer";
+pub(crate) const OBSERVER: &str = "llmproxy-operator-observer";
 /// The most a pod's report may take; a larger one is refused as hostile.
 const MAX_REPORT_BYTES: usize = 256 * 1024;
 /// Pods asked at once, across all LlmProxies.
@@ -47,7 +48,7 @@ impl Default for ObserveConfig {
 }
 
 /// Run passes until dropped (the controller's shutdown drops it).
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     store: Store<DeserializeGuard<LlmProxy>>,
     config: ObserveConfig,
@@ -92,7 +93,7 @@ pub async fn run(
                             }
                             if let Some(u) = used {
                                 let key = (p.namespace().unwrap_or_default(), p.name_any());
-                                usage.lock().unwrap_or_else(PoisonError::into_inner).insert(key, u);
+                                lock(usage).insert(key, u);
                             }
                         }
                         Err(e) => {
@@ -123,12 +124,12 @@ async fn observe_quotas(
     usage: &HashMap<(String, String), (u64, u64)>,
     operator_namespace: Option<&str>,
     identities: &mut crate::identities::Applied,
-) -> anyhow::Result<()> {
+) -> kube::Result<()> {
     let quotas = match Api::<LlmQuota>::all(client.clone()).list(&ListParams::default()).await {
         Ok(q) => q.items,
         // No CRD (an older chart) or no permission: nothing to do.
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     for q in quotas {
@@ -180,7 +181,7 @@ async fn observe_one(
     client: &Client,
     http: &reqwest::Client,
     p: &LlmProxy,
-) -> anyhow::Result<(bool, Option<(u64, u64)>)> {
+) -> kube::Result<(bool, Option<(u64, u64)>)> {
     let ns = p.namespace().unwrap_or_default();
     let urls = pod_status_urls(client, &ns, &p.name_any()).await?;
     let reports: Vec<ProxyReport> = stream::iter(urls)
@@ -268,12 +269,23 @@ fn status_urls(slice: &EndpointSlice) -> Vec<String> {
         .collect()
 }
 
-async fn fetch(http: &reqwest::Client, url: &str) -> anyhow::Result<ProxyReport> {
+/// Why a pod's report could not be read; logged at debug, the pass goes on without it.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("report larger than {MAX_REPORT_BYTES} bytes")]
+    TooLarge,
+    #[error("report not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<ProxyReport, FetchError> {
     let mut resp = http.get(url).send().await?.error_for_status()?;
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         if body.len() + chunk.len() > MAX_REPORT_BYTES {
-            anyhow::bail!("report larger than {MAX_REPORT_BYTES} bytes");
+            return Err(FetchError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }

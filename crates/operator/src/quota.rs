@@ -10,28 +10,28 @@ use llmproxy_api::redis_acl::{PASSWORD_KEY, consumer_secret, consumer_user};
 use llmproxy_api::{GrantedQuota, LlmProxy, LlmQuota, QuotaConsumer, QuotaRef};
 
 /// Whether labels `labels` match `selector`; an absent selector matches nothing.
-pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
-    llmproxy_api::quota::selects(selector, labels)
+pub(crate) fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    llmproxy_api::crd::selects(selector, labels)
 }
 
 /// One LlmProxy that names a quota, as the verdict needs it.
 #[derive(Clone, Debug)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// The namespace's labels.
-    pub namespace_labels: BTreeMap<String, String>,
+    pub(crate) namespace_labels: BTreeMap<String, String>,
     /// Its `quotaRef`: what it asks for (it may only lower what the owner grants).
-    pub reference: QuotaRef,
+    pub(crate) reference: QuotaRef,
     /// Creation time, for a stable order in the LlmQuota's status.
-    pub created: Option<k8s_openapi::jiff::Timestamp>,
+    pub(crate) created: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 /// The LlmProxies among `proxies` that name quota `name`, with their namespaces' labels
 /// (read once per namespace, into `labels`).
-pub async fn candidates<'a>(
+pub(crate) async fn candidates<'a>(
     client: &kube::Client,
     proxies: impl IntoIterator<Item = &'a LlmProxy>,
     name: &str,
@@ -62,7 +62,7 @@ pub async fn candidates<'a>(
 /// Every consumer's verdict, oldest first, with the share the quota's owner grants it: a
 /// namespace the quota does not allow, or a quota whose shares do not add up, is refused with
 /// a reason; usage is left for the observer.
-pub fn verdicts(quota: &LlmQuota, candidates: &[Candidate]) -> Vec<QuotaConsumer> {
+pub(crate) fn verdicts(quota: &LlmQuota, candidates: &[Candidate]) -> Vec<QuotaConsumer> {
     let mut ordered: Vec<&Candidate> = candidates.iter().collect();
     ordered.sort_by(|a, b| (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name)));
     let invalid = quota.spec.problems();
@@ -93,7 +93,11 @@ pub fn verdicts(quota: &LlmQuota, candidates: &[Candidate]) -> Vec<QuotaConsumer
 /// the proxies will enforce it, with the owner's share and, where the quota's Redis has a
 /// password, the consumer's own Redis user and the Secret of its password (in the operator's
 /// namespace; see `crate::identities`), never the quota's own password.
-pub fn grant(quota: &LlmQuota, verdict: &QuotaConsumer, operator_namespace: Option<&str>) -> GrantedQuota {
+pub(crate) fn grant(
+    quota: &LlmQuota,
+    verdict: &QuotaConsumer,
+    operator_namespace: Option<&str>,
+) -> GrantedQuota {
     let name = quota.name_any();
     let mut redis = quota.spec.shared_state.redis.clone();
     let (mut password_namespace, mut username) = (None, None);
@@ -118,7 +122,7 @@ pub fn grant(quota: &LlmQuota, verdict: &QuotaConsumer, operator_namespace: Opti
 
 /// The name of the Role and RoleBinding that once let all of a quota's consumers read its
 /// password; the operator deletes them where an older version left them.
-pub fn password_rbac_name(quota: &str) -> String {
+pub(crate) fn password_rbac_name(quota: &str) -> String {
     format!("llmproxy-quota-{quota}-password")
 }
 
@@ -130,7 +134,7 @@ mod tests {
 
     fn quota(selector: Option<LabelSelector>) -> LlmQuota {
         let yaml = "apiVersion: llmproxy.io/v1alpha1\nkind: LlmQuota\nmetadata: {name: org, uid: u1}\nspec:\n  requestsPerMinute: 6000\n  sharedState: {redis: {url: 'redis://r:6379', passwordSecretRef: {name: redis-auth}}}\n";
-        let mut q: LlmQuota = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let mut q: LlmQuota = serde_yaml::from_str(yaml).unwrap();
         q.spec.allowed_namespaces = selector;
         q
     }
@@ -180,7 +184,7 @@ mod tests {
     fn shares_are_the_owners_and_a_consumer_can_only_ask_for_less() {
         let mut q = quota(Some(team_selector()));
         let yaml = "- {namespace: ns-a, name: p, weight: 4, guaranteed: 30}\n- {namespaceSelector: {matchLabels: {team: b}}, weight: 2}\n";
-        q.spec.consumers = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        q.spec.consumers = serde_yaml::from_str(yaml).unwrap();
         q.spec.default_weight = Some(3);
         // The oldest consumer asks for everything: it gets what the owner set, no more. A later
         // one asking nothing is not starved: it has its entry's weight.
@@ -218,7 +222,7 @@ mod tests {
         let mut q = quota(Some(team_selector()));
         let yaml =
             "- {namespace: ns-a, name: p, guaranteed: 70}\n- {namespace: ns-b, name: p, guaranteed: 40}\n";
-        q.spec.consumers = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        q.spec.consumers = serde_yaml::from_str(yaml).unwrap();
         let v = verdicts(&q, &[candidate("ns-a", "a", None, 1), candidate("ns-b", "b", None, 2)]);
         assert!(v.iter().all(|c| !c.allowed), "{v:?}");
         assert!(v[0].reason.as_deref().is_some_and(|r| r.contains("sum to 110 %")), "{v:?}");

@@ -1,7 +1,7 @@
 //! The reconcile driver: validate (`checks`) -> build the children (`children`, pure) ->
 //! apply them (`apply`) -> write status (`status`) and events (`events`); and the back-off.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -16,16 +16,20 @@ use kube::runtime::reflector::ObjectRef;
 use llmproxy_api::{LlmProxy, Policy};
 
 use crate::children::{self};
+use crate::context::lock;
 use crate::error::Error;
 use crate::status::{self, Problem, Rollout};
 
 use crate::apply::apply_children;
 use crate::checks::{check_quota, check_secrets};
-pub use crate::context::{Context, MANAGER};
+pub(crate) use crate::context::{Context, MANAGER};
 use crate::events::publish_transitions;
 
 /// Reconcile one LlmProxy (or report one that cannot be read).
-pub async fn reconcile(p: Arc<DeserializeGuard<LlmProxy>>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(
+    p: Arc<DeserializeGuard<LlmProxy>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let timer = ctx.metrics.duration.start_timer();
     let result = match &p.0 {
         Ok(proxy) => reconcile_inner(proxy, &ctx).await,
@@ -34,7 +38,7 @@ pub async fn reconcile(p: Arc<DeserializeGuard<LlmProxy>>, ctx: Arc<Context>) ->
     timer.observe_duration();
     if result.is_ok() {
         ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
-        ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from_obj(p.as_ref()));
+        lock(&ctx.failures).remove(&ObjectRef::from_obj(p.as_ref()));
     }
     result
 }
@@ -141,10 +145,10 @@ async fn report_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Act
 }
 
 /// Transient failures: count them and retry with exponential back-off (5 s doubling to 5 min).
-pub fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(p: Arc<DeserializeGuard<LlmProxy>>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciles.with_label_values(&["error"]).inc();
     ctx.metrics.failures.with_label_values(&[err.metric_label()]).inc();
-    let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut failures = lock(&ctx.failures);
     let n = failures.entry(ObjectRef::from_obj(p.as_ref())).or_insert(0);
     *n = n.saturating_add(1);
     let delay = Duration::from_secs(5).saturating_mul(1 << (*n - 1).min(6)).min(Duration::from_secs(300));
@@ -179,7 +183,7 @@ mod tests {
             metrics_namespace: None,
             operator_namespace: None,
         };
-        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap();
         (Arc::new(Context::new(client.clone(), Recorder::new(client, reporter), metrics, settings)), handle)
     }
 
@@ -187,14 +191,11 @@ mod tests {
         let yaml = format!(
             "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: p, namespace: team, uid: u1, generation: 1}}\nspec:\n  upstream: {{url: 'https://api.openai.com/v1'}}\n  limits: {{requestsPerMinute: 600}}\n{extra}"
         );
-        Arc::new(DeserializeGuard(Ok(serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}")))))
+        Arc::new(DeserializeGuard(Ok(serde_yaml::from_str(&yaml).unwrap())))
     }
 
     fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-        Response::builder()
-            .status(status)
-            .body(Body::from(body.to_string().into_bytes()))
-            .unwrap_or_else(|e| panic!("{e}"))
+        Response::builder().status(status).body(Body::from(body.to_string().into_bytes())).unwrap()
     }
 
     fn failure(code: u16, reason: &str, message: &str) -> Value {
@@ -251,7 +252,7 @@ mod tests {
             }
             echo(method, path, body)
         });
-        let action = reconcile(proxy(""), Arc::clone(&ctx)).await.unwrap_or_else(|e| panic!("{e}"));
+        let action = reconcile(proxy(""), Arc::clone(&ctx)).await.unwrap();
         assert_eq!(action, Action::await_change(), "nothing to retry until the LlmProxy changes");
         drop(ctx);
         let seen = server.await.unwrap_or_default();
@@ -294,10 +295,8 @@ mod tests {
             echo(method, path, body)
         });
         let p = proxy("");
-        let err = reconcile(Arc::clone(&p), Arc::clone(&ctx))
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("a conflict fails the reconcile"));
+        let err =
+            reconcile(Arc::clone(&p), Arc::clone(&ctx)).await.expect_err("a conflict fails the reconcile");
         assert_eq!(err.metric_label(), "conflict");
         let first = error_policy(Arc::clone(&p), &err, Arc::clone(&ctx));
         let second = error_policy(Arc::clone(&p), &err, Arc::clone(&ctx));
@@ -333,7 +332,7 @@ mod tests {
         });
         reconcile(proxy("  autoscaling: {minReplicas: 2, maxReplicas: 6}\n"), Arc::clone(&ctx))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         drop(ctx);
         let seen = server.await.unwrap_or_default();
         let deployment_patches: Vec<&(String, String, Value)> = seen

@@ -6,7 +6,7 @@ use llmproxy_api::{LlmProxyStatus, ObservedLimits, Policy, ProxyReport, Upstream
 
 /// Something about the LlmProxy that the operator cannot fix by itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Problem {
+pub(crate) enum Problem {
     /// The spec passed the schema but cannot run (the message names the field).
     InvalidPolicy(String),
     /// A Secret the spec names does not exist.
@@ -59,7 +59,7 @@ pub enum Problem {
     },
 }
 
-pub use llmproxy_api::SecretUse;
+pub(crate) use llmproxy_api::SecretUse;
 
 /// How to create the Secret for `use_`, for the message of a missing one.
 fn example(use_: SecretUse, secret: &str) -> String {
@@ -78,7 +78,7 @@ fn example(use_: SecretUse, secret: &str) -> String {
 
 impl Problem {
     /// The condition reason.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Problem::InvalidPolicy(_) => "InvalidPolicy",
             Problem::SecretNotFound { .. } => "SecretNotFound",
@@ -92,7 +92,7 @@ impl Problem {
     }
 
     /// What to do about it.
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             Problem::InvalidPolicy(e) => format!("the spec cannot run: {e}; fix it and re-apply"),
             Problem::SecretNotFound { secret, use_ } => format!(
@@ -136,7 +136,7 @@ impl Problem {
 
 /// What the operator saw of the proxy Deployment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Rollout {
+pub(crate) struct Rollout {
     /// Pods wanted.
     pub desired: i32,
     /// Pods that exist.
@@ -167,7 +167,7 @@ fn condition(
 
 /// The status for this generation. Conditions whose status did not change keep their
 /// `lastTransitionTime` from `previous`.
-pub fn compute(
+pub(crate) fn compute(
     generation: Option<i64>,
     problem: Option<&Problem>,
     rollout: Rollout,
@@ -236,7 +236,7 @@ pub fn compute(
 
 /// Whether `stored` already says what `new` does, whatever the order of its conditions (two
 /// field managers write them, and the server keeps its own order).
-pub fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -> bool {
+pub(crate) fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -> bool {
     let sorted = |s: &LlmProxyStatus| {
         let mut s = s.clone();
         s.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
@@ -246,7 +246,8 @@ pub fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -> bool 
 }
 
 /// Conditions written from what the proxy pods report, not by the reconciler.
-pub const OBSERVED_CONDITIONS: &[&str] = &["LimitsAboveUpstream", "QuotaShared", "QuotaBound", "Saturated"];
+pub(crate) const OBSERVED_CONDITIONS: &[&str] =
+    &["LimitsAboveUpstream", "QuotaShared", "QuotaBound", "Saturated"];
 
 fn observed_condition(type_: &str) -> bool {
     OBSERVED_CONDITIONS.contains(&type_)
@@ -254,7 +255,7 @@ fn observed_condition(type_: &str) -> bool {
 
 /// The fields the reconciler owns: without the pods' reports, which another field manager
 /// applies. Server-side apply leaves what one manager omits to the other.
-pub fn reconciler_part(status: &LlmProxyStatus) -> LlmProxyStatus {
+pub(crate) fn reconciler_part(status: &LlmProxyStatus) -> LlmProxyStatus {
     let mut s = status.clone();
     s.upstreams.clear();
     s.usage = None;
@@ -265,7 +266,7 @@ pub fn reconciler_part(status: &LlmProxyStatus) -> LlmProxyStatus {
 /// One view of each upstream out of every pod's report: the lowest limit any pod was told
 /// (they share the key, so they normally agree), healthy only if no pod has it taken out (one
 /// pod's ejection is worth a look), and the error of a pod that took it out, else any error.
-pub fn aggregate_upstreams(reports: &[ProxyReport]) -> Vec<UpstreamStatus> {
+pub(crate) fn aggregate_upstreams(reports: &[ProxyReport]) -> Vec<UpstreamStatus> {
     let mut out: Vec<UpstreamStatus> = Vec::new();
     for u in reports.iter().flat_map(|r| &r.upstreams) {
         let Some(seen) = out.iter_mut().find(|s| s.name == u.name) else {
@@ -296,7 +297,7 @@ fn lower(a: Option<i64>, b: Option<i64>) -> Option<i64> {
 }
 
 /// All pods' usage together, against the LlmProxy's limits.
-pub fn usage(reports: &[ProxyReport], policy: Option<&Policy>) -> UsageStatus {
+pub(crate) fn usage(reports: &[ProxyReport], policy: Option<&Policy>) -> UsageStatus {
     let sum = |f: fn(&ProxyReport) -> u64| reports.iter().map(f).fold(0u64, u64::saturating_add);
     let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let (requests, tokens) = (sum(|r| r.requests_last_minute), sum(|r| r.tokens_last_minute));
@@ -322,7 +323,7 @@ pub fn usage(reports: &[ProxyReport], policy: Option<&Policy>) -> UsageStatus {
 /// `QuotaBound` (requests wait while slots are free: the upstream quota holds them, and more
 /// pods would only divide it) and `Saturated` (a pod's slots are all taken with requests
 /// waiting: more pods would help).
-pub fn bottlenecks(
+pub(crate) fn bottlenecks(
     reports: &[ProxyReport],
     generation: Option<i64>,
     previous: Option<&LlmProxyStatus>,
@@ -382,7 +383,7 @@ pub fn bottlenecks(
 
 /// `QuotaShared`: whether every pod shares its buckets through Redis (`None` when no pod has
 /// shared state). False with `RedisUnavailable` while any pod runs on its local share.
-pub fn quota_shared(
+pub(crate) fn quota_shared(
     reports: &[ProxyReport],
     generation: Option<i64>,
     previous: Option<&LlmProxyStatus>,
@@ -422,7 +423,7 @@ pub fn quota_shared(
 
 /// `LimitsAboveUpstream`: true when an endpoint's configured limit is above what its upstream
 /// reports granting; the proxies enforce the lower one, so the spec overstates what teams get.
-pub fn limits_above_upstream(
+pub(crate) fn limits_above_upstream(
     policy: &Policy,
     upstreams: &[UpstreamStatus],
     generation: Option<i64>,
@@ -470,7 +471,7 @@ pub fn limits_above_upstream(
 
 /// Add the `ClientAuth` condition: whether clients must present a key, said plainly when they
 /// need not (anything that can reach the Service then spends the upstream key).
-pub fn add_client_auth(
+pub(crate) fn add_client_auth(
     status: &mut LlmProxyStatus,
     required: bool,
     previous: Option<&LlmProxyStatus>,
@@ -622,8 +623,8 @@ mod tests {
     #[test]
     fn limits_above_upstream_names_the_endpoint_and_the_figures() {
         let yaml = "upstreams: [{name: a, url: 'https://a.example', limits: {requestsPerMinute: 1200}}, {name: b, url: 'https://b.example'}]\nlimits: {requestsPerMinute: 5000}";
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
-        let policy = Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap();
+        let policy = Policy::from_spec(&spec).unwrap();
         let c = limits_above_upstream(
             &policy,
             &[seen("a", Some(600), true, None), seen("b", Some(10), true, None)],
@@ -670,7 +671,7 @@ mod tests {
         let ok = quota_shared(&[pod(Some("shared")), pod(Some("shared"))], Some(1), None, &at(1));
         assert_eq!(ok.map(|c| (c.status, c.reason)), Some(("True".into(), "Shared".into())));
         let down = quota_shared(&[pod(Some("shared")), pod(Some("local"))], Some(1), None, &at(1));
-        let down = down.unwrap_or_else(|| panic!("a condition"));
+        let down = down.expect("a condition");
         assert_eq!((down.status.as_str(), down.reason.as_str()), ("False", "RedisUnavailable"));
         assert!(down.message.starts_with("1 of 2 pods"), "{}", down.message);
     }

@@ -45,7 +45,7 @@ pub fn helm() -> PathBuf {
 
 /// Run helm with `args`; the output, whatever the exit status.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(helm()).args(args).output().unwrap_or_else(|e| panic!("running helm: {e}"))
+    Command::new(helm()).args(args).output().expect("running helm")
 }
 
 /// Run helm with `args` and return stdout; panic with stderr on failure.

@@ -36,10 +36,7 @@ pub struct KubeEnv {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
 }
 
 fn find_server() -> (Server, PathBuf) {
@@ -58,8 +55,7 @@ fn find_server() -> (Server, PathBuf) {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/kube-test-env"));
     let gz = env_dir.join("bin/kube-apiserver-lite.gz");
     assert!(gz.is_file(), "{} not found: {HOW_TO_PROVIDE}", gz.display());
-    let etcd =
-        etcd_bin_vendored::etcd_bin_path().unwrap_or_else(|e| panic!("etcd-bin-vendored: {e}")).to_path_buf();
+    let etcd = etcd_bin_vendored::etcd_bin_path().expect("etcd-bin-vendored").to_path_buf();
     (Server::Lite(unpack_lite(&gz)), etcd)
 }
 
@@ -80,7 +76,7 @@ fn unpack_lite(gz: &Path) -> PathBuf {
     let out = fs::File::create(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
     let status = Command::new("gunzip").arg("-c").arg(gz).stdout(out).status();
     assert!(status.is_ok_and(|s| s.success()), "gunzip {} failed", gz.display());
-    let check = Command::new("sha256sum").arg(&tmp).output().unwrap_or_else(|e| panic!("sha256sum: {e}"));
+    let check = Command::new("sha256sum").arg(&tmp).output().expect("sha256sum");
     let got = String::from_utf8_lossy(&check.stdout);
     assert!(got.starts_with(sum), "checksum mismatch for {}: {got}", gz.display());
     let status = Command::new("chmod").arg("+x").arg(&tmp).status();
@@ -106,10 +102,7 @@ impl KubeEnv {
 
     async fn try_start() -> Result<Self, String> {
         let (server, etcd_bin) = find_server();
-        let dir = tempfile::Builder::new()
-            .prefix("llmproxy-kube-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let dir = tempfile::Builder::new().prefix("llmproxy-kube-").tempdir().expect("tempdir");
         let d = dir.path().to_path_buf();
         let d = d.as_path();
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
@@ -139,8 +132,7 @@ impl KubeEnv {
         );
 
         let token = format!("{:08x}{:08x}{:08x}", rand_u32(), rand_u32(), rand_u32());
-        fs::write(d.join("tokens.csv"), format!("{token},admin,admin,system:masters\n"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        fs::write(d.join("tokens.csv"), format!("{token},admin,admin,system:masters\n")).unwrap();
         let mut args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".to_owned(),
@@ -183,15 +175,14 @@ impl KubeEnv {
              users: [{{name: admin, user: {{token: \"{token}\"}}}}]\n\
              contexts: [{{name: test, context: {{cluster: test, user: admin, namespace: default}}}}]\n\
              current-context: test\n"
-        )).unwrap_or_else(|e| panic!("{e}"));
+        )).unwrap();
         env.wait_ready().await?;
         Ok(env)
     }
 
     fn spawn(&mut self, name: &'static str, cmd: &mut Command) {
-        let log =
-            fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap_or_else(|e| panic!("{e}"));
-        let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let log = fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let err = log.try_clone().unwrap();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -226,7 +217,7 @@ impl KubeEnv {
                 return Err(format!("{exited}:\n{}", self.logs()));
             }
             if let Ok(client) = self.try_client().await {
-                let req = http::Request::get("/readyz").body(Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+                let req = http::Request::get("/readyz").body(Vec::new()).unwrap();
                 if client.request_text(req).await.is_ok_and(|body| body.trim() == "ok") {
                     return Ok(());
                 }
@@ -246,7 +237,7 @@ impl KubeEnv {
 
     /// A client for this server (make one per tokio runtime).
     pub async fn client(&self) -> Client {
-        self.try_client().await.unwrap_or_else(|e| panic!("client: {e}"))
+        self.try_client().await.expect("client")
     }
 
     /// Path of an admin kubeconfig, for processes (`llmproxy`, `kubectl`, `helm`).
@@ -258,7 +249,7 @@ impl KubeEnv {
     /// credentials impersonate it, so the API server's RBAC decides what it may do.
     pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
         let path = self.dir.path().join(format!("kubeconfig-{namespace}-{name}"));
-        let admin = fs::read_to_string(&self.kubeconfig).unwrap_or_else(|e| panic!("{e}"));
+        let admin = fs::read_to_string(&self.kubeconfig).unwrap();
         let groups = service_account_groups(namespace);
         let as_user = format!(
             ", as: \"system:serviceaccount:{namespace}:{name}\", as-groups: [{}]",
@@ -266,18 +257,16 @@ impl KubeEnv {
         );
         // The admin user line ends `{token: "..."}}]`: add the impersonation beside the token.
         let text = admin.replace("\"}}]\n", &format!("\"{as_user}}}}}]\n"));
-        fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(&path, text).unwrap();
         path
     }
 
     /// A client acting as ServiceAccount `namespace/name` (see `service_account_kubeconfig`).
     pub async fn service_account_client(&self, namespace: &str, name: &str) -> Client {
         let path = self.service_account_kubeconfig(namespace, name);
-        let kc = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{e}"));
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        Client::try_from(config).unwrap_or_else(|e| panic!("{e}"))
+        let kc = Kubeconfig::read_from(&path).unwrap();
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+        Client::try_from(config).unwrap()
     }
 
     /// A fresh namespace for one test.

@@ -35,7 +35,7 @@ pub async fn install_crd(client: &Client) {
         let name = crd.metadata.name.clone().unwrap_or_default();
         crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
             .await
-            .unwrap_or_else(|e| panic!("applying the CRD: {e}"));
+            .expect("applying the CRD");
         let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
         tokio::time::timeout(Duration::from_secs(30), established)
             .await

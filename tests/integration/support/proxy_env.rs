@@ -28,7 +28,7 @@ pub fn manifest_with(upstream: &str, upstream_fields: &str, limits: &str, spec_e
 
 /// Start a mock upstream on loopback.
 pub async fn mock(config: MockConfig) -> MockServer {
-    MockServer::start_local(config).await.unwrap_or_else(|e| panic!("mock upstream: {e}"))
+    MockServer::start_local(config).await.expect("mock upstream")
 }
 
 /// A proxy running in this process.
@@ -66,12 +66,9 @@ impl TestProxy {
         let metrics = Metrics::new(Default::default()).unwrap_or_else(|e| panic!("{e}"));
         let proxy = Proxy::new(policy, metrics, options);
         proxy.set_api_key(key.and_then(ApiKey::new));
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let (addr, admin_addr) = (
-            api.local_addr().unwrap_or_else(|e| panic!("{e}")),
-            admin.local_addr().unwrap_or_else(|e| panic!("{e}")),
-        );
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (api.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(llmproxy_proxy::serve(Arc::clone(&proxy), api, admin, serve, async move {
             let _ = stopped.await;
@@ -172,8 +169,8 @@ pub async fn stream(url: &str, body: &serde_json::Value) -> Streamed {
 /// normalises its path) and read the answer until the server closes; returns status and body.
 pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
-    conn.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -217,9 +214,7 @@ pub struct ProxyProcess {
 
 /// A free loopback address (the port may be taken again before use; tests accept that).
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("no free port")
 }
 
 impl ProxyProcess {
@@ -250,10 +245,10 @@ impl ProxyProcess {
 
     /// As `start_with_args`, without waiting for readiness.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("proxy.log");
         let (addr, admin) = (free_addr(), free_addr());
-        let stderr = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let stderr = fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmproxy"));
         cmd.args(args)
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
@@ -262,7 +257,7 @@ impl ProxyProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting llmproxy: {e}"));
+        let child = cmd.spawn().expect("starting llmproxy");
         Self { child, addr, admin, log, _dir: dir }
     }
 
@@ -352,7 +347,7 @@ impl MockProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting the mock: {e}"));
+            .expect("starting the mock");
         self.child = Some(child);
         let url = format!("http://{}/mock/stats", self.addr);
         eventually("the mock process to answer", Duration::from_secs(20), || {

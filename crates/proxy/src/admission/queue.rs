@@ -764,14 +764,14 @@ mod tests {
     }
 
     fn metrics() -> Arc<Metrics> {
-        Arc::new(Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}")))
+        Arc::new(Metrics::new(prometheus::Registry::new()).unwrap())
     }
 
     /// A policy of one upstream with these limits (as `spec.upstream` gives).
     fn policy_of(limits: LimitsPolicy, clients: Option<ClientsPolicy>) -> Policy {
         let yaml = "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 60}";
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
-        let mut p = Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap();
+        let mut p = Policy::from_spec(&spec).unwrap();
         p.upstreams[0].limits = llmproxy_api::policy::EndpointLimits::of(&limits);
         p.limits = limits;
         p.clients = clients;
@@ -841,7 +841,7 @@ mod tests {
             tokio::task::yield_now().await; // arrive in order
         }
         for (i, task) in tasks {
-            let waited = task.await.unwrap_or_else(|e| panic!("{e}"));
+            let waited = task.await.unwrap();
             assert_eq!(waited, Ok(secs(i)), "request {i}");
         }
     }
@@ -937,11 +937,8 @@ mod tests {
         let yaml = format!(
             "upstream: {{url: 'https://x.io'}}\nlimits: {{requestsPerMinute: 60}}\nclients:\n  {extra}\n"
         );
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}"));
-        llmproxy_api::Policy::from_spec(&spec)
-            .ok()
-            .and_then(|p| p.clients)
-            .unwrap_or_else(|| panic!("clients"))
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap();
+        llmproxy_api::Policy::from_spec(&spec).ok().and_then(|p| p.clients).expect("clients")
     }
 
     #[tokio::test(start_paused = true)]
@@ -1005,7 +1002,7 @@ mod tests {
         let a = with(l);
         let t0 = Instant::now();
         // In flight, reserving 500 tokens: 49 s of debt at 10/s, past the 30 s deadline.
-        let mut first = take(&a, 500, t0 + secs(30)).await.unwrap_or_else(|_| panic!("first goes at once"));
+        let mut first = take(&a, 500, t0 + secs(30)).await.expect("first goes at once");
         let second = spawn_anon(&a, 10, t0 + secs(30));
         tokio::time::sleep(secs(1)).await;
         // It used 20: the debt shrinks to what 20 tokens cost, and the second one goes soon.
@@ -1019,7 +1016,7 @@ mod tests {
         // 100 tokens/s, bucket 100; the upstream's bucket here keeps 10 of them in hand.
         let a = with(limits(6000, 100, Some(6000), 100));
         let t0 = Instant::now();
-        let mut p = take(&a, 80, t0 + secs(30)).await.unwrap_or_else(|_| panic!("goes at once"));
+        let mut p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
         p.settle(Some(10));
         assert_eq!(a.tokens_available().map(f64::round), Some(10.0), "requested: the charge stands");
         p.refund();
@@ -1035,7 +1032,7 @@ mod tests {
             let a = Arc::clone(&a);
             async move {
                 let p = a.admit(&mut a.place(), &model("a"), &anon(), until, 100).await;
-                p.unwrap_or_else(|_| panic!("admitted")).pause(until);
+                p.expect("admitted").pause(until);
             }
         };
         pause(t0 + secs(20)).await;
@@ -1054,7 +1051,7 @@ mod tests {
     async fn the_upstreams_remaining_lowers_a_bucket_that_ran_ahead() {
         let a = with(limits(6000, 100, Some(60_000), 100)); // 1000 tokens/s, bucket 1000
         let t0 = Instant::now();
-        let p = take(&a, 100, t0 + secs(30)).await.unwrap_or_else(|_| panic!("goes at once"));
+        let p = take(&a, 100, t0 + secs(30)).await.expect("goes at once");
         // Another request charged 200 after ours was sent; the upstream (others use the key)
         // says only 300 remained after ours.
         let _q = take(&a, 200, t0 + secs(30)).await;
@@ -1071,7 +1068,7 @@ mod tests {
     async fn the_byte_budget_and_held_places_bound_what_waits() {
         let a = admission(60, 1, 100);
         a.set_byte_budget(100);
-        let mut first = a.reserve_bytes(60).unwrap_or_else(|_| panic!("fits"));
+        let mut first = a.reserve_bytes(60).expect("fits");
         assert_eq!(a.reserve_bytes(50).err().map(|r| r.limit), Some(Limit::QueueBytes));
         assert!(first.grow(40).is_ok());
         assert!(first.grow(1).is_err(), "never past the budget");
@@ -1080,8 +1077,8 @@ mod tests {
         // Two places held outside the line fill a queue of two.
         let t0 = Instant::now();
         let _busy = take(&a, 0, t0 + secs(30)).await;
-        let h1 = a.hold(2).unwrap_or_else(|_| panic!("room"));
-        let _h2 = a.hold(2).unwrap_or_else(|_| panic!("room"));
+        let h1 = a.hold(2).expect("room");
+        let _h2 = a.hold(2).expect("room");
         assert!(a.hold(2).is_err());
         let full = a.admit(&mut a.place(), &Ask::tokens(0), &anon(), t0 + secs(30), 2).await.err();
         assert_eq!(full.map(|r| (r.limit, r.queue_full)), Some((Limit::QueueSize, true)));

@@ -880,7 +880,7 @@ mod tests {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
             let child = std::process::Command::new("redis-server")
                 .args([
                     "--port",
@@ -895,7 +895,7 @@ mod tests {
                 .args(extra)
                 .stdout(std::process::Stdio::null())
                 .spawn()
-                .unwrap_or_else(|e| panic!("starting redis-server (install Debian's redis-server): {e}"));
+                .expect("starting redis-server (install Debian's redis-server)");
             let r = Redis(child, format!("redis://127.0.0.1:{port}/0"));
             let deadline = Instant::now() + Duration::from_secs(20);
             while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {

@@ -314,7 +314,7 @@ mod tests {
 
     fn usage_added(text: &str) -> serde_json::Value {
         let body = Bytes::copy_from_slice(text.as_bytes());
-        let inspected = body::inspect(&body, false).unwrap_or_else(|e| panic!("{e}"));
+        let inspected = body::inspect(&body, false).unwrap();
         let out = ask_for_usage(&body, &inspected).unwrap_or_else(|e| panic!("{}", e.message));
         serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
     }

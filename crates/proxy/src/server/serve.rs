@@ -512,11 +512,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_the_peer_never_reads_fails_after_the_timeout() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         // The peer connects and never reads.
-        let _peer = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
-        let (stream, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        let _peer = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
         let mut conn = WriteTimeout::new(stream, Duration::from_millis(300));
         let chunk = vec![b'x'; 1 << 20];
         let result = tokio::time::timeout(Duration::from_secs(30), async {
@@ -527,7 +527,7 @@ mod tests {
             }
         })
         .await;
-        let err = result.unwrap_or_else(|_| panic!("the write never gave up"));
+        let err = result.expect("the write never gave up");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -415,6 +415,6 @@ spec: {upstream: {url: 'https://x:1'}, limits: {requestsPerMinute: 600}, replica
     }
 
     fn parse(text: &str) -> LlmProxy {
-        llmproxy_api::from_yaml(text).map(|(p, _)| p).unwrap_or_else(|e| panic!("{e}"))
+        llmproxy_api::from_yaml(text).map(|(p, _)| p).unwrap()
     }
 }

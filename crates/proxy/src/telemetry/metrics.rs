@@ -584,7 +584,7 @@ mod tests {
 
     #[test]
     fn every_closed_label_set_is_exported_at_zero_and_counts_where_it_should() {
-        let m = Metrics::new(Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let m = Metrics::new(Registry::new()).unwrap();
         let text = m.render();
         for o in Outcome::ALL {
             let series =
@@ -610,7 +610,7 @@ mod tests {
 
     #[test]
     fn the_client_label_is_bounded() {
-        let m = Metrics::new(Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let m = Metrics::new(Registry::new()).unwrap();
         for i in 0..(MAX_CLIENT_LABELS + 50) {
             m.client(Some(&format!("c{i}"))).request_done(Outcome::Ok, 0.1);
         }

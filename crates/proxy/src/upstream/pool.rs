@@ -243,7 +243,7 @@ mod tests {
     use super::*;
 
     fn uri(s: &str) -> http::Uri {
-        s.parse().unwrap_or_else(|e| panic!("{e}"))
+        s.parse().unwrap()
     }
 
     #[test]

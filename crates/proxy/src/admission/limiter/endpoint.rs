@@ -464,8 +464,8 @@ mod tests {
         let yaml = format!(
             "upstreams: [{{name: e, url: 'https://e.example/v1'{yaml_limits}}}, {{name: f, url: 'https://f.example/v1'}}]\nlimits: {{requestsPerMinute: 100000}}"
         );
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}"));
-        let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap();
+        let policy = llmproxy_api::Policy::from_spec(&spec).unwrap();
         Endpoint::new(Arc::new(policy.upstreams[0].clone()), 0, Instant::now())
     }
 
@@ -516,8 +516,8 @@ mod tests {
         let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(
             "upstream: {url: 'https://e.example/v1'}\nlimits: {requestsPerMinute: 1200, burst: 100}",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let policy = llmproxy_api::Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let policy = llmproxy_api::Policy::from_spec(&spec).unwrap();
         let says = |rpm| QuotaHeaders { limit_requests: Some(rpm), ..QuotaHeaders::default() };
         let m: Arc<str> = Arc::from("gpt");
         let burst_after = |rpm| {

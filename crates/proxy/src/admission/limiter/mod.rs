@@ -692,8 +692,8 @@ mod tests {
     /// One upstream whose quota is the LlmProxy's, as `spec.upstream` gives.
     fn policy(rpm: u64, burst: u64, tpm: Option<u64>, token_burst: u64, max_concurrent: u32) -> Policy {
         let yaml = "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 60}";
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
-        let mut p = Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap();
+        let mut p = Policy::from_spec(&spec).unwrap();
         p.limits = LimitsPolicy {
             request_burst: burst,
             token_burst,
@@ -718,8 +718,8 @@ mod tests {
         let yaml = format!(
             "upstreams: {yaml_upstreams}\nlimits: {{requestsPerMinute: 100000, maxConcurrent: 1000}}"
         );
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}"));
-        Policy::from_spec(&spec).unwrap_or_else(|e| panic!("{e}"))
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap();
+        Policy::from_spec(&spec).unwrap()
     }
 
     fn ms(n: u64) -> Duration {
@@ -823,7 +823,7 @@ mod tests {
     fn pauses_hold_their_endpoint_and_model_only_and_never_shorten() {
         let t0 = Instant::now();
         let mut l = Limiter::new(&policy(6000, 100, None, 0, 10), t0);
-        let a = go(&mut l, t0, &model("a")).unwrap_or_else(|| panic!("goes"));
+        let a = go(&mut l, t0, &model("a")).expect("goes");
         l.pause(t0, &a, t0 + Duration::from_secs(2));
         l.pause(t0, &a, t0 + Duration::from_secs(1));
         let held = Decision::Wait {
@@ -835,7 +835,7 @@ mod tests {
         assert_eq!(decide(&mut l, t0, &model("b")), Decision::Go(0));
         assert_eq!(decide(&mut l, t0 + Duration::from_secs(2), &model("a")), Decision::Go(0));
         // Without a model the whole endpoint is paused: everyone waits.
-        let any = go(&mut l, t0, &Ask::tokens(0)).unwrap_or_else(|| panic!("goes"));
+        let any = go(&mut l, t0, &Ask::tokens(0)).expect("goes");
         l.pause(t0, &any, t0 + Duration::from_secs(3));
         assert_eq!(
             decide(&mut l, t0, &model("b")),
@@ -852,7 +852,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = policy(6000, 100, Some(600_000), 10_000, 100);
         let yaml = "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 6000}\nclients:\n  overrides: [{name: capped, requestsPerMinute: 60}]\n";
-        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(yaml).unwrap();
         p.clients = Policy::from_spec(&spec).ok().and_then(|p| p.clients);
         let mut l = Limiter::new(&p, t0);
         let of = |c: &str| Ask { tokens: 1, client: Some(Arc::from(c)), ..Ask::default() };

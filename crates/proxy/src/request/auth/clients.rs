@@ -26,15 +26,15 @@ mod tests {
     #[test]
     fn the_key_comes_from_any_sdks_header() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, "Bearer sk-chat".parse().unwrap_or_else(|_| panic!("header")));
+        h.insert(header::AUTHORIZATION, "Bearer sk-chat".parse().expect("header"));
         assert_eq!(presented_key(&h), Some("sk-chat"));
         let mut h = HeaderMap::new();
-        h.insert("api-key", "sk-azure".parse().unwrap_or_else(|_| panic!("header")));
+        h.insert("api-key", "sk-azure".parse().expect("header"));
         assert_eq!(presented_key(&h), Some("sk-azure"));
         let mut h = HeaderMap::new();
-        h.insert("x-api-key", " sk-x ".parse().unwrap_or_else(|_| panic!("header")));
+        h.insert("x-api-key", " sk-x ".parse().expect("header"));
         assert_eq!(presented_key(&h), Some("sk-x"));
-        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap_or_else(|_| panic!("header")));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().expect("header"));
         assert_eq!(presented_key(&h), Some("sk-x"), "not a bearer token: the other headers count");
     }
 }

@@ -10,6 +10,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::common::{ModelLimitsSpec, SharedStateSpec};
+use super::defaults::*;
+use super::llmquota::{GrantedQuota, QuotaRef};
 use crate::duration::Duration;
 
 /// The desired LlmProxy: one upstream API, its quota, and how requests over it queue, retry and
@@ -106,12 +109,12 @@ pub struct LlmProxySpec {
     /// correct them for every pod. Absent: each pod enforces its share (limits / pods), or,
     /// with `quotaRef`, the LlmQuota's Redis is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shared_state: Option<crate::quota::SharedStateSpec>,
+    pub shared_state: Option<SharedStateSpec>,
 
     /// Draw from an organisation-wide `LlmQuota` too: this LlmProxy's `limits` then cap it
     /// within that quota, which all its consumers share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quota_ref: Option<crate::quota::QuotaRef>,
+    pub quota_ref: Option<QuotaRef>,
 
     /// How the proxy pods log: request records and the log format, as the standalone flags
     /// set them (a change restarts the pods: these are process settings).
@@ -150,14 +153,15 @@ pub enum LogFormatSpec {
     Text,
 }
 
+/// The name of the one endpoint of `spec.upstream`, in metrics and status.
+pub(crate) const DEFAULT_ENDPOINT: &str = "default";
+
 impl LlmProxySpec {
     /// Each endpoint's upstream settings with its name and the path of its field: the one of
     /// `upstream` (named `default`), or each of `upstreams`.
     pub fn endpoints(&self) -> Vec<(String, String, &UpstreamSpec)> {
-        let single = self
-            .upstream
-            .iter()
-            .map(|u| (crate::policy::DEFAULT_ENDPOINT.to_owned(), "spec.upstream".to_owned(), u));
+        let single =
+            self.upstream.iter().map(|u| (DEFAULT_ENDPOINT.to_owned(), "spec.upstream".to_owned(), u));
         let several = self
             .upstreams
             .iter()
@@ -352,10 +356,6 @@ pub struct KedaSpec {
     pub target_saturation: i32,
 }
 
-fn default_target_saturation() -> i32 {
-    80
-}
-
 /// The upstream API and how to reach it.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -521,21 +521,6 @@ pub struct EndpointLimitsSpec {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 256))]
     pub models: std::collections::BTreeMap<String, ModelLimitsSpec>,
-}
-
-/// One model's limits.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelLimitsSpec {
-    /// Requests per minute for this model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100_000_000))]
-    pub requests_per_minute: Option<i64>,
-
-    /// Tokens per minute for this model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10_000_000_000i64))]
-    pub tokens_per_minute: Option<i64>,
 }
 
 /// A key in a Secret in the LlmProxy's namespace.
@@ -837,7 +822,7 @@ pub struct LlmProxyStatus {
     /// The LlmQuota of `spec.quotaRef` as the operator granted it, once it checked the
     /// reference; what the proxies draw from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quota: Option<crate::quota::GrantedQuota>,
+    pub quota: Option<GrantedQuota>,
 
     /// What all pods together did in the last minute, as they report it (refreshed every
     /// status interval).
@@ -894,63 +879,4 @@ pub struct ObservedLimits {
     /// `x-ratelimit-limit-tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<i64>,
-}
-
-fn default_replicas() -> i32 {
-    1
-}
-fn default_upstream_timeout() -> Duration {
-    // The OpenAI SDKs wait 600 s: long generations must fit.
-    Duration::from_std(std::time::Duration::from_secs(600))
-}
-fn default_secret_key() -> String {
-    "api-key".to_owned()
-}
-fn default_max_concurrent() -> i32 {
-    64
-}
-fn default_max_tokens() -> i32 {
-    1024
-}
-fn default_queue_size() -> i32 {
-    1000
-}
-fn default_max_wait() -> Duration {
-    Duration::from_std(std::time::Duration::from_secs(30))
-}
-fn default_max_attempts() -> i32 {
-    4
-}
-fn default_initial_backoff() -> Duration {
-    Duration::from_std(std::time::Duration::from_secs(1))
-}
-fn default_max_backoff() -> Duration {
-    Duration::from_std(std::time::Duration::from_secs(30))
-}
-fn default_multiplier() -> f64 {
-    2.0
-}
-fn default_batch_max_delay() -> Duration {
-    Duration::from_std(std::time::Duration::from_secs(10))
-}
-fn default_weight() -> i32 {
-    1
-}
-fn default_budget_percent() -> i32 {
-    20
-}
-fn default_budget_floor() -> i32 {
-    1
-}
-fn default_true() -> bool {
-    true
-}
-fn default_cache_entries() -> i64 {
-    10_000
-}
-fn default_queue_bytes() -> Quantity {
-    Quantity("64Mi".to_owned())
-}
-fn default_cache_bytes() -> Quantity {
-    Quantity("64Mi".to_owned())
 }

@@ -5,17 +5,19 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::paths::{DEFAULT_ALLOWED_PATHS, PathRule};
-use crate::spec::{
-    CacheScope, ClientPriority, ClientSettings, EndpointSpec, KeyHeader, LlmProxySpec, ModelLimitsSpec,
-    Protocol, SecretKeyRef, TokenAccounting, UpstreamSpec,
+pub mod replicas;
+mod validate;
+
+use crate::crd::{
+    CacheScope, ClientPriority, KeyHeader, Protocol, RedisPasswordRef, SecretKeyRef, TokenAccounting,
 };
+use crate::paths::PathRule;
 
 /// Everything the data plane needs to serve one LlmProxy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     /// Where requests go: the endpoints of `spec.upstreams`, or the one of `spec.upstream`
-    /// (named [`DEFAULT_ENDPOINT`]). Never empty.
+    /// (named `default`). Never empty.
     pub upstreams: Vec<UpstreamPolicy>,
     /// The quota to stay inside.
     pub limits: LimitsPolicy,
@@ -39,7 +41,7 @@ pub struct SharedPolicy {
     /// `redis://` or `rediss://` URL, without a password.
     pub url: String,
     /// The password's Secret and key; `None`: no password.
-    pub password: Option<crate::quota::RedisPasswordRef>,
+    pub password: Option<RedisPasswordRef>,
     /// The namespace of the password Secret when it is not the LlmProxy's (an LlmQuota's).
     pub password_namespace: Option<String>,
     /// The Redis user to log in as (an LlmQuota consumer's own); `None`: the default user.
@@ -120,9 +122,6 @@ pub struct ClientPolicy {
     pub max_queued: usize,
 }
 
-/// The name of the one endpoint of `spec.upstream`, in metrics and status.
-pub const DEFAULT_ENDPOINT: &str = "default";
-
 /// One upstream endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamPolicy {
@@ -198,15 +197,6 @@ pub struct ModelLimits {
     pub requests_per_minute: Option<u64>,
     /// Tokens per minute.
     pub tokens_per_minute: Option<u64>,
-}
-
-impl ModelLimits {
-    fn divided(self, n: u64) -> Self {
-        Self {
-            requests_per_minute: self.requests_per_minute.map(|r| (r / n).max(1)),
-            tokens_per_minute: self.tokens_per_minute.map(|t| (t / n).max(1)),
-        }
-    }
 }
 
 /// Rates, already resolved (burst defaults applied).
@@ -334,118 +324,15 @@ impl fmt::Display for PolicyError {
     }
 }
 
-/// Collects field errors while a spec is checked.
-struct Check(Vec<FieldError>);
-
 /// Upper bounds of the durations (the CRD schema says the same in CEL): beyond them a value is a
 /// mistake, and deadline arithmetic stays far from overflow.
-pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The longest `queue.maxWait`.
-pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// The longest retry back-off.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// The longest cache TTL.
-pub const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-
-impl Check {
-    fn fail(&mut self, field: &str, message: impl Into<String>) {
-        self.0.push(FieldError { field: field.to_owned(), message: message.into() });
-    }
-
-    /// A duration no longer than `max` (spelled as in the schema message).
-    fn at_most(&mut self, field: &str, d: Duration, max: Duration, spelled: &str) -> Duration {
-        if d > max {
-            self.fail(field, format!("must be at most {spelled}"));
-            return max;
-        }
-        d
-    }
-
-    /// A positive integer as u64, or an error naming the field.
-    fn positive(&mut self, field: &str, v: i64) -> u64 {
-        if v <= 0 {
-            self.fail(field, "must be > 0");
-            return 1;
-        }
-        v.unsigned_abs()
-    }
-
-    /// A positive quantity of bytes.
-    fn quantity(&mut self, field: &str, q: &str) -> u64 {
-        match crate::quantity::bytes(q) {
-            Ok(0) => {
-                self.fail(field, "must be > 0");
-                1
-            }
-            Ok(n) => n,
-            Err(e) => {
-                self.fail(field, e);
-                1
-            }
-        }
-    }
-
-    fn non_negative(&mut self, field: &str, v: i64) -> u64 {
-        if v < 0 {
-            self.fail(field, "must be >= 0");
-            return 0;
-        }
-        v.unsigned_abs()
-    }
-}
-
-/// An upstream base URL the proxy may send its key to: `https://`, or `http://` to loopback (or
-/// with `allow_insecure`); no user info, query or fragment (where credentials and surprises hide).
-fn check_url(url: &str, allow_insecure: bool) -> Result<(), String> {
-    let rest = if let Some(rest) = url.strip_prefix("https://") {
-        rest
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        let authority = rest.split('/').next().unwrap_or_default();
-        if !is_loopback(authority) && !allow_insecure {
-            return Err(format!(
-                "{url:?} is plain http to a non-loopback host: use https://, or set allowInsecure: true"
-            ));
-        }
-        rest
-    } else {
-        return Err(format!("must be an http(s) URL, got {url:?}"));
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() || rest.contains(char::is_whitespace) {
-        return Err(format!("must be an http(s) URL, got {url:?}"));
-    }
-    if authority.contains('@') {
-        return Err("must not carry user info (put the key in apiKeySecretRef)".to_owned());
-    }
-    if rest.contains(['?', '#']) {
-        return Err("must not carry a query or fragment".to_owned());
-    }
-    Ok(())
-}
-
-/// Whether a URL's `host[:port]` names this machine whatever DNS says: an IPv4 literal in
-/// 127.0.0.0/8, the IPv6 literal `[::1]`, or `localhost`. A name that merely starts like one
-/// (`127.0.0.1.attacker.example`) resolves wherever its owner wants.
-fn is_loopback(authority: &str) -> bool {
-    let (host, port) = match authority.strip_prefix('[') {
-        Some(v6) => match v6.split_once(']') {
-            Some((ip, port)) => {
-                let Ok(ip) = ip.parse::<std::net::Ipv6Addr>() else { return false };
-                if !ip.is_loopback() {
-                    return false;
-                }
-                ("localhost", port)
-            }
-            None => return false,
-        },
-        None => authority.split_at(authority.find(':').unwrap_or(authority.len())),
-    };
-    let port_ok = port.is_empty()
-        || port.strip_prefix(':').is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    let host_ok =
-        host == "localhost" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.octets()[0] == 127);
-    port_ok && host_ok
-}
+pub(crate) const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One second's worth of a per-minute rate, at least 1.
 pub fn per_second(per_minute: u64) -> u64 {
@@ -453,48 +340,6 @@ pub fn per_second(per_minute: u64) -> u64 {
 }
 
 impl Policy {
-    /// This replica's share when `replicas` pods split the quota without shared state: rates
-    /// and bursts divided (never below 1 per minute and 1 in a burst); concurrency and queue
-    /// are per pod already.
-    #[must_use]
-    pub fn for_replicas(mut self, replicas: u32) -> Self {
-        let n = u64::from(replicas.max(1));
-        // Shared buckets hold for all pods together; without Redis, the proxies divide by the
-        // members they know of themselves.
-        if n == 1 || self.shared.is_some() {
-            return self;
-        }
-        if let Some(clients) = &mut self.clients {
-            for c in std::iter::once(&mut clients.default).chain(clients.overrides.values_mut()) {
-                c.requests_per_minute = c.requests_per_minute.map(|r| (r / n).max(1));
-                c.tokens_per_minute = c.tokens_per_minute.map(|t| (t / n).max(1));
-            }
-        }
-        let l = &mut self.limits;
-        l.requests_per_minute = (l.requests_per_minute / n).max(1);
-        l.request_burst = (l.request_burst / n).max(1);
-        l.tokens_per_minute = l.tokens_per_minute.map(|t| (t / n).max(1));
-        if let Some(tpm) = l.tokens_per_minute {
-            l.token_burst = (l.token_burst / n).max(per_second(tpm));
-        }
-        for m in l.models.values_mut() {
-            *m = m.divided(n);
-        }
-        for u in &mut self.upstreams {
-            let e = &mut u.limits;
-            e.requests_per_minute = e.requests_per_minute.map(|r| (r / n).max(1));
-            e.request_burst = (e.request_burst / n).max(1);
-            e.tokens_per_minute = e.tokens_per_minute.map(|t| (t / n).max(1));
-            if let Some(tpm) = e.tokens_per_minute {
-                e.token_burst = (e.token_burst / n).max(per_second(tpm));
-            }
-            for m in e.models.values_mut() {
-                *m = m.divided(n);
-            }
-        }
-        self
-    }
-
     /// The longest `timeout` of any endpoint.
     pub fn longest_timeout(&self) -> Duration {
         self.upstreams.iter().map(|u| u.timeout).max().unwrap_or(MAX_UPSTREAM_TIMEOUT)
@@ -504,334 +349,18 @@ impl Policy {
     pub fn endpoint(&self, name: &str) -> Option<&UpstreamPolicy> {
         self.upstreams.iter().find(|u| u.name == name)
     }
-
-    /// Check a spec and resolve its defaults; the error names every bad field.
-    pub fn from_spec(spec: &LlmProxySpec) -> Result<Self, PolicyError> {
-        let mut c = Check(Vec::new());
-
-        let l = &spec.limits;
-        let rpm = c.positive("spec.limits.requestsPerMinute", l.requests_per_minute);
-        let tpm = l.tokens_per_minute.map(|t| c.positive("spec.limits.tokensPerMinute", t));
-        let request_burst = match l.burst {
-            Some(b) => {
-                let b = c.positive("spec.limits.burst", b);
-                if b > rpm {
-                    c.fail("spec.limits.burst", "must not exceed requestsPerMinute");
-                }
-                b
-            }
-            None => per_second(rpm),
-        };
-        let max_concurrent = c.positive("spec.limits.maxConcurrent", l.max_concurrent.into());
-        let models = model_limits(&mut c, "spec.limits.models", &l.models);
-        let total = EndpointLimits {
-            requests_per_minute: Some(rpm),
-            request_burst,
-            tokens_per_minute: tpm,
-            token_burst: tpm.map_or(0, per_second),
-            models: BTreeMap::new(),
-        };
-        let upstreams = match (&spec.upstream, &spec.upstreams) {
-            (Some(u), None) => vec![endpoint(&mut c, "spec.upstream", DEFAULT_ENDPOINT, u, 1, None, total)],
-            (None, Some(list)) if !list.is_empty() => {
-                let mut names = std::collections::BTreeSet::new();
-                list.iter()
-                    .enumerate()
-                    .map(|(i, e)| {
-                        let field = format!("spec.upstreams[{i}]");
-                        if !names.insert(e.name.as_str()) {
-                            c.fail(&format!("{field}.name"), format!("{:?} is used twice", e.name));
-                        }
-                        endpoint_of(&mut c, &field, e)
-                    })
-                    .collect()
-            }
-            (Some(_), Some(_)) => {
-                c.fail("spec", "set exactly one of upstream (one endpoint) or upstreams (several)");
-                Vec::new()
-            }
-            (None, _) => {
-                c.fail("spec.upstream", "required (or spec.upstreams)");
-                Vec::new()
-            }
-        };
-        let default_max_tokens = c.positive("spec.limits.defaultMaxTokens", l.default_max_tokens.into());
-
-        let max_size = c.non_negative("spec.queue.maxSize", spec.queue.max_size.into());
-        let max_wait = c.at_most("spec.queue.maxWait", spec.queue.max_wait.get(), MAX_QUEUE_WAIT, "24h");
-        let queue_bytes = c.quantity("spec.queue.maxBytes", &spec.queue.max_bytes.0);
-
-        let r = &spec.retry;
-        let initial_backoff =
-            c.at_most("spec.retry.initialBackoff", r.initial_backoff.get(), MAX_BACKOFF, "1h");
-        let max_backoff = c.at_most("spec.retry.maxBackoff", r.max_backoff.get(), MAX_BACKOFF, "1h");
-        let max_attempts = c.positive("spec.retry.maxAttempts", r.max_attempts.into());
-        if r.initial_backoff.get() > r.max_backoff.get() {
-            c.fail("spec.retry.initialBackoff", "must not exceed maxBackoff");
-        }
-        if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
-            c.fail("spec.retry.multiplier", "must be >= 1");
-        }
-        let budget_percent =
-            u32::try_from(c.non_negative("spec.retry.budget.percent", r.budget.percent.into()))
-                .unwrap_or(u32::MAX);
-        let budget_floor = u32::try_from(
-            c.non_negative("spec.retry.budget.minRetriesPerSecond", r.budget.min_retries_per_second.into()),
-        )
-        .unwrap_or(u32::MAX);
-
-        let cache = match &spec.cache {
-            Some(cache) if !cache.ttl.get().is_zero() => Some(CachePolicy {
-                ttl: c.at_most("spec.cache.ttl", cache.ttl.get(), MAX_CACHE_TTL, "720h"),
-                max_entries: c.positive("spec.cache.maxEntries", cache.max_entries),
-                max_bytes: c.quantity("spec.cache.maxBytes", &cache.max_bytes.0),
-                scope: cache.scope,
-            }),
-            _ => None,
-        };
-
-        let queue_size = usize::try_from(max_size).unwrap_or(usize::MAX);
-        let clients = spec.clients.as_ref().map(|cs| {
-            let default =
-                client_policy(&mut c, "spec.clients.default", &cs.default, None, max_wait, queue_size);
-            let mut overrides = std::collections::BTreeMap::new();
-            for o in &cs.overrides {
-                let resolved = client_policy(
-                    &mut c,
-                    "spec.clients.overrides",
-                    &o.settings,
-                    Some(&cs.default),
-                    max_wait,
-                    queue_size,
-                );
-                if overrides.insert(o.name.clone(), resolved).is_some() {
-                    c.fail("spec.clients.overrides", format!("client {:?} is named twice", o.name));
-                }
-            }
-            ClientsPolicy {
-                keys_secret: cs.keys_secret_ref.as_ref().map(|r| r.name.clone()),
-                default,
-                overrides,
-                batch_max_delay: c.at_most(
-                    "spec.clients.batchMaxDelay",
-                    cs.batch_max_delay.get(),
-                    MAX_QUEUE_WAIT,
-                    "24h",
-                ),
-            }
-        });
-
-        if !c.0.is_empty() {
-            return Err(PolicyError(c.0));
-        }
-        Ok(Self {
-            upstreams,
-            limits: LimitsPolicy {
-                requests_per_minute: rpm,
-                request_burst,
-                tokens_per_minute: tpm,
-                token_burst: tpm.map_or(0, per_second),
-                max_concurrent: u32::try_from(max_concurrent).unwrap_or(u32::MAX),
-                default_max_tokens: u32::try_from(default_max_tokens).unwrap_or(u32::MAX),
-                token_accounting: l.token_accounting,
-                max_request_tokens: tpm,
-                models,
-            },
-            queue: QueuePolicy {
-                max_size: usize::try_from(max_size).unwrap_or(usize::MAX),
-                max_wait,
-                max_bytes: queue_bytes,
-            },
-            retry: RetryPolicy {
-                max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
-                initial_backoff,
-                max_backoff,
-                multiplier: r.multiplier,
-                jitter: r.jitter,
-                budget_ratio: f64::from(budget_percent) / 100.0,
-                budget_min_per_second: budget_floor,
-            },
-            cache,
-            clients,
-            shared: spec.shared_state.as_ref().map(|s| SharedPolicy {
-                url: s.redis.url.clone(),
-                password: s.redis.password_secret_ref.clone(),
-                password_namespace: None,
-                username: None,
-            }),
-            quota: None,
-        })
-    }
-
-    /// Add the LlmQuota of `spec.quotaRef`, as granted. Without `sharedState` of its own, the
-    /// LlmProxy's buckets are shared through the quota's Redis too.
-    pub fn with_quota(mut self, granted: &crate::quota::GrantedQuota) -> Result<Self, PolicyError> {
-        let mut c = Check(Vec::new());
-        let rpm = c.positive("status.quota.requestsPerMinute", granted.requests_per_minute);
-        let tpm = granted.tokens_per_minute.map(|t| c.positive("status.quota.tokensPerMinute", t));
-        let models = model_limits(&mut c, "status.quota.models", &granted.models);
-        let weight = c.positive("status.quota.weight", granted.weight.into());
-        let guaranteed = c.non_negative("status.quota.guaranteed", granted.guaranteed.unwrap_or(0).into());
-        if guaranteed > 100 {
-            c.fail("status.quota.guaranteed", "must be at most 100");
-        }
-        if !c.0.is_empty() {
-            return Err(PolicyError(c.0));
-        }
-        let redis = SharedPolicy {
-            url: granted.redis.url.clone(),
-            password: granted.redis.password_secret_ref.clone(),
-            password_namespace: granted.password_namespace.clone(),
-            username: granted.username.clone(),
-        };
-        if self.shared.is_none() {
-            self.shared = Some(redis.clone());
-        }
-        self.quota = Some(QuotaPolicy {
-            name: granted.name.clone(),
-            requests_per_minute: rpm,
-            tokens_per_minute: tpm,
-            models,
-            redis,
-            weight: u32::try_from(weight).unwrap_or(u32::MAX),
-            guaranteed: u32::try_from(guaranteed).unwrap_or(100),
-        });
-        Ok(self)
-    }
-}
-
-/// One endpoint of `spec.upstreams`.
-fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
-    let l = e.limits.clone().unwrap_or_default();
-    let rpm = l.requests_per_minute.map(|r| c.positive(&format!("{field}.limits.requestsPerMinute"), r));
-    let tpm = l.tokens_per_minute.map(|t| c.positive(&format!("{field}.limits.tokensPerMinute"), t));
-    let limits = EndpointLimits {
-        requests_per_minute: rpm,
-        request_burst: rpm.map_or(1, per_second),
-        tokens_per_minute: tpm,
-        token_burst: tpm.map_or(0, per_second),
-        models: model_limits(c, &format!("{field}.limits.models"), &l.models),
-    };
-    let weight = c.positive(&format!("{field}.weight"), e.weight.into());
-    if e.models.as_ref().is_some_and(Vec::is_empty) {
-        c.fail(&format!("{field}.models"), "must name at least one model (or be left out for all)");
-    }
-    endpoint(c, field, &e.name, &e.upstream, weight, e.models.clone(), limits)
-}
-
-/// An endpoint from its `UpstreamSpec` fields, checked.
-fn endpoint(
-    c: &mut Check,
-    field: &str,
-    name: &str,
-    u: &UpstreamSpec,
-    weight: u64,
-    models: Option<Vec<String>>,
-    limits: EndpointLimits,
-) -> UpstreamPolicy {
-    let url = u.url.trim_end_matches('/').to_owned();
-    if let Err(e) = check_url(&url, u.allow_insecure) {
-        c.fail(&format!("{field}.url"), e);
-    }
-    let allowed_paths = match &u.allowed_paths {
-        None => DEFAULT_ALLOWED_PATHS.iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
-        Some(rules) => rules
-            .iter()
-            .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail(&format!("{field}.allowedPaths"), e)).ok())
-            .collect(),
-    };
-    let timeout_field = format!("{field}.timeout");
-    let timeout = c.at_most(&timeout_field, u.timeout.get(), MAX_UPSTREAM_TIMEOUT, "1h");
-    if timeout.is_zero() {
-        c.fail(&timeout_field, "must be greater than 0s");
-    }
-    UpstreamPolicy {
-        name: name.to_owned(),
-        url,
-        api_key_secret_ref: u.api_key_secret_ref.clone(),
-        key_header: u.key_header,
-        timeout,
-        allowed_paths,
-        allowed_client_headers: u.allowed_client_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
-        weight: u32::try_from(weight).unwrap_or(u32::MAX),
-        models,
-        limits,
-        protocol: u.protocol,
-        max_streams_per_connection: streams_per_connection(c, field, u.max_streams_per_connection),
-    }
 }
 
 /// Requests in flight on one HTTP/2 connection when `maxStreamsPerConnection` is absent.
-pub const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
-
-/// `maxStreamsPerConnection`, checked as the schema does (1 to 10,000).
-fn streams_per_connection(c: &mut Check, field: &str, n: Option<i32>) -> u32 {
-    let Some(n) = n else { return DEFAULT_STREAMS_PER_CONNECTION };
-    let field = format!("{field}.maxStreamsPerConnection");
-    match u32::try_from(n) {
-        Ok(n @ 1..=10_000) => n,
-        _ => {
-            c.fail(&field, "must be between 1 and 10000");
-            DEFAULT_STREAMS_PER_CONNECTION
-        }
-    }
-}
-
-/// Per-model limits, checked.
-fn model_limits(
-    c: &mut Check,
-    field: &str,
-    models: &BTreeMap<String, ModelLimitsSpec>,
-) -> BTreeMap<String, ModelLimits> {
-    models
-        .iter()
-        .map(|(name, m)| {
-            let f = format!("{field}.{name}");
-            let limits = ModelLimits {
-                requests_per_minute: m
-                    .requests_per_minute
-                    .map(|r| c.positive(&format!("{f}.requestsPerMinute"), r)),
-                tokens_per_minute: m
-                    .tokens_per_minute
-                    .map(|t| c.positive(&format!("{f}.tokensPerMinute"), t)),
-            };
-            if limits == ModelLimits::default() {
-                c.fail(&f, "set requestsPerMinute, tokensPerMinute or both");
-            }
-            (name.clone(), limits)
-        })
-        .collect()
-}
-
-/// One client's settings, resolved over `fallback` (the default entry) and the queue's values.
-fn client_policy(
-    c: &mut Check,
-    field: &str,
-    s: &ClientSettings,
-    fallback: Option<&ClientSettings>,
-    queue_wait: Duration,
-    queue_size: usize,
-) -> ClientPolicy {
-    let pick = |f: fn(&ClientSettings) -> Option<i64>| f(s).or_else(|| fallback.and_then(f));
-    let weight = pick(|x| x.weight.map(i64::from)).map_or(1, |w| c.positive(field, w));
-    let wait = s.max_wait.as_ref().or_else(|| fallback.and_then(|f| f.max_wait.as_ref())).map(|d| d.get());
-    ClientPolicy {
-        weight: u32::try_from(weight).unwrap_or(u32::MAX),
-        priority: s.priority.or_else(|| fallback.and_then(|f| f.priority)).unwrap_or_default(),
-        requests_per_minute: pick(|x| x.requests_per_minute).map(|r| c.positive(field, r)),
-        tokens_per_minute: pick(|x| x.tokens_per_minute).map(|t| c.positive(field, t)),
-        max_wait: wait.map_or(queue_wait, |w| c.at_most(field, w, MAX_QUEUE_WAIT, "24h")),
-        max_queued: pick(|x| x.max_queued.map(i64::from))
-            .map_or(queue_size, |q| usize::try_from(c.non_negative(field, q)).unwrap_or(usize::MAX)),
-    }
-}
+pub(crate) const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::{DEFAULT_ENDPOINT, LlmProxySpec};
 
     fn spec(yaml: &str) -> LlmProxySpec {
-        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+        serde_yaml::from_str(yaml).unwrap()
     }
 
     fn errors(yaml: &str) -> String {
@@ -845,7 +374,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 
     #[test]
     fn minimal_spec_resolves_documented_defaults() {
-        let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
+        let p = Policy::from_spec(&spec(MINIMAL)).unwrap();
         let u = &p.upstreams[0];
         assert_eq!((p.upstreams.len(), u.name.as_str()), (1, DEFAULT_ENDPOINT));
         assert_eq!(u.url, "https://api.openai.com/v1", "trailing slash trimmed");
@@ -881,7 +410,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let p = Policy::from_spec(&spec(
             "upstream: {url: 'https://x:1'}\nlimits: {requestsPerMinute: 600, burst: 30}\ncache: {ttl: 5m}",
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(p.limits.request_burst, 30);
         assert_eq!(
             p.cache,
@@ -896,7 +425,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 
     #[test]
     fn a_quota_password_of_another_namespace_has_a_slot_no_local_reference_can_name() {
-        let r = crate::quota::RedisPasswordRef { name: "org-redis".into(), key: "password".into() };
+        let r = RedisPasswordRef { name: "org-redis".into(), key: "password".into() };
         let local = SharedPolicy {
             url: "redis://r".into(),
             password: Some(r.clone()),
@@ -910,7 +439,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
 
     #[test]
     fn replicas_split_the_quota() {
-        let p = Policy::from_spec(&spec(MINIMAL)).unwrap_or_else(|e| panic!("{e}"));
+        let p = Policy::from_spec(&spec(MINIMAL)).unwrap();
         let share = p.clone().for_replicas(3);
         assert_eq!(share.limits.requests_per_minute, 1166);
         assert_eq!(share.limits.request_burst, 19);
@@ -1054,8 +583,8 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let yaml = format!(
             "{MINIMAL}queue: {{maxWait: 40s}}\nclients:\n  keysSecretRef: {{name: keys}}\n  default: {{weight: 2, tokensPerMinute: 9000}}\n  overrides: [{{name: nightly, priority: batch, maxWait: 10m}}]\n"
         );
-        let p = Policy::from_spec(&spec(&yaml)).unwrap_or_else(|e| panic!("{e}"));
-        let c = p.clients.clone().unwrap_or_else(|| panic!("clients"));
+        let p = Policy::from_spec(&spec(&yaml)).unwrap();
+        let c = p.clients.clone().expect("clients");
         assert_eq!(c.keys_secret.as_deref(), Some("keys"));
         let chat = c.client("chatbot");
         assert_eq!(
@@ -1080,7 +609,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
   - {name: west, url: 'https://west.example/v1', keyHeader: api-key, models: [gpt-4o-mini]}
 limits: {requestsPerMinute: 1200, models: {gpt-4o: {requestsPerMinute: 300}}}",
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let (east, west) = (&p.upstreams[0], &p.upstreams[1]);
         assert_eq!(
             (east.weight, east.limits.requests_per_minute, east.limits.request_burst),
@@ -1103,7 +632,7 @@ limits: {requestsPerMinute: 1200, models: {gpt-4o: {requestsPerMinute: 300}}}",
         let p = Policy::from_spec(&spec(
             "upstream: {url: 'https://x.io/v1', protocol: http2, maxStreamsPerConnection: 64}\nlimits: {requestsPerMinute: 60}",
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(
             (p.upstreams[0].protocol, p.upstreams[0].max_streams_per_connection),
             (Protocol::Http2, 64)

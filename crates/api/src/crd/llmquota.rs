@@ -1,6 +1,5 @@
-//! Shared quotas: `spec.sharedState` (an LlmProxy's replicas share its limits through Redis)
-//! and the cluster-scoped `LlmQuota` (several LlmProxies, in several namespaces, share one
-//! organisation-wide quota).
+//! The cluster-scoped `LlmQuota`: several LlmProxies, in several namespaces, share one
+//! organisation-wide quota; and an LlmProxy's reference to it and grant from it.
 // clippy reads the repeated `type_ = ...` inside separate `printcolumn(...)`s as duplicates.
 #![allow(clippy::duplicated_attributes)]
 
@@ -11,48 +10,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::ModelLimitsSpec;
-
-/// Where replicas keep the buckets they share.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SharedStateSpec {
-    /// A Redis (or Valkey, or a managed Redis) that every replica reaches.
-    pub redis: RedisSpec,
-}
-
-/// A Redis server.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RedisSpec {
-    /// `redis://HOST:PORT/DB` or `rediss://` (TLS); no password in the URL (use
-    /// `passwordSecretRef`).
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^rediss?://[^@\s]+$"))]
-    pub url: String,
-
-    /// The Secret key holding the password (an LlmProxy's: in its namespace, labelled
-    /// `llmproxy.io/redis-password: "true"`; an LlmQuota's: in the operator's namespace).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_secret_ref: Option<RedisPasswordRef>,
-}
-
-/// A key in a Secret.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RedisPasswordRef {
-    /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
-    pub name: String,
-
-    /// Key within the Secret's data (default `password`).
-    #[serde(default = "default_password_key")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
-    pub key: String,
-}
-
-fn default_password_key() -> String {
-    "password".into()
-}
+use super::common::{ModelLimitsSpec, RedisSpec, SharedStateSpec};
+use super::defaults::default_weight;
 
 /// An LlmProxy's draw on an `LlmQuota`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -73,10 +32,6 @@ pub struct QuotaRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub guaranteed: Option<i32>,
-}
-
-fn default_weight() -> i32 {
-    1
 }
 
 /// The share the LlmQuota's owner gives the consumers one entry matches: by namespace (and
