@@ -17,8 +17,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::quota::go_duration;
-use crate::server::Kill;
 use crate::{Fault, Mock, MockConfig, Seen, lock};
+
+/// Cancelling it closes the connection the request came on (a fault the mock can play).
+#[derive(Clone)]
+pub(crate) struct Kill(pub(crate) tokio_util::sync::CancellationToken);
 
 pub(crate) fn router(mock: Arc<Mock>) -> Router {
     Router::new()

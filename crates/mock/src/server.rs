@@ -11,10 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::Mock;
-
-/// Cancelling it closes the connection the request came on.
-#[derive(Clone)]
-pub(crate) struct Kill(pub(crate) CancellationToken);
+use crate::handlers::Kill;
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, stop: CancellationToken) {
     let router = crate::handlers::router(Arc::clone(&mock));

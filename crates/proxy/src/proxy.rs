@@ -125,7 +125,8 @@ impl Proxy {
             return;
         }
         let state = Arc::clone(&self.shared);
-        let weak = Arc::downgrade(self);
+        let weak: std::sync::Weak<dyn crate::admission::shared::Host> =
+            Arc::downgrade(self) as std::sync::Weak<Self>;
         // Supervised: a panic is logged and the lessee starts again (stocks carry over); it
         // ends only with the proxy.
         for store in crate::admission::shared::Store::ALL {
@@ -384,5 +385,27 @@ impl Proxy {
     pub(crate) fn request_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{}{n:08x}", self.id_prefix)
+    }
+}
+
+impl crate::admission::shared::Host for Proxy {
+    fn policy(&self) -> Arc<Policy> {
+        Proxy::policy(self)
+    }
+
+    fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
+        Proxy::secret_value(self, secret, key)
+    }
+
+    fn replicas(&self, fallback: u32) -> u32 {
+        self.replicas_hint(fallback).load(Ordering::Relaxed)
+    }
+
+    fn admission(&self) -> &Arc<Admission> {
+        Proxy::admission(self)
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        Proxy::metrics(self)
     }
 }

@@ -5,6 +5,4 @@ pub(crate) mod budget;
 pub(crate) mod limiter;
 pub(crate) mod queue;
 pub(crate) mod retry;
-// Its privacy follows once the lessee's rework (narrow handles instead of `Weak<Proxy>`) lands.
-#[allow(unreachable_pub)]
 pub(crate) mod shared;

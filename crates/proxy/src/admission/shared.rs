@@ -24,7 +24,6 @@ use llmproxy_api::policy::{Policy, QuotaPolicy, SharedPolicy};
 use tokio::time::Instant;
 
 use crate::admission::limiter::lease::{LeaseKey, Leases};
-use crate::proxy::Proxy;
 
 /// How far ahead of need a replica holds stock: this much of its recent rate.
 const LEASE_WINDOW: f64 = 0.25;
@@ -257,7 +256,7 @@ return out
 
 /// Whether this replica shares its buckets through Redis right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Through Redis.
     Shared,
     /// Alone, with a share of each rate (Redis cannot be reached).
@@ -266,7 +265,7 @@ pub enum Mode {
 
 impl Mode {
     /// The metric label.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Mode::Shared => "shared",
             Mode::Local => "local",
@@ -290,7 +289,7 @@ pub struct Identity {
 /// Redis, over a connection of their own with the quota's credentials, whatever the LlmProxy's
 /// own `sharedState` says, so a tenant's Redis never holds (or grants) the organisation's quota.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Store {
+pub(crate) enum Store {
     /// The LlmProxy's buckets (its limits, models, clients, endpoints).
     Proxy,
     /// The LlmQuota's buckets.
@@ -300,7 +299,7 @@ pub enum Store {
 impl Store {
     /// Both stores, each served by a lessee of its own so that one Redis failing never stalls
     /// the other.
-    pub const ALL: [Store; 2] = [Store::Proxy, Store::Quota];
+    pub(crate) const ALL: [Store; 2] = [Store::Proxy, Store::Quota];
 
     fn index(self) -> usize {
         usize::from(self == Store::Quota)
@@ -342,14 +341,14 @@ impl Store {
 
 /// What the lessees tell the rest of the proxy (status, metrics).
 #[derive(Debug, Default)]
-pub struct SharedState {
+pub(crate) struct SharedState {
     modes: std::sync::Mutex<[Option<Mode>; 2]>,
     members: [AtomicU32; 2],
 }
 
 impl SharedState {
     /// The current mode, `Local` while any store is out of reach; `None` without shared state.
-    pub fn mode(&self) -> Option<Mode> {
+    pub(crate) fn mode(&self) -> Option<Mode> {
         let modes = *self.modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if modes.contains(&Some(Mode::Local)) {
             Some(Mode::Local)
@@ -367,7 +366,7 @@ impl SharedState {
 
     /// Live members last seen: the LlmQuota's (every consumer's pods) where one is drawn from,
     /// else the LlmProxy's replicas.
-    pub fn members(&self) -> u32 {
+    pub(crate) fn members(&self) -> u32 {
         let quota = self.members[Store::Quota.index()].load(Ordering::Relaxed);
         if quota > 0 { quota } else { self.members[Store::Proxy.index()].load(Ordering::Relaxed) }
     }
@@ -453,9 +452,24 @@ struct Look<'a> {
     metrics: &'a Arc<crate::telemetry::metrics::Metrics>,
 }
 
-/// Runs the lessee of `store` for `proxy` until the proxy is dropped; follows its policy (a
-/// new Redis URL or password reconnects). `identity` names the buckets.
-pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>, store: Store) {
+/// What a lessee needs of the proxy it serves, and no more: the proxy implements it, so the
+/// lessee depends on this module's view of it, not on the proxy.
+pub(crate) trait Host: Send + Sync + 'static {
+    /// The policy in force.
+    fn policy(&self) -> Arc<Policy>;
+    /// A loaded Secret's value (the Redis password).
+    fn secret_value(&self, secret: &str, key: &str) -> Option<String>;
+    /// The replicas the cluster reports, `fallback` until it has.
+    fn replicas(&self, fallback: u32) -> u32;
+    /// The admission gate whose stocks the lessee keeps.
+    fn admission(&self) -> &Arc<crate::admission::queue::Admission>;
+    /// Where the lessee reports.
+    fn metrics(&self) -> &Arc<crate::telemetry::metrics::Metrics>;
+}
+
+/// Runs the lessee of `store` for `host` until it is dropped; follows its policy (a new Redis
+/// URL or password reconnects). `identity` names the buckets.
+pub(crate) async fn run(proxy: Weak<dyn Host>, identity: Identity, state: Arc<SharedState>, store: Store) {
     let now = Instant::now();
     let mut lessee = Lessee {
         store,
@@ -494,8 +508,7 @@ pub async fn run(proxy: Weak<Proxy>, identity: Identity, state: Arc<SharedState>
         };
         idle = false;
         let password = redis.password_slot().and_then(|(name, key)| proxy_now.secret_value(&name, &key));
-        let replicas =
-            proxy_now.replicas_hint(lessee.identity.replicas).load(std::sync::atomic::Ordering::Relaxed);
+        let replicas = proxy_now.replicas(lessee.identity.replicas);
         let admission = Arc::clone(proxy_now.admission());
         let metrics = Arc::clone(proxy_now.metrics());
         drop(proxy_now);
