@@ -148,7 +148,15 @@ fn answer(status: u16, interim: bool, extra: Vec<(String, String)>, body: Vec<u8
             bytes.extend_from_slice(b"\r\n");
         }
     }
-    Answer { bytes, status, headers, body, to_close }
+    // A header map keeps each name's values in order, grouped at the name's first appearance.
+    let mut grouped: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        match grouped.iter().rposition(|(g, _)| *g == k) {
+            Some(i) => grouped.insert(i + 1, (k, v)),
+            None => grouped.push((k, v)),
+        }
+    }
+    Answer { bytes, status, headers: grouped, body, to_close }
 }
 
 fn answers() -> impl Strategy<Value = Answer> {
