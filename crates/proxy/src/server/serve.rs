@@ -81,68 +81,11 @@ pub async fn serve(
             .await
     });
 
-    let mut h1 = http1::Builder::new();
-    // hyper's smallest read buffer: a waiting request holds its connection's buffer, and 8 KiB
-    // is what nginx allows a header block by default.
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(MAX_HEADER_BYTES as usize);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    // The bounds HTTP/1.1 has, for HTTP/2 too: the same 8 KiB of headers, and a peer that stops
-    // answering pings is dropped within two header read timeouts (the wait for the preface and
-    // requests, and the idle timeout, are `serve_h2`'s).
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES)
-        .keep_alive_interval(options.header_read_timeout)
-        .keep_alive_timeout(options.header_read_timeout);
-    let acceptor = Acceptor {
-        h1,
-        h2,
-        service: TowerToHyperService::new(routes::api(&proxy)),
-        slots: Arc::new(Semaphore::new(options.max_connections.max(1))),
-        write_timeout: options.write_timeout,
-        first_bytes_timeout: options.header_read_timeout,
-    };
+    let acceptor = Acceptor::new(&proxy, &options);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Each accept loop reports here when it has stopped and its connections have finished.
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Result<(), Error>>();
-    let mut loops = 0;
-    if options.workers == 0 {
-        let (acceptor, stopped, done_tx) = (acceptor.clone(), stopped.clone(), done_tx.clone());
-        tokio::spawn(async move {
-            let _ = done_tx.send(acceptor.run(api, stopped).await);
-        });
-        loops = 1;
-    } else {
-        // Every worker accepts from the same listening socket: whichever is free takes the
-        // next connection, and keeps it.
-        let shared = api.into_std().map_err(Error::io("taking the API listener for the workers"))?;
-        for i in 0..options.workers {
-            let listener = shared.try_clone().map_err(Error::io("sharing the API listener"))?;
-            let (acceptor, stopped, proxy) = (acceptor.clone(), stopped.clone(), Arc::clone(&proxy));
-            let done_tx = done_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("llmproxy-worker-{i}"))
-                .spawn(move || {
-                    let run = || -> Result<(), Error> {
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .map_err(Error::io(format!("starting serving worker {i}")))?;
-                        rt.block_on(async {
-                            crate::upstream::pool::use_worker_pool(proxy.pool());
-                            let listener = TcpListener::from_std(listener)
-                                .map_err(Error::io(format!("serving worker {i}'s listener")))?;
-                            acceptor.run(listener, stopped).await
-                        })
-                    };
-                    // A worker that panicked drops `done_tx` unsent: the receiver sees it too.
-                    let _ = done_tx.send(run());
-                })
-                .map_err(Error::io(format!("starting serving worker {i}")))?;
-            loops += 1;
-        }
-    }
+    let loops = accept_loops(&proxy, &acceptor, api, &stopped, &done_tx, options.workers)?;
     drop(done_tx);
 
     // Shutdown: not ready at once; the listener closes after the drain delay. An accept loop
@@ -177,6 +120,86 @@ pub async fn serve(
         .map_err(|e| Error::Stopped(format!("the admin server: {e}")))?
         .map_err(Error::io("serving the admin port"))?;
     Ok(())
+}
+
+impl Acceptor {
+    /// The HTTP/1.1 and HTTP/2 builders with the connection bounds of `options`, serving the
+    /// proxy's API.
+    fn new(proxy: &Arc<Proxy>, options: &ServeOptions) -> Self {
+        let mut h1 = http1::Builder::new();
+        // hyper's smallest read buffer: a waiting request holds its connection's buffer, and 8 KiB
+        // is what nginx allows a header block by default.
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout)
+            .max_buf_size(MAX_HEADER_BYTES as usize);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        // The bounds HTTP/1.1 has, for HTTP/2 too: the same 8 KiB of headers, and a peer that stops
+        // answering pings is dropped within two header read timeouts (the wait for the preface and
+        // requests, and the idle timeout, are `serve_h2`'s).
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES)
+            .keep_alive_interval(options.header_read_timeout)
+            .keep_alive_timeout(options.header_read_timeout);
+        Acceptor {
+            h1,
+            h2,
+            service: TowerToHyperService::new(routes::api(proxy)),
+            slots: Arc::new(Semaphore::new(options.max_connections.max(1))),
+            write_timeout: options.write_timeout,
+            first_bytes_timeout: options.header_read_timeout,
+        }
+    }
+}
+
+/// Start the accept loops on `api`: one task on this runtime (`workers == 0`), or one thread
+/// with its own runtime per worker, all accepting from the same socket. Each reports on
+/// `done` when it has stopped; returns how many there are.
+fn accept_loops(
+    proxy: &Arc<Proxy>,
+    acceptor: &Acceptor,
+    api: TcpListener,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+    done: &tokio::sync::mpsc::UnboundedSender<Result<(), Error>>,
+    workers: usize,
+) -> Result<usize, Error> {
+    let mut loops = 0;
+    if workers == 0 {
+        let (acceptor, stopped, done_tx) = (acceptor.clone(), stopped.clone(), done.clone());
+        tokio::spawn(async move {
+            let _ = done_tx.send(acceptor.run(api, stopped).await);
+        });
+        loops = 1;
+    } else {
+        // Every worker accepts from the same listening socket: whichever is free takes the
+        // next connection, and keeps it.
+        let shared = api.into_std().map_err(Error::io("taking the API listener for the workers"))?;
+        for i in 0..workers {
+            let listener = shared.try_clone().map_err(Error::io("sharing the API listener"))?;
+            let (acceptor, stopped, proxy) = (acceptor.clone(), stopped.clone(), Arc::clone(proxy));
+            let done_tx = done.clone();
+            std::thread::Builder::new()
+                .name(format!("llmproxy-worker-{i}"))
+                .spawn(move || {
+                    let run = || -> Result<(), Error> {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(Error::io(format!("starting serving worker {i}")))?;
+                        rt.block_on(async {
+                            crate::upstream::pool::use_worker_pool(proxy.pool());
+                            let listener = TcpListener::from_std(listener)
+                                .map_err(Error::io(format!("serving worker {i}'s listener")))?;
+                            acceptor.run(listener, stopped).await
+                        })
+                    };
+                    // A worker that panicked drops `done_tx` unsent: the receiver sees it too.
+                    let _ = done_tx.send(run());
+                })
+                .map_err(Error::io(format!("starting serving worker {i}")))?;
+            loops += 1;
+        }
+    }
+    Ok(loops)
 }
 
 /// The largest request head, in either protocol (HTTP/2 counts 32 bytes more for each header).
