@@ -117,17 +117,7 @@ pub(crate) async fn read(
     record: &mut RecordGuard,
 ) -> Result<Intake, Refusal> {
     // The path first: nothing of a request that may not pass is read or queued.
-    let raw_path = parts.uri.path();
-    let segments = super::path::segments(raw_path).map_err(bad)?;
-    let allowing: Vec<&UpstreamPolicy> = policy
-        .upstreams
-        .iter()
-        .filter(|u| super::path::allowed(&u.allowed_paths, &parts.method, raw_path, &segments).is_ok())
-        .collect();
-    if allowing.is_empty() {
-        let rules = policy.upstreams.first().map_or(&[][..], |u| &u.allowed_paths[..]);
-        super::path::allowed(rules, &parts.method, raw_path, &segments).map_err(bad)?;
-    }
+    let allowing = allowing(policy, &parts)?;
 
     let options = proxy.options();
     let declared =
@@ -192,20 +182,48 @@ pub(crate) async fn read(
         eligible.iter().flat_map(|u| u.allowed_client_headers.iter().cloned()).collect();
     let headers = upstream::request_headers(&parts.headers, &account);
     let rest = format!("{rest}{query}");
-    // The coalescing key is this key too, so the scope bounds who waits for whose answer.
-    let per_client = policy.cache.as_ref().is_some_and(|c| c.per_client(client.name.is_some()));
-    let scope = client.name.as_deref().filter(|_| per_client);
-    let cache_key = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable).map(|d| {
-        let upstreams: Vec<&str> = policy.upstreams.iter().map(|u| u.url.as_str()).collect();
-        let answer_headers = upstream::answer_headers(&headers);
-        cache::key(scope, &upstreams.join(" "), parts.method.as_str(), &rest, &answer_headers, d)
-    });
+    let digest = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable);
+    let cache_key = digest.map(|d| cache_key(policy, client, &parts.method, &rest, &headers, d));
     Ok(Intake {
         out: Outgoing { method: parts.method, rest, headers, body, strip_usage_event },
         ask,
         cache_key,
         _bytes: lease,
     })
+}
+
+/// The endpoints whose allowed paths let this request through; a path none allows is refused
+/// as the first endpoint's rules say.
+fn allowing<'p>(policy: &'p Policy, parts: &request::Parts) -> Result<Vec<&'p UpstreamPolicy>, Refusal> {
+    let raw_path = parts.uri.path();
+    let segments = super::path::segments(raw_path).map_err(bad)?;
+    let allowing: Vec<&UpstreamPolicy> = policy
+        .upstreams
+        .iter()
+        .filter(|u| super::path::allowed(&u.allowed_paths, &parts.method, raw_path, &segments).is_ok())
+        .collect();
+    if allowing.is_empty() {
+        let rules = policy.upstreams.first().map_or(&[][..], |u| &u.allowed_paths[..]);
+        super::path::allowed(rules, &parts.method, raw_path, &segments).map_err(bad)?;
+    }
+    Ok(allowing)
+}
+
+/// The cache key of a cacheable request with body digest `digest`. The coalescing key is this
+/// key too, so the cache's scope bounds who waits for whose answer.
+fn cache_key(
+    policy: &Policy,
+    client: &Client,
+    method: &http::Method,
+    rest: &str,
+    headers: &http::HeaderMap,
+    digest: &[u8; 32],
+) -> Key {
+    let per_client = policy.cache.as_ref().is_some_and(|c| c.per_client(client.name.is_some()));
+    let scope = client.name.as_deref().filter(|_| per_client);
+    let upstreams: Vec<&str> = policy.upstreams.iter().map(|u| u.url.as_str()).collect();
+    let answer_headers = upstream::answer_headers(headers);
+    cache::key(scope, &upstreams.join(" "), method.as_str(), rest, &answer_headers, digest)
 }
 
 /// A request for a model no endpoint serves: OpenAI's own answer for an unknown model.
