@@ -353,8 +353,9 @@ async fn http2_connections_are_bounded_like_http1() {
     let mut opening = H2_PREFACE.to_vec();
     opening.extend(h2_frame(4, 0, 0, &[]));
     opening.extend(h2_get(1, "/v1/models"));
-    mute.write_all(&opening).await.unwrap();
+    // Counted before the write: the request may reach the upstream before write_all returns.
     let seen = upstream.mock.stats().requests;
+    mute.write_all(&opening).await.unwrap();
     eventually("the request to reach the upstream", Duration::from_secs(10), || async {
         (upstream.mock.stats().requests > seen).then_some(())
     })
