@@ -31,6 +31,16 @@ pub fn consumer_secret(quota: &str, namespace: &str, name: &str) -> String {
     format!("llmproxy-quota-{}-{short}", quota.trim_end_matches(['-', '.']))
 }
 
+/// A Redis error as it may be logged or reported: Redis errors may echo what AUTH was given, so
+/// any that mentions authentication says only that.
+pub fn redacted(error: &str) -> String {
+    if error.to_ascii_lowercase().contains("auth") {
+        "authentication failed".into()
+    } else {
+        error.to_owned()
+    }
+}
+
 /// The key of a consumer's Secret that holds its password.
 pub const PASSWORD_KEY: &str = "password";
 

@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use llmproxy_api::redis_acl::{
-    PASSWORD_KEY, consumer_rules, consumer_secret, consumer_user, shares_key, users_prefix,
+    PASSWORD_KEY, consumer_rules, consumer_secret, consumer_user, redacted, shares_key, users_prefix,
 };
 use llmproxy_api::{LlmQuota, QuotaConsumer};
 
@@ -71,6 +71,8 @@ struct Consumer {
     id: String,
     namespace: String,
     name: String,
+    /// Its password's Secret in the operator's namespace (and its Role's and binding's name).
+    secret: String,
     /// `weight,guaranteed`, as the grant script reads the owner's shares.
     share: String,
 }
@@ -90,6 +92,7 @@ pub(crate) async fn apply(
         .filter(|c| c.allowed)
         .map(|c| Consumer {
             id: format!("{}/{}", c.namespace, c.name),
+            secret: consumer_secret(&name, &c.namespace, &c.name),
             namespace: c.namespace.clone(),
             name: c.name.clone(),
             share: format!("{},{}", c.weight.clamp(1, 1000), c.guaranteed.unwrap_or(0).clamp(0, 100)),
@@ -107,8 +110,7 @@ pub(crate) async fn apply(
         }
         None => None,
     };
-    let keep: BTreeSet<String> =
-        allowed.iter().map(|c| consumer_secret(&name, &c.namespace, &c.name)).collect();
+    let keep: BTreeSet<String> = allowed.iter().map(|c| c.secret.clone()).collect();
     let now = tokio::time::Instant::now();
     let known = applied.quotas.get(&name).filter(|k| {
         now.duration_since(k.at) < REAPPLY && k.keep == keep && k.passwords.is_empty() == admin.is_none()
@@ -120,11 +122,11 @@ pub(crate) async fn apply(
         for c in &allowed {
             let password = password(&secrets, quota, namespace, c).await?;
             rbac(client, quota, namespace, c).await?;
-            passwords.insert(consumer_secret(&name, &c.namespace, &c.name), password);
+            passwords.insert(c.secret.clone(), password);
         }
     }
     for c in allowed.iter().filter(|_| admin.is_some()) {
-        if let Some(password) = passwords.get(&consumer_secret(&name, &c.namespace, &c.name)) {
+        if let Some(password) = passwords.get(&c.secret) {
             users.push((consumer_user(&name, &c.id), digest(password), c.id.clone()));
         }
     }
@@ -150,8 +152,8 @@ async fn password(
     namespace: &str,
     c: &Consumer,
 ) -> Result<String, IdentityError> {
-    let name = consumer_secret(&quota.name_any(), &c.namespace, &c.name);
-    if let Some(s) = secrets.get_opt(&name).await?
+    let name = c.secret.as_str();
+    if let Some(s) = secrets.get_opt(name).await?
         && let Some(v) = s.data.as_ref().and_then(|d| d.get(PASSWORD_KEY))
         && let Ok(v) = String::from_utf8(v.0.clone())
         && v.len() >= 32
@@ -163,34 +165,34 @@ async fn password(
         .map_err(|e| IdentityError::Redis(format!("no randomness for a password: {e}")))?;
     let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let secret = Secret {
-        metadata: meta(quota, namespace, &name, c),
+        metadata: meta(quota, namespace, name, c),
         data: Some(BTreeMap::from([(PASSWORD_KEY.to_owned(), ByteString(value.clone().into_bytes()))])),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
-    secrets.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret)).await?;
+    secrets.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret)).await?;
     Ok(value)
 }
 
 /// A Role reading only the consumer's Secret, bound only to its LlmProxy's ServiceAccount.
 async fn rbac(client: &Client, quota: &LlmQuota, namespace: &str, c: &Consumer) -> Result<(), IdentityError> {
-    let name = consumer_secret(&quota.name_any(), &c.namespace, &c.name);
+    let name = c.secret.as_str();
     let role = Role {
-        metadata: meta(quota, namespace, &name, c),
+        metadata: meta(quota, namespace, name, c),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".into()]),
-            resource_names: Some(vec![name.clone()]),
+            resource_names: Some(vec![name.to_owned()]),
             verbs: vec!["get".into(), "list".into(), "watch".into()],
             ..PolicyRule::default()
         }]),
     };
     let binding = RoleBinding {
-        metadata: meta(quota, namespace, &name, c),
+        metadata: meta(quota, namespace, name, c),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "Role".into(),
-            name: name.clone(),
+            name: name.to_owned(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
@@ -200,9 +202,9 @@ async fn rbac(client: &Client, quota: &LlmQuota, namespace: &str, c: &Consumer) 
         }]),
     };
     let params = PatchParams::apply(MANAGER).force();
-    Api::<Role>::namespaced(client.clone(), namespace).patch(&name, &params, &Patch::Apply(&role)).await?;
+    Api::<Role>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(&role)).await?;
     Api::<RoleBinding>::namespaced(client.clone(), namespace)
-        .patch(&name, &params, &Patch::Apply(&binding))
+        .patch(name, &params, &Patch::Apply(&binding))
         .await?;
     Ok(())
 }
@@ -246,14 +248,7 @@ async fn in_redis(
     shares: &[(String, String)],
 ) -> Result<(), IdentityError> {
     use redis::IntoConnectionInfo;
-    let fail = |e: redis::RedisError| {
-        let text = e.to_string();
-        IdentityError::Redis(if text.to_ascii_lowercase().contains("auth") {
-            "authentication failed".into()
-        } else {
-            text
-        })
-    };
+    let fail = |e: redis::RedisError| IdentityError::Redis(redacted(&e.to_string()));
     let mut info = url.into_connection_info().map_err(fail)?;
     if let Some(pw) = admin {
         info = info.clone().set_redis_settings(info.redis_settings().clone().set_password(pw));

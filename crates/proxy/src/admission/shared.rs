@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use llmproxy_api::policy::{Policy, QuotaPolicy, SharedPolicy};
+use llmproxy_api::redis_acl::redacted;
 use tokio::time::Instant;
 
 use crate::admission::limiter::lease::{LeaseKey, Leases};
@@ -689,16 +690,6 @@ fn fill_locally(admission: &crate::admission::queue::Admission, lines: &[Line], 
             }
         }
     });
-}
-
-fn redacted(error: &str) -> String {
-    // Redis errors may echo the URL; never its credentials (there are none in a checked URL,
-    // but a password set through AUTH may appear in some messages).
-    if error.to_ascii_lowercase().contains("auth") {
-        "authentication failed".into()
-    } else {
-        error.to_owned()
-    }
 }
 
 async fn connect(login: &Login) -> redis::RedisResult<redis::aio::ConnectionManager> {
