@@ -40,9 +40,14 @@ const MEMBER_TTL: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a replica on its own tries Redis again.
 const RETRY_REDIS: Duration = Duration::from_secs(1);
+/// How long a replica back from an outage goes on admitting only its local share: long enough
+/// for every other replica's next try (one a second, each up to a connect and an answer's
+/// timeout) to bring it back too. Drawing on Redis while another replica still admits alone
+/// would take the whole rate on top of that replica's share.
+const SETTLE: Duration = RETRY_REDIS.saturating_add(REDIS_TIMEOUT.saturating_mul(3)).saturating_add(TICK);
 
 /// The grant script; see the module docs. Per bucket, six arguments: rate per second, burst,
-/// units asked, units given back, a mode (`g` grant, `d` dry, `r` resume) and this member's
+/// units asked, units given back, a mode (`g` grant, `d` dry: empty it) and this member's
 /// demand per second. Then the member set, this member, the member TTL in seconds, and, for an
 /// LlmQuota's buckets, the quota, the consumer, and the weight and guaranteed percent it
 /// declares (used only where no operator wrote the owner's shares). Returns the grants, then
@@ -94,17 +99,17 @@ call('ZADD', members, now, me)
 redis.call('ZREMRANGEBYSCORE', members, '-inf', now - ttl)
 redis.call('PEXPIRE', members, keep)
 local out = {}
--- A bucket's level now, the rate and burst it was last written with, and whether it is new.
+-- A bucket's level now, refilled at the rate it was last written with (a new one is empty).
 local function fill(key, rate, burst)
   local v = call('HMGET', key, 'l', 't', 'r', 'b')
   local level, ts = num(v[1]), num(v[2])
   local r0, b0 = num(v[3]) or rate, num(v[4]) or burst
   if level == nil or ts == nil or r0 < 0 or b0 < 0 then
     if v[1] or v[2] then bad = bad + 1 end
-    return 0, now, true
+    return 0
   end
   level = math.max(-b0, math.min(b0, level))
-  return math.min(b0, level + math.max(0, now - ts) * math.min(r0, rate)), ts, false
+  return math.min(b0, level + math.max(0, now - ts) * math.min(r0, rate))
 end
 
 local qbase = 'llmproxy:q:' .. quota .. ':'
@@ -237,9 +242,8 @@ for i = 1, n do
     burst = math.max(burst * r / rate, math.min(burst, 1))
     rate = r
   end
-  local level, ts, new = fill(key, rate, burst)
+  local level = fill(key, rate, burst)
   level = math.min(level, burst)
-  if mode == 'r' and not new and now - ts > 1 then level = math.min(level, 0) end
   level = math.min(burst, level + give)
   if mode == 'd' then level = math.min(level, 0) end
   local grant = 0
@@ -381,6 +385,7 @@ impl SharedState {
 }
 
 /// One bucket unit's line in an exchange with Redis.
+#[derive(Clone)]
 struct Line {
     key: LeaseKey,
     unit: usize,
@@ -437,9 +442,10 @@ struct Lessee {
     last: Instant,
     last_try: Instant,
     last_beat: Instant,
-    /// Until when grants resume (`r`) rather than take: right after an outage, a bucket
-    /// untouched while Redis was out is emptied first, so the return brings no burst.
-    resume_until: Option<Instant>,
+    /// Until when, back from an outage, this replica admits only its local share and keeps
+    /// the shared buckets it uses empty (`d`), so that neither the replicas still alone nor a
+    /// bucket that filled while nobody drew on it bring a burst.
+    settle_until: Option<Instant>,
     /// While out: the try of Redis in flight, off the admission path.
     probe: Option<Probe>,
 }
@@ -485,7 +491,7 @@ pub(crate) async fn run(proxy: Weak<dyn Host>, identity: Identity, state: Arc<Sh
         last: now,
         last_try: now.checked_sub(RETRY_REDIS).unwrap_or(now),
         last_beat: now.checked_sub(RETRY_REDIS).unwrap_or(now),
-        resume_until: None,
+        settle_until: None,
         probe: None,
     };
     // Without shared state in the policy, only look for it to appear (a reload) once a second,
@@ -548,8 +554,7 @@ impl Lessee {
         }
         let (store, identity) = (self.store, &self.identity);
         let seen = &mut self.seen;
-        let Some(mut lines) =
-            look.admission.with_leases(|l| plan(l, seen, now, dt, identity, look.quota, store))
+        let Some(lines) = look.admission.with_leases(|l| plan(l, seen, now, dt, identity, look.quota, store))
         else {
             return false;
         };
@@ -562,18 +567,20 @@ impl Lessee {
             }
             let due = !lines.is_empty() || now.duration_since(self.last_beat) >= RETRY_REDIS;
             if let Some(c) = self.conn.as_mut().filter(|_| due) {
-                if self.resume_until.is_some_and(|u| now < u) {
-                    for l in &mut lines {
-                        if l.mode == "g" {
-                            l.mode = "r";
-                        }
-                    }
-                }
+                let settling = self.settle_until.is_some_and(|u| now < u);
+                let dry: Vec<Line>;
+                let send = if settling {
+                    dry = lines.iter().map(|l| Line { ask: 0.0, mode: "d", ..l.clone() }).collect();
+                    &dry
+                } else {
+                    self.settle_until = None;
+                    &lines
+                };
                 let member_key = store.member_key(&self.identity, look.quota);
                 let call = exchange(
                     &self.script,
                     &mut c.manager,
-                    &lines,
+                    send,
                     &member_key,
                     &self.identity,
                     store.quota(look.quota),
@@ -584,7 +591,12 @@ impl Lessee {
                         self.members = answer.members;
                         self.fair = answer.fair;
                         self.last_beat = now;
-                        grant(look.admission, &lines, &answer.grants);
+                        if settling {
+                            let share = f64::from(self.members.max(look.replicas).max(1)) / self.fair;
+                            fill_locally(look.admission, &lines, dt, share);
+                        } else {
+                            grant(look.admission, &lines, &answer.grants);
+                        }
                     }
                     Ok(Err(e)) => self.go_local(now, &redacted(&e.to_string()), look.replicas),
                     Err(_) => self.go_local(now, "no answer in time", look.replicas),
@@ -627,7 +639,7 @@ impl Lessee {
                     self.members = answer.members;
                     self.fair = answer.fair;
                     self.last_beat = now;
-                    self.resume_until = now.checked_add(MEMBER_TTL);
+                    self.settle_until = now.checked_add(SETTLE);
                     // What was handed out alone never came from Redis: spent, so the switch
                     // brings no burst.
                     let store = self.store;
