@@ -228,19 +228,28 @@ impl ProxyProcess {
 
     /// `llmproxy <args> --listen .. --admin-listen ..` with `env`; waits for /readyz.
     pub async fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut p = Self::spawn(args, env);
-        let ready = format!("http://{}/readyz", p.admin);
-        eventually("the proxy process to be ready", Duration::from_secs(30), || {
-            let ready = ready.clone();
-            let exited = p.child.try_wait().ok().flatten();
-            let logs = p.logs();
-            async move {
-                assert!(exited.is_none(), "llmproxy exited early: {exited:?}\n{logs}");
-                (get_text(&ready).await == "ok").then_some(())
+        // A free port may be taken before the process binds it (it then exits): other ports.
+        for _ in 0..5 {
+            let mut p = Self::spawn(args, env);
+            let ready = format!("http://{}/readyz", p.admin);
+            let up = eventually("the proxy process to be ready", Duration::from_secs(30), || {
+                let ready = ready.clone();
+                let exited = p.child.try_wait().ok().flatten();
+                let logs = p.logs();
+                async move {
+                    if exited.is_some() && logs.contains("Address already in use") {
+                        return Some(false);
+                    }
+                    assert!(exited.is_none(), "llmproxy exited early: {exited:?}\n{logs}");
+                    (get_text(&ready).await == "ok").then_some(true)
+                }
+            })
+            .await;
+            if up {
+                return p;
             }
-        })
-        .await;
-        p
+        }
+        panic!("llmproxy found no free ports in five tries");
     }
 
     /// As `start_with_args`, without waiting for readiness.

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::eventually;
 use super::proxy_env::free_addr;
 
 /// One `redis-server` process.
@@ -25,8 +24,14 @@ impl RedisServer {
     /// Start one (with `requirepass` when a password is given); waits until it answers.
     pub async fn start(password: Option<&str>) -> Self {
         let mut r = Self { child: None, addr: free_addr(), password: password.map(str::to_owned) };
-        r.restart().await;
-        r
+        // The free port may be taken before redis-server binds it (it then exits): another.
+        for _ in 0..5 {
+            if r.run().await {
+                return r;
+            }
+            r.addr = free_addr();
+        }
+        panic!("redis-server did not start on any of five free ports");
     }
 
     /// `redis://127.0.0.1:PORT/0`.
@@ -61,6 +66,12 @@ impl RedisServer {
 
     /// Start it again on the same port, empty.
     pub async fn restart(&mut self) {
+        assert!(self.run().await, "redis-server did not start again on {}", self.addr);
+    }
+
+    /// Start it on its port and wait until it answers; false if it exited first (the port was
+    /// taken).
+    async fn run(&mut self) -> bool {
         self.kill();
         let mut cmd = Command::new(binary());
         cmd.args([
@@ -82,19 +93,34 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} (install Debian's redis-server): {e}", binary()));
-        self.child = Some(child);
         let addr = self.addr;
-        eventually("redis-server to answer", Duration::from_secs(20), || async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
-            c.write_all(b"PING\r\n").await.ok()?;
-            let mut buf = [0u8; 64];
-            let n = c.read(&mut buf).await.ok()?;
-            // +PONG, or -NOAUTH when a password is required: either way it is up.
-            (n > 0).then_some(())
-        })
-        .await;
+        let mut child = child;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            if answers(addr, self.password.as_deref(), child.id()).await {
+                self.child = Some(child);
+                return true;
+            }
+            assert!(std::time::Instant::now() < deadline, "redis-server on {addr} did not answer in 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+}
+
+/// Whether the redis-server on `addr` is process `pid` (not another test's that holds the port).
+async fn answers(addr: SocketAddr, password: Option<&str>, pid: u32) -> bool {
+    let Ok(client) = redis::Client::open(format!("redis://{addr}/0")) else { return false };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
+    if let Some(pw) = password
+        && redis::cmd("AUTH").arg(pw).query_async::<()>(&mut c).await.is_err()
+    {
+        return false;
+    }
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await.unwrap_or_default();
+    info.lines().any(|l| l.trim() == format!("process_id:{pid}"))
 }
 
 impl Drop for RedisServer {
