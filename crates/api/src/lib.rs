@@ -20,12 +20,12 @@ pub use consent::{ALLOWED_UPSTREAM_HOSTS, SecretUse};
 pub use crd::{
     AutoscalingSpec, CacheScope, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
     EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
-    ModelLimitsSpec, ObservedLimits, Protocol, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef,
+    ModelLimitsSpec, ObservedLimits, Protocol, Provider, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef,
     SecretNameRef, TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
 };
 pub use crd::{
-    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaRef, QuotaShareSpec,
-    RedisPasswordRef, RedisSpec, Share, SharedStateSpec,
+    GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaModelLimitsSpec, QuotaRef,
+    QuotaShareSpec, RedisPasswordRef, RedisSpec, Share, SharedStateSpec,
 };
 pub use duration::Duration;
 pub use manifest::{ManifestError, crd_yaml, from_yaml, quota_crd_yaml};

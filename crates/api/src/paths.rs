@@ -19,6 +19,19 @@ pub const DEFAULT_ALLOWED_PATHS: &[&str] = &[
     "GET /v1/models/*",
 ];
 
+/// What a proxy for Anthropic allows when `allowedPaths` is absent: the Messages API, token
+/// counting and the model list.
+pub const DEFAULT_ANTHROPIC_PATHS: &[&str] =
+    &["POST /v1/messages", "POST /v1/messages/count_tokens", "GET /v1/models", "GET /v1/models/*"];
+
+/// The rules of an upstream of `provider` without `allowedPaths`.
+pub fn default_allowed_paths(provider: crate::crd::Provider) -> &'static [&'static str] {
+    match provider {
+        crate::crd::Provider::OpenAi => DEFAULT_ALLOWED_PATHS,
+        crate::crd::Provider::Anthropic => DEFAULT_ANTHROPIC_PATHS,
+    }
+}
+
 /// One segment of a rule's path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {

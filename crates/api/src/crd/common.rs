@@ -1,24 +1,9 @@
-//! Types both custom resources use: per-model limits and the Redis that shared buckets live in.
+//! Types both custom resources use: the Redis that shared buckets live in.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::defaults::default_password_key;
-
-/// One model's limits.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelLimitsSpec {
-    /// Requests per minute for this model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100_000_000))]
-    pub requests_per_minute: Option<i64>,
-
-    /// Tokens per minute for this model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10_000_000_000i64))]
-    pub tokens_per_minute: Option<i64>,
-}
 
 /// Where replicas keep the buckets they share.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -10,7 +10,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{ModelLimitsSpec, SharedStateSpec};
+use super::common::SharedStateSpec;
 use super::defaults::*;
 use super::llmquota::{GrantedQuota, QuotaRef};
 use crate::duration::Duration;
@@ -367,14 +367,26 @@ pub struct KedaSpec {
     "rule": "self.url.startsWith('https://') || (has(self.allowInsecure) && self.allowInsecure) || self.url.matches('^http://(localhost|127(\\\\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')",
     "message": "url must be https:// (http:// only to a loopback address, or with allowInsecure: true)",
     "fieldPath": ".url",
+}, {
+    "rule": "!has(self.keyHeader) || !has(self.provider) || self.provider == 'openai'",
+    "message": "keyHeader applies only to provider openai (anthropic takes its key in x-api-key)",
+    "fieldPath": ".keyHeader",
 }]))]
 pub struct UpstreamSpec {
-    /// Base URL of the OpenAI-compatible API including its version prefix, for example
-    /// `https://api.openai.com/v1`. A client request to `/v1/<path>` is sent to `<url>/<path>`.
-    /// No user info, query or fragment; `http://` only to a loopback address or with
-    /// `allowInsecure`.
+    /// Base URL of the API including its version prefix, for example
+    /// `https://api.openai.com/v1` or `https://api.anthropic.com/v1`. A client request to
+    /// `/v1/<path>` is sent to `<url>/<path>`. No user info, query or fragment; `http://` only to
+    /// a loopback address or with `allowInsecure`.
     #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s@?#]+$"))]
     pub url: String,
+
+    /// The API the upstream speaks, which decides the paths passed, how the key is sent, how a
+    /// request is charged against the limits and which headers and errors mean what: `openai`
+    /// (OpenAI and compatible APIs) or `anthropic` (Anthropic's Messages API: the key goes in
+    /// `x-api-key`, input and output tokens are charged separately, for
+    /// `inputTokensPerMinute` and `outputTokensPerMinute`).
+    #[serde(default, skip_serializing_if = "Provider::is_default")]
+    pub provider: Provider,
 
     /// Allow a plain `http://` URL to a host other than loopback (the key then crosses the
     /// network in clear text).
@@ -383,9 +395,11 @@ pub struct UpstreamSpec {
 
     /// The requests this proxy passes upstream, as `METHOD /v1/path` rules: a path segment is a
     /// name, `*` for any one segment, or `**` (last) for the rest; method `*` for any. Anything
-    /// else gets a 403 and never reaches the upstream. Absent: the inference endpoints (chat
-    /// completions, completions, embeddings, moderations, responses, images/generations,
-    /// audio speech, transcriptions and translations) and `GET /v1/models`, `GET /v1/models/*`.
+    /// else gets a 403 and never reaches the upstream. Absent, for `openai`: the inference
+    /// endpoints (chat completions, completions, embeddings, moderations, responses,
+    /// images/generations, audio speech, transcriptions and translations) and `GET /v1/models`,
+    /// `GET /v1/models/*`; for `anthropic`: `POST /v1/messages`, `POST /v1/messages/count_tokens`
+    /// and the model list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100), inner(length(min = 8, max = 256)))]
     pub allowed_paths: Option<Vec<String>>,
@@ -402,9 +416,10 @@ pub struct UpstreamSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
 
-    /// How the key is sent: `bearer` (`Authorization: Bearer <key>`: OpenAI and most
-    /// compatible APIs) or `api-key` (the `api-key` header Azure OpenAI takes, e.g. at
-    /// `https://RESOURCE.openai.azure.com/openai/v1`).
+    /// How the key is sent to an `openai` upstream: `bearer` (`Authorization: Bearer <key>`:
+    /// OpenAI and most compatible APIs) or `api-key` (the `api-key` header Azure OpenAI takes,
+    /// e.g. at `https://RESOURCE.openai.azure.com/openai/v1`). Other providers take the key
+    /// their own way and refuse this field.
     #[serde(default, skip_serializing_if = "KeyHeader::is_default")]
     pub key_header: KeyHeader,
 
@@ -432,6 +447,32 @@ pub struct UpstreamSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000))]
     pub max_streams_per_connection: Option<i32>,
+}
+
+/// The API an upstream speaks.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Provider {
+    /// OpenAI's API and the APIs compatible with it.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic's Messages API.
+    #[serde(rename = "anthropic")]
+    Anthropic,
+}
+
+impl Provider {
+    fn is_default(&self) -> bool {
+        *self == Provider::OpenAi
+    }
+
+    /// Its name in the spec, in metrics and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+        }
+    }
 }
 
 /// The HTTP version spoken to an upstream.
@@ -517,10 +558,45 @@ pub struct EndpointLimitsSpec {
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub tokens_per_minute: Option<i64>,
 
+    /// Input tokens per minute this endpoint allows (Anthropic's ITPM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub input_tokens_per_minute: Option<i64>,
+
+    /// Output tokens per minute this endpoint allows (Anthropic's OTPM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub output_tokens_per_minute: Option<i64>,
+
     /// Per-model limits at this endpoint (providers limit each model separately).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 256))]
     pub models: std::collections::BTreeMap<String, ModelLimitsSpec>,
+}
+
+/// One model's limits (providers limit each model, or each class of models, separately).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelLimitsSpec {
+    /// Requests per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub requests_per_minute: Option<i64>,
+
+    /// Tokens per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub tokens_per_minute: Option<i64>,
+
+    /// Input tokens per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub input_tokens_per_minute: Option<i64>,
+
+    /// Output tokens per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub output_tokens_per_minute: Option<i64>,
 }
 
 /// A key in a Secret in the LlmProxy's namespace.
@@ -560,6 +636,22 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub tokens_per_minute: Option<i64>,
+
+    /// Input tokens per minute the upstream allows, counted apart from output (Anthropic's
+    /// ITPM). A request is charged its prompt estimate (characters / 4 over the system prompt,
+    /// the messages' text and the tool definitions; a flat estimate per image or document) at
+    /// admission, settled to the answer's `input_tokens + cache_creation_input_tokens` (cache
+    /// reads do not count, as at Anthropic). Absent: input tokens are not limited apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub input_tokens_per_minute: Option<i64>,
+
+    /// Output tokens per minute the upstream allows (Anthropic's OTPM). A request is charged
+    /// its `max_tokens` at admission and settled to the answer's real output when it ends, as
+    /// Anthropic does. Absent: output tokens are not limited apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub output_tokens_per_minute: Option<i64>,
 
     /// How many requests may start back to back before pacing sets in. Providers enforce
     /// per-minute limits at sub-minute granularity (60,000 RPM acts like 1,000 per second), so

@@ -10,7 +10,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{ModelLimitsSpec, RedisSpec, SharedStateSpec};
+use super::common::{RedisSpec, SharedStateSpec};
 use super::defaults::default_weight;
 
 /// An LlmProxy's draw on an `LlmQuota`.
@@ -194,7 +194,7 @@ pub struct LlmQuotaSpec {
     /// Per-model limits within the quota.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 256))]
-    pub models: BTreeMap<String, ModelLimitsSpec>,
+    pub models: BTreeMap<String, QuotaModelLimitsSpec>,
 
     /// Where the shared buckets live.
     pub shared_state: SharedStateSpec,
@@ -285,7 +285,7 @@ pub struct GrantedQuota {
     pub tokens_per_minute: Option<i64>,
     /// Its per-model limits.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub models: BTreeMap<String, ModelLimitsSpec>,
+    pub models: BTreeMap<String, QuotaModelLimitsSpec>,
     /// Its Redis (a password Secret is in `passwordNamespace`).
     pub redis: RedisSpec,
     /// Where the Redis password Secret is (the operator's namespace).
@@ -300,4 +300,19 @@ pub struct GrantedQuota {
     /// This consumer's guaranteed percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guaranteed: Option<i32>,
+}
+
+/// One model's limits within an organisation's quota.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaModelLimitsSpec {
+    /// Requests per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub requests_per_minute: Option<i64>,
+
+    /// Tokens per minute for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub tokens_per_minute: Option<i64>,
 }

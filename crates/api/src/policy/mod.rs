@@ -9,7 +9,8 @@ pub mod replicas;
 mod validate;
 
 use crate::crd::{
-    CacheScope, ClientPriority, KeyHeader, Protocol, RedisPasswordRef, SecretKeyRef, TokenAccounting,
+    CacheScope, ClientPriority, KeyHeader, Protocol, Provider, RedisPasswordRef, SecretKeyRef,
+    TokenAccounting,
 };
 use crate::paths::PathRule;
 
@@ -131,7 +132,10 @@ pub struct UpstreamPolicy {
     pub url: String,
     /// Where the API key lives (a Secret in the cluster, `--secrets-dir` standalone).
     pub api_key_secret_ref: Option<SecretKeyRef>,
-    /// How the key is sent.
+    /// The API it speaks: paths, how the key is sent, how a request is charged and which
+    /// headers and errors mean what.
+    pub provider: Provider,
+    /// How the key is sent (an OpenAI-compatible upstream's choice; other providers have one).
     pub key_header: KeyHeader,
     /// The wait for response headers, and the longest gap between chunks after that.
     pub timeout: Duration,
@@ -173,6 +177,14 @@ pub struct EndpointLimits {
     pub tokens_per_minute: Option<u64>,
     /// Token bucket capacity.
     pub token_burst: u64,
+    /// Input tokens per minute.
+    pub input_tokens_per_minute: Option<u64>,
+    /// Input token bucket capacity.
+    pub input_token_burst: u64,
+    /// Output tokens per minute.
+    pub output_tokens_per_minute: Option<u64>,
+    /// Output token bucket capacity.
+    pub output_token_burst: u64,
     /// Per-model limits.
     pub models: BTreeMap<String, ModelLimits>,
 }
@@ -185,6 +197,10 @@ impl EndpointLimits {
             request_burst: limits.request_burst,
             tokens_per_minute: limits.tokens_per_minute,
             token_burst: limits.token_burst,
+            input_tokens_per_minute: limits.input_tokens_per_minute,
+            input_token_burst: limits.input_token_burst,
+            output_tokens_per_minute: limits.output_tokens_per_minute,
+            output_token_burst: limits.output_token_burst,
             models: BTreeMap::new(),
         }
     }
@@ -197,6 +213,10 @@ pub struct ModelLimits {
     pub requests_per_minute: Option<u64>,
     /// Tokens per minute.
     pub tokens_per_minute: Option<u64>,
+    /// Input (prompt) tokens per minute.
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output (completion) tokens per minute.
+    pub output_tokens_per_minute: Option<u64>,
 }
 
 /// Rates, already resolved (burst defaults applied).
@@ -210,6 +230,14 @@ pub struct LimitsPolicy {
     pub tokens_per_minute: Option<u64>,
     /// Token bucket capacity.
     pub token_burst: u64,
+    /// Input (prompt) tokens per minute, `None` for unlimited: Anthropic's ITPM.
+    pub input_tokens_per_minute: Option<u64>,
+    /// Input token bucket capacity.
+    pub input_token_burst: u64,
+    /// Output (completion) tokens per minute, `None` for unlimited: Anthropic's OTPM.
+    pub output_tokens_per_minute: Option<u64>,
+    /// Output token bucket capacity.
+    pub output_token_burst: u64,
     /// Upstream requests in flight at once.
     pub max_concurrent: u32,
     /// Completion tokens reserved when a request names no maximum.
@@ -219,6 +247,11 @@ pub struct LimitsPolicy {
     /// The largest charge one request may have: the LlmProxy's whole tokens per minute
     /// (what the provider refuses as too large), not this replica's share of it.
     pub max_request_tokens: Option<u64>,
+    /// The largest input charge one request may have (the whole input tokens per minute).
+    pub max_request_input_tokens: Option<u64>,
+    /// The largest output charge (`max_tokens`) one request may have (the whole output tokens
+    /// per minute).
+    pub max_request_output_tokens: Option<u64>,
     /// Per-model limits within the totals.
     pub models: BTreeMap<String, ModelLimits>,
 }
@@ -232,10 +265,16 @@ impl LimitsPolicy {
             request_burst: per_second(requests),
             tokens_per_minute: tokens,
             token_burst: tokens.map_or(0, per_second),
+            input_tokens_per_minute: None,
+            input_token_burst: 0,
+            output_tokens_per_minute: None,
+            output_token_burst: 0,
             max_concurrent: 64,
             default_max_tokens: 1024,
             token_accounting: TokenAccounting::Requested,
             max_request_tokens: tokens,
+            max_request_input_tokens: None,
+            max_request_output_tokens: None,
             models: BTreeMap::new(),
         }
     }
@@ -397,6 +436,40 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         assert_eq!(p.retry.max_backoff, Duration::from_secs(30));
         assert!(p.retry.jitter);
         assert_eq!(p.cache, None);
+    }
+
+    #[test]
+    fn an_anthropic_upstream_passes_the_messages_api_and_limits_input_and_output_apart() {
+        let p = Policy::from_spec(&spec(
+            "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic}\nlimits: {requestsPerMinute: 50, inputTokensPerMinute: 30000, outputTokensPerMinute: 8000, models: {claude-x: {outputTokensPerMinute: 4000}}}",
+        ))
+        .unwrap();
+        let u = &p.upstreams[0];
+        assert_eq!(u.provider, Provider::Anthropic);
+        let rules: Vec<String> = u.allowed_paths.iter().map(ToString::to_string).collect();
+        assert_eq!(rules, crate::paths::DEFAULT_ANTHROPIC_PATHS);
+        assert_eq!((p.limits.input_tokens_per_minute, p.limits.input_token_burst), (Some(30000), 500));
+        assert_eq!((p.limits.output_tokens_per_minute, p.limits.output_token_burst), (Some(8000), 134));
+        assert_eq!(u.limits.output_tokens_per_minute, Some(8000), "the one endpoint's quota is the total");
+        assert_eq!(p.limits.models["claude-x"].output_tokens_per_minute, Some(4000));
+        assert_eq!(p.limits.max_request_output_tokens, Some(8000));
+        let two = p.for_replicas(2);
+        assert_eq!((two.limits.output_tokens_per_minute, two.limits.output_token_burst), (Some(4000), 67));
+        assert_eq!(two.upstreams[0].limits.input_tokens_per_minute, Some(15000));
+        assert_eq!(two.limits.models["claude-x"].output_tokens_per_minute, Some(2000));
+    }
+
+    #[test]
+    fn a_key_header_is_refused_for_a_provider_that_takes_its_key_its_own_way() {
+        let e = errors(
+            "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic, keyHeader: api-key}\nlimits: {requestsPerMinute: 50}",
+        );
+        assert!(e.contains("spec.upstream.keyHeader: applies only to provider openai"), "{e}");
+        let e = errors(
+            "upstream: {url: 'https://x.io'}\nlimits: {requestsPerMinute: 50, outputTokensPerMinute: 0, models: {m: {}}}",
+        );
+        assert!(e.contains("spec.limits.outputTokensPerMinute: must be > 0"), "{e}");
+        assert!(e.contains("spec.limits.models.m: set at least one of"), "{e}");
     }
 
     #[test]
@@ -662,7 +735,7 @@ limits: {requestsPerMinute: 60}",
             "spec.upstreams[0].timeout: must be greater than 0s",
             "spec.upstreams[1].name: \"a\" is used twice",
             "spec.upstreams[1].models: must name at least one model",
-            "spec.upstreams[1].limits.models.m: set requestsPerMinute, tokensPerMinute or both",
+            "spec.upstreams[1].limits.models.m: set at least one of requestsPerMinute",
         ] {
             assert!(got.contains(want), "{want} in {got}");
         }

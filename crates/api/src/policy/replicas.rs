@@ -38,10 +38,9 @@ impl Policy {
         let l = &mut self.limits;
         l.requests_per_minute = (l.requests_per_minute / n).max(1);
         l.request_burst = (l.request_burst / n).max(1);
-        l.tokens_per_minute = l.tokens_per_minute.map(|t| (t / n).max(1));
-        if let Some(tpm) = l.tokens_per_minute {
-            l.token_burst = (l.token_burst / n).max(per_second(tpm));
-        }
+        divide(&mut l.tokens_per_minute, &mut l.token_burst, n);
+        divide(&mut l.input_tokens_per_minute, &mut l.input_token_burst, n);
+        divide(&mut l.output_tokens_per_minute, &mut l.output_token_burst, n);
         for m in l.models.values_mut() {
             *m = m.divided(n);
         }
@@ -49,10 +48,9 @@ impl Policy {
             let e = &mut u.limits;
             e.requests_per_minute = e.requests_per_minute.map(|r| (r / n).max(1));
             e.request_burst = (e.request_burst / n).max(1);
-            e.tokens_per_minute = e.tokens_per_minute.map(|t| (t / n).max(1));
-            if let Some(tpm) = e.tokens_per_minute {
-                e.token_burst = (e.token_burst / n).max(per_second(tpm));
-            }
+            divide(&mut e.tokens_per_minute, &mut e.token_burst, n);
+            divide(&mut e.input_tokens_per_minute, &mut e.input_token_burst, n);
+            divide(&mut e.output_tokens_per_minute, &mut e.output_token_burst, n);
             for m in e.models.values_mut() {
                 *m = m.divided(n);
             }
@@ -61,11 +59,23 @@ impl Policy {
     }
 }
 
+/// A token rate and its bucket divided among `n` pods: the bucket never below one second of
+/// the divided rate.
+fn divide(per_minute: &mut Option<u64>, burst: &mut u64, n: u64) {
+    *per_minute = per_minute.map(|t| (t / n).max(1));
+    if let Some(t) = *per_minute {
+        *burst = (*burst / n).max(per_second(t));
+    }
+}
+
 impl ModelLimits {
     fn divided(self, n: u64) -> Self {
+        let each = |r: Option<u64>| r.map(|r| (r / n).max(1));
         Self {
-            requests_per_minute: self.requests_per_minute.map(|r| (r / n).max(1)),
-            tokens_per_minute: self.tokens_per_minute.map(|t| (t / n).max(1)),
+            requests_per_minute: each(self.requests_per_minute),
+            tokens_per_minute: each(self.tokens_per_minute),
+            input_tokens_per_minute: each(self.input_tokens_per_minute),
+            output_tokens_per_minute: each(self.output_tokens_per_minute),
         }
     }
 }

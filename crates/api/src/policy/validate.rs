@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
+use crate::crd::QuotaModelLimitsSpec;
 use crate::crd::{
     CacheSpec, ClientSettings, ClientsSpec, DEFAULT_ENDPOINT, EndpointSpec, GrantedQuota, LimitsSpec,
     LlmProxySpec, ModelLimitsSpec, QueueSpec, RetrySpec, UpstreamSpec,
 };
-use crate::paths::DEFAULT_ALLOWED_PATHS;
+use crate::paths::default_allowed_paths;
 
 /// Collects field errors while a spec is checked.
 struct Check(Vec<FieldError>);
@@ -153,7 +154,9 @@ impl Policy {
         let mut c = Check(Vec::new());
         let rpm = c.positive("status.quota.requestsPerMinute", granted.requests_per_minute);
         let tpm = granted.tokens_per_minute.map(|t| c.positive("status.quota.tokensPerMinute", t));
-        let models = model_limits(&mut c, "status.quota.models", &granted.models);
+        let models: BTreeMap<String, ModelLimitsSpec> =
+            granted.models.iter().map(|(m, l)| (m.clone(), quota_model(l))).collect();
+        let models = model_limits(&mut c, "status.quota.models", &models);
         let weight = c.positive("status.quota.weight", granted.weight.into());
         let guaranteed = c.non_negative("status.quota.guaranteed", granted.guaranteed.unwrap_or(0).into());
         if guaranteed > 100 {
@@ -186,6 +189,8 @@ impl Policy {
 fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
     let rpm = c.positive("spec.limits.requestsPerMinute", l.requests_per_minute);
     let tpm = l.tokens_per_minute.map(|t| c.positive("spec.limits.tokensPerMinute", t));
+    let itpm = l.input_tokens_per_minute.map(|t| c.positive("spec.limits.inputTokensPerMinute", t));
+    let otpm = l.output_tokens_per_minute.map(|t| c.positive("spec.limits.outputTokensPerMinute", t));
     let request_burst = match l.burst {
         Some(b) => {
             let b = c.positive("spec.limits.burst", b);
@@ -204,10 +209,16 @@ fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
         request_burst,
         tokens_per_minute: tpm,
         token_burst: tpm.map_or(0, per_second),
+        input_tokens_per_minute: itpm,
+        input_token_burst: itpm.map_or(0, per_second),
+        output_tokens_per_minute: otpm,
+        output_token_burst: otpm.map_or(0, per_second),
         max_concurrent: u32::try_from(max_concurrent).unwrap_or(u32::MAX),
         default_max_tokens: u32::try_from(default_max_tokens).unwrap_or(u32::MAX),
         token_accounting: l.token_accounting,
         max_request_tokens: tpm,
+        max_request_input_tokens: itpm,
+        max_request_output_tokens: otpm,
         models,
     }
 }
@@ -325,13 +336,22 @@ fn clients(c: &mut Check, cs: &ClientsSpec, queue: &QueuePolicy) -> ClientsPolic
 /// One endpoint of `spec.upstreams`.
 fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
     let l = e.limits.clone().unwrap_or_default();
-    let rpm = l.requests_per_minute.map(|r| c.positive(&format!("{field}.limits.requestsPerMinute"), r));
-    let tpm = l.tokens_per_minute.map(|t| c.positive(&format!("{field}.limits.tokensPerMinute"), t));
+    let rate = |c: &mut Check, name: &str, v: Option<i64>| {
+        v.map(|r| c.positive(&format!("{field}.limits.{name}"), r))
+    };
+    let rpm = rate(c, "requestsPerMinute", l.requests_per_minute);
+    let tpm = rate(c, "tokensPerMinute", l.tokens_per_minute);
+    let itpm = rate(c, "inputTokensPerMinute", l.input_tokens_per_minute);
+    let otpm = rate(c, "outputTokensPerMinute", l.output_tokens_per_minute);
     let limits = EndpointLimits {
         requests_per_minute: rpm,
         request_burst: rpm.map_or(1, per_second),
         tokens_per_minute: tpm,
         token_burst: tpm.map_or(0, per_second),
+        input_tokens_per_minute: itpm,
+        input_token_burst: itpm.map_or(0, per_second),
+        output_tokens_per_minute: otpm,
+        output_token_burst: otpm.map_or(0, per_second),
         models: model_limits(c, &format!("{field}.limits.models"), &l.models),
     };
     let weight = c.positive(&format!("{field}.weight"), e.weight.into());
@@ -356,12 +376,18 @@ fn endpoint(
         c.fail(&format!("{field}.url"), e);
     }
     let allowed_paths = match &u.allowed_paths {
-        None => DEFAULT_ALLOWED_PATHS.iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
+        None => default_allowed_paths(u.provider).iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
         Some(rules) => rules
             .iter()
             .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail(&format!("{field}.allowedPaths"), e)).ok())
             .collect(),
     };
+    if u.provider != Provider::OpenAi && u.key_header != KeyHeader::Bearer {
+        c.fail(
+            &format!("{field}.keyHeader"),
+            format!("applies only to provider openai ({} takes its key its own way)", u.provider.name()),
+        );
+    }
     let timeout_field = format!("{field}.timeout");
     let timeout = c.at_most(&timeout_field, u.timeout.get(), MAX_UPSTREAM_TIMEOUT, "1h");
     if timeout.is_zero() {
@@ -371,6 +397,7 @@ fn endpoint(
         name: name.to_owned(),
         url,
         api_key_secret_ref: u.api_key_secret_ref.clone(),
+        provider: u.provider,
         key_header: u.key_header,
         timeout,
         allowed_paths,
@@ -396,6 +423,15 @@ fn streams_per_connection(c: &mut Check, field: &str, n: Option<i32>) -> u32 {
     }
 }
 
+/// An LlmQuota's model limits as an LlmProxy's (which may also limit input and output apart).
+fn quota_model(l: &QuotaModelLimitsSpec) -> ModelLimitsSpec {
+    ModelLimitsSpec {
+        requests_per_minute: l.requests_per_minute,
+        tokens_per_minute: l.tokens_per_minute,
+        ..ModelLimitsSpec::default()
+    }
+}
+
 /// Per-model limits, checked.
 fn model_limits(
     c: &mut Check,
@@ -406,16 +442,18 @@ fn model_limits(
         .iter()
         .map(|(name, m)| {
             let f = format!("{field}.{name}");
+            let rate = |c: &mut Check, name: &str, v: Option<i64>| v.map(|r| c.positive(&format!("{f}.{name}"), r));
             let limits = ModelLimits {
-                requests_per_minute: m
-                    .requests_per_minute
-                    .map(|r| c.positive(&format!("{f}.requestsPerMinute"), r)),
-                tokens_per_minute: m
-                    .tokens_per_minute
-                    .map(|t| c.positive(&format!("{f}.tokensPerMinute"), t)),
+                requests_per_minute: rate(c, "requestsPerMinute", m.requests_per_minute),
+                tokens_per_minute: rate(c, "tokensPerMinute", m.tokens_per_minute),
+                input_tokens_per_minute: rate(c, "inputTokensPerMinute", m.input_tokens_per_minute),
+                output_tokens_per_minute: rate(c, "outputTokensPerMinute", m.output_tokens_per_minute),
             };
             if limits == ModelLimits::default() {
-                c.fail(&f, "set requestsPerMinute, tokensPerMinute or both");
+                c.fail(
+                    &f,
+                    "set at least one of requestsPerMinute, tokensPerMinute, inputTokensPerMinute, outputTokensPerMinute",
+                );
             }
             (name.clone(), limits)
         })
