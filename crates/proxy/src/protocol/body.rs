@@ -32,17 +32,30 @@ pub(crate) struct Text {
     pub chars: u64,
     /// Numbers (pre-tokenised input: one token each).
     pub numbers: u64,
+    /// Images and documents (Anthropic's `image` and `document` blocks), charged a flat
+    /// [`MEDIA_TOKENS`] each rather than by the length of their base64 data.
+    pub media: u64,
 }
+
+/// What one image or document block is charged at admission: Anthropic's largest image
+/// (about 1.15 megapixels at 750 pixels per token) costs about 1,600 tokens; the answer's usage
+/// settles the difference.
+pub(crate) const MEDIA_TOKENS: u64 = 1600;
 
 impl Text {
     fn add(&mut self, other: Text) {
         self.chars = self.chars.saturating_add(other.chars);
         self.numbers = self.numbers.saturating_add(other.numbers);
+        self.media = self.media.saturating_add(other.media);
     }
 
-    /// Tokens by the documented rule: characters / 4 (rounded up) plus one per number.
+    /// Tokens by the documented rule: characters / 4 (rounded up), plus one per number, plus
+    /// a flat charge per image or document.
     pub(crate) fn tokens(self) -> u64 {
-        self.chars.div_ceil(4).saturating_add(self.numbers)
+        self.chars
+            .div_ceil(4)
+            .saturating_add(self.numbers)
+            .saturating_add(self.media.saturating_mul(MEDIA_TOKENS))
     }
 }
 
@@ -184,7 +197,7 @@ impl Walk {
     }
 
     fn number(self, repr: &str, scalar: Scalar) -> Walked {
-        self.scalar(b'#', repr.as_bytes(), Text { chars: 0, numbers: 1 }, scalar)
+        self.scalar(b'#', repr.as_bytes(), Text { numbers: 1, ..Text::default() }, scalar)
     }
 }
 
@@ -216,7 +229,7 @@ impl<'de> Visitor<'de> for Walk {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Walked, E> {
         let chars = if self.count { v.chars().count() as u64 } else { 0 };
         let kept = if self.keep { Scalar::Str(v.to_owned()) } else { Scalar::Other };
-        Ok(self.scalar(b's', v.as_bytes(), Text { chars, numbers: 0 }, kept))
+        Ok(self.scalar(b's', v.as_bytes(), Text { chars, ..Text::default() }, kept))
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Walked, E> {
@@ -242,12 +255,21 @@ impl<'de> Visitor<'de> for Walk {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Walked, A::Error> {
         let mut text = Text::default();
         let mut entries: Vec<(String, Enc)> = Vec::new();
+        let mut media = false;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let value = map.next_value_seed(self.inner())?;
+            // A block's `type` is kept (it is short) to tell images and documents apart.
+            let typed = self.count && key == "type";
+            let value = map.next_value_seed(Walk { keep: typed, ..self.inner() })?;
+            if let Scalar::Str(t) = &value.scalar {
+                media |= typed && (t == "image" || t == "document");
+            }
             text.add(value.text);
             if let Some(enc) = value.enc {
                 entries.push((key.into_owned(), enc));
             }
+        }
+        if media {
+            text = Text { media: 1, ..Text::default() };
         }
         let enc = self.digest.then(|| Enc::Digest(object_digest(&mut entries)));
         Ok(Walked { text, enc, scalar: Scalar::Other })
@@ -444,10 +466,26 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "abcd"}, {"type": "text", "text": "ééé"}]}
         ], "metadata": {"ignored": "not prompt text"}}));
         // "system"(6) + "12345678"(8) + "user"(4) + "text"(4) + "abcd"(4) + "text"(4) + "ééé"(3) = 33.
-        assert_eq!(i.text, Text { chars: 33, numbers: 0 });
+        assert_eq!(i.text, Text { chars: 33, ..Text::default() });
         assert_eq!(i.text.tokens(), 9);
         let tokens = read(&json!({"input": [[1, 2, 3], "abcd"]}));
         assert_eq!(tokens.text.tokens(), 4);
+    }
+
+    #[test]
+    fn an_image_or_document_block_is_charged_flat_whatever_its_data() {
+        let data = "A".repeat(400_000);
+        let i = read(&json!({"model": "claude", "max_tokens": 10, "system": "abcd", "messages": [
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+                {"type": "document", "source": {"type": "text", "data": "x"}},
+                {"type": "text", "text": "abcd"}
+            ]}
+        ]}));
+        // "abcd" + "user" + "text" + "abcd" = 16 characters, plus two media blocks.
+        assert_eq!(i.text, Text { chars: 16, numbers: 0, media: 2 });
+        assert_eq!(i.text.tokens(), 4 + 2 * MEDIA_TOKENS);
+        assert_eq!(i.max_tokens, Some(10));
     }
 
     #[test]
@@ -561,7 +599,7 @@ mod tests {
                     .filter_map(|f| req.get(*f))
                     .map(text_of)
                     .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
-                prop_assert_eq!(got.text, Text { chars, numbers });
+                prop_assert_eq!(got.text, Text { chars, numbers, media: 0 });
                 // Estimating never overflows, whatever the numbers.
                 let _ = crate::protocol::tokens::estimate("/chat/completions", &got, u32::MAX).total();
             }

@@ -25,6 +25,18 @@ pub(crate) struct QuotaHeaders {
     pub reset_requests: Option<Duration>,
     /// `x-ratelimit-reset-tokens`.
     pub reset_tokens: Option<Duration>,
+    /// Input tokens per minute (Anthropic's `anthropic-ratelimit-input-tokens-limit`).
+    pub limit_input_tokens: Option<u64>,
+    /// Input tokens that may be spent now.
+    pub remaining_input_tokens: Option<u64>,
+    /// Until the input token bucket is full again.
+    pub reset_input_tokens: Option<Duration>,
+    /// Output tokens per minute (Anthropic's `anthropic-ratelimit-output-tokens-limit`).
+    pub limit_output_tokens: Option<u64>,
+    /// Output tokens that may be spent now.
+    pub remaining_output_tokens: Option<u64>,
+    /// Until the output token bucket is full again.
+    pub reset_output_tokens: Option<Duration>,
 }
 
 pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -58,6 +70,7 @@ impl QuotaHeaders {
             remaining_tokens: count(headers, "x-ratelimit-remaining-tokens"),
             reset_requests: reset(headers, "x-ratelimit-reset-requests"),
             reset_tokens: reset(headers, "x-ratelimit-reset-tokens"),
+            ..Self::default()
         };
         (q != Self::default()).then_some(q)
     }
@@ -68,6 +81,10 @@ impl QuotaHeaders {
             || self.remaining_tokens.is_some()
             || self.reset_requests.is_some()
             || self.reset_tokens.is_some()
+            || self.remaining_input_tokens.is_some()
+            || self.remaining_output_tokens.is_some()
+            || self.reset_input_tokens.is_some()
+            || self.reset_output_tokens.is_some()
     }
 }
 

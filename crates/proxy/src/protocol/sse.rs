@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde_json::Value;
 
+use crate::protocol::anthropic::StreamUsage;
 use crate::protocol::tokens::{Usage, usage_of};
 
 /// The most bytes of one unfinished line (scan mode) or event (strip mode) held back.
@@ -28,6 +29,8 @@ pub(crate) struct SseTap {
     usage: Option<Usage>,
     /// Whether `data: [DONE]` was seen: the stream ended cleanly.
     done: bool,
+    /// An Anthropic stream: its usage comes from `message_start` and `message_delta` events.
+    anthropic: Option<StreamUsage>,
 }
 
 fn data_payload(line: &[u8]) -> Option<&[u8]> {
@@ -52,19 +55,29 @@ impl SseTap {
         Self { strip_usage_event, ..Self::default() }
     }
 
-    /// Usage reported so far (the last usage event wins).
-    pub(crate) fn usage(&self) -> Option<Usage> {
-        self.usage
+    /// A tap of an Anthropic stream (nothing is stripped from it).
+    #[allow(dead_code)] // TEMP: wired into the request path by the Anthropic provider next
+    pub(crate) fn anthropic() -> Self {
+        Self { anthropic: Some(StreamUsage::default()), ..Self::default() }
     }
 
-    /// Whether the stream ended with `data: [DONE]`.
+    /// Usage reported so far (the last usage event wins).
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        self.anthropic.map_or(self.usage, |a| a.usage)
+    }
+
+    /// Whether the stream ended cleanly: `data: [DONE]`, or Anthropic's `message_stop`.
     pub(crate) fn done(&self) -> bool {
-        self.done
+        self.anthropic.map_or(self.done, |a| a.done)
     }
 
     /// Look at one line; returns false when the line's event should be dropped.
     fn line(&mut self, line: &[u8]) -> bool {
         let Some(payload) = data_payload(line) else { return true };
+        if let Some(a) = &mut self.anthropic {
+            a.event(payload);
+            return true;
+        }
         if payload == b"[DONE]" {
             self.done = true;
             return true;
@@ -190,6 +203,28 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_anthropic_stream_passes_untouched_and_its_usage_is_read() {
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        for size in [1, 7, 64, stream.len()] {
+            let mut tap = SseTap::anthropic();
+            let mut out = Vec::new();
+            for piece in stream.as_bytes().chunks(size) {
+                out.extend_from_slice(&tap.feed(Bytes::copy_from_slice(piece)));
+            }
+            out.extend_from_slice(&tap.finish());
+            assert_eq!(out, stream.as_bytes(), "chunks of {size}");
+            let u = tap.usage().unwrap_or_default();
+            assert_eq!((u.prompt, u.completion), (25, 15), "chunks of {size}");
+            assert!(tap.done());
+        }
+    }
+
     const STREAM: &str = concat!(
         "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n",
         "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}],\"usage\":null}\n\n",
@@ -212,7 +247,11 @@ mod tests {
         for size in [1, 7, 64, 4096] {
             let mut tap = SseTap::new(false);
             assert_eq!(run(&mut tap, size), STREAM, "chunks of {size}");
-            assert_eq!(tap.usage(), Some(Usage { prompt: 9, completion: 2 }), "chunks of {size}");
+            assert_eq!(
+                tap.usage(),
+                Some(Usage { prompt: 9, completion: 2, ..Usage::default() }),
+                "chunks of {size}"
+            );
             assert!(tap.done());
         }
     }
@@ -224,7 +263,7 @@ mod tests {
             let out = run(&mut tap, size);
             assert!(!out.contains("prompt_tokens"), "chunks of {size}: {out}");
             assert!(out.contains("Hel") && out.contains("lo") && out.ends_with("data: [DONE]\n\n"), "{out}");
-            assert_eq!(tap.usage(), Some(Usage { prompt: 9, completion: 2 }));
+            assert_eq!(tap.usage(), Some(Usage { prompt: 9, completion: 2, ..Usage::default() }));
         }
     }
 
@@ -245,7 +284,11 @@ mod tests {
             let _ = rest;
             let _ = tap.finish();
             assert!(tap.done(), "strip={strip}");
-            assert_eq!(tap.usage(), Some(Usage { prompt: 1, completion: 2 }), "strip={strip}");
+            assert_eq!(
+                tap.usage(),
+                Some(Usage { prompt: 1, completion: 2, ..Usage::default() }),
+                "strip={strip}"
+            );
         }
     }
 

@@ -24,16 +24,26 @@ impl Estimate {
 /// Tokens the upstream reported using.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// `prompt_tokens` / `input_tokens`.
+    /// `prompt_tokens` / `input_tokens` (at Anthropic, the input after the last cache breakpoint).
     pub prompt: u64,
     /// `completion_tokens` / `output_tokens`.
     pub completion: u64,
+    /// Input written to the provider's prompt cache (Anthropic's `cache_creation_input_tokens`).
+    pub cache_write: u64,
+    /// Input read from the provider's prompt cache (Anthropic's `cache_read_input_tokens`),
+    /// which does not count toward its input tokens per minute.
+    pub cache_read: u64,
 }
 
 impl Usage {
+    /// What counts against input tokens per minute: cache reads excluded, as Anthropic counts.
+    pub fn input(self) -> u64 {
+        self.prompt.saturating_add(self.cache_write)
+    }
+
     /// What counts against tokens per minute.
     pub fn total(self) -> u64 {
-        self.prompt.saturating_add(self.completion)
+        self.input().saturating_add(self.completion)
     }
 }
 
@@ -107,7 +117,7 @@ pub(crate) fn usage_in_body(body: &[u8]) -> Option<Usage> {
 }
 
 /// A value of the expected shape, or `None` for any other JSON value (skipped, not an error).
-struct Lenient<T>(Option<T>);
+pub(crate) struct Lenient<T>(pub(crate) Option<T>);
 
 impl<T> Default for Lenient<T> {
     fn default() -> Self {
@@ -137,8 +147,9 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Lenient<T> {
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(Lenient(None))
             }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Lenient(None))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                let d: de::value::StrDeserializer<'_, E> = v.into_deserializer();
+                Ok(Lenient(T::deserialize(d).ok()))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
                 Ok(Lenient(None))
@@ -157,9 +168,11 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Lenient<T> {
 
 fn combine(prompt: Option<u64>, completion: Option<u64>, total: Option<u64>) -> Option<Usage> {
     match (prompt, completion, total) {
-        (Some(p), Some(c), _) => Some(Usage { prompt: p, completion: c }),
-        (Some(p), None, t) => Some(Usage { prompt: p, completion: t.unwrap_or(p).saturating_sub(p) }),
-        (None, _, Some(t)) => Some(Usage { prompt: t, completion: 0 }),
+        (Some(p), Some(c), _) => Some(Usage { prompt: p, completion: c, ..Usage::default() }),
+        (Some(p), None, t) => {
+            Some(Usage { prompt: p, completion: t.unwrap_or(p).saturating_sub(p), ..Usage::default() })
+        }
+        (None, _, Some(t)) => Some(Usage { prompt: t, completion: 0, ..Usage::default() }),
         _ => None,
     }
 }
@@ -230,7 +243,7 @@ mod tests {
     #[test]
     fn usage_is_found_in_the_tail_of_a_large_body() {
         let tail = br#"aaa\"usage\": 5 ...", "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 4}, "x": 1}"#;
-        assert_eq!(usage_in_tail(tail), Some(Usage { prompt: 3, completion: 4 }));
+        assert_eq!(usage_in_tail(tail), Some(Usage { prompt: 3, completion: 4, ..Usage::default() }));
         assert_eq!(usage_in_tail(br#"text \"usage\": {\"prompt_tokens\": 9}"#), None);
         assert_eq!(usage_in_tail(b"garbage"), None);
     }
@@ -238,11 +251,11 @@ mod tests {
     #[test]
     fn usage_from_each_api_shape() {
         let chat = json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}});
-        assert_eq!(usage_of(&chat), Some(Usage { prompt: 10, completion: 5 }));
+        assert_eq!(usage_of(&chat), Some(Usage { prompt: 10, completion: 5, ..Usage::default() }));
         let embeddings = json!({"usage": {"prompt_tokens": 8, "total_tokens": 8}});
-        assert_eq!(usage_of(&embeddings), Some(Usage { prompt: 8, completion: 0 }));
+        assert_eq!(usage_of(&embeddings), Some(Usage { prompt: 8, completion: 0, ..Usage::default() }));
         let responses = json!({"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 4}}});
-        assert_eq!(usage_of(&responses), Some(Usage { prompt: 3, completion: 4 }));
+        assert_eq!(usage_of(&responses), Some(Usage { prompt: 3, completion: 4, ..Usage::default() }));
         assert_eq!(usage_of(&json!({"usage": null})), None);
     }
 
