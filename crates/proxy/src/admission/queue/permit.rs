@@ -1,0 +1,237 @@
+//! What admission hands out: a permit for one attempt, a lease on request body bytes, a place
+//! held outside the line. Each gives back what it holds when dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmproxy_api::policy::UpstreamPolicy;
+use tokio::time::Instant;
+
+use crate::admission::limiter::{Calibration, Limit, Mark, Verdict};
+use crate::protocol::ratelimit_headers::QuotaHeaders;
+
+/// Why a request was not admitted; becomes a 429 with `Retry-After`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The limit that held the request.
+    pub limit: Limit,
+    /// True when the queue was full, false when the deadline would pass first.
+    pub queue_full: bool,
+    /// When trying again makes sense.
+    pub retry_after: Duration,
+    /// How long the request waited before being refused.
+    pub waited: Duration,
+}
+
+/// What a permit, a byte lease and a held place need of the gate that issued them, and no
+/// more: the gate implements it, so this module depends on its own view of the gate, not on
+/// the gate.
+pub(crate) trait Issuer: Send + Sync {
+    /// Give back `tokens` of the attempt of `mark` (the upstream charged nothing); it is
+    /// answered.
+    fn refund(&self, mark: &Mark, client: &Option<Arc<str>>, tokens: u64);
+    /// Settle the attempt of `mark` against its usage; returns the charge that stands.
+    fn settle(&self, mark: &Mark, client: &Option<Arc<str>>, charged: u64, used: Option<u64>) -> u64;
+    /// Follow what the upstream's headers said in answer to the attempt of `mark`.
+    fn calibrate(&self, quota: &QuotaHeaders, mark: &Mark, c: Calibration);
+    /// Hold the model of `mark` at its endpoint until `until`.
+    fn pause(&self, mark: &Mark, until: Instant);
+    /// Record how the attempt of `mark` went at its endpoint.
+    fn verdict(&self, mark: &Mark, verdict: &Verdict);
+    /// The attempt of `mark` is over: its concurrency slot comes free.
+    fn release(&self, mark: &Mark);
+    /// Count `n` more body bytes, if the budget has room.
+    fn take_bytes(&self, n: u64) -> Result<(), Rejection>;
+    /// Body bytes no longer held.
+    fn give_bytes(&self, n: u64);
+    /// A place held outside the line is given up.
+    fn unhold(&self);
+}
+
+/// An admitted request: holds a concurrency slot and its token charge until dropped.
+pub struct Permit {
+    issuer: Arc<dyn Issuer>,
+    client: Option<Arc<str>>,
+    /// Tokens charged for this attempt (changes when settled).
+    charged: u64,
+    /// Tokens given back because the upstream did not count the attempt.
+    refunded: u64,
+    mark: Mark,
+    /// How long the request queued.
+    pub waited: Duration,
+}
+
+impl Permit {
+    /// A permit for the attempt of `mark`, charged `charged` tokens.
+    pub(super) fn new(
+        issuer: Arc<dyn Issuer>,
+        client: Option<Arc<str>>,
+        charged: u64,
+        mark: Mark,
+        waited: Duration,
+    ) -> Self {
+        Self { issuer, client, charged, refunded: 0, mark, waited }
+    }
+
+    /// The endpoint this attempt goes to.
+    pub fn endpoint(&self) -> &Arc<UpstreamPolicy> {
+        &self.mark.endpoint
+    }
+
+    /// The upstream charged nothing for this attempt (it refused it with 429, refused the
+    /// proxy's key, or never saw it): its tokens go back.
+    pub fn refund(&mut self) {
+        if self.charged == 0 {
+            return;
+        }
+        self.issuer.refund(&self.mark, &self.client, self.charged);
+        self.refunded += self.charged;
+        self.charged = 0;
+    }
+
+    /// The answer is complete; `used` is its real usage if it reported one. Under `used`
+    /// accounting the charge becomes the usage, under `requested` it stands.
+    pub fn settle(&mut self, used: Option<u64>) {
+        self.charged = self.issuer.settle(&self.mark, &self.client, self.charged, used);
+    }
+
+    /// Follow what the upstream's headers say remains; `refused` when they came with a 429.
+    pub(crate) fn calibrate(&self, quota: &QuotaHeaders, refused: bool, max_reset: Duration) {
+        if !quota.says_remaining() {
+            return;
+        }
+        let c = Calibration { refunded: self.refunded, refused, max_reset };
+        self.issuer.calibrate(quota, &self.mark, c);
+    }
+
+    /// Hold this attempt's model at its endpoint (everything there, without a model) until
+    /// `until`, because the endpoint said that window is spent.
+    pub fn pause(&self, until: Instant) {
+        self.issuer.pause(&self.mark, until);
+    }
+
+    /// Record how the attempt went at its endpoint (its health).
+    pub fn verdict(&self, verdict: &Verdict) {
+        self.issuer.verdict(&self.mark, verdict);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.issuer.release(&self.mark);
+    }
+}
+
+/// Request body bytes counted against `queue.maxBytes` until dropped.
+pub(crate) struct BytesLease {
+    issuer: Arc<dyn Issuer>,
+    bytes: u64,
+}
+
+impl BytesLease {
+    /// A lease on `bytes` already counted.
+    pub(super) fn new(issuer: Arc<dyn Issuer>, bytes: u64) -> Self {
+        Self { issuer, bytes }
+    }
+
+    /// Count `more` bytes too, if the budget has room.
+    pub(crate) fn grow(&mut self, more: u64) -> Result<(), Rejection> {
+        self.issuer.take_bytes(more)?;
+        self.bytes += more;
+        Ok(())
+    }
+}
+
+impl Drop for BytesLease {
+    fn drop(&mut self) {
+        self.issuer.give_bytes(self.bytes);
+    }
+}
+
+/// A place counted against `queue.maxSize` outside the line, until dropped.
+pub struct Held(Arc<dyn Issuer>);
+
+impl Held {
+    /// A place already counted.
+    pub(super) fn new(issuer: Arc<dyn Issuer>) -> Self {
+        Self(issuer)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.unhold();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::admission::limiter::Ask;
+
+    use super::super::tests::*;
+    use super::*;
+
+    // tokio's paused clock auto-advances while every task sleeps: a fake clock, no real waiting.
+    #[tokio::test(start_paused = true)]
+    async fn requested_accounting_never_refunds_but_a_refused_attempt_is_not_charged() {
+        // 100 tokens/s, bucket 100; the upstream's bucket here keeps 10 of them in hand.
+        let a = with(limits(6000, 100, Some(6000), 100));
+        let t0 = Instant::now();
+        let mut p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
+        p.settle(Some(10));
+        assert_eq!(a.tokens_available().map(f64::round), Some(10.0), "requested: the charge stands");
+        p.refund();
+        assert_eq!(a.tokens_available().map(f64::round), Some(90.0), "a 429'd attempt costs nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstreams_remaining_lowers_a_bucket_that_ran_ahead() {
+        let a = with(limits(6000, 100, Some(60_000), 100)); // 1000 tokens/s, bucket 1000
+        let t0 = Instant::now();
+        let p = take(&a, 100, t0 + secs(30)).await.expect("goes at once");
+        // Another request charged 200 after ours was sent; the upstream (others use the key)
+        // says only 300 remained after ours.
+        let _q = take(&a, 200, t0 + secs(30)).await;
+        let headers = QuotaHeaders { remaining_tokens: Some(300), ..QuotaHeaders::default() };
+        p.calibrate(&headers, true, secs(30));
+        assert_eq!(a.tokens_available().map(f64::round), Some(100.0), "300 then, minus the 200 since");
+        // It never raises the level.
+        let generous = QuotaHeaders { remaining_tokens: Some(100_000), ..QuotaHeaders::default() };
+        p.calibrate(&generous, true, secs(30));
+        assert_eq!(a.tokens_available().map(f64::round), Some(100.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_budget_and_held_places_bound_what_waits() {
+        let a = admission(60, 1, 100);
+        a.set_byte_budget(100);
+        let mut first = a.reserve_bytes(60).expect("fits");
+        assert_eq!(a.reserve_bytes(50).err().map(|r| r.limit), Some(Limit::QueueBytes));
+        assert!(first.grow(40).is_ok());
+        assert!(first.grow(1).is_err(), "never past the budget");
+        drop(first);
+        assert_eq!(a.bytes_held(), 0);
+        // Two places held outside the line fill a queue of two.
+        let t0 = Instant::now();
+        let _busy = take(&a, 0, t0 + secs(30)).await;
+        let h1 = a.hold(2).expect("room");
+        let _h2 = a.hold(2).expect("room");
+        assert!(a.hold(2).is_err());
+        let full = a.admit(&mut a.place(), &Ask::tokens(0), &anon(), t0 + secs(30), 2).await.err();
+        assert_eq!(full.map(|r| (r.limit, r.queue_full)), Some((Limit::QueueSize, true)));
+        drop(h1);
+        assert!(a.hold(2).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_slot_freed_by_drop() {
+        let a = admission(6000, 100, 1);
+        let t0 = Instant::now();
+        let first = take(&a, 0, t0 + secs(10)).await;
+        let second = spawn_anon(&a, 0, t0 + secs(10));
+        tokio::time::sleep(secs(2)).await;
+        assert_eq!(a.waiting(), 1);
+        drop(first);
+        assert_eq!(second.await.ok().and_then(Result::ok), Some(secs(2)));
+    }
+}
