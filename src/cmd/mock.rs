@@ -67,6 +67,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Accounting::Used => llmproxy_mock::Accounting::Used,
         },
         http2_max_streams: args.http2_max_streams,
+        ..MockConfig::default()
     };
     let server = MockServer::start(config, args.listen).await?;
     tracing::info!(url = %server.url(), "mock upstream serving; GET /mock/stats, POST /mock/faults");

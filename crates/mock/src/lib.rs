@@ -1,16 +1,22 @@
-//! An OpenAI-compatible mock upstream for tests, benchmarks and `llmproxy demo`. It enforces
-//! requests and tokens per minute with real 429s (`Retry-After`, `retry-after-ms`,
-//! `x-ratelimit-*`), checks the bearer key, can inject 5xx, dropped connections, slow answers
-//! and broken streams, and counts everything it served.
+//! A mock upstream for tests, benchmarks and `llmproxy demo` that speaks OpenAI's API and
+//! Anthropic's Messages API (`/v1/messages`, JSON and SSE, `count_tokens`, prompt caching). It
+//! enforces requests and tokens per minute with real 429s (OpenAI's `Retry-After`,
+//! `retry-after-ms`, `x-ratelimit-*`; Anthropic's input and output tokens per minute with
+//! `anthropic-ratelimit-*`), checks the key, can inject 5xx (529 overloaded), dropped
+//! connections, slow answers and broken streams, and counts everything it served.
 
 #![warn(unreachable_pub)]
 
+mod anthropic;
+mod control;
+mod dialect;
+mod gate;
 mod handlers;
 pub mod load;
 mod quota;
 mod server;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -26,8 +32,15 @@ use crate::quota::Quota;
 pub struct MockConfig {
     /// Requests per minute; `None`: unlimited.
     pub requests_per_minute: Option<u64>,
-    /// Tokens per minute (prompt estimate + max tokens, settled to real usage); `None`: unlimited.
+    /// Tokens per minute (prompt estimate + max tokens, settled to real usage; for
+    /// `/v1/messages` input less cache reads + `max_tokens`, always settled); `None`: unlimited.
     pub tokens_per_minute: Option<u64>,
+    /// Anthropic's input tokens per minute (`/v1/messages`: the input estimate less cache reads,
+    /// charged at admission); `None`: unlimited.
+    pub input_tokens_per_minute: Option<u64>,
+    /// Anthropic's output tokens per minute (`/v1/messages`: `max_tokens` charged at admission,
+    /// the unused part given back when the answer ends); `None`: unlimited.
+    pub output_tokens_per_minute: Option<u64>,
     /// Granularity of enforcement: at most this window's share of the per-minute limit may
     /// arrive back to back (OpenAI enforces per-minute limits over shorter periods).
     pub window: Duration,
@@ -39,6 +52,12 @@ pub struct MockConfig {
     pub chunk_delay: Duration,
     /// Completion tokens per answer (fewer if the request's max is lower).
     pub completion_tokens: u64,
+    /// Answer lengths spread over this range, picked per prompt (deterministically), instead of
+    /// `completion_tokens`, on both APIs.
+    pub answer_tokens: Option<std::ops::RangeInclusive<u64>>,
+    /// Answer every Nth `/v1/messages` request 529 `overloaded_error` (Anthropic's sign of a
+    /// busy fleet), before its limits are charged; `None`: never.
+    pub overloaded_every: Option<u64>,
     /// How tokens count against `tokens_per_minute`.
     pub token_accounting: Accounting,
     /// Streams one HTTP/2 connection may carry at once (hyper's default, 200, when `None`).
@@ -62,29 +81,48 @@ impl Default for MockConfig {
         Self {
             requests_per_minute: None,
             tokens_per_minute: None,
+            input_tokens_per_minute: None,
+            output_tokens_per_minute: None,
             window: Duration::from_secs(1),
             api_key: None,
             latency: Duration::ZERO,
             chunk_delay: Duration::ZERO,
             completion_tokens: 16,
+            answer_tokens: None,
+            overloaded_every: None,
             token_accounting: Accounting::Requested,
             http2_max_streams: None,
         }
     }
 }
 
-/// A misbehaviour for the next request(s).
+impl MockConfig {
+    /// Tokens an answer to a prompt with digest `digest` has, before any `max_tokens`.
+    pub(crate) fn answer_length(&self, digest: u64) -> u64 {
+        match &self.answer_tokens {
+            Some(r) if r.start() <= r.end() => r.start() + digest % (r.end() - r.start() + 1),
+            _ => self.completion_tokens,
+        }
+    }
+}
+
+/// A misbehaviour for the next request(s). On `/v1/messages` every error is answered in
+/// Anthropic's shape.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Fault {
-    /// Answer with this status (an OpenAI-style error body), optionally with `Retry-After`.
+    /// Answer with this status (an OpenAI-style error body, Anthropic's on Anthropic's
+    /// routes), optionally with `Retry-After`.
     Status {
         /// HTTP status.
         status: u16,
         /// Seconds for `Retry-After`.
         #[serde(default)]
         retry_after_secs: Option<u64>,
-        /// The error body's `code` (e.g. `insufficient_quota`).
+        /// OpenAI: the error body's `code` (e.g. `insufficient_quota`). Anthropic: when it names
+        /// one of Anthropic's error types, optionally with a message as `"type: message"` (e.g.
+        /// `"rate_limit_error: monthly spend limit reached"`), the error's type and message; else
+        /// the type follows the status (529 `overloaded_error`, 429 `rate_limit_error`, ...).
         #[serde(default)]
         code: Option<String>,
     },
@@ -139,6 +177,16 @@ pub struct Stats {
     pub charged_tokens: u64,
     /// Answered 2xx, by the request's model.
     pub ok_by_model: std::collections::BTreeMap<String, u64>,
+    /// Answered 529 (overloaded), injected or by `overloaded_every`.
+    pub overloaded: u64,
+    /// `/v1/messages` input tokens not read from nor written to the prompt cache.
+    pub anthropic_input_tokens: u64,
+    /// `/v1/messages` input tokens written to the prompt cache.
+    pub anthropic_cache_creation_tokens: u64,
+    /// `/v1/messages` input tokens read from the prompt cache.
+    pub anthropic_cache_read_tokens: u64,
+    /// `/v1/messages` output tokens answered.
+    pub anthropic_output_tokens: u64,
 }
 
 /// One request as the mock saw it.
@@ -150,17 +198,37 @@ pub struct Seen {
     pub path: String,
     /// Status answered (0 for a dropped connection).
     pub status: u16,
-    /// The key sent, as a bearer token or as Azure's `api-key` header.
+    /// The key sent: as a bearer token or Azure's `api-key` header on OpenAI's routes, as
+    /// `x-api-key` or a bearer token on Anthropic's.
     pub key: Option<String>,
     /// The request body's `model`, if any.
     pub model: Option<String>,
     /// The `openai-organization` header sent, if any.
     pub organization: Option<String>,
+    /// The `anthropic-version` header sent, if any.
+    pub anthropic_version: Option<String>,
+    /// The `anthropic-beta` header sent, if any.
+    pub anthropic_beta: Option<String>,
+}
+
+/// New per-minute limits (`POST /mock/limits`); each left out is lifted.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+pub(crate) struct NewLimits {
+    #[serde(default)]
+    pub(crate) requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub(crate) tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub(crate) input_tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub(crate) output_tokens_per_minute: Option<u64>,
 }
 
 pub(crate) struct Limits {
     requests: Option<Quota>,
     tokens: Option<Quota>,
+    input_tokens: Option<Quota>,
+    output_tokens: Option<Quota>,
     /// Models answered with 429 (and this `Retry-After`, in seconds) whatever the quota.
     refused_models: std::collections::BTreeMap<String, Option<u64>>,
 }
@@ -178,6 +246,10 @@ pub struct Mock {
     /// Closed: admitted requests wait before answering (tests hold an answer this way instead
     /// of racing a timer).
     gate: tokio::sync::watch::Sender<bool>,
+    /// Digests of the prompt prefixes written to Anthropic's prompt cache.
+    prompt_cache: Mutex<HashSet<u64>>,
+    /// `/v1/messages` requests so far, for `overloaded_every`.
+    messages: Mutex<u64>,
 }
 
 /// Every lock of the mock goes through here: std's Mutex, poisoning recovered (the workspace's
@@ -190,9 +262,12 @@ impl Mock {
     /// State for a mock with `config`.
     pub(crate) fn new(config: MockConfig) -> Arc<Self> {
         let now = Instant::now();
+        let quota = |limit: Option<u64>| limit.map(|l| Quota::new(l, config.window, now));
         let limits = Limits {
-            requests: config.requests_per_minute.map(|l| Quota::new(l, config.window, now)),
-            tokens: config.tokens_per_minute.map(|l| Quota::new(l, config.window, now)),
+            requests: quota(config.requests_per_minute),
+            tokens: quota(config.tokens_per_minute),
+            input_tokens: quota(config.input_tokens_per_minute),
+            output_tokens: quota(config.output_tokens_per_minute),
             refused_models: std::collections::BTreeMap::new(),
         };
         Arc::new(Self {
@@ -204,6 +279,8 @@ impl Mock {
             inflight: Mutex::new(0),
             last_chunk_at: Mutex::new(None),
             gate: tokio::sync::watch::Sender::new(true),
+            prompt_cache: Mutex::new(HashSet::new()),
+            messages: Mutex::new(0),
         })
     }
 
@@ -229,15 +306,20 @@ impl Mock {
 
     /// Enforce new limits from now on (a provider lowering or raising a key's quota); `None`
     /// lifts that limit. The headers report the new limits at once.
-    pub(crate) fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
+    pub(crate) fn set_limits(&self, new: NewLimits) {
         let now = Instant::now();
         let mut config = lock(&self.config);
-        config.requests_per_minute = requests_per_minute;
-        config.tokens_per_minute = tokens_per_minute;
+        config.requests_per_minute = new.requests_per_minute;
+        config.tokens_per_minute = new.tokens_per_minute;
+        config.input_tokens_per_minute = new.input_tokens_per_minute;
+        config.output_tokens_per_minute = new.output_tokens_per_minute;
         let window = config.window;
+        let quota = |limit: Option<u64>| limit.map(|l| Quota::new(l, window, now));
         let mut limits = lock(&self.limits);
-        limits.requests = requests_per_minute.map(|l| Quota::new(l, window, now));
-        limits.tokens = tokens_per_minute.map(|l| Quota::new(l, window, now));
+        limits.requests = quota(new.requests_per_minute);
+        limits.tokens = quota(new.tokens_per_minute);
+        limits.input_tokens = quota(new.input_tokens_per_minute);
+        limits.output_tokens = quota(new.output_tokens_per_minute);
     }
 
     /// Answer every request for `model` with 429 (with this `Retry-After`) until allowed again.

@@ -1,20 +1,67 @@
-//! The mock's accept loop. Each connection carries a kill switch in its requests' extensions so a
-//! handler can drop the connection without answering, as a crashed upstream would.
+//! The mock's routes and accept loop. Each connection carries a kill switch in its requests'
+//! extensions so a handler can drop the connection without answering, as a crashed upstream
+//! would.
 
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use http::HeaderMap;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use crate::Mock;
-use crate::handlers::Kill;
+use crate::gate::Kill;
+use crate::{Mock, anthropic, control, handlers};
+
+fn router(mock: Arc<Mock>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(handlers::embeddings))
+        .route("/v1/responses", post(handlers::responses))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .merge(control::routes())
+        .fallback(handlers::not_found)
+        // Large prompts are part of the test workloads; axum's default limit is 2 MB.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(mock)
+}
+
+/// `GET /v1/models` in the shape of the API the client speaks: Anthropic's when it sends
+/// Anthropic's headers.
+async fn models(state: State<Arc<Mock>>, kill: Extension<Kill>, headers: HeaderMap) -> Response {
+    if anthropic::speaks(&headers) {
+        anthropic::models(state, kill, headers).await
+    } else {
+        handlers::models(state, kill, headers).await
+    }
+}
+
+/// `GET /v1/models/{id}`, shaped like `models`.
+async fn model(
+    state: State<Arc<Mock>>,
+    kill: Extension<Kill>,
+    headers: HeaderMap,
+    id: Path<String>,
+) -> Response {
+    if anthropic::speaks(&headers) {
+        anthropic::model(state, kill, headers, id).await
+    } else {
+        handlers::model(state, kill, headers, id).await
+    }
+}
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, stop: CancellationToken) {
-    let router = crate::handlers::router(Arc::clone(&mock));
+    let router = router(Arc::clone(&mock));
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => return,
@@ -40,9 +87,10 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, mock: Arc<Mock>, st
             }
             let mut router = router.clone();
             let early = early_mock.take_early();
+            let anthropic = anthropic::is_messages_path(req.uri().path());
             async move {
                 if let Some(status) = early {
-                    return Ok(crate::handlers::early(status));
+                    return Ok(handlers::early(status, anthropic));
                 }
                 router.call(req.map(Body::new)).await
             }
