@@ -384,7 +384,8 @@ pub struct UpstreamSpec {
     /// request is charged against the limits and which headers and errors mean what: `openai`
     /// (OpenAI and compatible APIs) or `anthropic` (Anthropic's Messages API: the key goes in
     /// `x-api-key`, input and output tokens are charged separately, for
-    /// `inputTokensPerMinute` and `outputTokensPerMinute`).
+    /// `inputTokensPerMinute` and `outputTokensPerMinute`). This version serves `openai` only
+    /// and refuses `anthropic` with a field error.
     #[serde(default, skip_serializing_if = "Provider::is_default")]
     pub provider: Provider,
 
@@ -642,6 +643,7 @@ pub struct LimitsSpec {
     /// the messages' text and the tool definitions; a flat estimate per image or document) at
     /// admission, settled to the answer's `input_tokens + cache_creation_input_tokens` (cache
     /// reads do not count, as at Anthropic). Absent: input tokens are not limited apart.
+    /// Not enforced by this version yet: a spec that sets it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub input_tokens_per_minute: Option<i64>,
@@ -649,6 +651,7 @@ pub struct LimitsSpec {
     /// Output tokens per minute the upstream allows (Anthropic's OTPM). A request is charged
     /// its `max_tokens` at admission and settled to the answer's real output when it ends, as
     /// Anthropic does. Absent: output tokens are not limited apart.
+    /// Not enforced by this version yet: a spec that sets it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub output_tokens_per_minute: Option<i64>,

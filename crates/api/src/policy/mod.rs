@@ -439,24 +439,15 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
     }
 
     #[test]
-    fn an_anthropic_upstream_passes_the_messages_api_and_limits_input_and_output_apart() {
-        let p = Policy::from_spec(&spec(
-            "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic}\nlimits: {requestsPerMinute: 50, inputTokensPerMinute: 30000, outputTokensPerMinute: 8000, models: {claude-x: {outputTokensPerMinute: 4000}}}",
-        ))
-        .unwrap();
-        let u = &p.upstreams[0];
-        assert_eq!(u.provider, Provider::Anthropic);
-        let rules: Vec<String> = u.allowed_paths.iter().map(ToString::to_string).collect();
-        assert_eq!(rules, crate::paths::DEFAULT_ANTHROPIC_PATHS);
-        assert_eq!((p.limits.input_tokens_per_minute, p.limits.input_token_burst), (Some(30000), 500));
-        assert_eq!((p.limits.output_tokens_per_minute, p.limits.output_token_burst), (Some(8000), 134));
-        assert_eq!(u.limits.output_tokens_per_minute, Some(8000), "the one endpoint's quota is the total");
-        assert_eq!(p.limits.models["claude-x"].output_tokens_per_minute, Some(4000));
-        assert_eq!(p.limits.max_request_output_tokens, Some(8000));
-        let two = p.for_replicas(2);
-        assert_eq!((two.limits.output_tokens_per_minute, two.limits.output_token_burst), (Some(4000), 67));
-        assert_eq!(two.upstreams[0].limits.input_tokens_per_minute, Some(15000));
-        assert_eq!(two.limits.models["claude-x"].output_tokens_per_minute, Some(2000));
+    fn an_anthropic_upstream_and_input_output_limits_are_refused_until_served() {
+        let e = errors(
+            "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic}\nlimits: {requestsPerMinute: 50, inputTokensPerMinute: 30000, models: {claude-x: {outputTokensPerMinute: 4000}}}",
+        );
+        assert!(e.contains("spec.upstream.provider: anthropic is not served by this version yet"), "{e}");
+        assert!(e.contains("spec.limits.inputTokensPerMinute: not enforced"), "{e}");
+        assert!(e.contains("spec.limits.models.claude-x.outputTokensPerMinute: not enforced"), "{e}");
+        let paths: Vec<&str> = crate::paths::default_allowed_paths(Provider::Anthropic).to_vec();
+        assert_eq!(paths, crate::paths::DEFAULT_ANTHROPIC_PATHS);
     }
 
     #[test]

@@ -191,6 +191,7 @@ fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
     let tpm = l.tokens_per_minute.map(|t| c.positive("spec.limits.tokensPerMinute", t));
     let itpm = l.input_tokens_per_minute.map(|t| c.positive("spec.limits.inputTokensPerMinute", t));
     let otpm = l.output_tokens_per_minute.map(|t| c.positive("spec.limits.outputTokensPerMinute", t));
+    not_enforced_yet(c, "spec.limits", itpm, otpm);
     let request_burst = match l.burst {
         Some(b) => {
             let b = c.positive("spec.limits.burst", b);
@@ -343,6 +344,7 @@ fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
     let tpm = rate(c, "tokensPerMinute", l.tokens_per_minute);
     let itpm = rate(c, "inputTokensPerMinute", l.input_tokens_per_minute);
     let otpm = rate(c, "outputTokensPerMinute", l.output_tokens_per_minute);
+    not_enforced_yet(c, &format!("{field}.limits"), itpm, otpm);
     let limits = EndpointLimits {
         requests_per_minute: rpm,
         request_burst: rpm.map_or(1, per_second),
@@ -382,6 +384,14 @@ fn endpoint(
             .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail(&format!("{field}.allowedPaths"), e)).ok())
             .collect(),
     };
+    if u.provider != Provider::OpenAi {
+        // The proxy's request path speaks only OpenAI's API so far: refuse, rather than pass an
+        // Anthropic upstream OpenAI's paths and headers.
+        c.fail(
+            &format!("{field}.provider"),
+            format!("{} is not served by this version yet", u.provider.name()),
+        );
+    }
     if u.provider != Provider::OpenAi && u.key_header != KeyHeader::Bearer {
         c.fail(
             &format!("{field}.keyHeader"),
@@ -423,6 +433,16 @@ fn streams_per_connection(c: &mut Check, field: &str, n: Option<i32>) -> u32 {
     }
 }
 
+/// Input and output token limits are in the schema, but the proxy's limiter does not hold them
+/// apart yet: refuse them rather than accept a limit that would not be kept.
+fn not_enforced_yet(c: &mut Check, field: &str, input: Option<u64>, output: Option<u64>) {
+    for (name, set) in [("inputTokensPerMinute", input), ("outputTokensPerMinute", output)] {
+        if set.is_some() {
+            c.fail(&format!("{field}.{name}"), "not enforced by this version yet; use tokensPerMinute");
+        }
+    }
+}
+
 /// An LlmQuota's model limits as an LlmProxy's (which may also limit input and output apart).
 fn quota_model(l: &QuotaModelLimitsSpec) -> ModelLimitsSpec {
     ModelLimitsSpec {
@@ -449,6 +469,7 @@ fn model_limits(
                 input_tokens_per_minute: rate(c, "inputTokensPerMinute", m.input_tokens_per_minute),
                 output_tokens_per_minute: rate(c, "outputTokensPerMinute", m.output_tokens_per_minute),
             };
+            not_enforced_yet(c, &f, limits.input_tokens_per_minute, limits.output_tokens_per_minute);
             if limits == ModelLimits::default() {
                 c.fail(
                     &f,
