@@ -25,7 +25,7 @@ use super::intake::Intake;
 use super::record::RecordGuard;
 use super::respond::Answer;
 use crate::admission::limiter::Verdict;
-use crate::admission::queue::Permit;
+use crate::admission::queue::{Permit, Report};
 use crate::admission::retry::{self, RetryReason};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 use crate::proxy::Proxy;
@@ -294,14 +294,16 @@ pub(crate) async fn run(
         if step == Step::GiveUp {
             return give_up(last, permit, failure, sends, intake, endpoint.timeout);
         }
-        if let Step::Requeue { pause: Some(pause) } = step
-            && let Some(until) = now.checked_add(pause.min(policy.queue.max_wait))
-        {
-            // Hold what the 429 was about (that endpoint, that model), at most one queue wait
-            // at a time.
-            permit.pause(until);
+        // Hold what the 429 was about (that endpoint, that model), at most one queue wait at a
+        // time.
+        let pause = match step {
+            Step::Requeue { pause: Some(pause) } => now.checked_add(pause.min(policy.queue.max_wait)),
+            _ => None,
+        };
+        match pause {
+            Some(until) => permit.pause(until),
+            None => drop(permit),
         }
-        drop(permit);
         if let Last::Response(resp) = last {
             drain(resp).await;
         }
@@ -327,7 +329,8 @@ enum Attempted {
 }
 
 /// Tell the admission gate what the upstream said of one attempt (its verdict, a refund, the
-/// upstream's own quota figures) and sort the attempt into an answer or a failure.
+/// upstream's own quota figures), in one report, and sort the attempt into an answer or a
+/// failure.
 async fn settle(
     sent: Sent,
     mut permit: Permit,
@@ -335,10 +338,12 @@ async fn settle(
     policy: &Policy,
     intake: &Intake,
 ) -> Attempted {
+    let max_reset = policy.queue.max_wait;
+    let report = |verdict, refund, quota, refused| Report { verdict, refund, quota, refused, max_reset };
     match sent {
         Sent::Answer(resp) => {
-            permit.verdict(&Verdict::Answered);
-            calibrate(&permit, resp.headers(), policy);
+            let quota = QuotaHeaders::parse(resp.headers());
+            permit.report(&report(Verdict::Answered, false, quota.as_ref(), false));
             Attempted::Done(Answer::Upstream {
                 response: resp,
                 permit,
@@ -349,8 +354,8 @@ async fn settle(
         Sent::Unauthorized(resp) => {
             // The upstream refused the proxy's key, not the client's: say so, and never
             // relay its body (OpenAI's quotes part of the key).
-            permit.verdict(&Verdict::Answered);
-            permit.refund();
+            permit.report(&report(Verdict::Answered, true, None, false));
+            drop(permit);
             drain(resp).await;
             Attempted::Done(Answer::Refused(Refusal::new(
                 ApiError::upstream_auth(&endpoint.name),
@@ -358,41 +363,28 @@ async fn settle(
             )))
         }
         Sent::OutOfQuota { headers, body } => {
-            permit.verdict(&Verdict::Answered);
-            permit.refund();
+            permit.report(&report(Verdict::Answered, true, None, false));
             Attempted::Done(Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body })
         }
         Sent::RateLimited { headers, body, hint } => {
             // Not counted upstream: refund, then take the upstream's word for what remains.
-            permit.verdict(&Verdict::Answered);
-            permit.refund();
             let quota = QuotaHeaders::parse(&headers);
             let window_known = quota.is_some_and(|q| q.says_remaining());
-            if let Some(q) = &quota {
-                permit.calibrate(q, true, policy.queue.max_wait);
-            }
+            permit.report(&report(Verdict::Answered, true, quota.as_ref(), true));
             let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
             Attempted::Failed(failure, Last::Buffered(StatusCode::TOO_MANY_REQUESTS, headers, body), permit)
         }
         Sent::Transient(resp, failure) => {
             // The upstream may have worked on it (and counted it): the charge stands.
-            permit.verdict(&Verdict::ServerError(format!("status {}", resp.status().as_u16())));
-            calibrate(&permit, resp.headers(), policy);
+            let verdict = Verdict::ServerError(format!("status {}", resp.status().as_u16()));
+            let quota = QuotaHeaders::parse(resp.headers());
+            permit.report(&report(verdict, false, quota.as_ref(), false));
             Attempted::Failed(failure, Last::Response(resp), permit)
         }
         Sent::Failed { failure, message, unsent } => {
-            permit.verdict(&Verdict::NoAnswer(message.clone()));
-            if unsent {
-                permit.refund();
-            }
+            permit.report(&report(Verdict::NoAnswer(message.clone()), unsent, None, false));
             Attempted::Failed(failure, Last::Error(message), permit)
         }
-    }
-}
-
-fn calibrate(permit: &Permit, headers: &HeaderMap, policy: &Policy) {
-    if let Some(q) = QuotaHeaders::parse(headers) {
-        permit.calibrate(&q, false, policy.queue.max_wait);
     }
 }
 

@@ -202,7 +202,7 @@ impl Relay {
             rec.outcome = o;
         }
         rec.usage = usage;
-        if let Some(mut permit) = self.permit.take() {
+        if let Some(permit) = self.permit.take() {
             // Without usage (an error answer, a stream cut short, a client gone) the charge
             // made at admission stands: never more.
             permit.settle(usage.map(Usage::total));
