@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::auth::Client;
 use super::intake::Intake;
-use super::record::RecordGuard;
+use super::record::Tried;
 use super::respond::Answer;
 use crate::admission::limiter::Verdict;
 use crate::admission::queue::{Permit, Report};
@@ -137,7 +137,7 @@ async fn send_once(
     policy: &Policy,
     endpoint: &UpstreamPolicy,
     intake: &Intake,
-    record: &mut RecordGuard,
+    tried: &mut Tried,
 ) -> Sent {
     let out = &intake.out;
     let key = proxy.key_for(policy, endpoint);
@@ -171,7 +171,7 @@ async fn send_once(
     )
     .await;
     let latency = sent.elapsed();
-    record.get().upstream_latency = Some(latency);
+    tried.upstream_latency = Some(latency);
     let metrics = proxy.metrics();
     metrics.upstream_latency.observe(latency.as_secs_f64());
     match result {
@@ -236,16 +236,17 @@ enum Last {
     Error(String),
 }
 
-/// Run attempts until one gives an answer to relay or none is left.
+/// Run attempts until one gives an answer to relay or none is left, for a request that
+/// arrived at `started`; `tried` keeps what they did, for the record.
 pub(crate) async fn run(
     proxy: &Proxy,
     policy: &Policy,
     client: &Client,
     intake: &Intake,
-    record: &mut RecordGuard,
+    started: Instant,
+    tried: &mut Tried,
 ) -> Answer {
     let admission = proxy.admission();
-    let started = record.get().started;
     let deadline = started.checked_add(client.max_wait).unwrap_or(started);
     let mut place = admission.place();
     let mut ask = intake.ask.clone();
@@ -267,13 +268,12 @@ pub(crate) async fn run(
             admission.first_attempt();
         }
         sends += 1;
-        let rec = record.get();
-        rec.attempts = sends;
-        rec.queue_wait += permit.waited;
+        tried.attempts = sends;
+        tried.queue_wait += permit.waited;
         let endpoint = Arc::clone(permit.endpoint());
-        rec.upstream = Some(endpoint.name.clone());
+        tried.upstream = Some(endpoint.name.clone());
 
-        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, record)).await;
+        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, tried)).await;
         let (failure, last, permit) = match settle(sent, permit, &endpoint, policy, intake).await {
             Attempted::Done(answer) => return answer,
             Attempted::Failed(failure, last, permit) => (failure, last, permit),
@@ -308,7 +308,7 @@ pub(crate) async fn run(
             drain(resp).await;
         }
         proxy.metrics().retry(failure.reason);
-        record.get().retry_reasons.push(failure.reason);
+        tried.retry_reasons.push(failure.reason);
         if let Step::Retry { delay } = step {
             // Not to the endpoint that just failed, while another can take it.
             ask.avoid = Some(Arc::from(endpoint.name.as_str()));
