@@ -25,7 +25,7 @@ use super::intake::Intake;
 use super::record::Tried;
 use super::respond::Answer;
 use crate::admission::limiter::Verdict;
-use crate::admission::queue::{Permit, Report};
+use crate::admission::queue::{Permit, Rejection, Report};
 use crate::admission::retry::{self, RetryReason};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 use crate::proxy::Proxy;
@@ -256,13 +256,7 @@ pub(crate) async fn run(
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
         let permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
             Ok(p) => p,
-            Err(rejection) => {
-                let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-                return Answer::Refused(Refusal::new(
-                    ApiError::throttled(&rejection, client.max_wait),
-                    outcome,
-                ));
-            }
+            Err(rejection) => return throttled(&rejection, client.max_wait),
         };
         if sends == 0 {
             admission.first_attempt();
@@ -294,13 +288,7 @@ pub(crate) async fn run(
         if step == Step::GiveUp {
             return give_up(last, permit, failure, sends, intake, endpoint.timeout);
         }
-        // Hold what the 429 was about (that endpoint, that model), at most one queue wait at a
-        // time.
-        let pause = match step {
-            Step::Requeue { pause: Some(pause) } => now.checked_add(pause.min(policy.queue.max_wait)),
-            _ => None,
-        };
-        match pause {
+        match pause_until(step, now, policy.queue.max_wait) {
             Some(until) => permit.pause(until),
             None => drop(permit),
         }
@@ -318,6 +306,21 @@ pub(crate) async fn run(
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// The answer to a request admission refused (its queue was full, or its deadline would pass).
+fn throttled(rejection: &Rejection, max_wait: Duration) -> Answer {
+    let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
+    Answer::Refused(Refusal::new(ApiError::throttled(rejection, max_wait), outcome))
+}
+
+/// Until when to hold what a 429 was about (that endpoint, that model) before a requeue: at
+/// most one queue wait at a time.
+fn pause_until(step: Step, now: Instant, max_wait: Duration) -> Option<Instant> {
+    match step {
+        Step::Requeue { pause: Some(pause) } => now.checked_add(pause.min(max_wait)),
+        _ => None,
     }
 }
 

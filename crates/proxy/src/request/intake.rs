@@ -165,50 +165,19 @@ async fn read_into(
     } else {
         None
     };
-    // The client its key identifies; without one, the configured header, else the body's user.
-    facts.client = client.name.as_deref().map(str::to_owned).or_else(|| {
-        options
-            .client_id_header
-            .as_ref()
-            .and_then(|h| parts.headers.get(h)?.to_str().ok())
-            .or_else(|| inspected.as_ref()?.user.as_deref())
-            .map(|c| c.chars().take(128).collect())
-    });
+    facts.client = who(client, options.client_id_header.as_ref(), &parts.headers, inspected.as_ref());
 
     let mut ask = Ask::default();
     let mut strip_usage_event = false;
     let mut body = body;
     if let Some(i) = &inspected {
-        facts.model = i.model.clone();
-        facts.stream = i.stream;
-        facts.estimate = tokens::estimate(rest, i, policy.limits.default_max_tokens);
-        if logged {
-            facts.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
-        }
-        ask = Ask {
-            tokens: facts.estimate.total(),
-            model: i.model.as_deref().map(Arc::from),
-            ..Ask::default()
-        };
-        if let Some(max) = policy.limits.max_request_tokens
-            && ask.tokens > max
-        {
-            return Err(bad(never_fits(facts.estimate, max)));
-        }
+        ask = charge(policy, rest, i, logged, facts)?;
         if i.stream && (rest == "/chat/completions" || rest == "/completions") && !i.include_usage {
             strip_usage_event = true;
             body = ask_for_usage(&body, i).map_err(bad)?;
         }
     }
-    // The endpoints that may take it: they serve its model and allow its path.
-    let eligible: Vec<&UpstreamPolicy> =
-        allowing.iter().copied().filter(|u| u.serves(ask.model.as_deref())).collect();
-    if eligible.is_empty() {
-        return Err(bad(model_not_served(ask.model.as_deref().unwrap_or_default())));
-    }
-    if eligible.len() < policy.upstreams.len() {
-        ask.endpoints = Some(eligible.iter().map(|u| Arc::from(u.name.as_str())).collect());
-    }
+    let eligible = eligible(policy, &allowing, &mut ask)?;
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     ask.client = client.name.clone();
     let account: Vec<String> =
@@ -223,6 +192,65 @@ async fn read_into(
         cache_key,
         _bytes: lease,
     })
+}
+
+/// Who asked: the client its key identifies; without one, the configured header, else the
+/// body's user.
+fn who(
+    client: &Client,
+    client_id_header: Option<&http::HeaderName>,
+    headers: &HeaderMap,
+    inspected: Option<&Inspected>,
+) -> Option<String> {
+    client.name.as_deref().map(str::to_owned).or_else(|| {
+        client_id_header
+            .and_then(|h| headers.get(h)?.to_str().ok())
+            .or_else(|| inspected?.user.as_deref())
+            .map(|c| c.chars().take(128).collect())
+    })
+}
+
+/// What the request is charged at admission, the way the provider counts it; refused when it
+/// could never fit `limits.maxRequestTokens`.
+fn charge(
+    policy: &Policy,
+    rest: &str,
+    i: &Inspected,
+    logged: bool,
+    facts: &mut Facts,
+) -> Result<Ask, Refusal> {
+    facts.model = i.model.clone();
+    facts.stream = i.stream;
+    facts.estimate = tokens::estimate(rest, i, policy.limits.default_max_tokens);
+    if logged {
+        facts.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
+    }
+    let ask =
+        Ask { tokens: facts.estimate.total(), model: i.model.as_deref().map(Arc::from), ..Ask::default() };
+    if let Some(max) = policy.limits.max_request_tokens
+        && ask.tokens > max
+    {
+        return Err(bad(never_fits(facts.estimate, max)));
+    }
+    Ok(ask)
+}
+
+/// The endpoints that may take it: they serve its model and allow its path. Named in `ask`
+/// when they are not all of them.
+fn eligible<'p>(
+    policy: &Policy,
+    allowing: &[&'p UpstreamPolicy],
+    ask: &mut Ask,
+) -> Result<Vec<&'p UpstreamPolicy>, Refusal> {
+    let eligible: Vec<&UpstreamPolicy> =
+        allowing.iter().copied().filter(|u| u.serves(ask.model.as_deref())).collect();
+    if eligible.is_empty() {
+        return Err(bad(model_not_served(ask.model.as_deref().unwrap_or_default())));
+    }
+    if eligible.len() < policy.upstreams.len() {
+        ask.endpoints = Some(eligible.iter().map(|u| Arc::from(u.name.as_str())).collect());
+    }
+    Ok(eligible)
 }
 
 /// The endpoints whose allowed paths let this request through; a path none allows is refused
