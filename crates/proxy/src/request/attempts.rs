@@ -22,10 +22,10 @@ use tokio::time::Instant;
 
 use super::auth::Client;
 use super::intake::Intake;
-use super::record::Tried;
+use super::record::RecordGuard;
 use super::respond::Answer;
 use crate::admission::limiter::Verdict;
-use crate::admission::queue::{Permit, Rejection, Report};
+use crate::admission::queue::Permit;
 use crate::admission::retry::{self, RetryReason};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 use crate::proxy::Proxy;
@@ -137,7 +137,7 @@ async fn send_once(
     policy: &Policy,
     endpoint: &UpstreamPolicy,
     intake: &Intake,
-    tried: &mut Tried,
+    record: &mut RecordGuard,
 ) -> Sent {
     let out = &intake.out;
     let key = proxy.key_for(policy, endpoint);
@@ -171,7 +171,7 @@ async fn send_once(
     )
     .await;
     let latency = sent.elapsed();
-    tried.upstream_latency = Some(latency);
+    record.get().upstream_latency = Some(latency);
     let metrics = proxy.metrics();
     metrics.upstream_latency.observe(latency.as_secs_f64());
     match result {
@@ -236,17 +236,16 @@ enum Last {
     Error(String),
 }
 
-/// Run attempts until one gives an answer to relay or none is left, for a request that
-/// arrived at `started`; `tried` keeps what they did, for the record.
+/// Run attempts until one gives an answer to relay or none is left.
 pub(crate) async fn run(
     proxy: &Proxy,
     policy: &Policy,
     client: &Client,
     intake: &Intake,
-    started: Instant,
-    tried: &mut Tried,
+    record: &mut RecordGuard,
 ) -> Answer {
     let admission = proxy.admission();
+    let started = record.get().started;
     let deadline = started.checked_add(client.max_wait).unwrap_or(started);
     let mut place = admission.place();
     let mut ask = intake.ask.clone();
@@ -256,18 +255,25 @@ pub(crate) async fn run(
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
         let permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
             Ok(p) => p,
-            Err(rejection) => return throttled(&rejection, client.max_wait),
+            Err(rejection) => {
+                let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
+                return Answer::Refused(Refusal::new(
+                    ApiError::throttled(&rejection, client.max_wait),
+                    outcome,
+                ));
+            }
         };
         if sends == 0 {
             admission.first_attempt();
         }
         sends += 1;
-        tried.attempts = sends;
-        tried.queue_wait += permit.waited;
+        let rec = record.get();
+        rec.attempts = sends;
+        rec.queue_wait += permit.waited;
         let endpoint = Arc::clone(permit.endpoint());
-        tried.upstream = Some(endpoint.name.clone());
+        rec.upstream = Some(endpoint.name.clone());
 
-        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, tried)).await;
+        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, record)).await;
         let (failure, last, permit) = match settle(sent, permit, &endpoint, policy, intake).await {
             Attempted::Done(answer) => return answer,
             Attempted::Failed(failure, last, permit) => (failure, last, permit),
@@ -288,15 +294,19 @@ pub(crate) async fn run(
         if step == Step::GiveUp {
             return give_up(last, permit, failure, sends, intake, endpoint.timeout);
         }
-        match pause_until(step, now, policy.queue.max_wait) {
-            Some(until) => permit.pause(until),
-            None => drop(permit),
+        if let Step::Requeue { pause: Some(pause) } = step
+            && let Some(until) = now.checked_add(pause.min(policy.queue.max_wait))
+        {
+            // Hold what the 429 was about (that endpoint, that model), at most one queue wait
+            // at a time.
+            permit.pause(until);
         }
+        drop(permit);
         if let Last::Response(resp) = last {
             drain(resp).await;
         }
         proxy.metrics().retry(failure.reason);
-        tried.retry_reasons.push(failure.reason);
+        record.get().retry_reasons.push(failure.reason);
         if let Step::Retry { delay } = step {
             // Not to the endpoint that just failed, while another can take it.
             ask.avoid = Some(Arc::from(endpoint.name.as_str()));
@@ -309,21 +319,6 @@ pub(crate) async fn run(
     }
 }
 
-/// The answer to a request admission refused (its queue was full, or its deadline would pass).
-fn throttled(rejection: &Rejection, max_wait: Duration) -> Answer {
-    let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-    Answer::Refused(Refusal::new(ApiError::throttled(rejection, max_wait), outcome))
-}
-
-/// Until when to hold what a 429 was about (that endpoint, that model) before a requeue: at
-/// most one queue wait at a time.
-fn pause_until(step: Step, now: Instant, max_wait: Duration) -> Option<Instant> {
-    match step {
-        Step::Requeue { pause: Some(pause) } => now.checked_add(pause.min(max_wait)),
-        _ => None,
-    }
-}
-
 /// What one attempt came to: the answer to give, or a failure to retry or give up on (with
 /// the permit, which the retry decision still needs).
 enum Attempted {
@@ -332,8 +327,7 @@ enum Attempted {
 }
 
 /// Tell the admission gate what the upstream said of one attempt (its verdict, a refund, the
-/// upstream's own quota figures), in one report, and sort the attempt into an answer or a
-/// failure.
+/// upstream's own quota figures) and sort the attempt into an answer or a failure.
 async fn settle(
     sent: Sent,
     mut permit: Permit,
@@ -341,12 +335,10 @@ async fn settle(
     policy: &Policy,
     intake: &Intake,
 ) -> Attempted {
-    let max_reset = policy.queue.max_wait;
-    let report = |verdict, refund, quota, refused| Report { verdict, refund, quota, refused, max_reset };
     match sent {
         Sent::Answer(resp) => {
-            let quota = QuotaHeaders::parse(resp.headers());
-            permit.report(&report(Verdict::Answered, false, quota.as_ref(), false));
+            permit.verdict(&Verdict::Answered);
+            calibrate(&permit, resp.headers(), policy);
             Attempted::Done(Answer::Upstream {
                 response: resp,
                 permit,
@@ -357,8 +349,8 @@ async fn settle(
         Sent::Unauthorized(resp) => {
             // The upstream refused the proxy's key, not the client's: say so, and never
             // relay its body (OpenAI's quotes part of the key).
-            permit.report(&report(Verdict::Answered, true, None, false));
-            drop(permit);
+            permit.verdict(&Verdict::Answered);
+            permit.refund();
             drain(resp).await;
             Attempted::Done(Answer::Refused(Refusal::new(
                 ApiError::upstream_auth(&endpoint.name),
@@ -366,28 +358,41 @@ async fn settle(
             )))
         }
         Sent::OutOfQuota { headers, body } => {
-            permit.report(&report(Verdict::Answered, true, None, false));
+            permit.verdict(&Verdict::Answered);
+            permit.refund();
             Attempted::Done(Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body })
         }
         Sent::RateLimited { headers, body, hint } => {
             // Not counted upstream: refund, then take the upstream's word for what remains.
+            permit.verdict(&Verdict::Answered);
+            permit.refund();
             let quota = QuotaHeaders::parse(&headers);
             let window_known = quota.is_some_and(|q| q.says_remaining());
-            permit.report(&report(Verdict::Answered, true, quota.as_ref(), true));
+            if let Some(q) = &quota {
+                permit.calibrate(q, true, policy.queue.max_wait);
+            }
             let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
             Attempted::Failed(failure, Last::Buffered(StatusCode::TOO_MANY_REQUESTS, headers, body), permit)
         }
         Sent::Transient(resp, failure) => {
             // The upstream may have worked on it (and counted it): the charge stands.
-            let verdict = Verdict::ServerError(format!("status {}", resp.status().as_u16()));
-            let quota = QuotaHeaders::parse(resp.headers());
-            permit.report(&report(verdict, false, quota.as_ref(), false));
+            permit.verdict(&Verdict::ServerError(format!("status {}", resp.status().as_u16())));
+            calibrate(&permit, resp.headers(), policy);
             Attempted::Failed(failure, Last::Response(resp), permit)
         }
         Sent::Failed { failure, message, unsent } => {
-            permit.report(&report(Verdict::NoAnswer(message.clone()), unsent, None, false));
+            permit.verdict(&Verdict::NoAnswer(message.clone()));
+            if unsent {
+                permit.refund();
+            }
             Attempted::Failed(failure, Last::Error(message), permit)
         }
+    }
+}
+
+fn calibrate(permit: &Permit, headers: &HeaderMap, policy: &Policy) {
+    if let Some(q) = QuotaHeaders::parse(headers) {
+        permit.calibrate(&q, false, policy.queue.max_wait);
     }
 }
 
