@@ -34,6 +34,11 @@ impl Check {
         d
     }
 
+    /// `prefix.name`'s optional rate, positive when set.
+    fn rate(&mut self, prefix: &str, name: &str, v: Option<i64>) -> Option<u64> {
+        v.map(|v| self.positive(&format!("{prefix}.{name}"), v))
+    }
+
     /// A positive integer as u64, or an error naming the field.
     fn positive(&mut self, field: &str, v: i64) -> u64 {
         if v <= 0 {
@@ -153,7 +158,7 @@ impl Policy {
     pub fn with_quota(mut self, granted: &GrantedQuota) -> Result<Self, PolicyError> {
         let mut c = Check(Vec::new());
         let rpm = c.positive("status.quota.requestsPerMinute", granted.requests_per_minute);
-        let tpm = granted.tokens_per_minute.map(|t| c.positive("status.quota.tokensPerMinute", t));
+        let tpm = c.rate("status.quota", "tokensPerMinute", granted.tokens_per_minute);
         let models: BTreeMap<String, ModelLimitsSpec> =
             granted.models.iter().map(|(m, l)| (m.clone(), quota_model(l))).collect();
         let models = model_limits(&mut c, "status.quota.models", &models);
@@ -188,9 +193,9 @@ impl Policy {
 /// `spec.limits`: the LlmProxy's own rates, bursts defaulting to one second's worth.
 fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
     let rpm = c.positive("spec.limits.requestsPerMinute", l.requests_per_minute);
-    let tpm = l.tokens_per_minute.map(|t| c.positive("spec.limits.tokensPerMinute", t));
-    let itpm = l.input_tokens_per_minute.map(|t| c.positive("spec.limits.inputTokensPerMinute", t));
-    let otpm = l.output_tokens_per_minute.map(|t| c.positive("spec.limits.outputTokensPerMinute", t));
+    let tpm = c.rate("spec.limits", "tokensPerMinute", l.tokens_per_minute);
+    let itpm = c.rate("spec.limits", "inputTokensPerMinute", l.input_tokens_per_minute);
+    let otpm = c.rate("spec.limits", "outputTokensPerMinute", l.output_tokens_per_minute);
     not_enforced_yet(c, "spec.limits", itpm, otpm);
     let request_burst = match l.burst {
         Some(b) => {
@@ -337,14 +342,12 @@ fn clients(c: &mut Check, cs: &ClientsSpec, queue: &QueuePolicy) -> ClientsPolic
 /// One endpoint of `spec.upstreams`.
 fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
     let l = e.limits.clone().unwrap_or_default();
-    let rate = |c: &mut Check, name: &str, v: Option<i64>| {
-        v.map(|r| c.positive(&format!("{field}.limits.{name}"), r))
-    };
-    let rpm = rate(c, "requestsPerMinute", l.requests_per_minute);
-    let tpm = rate(c, "tokensPerMinute", l.tokens_per_minute);
-    let itpm = rate(c, "inputTokensPerMinute", l.input_tokens_per_minute);
-    let otpm = rate(c, "outputTokensPerMinute", l.output_tokens_per_minute);
-    not_enforced_yet(c, &format!("{field}.limits"), itpm, otpm);
+    let prefix = format!("{field}.limits");
+    let rpm = c.rate(&prefix, "requestsPerMinute", l.requests_per_minute);
+    let tpm = c.rate(&prefix, "tokensPerMinute", l.tokens_per_minute);
+    let itpm = c.rate(&prefix, "inputTokensPerMinute", l.input_tokens_per_minute);
+    let otpm = c.rate(&prefix, "outputTokensPerMinute", l.output_tokens_per_minute);
+    not_enforced_yet(c, &prefix, itpm, otpm);
     let limits = EndpointLimits {
         requests_per_minute: rpm,
         request_burst: rpm.map_or(1, per_second),
@@ -462,12 +465,11 @@ fn model_limits(
         .iter()
         .map(|(name, m)| {
             let f = format!("{field}.{name}");
-            let rate = |c: &mut Check, name: &str, v: Option<i64>| v.map(|r| c.positive(&format!("{f}.{name}"), r));
             let limits = ModelLimits {
-                requests_per_minute: rate(c, "requestsPerMinute", m.requests_per_minute),
-                tokens_per_minute: rate(c, "tokensPerMinute", m.tokens_per_minute),
-                input_tokens_per_minute: rate(c, "inputTokensPerMinute", m.input_tokens_per_minute),
-                output_tokens_per_minute: rate(c, "outputTokensPerMinute", m.output_tokens_per_minute),
+                requests_per_minute: c.rate(&f, "requestsPerMinute", m.requests_per_minute),
+                tokens_per_minute: c.rate(&f, "tokensPerMinute", m.tokens_per_minute),
+                input_tokens_per_minute: c.rate(&f, "inputTokensPerMinute", m.input_tokens_per_minute),
+                output_tokens_per_minute: c.rate(&f, "outputTokensPerMinute", m.output_tokens_per_minute),
             };
             not_enforced_yet(c, &f, limits.input_tokens_per_minute, limits.output_tokens_per_minute);
             if limits == ModelLimits::default() {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderMap;
 use serde::Deserialize;
 
-use crate::protocol::ratelimit_headers::{MAX_UPSTREAM_DELAY, QuotaHeaders, header};
+use crate::protocol::ratelimit_headers::{MAX_UPSTREAM_DELAY, QuotaHeaders, count, header};
 use crate::protocol::tokens::{Lenient, Usage};
 
 /// The `anthropic-version` sent when the client sends none: the one every SDK release accepts.
@@ -140,10 +140,6 @@ fn reset_at(headers: &HeaderMap, name: &str, now: SystemTime) -> Option<Duration
     let wait = now.duration_until(at);
     let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
     Some(wait.min(MAX_UPSTREAM_DELAY))
-}
-
-fn count(headers: &HeaderMap, name: &str) -> Option<u64> {
-    header(headers, name)?.parse().ok()
 }
 
 /// `anthropic-ratelimit-*`: requests, input tokens, output tokens and (the combined) tokens,

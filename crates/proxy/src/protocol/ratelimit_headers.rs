@@ -43,7 +43,8 @@ pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-fn count(headers: &HeaderMap, name: &str) -> Option<u64> {
+/// A header's value as a count; `None` when absent or not a non-negative integer.
+pub(crate) fn count(headers: &HeaderMap, name: &str) -> Option<u64> {
     header(headers, name)?.parse().ok()
 }
 

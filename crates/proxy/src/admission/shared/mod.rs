@@ -250,19 +250,17 @@ impl Lessee {
             let due = !lines.is_empty() || now.duration_since(self.last_beat) >= RETRY_REDIS;
             if let Some(c) = self.conn.as_mut().filter(|_| due) {
                 let settling = self.settle_until.is_some_and(|u| now < u);
-                let dry: Vec<Line>;
-                let send = if settling {
-                    dry = lines.iter().map(|l| Line { ask: 0.0, mode: "d", ..l.clone() }).collect();
-                    &dry
+                let send: std::borrow::Cow<'_, [Line]> = if settling {
+                    lines.iter().map(|l| Line { ask: 0.0, mode: "d", ..l.clone() }).collect()
                 } else {
                     self.settle_until = None;
-                    &lines
+                    std::borrow::Cow::Borrowed(&lines)
                 };
                 let member_key = store.member_key(&self.identity, look.quota);
                 let call = exchange(
                     &self.script,
                     &mut c.manager,
-                    send,
+                    &send,
                     &member_key,
                     &self.identity,
                     store.quota(look.quota),
@@ -274,8 +272,7 @@ impl Lessee {
                         self.fair = answer.fair;
                         self.last_beat = now;
                         if settling {
-                            let share = f64::from(self.members.max(look.replicas).max(1)) / self.fair;
-                            fill_locally(look.admission, &lines, dt, share);
+                            self.fill_alone(&look, &lines, dt);
                         } else {
                             grant(look.admission, &lines, &answer.grants);
                         }
@@ -288,11 +285,22 @@ impl Lessee {
         if self.mode == Mode::Local {
             // Alone: what was asked of Redis is handed out here, at a share of the rate: the
             // replica's part of this LlmProxy's (and of its part of an LlmQuota's).
-            let share = f64::from(self.members.max(look.replicas).max(1)) / self.fair;
-            fill_locally(look.admission, &lines, dt, share);
+            self.fill_alone(&look, &lines, dt);
             self.try_again(now, &look);
         }
         true
+    }
+
+    /// The pods this replica assumes divide each rate while it admits alone: the members Redis
+    /// last counted, or the replicas the cluster reports, whichever is more.
+    fn sharers(&self, replicas: u32) -> u32 {
+        self.members.max(replicas).max(1)
+    }
+
+    /// Alone (Redis out, or settling back): hand out what was asked of Redis here, at this
+    /// replica's part of this LlmProxy's rate (and of its consumer's part of an LlmQuota's).
+    fn fill_alone(&self, look: &Look<'_>, lines: &[Line], dt: f64) {
+        fill_locally(look.admission, lines, dt, f64::from(self.sharers(look.replicas)) / self.fair);
     }
 
     /// Redis is out of reach: go on alone from this moment, with a local share of each rate.
@@ -301,7 +309,7 @@ impl Lessee {
             error = %why,
             "Redis cannot be reached; enforcing a local share of {} shared limits (1/{})",
             self.store.label(),
-            self.members.max(replicas).max(1)
+            self.sharers(replicas)
         );
         self.mode = Mode::Local;
         self.conn = None;
