@@ -346,6 +346,17 @@ async fn through_an_outage(
     eprintln!("{outage:?} from {} s to {} s; refused at {refusals:?} s", secs(began), secs(ended));
     eprintln!("{outage:?}: 300 requests answered 200 in {wall:?}, {refused} upstream 429s");
     assert!(refused <= 6, "{outage:?}: the upstream refused {refused} of 300 (more than 2 %)");
+    // The return itself brings no burst: replicas back first must not draw the whole rate from
+    // Redis while others still admit alone (that let 2-3 requests past the limit at once).
+    if !matches!(outage, Outage::Killed) {
+        let after = upstream
+            .mock
+            .seen()
+            .iter()
+            .filter(|s| s.status == 429 && s.at >= ended && s.at < ended + Duration::from_secs(2))
+            .count();
+        assert!(after <= 1, "{outage:?}: {after} refused within 2 s of Redis returning: {refusals:?}");
+    }
     // 300 at 20/s take 15 s at best (the buckets start empty); the outage may cost a little.
     assert!(wall <= Duration::from_millis(15_000 * 3 / 2 + 3_000), "{outage:?}: 300 requests took {wall:?}");
     if !matches!(outage, Outage::Killed) {
