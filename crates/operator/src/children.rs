@@ -223,12 +223,32 @@ fn default_resources() -> ResourceRequirements {
 
 fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
     let name = p.name_any();
-    let annotations = BTreeMap::from([
-        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
-        ("prometheus.io/port".to_owned(), ADMIN_PORT.to_string()),
-        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
-    ]);
-    let container = Container {
+    let template = pod_template(p, &name, proxy_container(p, settings, &name));
+    Deployment {
+        metadata: meta(p, name.clone()),
+        spec: Some(DeploymentSpec {
+            // With an autoscaler, the HPA owns the count; leaving the field out of the applied
+            // object means the operator never fights it.
+            replicas: p.spec.autoscaling.is_none().then_some(p.spec.replicas),
+            selector: LabelSelector { match_labels: Some(selector(&name)), ..LabelSelector::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template,
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// The proxy's container: its flags, ports, probes, resources and a locked-down security
+/// context.
+fn proxy_container(p: &LlmProxy, settings: &Settings, name: &str) -> Container {
+    Container {
         name: "proxy".into(),
         image: Some(settings.image.clone()),
         image_pull_policy: settings.image_pull_policy.clone(),
@@ -265,48 +285,40 @@ fn deployment(p: &LlmProxy, settings: &Settings) -> Deployment {
             ..SecurityContext::default()
         }),
         ..Container::default()
-    };
-    Deployment {
-        metadata: meta(p, name.clone()),
-        spec: Some(DeploymentSpec {
-            // With an autoscaler, the HPA owns the count; leaving the field out of the applied
-            // object means the operator never fights it.
-            replicas: p.spec.autoscaling.is_none().then_some(p.spec.replicas),
-            selector: LabelSelector { match_labels: Some(selector(&name)), ..LabelSelector::default() },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name)),
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(proxy_identity(&name)),
-                    automount_service_account_token: Some(true),
-                    termination_grace_period_seconds: Some(grace_period_seconds(p)),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(PROXY_UID),
-                        run_as_group: Some(PROXY_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    containers: vec![container],
-                    ..PodSpec::default()
-                }),
-            },
-            ..DeploymentSpec::default()
+    }
+}
+
+/// The pod template: the scrape annotations, the proxy's identity, a non-root pod and its
+/// one container.
+fn pod_template(p: &LlmProxy, name: &str, container: Container) -> PodTemplateSpec {
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+        ("prometheus.io/port".to_owned(), ADMIN_PORT.to_string()),
+        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+    ]);
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(name)),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
         }),
-        ..Deployment::default()
+        spec: Some(PodSpec {
+            service_account_name: Some(proxy_identity(name)),
+            automount_service_account_token: Some(true),
+            termination_grace_period_seconds: Some(grace_period_seconds(p)),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(PROXY_UID),
+                run_as_group: Some(PROXY_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![container],
+            ..PodSpec::default()
+        }),
     }
 }
 

@@ -90,24 +90,8 @@ pub async fn controller(
         metrics,
         config.settings.clone(),
     ));
-    // Only spec changes (a new generation) trigger from the LlmProxy itself: the operator's own
-    // status writes must not come back as work.
     let (reader, writer) = reflector::store();
-    // Objects that do not deserialize (stored under an older schema, or written around it)
-    // arrive as errors of their own, so one bad object never stops the watch for the others.
-    // The watch is established once its initial list is done, and not while it fails.
-    let watch_health = Arc::clone(&health);
-    let proxies = watcher(api::<DeserializeGuard<LlmProxy>>(&client, ns), watcher::Config::default())
-        .default_backoff()
-        .inspect(move |event| match event {
-            Ok(watcher::Event::InitDone) => watch_health.set_watching(true),
-            Err(_) => watch_health.set_watching(false),
-            Ok(_) => {}
-        })
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation, PredicateConfig::default());
-    let controller = Controller::for_stream(proxies, reader);
+    let controller = Controller::for_stream(proxies(&client, ns, Arc::clone(&health), writer), reader);
     let store = controller.store();
     let observer = observe::run(
         client.clone(),
@@ -127,18 +111,7 @@ pub async fn controller(
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
-    // Every child kind is watched: drift in any of them is repaired at once, not at the next
-    // periodic requeue.
-    let children = || watcher::Config::default().labels(MANAGED);
-    let running = controller
-        .owns(api::<Deployment>(&client, ns), children())
-        .owns(api::<Service>(&client, ns), children())
-        .owns(api::<ServiceAccount>(&client, ns), children())
-        .owns(api::<Role>(&client, ns), children())
-        .owns(api::<RoleBinding>(&client, ns), children())
-        .owns(api::<PodDisruptionBudget>(&client, ns), children())
-        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children())
-        .owns(api::<NetworkPolicy>(&client, ns), children())
+    let running = owning_children(controller, &client, ns)
         .watches_stream(secrets, move |secret| naming_secret(&store, &secret))
         .watches_stream(quotas, move |quota| drawing_from(&quota_store, &quota))
         .graceful_shutdown_on(shutdown)
@@ -158,6 +131,49 @@ pub async fn controller(
         }
     }
     health.set_watching(false);
+}
+
+/// The LlmProxies to reconcile, recorded in the store `writer` fills. Only spec changes (a new
+/// generation) trigger from the LlmProxy itself: the operator's own status writes must not come
+/// back as work.
+fn proxies(
+    client: &Client,
+    ns: Option<&str>,
+    health: Arc<Health>,
+    writer: reflector::store::Writer<DeserializeGuard<LlmProxy>>,
+) -> impl futures_util::Stream<Item = Result<DeserializeGuard<LlmProxy>, watcher::Error>> + Send + 'static {
+    // Objects that do not deserialize (stored under an older schema, or written around it)
+    // arrive as errors of their own, so one bad object never stops the watch for the others.
+    // The watch is established once its initial list is done, and not while it fails.
+    watcher(api::<DeserializeGuard<LlmProxy>>(client, ns), watcher::Config::default())
+        .default_backoff()
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => health.set_watching(true),
+            Err(_) => health.set_watching(false),
+            Ok(_) => {}
+        })
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, PredicateConfig::default())
+}
+
+/// Every child kind is watched: drift in any of them is repaired at once, not at the next
+/// periodic requeue.
+fn owning_children(
+    controller: Controller<DeserializeGuard<LlmProxy>>,
+    client: &Client,
+    ns: Option<&str>,
+) -> Controller<DeserializeGuard<LlmProxy>> {
+    let children = || watcher::Config::default().labels(MANAGED);
+    controller
+        .owns(api::<Deployment>(client, ns), children())
+        .owns(api::<Service>(client, ns), children())
+        .owns(api::<ServiceAccount>(client, ns), children())
+        .owns(api::<Role>(client, ns), children())
+        .owns(api::<RoleBinding>(client, ns), children())
+        .owns(api::<PodDisruptionBudget>(client, ns), children())
+        .owns(api::<HorizontalPodAutoscaler>(client, ns), children())
+        .owns(api::<NetworkPolicy>(client, ns), children())
 }
 
 /// The LlmProxies of `store` that name Secret `secret` (for an upstream key or client keys).

@@ -22,10 +22,10 @@ use tokio::time::Instant;
 
 use super::auth::Client;
 use super::intake::Intake;
-use super::record::RecordGuard;
+use super::record::Tried;
 use super::respond::Answer;
 use crate::admission::limiter::Verdict;
-use crate::admission::queue::Permit;
+use crate::admission::queue::{Permit, Rejection, Report};
 use crate::admission::retry::{self, RetryReason};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 use crate::proxy::Proxy;
@@ -137,7 +137,7 @@ async fn send_once(
     policy: &Policy,
     endpoint: &UpstreamPolicy,
     intake: &Intake,
-    record: &mut RecordGuard,
+    tried: &mut Tried,
 ) -> Sent {
     let out = &intake.out;
     let key = proxy.key_for(policy, endpoint);
@@ -171,7 +171,7 @@ async fn send_once(
     )
     .await;
     let latency = sent.elapsed();
-    record.get().upstream_latency = Some(latency);
+    tried.upstream_latency = Some(latency);
     let metrics = proxy.metrics();
     metrics.upstream_latency.observe(latency.as_secs_f64());
     match result {
@@ -236,16 +236,17 @@ enum Last {
     Error(String),
 }
 
-/// Run attempts until one gives an answer to relay or none is left.
+/// Run attempts until one gives an answer to relay or none is left, for a request that
+/// arrived at `started`; `tried` keeps what they did, for the record.
 pub(crate) async fn run(
     proxy: &Proxy,
     policy: &Policy,
     client: &Client,
     intake: &Intake,
-    record: &mut RecordGuard,
+    started: Instant,
+    tried: &mut Tried,
 ) -> Answer {
     let admission = proxy.admission();
-    let started = record.get().started;
     let deadline = started.checked_add(client.max_wait).unwrap_or(started);
     let mut place = admission.place();
     let mut ask = intake.ask.clone();
@@ -255,25 +256,18 @@ pub(crate) async fn run(
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
         let permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
             Ok(p) => p,
-            Err(rejection) => {
-                let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
-                return Answer::Refused(Refusal::new(
-                    ApiError::throttled(&rejection, client.max_wait),
-                    outcome,
-                ));
-            }
+            Err(rejection) => return throttled(&rejection, client.max_wait),
         };
         if sends == 0 {
             admission.first_attempt();
         }
         sends += 1;
-        let rec = record.get();
-        rec.attempts = sends;
-        rec.queue_wait += permit.waited;
+        tried.attempts = sends;
+        tried.queue_wait += permit.waited;
         let endpoint = Arc::clone(permit.endpoint());
-        rec.upstream = Some(endpoint.name.clone());
+        tried.upstream = Some(endpoint.name.clone());
 
-        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, record)).await;
+        let sent = Box::pin(send_once(proxy, policy, &endpoint, intake, tried)).await;
         let (failure, last, permit) = match settle(sent, permit, &endpoint, policy, intake).await {
             Attempted::Done(answer) => return answer,
             Attempted::Failed(failure, last, permit) => (failure, last, permit),
@@ -294,19 +288,15 @@ pub(crate) async fn run(
         if step == Step::GiveUp {
             return give_up(last, permit, failure, sends, intake, endpoint.timeout);
         }
-        if let Step::Requeue { pause: Some(pause) } = step
-            && let Some(until) = now.checked_add(pause.min(policy.queue.max_wait))
-        {
-            // Hold what the 429 was about (that endpoint, that model), at most one queue wait
-            // at a time.
-            permit.pause(until);
+        match pause_until(step, now, policy.queue.max_wait) {
+            Some(until) => permit.pause(until),
+            None => drop(permit),
         }
-        drop(permit);
         if let Last::Response(resp) = last {
             drain(resp).await;
         }
         proxy.metrics().retry(failure.reason);
-        record.get().retry_reasons.push(failure.reason);
+        tried.retry_reasons.push(failure.reason);
         if let Step::Retry { delay } = step {
             // Not to the endpoint that just failed, while another can take it.
             ask.avoid = Some(Arc::from(endpoint.name.as_str()));
@@ -319,6 +309,21 @@ pub(crate) async fn run(
     }
 }
 
+/// The answer to a request admission refused (its queue was full, or its deadline would pass).
+fn throttled(rejection: &Rejection, max_wait: Duration) -> Answer {
+    let outcome = if rejection.queue_full { Outcome::QueueFull } else { Outcome::QueueTimeout };
+    Answer::Refused(Refusal::new(ApiError::throttled(rejection, max_wait), outcome))
+}
+
+/// Until when to hold what a 429 was about (that endpoint, that model) before a requeue: at
+/// most one queue wait at a time.
+fn pause_until(step: Step, now: Instant, max_wait: Duration) -> Option<Instant> {
+    match step {
+        Step::Requeue { pause: Some(pause) } => now.checked_add(pause.min(max_wait)),
+        _ => None,
+    }
+}
+
 /// What one attempt came to: the answer to give, or a failure to retry or give up on (with
 /// the permit, which the retry decision still needs).
 enum Attempted {
@@ -327,7 +332,8 @@ enum Attempted {
 }
 
 /// Tell the admission gate what the upstream said of one attempt (its verdict, a refund, the
-/// upstream's own quota figures) and sort the attempt into an answer or a failure.
+/// upstream's own quota figures), in one report, and sort the attempt into an answer or a
+/// failure.
 async fn settle(
     sent: Sent,
     mut permit: Permit,
@@ -335,10 +341,12 @@ async fn settle(
     policy: &Policy,
     intake: &Intake,
 ) -> Attempted {
+    let max_reset = policy.queue.max_wait;
+    let report = |verdict, refund, quota, refused| Report { verdict, refund, quota, refused, max_reset };
     match sent {
         Sent::Answer(resp) => {
-            permit.verdict(&Verdict::Answered);
-            calibrate(&permit, resp.headers(), policy);
+            let quota = QuotaHeaders::parse(resp.headers());
+            permit.report(&report(Verdict::Answered, false, quota.as_ref(), false));
             Attempted::Done(Answer::Upstream {
                 response: resp,
                 permit,
@@ -349,8 +357,8 @@ async fn settle(
         Sent::Unauthorized(resp) => {
             // The upstream refused the proxy's key, not the client's: say so, and never
             // relay its body (OpenAI's quotes part of the key).
-            permit.verdict(&Verdict::Answered);
-            permit.refund();
+            permit.report(&report(Verdict::Answered, true, None, false));
+            drop(permit);
             drain(resp).await;
             Attempted::Done(Answer::Refused(Refusal::new(
                 ApiError::upstream_auth(&endpoint.name),
@@ -358,41 +366,28 @@ async fn settle(
             )))
         }
         Sent::OutOfQuota { headers, body } => {
-            permit.verdict(&Verdict::Answered);
-            permit.refund();
+            permit.report(&report(Verdict::Answered, true, None, false));
             Attempted::Done(Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body })
         }
         Sent::RateLimited { headers, body, hint } => {
             // Not counted upstream: refund, then take the upstream's word for what remains.
-            permit.verdict(&Verdict::Answered);
-            permit.refund();
             let quota = QuotaHeaders::parse(&headers);
             let window_known = quota.is_some_and(|q| q.says_remaining());
-            if let Some(q) = &quota {
-                permit.calibrate(q, true, policy.queue.max_wait);
-            }
+            permit.report(&report(Verdict::Answered, true, quota.as_ref(), true));
             let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
             Attempted::Failed(failure, Last::Buffered(StatusCode::TOO_MANY_REQUESTS, headers, body), permit)
         }
         Sent::Transient(resp, failure) => {
             // The upstream may have worked on it (and counted it): the charge stands.
-            permit.verdict(&Verdict::ServerError(format!("status {}", resp.status().as_u16())));
-            calibrate(&permit, resp.headers(), policy);
+            let verdict = Verdict::ServerError(format!("status {}", resp.status().as_u16()));
+            let quota = QuotaHeaders::parse(resp.headers());
+            permit.report(&report(verdict, false, quota.as_ref(), false));
             Attempted::Failed(failure, Last::Response(resp), permit)
         }
         Sent::Failed { failure, message, unsent } => {
-            permit.verdict(&Verdict::NoAnswer(message.clone()));
-            if unsent {
-                permit.refund();
-            }
+            permit.report(&report(Verdict::NoAnswer(message.clone()), unsent, None, false));
             Attempted::Failed(failure, Last::Error(message), permit)
         }
-    }
-}
-
-fn calibrate(permit: &Permit, headers: &HeaderMap, policy: &Policy) {
-    if let Some(q) = QuotaHeaders::parse(headers) {
-        permit.calibrate(&q, false, policy.queue.max_wait);
     }
 }
 

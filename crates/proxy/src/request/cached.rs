@@ -10,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use llmproxy_api::Policy;
 
-use super::record::RecordGuard;
 use crate::cache::flight::{self, Followed, Join, Leader};
 use crate::cache::{CachedResponse, Key, ResponseCache};
 use crate::protocol::sse::SseTap;
@@ -21,14 +20,23 @@ use crate::telemetry::metrics::Metrics;
 
 /// What the cache did for a request.
 pub(crate) enum Cached {
-    /// Served from the cache or a coalesced flight; the record holds the status and outcome.
-    Answered(Response),
+    /// Served from the cache or a coalesced flight.
+    Answered(Served),
     /// Go upstream and fill the cache.
     Fill(Fill),
     /// Go upstream, cache nothing.
     Skip,
     /// No room to wait for an identical request's answer.
     Refused(Refusal),
+}
+
+/// An answer from the cache or a coalesced flight, and what the record says of it.
+pub(crate) struct Served {
+    pub(crate) response: Response,
+    pub(crate) status: u16,
+    pub(crate) outcome: Outcome,
+    /// Tokens it did not spend upstream.
+    pub(crate) saved_tokens: Option<u64>,
 }
 
 /// What to do with a complete, successful answer: store it under `key` and hand it to the
@@ -110,49 +118,49 @@ fn cache_control(headers: &HeaderMap) -> (bool, bool) {
     flags
 }
 
-fn mark(record: &mut RecordGuard, metrics: &Metrics, result: CacheResult) {
-    record.get().cache = Some(result);
+/// Count what the cache did; it goes into the record too.
+fn mark(metrics: &Metrics, result: CacheResult) -> Option<CacheResult> {
     metrics.cache(result);
+    Some(result)
 }
 
-/// Look the request up in the cache, or join an identical request in flight.
+/// Look the request up in the cache, or join an identical request in flight (of a request
+/// that arrived at `started`). Returns what the cache did, if anything, beside what to do.
 pub(crate) async fn lookup(
     proxy: &Proxy,
     policy: &Policy,
-    record: &mut RecordGuard,
+    started: tokio::time::Instant,
     key: Key,
     headers: &HeaderMap,
     wants_usage: bool,
-) -> Cached {
+) -> (Option<CacheResult>, Cached) {
     let cache = proxy.cache();
     if !cache.enabled() {
-        return Cached::Skip;
+        return (None, Cached::Skip);
     }
     let metrics = proxy.metrics();
     let (no_cache, no_store) = cache_control(headers);
     if no_cache || no_store {
-        mark(record, metrics, CacheResult::Bypass);
-        return if no_store { Cached::Skip } else { Cached::Fill(Fill::new(cache, key, None)) };
+        let how = mark(metrics, CacheResult::Bypass);
+        return (how, if no_store { Cached::Skip } else { Cached::Fill(Fill::new(cache, key, None)) });
     }
     loop {
         if let Some(answer) = cache.get(&key) {
-            mark(record, metrics, CacheResult::Hit);
-            return Cached::Answered(replay(record, &answer, CacheResult::Hit, wants_usage));
+            let how = mark(metrics, CacheResult::Hit);
+            return (how, Cached::Answered(replay(&answer, CacheResult::Hit, wants_usage)));
         }
         match proxy.flights().join(key) {
             Join::Leader(leader) => {
-                mark(record, metrics, CacheResult::Miss);
-                return Cached::Fill(Fill::new(cache, key, Some(leader)));
+                let how = mark(metrics, CacheResult::Miss);
+                return (how, Cached::Fill(Fill::new(cache, key, Some(leader))));
             }
             Join::Follower(rx) => {
                 // A follower waits like a queued request and counts against the queue bound.
                 let _held = match proxy.admission().hold(policy.queue.max_size) {
                     Ok(held) => held,
                     Err(r) => {
-                        return Cached::Refused(Refusal::new(
-                            ApiError::throttled(&r, policy.queue.max_wait),
-                            Outcome::QueueFull,
-                        ));
+                        let err = ApiError::throttled(&r, policy.queue.max_wait);
+                        return (None, Cached::Refused(Refusal::new(err, Outcome::QueueFull)));
                     }
                 };
                 // Wait as long as the leader may legitimately take before its first byte (queue,
@@ -162,24 +170,18 @@ pub(crate) async fn lookup(
                     .checked_mul(attempts)
                     .and_then(|d| d.checked_add(policy.queue.max_wait))
                     .unwrap_or(Duration::MAX);
-                let started = record.get().started;
                 let deadline = started.checked_add(first).unwrap_or_else(far_future);
                 match flight::follow(rx, deadline, policy.longest_timeout()).await {
                     Followed::Answer(answer) => {
-                        mark(record, metrics, CacheResult::Coalesced);
-                        return Cached::Answered(replay(
-                            record,
-                            &answer,
-                            CacheResult::Coalesced,
-                            wants_usage,
-                        ));
+                        let how = mark(metrics, CacheResult::Coalesced);
+                        return (how, Cached::Answered(replay(&answer, CacheResult::Coalesced, wants_usage)));
                     }
                     // The leader failed: look again, and lead the next attempt if nobody else does.
                     Followed::Failed => {}
                     // The leader is stuck: go alone (its own deadline then decides).
                     Followed::Stalled => {
-                        mark(record, metrics, CacheResult::Miss);
-                        return Cached::Fill(Fill::new(cache, key, None));
+                        let how = mark(metrics, CacheResult::Miss);
+                        return (how, Cached::Fill(Fill::new(cache, key, None)));
                     }
                 }
             }
@@ -194,14 +196,7 @@ fn far_future() -> tokio::time::Instant {
 
 /// Answer from a stored response; a stream is replayed as SSE, without the usage event unless
 /// the client asked for it.
-fn replay(
-    record: &mut RecordGuard,
-    answer: &CachedResponse,
-    how: CacheResult,
-    wants_usage: bool,
-) -> Response {
-    let rec = record.get();
-    rec.saved_tokens = answer.usage.map(|u| u.total());
+fn replay(answer: &CachedResponse, how: CacheResult, wants_usage: bool) -> Served {
     let body = if answer.stream && !wants_usage {
         let mut tap = SseTap::new(true);
         let mut out = tap.feed(answer.body.clone()).to_vec();
@@ -220,8 +215,5 @@ fn replay(
     }
     h.insert("x-llmproxy-cache", HeaderValue::from_static(how.label()));
     h.insert(header::AGE, HeaderValue::from(answer.created.elapsed().as_secs()));
-    // The caller ends the record with these when it hands the response out.
-    rec.status = status.as_u16();
-    rec.outcome = outcome;
-    resp
+    Served { response: resp, status: status.as_u16(), outcome, saved_tokens: answer.usage.map(|u| u.total()) }
 }

@@ -11,7 +11,6 @@ use llmproxy_api::Policy;
 use llmproxy_api::policy::UpstreamPolicy;
 
 use super::auth::Client;
-use super::record::RecordGuard;
 use crate::admission::limiter::Ask;
 use crate::admission::queue::BytesLease;
 use crate::cache::{self, Key};
@@ -45,6 +44,25 @@ pub(crate) struct Intake {
     pub(crate) cache_key: Option<Key>,
     /// Its body's share of `queue.maxBytes`, held until the request is done with it.
     _bytes: BytesLease,
+}
+
+/// What intake learned about the request, for its record, whether or not it passed.
+#[derive(Debug, Default)]
+pub(crate) struct Facts {
+    /// Whether its log line is written (sampling); `None` when it was refused before that was
+    /// decided.
+    pub(crate) logged: Option<bool>,
+    /// Who asked: the client its key identifies, else the configured client header, else the
+    /// body's `user`.
+    pub(crate) client: Option<String>,
+    /// The body's `model`.
+    pub(crate) model: Option<String>,
+    /// Whether the client asked for a stream.
+    pub(crate) stream: bool,
+    /// What it is charged at admission.
+    pub(crate) estimate: tokens::Estimate,
+    /// SHA-256 prefix of the prompt, for a logged request.
+    pub(crate) prompt_hash: Option<String>,
 }
 
 /// A refusal for a request the client got wrong.
@@ -107,14 +125,26 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::invalid(StatusCode::BAD_REQUEST, message, None)
 }
 
-/// Read and check the request; fills the record as it learns about the request.
+/// Read and check the request; returns what it learned about the request either way.
 pub(crate) async fn read(
     proxy: &Proxy,
     policy: &Policy,
     client: &Client,
     parts: request::Parts,
     body: Body,
-    record: &mut RecordGuard,
+) -> (Facts, Result<Intake, Refusal>) {
+    let mut facts = Facts::default();
+    let intake = read_into(proxy, policy, client, parts, body, &mut facts).await;
+    (facts, intake)
+}
+
+async fn read_into(
+    proxy: &Proxy,
+    policy: &Policy,
+    client: &Client,
+    parts: request::Parts,
+    body: Body,
+    facts: &mut Facts,
 ) -> Result<Intake, Refusal> {
     // The path first: nothing of a request that may not pass is read or queued.
     let allowing = allowing(policy, &parts)?;
@@ -125,57 +155,29 @@ pub(crate) async fn read(
     let (body, lease) = read_body(body, declared, options.max_request_bytes, proxy, policy).await?;
 
     let rest = parts.uri.path().strip_prefix("/v1").unwrap_or_default();
-    let rec = record.get();
-    rec.logged = options.record_percent >= 100 || fastrand::u8(0..100) < options.record_percent;
+    let logged = options.record_percent >= 100 || fastrand::u8(0..100) < options.record_percent;
+    facts.logged = Some(logged);
     let cacheable =
         parts.method == http::Method::POST && cache::cacheable_path(rest) && proxy.cache().enabled();
     let inspected = if is_json(&parts.headers, &body) {
-        let digest = cacheable || rec.logged;
+        let digest = cacheable || logged;
         Some(body::inspect(&body, digest).map_err(|e| bad(bad_request(e.to_string())))?)
     } else {
         None
     };
-    // The client its key identifies; without one, the configured header, else the body's user.
-    rec.client = client.name.as_deref().map(str::to_owned).or_else(|| {
-        options
-            .client_id_header
-            .as_ref()
-            .and_then(|h| parts.headers.get(h)?.to_str().ok())
-            .or_else(|| inspected.as_ref()?.user.as_deref())
-            .map(|c| c.chars().take(128).collect())
-    });
+    facts.client = who(client, options.client_id_header.as_ref(), &parts.headers, inspected.as_ref());
 
     let mut ask = Ask::default();
     let mut strip_usage_event = false;
     let mut body = body;
     if let Some(i) = &inspected {
-        rec.model = i.model.clone();
-        rec.stream = i.stream;
-        rec.estimate = tokens::estimate(rest, i, policy.limits.default_max_tokens);
-        if rec.logged {
-            rec.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
-        }
-        ask =
-            Ask { tokens: rec.estimate.total(), model: i.model.as_deref().map(Arc::from), ..Ask::default() };
-        if let Some(max) = policy.limits.max_request_tokens
-            && ask.tokens > max
-        {
-            return Err(bad(never_fits(rec.estimate, max)));
-        }
+        ask = charge(policy, rest, i, logged, facts)?;
         if i.stream && (rest == "/chat/completions" || rest == "/completions") && !i.include_usage {
             strip_usage_event = true;
             body = ask_for_usage(&body, i).map_err(bad)?;
         }
     }
-    // The endpoints that may take it: they serve its model and allow its path.
-    let eligible: Vec<&UpstreamPolicy> =
-        allowing.iter().copied().filter(|u| u.serves(ask.model.as_deref())).collect();
-    if eligible.is_empty() {
-        return Err(bad(model_not_served(ask.model.as_deref().unwrap_or_default())));
-    }
-    if eligible.len() < policy.upstreams.len() {
-        ask.endpoints = Some(eligible.iter().map(|u| Arc::from(u.name.as_str())).collect());
-    }
+    let eligible = eligible(policy, &allowing, &mut ask)?;
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     ask.client = client.name.clone();
     let account: Vec<String> =
@@ -190,6 +192,65 @@ pub(crate) async fn read(
         cache_key,
         _bytes: lease,
     })
+}
+
+/// Who asked: the client its key identifies; without one, the configured header, else the
+/// body's user.
+fn who(
+    client: &Client,
+    client_id_header: Option<&http::HeaderName>,
+    headers: &HeaderMap,
+    inspected: Option<&Inspected>,
+) -> Option<String> {
+    client.name.as_deref().map(str::to_owned).or_else(|| {
+        client_id_header
+            .and_then(|h| headers.get(h)?.to_str().ok())
+            .or_else(|| inspected?.user.as_deref())
+            .map(|c| c.chars().take(128).collect())
+    })
+}
+
+/// What the request is charged at admission, the way the provider counts it; refused when it
+/// could never fit `limits.maxRequestTokens`.
+fn charge(
+    policy: &Policy,
+    rest: &str,
+    i: &Inspected,
+    logged: bool,
+    facts: &mut Facts,
+) -> Result<Ask, Refusal> {
+    facts.model = i.model.clone();
+    facts.stream = i.stream;
+    facts.estimate = tokens::estimate(rest, i, policy.limits.default_max_tokens);
+    if logged {
+        facts.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
+    }
+    let ask =
+        Ask { tokens: facts.estimate.total(), model: i.model.as_deref().map(Arc::from), ..Ask::default() };
+    if let Some(max) = policy.limits.max_request_tokens
+        && ask.tokens > max
+    {
+        return Err(bad(never_fits(facts.estimate, max)));
+    }
+    Ok(ask)
+}
+
+/// The endpoints that may take it: they serve its model and allow its path. Named in `ask`
+/// when they are not all of them.
+fn eligible<'p>(
+    policy: &Policy,
+    allowing: &[&'p UpstreamPolicy],
+    ask: &mut Ask,
+) -> Result<Vec<&'p UpstreamPolicy>, Refusal> {
+    let eligible: Vec<&UpstreamPolicy> =
+        allowing.iter().copied().filter(|u| u.serves(ask.model.as_deref())).collect();
+    if eligible.is_empty() {
+        return Err(bad(model_not_served(ask.model.as_deref().unwrap_or_default())));
+    }
+    if eligible.len() < policy.upstreams.len() {
+        ask.endpoints = Some(eligible.iter().map(|u| Arc::from(u.name.as_str())).collect());
+    }
+    Ok(eligible)
 }
 
 /// The endpoints whose allowed paths let this request through; a path none allows is refused

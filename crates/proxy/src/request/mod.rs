@@ -18,6 +18,7 @@ use http::HeaderValue;
 
 use self::cached::Cached;
 use self::error::Refusal;
+use self::intake::Facts;
 use self::record::{RecordGuard, RequestRecord};
 use self::respond::Answer;
 use crate::proxy::Proxy;
@@ -62,20 +63,25 @@ async fn pipeline(
     record.set_client(Arc::clone(&client.party.metrics));
     // The phases that hold large futures (reading, sending) are boxed, so that a request
     // waiting in line carries only the small state it waits in.
-    let intake = match Box::pin(intake::read(proxy, &policy, &client, parts, body, &mut record)).await {
+    let (facts, intake) = Box::pin(intake::read(proxy, &policy, &client, parts, body)).await;
+    learned(record.get(), facts);
+    let intake = match intake {
         Ok(intake) => intake,
         Err(refusal) => return respond::respond(Answer::Refused(refusal), record, None),
     };
+    let started = record.get().started;
     let fill = match intake.cache_key {
         None => None,
         Some(key) => {
             let wants_usage = !intake.out.strip_usage_event;
-            match Box::pin(cached::lookup(proxy, &policy, &mut record, key, &intake.out.headers, wants_usage))
-                .await
-            {
-                Cached::Answered(resp) => {
-                    record.complete();
-                    return resp;
+            let lookup = cached::lookup(proxy, &policy, started, key, &intake.out.headers, wants_usage);
+            let (how, cached) = Box::pin(lookup).await;
+            record.get().cache = how;
+            match cached {
+                Cached::Answered(served) => {
+                    record.get().saved_tokens = served.saved_tokens;
+                    record.finish(served.status, served.outcome);
+                    return served.response;
                 }
                 Cached::Fill(fill) => Some(fill),
                 Cached::Skip => None,
@@ -85,8 +91,21 @@ async fn pipeline(
             }
         }
     };
-    let answer = attempts::run(proxy, &policy, &client, &intake, &mut record).await;
+    let answer = attempts::run(proxy, &policy, &client, &intake, started, record.tried()).await;
     respond::respond(answer, record, fill)
+}
+
+/// Put what intake learned into the record.
+fn learned(rec: &mut RequestRecord, facts: Facts) {
+    let Facts { logged, client, model, stream, estimate, prompt_hash } = facts;
+    if let Some(logged) = logged {
+        rec.logged = logged;
+    }
+    rec.client = client;
+    rec.model = model;
+    rec.stream = stream;
+    rec.estimate = estimate;
+    rec.prompt_hash = prompt_hash;
 }
 
 /// The client's `x-request-id`, if it is a sane one to echo and log.

@@ -12,6 +12,22 @@ use crate::protocol::tokens::{Estimate, Usage};
 use crate::telemetry::labels::{CacheResult, Outcome, TokenKind};
 use crate::telemetry::metrics::{ClientMetrics, Metrics};
 
+/// What the attempts did, kept by them as they go (so that a request abandoned between two
+/// attempts still records the ones it made).
+#[derive(Debug, Default)]
+pub(crate) struct Tried {
+    /// Upstream attempts made.
+    pub(crate) attempts: u32,
+    /// Why each retry happened, in order.
+    pub(crate) retry_reasons: Vec<RetryReason>,
+    /// Time spent waiting for admission, all attempts together.
+    pub(crate) queue_wait: Duration,
+    /// Upstream time to headers of the last attempt.
+    pub(crate) upstream_latency: Option<Duration>,
+    /// The endpoint of the last attempt.
+    pub(crate) upstream: Option<String>,
+}
+
 /// What is known about one request, filled in as it goes.
 #[derive(Debug)]
 pub(crate) struct RequestRecord {
@@ -31,16 +47,8 @@ pub(crate) struct RequestRecord {
     pub status: u16,
     /// How it ended.
     pub outcome: Outcome,
-    /// Upstream attempts made.
-    pub attempts: u32,
-    /// Why each retry happened, in order.
-    pub retry_reasons: Vec<RetryReason>,
-    /// Time spent waiting for admission, all attempts together.
-    pub queue_wait: Duration,
-    /// Upstream time to headers of the last attempt.
-    pub upstream_latency: Option<Duration>,
-    /// The endpoint of the last attempt.
-    pub upstream: Option<String>,
+    /// What the attempts did.
+    pub tried: Tried,
     /// Tokens reserved before sending.
     pub estimate: Estimate,
     /// Tokens the upstream reported.
@@ -70,11 +78,7 @@ impl RequestRecord {
             stream: false,
             status: 0,
             outcome: Outcome::Ok,
-            attempts: 0,
-            retry_reasons: Vec::new(),
-            queue_wait: Duration::ZERO,
-            upstream_latency: None,
-            upstream: None,
+            tried: Tried::default(),
             estimate: Estimate::default(),
             usage: None,
             saved_tokens: None,
@@ -112,7 +116,8 @@ impl RequestRecord {
     /// The record's log line (target `llmproxy::request`).
     fn log(&self, elapsed: Duration) {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let reasons: Vec<&str> = self.retry_reasons.iter().map(|r| r.label()).collect();
+        let tried = &self.tried;
+        let reasons: Vec<&str> = tried.retry_reasons.iter().map(|r| r.label()).collect();
         tracing::info!(
             target: "llmproxy::request",
             request_id = self.request_id.as_str(),
@@ -124,11 +129,11 @@ impl RequestRecord {
             status = self.status,
             outcome = self.outcome.label(),
             cache = self.cache.map(CacheResult::label),
-            attempts = self.attempts,
-            upstream = self.upstream.as_deref(),
+            attempts = tried.attempts,
+            upstream = tried.upstream.as_deref(),
             retry_reasons = ?reasons,
-            queue_wait_ms = ms(self.queue_wait),
-            upstream_latency_ms = self.upstream_latency.map(ms),
+            queue_wait_ms = ms(tried.queue_wait),
+            upstream_latency_ms = tried.upstream_latency.map(ms),
             duration_ms = ms(elapsed),
             reserved_tokens = self.estimate.total(),
             prompt_tokens = self.usage.map(|u| u.prompt),
@@ -165,6 +170,11 @@ impl RecordGuard {
     pub(crate) fn get(&mut self) -> &mut RequestRecord {
         // Only `finish` empties it, and it consumes the guard.
         self.record.get_or_insert_with(|| RequestRecord::new(http::Method::GET, "", String::new()))
+    }
+
+    /// The attempts' own account, kept in the record as they go.
+    pub(crate) fn tried(&mut self) -> &mut Tried {
+        &mut self.get().tried
     }
 
     /// End the request with `status` and `outcome`.

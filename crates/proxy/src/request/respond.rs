@@ -66,7 +66,7 @@ pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill
             rec.outcome = Outcome::for_status(status.as_u16());
             let mut headers = upstream::response_headers(&headers);
             headers.remove(header::CONTENT_LENGTH);
-            headers.insert("x-llmproxy-attempts", HeaderValue::from(rec.attempts));
+            headers.insert("x-llmproxy-attempts", HeaderValue::from(rec.tried.attempts));
             record.complete();
             let mut out = Response::new(Body::from(body));
             *out.status_mut() = status;
@@ -90,7 +90,7 @@ pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill
     let rec = record.get();
     rec.status = status.as_u16();
     rec.outcome = Outcome::for_status(status.as_u16());
-    headers.insert("x-llmproxy-attempts", HeaderValue::from(rec.attempts));
+    headers.insert("x-llmproxy-attempts", HeaderValue::from(rec.tried.attempts));
     if let Some(how) = rec.cache {
         headers.insert("x-llmproxy-cache", HeaderValue::from_static(how.label()));
     }
@@ -202,7 +202,7 @@ impl Relay {
             rec.outcome = o;
         }
         rec.usage = usage;
-        if let Some(mut permit) = self.permit.take() {
+        if let Some(permit) = self.permit.take() {
             // Without usage (an error answer, a stream cut short, a client gone) the charge
             // made at admission stands: never more.
             permit.settle(usage.map(Usage::total));

@@ -121,6 +121,112 @@ struct Recent {
     waits: std::collections::VecDeque<(tokio::time::Instant, f32)>,
 }
 
+impl Recent {
+    /// Nothing seen yet, as of `now`.
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            upstream_429s: crate::admission::limiter::window::MinuteWindow::new(now),
+            upstream_errors: crate::admission::limiter::window::MinuteWindow::new(now),
+            waits: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+/// The policy source's series, registered together.
+struct Source {
+    reloads: Vec<IntCounter>,
+    source_up: IntGauge,
+    source_restarts: IntCounter,
+}
+
+impl Source {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        let reloads = counter_vec(
+            r,
+            "llmproxy_policy_reloads_total",
+            "Policy reloads by result (applied, unchanged, rejected).",
+            "result",
+        )?;
+        Ok(Self {
+            reloads: series(&reloads, Reload::ALL.map(Reload::label)),
+            source_up: gauge(
+                r,
+                "llmproxy_policy_source_up",
+                "1 while the policy source (file poller or cluster watcher) runs.",
+            )?,
+            source_restarts: counter(
+                r,
+                "llmproxy_policy_source_restarts_total",
+                "Times the policy source ended or panicked and was started again.",
+            )?,
+        })
+    }
+}
+
+/// The response cache's series, registered together.
+struct Cache {
+    cache_requests: Vec<IntCounter>,
+    coalesced: IntCounter,
+    cache_entries: IntGauge,
+    cache_bytes: IntGauge,
+    cache_saved_tokens: IntCounter,
+}
+
+impl Cache {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        let cache_requests = counter_vec(
+            r,
+            "llmproxy_cache_requests_total",
+            "Cacheable requests by cache result (hit, miss, bypass).",
+            "result",
+        )?;
+        Ok(Self {
+            cache_requests: series(&cache_requests, CacheResult::COUNTED.map(CacheResult::label)),
+            coalesced: counter(
+                r,
+                "llmproxy_coalesced_requests_total",
+                "Requests answered with the response of an identical request that was in flight.",
+            )?,
+            cache_entries: gauge(r, "llmproxy_cache_entries", "Entries in the response cache.")?,
+            cache_bytes: gauge(
+                r,
+                "llmproxy_cache_bytes",
+                "Bytes held by the response cache, as weighed against its budget.",
+            )?,
+            cache_saved_tokens: counter(
+                r,
+                "llmproxy_cache_saved_tokens_total",
+                "Tokens that cache hits and coalesced answers did not spend upstream.",
+            )?,
+        })
+    }
+}
+
+/// The autoscaling signal (see `Metrics::saturation`).
+fn saturation(r: &Registry) -> Result<prometheus::Gauge, prometheus::Error> {
+    register(
+        r,
+        prometheus::Gauge::new(
+            "llmproxy_saturation",
+            "In-flight requests, plus those waiting for a slot while all are taken, over maxConcurrent: above 1 the pod itself is the bottleneck (scale out); it stays low while requests wait for the upstream quota.",
+        )?,
+    )
+}
+
+/// Which mode the shared limits run in, one series per mode.
+fn quota_mode(r: &Registry) -> Result<IntGaugeVec, prometheus::Error> {
+    register(
+        r,
+        IntGaugeVec::new(
+            Opts::new(
+                "llmproxy_quota_mode",
+                "1 for the mode the shared limits run in: shared (through Redis) or local (a share each, Redis unreachable); 0 for the other.",
+            ),
+            &["mode"],
+        )?,
+    )
+}
+
 /// The most queue waits remembered for the p99 (the newest).
 const MAX_WAITS: usize = 4096;
 
@@ -319,53 +425,19 @@ impl Metrics {
     pub fn new(registry: Registry) -> Result<Self, crate::Error> {
         let r = &registry;
         let retries = counter_vec(r, "llmproxy_retries_total", "Upstream retries by reason.", "reason")?;
-        let reloads = counter_vec(
-            r,
-            "llmproxy_policy_reloads_total",
-            "Policy reloads by result (applied, unchanged, rejected).",
-            "result",
-        )?;
-        let cache_requests = counter_vec(
-            r,
-            "llmproxy_cache_requests_total",
-            "Cacheable requests by cache result (hit, miss, bypass).",
-            "result",
-        )?;
+        let Source { reloads, source_up, source_restarts } = Source::register(r)?;
+        let Cache { cache_requests, coalesced, cache_entries, cache_bytes, cache_saved_tokens } =
+            Cache::register(r)?;
         let metrics = Self {
-            saturation: register(
-                r,
-                prometheus::Gauge::new(
-                    "llmproxy_saturation",
-                    "In-flight requests, plus those waiting for a slot while all are taken, over maxConcurrent: above 1 the pod itself is the bottleneck (scale out); it stays low while requests wait for the upstream quota.",
-                )?,
-            )?,
-            recent: std::sync::Mutex::new(Recent {
-                upstream_429s: crate::admission::limiter::window::MinuteWindow::new(
-                    tokio::time::Instant::now(),
-                ),
-                upstream_errors: crate::admission::limiter::window::MinuteWindow::new(
-                    tokio::time::Instant::now(),
-                ),
-                waits: std::collections::VecDeque::new(),
-            }),
+            saturation: saturation(r)?,
+            recent: std::sync::Mutex::new(Recent::new(tokio::time::Instant::now())),
             by_client: ByClient::register(r)?,
             upstreams: Upstreams::register(r)?,
-            quota_mode: register(
+            quota_mode: quota_mode(r)?,
+            quota_members: gauge(
                 r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "llmproxy_quota_mode",
-                        "1 for the mode the shared limits run in: shared (through Redis) or local (a share each, Redis unreachable); 0 for the other.",
-                    ),
-                    &["mode"],
-                )?,
-            )?,
-            quota_members: register(
-                r,
-                IntGauge::new(
-                    "llmproxy_quota_members",
-                    "Pods sharing the buckets, by their heartbeats in Redis (a pod alone divides each rate by it).",
-                )?,
+                "llmproxy_quota_members",
+                "Pods sharing the buckets, by their heartbeats in Redis (a pod alone divides each rate by it).",
             )?,
             quota_malformed_entries: counter(
                 r,
@@ -401,34 +473,14 @@ impl Metrics {
                 "Tokens-per-minute limit this replica enforces (0: unlimited).",
             )?,
             queue_capacity: gauge(r, "llmproxy_queue_capacity_requests", "Requests that may wait at once.")?,
-            reloads: series(&reloads, Reload::ALL.map(Reload::label)),
-            source_up: gauge(
-                r,
-                "llmproxy_policy_source_up",
-                "1 while the policy source (file poller or cluster watcher) runs.",
-            )?,
-            source_restarts: counter(
-                r,
-                "llmproxy_policy_source_restarts_total",
-                "Times the policy source ended or panicked and was started again.",
-            )?,
-            cache_requests: series(&cache_requests, CacheResult::COUNTED.map(CacheResult::label)),
-            coalesced: counter(
-                r,
-                "llmproxy_coalesced_requests_total",
-                "Requests answered with the response of an identical request that was in flight.",
-            )?,
-            cache_entries: gauge(r, "llmproxy_cache_entries", "Entries in the response cache.")?,
-            cache_bytes: gauge(
-                r,
-                "llmproxy_cache_bytes",
-                "Bytes held by the response cache, as weighed against its budget.",
-            )?,
-            cache_saved_tokens: counter(
-                r,
-                "llmproxy_cache_saved_tokens_total",
-                "Tokens that cache hits and coalesced answers did not spend upstream.",
-            )?,
+            reloads,
+            source_up,
+            source_restarts,
+            cache_requests,
+            coalesced,
+            cache_entries,
+            cache_bytes,
+            cache_saved_tokens,
             registry,
         };
         // The anonymous client's series exist from the start, for dashboards and alerts.

@@ -68,7 +68,7 @@ impl Health {
 
 /// How an attempt at an endpoint went, for its health.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// It answered (whatever it answered, short of a server error).
     Answered,
     /// A server error (5xx).

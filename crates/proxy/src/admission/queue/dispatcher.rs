@@ -188,7 +188,7 @@ mod tests {
         let a = with(l);
         let t0 = Instant::now();
         // In flight, reserving 500 tokens: 49 s of debt at 10/s, past the 30 s deadline.
-        let mut first = take(&a, 500, t0 + secs(30)).await.expect("first goes at once");
+        let first = take(&a, 500, t0 + secs(30)).await.expect("first goes at once");
         let second = spawn_anon(&a, 10, t0 + secs(30));
         tokio::time::sleep(secs(1)).await;
         // It used 20: the debt shrinks to what 20 tokens cost, and the second one goes soon.

@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::lines::{Lines, Party, Place};
-use super::permit::{Issuer, Permit, Rejection};
+use super::permit::{End, Issuer, Permit, Rejection};
 use crate::admission::budget::RetryBudget;
 use crate::admission::limiter::{Ask, Calibration, Limit, Limiter, Mark, Verdict};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
@@ -112,48 +112,53 @@ impl Admission {
 }
 
 impl Issuer for Admission {
-    fn refund(&self, mark: &Mark, client: &Option<Arc<str>>, tokens: u64) {
+    fn report(
+        &self,
+        mark: &Mark,
+        client: &Option<Arc<str>>,
+        verdict: &Verdict,
+        refund: Option<u64>,
+        calibration: Option<(&QuotaHeaders, Calibration)>,
+    ) {
+        let now = Instant::now();
         let mut shared = self.lock();
-        shared.limiter.refund(Instant::now(), mark, client, tokens);
-        shared.limiter.answered(mark);
-        drop(shared);
-        self.wake_if_waiting();
-    }
-
-    fn settle(&self, mark: &Mark, client: &Option<Arc<str>>, charged: u64, used: Option<u64>) -> u64 {
-        let settled = self.lock().limiter.settle(Instant::now(), mark, client, charged, used);
-        if settled != charged {
-            self.wake_if_waiting();
+        let ejected = shared.limiter.verdict(now, mark, verdict);
+        if let Some(tokens) = refund {
+            shared.limiter.refund(now, mark, client, tokens);
+            shared.limiter.answered(mark);
         }
-        settled
-    }
-
-    fn calibrate(&self, quota: &QuotaHeaders, mark: &Mark, c: Calibration) {
-        self.lock().limiter.calibrate(Instant::now(), quota, mark, c);
-    }
-
-    fn pause(&self, mark: &Mark, until: Instant) {
-        self.lock().limiter.pause(Instant::now(), mark, until);
-        self.metrics.upstream_pauses.inc();
-        self.wake.notify_one();
-    }
-
-    fn verdict(&self, mark: &Mark, verdict: &Verdict) {
-        let ejected = self.lock().limiter.verdict(Instant::now(), mark, verdict);
+        if let Some((quota, c)) = calibration {
+            shared.limiter.calibrate(now, quota, mark, c);
+        }
+        drop(shared);
         if ejected {
             tracing::warn!(upstream = %mark.endpoint.name, "upstream endpoint taken out after failures");
             self.metrics.upstream_ejected(&mark.endpoint.name);
             self.wake.notify_one();
+        } else if refund.is_some() {
+            self.wake_if_waiting();
         }
     }
 
-    fn release(&self, mark: &Mark) {
+    fn release(&self, mark: &Mark, client: &Option<Arc<str>>, end: End) {
+        let now = Instant::now();
         let mut shared = self.lock();
+        if let Some((charged, used)) = end.settle {
+            shared.limiter.settle(now, mark, client, charged, used);
+        }
+        if let Some(until) = end.pause {
+            shared.limiter.pause(now, mark, until);
+        }
         shared.limiter.answered(mark);
         shared.limiter.release();
         drop(shared);
         self.metrics.inflight.dec();
-        self.wake_if_waiting();
+        if end.pause.is_some() {
+            self.metrics.upstream_pauses.inc();
+            self.wake.notify_one();
+        } else {
+            self.wake_if_waiting();
+        }
     }
 
     fn take_bytes(&self, n: u64) -> Result<(), Rejection> {

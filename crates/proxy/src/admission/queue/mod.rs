@@ -36,7 +36,7 @@ use self::lines::{Lines, Waiter};
 pub(crate) use self::lines::{Party, Place};
 pub(crate) use self::permit::BytesLease;
 use self::permit::Issuer;
-pub(crate) use self::permit::{Held, Permit, Rejection};
+pub(crate) use self::permit::{Held, Permit, Rejection, Report};
 use crate::admission::budget::RetryBudget;
 use crate::admission::limiter::{Ask, Decision, EndpointReport, Holds, Limit, Limiter};
 use crate::telemetry::metrics::Metrics;

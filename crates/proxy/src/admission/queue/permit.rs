@@ -25,21 +25,22 @@ pub struct Rejection {
 
 /// What a permit, a byte lease and a held place need of the gate that issued them, and no
 /// more: the gate implements it, so this module depends on its own view of the gate, not on
-/// the gate.
+/// the gate. A permit calls it twice at most: once with what its attempt learned, once when
+/// it goes.
 pub(crate) trait Issuer: Send + Sync {
-    /// Give back `tokens` of the attempt of `mark` (the upstream charged nothing); it is
-    /// answered.
-    fn refund(&self, mark: &Mark, client: &Option<Arc<str>>, tokens: u64);
-    /// Settle the attempt of `mark` against its usage; returns the charge that stands.
-    fn settle(&self, mark: &Mark, client: &Option<Arc<str>>, charged: u64, used: Option<u64>) -> u64;
-    /// Follow what the upstream's headers said in answer to the attempt of `mark`.
-    fn calibrate(&self, quota: &QuotaHeaders, mark: &Mark, c: Calibration);
-    /// Hold the model of `mark` at its endpoint until `until`.
-    fn pause(&self, mark: &Mark, until: Instant);
-    /// Record how the attempt of `mark` went at its endpoint.
-    fn verdict(&self, mark: &Mark, verdict: &Verdict);
-    /// The attempt of `mark` is over: its concurrency slot comes free.
-    fn release(&self, mark: &Mark);
+    /// What the attempt of `mark` learned, under one lock: its verdict, `refund` tokens given
+    /// back (the attempt is answered), then the upstream's quota headers followed.
+    fn report(
+        &self,
+        mark: &Mark,
+        client: &Option<Arc<str>>,
+        verdict: &Verdict,
+        refund: Option<u64>,
+        calibration: Option<(&QuotaHeaders, Calibration)>,
+    );
+    /// The attempt of `mark` is over, under one lock: settled as `end` says, its model paused
+    /// if it says so, and its concurrency slot free.
+    fn release(&self, mark: &Mark, client: &Option<Arc<str>>, end: End);
     /// Count `n` more body bytes, if the budget has room.
     fn take_bytes(&self, n: u64) -> Result<(), Rejection>;
     /// Body bytes no longer held.
@@ -48,15 +49,43 @@ pub(crate) trait Issuer: Send + Sync {
     fn unhold(&self);
 }
 
-/// An admitted request: holds a concurrency slot and its token charge until dropped.
+/// How an attempt ends, told to the gate as its permit goes.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct End {
+    /// The answer completed: the tokens charged, and its real usage if it reported one.
+    pub(crate) settle: Option<(u64, Option<u64>)>,
+    /// Hold its model at its endpoint until then.
+    pub(crate) pause: Option<Instant>,
+}
+
+/// What an attempt learned from its endpoint (its answer, or its silence).
+pub(crate) struct Report<'a> {
+    /// How it went at the endpoint (its health).
+    pub(crate) verdict: Verdict,
+    /// The upstream charged nothing for it (it refused it with 429, refused the proxy's key,
+    /// or never saw it): its tokens go back.
+    pub(crate) refund: bool,
+    /// What the upstream's headers said of its quota, if they said anything.
+    pub(crate) quota: Option<&'a QuotaHeaders>,
+    /// The headers came with a 429.
+    pub(crate) refused: bool,
+    /// The longest reset taken at its word.
+    pub(crate) max_reset: Duration,
+}
+
+/// An admitted request: holds a concurrency slot and its token charge until dropped (or
+/// settled, or paused). It takes the gate's lock twice at most: when it reports, and when it
+/// goes.
 pub struct Permit {
     issuer: Arc<dyn Issuer>,
     client: Option<Arc<str>>,
-    /// Tokens charged for this attempt (changes when settled).
+    /// Tokens charged for this attempt.
     charged: u64,
     /// Tokens given back because the upstream did not count the attempt.
     refunded: u64,
     mark: Mark,
+    /// The gate was told the attempt is over (settled or paused): nothing is left to release.
+    released: bool,
     /// How long the request queued.
     pub waited: Duration,
 }
@@ -70,7 +99,7 @@ impl Permit {
         mark: Mark,
         waited: Duration,
     ) -> Self {
-        Self { issuer, client, charged, refunded: 0, mark, waited }
+        Self { issuer, client, charged, refunded: 0, mark, released: false, waited }
     }
 
     /// The endpoint this attempt goes to.
@@ -78,47 +107,46 @@ impl Permit {
         &self.mark.endpoint
     }
 
-    /// The upstream charged nothing for this attempt (it refused it with 429, refused the
-    /// proxy's key, or never saw it): its tokens go back.
-    pub fn refund(&mut self) {
-        if self.charged == 0 {
-            return;
+    /// Tell the gate what the attempt learned, in one go.
+    pub(crate) fn report(&mut self, report: &Report<'_>) {
+        let refund = (report.refund && self.charged > 0).then_some(self.charged);
+        if let Some(tokens) = refund {
+            self.refunded += tokens;
+            self.charged = 0;
         }
-        self.issuer.refund(&self.mark, &self.client, self.charged);
-        self.refunded += self.charged;
-        self.charged = 0;
+        let calibration = report.quota.filter(|q| q.says_remaining()).map(|q| {
+            let c =
+                Calibration { refunded: self.refunded, refused: report.refused, max_reset: report.max_reset };
+            (q, c)
+        });
+        self.issuer.report(&self.mark, &self.client, &report.verdict, refund, calibration);
     }
 
     /// The answer is complete; `used` is its real usage if it reported one. Under `used`
-    /// accounting the charge becomes the usage, under `requested` it stands.
-    pub fn settle(&mut self, used: Option<u64>) {
-        self.charged = self.issuer.settle(&self.mark, &self.client, self.charged, used);
-    }
-
-    /// Follow what the upstream's headers say remains; `refused` when they came with a 429.
-    pub(crate) fn calibrate(&self, quota: &QuotaHeaders, refused: bool, max_reset: Duration) {
-        if !quota.says_remaining() {
-            return;
-        }
-        let c = Calibration { refunded: self.refunded, refused, max_reset };
-        self.issuer.calibrate(quota, &self.mark, c);
+    /// accounting the charge becomes the usage, under `requested` it stands. The attempt is
+    /// over.
+    pub fn settle(self, used: Option<u64>) {
+        let settle = Some((self.charged, used));
+        self.release(End { settle, pause: None });
     }
 
     /// Hold this attempt's model at its endpoint (everything there, without a model) until
-    /// `until`, because the endpoint said that window is spent.
-    pub fn pause(&self, until: Instant) {
-        self.issuer.pause(&self.mark, until);
+    /// `until`, because the endpoint said that window is spent. The attempt is over.
+    pub fn pause(self, until: Instant) {
+        self.release(End { settle: None, pause: Some(until) });
     }
 
-    /// Record how the attempt went at its endpoint (its health).
-    pub fn verdict(&self, verdict: &Verdict) {
-        self.issuer.verdict(&self.mark, verdict);
+    fn release(mut self, end: End) {
+        self.issuer.release(&self.mark, &self.client, end);
+        self.released = true;
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.issuer.release(&self.mark);
+        if !self.released {
+            self.issuer.release(&self.mark, &self.client, End::default());
+        }
     }
 }
 
@@ -171,16 +199,23 @@ mod tests {
     use super::super::tests::*;
     use super::*;
 
+    /// An answer with these headers, `refund`ed, `refused` with a 429.
+    fn answered(quota: Option<&QuotaHeaders>, refund: bool, refused: bool) -> Report<'_> {
+        Report { verdict: Verdict::Answered, refund, quota, refused, max_reset: secs(30) }
+    }
+
     // tokio's paused clock auto-advances while every task sleeps: a fake clock, no real waiting.
     #[tokio::test(start_paused = true)]
     async fn requested_accounting_never_refunds_but_a_refused_attempt_is_not_charged() {
         // 100 tokens/s, bucket 100; the upstream's bucket here keeps 10 of them in hand.
-        let a = with(limits(6000, 100, Some(6000), 100));
-        let t0 = Instant::now();
-        let mut p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
+        let limits = limits(6000, 100, Some(6000), 100);
+        let (a, t0) = (with(limits.clone()), Instant::now());
+        let p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
         p.settle(Some(10));
         assert_eq!(a.tokens_available().map(f64::round), Some(10.0), "requested: the charge stands");
-        p.refund();
+        let a = with(limits);
+        let mut p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
+        p.report(&answered(None, true, false));
         assert_eq!(a.tokens_available().map(f64::round), Some(90.0), "a 429'd attempt costs nothing");
     }
 
@@ -188,16 +223,16 @@ mod tests {
     async fn the_upstreams_remaining_lowers_a_bucket_that_ran_ahead() {
         let a = with(limits(6000, 100, Some(60_000), 100)); // 1000 tokens/s, bucket 1000
         let t0 = Instant::now();
-        let p = take(&a, 100, t0 + secs(30)).await.expect("goes at once");
+        let mut p = take(&a, 100, t0 + secs(30)).await.expect("goes at once");
         // Another request charged 200 after ours was sent; the upstream (others use the key)
         // says only 300 remained after ours.
         let _q = take(&a, 200, t0 + secs(30)).await;
         let headers = QuotaHeaders { remaining_tokens: Some(300), ..QuotaHeaders::default() };
-        p.calibrate(&headers, true, secs(30));
+        p.report(&answered(Some(&headers), false, true));
         assert_eq!(a.tokens_available().map(f64::round), Some(100.0), "300 then, minus the 200 since");
         // It never raises the level.
         let generous = QuotaHeaders { remaining_tokens: Some(100_000), ..QuotaHeaders::default() };
-        p.calibrate(&generous, true, secs(30));
+        p.report(&answered(Some(&generous), false, true));
         assert_eq!(a.tokens_available().map(f64::round), Some(100.0));
     }
 
