@@ -117,27 +117,40 @@ async fn large_queued_bodies_stay_within_the_memory_budget() {
     let idle = load::rss_bytes(proxy.pid());
     let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat((4 << 20) - 1024)}]})
         .to_string();
-    let client = load::client();
     let url = proxy.url("/chat/completions");
+    // A client each: a shared pool could hand a later request the connection of a refused
+    // one, which the proxy is closing, and that request would never reach it.
     let sends: Vec<_> = (0..20)
         .map(|_| {
-            let req = client.post(&url).header("content-type", "application/json").body(body.clone());
+            let req = load::client().post(&url).header("content-type", "application/json").body(body.clone());
             tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) })
         })
         .collect();
     // Eight fit in the budget (one upstream, held; seven queued); the rest hear so at once.
     let metrics_url = format!("http://{}/metrics", proxy.admin);
-    eventually("the budget to fill and the rest to be refused", Duration::from_secs(90), || {
-        let url = metrics_url.clone();
-        async move {
-            let m = get_text(&url).await;
-            let refused =
-                crate::support::proxy_env::metric(&m, "llmproxy_throttled_total{limit=\"queue_bytes\"}");
-            let waiting = crate::support::proxy_env::metric(&m, "llmproxy_queue_depth");
-            (refused == 12.0 && waiting == 7.0).then_some(())
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let m = get_text(&metrics_url).await;
+        let refused =
+            crate::support::proxy_env::metric(&m, "llmproxy_throttled_total{limit=\"queue_bytes\"}");
+        let waiting = crate::support::proxy_env::metric(&m, "llmproxy_queue_depth");
+        if refused == 12.0 && waiting == 7.0 {
+            break;
         }
-    })
-    .await;
+        if Instant::now() > deadline {
+            upstream.mock.release();
+            let mut statuses = Vec::new();
+            for s in sends {
+                statuses.push(s.await.unwrap_or(0));
+            }
+            panic!(
+                "the budget did not fill with the rest refused: {refused} refused, {waiting} waiting, \
+                 answers {statuses:?}\n{m}\n{}",
+                proxy.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let held = load::rss_bytes(proxy.pid());
     eprintln!("RSS idle {} MiB, with the budget full {} MiB", idle >> 20, held >> 20);
     assert!(
