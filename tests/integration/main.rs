@@ -5,6 +5,7 @@
 // only #[test] functions, so the helpers get the same allowance here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod anthropic;
 mod cache;
 mod chart;
 mod clients;

@@ -210,7 +210,7 @@ async fn under_used_accounting_unused_tokens_are_released_for_the_next_request()
     let (b, _, body) = post_json(&proxy.url("/chat/completions"), &chat(200)).await;
     assert_eq!(b, 200, "{body}");
     let m = proxy.metrics().await;
-    assert!(metric(&m, "llmproxy_tokens_total{kind=\"completion\"}") >= 16.0, "{m}");
+    assert!(metric(&m, "llmproxy_tokens_total{kind=\"output\"}") >= 16.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,7 +237,7 @@ async fn streams_reach_the_client_before_the_upstream_finishes() {
     assert!(!text.contains("\"usage\":{"), "usage event leaked to a client that did not ask: {text}");
     let m = proxy.metrics().await;
     assert!(
-        metric(&m, "llmproxy_tokens_total{kind=\"completion\"}") >= 5.0,
+        metric(&m, "llmproxy_tokens_total{kind=\"output\"}") >= 5.0,
         "usage was read from the stream: {m}"
     );
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::support::eventually;
 use crate::support::proxy_env::{ProxyProcess, get_text, manifest, metric, mock, post_json};
-use crate::support::python::python_with_openai;
+use crate::support::python::python_with_sdks;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_the_file_reloads_the_policy_in_place() {
@@ -142,7 +142,7 @@ async fn keys_never_appear_in_logs_metrics_or_error_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_sdk_works_through_the_proxy() {
-    let python = python_with_openai();
+    let python = python_with_sdks();
     let upstream = mock(MockConfig { api_key: Some("sk-upstream".into()), ..MockConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("llmproxy.yaml");

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::support::eventually;
-use crate::support::proxy_env::{ProxyProcess, get_text, metric, mock};
+use crate::support::proxy_env::{ProxyProcess, get_text, metric, mock, post_json};
 use crate::support::redis::RedisServer;
 
 /// 100 requests per second, a burst of 100.
@@ -216,6 +216,7 @@ async fn two_llmproxies_drawing_on_one_llmquota_stay_within_it_together() {
 /// team-a and team-b, each one proxy process drawing on `quota` with its `quotaRef`, flood
 /// 400 requests each at once; what each got and when each finished.
 async fn two_teams_flood(
+    redis: &RedisServer,
     dir: &tempfile::TempDir,
     upstream: &MockServer,
     quota: &str,
@@ -230,6 +231,16 @@ async fn two_teams_flood(
         procs.push(ProxyProcess::start(&path, &[], &[]).await);
     }
     let (a, b) = (procs[0].url("/chat/completions"), procs[1].url("/chat/completions"));
+    // Both known to the quota before the race starts: a consumer that takes part in its first
+    // round late (a busy machine) would otherwise run alone for that long.
+    for url in [&a, &b] {
+        let (status, _, body) = post_json(url, &load::chat_body(1)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    eventually("both teams to be the quota's consumers", Duration::from_secs(30), || async {
+        (keys(redis, "llmproxy:q:org:f:*:share").await.len() == 2).then_some(())
+    })
+    .await;
     let start = Instant::now();
     let timed = |urls: Vec<String>| async move {
         let statuses = load_over(&urls, 40, 400).await;
@@ -250,7 +261,7 @@ async fn under_contention_a_guarantee_and_weights_hold() {
     // The owner guarantees team-a 70 % of the org's 100/s, and the rest is split by weight
     // (1:1): 85/s for it, 15/s for team-b while both are busy. Both flood.
     let ((ra, a_wall), (rb, b_wall)) =
-        two_teams_flood(&dir, &upstream, &quota, ["{name: org}", "{name: org}"]).await;
+        two_teams_flood(&redis, &dir, &upstream, &quota, ["{name: org}", "{name: org}"]).await;
     assert!(ra.iter().chain(&rb).all(|s| *s == Some(200)), "nobody is refused, nobody starves");
     // First come, first served would give each half (400 in 8 s); at 85/s team-a's 400 take
     // about 4.7 s. team-b finishes after, on what team-a leaves.
@@ -468,6 +479,7 @@ async fn a_greedy_consumer_cannot_starve_another_the_shares_are_the_owners() {
     );
     // team-a claims the whole quota for itself; team-b asks for nothing.
     let ((ra, a_wall), (rb, b_wall)) = two_teams_flood(
+        &redis,
         &dir,
         &upstream,
         &quota,

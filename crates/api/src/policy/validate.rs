@@ -387,14 +387,6 @@ fn endpoint(
             .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail(&format!("{field}.allowedPaths"), e)).ok())
             .collect(),
     };
-    if u.provider != Provider::OpenAi {
-        // The proxy's request path speaks only OpenAI's API so far: refuse, rather than pass an
-        // Anthropic upstream OpenAI's paths and headers.
-        c.fail(
-            &format!("{field}.provider"),
-            format!("{} is not served by this version yet", u.provider.name()),
-        );
-    }
     if u.provider != Provider::OpenAi && u.key_header != KeyHeader::Bearer {
         c.fail(
             &format!("{field}.keyHeader"),

@@ -13,7 +13,7 @@ pub enum RetryReason {
     RateLimited,
     /// Upstream 408.
     RequestTimeout,
-    /// Upstream 500, 502, 503 or 504.
+    /// Upstream 500, 502, 503, 504 or 529 (Anthropic's overloaded).
     ServerError,
     /// No connection could be made, or it broke before the response headers.
     Connect,
@@ -37,7 +37,8 @@ impl RetryReason {
         match status.as_u16() {
             429 => Some(Self::RateLimited),
             408 => Some(Self::RequestTimeout),
-            500 | 502 | 503 | 504 => Some(Self::ServerError),
+            // 529: Anthropic's overloaded_error, the provider busy rather than the request wrong.
+            500 | 502 | 503 | 504 | 529 => Some(Self::ServerError),
             _ => None,
         }
     }

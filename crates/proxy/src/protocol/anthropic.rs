@@ -3,8 +3,6 @@
 //! shape. Read without building a JSON tree; anything of an unexpected shape is skipped, never
 //! an error, since the answer goes to the client whatever the proxy makes of it.
 
-#![allow(dead_code)] // TEMP: wired into the request path by the Anthropic provider next
-
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;

@@ -1,8 +1,10 @@
-//! The OpenAI wire format as the proxy reads it on the way through: request bodies, token
-//! counts, server-sent events and the upstream's rate-limit headers.
+//! The providers' wire formats as the proxy reads them on the way through: request bodies,
+//! token counts, server-sent events, the upstream's rate-limit headers, and what differs by
+//! provider (`provider`).
 
 pub(crate) mod anthropic;
 pub(crate) mod body;
+pub(crate) mod provider;
 pub(crate) mod ratelimit_headers;
 pub(crate) mod sse;
 pub(crate) mod tokens;

@@ -56,7 +56,6 @@ impl SseTap {
     }
 
     /// A tap of an Anthropic stream (nothing is stripped from it).
-    #[allow(dead_code)] // TEMP: wired into the request path by the Anthropic provider next
     pub(crate) fn anthropic() -> Self {
         Self { anthropic: Some(StreamUsage::default()), ..Self::default() }
     }

@@ -51,9 +51,13 @@ impl Usage {
 /// prompt estimate (characters / 4 over the prompt fields' text, one token per number of
 /// pre-tokenised input) plus the completion budget (`max_completion_tokens`, `max_tokens` or
 /// `max_output_tokens`, else `default_max_tokens`, times `n`). Endpoints that generate nothing
-/// (embeddings, moderations) have no completion budget. Arithmetic saturates: an absurd budget
+/// (embeddings, moderations) have no completion budget; counting tokens costs none. Arithmetic saturates: an absurd budget
 /// becomes an absurd charge, which the limits then refuse.
 pub(crate) fn estimate(path: &str, body: &Inspected, default_max_tokens: u32) -> Estimate {
+    // Anthropic's token counting is free: it draws on no token limit.
+    if path.ends_with("/messages/count_tokens") {
+        return Estimate::default();
+    }
     let generates = !(path.ends_with("/embeddings") || path.ends_with("/moderations"));
     let completion = if generates {
         let max = body

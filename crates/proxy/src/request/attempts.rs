@@ -27,7 +27,7 @@ use super::respond::Answer;
 use crate::admission::limiter::Verdict;
 use crate::admission::queue::{Permit, Rejection, Report};
 use crate::admission::retry::{self, RetryReason};
-use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::protocol::provider;
 use crate::proxy::Proxy;
 use crate::request::error::{ApiError, Refusal};
 use crate::telemetry::labels::Outcome;
@@ -141,12 +141,7 @@ async fn send_once(
 ) -> Sent {
     let out = &intake.out;
     let key = proxy.key_for(policy, endpoint);
-    let headers = upstream::for_endpoint(
-        out.headers.clone(),
-        &endpoint.allowed_client_headers,
-        key.as_deref(),
-        endpoint.key_header,
-    );
+    let headers = upstream::for_endpoint(out.headers.clone(), endpoint, key.as_deref());
     let failure = |reason| Failure { reason, hint: None, window_known: false };
     let uri = match http::Uri::try_from(format!("{}{}", endpoint.url, out.rest)) {
         Ok(uri) => uri,
@@ -187,7 +182,7 @@ async fn send_once(
                 Some(RetryReason::RateLimited) => {
                     let headers = resp.headers().clone();
                     let body = read_small(resp).await;
-                    if is_out_of_credit(&body) {
+                    if provider::out_of_credit(endpoint.provider, &body) {
                         Sent::OutOfQuota { headers, body }
                     } else {
                         Sent::RateLimited { headers, body, hint }
@@ -211,14 +206,6 @@ async fn send_once(
             Sent::Failed { failure: failure(RetryReason::Timeout), message, unsent: false }
         }
     }
-}
-
-/// OpenAI's `insufficient_quota` (and the like): a 429 that no amount of waiting fixes.
-fn is_out_of_credit(body: &[u8]) -> bool {
-    let code = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.pointer("/error/code").and_then(|c| c.as_str()).map(str::to_owned));
-    matches!(code.as_deref(), Some("insufficient_quota" | "billing_hard_limit_reached"))
 }
 
 /// Read (and drop) a small error body so the connection can be reused. Boxed: the reading
@@ -345,7 +332,7 @@ async fn settle(
     let report = |verdict, refund, quota, refused| Report { verdict, refund, quota, refused, max_reset };
     match sent {
         Sent::Answer(resp) => {
-            let quota = QuotaHeaders::parse(resp.headers());
+            let quota = provider::quota_headers(endpoint.provider, resp.headers(), SystemTime::now());
             permit.report(&report(Verdict::Answered, false, quota.as_ref(), false));
             Attempted::Done(Answer::Upstream {
                 response: resp,
@@ -371,7 +358,7 @@ async fn settle(
         }
         Sent::RateLimited { headers, body, hint } => {
             // Not counted upstream: refund, then take the upstream's word for what remains.
-            let quota = QuotaHeaders::parse(&headers);
+            let quota = provider::quota_headers(endpoint.provider, &headers, SystemTime::now());
             let window_known = quota.is_some_and(|q| q.says_remaining());
             permit.report(&report(Verdict::Answered, true, quota.as_ref(), true));
             let failure = Failure { reason: RetryReason::RateLimited, hint, window_known };
@@ -380,7 +367,7 @@ async fn settle(
         Sent::Transient(resp, failure) => {
             // The upstream may have worked on it (and counted it): the charge stands.
             let verdict = Verdict::ServerError(format!("status {}", resp.status().as_u16()));
-            let quota = QuotaHeaders::parse(resp.headers());
+            let quota = provider::quota_headers(endpoint.provider, resp.headers(), SystemTime::now());
             permit.report(&report(verdict, false, quota.as_ref(), false));
             Attempted::Failed(failure, Last::Response(resp), permit)
         }
@@ -511,12 +498,5 @@ mod tests {
         let t = failure(RetryReason::Timeout, None, false);
         assert_eq!(next_step(t, 1, 0, &policy(4), now, now + Duration::from_secs(60), HERE), Step::GiveUp);
         assert_eq!(next_step(e, 1, 0, &policy(4), now, now + Duration::from_secs(5), HERE), Step::GiveUp);
-    }
-
-    #[test]
-    fn out_of_credit_is_told_apart() {
-        assert!(is_out_of_credit(br#"{"error": {"code": "insufficient_quota", "message": "x"}}"#));
-        assert!(!is_out_of_credit(br#"{"error": {"code": "rate_limit_exceeded"}}"#));
-        assert!(!is_out_of_credit(b"not json"));
     }
 }

@@ -1,13 +1,16 @@
-//! The proxy's own error responses, in OpenAI's shape so that SDKs parse and retry them:
-//! `{"error": {"message", "type", "param", "code"}}`.
+//! The proxy's own error responses, in the shape of the API the client speaks so that its SDK
+//! parses and retries them: OpenAI's `{"error": {"message", "type", "param", "code"}}`, or
+//! Anthropic's `{"type": "error", "error": {"type", "message"}}` for the Messages API.
 
 use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
+use llmproxy_api::Provider;
 use serde_json::json;
 
 use crate::admission::queue::Rejection;
+use crate::protocol::anthropic;
 use crate::telemetry::labels::Outcome;
 
 /// An error the proxy answers itself.
@@ -108,10 +111,16 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}});
+impl ApiError {
+    /// The response, in the error shape of the API the client speaks (`dialect`), so that its
+    /// SDK raises its own exception types.
+    pub(crate) fn response(self, dialect: Provider) -> Response {
+        let body = match dialect {
+            Provider::OpenAi => {
+                json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+            }
+            Provider::Anthropic => anthropic::error_body(self.status.as_u16(), &self.message),
+        };
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(after) = self.retry_after {
             // Whole seconds, rounded up, for clients that read Retry-After; milliseconds for
@@ -121,5 +130,11 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert("retry-after-ms", HeaderValue::from(after.as_millis().max(1) as u64));
         }
         resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response(Provider::OpenAi)
     }
 }

@@ -221,6 +221,12 @@ fn charge(
 ) -> Result<Ask, Refusal> {
     facts.model = i.model.clone();
     facts.stream = i.stream;
+    // Anthropic requires `max_tokens` on a message (and charges it against output tokens per
+    // minute until the answer says what was used): refuse its absence as Anthropic would,
+    // rather than charge a guess.
+    if rest == "/messages" && i.max_tokens.is_none() {
+        return Err(bad(bad_request("max_tokens: Field required")));
+    }
     facts.estimate = tokens::estimate(rest, i, policy.limits.default_max_tokens);
     if logged {
         facts.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);

@@ -97,8 +97,10 @@ impl RequestRecord {
         let elapsed = self.started.elapsed();
         client.request_done(self.outcome, elapsed.as_secs_f64());
         if let Some(u) = self.usage {
-            client.tokens(TokenKind::Prompt, u.prompt);
-            client.tokens(TokenKind::Completion, u.completion);
+            client.tokens(TokenKind::Input, u.prompt);
+            client.tokens(TokenKind::Output, u.completion);
+            client.tokens(TokenKind::CacheWrite, u.cache_write);
+            client.tokens(TokenKind::CacheRead, u.cache_read);
         }
         if let Some(saved) = self.saved_tokens {
             metrics.cache_saved_tokens.inc_by(saved);

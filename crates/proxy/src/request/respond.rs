@@ -6,17 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 
 use http::{HeaderValue, header};
+use llmproxy_api::Provider;
 
 use super::cached::Fill;
 use super::record::RecordGuard;
 use crate::admission::queue::Permit;
 use crate::cache::CachedResponse;
+use crate::protocol::provider;
 use crate::protocol::sse::SseTap;
-use crate::protocol::tokens::{Usage, usage_in_body, usage_in_tail};
+use crate::protocol::tokens::{Usage, usage_in_tail};
 use crate::request::error::Refusal;
 use crate::telemetry::labels::Outcome;
 use crate::upstream;
@@ -57,8 +59,9 @@ pub(crate) enum Answer {
 pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill>) -> Response {
     let (response, permit, idle_timeout, strip_usage_event) = match answer {
         Answer::Refused(Refusal { error, outcome }) => {
+            let dialect = provider::client_dialect(&record.get().path);
             record.finish(error.status.as_u16(), outcome);
-            return error.into_response();
+            return error.response(dialect);
         }
         Answer::Buffered { status, headers, body } => {
             let rec = record.get();
@@ -83,7 +86,9 @@ pub(crate) fn respond(answer: Answer, mut record: RecordGuard, fill: Option<Fill
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let tap = if is_sse { Tap::Sse(SseTap::new(strip_usage_event)) } else { Tap::body() };
+    let provider = permit.endpoint().provider;
+    let tap =
+        if is_sse { Tap::Sse(provider::sse_tap(provider, strip_usage_event)) } else { Tap::body(provider) };
     if is_sse {
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -106,19 +111,19 @@ enum Tap {
     /// `text/event-stream`: scanned line by line.
     Sse(SseTap),
     /// Anything else: kept whole up to `WHOLE_BODY`, else only its tail, and read for `usage`
-    /// at the end.
-    Body { buf: BytesMut, total: usize },
+    /// at the end, the way its provider writes it.
+    Body { buf: BytesMut, total: usize, provider: Provider },
 }
 
 impl Tap {
-    fn body() -> Self {
-        Tap::Body { buf: BytesMut::new(), total: 0 }
+    fn body(provider: Provider) -> Self {
+        Tap::Body { buf: BytesMut::new(), total: 0, provider }
     }
 
     fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
             Tap::Sse(sse) => sse.feed(chunk),
-            Tap::Body { buf, total } => {
+            Tap::Body { buf, total, .. } => {
                 *total += chunk.len();
                 buf.extend_from_slice(&chunk);
                 if *total > WHOLE_BODY && buf.len() > 2 * BODY_TAIL {
@@ -139,7 +144,9 @@ impl Tap {
     fn usage(&self) -> Option<Usage> {
         match self {
             Tap::Sse(sse) => sse.usage(),
-            Tap::Body { buf, total } if *total <= WHOLE_BODY => usage_in_body(buf),
+            Tap::Body { buf, total, provider } if *total <= WHOLE_BODY => {
+                provider::usage_in_body(*provider, buf)
+            }
             Tap::Body { buf, .. } => usage_in_tail(buf),
         }
     }

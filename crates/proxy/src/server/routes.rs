@@ -52,6 +52,6 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 async fn not_found(uri: http::Uri) -> Response {
-    let msg = format!("unknown path {}: llmproxy serves the OpenAI API under /v1/", uri.path());
+    let msg = format!("unknown path {}: llmproxy serves the providers' APIs under /v1/", uri.path());
     ApiError::invalid(StatusCode::NOT_FOUND, msg, Some("unknown_url")).into_response()
 }

@@ -125,26 +125,41 @@ impl Reload {
     }
 }
 
-/// Which tokens a token counter counts.
+/// Which tokens a token counter counts: the units the providers limit apart, so that a
+/// dashboard can set each against its own limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
-    /// Prompt tokens as the upstream reported them.
-    Prompt,
-    /// Completion tokens as the upstream reported them.
-    Completion,
+    /// Input tokens as the upstream reported them (OpenAI's prompt tokens; Anthropic's
+    /// uncached input).
+    Input,
+    /// Output tokens as the upstream reported them.
+    Output,
+    /// Input tokens written to the provider's prompt cache (Anthropic counts them as input).
+    CacheWrite,
+    /// Input tokens read from the provider's prompt cache (Anthropic does not count them
+    /// toward input tokens per minute on current models).
+    CacheRead,
     /// Tokens charged to the limiter before sending.
     Reserved,
 }
 
 impl TokenKind {
     /// Every kind, for initialising metric series.
-    pub const ALL: [TokenKind; 3] = [TokenKind::Prompt, TokenKind::Completion, TokenKind::Reserved];
+    pub const ALL: [TokenKind; 5] = [
+        TokenKind::Input,
+        TokenKind::Output,
+        TokenKind::CacheWrite,
+        TokenKind::CacheRead,
+        TokenKind::Reserved,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
-            TokenKind::Prompt => "prompt",
-            TokenKind::Completion => "completion",
+            TokenKind::Input => "input",
+            TokenKind::Output => "output",
+            TokenKind::CacheWrite => "cache_write",
+            TokenKind::CacheRead => "cache_read",
             TokenKind::Reserved => "reserved",
         }
     }

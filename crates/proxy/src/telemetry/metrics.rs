@@ -650,12 +650,12 @@ mod tests {
         }
         let team = m.client(Some("team-a"));
         team.request_done(Outcome::QueueFull, 0.5);
-        team.tokens(TokenKind::Completion, 7);
+        team.tokens(TokenKind::Output, 7);
         m.cache(CacheResult::Bypass);
         m.upstream_status("default", 418);
         let text = m.render();
         assert!(text.contains("llmproxy_requests_total{client=\"team-a\",outcome=\"queue_full\"} 1"));
-        assert!(text.contains("llmproxy_tokens_total{client=\"team-a\",kind=\"completion\"} 7"));
+        assert!(text.contains("llmproxy_tokens_total{client=\"team-a\",kind=\"output\"} 7"));
         assert!(text.contains("llmproxy_cache_requests_total{result=\"bypass\"} 1"));
         assert!(text.contains("llmproxy_upstream_responses_total{status=\"4xx\",upstream=\"default\"} 1"));
     }

@@ -10,7 +10,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use llmproxy_api::KeyHeader;
+use llmproxy_api::policy::UpstreamPolicy;
+
+use crate::protocol::provider;
 
 /// The upstream API key. Never printed: `Debug` and `Display` show a placeholder.
 #[derive(Clone, PartialEq, Eq)]
@@ -242,28 +244,23 @@ pub(crate) fn request_headers(client: &HeaderMap, allowed_account: &[String]) ->
 }
 
 /// The headers for one attempt at an endpoint: the forwarded ones, less the account headers
-/// that endpoint does not allow, plus its key the way it takes it.
+/// that endpoint does not allow, plus its key the way its provider takes it and what else the
+/// provider needs.
 pub(crate) fn for_endpoint(
     mut headers: HeaderMap,
-    allowed_account: &[String],
+    endpoint: &UpstreamPolicy,
     key: Option<&ApiKey>,
-    key_header: KeyHeader,
 ) -> HeaderMap {
     for name in ACCOUNT_HEADERS {
-        if !allowed_account.iter().any(|a| a == name) {
+        if !endpoint.allowed_client_headers.iter().any(|a| a == name) {
             headers.remove(*name);
         }
     }
-    let Some(key) = key else { return headers };
-    let (name, value) = match key_header {
-        KeyHeader::Bearer => {
-            (header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {}", key.expose())))
-        }
-        KeyHeader::ApiKey => (HeaderName::from_static("api-key"), HeaderValue::from_str(key.expose())),
-    };
-    if let Ok(mut v) = value {
-        v.set_sensitive(true);
-        headers.insert(name, v);
+    provider::complete_headers(endpoint.provider, &mut headers);
+    if let Some((name, value)) =
+        key.and_then(|k| provider::key_header(endpoint.provider, endpoint.key_header, k.expose()))
+    {
+        headers.insert(name, value);
     }
     headers
 }
@@ -297,6 +294,16 @@ pub(crate) fn response_headers(upstream: &HeaderMap) -> HeaderMap {
 mod tests {
     use super::*;
 
+    /// The endpoint `upstream` (YAML) makes.
+    fn endpoint(upstream: &str, allowed: &[&str]) -> UpstreamPolicy {
+        let yaml = format!("upstream: {upstream}\nlimits: {{requestsPerMinute: 60}}");
+        let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap();
+        let policy = llmproxy_api::Policy::from_spec(&spec).unwrap();
+        let mut e = policy.upstreams[0].clone();
+        e.allowed_client_headers = allowed.iter().map(|a| (*a).to_owned()).collect();
+        e
+    }
+
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs.iter().map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
     }
@@ -316,7 +323,8 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         let key = ApiKey::new("sk-upstream\n");
-        let out = for_endpoint(request_headers(&client, &[]), &[], key.as_ref(), KeyHeader::Bearer);
+        let openai = endpoint("{url: 'https://x.io'}", &[]);
+        let out = for_endpoint(request_headers(&client, &[]), &openai, key.as_ref());
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["content-type", "authorization"], "the account header is dropped by default");
         assert_eq!(out.get("authorization").and_then(|v| v.to_str().ok()), Some("Bearer sk-upstream"));
@@ -326,10 +334,18 @@ mod tests {
         assert!(allowed.contains_key("openai-organization"), "passed where the policy allows it");
         assert_eq!(answer_headers(&allowed), "openai-organization:org-1\n");
         // An endpoint that does not allow it drops it; an Azure endpoint takes the key as api-key.
-        let azure = for_endpoint(allowed.clone(), &[], key.as_ref(), KeyHeader::ApiKey);
+        let azure = endpoint("{url: 'https://x.io', keyHeader: api-key}", &[]);
+        let azure = for_endpoint(allowed.clone(), &azure, key.as_ref());
         assert!(!azure.contains_key("openai-organization") && !azure.contains_key("authorization"));
         assert_eq!(azure.get("api-key").and_then(|v| v.to_str().ok()), Some("sk-upstream"));
-        assert!(for_endpoint(allowed, &org, None, KeyHeader::Bearer).contains_key("openai-organization"));
+        let allowing = endpoint("{url: 'https://x.io'}", &["openai-organization"]);
+        assert!(for_endpoint(allowed.clone(), &allowing, None).contains_key("openai-organization"));
+        // Anthropic takes the key as x-api-key, and a version when the client sent none.
+        let claude = endpoint("{url: 'https://api.anthropic.com/v1', provider: anthropic}", &[]);
+        let out = for_endpoint(allowed, &claude, key.as_ref());
+        assert_eq!(out.get("x-api-key").and_then(|v| v.to_str().ok()), Some("sk-upstream"));
+        assert!(!out.contains_key("authorization") && !out.contains_key("api-key"));
+        assert_eq!(out.get("anthropic-version").and_then(|v| v.to_str().ok()), Some("2023-06-01"));
     }
 
     #[test]

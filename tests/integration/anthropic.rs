@@ -1,0 +1,163 @@
+//! Anthropic's Messages API through the proxy, driven by the official `anthropic` Python SDK
+//! and by raw HTTP, against the mock's Anthropic dialect.
+
+use std::time::Duration;
+
+use llmproxy_mock::MockConfig;
+use serde_json::{Value, json};
+
+use crate::support::proxy_env::{ProxyProcess, get_text, manifest_with, metric, mock, post_json};
+use crate::support::python::python_with_sdks;
+
+/// A message request for `max_tokens`.
+fn message(max_tokens: u64) -> Value {
+    json!({"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_anthropic_python_sdk_works_through_the_proxy() {
+    let python = python_with_sdks();
+    let upstream =
+        mock(MockConfig { api_key: Some("sk-ant-upstream".into()), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    let extra = "  clients:\n    keysSecretRef: {name: team-keys}\n";
+    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 6000}", extra);
+    std::fs::write(&file, text).unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "sk-ant-upstream\n").unwrap();
+    let clients_file = dir.path().join("clients.yaml");
+    std::fs::write(&clients_file, "claude-team: sk-team-claude\n").unwrap();
+    let (key_arg, clients_arg) = (key_file.display().to_string(), clients_file.display().to_string());
+    let args = [
+        "--upstream-api-key-file",
+        &key_arg,
+        "--client-keys-file",
+        &clients_arg,
+        "--max-request-bytes",
+        "16384",
+    ];
+    let proxy = ProxyProcess::start(&file, &args, &[]).await;
+
+    let script = crate::support::repo_path("tests/python/anthropic_sdk_check.py");
+    let base = format!("http://{}", proxy.addr);
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .arg("sk-team-claude")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "anthropic SDK check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_default();
+
+    // The proxy counted what the answers said, JSON and stream alike.
+    let m = get_text(&format!("http://{}/metrics", proxy.admin)).await;
+    let counted =
+        |kind: &str| metric(&m, &format!("llmproxy_tokens_total{{client=\"claude-team\",kind=\"{kind}\"}}"));
+    assert!(seen["input"].as_f64().unwrap_or_default() > 0.0, "{seen}");
+    assert_eq!(counted("input"), seen["input"].as_f64().unwrap_or_default(), "{seen}\n{m}");
+    assert_eq!(counted("output"), seen["output"].as_f64().unwrap_or_default(), "{seen}\n{m}");
+    let stats = upstream.mock.stats();
+    assert_eq!(counted("output"), stats.anthropic_output_tokens as f64, "the mock answered that many");
+
+    // Only the upstream key went upstream, as x-api-key, with a version on every request.
+    let seen_upstream = upstream.mock.seen();
+    assert!(!seen_upstream.is_empty());
+    assert!(seen_upstream.iter().all(|s| s.key.as_deref() == Some("sk-ant-upstream")), "{seen_upstream:?}");
+    assert!(seen_upstream.iter().all(|s| s.anthropic_version.is_some()), "{seen_upstream:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_headers_are_passed_defaulted_and_errors_come_in_its_shape() {
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 6000}", "");
+    std::fs::write(&file, text).unwrap();
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let url = proxy.url("/messages");
+
+    // No anthropic-version from the client: the proxy sends the one every SDK accepts.
+    let (status, _, body) = post_json(&url, &message(32)).await;
+    assert_eq!(status, 200, "{body}");
+    // The client's own version and beta are passed as sent.
+    let resp = llmproxy_mock::load::client()
+        .post(&url)
+        .header("anthropic-version", "2025-06-01")
+        .header("anthropic-beta", "prompt-caching-2024-07-31")
+        .header("content-type", "application/json")
+        .body(message(32).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let versions: Vec<_> = upstream
+        .mock
+        .seen()
+        .iter()
+        .map(|s| (s.anthropic_version.clone(), s.anthropic_beta.clone()))
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (Some("2023-06-01".to_owned()), None),
+            (Some("2025-06-01".to_owned()), Some("prompt-caching-2024-07-31".to_owned()))
+        ]
+    );
+
+    // A message without max_tokens is refused as Anthropic would, in its shape, and never sent.
+    let (status, _, body) = post_json(
+        &url,
+        &json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(
+        (err["type"].as_str(), err["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error")),
+        "{body}"
+    );
+    assert!(err["error"]["message"].as_str().unwrap_or_default().contains("max_tokens"), "{body}");
+    // OpenAI's paths are not an Anthropic endpoint's.
+    let (status, _, body) =
+        post_json(&proxy.url("/chat/completions"), &json!({"model": "m", "messages": []})).await;
+    assert!(status == 403 || status == 404, "{status} {body}");
+    assert_eq!(upstream.mock.seen().len(), 2, "nothing refused went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overloaded_answers_are_retried_within_the_budget_and_every_request_succeeds() {
+    // Every tenth message is a 529 overloaded_error.
+    let upstream = mock(MockConfig { overloaded_every: Some(10), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    let retry = "  retry: {maxAttempts: 4, initialBackoff: 50ms, maxBackoff: 200ms}\n";
+    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 60000}", retry);
+    std::fs::write(&file, text).unwrap();
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let url = proxy.url("/messages");
+    let sends: Vec<_> = (0..60)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post_json(&url, &message(16)).await.0 })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for s in sends {
+        statuses.push(tokio::time::timeout(Duration::from_secs(60), s).await.ok().and_then(Result::ok));
+    }
+    assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
+    let stats = upstream.mock.stats();
+    assert!(stats.overloaded >= 5, "the mock answered only {} 529s", stats.overloaded);
+    let m = get_text(&format!("http://{}/metrics", proxy.admin)).await;
+    assert!(metric(&m, "llmproxy_retries_total") >= stats.overloaded as f64, "{m}");
+    // A few 529s are the provider being busy, not the endpoint being down.
+    assert_eq!(metric(&m, "llmproxy_upstream_healthy{upstream=\"default\"}"), 1.0, "{m}");
+}
