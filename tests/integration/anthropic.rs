@@ -161,3 +161,99 @@ async fn overloaded_answers_are_retried_within_the_budget_and_every_request_succ
     // A few 529s are the provider being busy, not the endpoint being down.
     assert_eq!(metric(&m, "llmproxy_upstream_healthy{upstream=\"default\"}"), 1.0, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_messages_are_answered_from_the_cache_per_api_version() {
+    let upstream = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    let text = manifest_with(
+        &upstream.url(),
+        ", provider: anthropic",
+        "{requestsPerMinute: 6000}",
+        "  cache: {ttl: 5m}\n",
+    );
+    std::fs::write(&file, text).unwrap();
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let url = proxy.url("/messages");
+    let send = |version: &'static str, body: Value| {
+        let url = url.clone();
+        async move {
+            let resp = llmproxy_mock::load::client()
+                .post(&url)
+                .header("anthropic-version", version)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let cache =
+                resp.headers().get("x-llmproxy-cache").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            (resp.status().as_u16(), cache, resp.text().await.unwrap_or_default())
+        }
+    };
+    let (status, first_cache, first) = send("2023-06-01", message(32)).await;
+    assert_eq!(status, 200, "{first}");
+    let (_, cache, again) = send("2023-06-01", message(32)).await;
+    assert_eq!((first_cache.as_deref(), cache.as_deref()), (Some("miss"), Some("hit")));
+    assert_eq!(first, again, "the same answer, from the cache");
+    // Another API version, another max_tokens: other answers.
+    assert_eq!(send("2025-06-01", message(32)).await.1.as_deref(), Some("miss"));
+    assert_eq!(send("2023-06-01", message(33)).await.1.as_deref(), Some("miss"));
+    // A stream is cached whole and replayed as its events.
+    let mut streamed = message(32);
+    streamed["stream"] = json!(true);
+    let (_, _, live) = send("2023-06-01", streamed.clone()).await;
+    let (_, cache, replayed) = send("2023-06-01", streamed).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+    assert!(live.contains("event: message_stop") && replayed == live, "{replayed}");
+    assert_eq!(upstream.mock.seen().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_and_anthropic_endpoints_serve_side_by_side_in_one_proxy() {
+    let openai = mock(MockConfig { api_key: Some("sk-openai".into()), ..MockConfig::default() }).await;
+    let claude = mock(MockConfig { api_key: Some("sk-ant".into()), ..MockConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    for (name, key) in [("openai", "sk-openai"), ("claude", "sk-ant")] {
+        std::fs::create_dir_all(secrets.join(name)).unwrap();
+        std::fs::write(secrets.join(name).join("api-key"), format!("{key}\n")).unwrap();
+    }
+    let file = dir.path().join("llmproxy.yaml");
+    let text = format!(
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: mixed}}\nspec:\n  upstreams:\n    \
+         - {{name: gpt, url: '{}', apiKeySecretRef: {{name: openai}}}}\n    \
+         - {{name: claude, url: '{}', provider: anthropic, apiKeySecretRef: {{name: claude}}}}\n  \
+         limits: {{requestsPerMinute: 6000}}\n",
+        openai.url(),
+        claude.url()
+    );
+    std::fs::write(&file, text).unwrap();
+    let secrets_arg = secrets.display().to_string();
+    let proxy = ProxyProcess::start(&file, &["--secrets-dir", &secrets_arg], &[]).await;
+    for _ in 0..3 {
+        let (status, _, body) = post_json(&proxy.url("/messages"), &message(16)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"type\":\"message\""), "{body}");
+        let (status, _, body) =
+            post_json(&proxy.url("/chat/completions"), &llmproxy_mock::load::chat_body(1)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    // Each path went to the endpoint of its provider, with that endpoint's key.
+    let paths = |m: &llmproxy_mock::MockServer| {
+        m.mock.seen().iter().map(|s| (s.path.clone(), s.key.clone())).collect::<Vec<_>>()
+    };
+    assert!(
+        paths(&openai).iter().all(|(p, k)| p == "/v1/chat/completions" && k.as_deref() == Some("sk-openai")),
+        "{:?}",
+        paths(&openai)
+    );
+    assert!(
+        paths(&claude).iter().all(|(p, k)| p == "/v1/messages" && k.as_deref() == Some("sk-ant")),
+        "{:?}",
+        paths(&claude)
+    );
+    assert_eq!((paths(&openai).len(), paths(&claude).len()), (3, 3));
+}

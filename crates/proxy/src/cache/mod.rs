@@ -36,7 +36,7 @@ pub struct CachedResponse {
 
 /// Endpoints whose answers depend only on the request body, without side effects.
 pub(crate) fn cacheable_path(rest: &str) -> bool {
-    matches!(rest, "/chat/completions" | "/completions" | "/embeddings" | "/moderations")
+    matches!(rest, "/chat/completions" | "/completions" | "/embeddings" | "/moderations" | "/messages")
 }
 
 /// The cache key of a request to `upstream` + `path_and_query` with the forwarded headers that
