@@ -257,3 +257,87 @@ async fn openai_and_anthropic_endpoints_serve_side_by_side_in_one_proxy() {
     );
     assert_eq!((paths(&openai).len(), paths(&claude).len()), (3, 3));
 }
+
+/// 200 messages from 50 clients at once, each asking for `max_tokens: 500`, through the
+/// official SDK (no retries of its own) at `base`; what they got.
+async fn fifty_clients_ask_for_500(python: &std::path::Path, base: &str) -> Value {
+    let script = crate::support::repo_path("tests/python/anthropic_load.py");
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .args([base, "200", "50", "500"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "load failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_default()
+}
+
+/// An upstream that grants 30,000 output tokens a minute (500/s, two seconds' worth at once:
+/// a bucket of 1,000, far below 50 x 500) and answers 20 to 60 tokens whatever `max_tokens`
+/// asks.
+fn otpm_upstream() -> MockConfig {
+    MockConfig {
+        output_tokens_per_minute: Some(30_000),
+        window: Duration::from_secs(2),
+        answer_tokens: Some(20..=60),
+        ..MockConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_asking_for_500_output_tokens_queue_instead_of_meeting_429s() {
+    let python = python_with_sdks();
+    // Straight at the upstream: 50 x 500 output tokens at once against a 500-token burst.
+    let direct = mock(otpm_upstream()).await;
+    let straight = fifty_clients_ask_for_500(&python, direct.url().trim_end_matches("/v1")).await;
+    let refused = straight["statuses"]["429"].as_u64().unwrap_or_default();
+    eprintln!("straight at the upstream: {straight}");
+    assert!(refused >= 50, "only {refused} of 200 refused straight at the upstream: {straight}");
+
+    let upstream = mock(otpm_upstream()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    let limits = "{requestsPerMinute: 6000, models: {claude-sonnet-4-5: {outputTokensPerMinute: 30000}}}";
+    let queue = "  queue: {maxSize: 1000, maxWait: 120s}\n";
+    std::fs::write(&file, manifest_with(&upstream.url(), ", provider: anthropic", limits, queue)).unwrap();
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let through = fifty_clients_ask_for_500(&python, &format!("http://{}", proxy.addr)).await;
+    eprintln!("through llmproxy: {through}");
+    assert_eq!(through["statuses"]["200"].as_u64(), Some(200), "{through}");
+    let limited = upstream.mock.stats().rate_limited;
+    eprintln!("upstream 429s through llmproxy: {limited}");
+    assert!(limited <= 2, "{limited} upstream 429s in 200 (at most 1 %)");
+    // Least possible: the output the answers used, at 500 a second, plus the last request's
+    // whole max_tokens; settling to the real output is what keeps the wall near it (charging
+    // max_tokens alone would take 200 x 500 / 500 = 200 s).
+    let used = through["output"].as_f64().unwrap_or_default();
+    let least = (used + 500.0) / 500.0;
+    let wall = through["wall"].as_f64().unwrap_or_default();
+    eprintln!("wall {wall:.1} s, least {least:.1} s ({used} output tokens)");
+    assert!(wall <= 4.0 * least + 10.0, "{wall:.1} s for what needs {least:.1} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_limits_learned_from_anthropics_headers_alone_keep_429s_rare() {
+    let python = python_with_sdks();
+    let upstream = mock(otpm_upstream()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    // The spec gives only a request rate: the output limit comes from anthropic-ratelimit-*.
+    let queue = "  queue: {maxSize: 1000, maxWait: 120s}\n";
+    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 6000}", queue);
+    std::fs::write(&file, text).unwrap();
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    // One answer teaches it.
+    let (status, _, body) = post_json(&proxy.url("/messages"), &json!({"model": "claude-sonnet-4-5", "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(status, 200, "{body}");
+    let through = fifty_clients_ask_for_500(&python, &format!("http://{}", proxy.addr)).await;
+    eprintln!("through llmproxy, limits from headers: {through}");
+    assert_eq!(through["statuses"]["200"].as_u64(), Some(200), "{through}");
+    let limited = upstream.mock.stats().rate_limited;
+    assert!(limited <= 10, "{limited} upstream 429s in 200 (at most 5 %)");
+    let r: Value =
+        serde_json::from_str(&get_text(&format!("http://{}/status", proxy.admin)).await).unwrap_or_default();
+    eprintln!("{}", r["upstreams"]);
+}

@@ -55,7 +55,10 @@ fn examples_pass_and_fail_the_standalone_check_like_the_server() {
     let (_, claude) = llmproxy_api::from_yaml(&read("examples/anthropic.yaml")).unwrap();
     assert_eq!(claude.upstreams[0].provider, llmproxy_api::Provider::Anthropic);
     let sonnet = &claude.limits.models["claude-sonnet-4-5"];
-    assert_eq!((sonnet.input_tokens_per_minute, sonnet.output_tokens_per_minute), (Some(450_000), Some(90_000)));
+    assert_eq!(
+        (sonnet.input_tokens_per_minute, sonnet.output_tokens_per_minute),
+        (Some(450_000), Some(90_000))
+    );
     let err = llmproxy_api::from_yaml(&read("examples/invalid/backoff-exceeds-max.yaml"))
         .err()
         .map(|e| e.to_string())

@@ -439,13 +439,21 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
     }
 
     #[test]
-    fn input_output_limits_are_refused_until_served_and_anthropic_has_its_paths() {
-        let e = errors(
-            "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic}\nlimits: {requestsPerMinute: 50, inputTokensPerMinute: 30000, models: {claude-x: {outputTokensPerMinute: 4000}}}",
+    fn input_output_limits_are_kept_apart_but_not_shared_and_anthropic_has_its_paths() {
+        let yaml = "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic}\nlimits: {requestsPerMinute: 50, inputTokensPerMinute: 30000, models: {claude-x: {outputTokensPerMinute: 4000}}}";
+        let spec: LlmProxySpec = serde_yaml::from_str(yaml).unwrap();
+        let p = Policy::from_spec(&spec).unwrap();
+        assert_eq!((p.limits.input_tokens_per_minute, p.limits.input_token_burst), (Some(30000), 500));
+        assert_eq!(p.limits.max_request_input_tokens, Some(30000));
+        assert_eq!(p.limits.models["claude-x"].output_tokens_per_minute, Some(4000));
+        assert_eq!(p.upstreams[0].provider, Provider::Anthropic);
+        let e = errors(&format!("{yaml}\nsharedState: {{redis: {{url: 'redis://r:6379'}}}}"));
+        assert!(
+            e.contains(
+                "spec.sharedState: inputTokensPerMinute and outputTokensPerMinute are kept by each replica"
+            ),
+            "{e}"
         );
-        assert!(!e.contains("spec.upstream.provider"), "{e}");
-        assert!(e.contains("spec.limits.inputTokensPerMinute: not enforced"), "{e}");
-        assert!(e.contains("spec.limits.models.claude-x.outputTokensPerMinute: not enforced"), "{e}");
         let paths: Vec<&str> = crate::paths::default_allowed_paths(Provider::Anthropic).to_vec();
         assert_eq!(paths, crate::paths::DEFAULT_ANTHROPIC_PATHS);
     }

@@ -135,6 +135,7 @@ impl Policy {
         let retry = retry(&mut c, &spec.retry);
         let cache = spec.cache.as_ref().and_then(|cache| self::cache(&mut c, cache));
         let clients = spec.clients.as_ref().map(|cs| self::clients(&mut c, cs, &queue));
+        io_not_shared(&mut c, spec, &limits, &upstreams);
         c.finish()?;
         Ok(Self {
             upstreams,
@@ -196,7 +197,6 @@ fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
     let tpm = c.rate("spec.limits", "tokensPerMinute", l.tokens_per_minute);
     let itpm = c.rate("spec.limits", "inputTokensPerMinute", l.input_tokens_per_minute);
     let otpm = c.rate("spec.limits", "outputTokensPerMinute", l.output_tokens_per_minute);
-    not_enforced_yet(c, "spec.limits", itpm, otpm);
     let request_burst = match l.burst {
         Some(b) => {
             let b = c.positive("spec.limits.burst", b);
@@ -347,7 +347,6 @@ fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
     let tpm = c.rate(&prefix, "tokensPerMinute", l.tokens_per_minute);
     let itpm = c.rate(&prefix, "inputTokensPerMinute", l.input_tokens_per_minute);
     let otpm = c.rate(&prefix, "outputTokensPerMinute", l.output_tokens_per_minute);
-    not_enforced_yet(c, &prefix, itpm, otpm);
     let limits = EndpointLimits {
         requests_per_minute: rpm,
         request_burst: rpm.map_or(1, per_second),
@@ -428,13 +427,31 @@ fn streams_per_connection(c: &mut Check, field: &str, n: Option<i32>) -> u32 {
     }
 }
 
-/// Input and output token limits are in the schema, but the proxy's limiter does not hold them
-/// apart yet: refuse them rather than accept a limit that would not be kept.
-fn not_enforced_yet(c: &mut Check, field: &str, input: Option<u64>, output: Option<u64>) {
-    for (name, set) in [("inputTokensPerMinute", input), ("outputTokensPerMinute", output)] {
-        if set.is_some() {
-            c.fail(&format!("{field}.{name}"), "not enforced by this version yet; use tokensPerMinute");
-        }
+/// Input and output token limits are kept by each replica on its own: refuse them where the
+/// buckets are shared through Redis, rather than let every replica spend the whole limit.
+fn io_not_shared(c: &mut Check, spec: &LlmProxySpec, limits: &LimitsPolicy, upstreams: &[UpstreamPolicy]) {
+    let field = match (&spec.shared_state, &spec.quota_ref) {
+        (Some(_), _) => "spec.sharedState",
+        (None, Some(_)) => "spec.quotaRef",
+        (None, None) => return,
+    };
+    let models = |m: &BTreeMap<String, ModelLimits>| {
+        m.values().any(|m| m.input_tokens_per_minute.is_some() || m.output_tokens_per_minute.is_some())
+    };
+    let set = limits.input_tokens_per_minute.is_some()
+        || limits.output_tokens_per_minute.is_some()
+        || models(&limits.models)
+        || upstreams.iter().any(|u| {
+            u.limits.input_tokens_per_minute.is_some()
+                || u.limits.output_tokens_per_minute.is_some()
+                || models(&u.limits.models)
+        });
+    if set {
+        c.fail(
+            field,
+            "inputTokensPerMinute and outputTokensPerMinute are kept by each replica on its own and are not \
+             shared through Redis yet: use tokensPerMinute here, or one replica without shared state",
+        );
     }
 }
 
@@ -463,7 +480,6 @@ fn model_limits(
                 input_tokens_per_minute: c.rate(&f, "inputTokensPerMinute", m.input_tokens_per_minute),
                 output_tokens_per_minute: c.rate(&f, "outputTokensPerMinute", m.output_tokens_per_minute),
             };
-            not_enforced_yet(c, &f, limits.input_tokens_per_minute, limits.output_tokens_per_minute);
             if limits == ModelLimits::default() {
                 c.fail(
                     &f,

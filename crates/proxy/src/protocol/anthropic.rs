@@ -131,13 +131,16 @@ pub(crate) fn error_body(status: u16, message: &str) -> serde_json::Value {
     serde_json::json!({"type": "error", "error": {"type": error_type(status), "message": message}})
 }
 
-/// When the upstream says a bucket is full again (an RFC 3339 time), as a wait from `now`.
+/// When the upstream says a bucket is full again (an RFC 3339 time), as a wait from `now`. A
+/// time in whole seconds (as Anthropic sends it) is rounded up by as much as a second: the
+/// earliest reading is taken, since a bucket of one second's worth would otherwise look a
+/// whole bucket emptier than it is.
 fn reset_at(headers: &HeaderMap, name: &str, now: SystemTime) -> Option<Duration> {
     let at: jiff::Timestamp = header(headers, name)?.parse().ok()?;
     let now = jiff::Timestamp::try_from(now).ok()?;
-    let wait = now.duration_until(at);
-    let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-    Some(wait.min(MAX_UPSTREAM_DELAY))
+    let wait = Duration::try_from(now.duration_until(at)).unwrap_or(Duration::ZERO);
+    let rounding = if at.subsec_nanosecond() == 0 { Duration::from_secs(1) } else { Duration::ZERO };
+    Some(wait.saturating_sub(rounding).min(MAX_UPSTREAM_DELAY))
 }
 
 /// `anthropic-ratelimit-*`: requests, input tokens, output tokens and (the combined) tokens,
@@ -220,10 +223,10 @@ mod tests {
         }
         let q = quota_headers(&h, now).unwrap_or_default();
         assert_eq!((q.limit_requests, q.remaining_requests), (Some(50), Some(49)));
-        assert_eq!(q.reset_requests, Some(Duration::from_secs(1)));
+        assert_eq!(q.reset_requests, Some(Duration::ZERO), "a whole-second time may be a second early");
         assert_eq!((q.limit_input_tokens, q.remaining_input_tokens), (Some(30000), Some(29000)));
         assert_eq!((q.limit_output_tokens, q.remaining_output_tokens), (Some(8000), Some(7500)));
-        assert_eq!(q.reset_output_tokens, Some(Duration::from_secs(4)));
+        assert_eq!(q.reset_output_tokens, Some(Duration::from_secs(3)));
         assert_eq!(q.reset_tokens, None, "an unreadable reset is ignored");
         assert_eq!(quota_headers(&HeaderMap::new(), now), None);
     }

@@ -336,7 +336,7 @@ async fn settle(
             permit.report(&report(Verdict::Answered, false, quota.as_ref(), false));
             Attempted::Done(Answer::Upstream {
                 response: resp,
-                permit,
+                permit: Box::new(permit),
                 idle_timeout: endpoint.timeout,
                 strip_usage_event: intake.out.strip_usage_event,
             })
@@ -390,7 +390,7 @@ fn give_up(
     match last {
         Last::Response(response) => Answer::Upstream {
             response,
-            permit,
+            permit: Box::new(permit),
             idle_timeout,
             strip_usage_event: intake.out.strip_usage_event,
         },

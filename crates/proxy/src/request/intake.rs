@@ -231,12 +231,24 @@ fn charge(
     if logged {
         facts.prompt_hash = i.prompt_digest.as_ref().map(cache::prompt_hash);
     }
-    let ask =
-        Ask { tokens: facts.estimate.total(), model: i.model.as_deref().map(Arc::from), ..Ask::default() };
-    if let Some(max) = policy.limits.max_request_tokens
-        && ask.tokens > max
-    {
-        return Err(bad(never_fits(facts.estimate, max)));
+    let estimate = facts.estimate;
+    let ask = Ask {
+        tokens: estimate.total(),
+        input: estimate.prompt,
+        output: estimate.completion,
+        model: i.model.as_deref().map(Arc::from),
+        ..Ask::default()
+    };
+    let l = &policy.limits;
+    let over = |max: Option<u64>, units: u64| max.filter(|max| units > *max);
+    if let Some(max) = over(l.max_request_tokens, ask.tokens) {
+        return Err(bad(never_fits(estimate, "tokens-per-minute", max)));
+    }
+    if let Some(max) = over(l.max_request_input_tokens, ask.input) {
+        return Err(bad(never_fits(estimate, "input-tokens-per-minute", max)));
+    }
+    if let Some(max) = over(l.max_request_output_tokens, ask.output) {
+        return Err(bad(never_fits(estimate, "output-tokens-per-minute", max)));
     }
     Ok(ask)
 }
@@ -301,10 +313,10 @@ fn model_not_served(model: &str) -> ApiError {
 
 /// A request the provider would refuse as too large, whatever the wait: say so at once instead
 /// of queueing it (or leaving a debt that holds everyone else).
-fn never_fits(estimate: tokens::Estimate, max: u64) -> ApiError {
+fn never_fits(estimate: tokens::Estimate, limit: &str, max: u64) -> ApiError {
     let msg = format!(
         "this request would be charged {} tokens (prompt estimate {} + completion budget {}), more \
-         than the whole tokens-per-minute limit of {max}; lower max_tokens (or n), or shorten the prompt",
+         than the whole {limit} limit of {max}; lower max_tokens (or n), or shorten the prompt",
         estimate.total(),
         estimate.prompt,
         estimate.completion

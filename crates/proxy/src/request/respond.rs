@@ -35,8 +35,8 @@ pub(crate) enum Answer {
     Upstream {
         /// Status and headers received, body not yet read.
         response: upstream::Response,
-        /// The admission it was sent under.
-        permit: Permit,
+        /// The admission it was sent under (boxed: the variant is large enough already).
+        permit: Box<Permit>,
         /// The longest gap allowed between two chunks.
         idle_timeout: Duration,
         /// Remove the usage event the proxy asked for on the client's behalf.
@@ -157,7 +157,7 @@ struct Relay {
     upstream: upstream::Body,
     tap: Tap,
     idle_timeout: Duration,
-    permit: Option<Permit>,
+    permit: Option<Box<Permit>>,
     record: Option<RecordGuard>,
     /// Body bytes the upstream announced (`Content-Length`), and bytes relayed so far: a server
     /// stops polling a body once it has sent the announced length, so the end is noticed here.
@@ -177,7 +177,7 @@ impl Relay {
         mut response: upstream::Response,
         tap: Tap,
         idle_timeout: Duration,
-        permit: Permit,
+        permit: Box<Permit>,
         record: RecordGuard,
         fill: Option<Fill>,
     ) -> Self {
@@ -212,7 +212,7 @@ impl Relay {
         if let Some(permit) = self.permit.take() {
             // Without usage (an error answer, a stream cut short, a client gone) the charge
             // made at admission stands: never more.
-            permit.settle(usage.map(Usage::total));
+            permit.settle(usage);
         }
         let (status, outcome) = (rec.status, rec.outcome);
         if outcome == Outcome::Ok && (200..300).contains(&status) {

@@ -1,11 +1,11 @@
-//! Token buckets that may go into debt, and [`Rates`]: a request bucket and a token bucket
-//! that hold one quota (the LlmProxy's total, an endpoint's, one model's).
+//! Token buckets that may go into debt, and [`Rates`]: the request, token, input-token and
+//! output-token buckets that hold one quota (the LlmProxy's total, an endpoint's, one model's).
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::limit::Limit;
+use super::limit::{Cost, Limit};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// A token bucket: `cap` units, refilled at `per_sec`, allowed to go negative so that a cost
@@ -124,6 +124,46 @@ impl Bucket {
     }
 }
 
+/// The limits a quota's units are named as when they hold a request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Names {
+    pub(crate) requests: Limit,
+    pub(crate) tokens: Limit,
+    pub(crate) input: Limit,
+    pub(crate) output: Limit,
+}
+
+impl Names {
+    /// The LlmProxy's own limits.
+    pub(crate) const TOTAL: Names = Names {
+        requests: Limit::Requests,
+        tokens: Limit::Tokens,
+        input: Limit::InputTokens,
+        output: Limit::OutputTokens,
+    };
+    /// A client's caps (which have no input or output limit).
+    pub(crate) const CLIENT: Names = Names {
+        requests: Limit::ClientRequests,
+        tokens: Limit::ClientTokens,
+        input: Limit::ClientTokens,
+        output: Limit::ClientTokens,
+    };
+    /// A model's limits.
+    pub(crate) const MODEL: Names = Names {
+        requests: Limit::ModelRequests,
+        tokens: Limit::ModelTokens,
+        input: Limit::ModelInputTokens,
+        output: Limit::ModelOutputTokens,
+    };
+    /// An endpoint's own quota.
+    pub(crate) const UPSTREAM: Names = Names {
+        requests: Limit::UpstreamRequests,
+        tokens: Limit::UpstreamTokens,
+        input: Limit::UpstreamInputTokens,
+        output: Limit::UpstreamOutputTokens,
+    };
+}
+
 /// Per-minute rates and bursts of one quota; `None` where that unit is not limited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RateConfig {
@@ -131,13 +171,32 @@ pub(crate) struct RateConfig {
     pub(crate) requests: Option<(u64, u64)>,
     /// Tokens per minute and burst.
     pub(crate) tokens: Option<(u64, u64)>,
+    /// Input tokens per minute and burst.
+    pub(crate) input: Option<(u64, u64)>,
+    /// Output tokens per minute and burst.
+    pub(crate) output: Option<(u64, u64)>,
 }
 
 impl RateConfig {
     /// One second's worth of each rate as its burst.
     pub(crate) fn per_minute(requests: Option<u64>, tokens: Option<u64>) -> Self {
         let burst = |pm: u64| (pm, llmproxy_api::policy::per_second(pm));
-        Self { requests: requests.map(burst), tokens: tokens.map(burst) }
+        Self { requests: requests.map(burst), tokens: tokens.map(burst), input: None, output: None }
+    }
+
+    /// A model's limits (`limits.models`), one second's worth of each as its burst.
+    pub(crate) fn for_model(m: &llmproxy_api::policy::ModelLimits) -> Self {
+        Self::per_minute(m.requests_per_minute, m.tokens_per_minute).with_io(
+            m.input_tokens_per_minute.map(|pm| (pm, 0)),
+            m.output_tokens_per_minute.map(|pm| (pm, 0)),
+        )
+    }
+
+    /// The same, with input and output tokens per minute limited apart (one second's worth of
+    /// each as its burst, unless a larger one is given).
+    pub(crate) fn with_io(self, input: Option<(u64, u64)>, output: Option<(u64, u64)>) -> Self {
+        let burst = |(pm, b): (u64, u64)| (pm, b.max(llmproxy_api::policy::per_second(pm)));
+        Self { input: input.map(burst), output: output.map(burst), ..self }
     }
 
     /// The tighter of two configurations, unit by unit.
@@ -146,7 +205,12 @@ impl RateConfig {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
         };
-        Self { requests: tighter(self.requests, other.requests), tokens: tighter(self.tokens, other.tokens) }
+        Self {
+            requests: tighter(self.requests, other.requests),
+            tokens: tighter(self.tokens, other.tokens),
+            input: tighter(self.input, other.input),
+            output: tighter(self.output, other.output),
+        }
     }
 
     /// The same rates with a tenth of each burst kept in hand. An upstream counts a request
@@ -155,21 +219,29 @@ impl RateConfig {
     /// unit that bunching alone is a 429. The sustained rate is unchanged.
     pub(crate) fn with_headroom(self) -> Self {
         let keep = |c: Option<(u64, u64)>| c.map(|(pm, burst)| (pm, (burst - burst / 10).max(1)));
-        Self { requests: keep(self.requests), tokens: keep(self.tokens) }
+        Self {
+            requests: keep(self.requests),
+            tokens: keep(self.tokens),
+            input: keep(self.input),
+            output: keep(self.output),
+        }
     }
 
     pub(crate) fn is_unlimited(self) -> bool {
-        self.requests.is_none() && self.tokens.is_none()
+        self.requests.is_none() && self.tokens.is_none() && self.input.is_none() && self.output.is_none()
     }
 }
 
-/// One quota: a request bucket and a token bucket, either absent when not limited. Under
+/// One quota: a request bucket, a token bucket and input and output token buckets, each absent
+/// when not limited. Under
 /// `used` accounting, unused tokens it was told about wait in `withheld` until the upstream's
 /// headers confirm them (`reports_tokens`: the upstream reports what remains of this quota).
 #[derive(Clone, Debug)]
 pub(crate) struct Rates {
     pub(crate) requests: Option<Bucket>,
     pub(crate) tokens: Option<Bucket>,
+    pub(crate) input: Option<Bucket>,
+    pub(crate) output: Option<Bucket>,
     pub(super) config: RateConfig,
     pub(super) withheld: f64,
     pub(super) reports_tokens: bool,
@@ -182,9 +254,9 @@ pub(super) struct Correction {
     pub(super) since: Duration,
     /// The buckets' `spent` right after the request was charged (`None`: the quota did not
     /// exist then, so nothing is known about what came after).
-    pub(super) spent_at: Option<(f64, f64)>,
+    pub(super) spent_at: Option<Spent>,
     /// Tokens given back since because the upstream did not count the request.
-    pub(super) refunded: f64,
+    pub(super) refunded: Cost,
     /// Token charges of earlier requests still unanswered when it was charged.
     pub(super) unseen_before: f64,
     /// It came with a 429: decisive, what was charged since comes on top.
@@ -200,6 +272,8 @@ impl Rates {
         Self {
             requests: config.requests.map(|(pm, burst)| Bucket::full(pm, burst, now)),
             tokens: config.tokens.map(|(pm, burst)| Bucket::full(pm, burst, now)),
+            input: config.input.map(|(pm, burst)| Bucket::full(pm, burst, now)),
+            output: config.output.map(|(pm, burst)| Bucket::full(pm, burst, now)),
             config,
             withheld: 0.0,
             reports_tokens: false,
@@ -224,86 +298,124 @@ impl Rates {
         };
         update(&mut self.requests, config.requests);
         update(&mut self.tokens, config.tokens);
+        update(&mut self.input, config.input);
+        update(&mut self.output, config.output);
         self.config = config;
         true
     }
 
-    /// When `tokens` (and one request) can be taken, and which unit holds it until then.
-    pub(crate) fn ready_at(&mut self, now: Instant, tokens: u64, names: (Limit, Limit)) -> (Instant, Limit) {
-        let mut out = (now, names.0);
+    /// When `cost` (and one request) can be taken, and which unit holds it until then.
+    pub(crate) fn ready_at(&mut self, now: Instant, cost: Cost, names: Names) -> (Instant, Limit) {
+        let mut out = (now, names.requests);
         if let Some(b) = &mut self.requests {
-            out = (b.ready_at(now, 1), names.0);
+            out = (b.ready_at(now, 1), names.requests);
         }
-        if let Some(b) = &mut self.tokens {
-            let t = b.ready_at(now, tokens);
-            if t > out.0 {
-                out = (t, names.1);
+        for (bucket, units, limit) in [
+            (&mut self.tokens, cost.tokens, names.tokens),
+            (&mut self.input, cost.input, names.input),
+            (&mut self.output, cost.output, names.output),
+        ] {
+            if let Some(b) = bucket {
+                let t = b.ready_at(now, units);
+                if t > out.0 {
+                    out = (t, limit);
+                }
             }
         }
         out
     }
 
-    /// Whether `tokens` exceed what this quota allows in a minute (the provider refuses such a
-    /// request as too large, whatever the wait).
-    pub(crate) fn never_fits(&self, tokens: u64) -> bool {
-        self.config.tokens.is_some_and(|(pm, _)| tokens > pm)
+    /// Whether `cost` exceeds what this quota allows in a minute, in any unit (the provider
+    /// refuses such a request as too large, whatever the wait).
+    pub(crate) fn never_fits(&self, cost: Cost) -> bool {
+        let over = |c: Option<(u64, u64)>, units: u64| c.is_some_and(|(pm, _)| units > pm);
+        over(self.config.tokens, cost.tokens)
+            || over(self.config.input, cost.input)
+            || over(self.config.output, cost.output)
     }
 
-    pub(crate) fn take(&mut self, now: Instant, tokens: u64) {
+    pub(crate) fn take(&mut self, now: Instant, cost: Cost) {
         if let Some(b) = &mut self.requests {
             b.take(now, 1);
         }
-        if let Some(b) = &mut self.tokens {
-            b.take(now, tokens);
+        for (bucket, units) in
+            [(&mut self.tokens, cost.tokens), (&mut self.input, cost.input), (&mut self.output, cost.output)]
+        {
+            if let Some(b) = bucket {
+                b.take(now, units);
+            }
         }
     }
 
     /// Give tokens back (the upstream did not count an attempt).
-    pub(crate) fn give_tokens(&mut self, now: Instant, tokens: u64) {
-        if let Some(b) = &mut self.tokens {
-            b.give(now, tokens);
+    pub(crate) fn give_tokens(&mut self, now: Instant, cost: Cost) {
+        for (bucket, units) in
+            [(&mut self.tokens, cost.tokens), (&mut self.input, cost.input), (&mut self.output, cost.output)]
+        {
+            if let Some(b) = bucket {
+                b.give(now, units);
+            }
         }
     }
 
     /// Settle a charge to real usage: more used costs more at once; less used returns at once,
-    /// unless `withhold` (the upstream reports its own count), when it waits for the
-    /// upstream's word.
-    pub(crate) fn settle(&mut self, now: Instant, reserved: u64, used: u64, withhold: bool) {
-        let Some(bucket) = &mut self.tokens else { return };
-        if used >= reserved {
-            bucket.take(now, used - reserved);
-        } else if withhold && self.reports_tokens {
-            #[allow(clippy::cast_precision_loss)]
-            let unused = (reserved - used) as f64;
-            self.withheld = (self.withheld + unused).min(bucket.cap);
-        } else {
-            bucket.give(now, reserved - used);
+    /// unless `withhold` (the upstream reports its own count), when unused tokens wait for the
+    /// upstream's word. Input and output settle at once either way, as Anthropic settles them.
+    pub(crate) fn settle(&mut self, now: Instant, reserved: Cost, used: Cost, withhold: bool) {
+        if let Some(bucket) = &mut self.tokens {
+            if used.tokens >= reserved.tokens {
+                bucket.take(now, used.tokens - reserved.tokens);
+            } else if withhold && self.reports_tokens {
+                #[allow(clippy::cast_precision_loss)]
+                let unused = (reserved.tokens - used.tokens) as f64;
+                self.withheld = (self.withheld + unused).min(bucket.cap);
+            } else {
+                bucket.give(now, reserved.tokens - used.tokens);
+            }
+        }
+        for (bucket, reserved, used) in
+            [(&mut self.input, reserved.input, used.input), (&mut self.output, reserved.output, used.output)]
+        {
+            if let Some(b) = bucket {
+                if used >= reserved {
+                    b.take(now, used - reserved);
+                } else {
+                    b.give(now, reserved - used);
+                }
+            }
         }
     }
 
-    /// `spent` of both buckets (0 where absent).
-    pub(crate) fn spent(&self) -> (f64, f64) {
-        (self.requests.as_ref().map_or(0.0, |b| b.spent), self.tokens.as_ref().map_or(0.0, |b| b.spent))
+    /// `spent` of each bucket (0 where absent).
+    pub(crate) fn spent(&self) -> Spent {
+        let spent = |b: &Option<Bucket>| b.as_ref().map_or(0.0, |b| b.spent);
+        Spent {
+            requests: spent(&self.requests),
+            tokens: spent(&self.tokens),
+            input: spent(&self.input),
+            output: spent(&self.output),
+        }
     }
 
     /// Follow what the upstream says remains of this quota.
+    #[allow(clippy::cast_precision_loss)]
     pub(super) fn correct(&mut self, now: Instant, q: &QuotaHeaders, c: Correction) {
         let cap = |d: Option<Duration>| d.map(|d| d.min(c.max_reset));
         let spent = self.spent();
-        let (spent_requests, spent_tokens) = c.spent_at.unwrap_or(spent);
+        let at = c.spent_at.unwrap_or(spent);
         // A refusal is decisive: what was charged here since it was measured comes on top of
         // what the upstream said was left. A success only caps the level at the upstream's
         // most favourable reading, since later requests may have overtaken it.
         let ceiling = |high: f64, charged_after: f64| if c.refused { high - charged_after } else { high };
         if let Some(bucket) = &mut self.requests {
-            let charged_after = spent.0 - spent_requests;
+            let charged_after = spent.requests - at.requests;
             let q_requests = (q.remaining_requests, cap(q.reset_requests));
             if let Some((_, high)) = bucket.upstream_level(q_requests, c.since, charged_after, 0.0) {
                 bucket.lower_to(now, ceiling(high, charged_after));
             }
         }
         if let Some(bucket) = &mut self.tokens {
-            let charged_after = spent.1 - spent_tokens + c.refunded;
+            let charged_after = spent.tokens - at.tokens + c.refunded.tokens as f64;
             let q_tokens = (q.remaining_tokens, cap(q.reset_tokens));
             if let Some((low, high)) =
                 bucket.upstream_level(q_tokens, c.since, charged_after, c.unseen_before)
@@ -319,7 +431,39 @@ impl Rates {
                 self.reports_tokens = true;
             }
         }
+        // Input and output settle at once, so only a bucket that ran ahead is lowered.
+        let io = [
+            (
+                &mut self.input,
+                spent.input - at.input + c.refunded.input as f64,
+                q.remaining_input_tokens,
+                q.reset_input_tokens,
+            ),
+            (
+                &mut self.output,
+                spent.output - at.output + c.refunded.output as f64,
+                q.remaining_output_tokens,
+                q.reset_output_tokens,
+            ),
+        ];
+        for (bucket, charged_after, remaining, reset) in io {
+            if let Some(bucket) = bucket
+                && let Some((_, high)) =
+                    bucket.upstream_level((remaining, cap(reset)), c.since, charged_after, 0.0)
+            {
+                bucket.lower_to(now, ceiling(high, charged_after));
+            }
+        }
     }
+}
+
+/// Each bucket's `spent` at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Spent {
+    pub(crate) requests: f64,
+    pub(crate) tokens: f64,
+    pub(crate) input: f64,
+    pub(crate) output: f64,
 }
 
 #[cfg(test)]
@@ -328,7 +472,9 @@ mod tests {
 
     #[test]
     fn headroom_trims_the_burst_never_the_rate_nor_below_one() {
-        let c = RateConfig::per_minute(Some(600), Some(60_000)).with_headroom();
+        let c =
+            RateConfig::per_minute(Some(600), Some(60_000)).with_io(None, Some((6_000, 0))).with_headroom();
+        assert_eq!(c.output, Some((6_000, 90)), "one second's worth, less a tenth");
         assert_eq!((c.requests, c.tokens), (Some((600, 9)), Some((60_000, 900))));
         let tiny = RateConfig::per_minute(Some(1), None).with_headroom();
         assert_eq!((tiny.requests, tiny.tokens), (Some((1, 1)), None));

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::bucket::Names;
 use super::lease::{LeaseKey, TOP_UP_WAIT};
 use super::{Ask, Decision, Holds, Limit, Limiter, Mark, Scope};
 
@@ -16,7 +17,7 @@ impl Limiter {
         if self.inflight >= self.limits.max_concurrent {
             return Decision::WaitForSlot;
         }
-        let (at, limit) = self.total.ready_at(now, ask.tokens, (Limit::Requests, Limit::Tokens));
+        let (at, limit) = self.total.ready_at(now, ask.cost(), Names::TOTAL);
         if at > now {
             return Decision::Wait { at, limit, scope: None };
         }
@@ -24,7 +25,7 @@ impl Limiter {
             return wait;
         }
         if let Some(caps) = self.caps(&ask.client, now) {
-            let (at, limit) = caps.ready_at(now, ask.tokens, (Limit::ClientRequests, Limit::ClientTokens));
+            let (at, limit) = caps.ready_at(now, ask.cost(), Names::CLIENT);
             if at > now {
                 return Decision::Wait { at, limit, scope: Some(Scope::Client(ask.client.clone())) };
             }
@@ -38,7 +39,7 @@ impl Limiter {
         if let Some(model) = &ask.model
             && let Some(rates) = self.models.get_mut(model)
         {
-            let (at, limit) = rates.ready_at(now, ask.tokens, (Limit::ModelRequests, Limit::ModelTokens));
+            let (at, limit) = rates.ready_at(now, ask.cost(), Names::MODEL);
             if at > now {
                 return Decision::Wait { at, limit, scope: Some(Scope::Model(Arc::clone(model))) };
             }
@@ -135,12 +136,12 @@ impl Limiter {
     /// Take one request, the ask's tokens and a concurrency slot, at endpoint `index`. Call
     /// after `decide` said `Go(index)`.
     pub(crate) fn admit(&mut self, now: Instant, ask: &Ask, index: usize) -> Mark {
-        self.total.take(now, ask.tokens);
+        self.total.take(now, ask.cost());
         if let Some(rates) = ask.model.as_ref().and_then(|m| self.models.get_mut(m)) {
-            rates.take(now, ask.tokens);
+            rates.take(now, ask.cost());
         }
         if let Some(caps) = self.caps(&ask.client, now) {
-            caps.take(now, ask.tokens);
+            caps.take(now, ask.cost());
         }
         self.usage.add(now, 1, i64::try_from(ask.tokens).unwrap_or(i64::MAX));
         let at = index.min(self.endpoints.len().saturating_sub(1));
@@ -156,7 +157,7 @@ impl Limiter {
         self.next_order += 1;
         let index = index.min(self.endpoints.len().saturating_sub(1));
         let e = &mut self.endpoints[index];
-        let unseen_before = e.unanswered.values().fold(0u64, |a, t| a.saturating_add(*t));
+        let unseen_before = e.unanswered.values().fold(0u64, |a, t| a.saturating_add(t.tokens));
         let (probe, target) = e.take(now, ask, order);
         Mark {
             at: now,

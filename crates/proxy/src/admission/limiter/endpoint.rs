@@ -9,8 +9,8 @@ use std::time::Duration;
 use llmproxy_api::policy::UpstreamPolicy;
 use tokio::time::Instant;
 
-use super::bucket::{Correction, RateConfig, Rates};
-use super::limit::{Ask, Hold, Limit};
+use super::bucket::{Correction, Names, RateConfig, Rates, Spent};
+use super::limit::{Ask, Cost, Hold, Limit};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// The most models an endpoint keeps quotas or pauses for; beyond it idle ones are forgotten
@@ -82,7 +82,7 @@ pub(crate) enum Verdict {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Target {
     model: bool,
-    spent: (f64, f64),
+    spent: Spent,
 }
 
 /// When an endpoint can take a request, what holds it until then, and what to reserve for it.
@@ -108,7 +108,7 @@ pub(crate) struct Endpoint {
     key_paused_until: Option<Instant>,
     model_paused_until: HashMap<Arc<str>, Instant>,
     /// Token charges of requests sent here and not yet answered, by admission order.
-    pub(super) unanswered: BTreeMap<u64, u64>,
+    pub(super) unanswered: BTreeMap<u64, Cost>,
     pub(crate) health: Health,
     /// Smooth weighted round robin among endpoints ready at once.
     pub(super) swrr: i64,
@@ -124,7 +124,13 @@ pub(super) fn configured(policy: &UpstreamPolicy) -> RateConfig {
     RateConfig {
         requests: l.requests_per_minute.map(|pm| (pm, l.request_burst)),
         tokens: l.tokens_per_minute.map(|pm| (pm, l.token_burst.max(llmproxy_api::policy::per_second(pm)))),
+        input: None,
+        output: None,
     }
+    .with_io(
+        l.input_tokens_per_minute.map(|pm| (pm, l.input_token_burst)),
+        l.output_tokens_per_minute.map(|pm| (pm, l.output_token_burst)),
+    )
     .with_headroom()
 }
 
@@ -144,13 +150,20 @@ fn reported(q: &QuotaHeaders, spec: RateConfig) -> RateConfig {
             None => RateConfig::per_minute(Some(pm), None).with_headroom().requests?,
         })
     };
-    RateConfig { requests: unit(q.limit_requests, spec.requests), tokens: unit(q.limit_tokens, spec.tokens) }
+    RateConfig {
+        requests: unit(q.limit_requests, spec.requests),
+        tokens: unit(q.limit_tokens, spec.tokens),
+        input: unit(q.limit_input_tokens, spec.input),
+        output: unit(q.limit_output_tokens, spec.output),
+    }
 }
 
 fn model_config(policy: &UpstreamPolicy, model: &str) -> RateConfig {
-    policy.limits.models.get(model).map_or_else(RateConfig::default, |m| {
-        RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute).with_headroom()
-    })
+    policy
+        .limits
+        .models
+        .get(model)
+        .map_or_else(RateConfig::default, |m| RateConfig::for_model(m).with_headroom())
 }
 
 impl Endpoint {
@@ -225,7 +238,7 @@ impl Endpoint {
             return false;
         }
         let model = ask.model.as_ref().and_then(|m| self.models.get(m));
-        !(self.rates.never_fits(ask.tokens) || model.is_some_and(|q| q.rates.never_fits(ask.tokens)))
+        !(self.rates.never_fits(ask.cost()) || model.is_some_and(|q| q.rates.never_fits(ask.cost())))
     }
 
     /// When it can take `ask`, or `None` for now.
@@ -244,8 +257,7 @@ impl Endpoint {
         if let Some(until) = self.key_paused_until {
             later(until, Limit::UpstreamPause, &whole);
         }
-        let (at, limit) =
-            self.rates.ready_at(now, ask.tokens, (Limit::UpstreamRequests, Limit::UpstreamTokens));
+        let (at, limit) = self.rates.ready_at(now, ask.cost(), Names::UPSTREAM);
         later(at, limit, &whole);
         if let Some(model) = &ask.model {
             let only = Hold::EndpointModel(self.index, Arc::clone(model));
@@ -253,8 +265,7 @@ impl Endpoint {
                 later(*until, Limit::UpstreamPause, &only);
             }
             if let Some(q) = self.models.get_mut(model) {
-                let (at, limit) =
-                    q.rates.ready_at(now, ask.tokens, (Limit::ModelRequests, Limit::ModelTokens));
+                let (at, limit) = q.rates.ready_at(now, ask.cost(), Names::MODEL);
                 later(at, limit, &only);
             }
         }
@@ -264,16 +275,16 @@ impl Endpoint {
     /// Charge `ask` here. Returns whether this request is its probe, and where the quota its
     /// answer will correct stood.
     pub(crate) fn take(&mut self, now: Instant, ask: &Ask, order: u64) -> (bool, Target) {
-        self.rates.take(now, ask.tokens);
+        self.rates.take(now, ask.cost());
         let model = ask.model.as_ref().and_then(|m| self.models.get_mut(m));
         let spent = match model {
             Some(q) => {
-                q.rates.take(now, ask.tokens);
+                q.rates.take(now, ask.cost());
                 Target { model: true, spent: q.rates.spent() }
             }
             None => Target { model: false, spent: self.rates.spent() },
         };
-        self.unanswered.insert(order, ask.tokens);
+        self.unanswered.insert(order, ask.cost());
         let probe = self.health.avail(now) == Avail::Probe;
         if probe {
             self.health.probing = true;
@@ -282,15 +293,15 @@ impl Endpoint {
     }
 
     /// Give tokens back (the upstream did not count the attempt).
-    pub(crate) fn give_tokens(&mut self, now: Instant, model: Option<&Arc<str>>, tokens: u64) {
-        self.rates.give_tokens(now, tokens);
+    pub(crate) fn give_tokens(&mut self, now: Instant, model: Option<&Arc<str>>, cost: Cost) {
+        self.rates.give_tokens(now, cost);
         if let Some(q) = model.and_then(|m| self.models.get_mut(m)) {
-            q.rates.give_tokens(now, tokens);
+            q.rates.give_tokens(now, cost);
         }
     }
 
-    /// Settle a charge to usage (`used` accounting).
-    pub(crate) fn settle(&mut self, now: Instant, model: Option<&Arc<str>>, reserved: u64, used: u64) {
+    /// Settle a charge to usage.
+    pub(crate) fn settle(&mut self, now: Instant, model: Option<&Arc<str>>, reserved: Cost, used: Cost) {
         let target_is_model = model.is_some_and(|m| self.models.contains_key(m));
         self.rates.settle(now, reserved, used, !target_is_model);
         if let Some(q) = model.and_then(|m| self.models.get_mut(m)) {
@@ -320,7 +331,11 @@ impl Endpoint {
     /// Learn the limits an answer reports: for its model where it names one, else for the
     /// endpoint. Never more than configured: the tighter of the two is enforced.
     fn observe(&mut self, now: Instant, model: Option<&Arc<str>>, q: &QuotaHeaders) {
-        if q.limit_requests.is_none() && q.limit_tokens.is_none() {
+        if q.limit_requests.is_none()
+            && q.limit_tokens.is_none()
+            && q.limit_input_tokens.is_none()
+            && q.limit_output_tokens.is_none()
+        {
             return;
         }
         match model {
@@ -345,6 +360,8 @@ impl Endpoint {
                 let spec = RateConfig {
                     requests: configured.requests.or(self.configured.requests),
                     tokens: configured.tokens.or(self.configured.tokens),
+                    input: configured.input.or(self.configured.input),
+                    output: configured.output.or(self.configured.output),
                 };
                 let seen = reported(q, spec);
                 let in_flight = &self.unanswered;
@@ -352,8 +369,8 @@ impl Endpoint {
                     // A quota learned now starts where it would stand had it existed all along:
                     // what is in flight here is charged to it too.
                     let mut rates = Rates::new(configured.min(seen), now);
-                    for tokens in in_flight.values() {
-                        rates.take(now, *tokens);
+                    for cost in in_flight.values() {
+                        rates.take(now, *cost);
                     }
                     ModelQuota { rates, configured, observed: seen }
                 });
@@ -477,7 +494,7 @@ mod tests {
         Correction {
             since: Duration::ZERO,
             spent_at: None,
-            refunded: 0.0,
+            refunded: Cost::default(),
             unseen_before: 0.0,
             refused: false,
             max_reset: Duration::from_secs(30),

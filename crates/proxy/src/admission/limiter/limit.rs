@@ -38,11 +38,23 @@ pub enum Limit {
     QuotaRequests,
     /// The organisation-wide LlmQuota's tokens per minute.
     QuotaTokens,
+    /// `limits.inputTokensPerMinute`.
+    InputTokens,
+    /// `limits.outputTokensPerMinute`.
+    OutputTokens,
+    /// An endpoint's own input tokens per minute (configured or reported by its headers).
+    UpstreamInputTokens,
+    /// An endpoint's own output tokens per minute.
+    UpstreamOutputTokens,
+    /// A model's input tokens per minute.
+    ModelInputTokens,
+    /// A model's output tokens per minute.
+    ModelOutputTokens,
 }
 
 impl Limit {
     /// Every limit, for initialising metric series.
-    pub const ALL: [Limit; 15] = [
+    pub const ALL: [Limit; 21] = [
         Limit::Requests,
         Limit::Tokens,
         Limit::Concurrency,
@@ -58,6 +70,12 @@ impl Limit {
         Limit::UpstreamUnavailable,
         Limit::QuotaRequests,
         Limit::QuotaTokens,
+        Limit::InputTokens,
+        Limit::OutputTokens,
+        Limit::UpstreamInputTokens,
+        Limit::UpstreamOutputTokens,
+        Limit::ModelInputTokens,
+        Limit::ModelOutputTokens,
     ];
 
     /// A low-cardinality label for metrics.
@@ -78,7 +96,33 @@ impl Limit {
             Limit::UpstreamUnavailable => "upstream_unavailable",
             Limit::QuotaRequests => "quota_requests_per_minute",
             Limit::QuotaTokens => "quota_tokens_per_minute",
+            Limit::InputTokens => "input_tokens_per_minute",
+            Limit::OutputTokens => "output_tokens_per_minute",
+            Limit::UpstreamInputTokens => "upstream_input_tokens_per_minute",
+            Limit::UpstreamOutputTokens => "upstream_output_tokens_per_minute",
+            Limit::ModelInputTokens => "model_input_tokens_per_minute",
+            Limit::ModelOutputTokens => "model_output_tokens_per_minute",
         }
+    }
+}
+
+impl Limit {
+    /// A token limit: its debt shrinks as requests in flight settle against their usage, so a
+    /// wait for it past the deadline may still end in time.
+    pub(crate) fn is_token_debt(self) -> bool {
+        matches!(
+            self,
+            Limit::Tokens
+                | Limit::InputTokens
+                | Limit::OutputTokens
+                | Limit::ClientTokens
+                | Limit::UpstreamTokens
+                | Limit::UpstreamInputTokens
+                | Limit::UpstreamOutputTokens
+                | Limit::ModelTokens
+                | Limit::ModelInputTokens
+                | Limit::ModelOutputTokens
+        )
     }
 }
 
@@ -100,8 +144,23 @@ impl fmt::Display for Limit {
             Limit::UpstreamUnavailable => "the upstream endpoints being unavailable after failures",
             Limit::QuotaRequests => "the organisation quota's requests-per-minute limit (LlmQuota)",
             Limit::QuotaTokens => "the organisation quota's tokens-per-minute limit (LlmQuota)",
+            Limit::InputTokens => "the input-tokens-per-minute limit",
+            Limit::OutputTokens => "the output-tokens-per-minute limit",
+            Limit::UpstreamInputTokens => "the upstream endpoint's input-tokens-per-minute limit",
+            Limit::UpstreamOutputTokens => "the upstream endpoint's output-tokens-per-minute limit",
+            Limit::ModelInputTokens => "this model's input-tokens-per-minute limit",
+            Limit::ModelOutputTokens => "this model's output-tokens-per-minute limit",
         })
     }
+}
+
+/// What one request costs a quota's token buckets: all its tokens, and apart its input and
+/// its output (as Anthropic limits them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Cost {
+    pub(crate) tokens: u64,
+    pub(crate) input: u64,
+    pub(crate) output: u64,
 }
 
 /// What one request asks of the limiter.
@@ -109,6 +168,11 @@ impl fmt::Display for Limit {
 pub struct Ask {
     /// Tokens charged at admission.
     pub tokens: u64,
+    /// Of those, input tokens charged to input-tokens-per-minute limits (the prompt estimate).
+    pub input: u64,
+    /// Of those, output tokens charged to output-tokens-per-minute limits (the completion
+    /// budget: `max_tokens`).
+    pub output: u64,
     /// The model it is for; pauses, model limits and which endpoints serve it go by model.
     pub model: Option<Arc<str>>,
     /// The client it is from (`None`: no client identified); client caps apply per client.
@@ -123,6 +187,11 @@ impl Ask {
     /// An ask for `tokens` with no model and no client.
     pub fn tokens(tokens: u64) -> Self {
         Self { tokens, ..Self::default() }
+    }
+
+    /// What it costs the token buckets.
+    pub(crate) fn cost(&self) -> Cost {
+        Cost { tokens: self.tokens, input: self.input, output: self.output }
     }
 }
 

@@ -33,7 +33,7 @@ pub(crate) use self::endpoint::Verdict;
 use self::endpoint::{Avail, Endpoint, Target};
 use self::lease::{LeaseKey, Leases, TOP_UP_WAIT};
 pub(crate) use self::limit::Hold;
-pub(crate) use self::limit::{Ask, Limit};
+pub(crate) use self::limit::{Ask, Cost, Limit};
 
 /// What a wait applies to, when it does not apply to everyone.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +112,7 @@ pub(crate) struct Mark {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Calibration {
     /// Tokens given back since because the upstream did not count the request.
-    pub(crate) refunded: u64,
+    pub(crate) refunded: Cost,
     /// The upstream refused the request for lack of quota (a 429).
     pub(crate) refused: bool,
     /// The longest reset taken at its word.
@@ -168,6 +168,8 @@ fn total_config(l: &LimitsPolicy) -> RateConfig {
     RateConfig {
         requests: Some((l.requests_per_minute, l.request_burst)),
         tokens: l.tokens_per_minute.map(|pm| (pm, l.token_burst)),
+        input: l.input_tokens_per_minute.map(|pm| (pm, l.input_token_burst)),
+        output: l.output_tokens_per_minute.map(|pm| (pm, l.output_token_burst)),
     }
 }
 
@@ -196,7 +198,7 @@ impl Limiter {
     fn shared_buckets(policy: &Policy) -> Vec<(LeaseKey, RateConfig)> {
         let mut keys = vec![(LeaseKey::Total, total_config(&policy.limits))];
         for (name, m) in &policy.limits.models {
-            let config = RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute);
+            let config = RateConfig::for_model(m);
             keys.push((LeaseKey::Model(Arc::from(name.as_str())), config));
         }
         if policy.upstreams.len() > 1 {
@@ -263,7 +265,7 @@ impl Limiter {
         self.limits = policy.limits.clone();
         self.models.retain(|m, _| policy.limits.models.contains_key(m.as_ref()));
         for (name, m) in &policy.limits.models {
-            let config = RateConfig::per_minute(m.requests_per_minute, m.tokens_per_minute);
+            let config = RateConfig::for_model(m);
             match self.models.get_mut(name.as_str()) {
                 Some(rates) => changed |= rates.set(config, now),
                 None => {

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::bucket::Correction;
 use super::endpoint::{Endpoint, Verdict};
 use super::lease::LeaseKey;
-use super::{Calibration, Limiter, Mark};
+use super::{Calibration, Cost, Limiter, Mark};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::protocol::tokens::Usage;
 
 impl Limiter {
     fn endpoint_of(&mut self, mark: &Mark) -> Option<&mut Endpoint> {
@@ -32,19 +33,19 @@ impl Limiter {
 
     /// The upstream charged nothing for an attempt (it refused it, or never saw it): its
     /// tokens go back. The request itself stays counted.
-    pub(crate) fn refund(&mut self, now: Instant, mark: &Mark, client: &Option<Arc<str>>, tokens: u64) {
-        self.total.give_tokens(now, tokens);
+    pub(crate) fn refund(&mut self, now: Instant, mark: &Mark, client: &Option<Arc<str>>, cost: Cost) {
+        self.total.give_tokens(now, cost);
         if let Some(rates) = mark.model.as_ref().and_then(|m| self.models.get_mut(m)) {
-            rates.give_tokens(now, tokens);
+            rates.give_tokens(now, cost);
         }
         if let Some(caps) = self.caps(client, now) {
-            caps.give_tokens(now, tokens);
+            caps.give_tokens(now, cost);
         }
         let model = mark.model.clone();
-        self.usage.add(now, 0, -i64::try_from(tokens).unwrap_or(i64::MAX));
-        self.give_leased(mark, client, tokens as f64);
+        self.usage.add(now, 0, -i64::try_from(cost.tokens).unwrap_or(i64::MAX));
+        self.give_leased(mark, client, cost.tokens as f64);
         if let Some(e) = self.endpoint_of(mark) {
-            e.give_tokens(now, model.as_ref(), tokens);
+            e.give_tokens(now, model.as_ref(), cost);
         }
     }
 
@@ -59,22 +60,31 @@ impl Limiter {
         }
     }
 
-    /// The answer is complete: under `used` accounting its charge becomes its real usage.
-    /// Returns the charge that stands. Where the upstream reports its own count, unused tokens
-    /// of the quota it speaks for are withheld until its headers show them back (a provider
-    /// that does not refund, though configured as one that does, then never lets the proxy run
-    /// ahead of it); the proxy's own totals and caps follow the usage at once.
+    /// The answer is complete, with `used` its reported usage. Under `used` accounting the
+    /// token charge becomes its total; under `requested` it stands. Where the upstream reports
+    /// its own count, unused tokens of the quota it speaks for are withheld until its headers
+    /// show them back (a provider that does not refund, though configured as one that does,
+    /// then never lets the proxy run ahead of it); the proxy's own totals and caps follow the
+    /// usage at once. Input and output always settle to the usage (input without cache reads),
+    /// as Anthropic settles them; without usage every charge stands.
     pub(crate) fn settle(
         &mut self,
         now: Instant,
         mark: &Mark,
         client: &Option<Arc<str>>,
-        reserved: u64,
-        used: Option<u64>,
-    ) -> u64 {
-        let (TokenAccounting::Used, Some(used)) = (self.limits.token_accounting, used) else {
-            return reserved;
+        reserved: Cost,
+        used: Option<Usage>,
+    ) {
+        let Some(usage) = used else { return };
+        let used_accounting = self.limits.token_accounting == TokenAccounting::Used;
+        let used = Cost {
+            tokens: if used_accounting { usage.total() } else { reserved.tokens },
+            input: usage.input(),
+            output: usage.completion,
         };
+        if used == reserved {
+            return;
+        }
         self.total.settle(now, reserved, used, false);
         if let Some(rates) = mark.model.as_ref().and_then(|m| self.models.get_mut(m)) {
             rates.settle(now, reserved, used, false);
@@ -84,11 +94,10 @@ impl Limiter {
         }
         let model = mark.model.clone();
         #[allow(clippy::cast_precision_loss)]
-        self.give_leased(mark, client, reserved as f64 - used as f64);
+        self.give_leased(mark, client, reserved.tokens as f64 - used.tokens as f64);
         if let Some(e) = self.endpoint_of(mark) {
             e.settle(now, model.as_ref(), reserved, used);
         }
-        used
     }
 
     /// Hold requests for `model` at the endpoint of `mark` (everything there, without a
@@ -125,7 +134,7 @@ impl Limiter {
         let correction = Correction {
             since: now.saturating_duration_since(mark.at),
             spent_at: None,
-            refunded: c.refunded as f64,
+            refunded: c.refunded,
             unseen_before: mark.unseen_before as f64,
             refused: c.refused,
             max_reset: c.max_reset,

@@ -3,6 +3,12 @@ use llmproxy_api::policy::EndpointLimits;
 
 use super::*;
 use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::protocol::tokens::Usage;
+
+/// What an answer that used `tokens` (all output) reported.
+fn usage(tokens: u64) -> Option<Usage> {
+    Some(Usage { completion: tokens, ..Usage::default() })
+}
 
 /// One upstream whose quota is the LlmProxy's, as `spec.upstream` gives.
 fn policy(rpm: u64, burst: u64, tpm: Option<u64>, token_burst: u64, max_concurrent: u32) -> Policy {
@@ -96,19 +102,24 @@ fn requested_accounting_keeps_the_charge_used_settles_it() {
     let mut l = Limiter::new(&policy(6000, 100, Some(6000), 100, 100), t0);
     let m = l.admit(t0, &Ask::tokens(80), 0);
     assert_eq!(decide(&mut l, t0, &Ask::tokens(80)), wait(t0 + ms(600), Limit::Tokens));
-    assert_eq!(l.settle(t0, &m, &None, 80, Some(20)), 80, "requested: the charge stands");
+    l.settle(t0, &m, &None, Cost { tokens: 80, ..Cost::default() }, usage(20));
     assert_eq!(l.tokens_available(t0).map(f64::round), Some(20.0));
 
     let mut used = policy(6000, 100, Some(6000), 100, 100);
     used.limits.token_accounting = TokenAccounting::Used;
     let mut l = Limiter::new(&used, t0);
     let m = l.admit(t0, &Ask::tokens(80), 0);
-    assert_eq!(l.settle(t0, &m, &None, 80, Some(20)), 20);
+    l.settle(t0, &m, &None, Cost { tokens: 80, ..Cost::default() }, usage(20));
     assert_eq!(decide(&mut l, t0, &Ask::tokens(80)), Decision::Go(0), "the unused 60 came back");
     let m = l.admit(t0, &Ask::tokens(80), 0);
-    assert_eq!(l.settle(t0, &m, &None, 80, Some(100)), 100, "using more than charged costs more");
-    assert_eq!(l.tokens_available(t0).map(f64::round), Some(-20.0));
-    assert_eq!(l.settle(t0, &m, &None, 80, None), 80, "no usage: the charge stands, never more");
+    l.settle(t0, &m, &None, Cost { tokens: 80, ..Cost::default() }, usage(100));
+    assert_eq!(l.tokens_available(t0).map(f64::round), Some(-20.0), "using more than charged costs more");
+    l.settle(t0, &m, &None, Cost { tokens: 80, ..Cost::default() }, None);
+    assert_eq!(
+        l.tokens_available(t0).map(f64::round),
+        Some(-20.0),
+        "no usage: the charge stands, never more"
+    );
 }
 
 #[test]
@@ -183,7 +194,7 @@ fn a_client_at_its_cap_waits_alone() {
 }
 
 fn calibration(refused: bool) -> Calibration {
-    Calibration { refunded: 0, refused, max_reset: Duration::from_secs(30) }
+    Calibration { refunded: Cost::default(), refused, max_reset: Duration::from_secs(30) }
 }
 
 #[test]
@@ -243,7 +254,7 @@ fn withheld_refunds_return_only_as_far_as_the_upstream_confirms() {
     let seen = QuotaHeaders { remaining_tokens: Some(600), ..QuotaHeaders::default() };
     l.calibrate(t0, &seen, &first, calibration(false));
     // It used 100 of its 400: the 300 wait for the upstream's word.
-    l.settle(t0, &first, &None, 400, Some(100));
+    l.settle(t0, &first, &None, Cost { tokens: 400, ..Cost::default() }, usage(100));
     assert_eq!(endpoint_tokens(&mut l), Some(600.0));
     let next = l.admit(t0, &Ask::tokens(0), 0);
     let refunded = QuotaHeaders { remaining_tokens: Some(900), ..QuotaHeaders::default() };
@@ -251,7 +262,7 @@ fn withheld_refunds_return_only_as_far_as_the_upstream_confirms() {
     assert_eq!(endpoint_tokens(&mut l), Some(900.0), "the upstream refunded them");
     // An upstream that keeps what it charged never says so: nothing more comes back.
     let third = l.admit(t0, &Ask::tokens(400), 0);
-    l.settle(t0, &third, &None, 400, Some(100));
+    l.settle(t0, &third, &None, Cost { tokens: 400, ..Cost::default() }, usage(100));
     let kept = QuotaHeaders { remaining_tokens: Some(500), ..QuotaHeaders::default() };
     let after = l.admit(t0, &Ask::tokens(0), 0);
     l.calibrate(t0, &kept, &after, calibration(false));
@@ -371,4 +382,46 @@ fn an_earlier_waiter_keeps_its_endpoint_from_later_ones() {
     assert_eq!(l.decide(t0, &small, &holds), Decision::Held);
     // A request for a model b serves still goes there.
     assert_eq!(l.decide(t0, &Ask { tokens: 1, ..model("other") }, &holds), Decision::Go(1));
+}
+
+/// A policy whose model `m` is limited to `output` tokens per minute (and nothing else but a
+/// generous request rate).
+fn output_limited(output: u64) -> Policy {
+    let yaml = format!(
+        "upstream: {{url: 'https://x.io', provider: anthropic}}\nlimits: {{requestsPerMinute: 6000, models: {{m: {{outputTokensPerMinute: {output}}}}}}}"
+    );
+    let spec: llmproxy_api::LlmProxySpec = serde_yaml::from_str(&yaml).unwrap();
+    Policy::from_spec(&spec).unwrap()
+}
+
+fn message(input: u64, output: u64) -> Ask {
+    Ask { tokens: input + output, input, output, ..model("m") }
+}
+
+#[test]
+fn output_is_charged_max_tokens_then_settled_to_what_the_answer_used() {
+    let t0 = Instant::now();
+    // 30,000 output tokens a minute: 500/s, a bucket of one second's worth.
+    let mut l = Limiter::new(&output_limited(30_000), t0);
+    let first = go(&mut l, t0, &message(10, 500)).expect("a full bucket takes it");
+    // The next waits for room for its max_tokens, held by the model's output limit.
+    match decide(&mut l, t0, &message(10, 500)) {
+        Decision::Wait { limit, at, .. } => {
+            assert_eq!(limit, Limit::ModelOutputTokens);
+            assert!(at >= t0 + ms(900), "{at:?}");
+        }
+        d => panic!("{d:?}"),
+    }
+    // The answer used 40: the other 460 come back at once, and the next goes about 0.1 s later
+    // instead of a whole second.
+    l.settle(t0, &first, &None, first_cost(), Some(Usage { prompt: 10, completion: 40, ..Usage::default() }));
+    match decide(&mut l, t0, &message(10, 500)) {
+        Decision::Wait { at, .. } => assert!(at <= t0 + ms(250), "{:?}", at - t0),
+        Decision::Go(_) => {}
+        d => panic!("{d:?}"),
+    }
+}
+
+fn first_cost() -> Cost {
+    Cost { tokens: 510, input: 10, output: 500 }
 }

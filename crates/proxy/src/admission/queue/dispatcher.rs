@@ -71,10 +71,7 @@ impl Admission {
                 Decision::Wait { at, limit, scope } => (at, limit, scope),
             };
             // Token debt can shrink: requests in flight settle against real usage.
-            let may_shrink = matches!(
-                limit,
-                Limit::Tokens | Limit::ClientTokens | Limit::UpstreamTokens | Limit::ModelTokens
-            ) && shared.limiter.inflight() > 0;
+            let may_shrink = limit.is_token_debt() && shared.limiter.inflight() > 0;
             if at > w.deadline && !may_shrink {
                 // Refuse at once: waiting cannot help.
                 if let Some(w) = shared.lines.remove(seq) {
@@ -192,7 +189,7 @@ mod tests {
         let second = spawn_anon(&a, 10, t0 + secs(30));
         tokio::time::sleep(secs(1)).await;
         // It used 20: the debt shrinks to what 20 tokens cost, and the second one goes soon.
-        first.settle(Some(20));
+        first.settle(Some(crate::protocol::tokens::Usage { completion: 20, ..Default::default() }));
         let waited = second.await.ok().and_then(Result::ok).unwrap_or_default();
         assert!(waited > secs(1) && waited < secs(5), "{waited:?}");
     }

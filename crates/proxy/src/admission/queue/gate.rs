@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::lines::{Lines, Party, Place};
 use super::permit::{End, Issuer, Permit, Rejection};
 use crate::admission::budget::RetryBudget;
-use crate::admission::limiter::{Ask, Calibration, Limit, Limiter, Mark, Verdict};
+use crate::admission::limiter::{Ask, Calibration, Cost, Limit, Limiter, Mark, Verdict};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 use crate::telemetry::labels::TokenKind;
 use crate::telemetry::metrics::Metrics;
@@ -95,7 +95,7 @@ impl Admission {
         self.metrics.recent_wait(waited);
         party.metrics.queue_wait(waited.as_secs_f64());
         party.metrics.tokens(TokenKind::Reserved, ask.tokens);
-        Permit::new(Arc::clone(self) as Arc<dyn Issuer>, ask.client.clone(), ask.tokens, mark, waited)
+        Permit::new(Arc::clone(self) as Arc<dyn Issuer>, ask.client.clone(), ask.cost(), mark, waited)
     }
 
     pub(super) fn reject(
@@ -117,7 +117,7 @@ impl Issuer for Admission {
         mark: &Mark,
         client: &Option<Arc<str>>,
         verdict: &Verdict,
-        refund: Option<u64>,
+        refund: Option<Cost>,
         calibration: Option<(&QuotaHeaders, Calibration)>,
     ) {
         let now = Instant::now();

@@ -7,8 +7,9 @@ use std::time::Duration;
 use llmproxy_api::policy::UpstreamPolicy;
 use tokio::time::Instant;
 
-use crate::admission::limiter::{Calibration, Limit, Mark, Verdict};
+use crate::admission::limiter::{Calibration, Cost, Limit, Mark, Verdict};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
+use crate::protocol::tokens::Usage;
 
 /// Why a request was not admitted; becomes a 429 with `Retry-After`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,7 +36,7 @@ pub(crate) trait Issuer: Send + Sync {
         mark: &Mark,
         client: &Option<Arc<str>>,
         verdict: &Verdict,
-        refund: Option<u64>,
+        refund: Option<Cost>,
         calibration: Option<(&QuotaHeaders, Calibration)>,
     );
     /// The attempt of `mark` is over, under one lock: settled as `end` says, its model paused
@@ -53,7 +54,7 @@ pub(crate) trait Issuer: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct End {
     /// The answer completed: the tokens charged, and its real usage if it reported one.
-    pub(crate) settle: Option<(u64, Option<u64>)>,
+    pub(crate) settle: Option<(Cost, Option<Usage>)>,
     /// Hold its model at its endpoint until then.
     pub(crate) pause: Option<Instant>,
 }
@@ -80,9 +81,9 @@ pub struct Permit {
     issuer: Arc<dyn Issuer>,
     client: Option<Arc<str>>,
     /// Tokens charged for this attempt.
-    charged: u64,
+    charged: Cost,
     /// Tokens given back because the upstream did not count the attempt.
-    refunded: u64,
+    refunded: Cost,
     mark: Mark,
     /// The gate was told the attempt is over (settled or paused): nothing is left to release.
     released: bool,
@@ -95,11 +96,11 @@ impl Permit {
     pub(super) fn new(
         issuer: Arc<dyn Issuer>,
         client: Option<Arc<str>>,
-        charged: u64,
+        charged: Cost,
         mark: Mark,
         waited: Duration,
     ) -> Self {
-        Self { issuer, client, charged, refunded: 0, mark, released: false, waited }
+        Self { issuer, client, charged, refunded: Cost::default(), mark, released: false, waited }
     }
 
     /// The endpoint this attempt goes to.
@@ -109,10 +110,14 @@ impl Permit {
 
     /// Tell the gate what the attempt learned, in one go.
     pub(crate) fn report(&mut self, report: &Report<'_>) {
-        let refund = (report.refund && self.charged > 0).then_some(self.charged);
-        if let Some(tokens) = refund {
-            self.refunded += tokens;
-            self.charged = 0;
+        let refund = (report.refund && self.charged != Cost::default()).then_some(self.charged);
+        if let Some(cost) = refund {
+            self.refunded = Cost {
+                tokens: self.refunded.tokens.saturating_add(cost.tokens),
+                input: self.refunded.input.saturating_add(cost.input),
+                output: self.refunded.output.saturating_add(cost.output),
+            };
+            self.charged = Cost::default();
         }
         let calibration = report.quota.filter(|q| q.says_remaining()).map(|q| {
             let c =
@@ -123,9 +128,9 @@ impl Permit {
     }
 
     /// The answer is complete; `used` is its real usage if it reported one. Under `used`
-    /// accounting the charge becomes the usage, under `requested` it stands. The attempt is
-    /// over.
-    pub fn settle(self, used: Option<u64>) {
+    /// accounting the token charge becomes the usage, under `requested` it stands; input and
+    /// output settle to it either way. The attempt is over.
+    pub fn settle(self, used: Option<Usage>) {
         let settle = Some((self.charged, used));
         self.release(End { settle, pause: None });
     }
@@ -211,7 +216,7 @@ mod tests {
         let limits = limits(6000, 100, Some(6000), 100);
         let (a, t0) = (with(limits.clone()), Instant::now());
         let p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
-        p.settle(Some(10));
+        p.settle(Some(crate::protocol::tokens::Usage { completion: 10, ..Default::default() }));
         assert_eq!(a.tokens_available().map(f64::round), Some(10.0), "requested: the charge stands");
         let a = with(limits);
         let mut p = take(&a, 80, t0 + secs(30)).await.expect("goes at once");
