@@ -1009,11 +1009,113 @@ async fn fairness_workload(dir: &Path) {
     }
 }
 
+fn message_body(i: usize) -> serde_json::Value {
+    serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 500,
+        "messages": [{"role": "user", "content": format!("Tell user number {i} something.")}]})
+}
+
+fn short_message(i: usize) -> serde_json::Value {
+    serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 16,
+        "messages": [{"role": "user", "content": format!("Hello {i}")}]})
+}
+
+/// Anthropic's Messages API: a burst bound by output tokens per minute, and the hop.
+#[allow(clippy::print_stdout, clippy::cast_precision_loss)]
+async fn anthropic_workload(dir: &Path) {
+    println!(
+        "\n## (k) Anthropic: 200 messages (max_tokens 500, answers of 20-60 tokens) from 50 clients; the upstream grants 30,000 output tokens a minute (a bucket of 1,000), the proxy is set to exactly that\n"
+    );
+    println!(
+        "| path | ok | client 429s | upstream 429s | output tokens | achieved / configured output tokens/s | wall s | wall / least possible |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let client = load::client();
+    let rate = 500.0;
+    for proxied in [false, true] {
+        let mock_args = ["--otpm", "30000", "--window-ms", "2000", "--answer-tokens", "20-60"];
+        let (_mock, mock_addr) = start_mock(&mock_args).await;
+        let (_p, target) = if proxied {
+            let file = dir.join(format!("anthropic-{}.yaml", mock_addr.port()));
+            let tail = "  limits: {requestsPerMinute: 100000000, models: {claude-sonnet-4-5: {outputTokensPerMinute: 30000}}}\n  queue: {maxSize: 100000, maxWait: 120s}\n";
+            let (p, addr, _) =
+                run_proxy(&file, &manifest_with(mock_addr, ", provider: anthropic", tail), &[]).await;
+            (Some(p), addr)
+        } else {
+            (None, mock_addr)
+        };
+        let (shots, wall) =
+            load::clients(&client, &format!("http://{target}/v1/messages"), 50, 200, message_body).await;
+        let s = Summary::of(&shots, wall);
+        let stats = mock_stats(mock_addr).await;
+        let output = stats["anthropic_output_tokens"].as_u64().unwrap_or(0) as f64;
+        let upstream_429 = stats["rate_limited"].as_u64().unwrap_or(0);
+        // The first bucketful goes at once; the rest is paced at the rate.
+        let least = (output - 1000.0).max(0.0) / rate;
+        let wall_s = wall.as_secs_f64();
+        let (achieved, vs_least) = if proxied {
+            (format!("{:.3}", output / wall_s / rate), format!("{:.3}", wall_s / least.max(1e-9)))
+        } else {
+            ("-".into(), "-".into())
+        };
+        println!(
+            "| {} | {} | {} | {upstream_429} | {output} | {achieved} | {wall_s:.2} | {vs_least} |",
+            if proxied { "llmproxy" } else { "direct" },
+            s.ok,
+            s.rate_limited,
+        );
+    }
+
+    println!("\n### /v1/messages latency at 500 req/s for 6 s (open loop), max_tokens 16\n");
+    println!("| path | p50 ms | p99 ms | errors | added p50 ms | added p99 ms | added p50 / nginx's |");
+    println!("|---|---|---|---|---|---|---|");
+    let (_mock, mock_addr) = start_mock(&[]).await;
+    let file = dir.join("anthropic-hop.yaml");
+    let tail = "  limits: {requestsPerMinute: 100000000, maxConcurrent: 100000}\n  queue: {maxSize: 100000, maxWait: 60s}\n";
+    let (_proxy, proxy_addr, _) =
+        run_proxy(&file, &manifest_with(mock_addr, ", provider: anthropic", tail), &[]).await;
+    let hop_dir = dir.join("nginx-anthropic");
+    let _ = std::fs::create_dir_all(&hop_dir);
+    let nginx = start_nginx(&hop_dir, mock_addr).await;
+    let mut targets = vec![("direct", mock_addr)];
+    if let Some((_, addr)) = &nginx {
+        targets.push(("nginx", *addr));
+    }
+    targets.push(("llmproxy", proxy_addr));
+    let url = |addr: &SocketAddr| format!("http://{addr}/v1/messages");
+    for (_, addr) in &targets {
+        let _ =
+            load::constant_rate_with(&client, &url(addr), 200.0, Duration::from_millis(500), short_message)
+                .await;
+    }
+    let (mut base, mut nginx_added) = (None, None);
+    for (name, addr) in &targets {
+        let (shots, _) =
+            load::constant_rate_with(&client, &url(addr), 500.0, Duration::from_secs(6), short_message).await;
+        let (p, errors) = latency(&shots);
+        let b = *base.get_or_insert(p);
+        let added = [0, 1].map(|i| ms(p[i]) - ms(b[i]));
+        if *name == "nginx" {
+            nginx_added = Some(added);
+        }
+        let ratio = match nginx_added {
+            Some(n) if *name != "direct" && n[0] >= 0.005 => format!("{:.2}", added[0] / n[0]),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "| {name} | {:.3} | {:.3} | {errors} | {:.3} | {:.3} | {ratio} |",
+            ms(p[0]),
+            ms(p[1]),
+            added[0],
+            added[1],
+        );
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     // `cargo bench --bench proxy -- tpm cache`: only those sections (hop = a-c, cache = d,
     // tpm = e, memory = f, fairness = g, upstreams = h, quota = i,
-    // streams = j); none named: all.
+    // streams = j, anthropic = k); none named: all.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
@@ -1041,6 +1143,9 @@ fn main() {
         }
         if wanted("streams") {
             streams_workload(dir.path()).await;
+        }
+        if wanted("anthropic") {
+            anthropic_workload(dir.path()).await;
         }
     });
 }

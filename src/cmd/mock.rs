@@ -20,6 +20,18 @@ pub struct Args {
     /// Tokens per minute to enforce (unlimited when absent).
     #[arg(long)]
     tpm: Option<u64>,
+    /// Input tokens per minute to enforce on `/v1/messages` (Anthropic's ITPM; unlimited when
+    /// absent).
+    #[arg(long)]
+    itpm: Option<u64>,
+    /// Output tokens per minute to enforce on `/v1/messages` (Anthropic's OTPM: `max_tokens`
+    /// charged at admission, settled to the real output; unlimited when absent).
+    #[arg(long)]
+    otpm: Option<u64>,
+    /// Output tokens of each `/v1/messages` answer, as `MIN-MAX` (picked per request, at most
+    /// its `max_tokens`); `--completion-tokens` when absent.
+    #[arg(long, value_parser = token_range)]
+    answer_tokens: Option<std::ops::RangeInclusive<u64>>,
     /// Enforcement window in milliseconds: this share of the per-minute limit may arrive at once.
     #[arg(long, default_value_t = 1000)]
     window_ms: u64,
@@ -51,6 +63,16 @@ enum Accounting {
     Used,
 }
 
+/// `MIN-MAX` as a range of token counts.
+fn token_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
+    let (min, max) = s.split_once('-').ok_or("expected MIN-MAX, e.g. 20-60")?;
+    let (min, max) = (min.trim().parse::<u64>(), max.trim().parse::<u64>());
+    match (min, max) {
+        (Ok(min), Ok(max)) if min <= max => Ok(min..=max),
+        _ => Err("expected MIN-MAX with MIN <= MAX, e.g. 20-60".into()),
+    }
+}
+
 /// Serve until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let _logs = super::init_logging(LogFormat::Text, "info");
@@ -67,6 +89,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Accounting::Used => llmproxy_mock::Accounting::Used,
         },
         http2_max_streams: args.http2_max_streams,
+        input_tokens_per_minute: args.itpm,
+        output_tokens_per_minute: args.otpm,
+        answer_tokens: args.answer_tokens,
         ..MockConfig::default()
     };
     let server = MockServer::start(config, args.listen).await?;
