@@ -1029,7 +1029,15 @@ async fn anthropic_workload(dir: &Path) {
         "| path | ok | client 429s | upstream 429s | output tokens | achieved / configured output tokens/s | wall s | wall / least possible |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let client = load::client();
+    // Anthropic's API refuses a request without a version; the proxy adds one, direct clients
+    // send their own.
+    let mut version = reqwest::header::HeaderMap::new();
+    version.insert("anthropic-version", reqwest::header::HeaderValue::from_static("2023-06-01"));
+    let client = reqwest::Client::builder()
+        .default_headers(version)
+        .pool_max_idle_per_host(4096)
+        .build()
+        .unwrap_or_default();
     let rate = 500.0;
     for proxied in [false, true] {
         let mock_args = ["--otpm", "30000", "--window-ms", "2000", "--answer-tokens", "20-60"];

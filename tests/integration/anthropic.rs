@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use llmproxy_mock::MockConfig;
+use llmproxy_mock::{MockConfig, MockServer};
 use serde_json::{Value, json};
 
 use crate::support::proxy_env::{ProxyProcess, get_text, manifest_with, metric, mock, post_json};
@@ -12,6 +12,21 @@ use crate::support::python::python_with_sdks;
 /// A message request for `max_tokens`.
 fn message(max_tokens: u64) -> Value {
     json!({"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// A proxy process in front of `upstream` as an Anthropic endpoint, with `limits` and the
+/// rest of its spec (`spec_extra`); the directory holds its manifest.
+async fn claude_proxy(
+    upstream: &MockServer,
+    limits: &str,
+    spec_extra: &str,
+) -> (tempfile::TempDir, ProxyProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("llmproxy.yaml");
+    std::fs::write(&file, manifest_with(&upstream.url(), ", provider: anthropic", limits, spec_extra))
+        .unwrap();
+    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    (dir, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,11 +91,7 @@ async fn the_official_anthropic_python_sdk_works_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_headers_are_passed_defaulted_and_errors_come_in_its_shape() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("llmproxy.yaml");
-    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 6000}", "");
-    std::fs::write(&file, text).unwrap();
-    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 6000}", "").await;
     let url = proxy.url("/messages");
 
     // No anthropic-version from the client: the proxy sends the one every SDK accepts.
@@ -136,12 +147,8 @@ async fn anthropic_headers_are_passed_defaulted_and_errors_come_in_its_shape() {
 async fn overloaded_answers_are_retried_within_the_budget_and_every_request_succeeds() {
     // Every tenth message is a 529 overloaded_error.
     let upstream = mock(MockConfig { overloaded_every: Some(10), ..MockConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("llmproxy.yaml");
     let retry = "  retry: {maxAttempts: 4, initialBackoff: 50ms, maxBackoff: 200ms}\n";
-    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 60000}", retry);
-    std::fs::write(&file, text).unwrap();
-    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 60000}", retry).await;
     let url = proxy.url("/messages");
     let sends: Vec<_> = (0..60)
         .map(|_| {
@@ -165,16 +172,7 @@ async fn overloaded_answers_are_retried_within_the_budget_and_every_request_succ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_messages_are_answered_from_the_cache_per_api_version() {
     let upstream = mock(MockConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("llmproxy.yaml");
-    let text = manifest_with(
-        &upstream.url(),
-        ", provider: anthropic",
-        "{requestsPerMinute: 6000}",
-        "  cache: {ttl: 5m}\n",
-    );
-    std::fs::write(&file, text).unwrap();
-    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 6000}", "  cache: {ttl: 5m}\n").await;
     let url = proxy.url("/messages");
     let send = |version: &'static str, body: Value| {
         let url = url.clone();
@@ -296,12 +294,9 @@ async fn fifty_clients_asking_for_500_output_tokens_queue_instead_of_meeting_429
     assert!(refused >= 50, "only {refused} of 200 refused straight at the upstream: {straight}");
 
     let upstream = mock(otpm_upstream()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("llmproxy.yaml");
     let limits = "{requestsPerMinute: 6000, models: {claude-sonnet-4-5: {outputTokensPerMinute: 30000}}}";
     let queue = "  queue: {maxSize: 1000, maxWait: 120s}\n";
-    std::fs::write(&file, manifest_with(&upstream.url(), ", provider: anthropic", limits, queue)).unwrap();
-    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let (_dir, proxy) = claude_proxy(&upstream, limits, queue).await;
     let through = fifty_clients_ask_for_500(&python, &format!("http://{}", proxy.addr)).await;
     eprintln!("through llmproxy: {through}");
     assert_eq!(through["statuses"]["200"].as_u64(), Some(200), "{through}");
@@ -322,13 +317,9 @@ async fn fifty_clients_asking_for_500_output_tokens_queue_instead_of_meeting_429
 async fn output_limits_learned_from_anthropics_headers_alone_keep_429s_rare() {
     let python = python_with_sdks();
     let upstream = mock(otpm_upstream()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("llmproxy.yaml");
     // The spec gives only a request rate: the output limit comes from anthropic-ratelimit-*.
     let queue = "  queue: {maxSize: 1000, maxWait: 120s}\n";
-    let text = manifest_with(&upstream.url(), ", provider: anthropic", "{requestsPerMinute: 6000}", queue);
-    std::fs::write(&file, text).unwrap();
-    let proxy = ProxyProcess::start(&file, &[], &[]).await;
+    let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 6000}", queue).await;
     // One answer teaches it.
     let (status, _, body) = post_json(&proxy.url("/messages"), &json!({"model": "claude-sonnet-4-5", "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]})).await;
     assert_eq!(status, 200, "{body}");
@@ -340,4 +331,38 @@ async fn output_limits_learned_from_anthropics_headers_alone_keep_429s_rare() {
     let r: Value =
         serde_json::from_str(&get_text(&format!("http://{}/status", proxy.admin)).await).unwrap_or_default();
     eprintln!("{}", r["upstreams"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_limit_429_is_answered_at_once_and_a_rate_limit_429_waits_its_turn() {
+    let upstream = mock(MockConfig::default()).await;
+    let queue = "  queue: {maxSize: 100, maxWait: 30s}\n";
+    let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 6000}", queue).await;
+    let url = proxy.url("/messages");
+    // A spend limit: no wait fixes it, so the client hears it at once, from one attempt.
+    let spend = Some(
+        "rate_limit_error: You have reached your specified API usage limits (monthly spend limit)."
+            .to_owned(),
+    );
+    upstream
+        .mock
+        .inject(llmproxy_mock::Fault::Status { status: 429, retry_after_secs: Some(30), code: spend }, 1);
+    let start = std::time::Instant::now();
+    let (status, headers, body) = post_json(&url, &message(16)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "waited {:?} for a 429 no wait fixes",
+        start.elapsed()
+    );
+    assert!(body.contains("spend limit"), "the upstream's own answer: {body}");
+    assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("1"));
+    // A rate limit: it waits out its retry-after and goes again, and the client never sees it.
+    upstream
+        .mock
+        .inject(llmproxy_mock::Fault::Status { status: 429, retry_after_secs: Some(1), code: None }, 1);
+    let (status, headers, body) = post_json(&url, &message(16)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("2"));
+    assert_eq!(upstream.mock.seen().len(), 3);
 }

@@ -86,8 +86,7 @@ pub(crate) fn out_of_credit(provider: Provider, body: &[u8]) -> bool {
             let message = v.pointer("/error/message").and_then(|c| c.as_str()).unwrap_or_default();
             let message = message.to_ascii_lowercase();
             kind.is_some_and(|k| k != "rate_limit_error")
-                || message.contains("spend limit")
-                || message.contains("credit balance")
+                || ["spend limit", "usage limits", "credit balance"].iter().any(|m| message.contains(m))
         }
     }
 }
