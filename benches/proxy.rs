@@ -1031,6 +1031,7 @@ async fn anthropic_workload(dir: &Path) {
     println!("|---|---|---|---|---|---|---|---|");
     // Anthropic's API refuses a request without a version; the proxy adds one, direct clients
     // send their own.
+    let _ = load::client(); // installs the TLS crypto provider a client needs
     let mut version = reqwest::header::HeaderMap::new();
     version.insert("anthropic-version", reqwest::header::HeaderValue::from_static("2023-06-01"));
     let client = reqwest::Client::builder()
