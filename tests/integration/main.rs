@@ -14,6 +14,7 @@ mod consent;
 mod crd;
 mod operator;
 mod prometheus;
+mod providers;
 mod proxy;
 mod proxy_process;
 mod shared;

@@ -19,9 +19,9 @@ pub use client_keys::ClientKeys;
 pub use consent::{ALLOWED_UPSTREAM_HOSTS, SecretUse};
 pub use crd::{
     AutoscalingSpec, CacheScope, CacheSpec, ClientOverride, ClientPriority, ClientSettings, ClientsSpec,
-    EndpointLimitsSpec, EndpointSpec, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec, LlmProxyStatus,
-    ModelLimitsSpec, ObservedLimits, Protocol, Provider, QueueSpec, RetryBudgetSpec, RetrySpec, SecretKeyRef,
-    SecretNameRef, TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
+    EndpointLimitsSpec, EndpointSpec, ExhaustedStatus, KeyHeader, LimitsSpec, LlmProxy, LlmProxySpec,
+    LlmProxyStatus, ModelLimitsSpec, ObservedLimits, Protocol, Provider, QueueSpec, RetryBudgetSpec,
+    RetrySpec, SecretKeyRef, SecretNameRef, TokenAccounting, UpstreamSpec, UpstreamStatus, UsageStatus,
 };
 pub use crd::{
     GrantedQuota, LlmQuota, LlmQuotaSpec, LlmQuotaStatus, QuotaConsumer, QuotaModelLimitsSpec, QuotaRef,

@@ -1,5 +1,6 @@
 //! Which requests a proxy passes upstream: `spec.upstream.allowedPaths`, rules such as
-//! `POST /v1/chat/completions` or `GET /v1/models/*`, so that a proxy for chat cannot be used to
+//! `POST /v1/chat/completions`, `GET /v1/models/*` or (Azure OpenAI)
+//! `POST /openai/deployments/*/chat/completions`, so that a proxy for chat cannot be used to
 //! download files or delete fine-tunes with the organisation's key.
 
 use std::fmt;
@@ -24,13 +25,38 @@ pub const DEFAULT_ALLOWED_PATHS: &[&str] = &[
 pub const DEFAULT_ANTHROPIC_PATHS: &[&str] =
     &["POST /v1/messages", "POST /v1/messages/count_tokens", "GET /v1/models", "GET /v1/models/*"];
 
+/// What a proxy for Azure OpenAI allows when `allowedPaths` is absent: the deployment paths the
+/// SDKs' Azure clients call (chat completions, completions, embeddings) and the same under the
+/// v1 API, with its model list.
+pub const DEFAULT_AZURE_PATHS: &[&str] = &[
+    "POST /openai/deployments/*/chat/completions",
+    "POST /openai/deployments/*/completions",
+    "POST /openai/deployments/*/embeddings",
+    "POST /openai/v1/chat/completions",
+    "POST /openai/v1/completions",
+    "POST /openai/v1/embeddings",
+    "POST /openai/v1/responses",
+    "GET /openai/v1/models",
+    "GET /openai/v1/models/*",
+];
+
+/// What a proxy for Gemini's OpenAI-compatible API allows when `allowedPaths` is absent.
+pub const DEFAULT_GEMINI_PATHS: &[&str] =
+    &["POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models", "GET /v1/models/*"];
+
 /// The rules of an upstream of `provider` without `allowedPaths`.
 pub fn default_allowed_paths(provider: crate::crd::Provider) -> &'static [&'static str] {
     match provider {
         crate::crd::Provider::OpenAi => DEFAULT_ALLOWED_PATHS,
         crate::crd::Provider::Anthropic => DEFAULT_ANTHROPIC_PATHS,
+        crate::crd::Provider::Azure => DEFAULT_AZURE_PATHS,
+        crate::crd::Provider::Gemini => DEFAULT_GEMINI_PATHS,
     }
 }
+
+/// The path roots a request may come under: `/v1/` (OpenAI, Anthropic, Gemini) and `/openai/`
+/// (Azure OpenAI's deployment and v1 paths).
+pub const ROOTS: &[&str] = &["v1", "openai"];
 
 /// One segment of a rule's path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,8 +85,8 @@ impl fmt::Display for PathRule {
 }
 
 impl PathRule {
-    /// Parse `METHOD /v1/path` (method `*` for any; path segments literal, `*` for one, `**`
-    /// last for the rest).
+    /// Parse `METHOD /v1/path` or `METHOD /openai/path` (method `*` for any; path segments
+    /// literal, `*` for one, `**` last for the rest).
     pub fn parse(text: &str) -> Result<Self, String> {
         let (method, path) = text.trim().split_once(' ').ok_or_else(|| {
             format!("{text:?}: expected METHOD /v1/PATH, e.g. \"POST /v1/chat/completions\"")
@@ -70,10 +96,14 @@ impl PathRule {
             m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_owned()),
             m => return Err(format!("{text:?}: method {m:?} must be upper case, or * for any")),
         };
-        let Some(rest) = path.trim().strip_prefix("/v1/") else {
-            return Err(format!("{text:?}: the path must start with /v1/"));
+        let path = path.trim();
+        let Some(root) = ROOTS.iter().find(|r| {
+            path.strip_prefix('/').and_then(|p| p.strip_prefix(**r)).is_some_and(|p| p.starts_with('/'))
+        }) else {
+            return Err(format!("{text:?}: the path must start with /v1/ (or /openai/ for Azure OpenAI)"));
         };
-        let parts: Vec<&str> = rest.split('/').collect();
+        let rest = &path[root.len() + 2..];
+        let parts: Vec<&str> = std::iter::once(*root).chain(rest.split('/')).collect();
         let mut segments = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             segments.push(match *part {
@@ -93,7 +123,15 @@ impl PathRule {
         Ok(Self { method, segments, text: text.trim().to_owned() })
     }
 
-    /// Whether `method` on the path whose segments after `/v1/` are `path` is allowed.
+    /// The root its path starts under (`v1` or `openai`).
+    pub fn root(&self) -> &str {
+        match self.segments.first() {
+            Some(Segment::Literal(root)) => root,
+            _ => "",
+        }
+    }
+
+    /// Whether `method` on the path whose segments (the root first) are `path` is allowed.
     pub fn matches(&self, method: &str, path: &[&str]) -> bool {
         if self.method.as_deref().is_some_and(|m| m != method) {
             return false;
@@ -122,15 +160,20 @@ mod tests {
     #[test]
     fn rules_match_method_and_segments() {
         let chat = rule("POST /v1/chat/completions");
-        assert!(chat.matches("POST", &["chat", "completions"]));
-        assert!(!chat.matches("GET", &["chat", "completions"]));
-        assert!(!chat.matches("POST", &["chat", "completions", "x"]));
+        assert!(chat.matches("POST", &["v1", "chat", "completions"]));
+        assert!(!chat.matches("GET", &["v1", "chat", "completions"]));
+        assert!(!chat.matches("POST", &["v1", "chat", "completions", "x"]));
+        assert!(!chat.matches("POST", &["openai", "chat", "completions"]));
         let model = rule("GET /v1/models/*");
-        assert!(model.matches("GET", &["models", "gpt-4o"]));
-        assert!(!model.matches("GET", &["models"]));
+        assert!(model.matches("GET", &["v1", "models", "gpt-4o"]));
+        assert!(!model.matches("GET", &["v1", "models"]));
         let any = rule("* /v1/files/**");
-        assert!(any.matches("DELETE", &["files", "file-1", "content"]));
-        assert!(any.matches("GET", &["files"]));
+        assert!(any.matches("DELETE", &["v1", "files", "file-1", "content"]));
+        assert!(any.matches("GET", &["v1", "files"]));
+        let azure = rule("POST /openai/deployments/*/chat/completions");
+        assert_eq!(azure.root(), "openai");
+        assert!(azure.matches("POST", &["openai", "deployments", "gpt-4o", "chat", "completions"]));
+        assert!(!azure.matches("POST", &["v1", "deployments", "gpt-4o", "chat", "completions"]));
     }
 
     #[test]
@@ -139,6 +182,8 @@ mod tests {
             ("/v1/chat", "expected METHOD"),
             ("post /v1/chat", "upper case"),
             ("POST /chat", "must start with /v1/"),
+            ("POST /openaix/chat", "must start with /v1/"),
+            ("POST /v1", "must start with /v1/"),
             ("POST /v1/../files", "not a plain name"),
             ("POST /v1/**/x", "may only end"),
             ("POST /v1/a//b", "not a plain name"),
@@ -146,7 +191,7 @@ mod tests {
             let err = PathRule::parse(bad).err().unwrap_or_default();
             assert!(err.contains(why), "{bad}: {err}");
         }
-        for text in DEFAULT_ALLOWED_PATHS {
+        for text in DEFAULT_ALLOWED_PATHS.iter().chain(DEFAULT_AZURE_PATHS).chain(DEFAULT_GEMINI_PATHS) {
             assert!(PathRule::parse(text).is_ok(), "{text}");
         }
     }

@@ -1,5 +1,6 @@
-//! What differs between the two APIs the mock speaks at the gate: how the key is sent, the
-//! shape of an error body and the rate-limit headers. The gate itself is shared.
+//! What differs between the APIs the mock speaks at the gate (OpenAI's, and as Azure OpenAI
+//! and Gemini answer it; Anthropic's): how the key is sent, the shape of an error body and the
+//! rate-limit headers. The gate itself is shared.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,12 +11,14 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::quota::{Quota, go_duration};
-use crate::{Mock, lock};
+use crate::{Flavor, Mock, lock};
 
 /// Which provider's API a request is answered in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dialect {
     OpenAi,
+    Azure,
+    Gemini,
     Anthropic,
 }
 
@@ -114,12 +117,53 @@ fn reset_at(q: &Quota, now: Instant) -> String {
     rfc3339(SystemTime::now() + q.reset(now))
 }
 
+/// Gemini's 429 body for quota `quota_id`, wrapped in an array as its OpenAI-compatible endpoint
+/// sends it, a `Help` entry before the two that matter.
+pub(crate) fn gemini_quota_error(quota_id: &str, model: &str, retry_delay: Duration) -> Response {
+    let body = json!([{"error": {
+        "code": 429,
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {"@type": "type.googleapis.com/google.rpc.Help",
+             "links": [{"description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                             "quotaId": quota_id, "quotaDimensions": {"model": model, "location": "global"}}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+             "retryDelay": format!("{}s", retry_delay.as_secs_f64().ceil().max(1.0))},
+        ],
+    }}]);
+    (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+}
+
+/// OpenAI's answer for an account out of credit (a 429 that no wait fixes).
+pub(crate) fn insufficient_quota() -> Response {
+    openai_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "You exceeded your current quota, please check your plan and billing details.",
+        "insufficient_quota",
+        Some("insufficient_quota"),
+    )
+}
+
 impl Dialect {
-    /// The key a client sent: OpenAI's bearer token or Azure's `api-key`; Anthropic's
-    /// `x-api-key` or a bearer token (its SDK's `auth_token`).
+    /// The dialect of the OpenAI-shaped routes for a mock of `flavor`.
+    pub(crate) fn openai(flavor: Flavor) -> Self {
+        match flavor {
+            Flavor::OpenAi => Self::OpenAi,
+            Flavor::Azure => Self::Azure,
+            Flavor::Gemini => Self::Gemini,
+        }
+    }
+
+    /// The key a client sent: OpenAI's bearer token or Azure's `api-key`; Azure OpenAI's
+    /// `api-key` only; Anthropic's `x-api-key` or a bearer token (its SDK's `auth_token`).
     pub(crate) fn key(self, headers: &HeaderMap) -> Option<String> {
         let key = match self {
             Self::OpenAi => bearer(headers).or_else(|| header_str(headers, "api-key")),
+            Self::Azure => header_str(headers, "api-key"),
+            Self::Gemini => bearer(headers),
             Self::Anthropic => header_str(headers, "x-api-key").or_else(|| bearer(headers)),
         };
         key.map(str::to_owned)
@@ -128,7 +172,7 @@ impl Dialect {
     /// The answer to a wrong or missing key.
     pub(crate) fn unauthorized(self) -> Response {
         match self {
-            Self::OpenAi => openai_error(
+            Self::OpenAi | Self::Azure | Self::Gemini => openai_error(
                 StatusCode::UNAUTHORIZED,
                 "Incorrect API key provided.",
                 "invalid_request_error",
@@ -143,7 +187,7 @@ impl Dialect {
     /// The answer to an injected `Fault::Status`.
     pub(crate) fn fault(self, status: StatusCode, code: Option<&str>) -> Response {
         match self {
-            Self::OpenAi => openai_error(
+            Self::OpenAi | Self::Azure | Self::Gemini => openai_error(
                 status,
                 "The server had an error while processing your request.",
                 "server_error",
@@ -156,7 +200,7 @@ impl Dialect {
     /// A 429 for a model refused whatever the quota.
     pub(crate) fn model_refused(self) -> Response {
         match self {
-            Self::OpenAi => openai_error(
+            Self::OpenAi | Self::Azure | Self::Gemini => openai_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Rate limit reached for this model. Please try again later.",
                 "requests",
@@ -168,12 +212,29 @@ impl Dialect {
 
     /// A 429 for the bucket `what` (`requests`, `tokens`, `input tokens`, `output tokens`) of
     /// `limit` per minute, which has room again after `wait`.
-    pub(crate) fn limited(self, what: &str, limit: u64, wait: Duration) -> Response {
+    pub(crate) fn limited(self, what: &str, limit: u64, wait: Duration, model: &str) -> Response {
         match self {
             Self::OpenAi => {
                 let msg =
                     format!("Rate limit reached for {what}. Please try again in {}.", go_duration(wait));
                 openai_error(StatusCode::TOO_MANY_REQUESTS, &msg, what, Some("rate_limit_exceeded"))
+            }
+            Self::Azure => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let msg = format!(
+                    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API have exceeded \
+                     the {what} per minute rate limit of your current pricing tier. Please retry after {secs} seconds."
+                );
+                let body = json!({"error": {"code": "429", "message": msg}});
+                (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+            }
+            Self::Gemini => {
+                let id = if what == "requests" {
+                    "GenerateRequestsPerMinutePerProjectPerModel"
+                } else {
+                    "GenerateContentInputTokensPerModelPerMinute"
+                };
+                gemini_quota_error(id, model, wait)
             }
             Self::Anthropic => {
                 let msg = format!(
@@ -196,7 +257,8 @@ impl Dialect {
             }
         };
         let buckets = match self {
-            Self::OpenAi => vec![("requests", &limits.requests), ("tokens", &limits.tokens)],
+            Self::OpenAi | Self::Azure => vec![("requests", &limits.requests), ("tokens", &limits.tokens)],
+            Self::Gemini => Vec::new(),
             Self::Anthropic => vec![
                 ("requests", &limits.requests),
                 ("input-tokens", &limits.input_tokens),
@@ -212,6 +274,8 @@ impl Dialect {
                     put(format!("x-ratelimit-remaining-{what}"), q.remaining(now).to_string());
                     put(format!("x-ratelimit-reset-{what}"), go_duration(q.reset(now)));
                 }
+                Self::Azure => put(format!("x-ratelimit-remaining-{what}"), q.remaining(now).to_string()),
+                Self::Gemini => {}
                 Self::Anthropic => {
                     put(format!("anthropic-ratelimit-{what}-limit"), q.limit.to_string());
                     put(format!("anthropic-ratelimit-{what}-remaining"), q.remaining(now).to_string());

@@ -15,7 +15,9 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::dialect::{Dialect, anthropic_error, header_value, openai_error};
+use crate::dialect::{
+    Dialect, anthropic_error, gemini_quota_error, header_value, insufficient_quota, openai_error,
+};
 use crate::quota::Quota;
 use crate::{Fault, Limits, Mock, MockConfig, Seen, lock};
 
@@ -165,6 +167,7 @@ impl<'a> Call<'a> {
     /// buckets keep what they took before the one that refused; Anthropic's give it back.
     pub(crate) fn check_limits(&self, charge: &Charge) -> Result<(), Response> {
         let mock = self.mock;
+        self.check_long_window()?;
         let refused_model = self.model.and_then(|m| lock(&mock.limits).refused_models.get(m).copied());
         if let Some(retry_after) = refused_model {
             self.record(429);
@@ -175,19 +178,57 @@ impl<'a> Call<'a> {
             }
             return Err(resp);
         }
-        let Err((wait, what, limit)) = self.take(charge) else { return Ok(()) };
+        let Err((wait, what, limit)) = self.take(charge) else {
+            if let Some(model) = self.model.filter(|_| self.dialect == Dialect::Gemini) {
+                *lock(&mock.limits).per_day.entry(model.to_owned()).or_default() += 1;
+            }
+            return Ok(());
+        };
         self.record(429);
         lock(&mock.stats).rate_limited += 1;
-        let mut resp = self.dialect.limited(what, limit, wait);
+        let mut resp = self.dialect.limited(what, limit, wait, self.model.unwrap_or_default());
         let h = resp.headers_mut();
         h.extend(self.dialect.rate_headers(mock, self.at));
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        if self.dialect == Dialect::OpenAi {
-            let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        // Gemini says how long to wait in the body only.
+        if self.dialect != Dialect::Gemini {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if matches!(self.dialect, Dialect::OpenAi | Dialect::Azure) {
             h.insert("retry-after-ms", HeaderValue::from(ms));
         }
+        if self.dialect == Dialect::Azure {
+            h.insert("x-ms-retry-after-ms", HeaderValue::from(ms));
+        }
         Err(resp)
+    }
+
+    /// 429 for what no wait fixes: an account out of credit, or (Gemini) a model's daily quota
+    /// spent, answered as Gemini does with a `retryDelay` all the same.
+    fn check_long_window(&self) -> Result<(), Response> {
+        let mock = self.mock;
+        let per_day = lock(&mock.config).requests_per_day;
+        let limits = lock(&mock.limits);
+        let out_of_credit = limits.out_of_credit && self.dialect != Dialect::Anthropic;
+        let model = self.model.unwrap_or_default();
+        let day_spent = self.dialect == Dialect::Gemini
+            && per_day.is_some_and(|limit| limits.per_day.get(model).copied().unwrap_or(0) >= limit);
+        drop(limits);
+        if !(out_of_credit || day_spent) {
+            return Ok(());
+        }
+        self.record(429);
+        lock(&mock.stats).exhausted += 1;
+        Err(if out_of_credit {
+            insufficient_quota()
+        } else {
+            gemini_quota_error(
+                "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                model,
+                Duration::from_secs(43),
+            )
+        })
     }
 
     /// Take `charge` from the buckets in order, or say which refused, its limit and the wait.
@@ -243,7 +284,9 @@ pub(crate) fn parse(body: &Bytes, dialect: Dialect) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = format!("We could not parse the JSON body of your request: {e}");
         match dialect {
-            Dialect::OpenAi => openai_error(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None),
+            Dialect::OpenAi | Dialect::Azure | Dialect::Gemini => {
+                openai_error(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None)
+            }
             Dialect::Anthropic => anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg),
         }
     })

@@ -1,5 +1,5 @@
 //! The mock's OpenAI endpoints: chat completions (JSON and SSE), completions, embeddings,
-//! responses, models.
+//! responses, models; and Azure OpenAI's deployment paths onto the same.
 
 // Handlers return a ready `Response` as their error: large, but built once per failed request.
 #![allow(clippy::result_large_err)]
@@ -73,16 +73,18 @@ fn prompt_tokens(body: &Value) -> u64 {
     chars.div_ceil(4) + numbers
 }
 
-/// Everything before the answer: auth, faults, limits, latency.
+/// Everything before the answer: auth, faults, limits, latency. `path` is the operation
+/// (OpenAI's path), `seen` the path and query the request came on.
 async fn gate(
     mock: &Arc<Mock>,
     headers: &HeaderMap,
     kill: &Kill,
-    path: &str,
+    (path, seen): (&str, &str),
     body: &Value,
 ) -> Result<Admitted, Response> {
-    let (call, inflight) = Call::begin(mock, path, headers, body, Dialect::OpenAi);
     let config = lock(&mock.config).clone();
+    let dialect = Dialect::openai(config.flavor);
+    let (call, inflight) = Call::begin(mock, seen, headers, body, dialect);
     call.check_key(&config)?;
     let breaks = call.fault(kill).await?;
     let cost = Cost::of(body, path, &config);
@@ -90,7 +92,7 @@ async fn gate(
     call.check_limits(&charge)?;
     settle(&call, &config, &cost);
     call.record(200);
-    let headers = Dialect::OpenAi.rate_headers(mock, call.at);
+    let headers = dialect.rate_headers(mock, call.at);
     call.pass(&config).await;
     let pass = Pass { headers, breaks, inflight };
     Ok(Admitted { prompt: cost.prompt, completion: cost.completion, n: cost.n, pass })
@@ -146,11 +148,19 @@ async fn admit(
     kill: &Kill,
     headers: &HeaderMap,
     body: &Bytes,
-    path: &str,
+    path: (&str, &str),
 ) -> Result<(Value, Admitted), Response> {
-    let req = parse(body, Dialect::OpenAi)?;
+    let mut req = parse(body, Dialect::OpenAi)?;
+    if let Some(deployment) = azure_deployment(path.1) {
+        req["model"] = Value::String(deployment.to_owned());
+    }
     let admitted = gate(mock, headers, kill, path, &req).await?;
     Ok((req, admitted))
+}
+
+/// The deployment an Azure path names (`/openai/deployments/{deployment}/...`).
+fn azure_deployment(path: &str) -> Option<&str> {
+    path.strip_prefix("/openai/deployments/")?.split('/').next()
 }
 
 fn usage(a: &Admitted) -> Value {
@@ -160,12 +170,15 @@ fn usage(a: &Admitted) -> Value {
 
 struct Endpoint {
     path: &'static str,
+    /// The path and query it came on, where not `path` (Azure's deployment paths).
+    seen: Option<String>,
     /// Chat (`message`/`delta`) or legacy completions (`text`).
     chat: bool,
 }
 
 async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
-    let (req, admitted) = match admit(&mock, &kill, &headers, &body, ep.path).await {
+    let seen = ep.seen.as_deref().unwrap_or(ep.path);
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, (ep.path, seen)).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -228,28 +241,70 @@ async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, 
 pub(crate) async fn chat(
     State(mock): State<Arc<Mock>>,
     Extension(kill): Extension<Kill>,
+    uri: http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    generate(mock, kill, headers, body, Endpoint { path: "/v1/chat/completions", chat: true }).await
+    let seen = Some(uri.path().to_owned());
+    generate(mock, kill, headers, body, Endpoint { path: "/v1/chat/completions", seen, chat: true }).await
 }
 
 pub(crate) async fn completions(
     State(mock): State<Arc<Mock>>,
     Extension(kill): Extension<Kill>,
+    uri: http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    generate(mock, kill, headers, body, Endpoint { path: "/v1/completions", chat: false }).await
+    let seen = Some(uri.path().to_owned());
+    generate(mock, kill, headers, body, Endpoint { path: "/v1/completions", seen, chat: false }).await
+}
+
+/// Azure OpenAI's deployment paths: `api-version` required (as Azure requires it), the
+/// deployment the model, then the OpenAI operation.
+pub(crate) async fn azure(
+    State(mock): State<Arc<Mock>>,
+    Extension(kill): Extension<Kill>,
+    uri: http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let has_version = uri.query().unwrap_or_default().split('&').any(|p| p.starts_with("api-version="));
+    if !has_version {
+        let body = json!({"error": {"code": "404", "message": "Resource not found"}});
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    }
+    let seen = Some(uri.path_and_query().map_or_else(|| uri.path().to_owned(), ToString::to_string));
+    let op =
+        uri.path().strip_prefix("/openai/deployments/").and_then(|p| p.split_once('/')).map(|(_, op)| op);
+    let ep = match op {
+        Some("chat/completions") => Endpoint { path: "/v1/chat/completions", seen, chat: true },
+        Some("completions") => Endpoint { path: "/v1/completions", seen, chat: false },
+        Some("embeddings") => return embed(mock, kill, headers, body, seen).await,
+        _ => return not_found(uri).await,
+    };
+    generate(mock, kill, headers, body, ep).await
 }
 
 pub(crate) async fn embeddings(
     State(mock): State<Arc<Mock>>,
     Extension(kill): Extension<Kill>,
+    uri: http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (req, admitted) = match admit(&mock, &kill, &headers, &body, "/v1/embeddings").await {
+    embed(mock, kill, headers, body, Some(uri.path().to_owned())).await
+}
+
+async fn embed(
+    mock: Arc<Mock>,
+    kill: Kill,
+    headers: HeaderMap,
+    body: Bytes,
+    seen: Option<String>,
+) -> Response {
+    let seen = seen.as_deref().unwrap_or("/v1/embeddings");
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, ("/v1/embeddings", seen)).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -279,7 +334,8 @@ pub(crate) async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (req, admitted) = match admit(&mock, &kill, &headers, &body, "/v1/responses").await {
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, ("/v1/responses", "/v1/responses")).await
+    {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -300,7 +356,7 @@ pub(crate) async fn models(
     Extension(kill): Extension<Kill>,
     headers: HeaderMap,
 ) -> Response {
-    let admitted = match gate(&mock, &headers, &kill, "/v1/models", &json!({})).await {
+    let admitted = match gate(&mock, &headers, &kill, ("/v1/models", "/v1/models"), &json!({})).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
@@ -317,7 +373,7 @@ pub(crate) async fn model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(resp) = gate(&mock, &headers, &kill, "/v1/models", &json!({})).await {
+    if let Err(resp) = gate(&mock, &headers, &kill, ("/v1/models", "/v1/models"), &json!({})).await {
         return resp;
     }
     if !MODELS.contains(&id.as_str()) {

@@ -3,7 +3,10 @@
 //! enforces requests and tokens per minute with real 429s (OpenAI's `Retry-After`,
 //! `retry-after-ms`, `x-ratelimit-*`; Anthropic's input and output tokens per minute with
 //! `anthropic-ratelimit-*`), checks the key, can inject 5xx (529 overloaded), dropped
-//! connections, slow answers and broken streams, and counts everything it served.
+//! connections, slow answers and broken streams, and counts everything it served. Its OpenAI
+//! routes can also answer as Azure OpenAI does (deployment paths, `api-key`, `api-version`,
+//! remaining-only headers) or as Gemini's OpenAI-compatible API does (no rate-limit headers,
+//! the quota in the 429 body, a daily quota per model), and as an account out of credit.
 
 #![warn(unreachable_pub)]
 
@@ -62,6 +65,26 @@ pub struct MockConfig {
     pub token_accounting: Accounting,
     /// Streams one HTTP/2 connection may carry at once (hyper's default, 200, when `None`).
     pub http2_max_streams: Option<u32>,
+    /// Which provider the OpenAI-shaped routes answer as.
+    pub flavor: Flavor,
+    /// Gemini: requests per day per model; once spent, a 429 naming the daily quota (with a
+    /// `retryDelay`, as Gemini sends even then). `None`: unlimited.
+    pub requests_per_day: Option<u64>,
+}
+
+/// Which provider the OpenAI-shaped routes answer as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flavor {
+    /// OpenAI: `x-ratelimit-*` headers, `Retry-After` and `retry-after-ms` on 429.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI: the key only in `api-key`, `api-version` required on deployment paths,
+    /// only `x-ratelimit-remaining-*` headers, `retry-after-ms` and `x-ms-retry-after-ms`.
+    Azure,
+    /// Gemini: no rate-limit headers; 429 bodies in a JSON array with `google.rpc.RetryInfo`
+    /// and `google.rpc.QuotaFailure` details (a `Help` entry first).
+    Gemini,
 }
 
 /// How the mock counts a request's tokens, like one provider or another.
@@ -92,6 +115,8 @@ impl Default for MockConfig {
             overloaded_every: None,
             token_accounting: Accounting::Requested,
             http2_max_streams: None,
+            flavor: Flavor::OpenAi,
+            requests_per_day: None,
         }
     }
 }
@@ -161,6 +186,8 @@ pub struct Stats {
     pub ok: u64,
     /// Answered 429 because a limit was exceeded.
     pub rate_limited: u64,
+    /// Answered 429 because no wait would help: out of credit, or a daily quota spent.
+    pub exhausted: u64,
     /// Answered 401.
     pub unauthorized: u64,
     /// Requests that met an injected fault.
@@ -231,6 +258,10 @@ pub(crate) struct Limits {
     output_tokens: Option<Quota>,
     /// Models answered with 429 (and this `Retry-After`, in seconds) whatever the quota.
     refused_models: std::collections::BTreeMap<String, Option<u64>>,
+    /// Requests admitted today, per model (for `requests_per_day`).
+    per_day: std::collections::BTreeMap<String, u64>,
+    /// Every request answered 429 `insufficient_quota`.
+    out_of_credit: bool,
 }
 
 /// Shared state of a running mock.
@@ -269,6 +300,8 @@ impl Mock {
             input_tokens: quota(config.input_tokens_per_minute),
             output_tokens: quota(config.output_tokens_per_minute),
             refused_models: std::collections::BTreeMap::new(),
+            per_day: std::collections::BTreeMap::new(),
+            out_of_credit: false,
         };
         Arc::new(Self {
             config: Mutex::new(config),
@@ -325,6 +358,11 @@ impl Mock {
     /// Answer every request for `model` with 429 (with this `Retry-After`) until allowed again.
     pub fn refuse_model(&self, model: &str, retry_after_secs: Option<u64>) {
         lock(&self.limits).refused_models.insert(model.to_owned(), retry_after_secs);
+    }
+
+    /// Answer every request 429 `insufficient_quota` (an account out of credit) until `false`.
+    pub fn set_out_of_credit(&self, out: bool) {
+        lock(&self.limits).out_of_credit = out;
     }
 
     /// Serve `model` again.

@@ -20,11 +20,17 @@ use crate::gate::Kill;
 use crate::{Mock, anthropic, control, handlers};
 
 fn router(mock: Arc<Mock>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(handlers::chat))
-        .route("/v1/completions", post(handlers::completions))
-        .route("/v1/embeddings", post(handlers::embeddings))
-        .route("/v1/responses", post(handlers::responses))
+    let mut router = Router::new();
+    // OpenAI's routes, under `/v1`, Gemini's `/v1beta/openai` and Azure's `/openai/v1`.
+    for prefix in ["/v1", "/v1beta/openai", "/openai/v1"] {
+        router = router
+            .route(&format!("{prefix}/chat/completions"), post(handlers::chat))
+            .route(&format!("{prefix}/completions"), post(handlers::completions))
+            .route(&format!("{prefix}/embeddings"), post(handlers::embeddings))
+            .route(&format!("{prefix}/responses"), post(handlers::responses));
+    }
+    router
+        .route("/openai/deployments/{deployment}/{*op}", post(handlers::azure))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models))

@@ -374,18 +374,23 @@ pub struct KedaSpec {
 }]))]
 pub struct UpstreamSpec {
     /// Base URL of the API including its version prefix, for example
-    /// `https://api.openai.com/v1` or `https://api.anthropic.com/v1`. A client request to
-    /// `/v1/<path>` is sent to `<url>/<path>`. No user info, query or fragment; `http://` only to
+    /// `https://api.openai.com/v1`, `https://api.anthropic.com/v1` or
+    /// `https://generativelanguage.googleapis.com/v1beta/openai`. A client request to
+    /// `/v1/<path>` is sent to `<url>/<path>`; for `azure`, the URL is the resource
+    /// (`https://RESOURCE.openai.azure.com`) and `/openai/<path>` is sent to
+    /// `<url>/openai/<path>`. No user info, query or fragment; `http://` only to
     /// a loopback address or with `allowInsecure`.
     #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s@?#]+$"))]
     pub url: String,
 
     /// The API the upstream speaks, which decides the paths passed, how the key is sent, how a
     /// request is charged against the limits and which headers and errors mean what: `openai`
-    /// (OpenAI and compatible APIs) or `anthropic` (Anthropic's Messages API: the key goes in
+    /// (OpenAI and compatible APIs), `anthropic` (Anthropic's Messages API: the key goes in
     /// `x-api-key`, input and output tokens are charged separately, for
-    /// `inputTokensPerMinute` and `outputTokensPerMinute`). This version serves `openai` only
-    /// and refuses `anthropic` with a field error.
+    /// `inputTokensPerMinute` and `outputTokensPerMinute`), `azure` (Azure OpenAI's deployment
+    /// paths: the key goes in `api-key`, the deployment is the model, a burst stays within one
+    /// 10-second slice) or `gemini` (Gemini's OpenAI-compatible API: limits learned from its
+    /// 429 bodies, `requestsPerDay` for its daily quota).
     #[serde(default, skip_serializing_if = "Provider::is_default")]
     pub provider: Provider,
 
@@ -400,7 +405,10 @@ pub struct UpstreamSpec {
     /// endpoints (chat completions, completions, embeddings, moderations, responses,
     /// images/generations, audio speech, transcriptions and translations) and `GET /v1/models`,
     /// `GET /v1/models/*`; for `anthropic`: `POST /v1/messages`, `POST /v1/messages/count_tokens`
-    /// and the model list.
+    /// and the model list; for `gemini`: chat completions, embeddings and the model list; for
+    /// `azure` (whose rules start with `/openai/`): `POST /openai/deployments/*/chat/completions`,
+    /// `.../completions` and `.../embeddings`, and the same with `responses` and the model
+    /// list under `/openai/v1/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100), inner(length(min = 8, max = 256)))]
     pub allowed_paths: Option<Vec<String>>,
@@ -460,6 +468,12 @@ pub enum Provider {
     /// Anthropic's Messages API.
     #[serde(rename = "anthropic")]
     Anthropic,
+    /// Azure OpenAI: deployment paths, the `api-key` header, remaining-only quota headers.
+    #[serde(rename = "azure")]
+    Azure,
+    /// Gemini's OpenAI-compatible API: no quota headers, its quota in its 429 bodies.
+    #[serde(rename = "gemini")]
+    Gemini,
 }
 
 impl Provider {
@@ -472,6 +486,8 @@ impl Provider {
         match self {
             Provider::OpenAi => "openai",
             Provider::Anthropic => "anthropic",
+            Provider::Azure => "azure",
+            Provider::Gemini => "gemini",
         }
     }
 }
@@ -569,6 +585,11 @@ pub struct EndpointLimitsSpec {
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub output_tokens_per_minute: Option<i64>,
 
+    /// Requests per day this endpoint allows (Gemini's RPD), as `limits.requestsPerDay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub requests_per_day: Option<i64>,
+
     /// Per-model limits at this endpoint (providers limit each model separately).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 256))]
@@ -598,6 +619,11 @@ pub struct ModelLimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub output_tokens_per_minute: Option<i64>,
+
+    /// Requests per day for this model, as `limits.requestsPerDay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub requests_per_day: Option<i64>,
 }
 
 /// A key in a Secret in the LlmProxy's namespace.
@@ -643,7 +669,6 @@ pub struct LimitsSpec {
     /// the messages' text and the tool definitions; a flat estimate per image or document) at
     /// admission, settled to the answer's `input_tokens + cache_creation_input_tokens` (cache
     /// reads do not count, as at Anthropic). Absent: input tokens are not limited apart.
-    /// Not enforced by this version yet: a spec that sets it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub input_tokens_per_minute: Option<i64>,
@@ -651,10 +676,17 @@ pub struct LimitsSpec {
     /// Output tokens per minute the upstream allows (Anthropic's OTPM). A request is charged
     /// its `max_tokens` at admission and settled to the answer's real output when it ends, as
     /// Anthropic does. Absent: output tokens are not limited apart.
-    /// Not enforced by this version yet: a spec that sets it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000_000i64))]
     pub output_tokens_per_minute: Option<i64>,
+
+    /// Requests per day the upstream allows (Gemini's RPD). The day starts at midnight US
+    /// Pacific time, as Gemini's does; once it is spent a request is answered at once with a
+    /// 429 until the next day (no queue can wait that out), or sent to another endpoint that
+    /// serves its model. Absent: requests are not counted by the day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000i64))]
+    pub requests_per_day: Option<i64>,
 
     /// How many requests may start back to back before pacing sets in. Providers enforce
     /// per-minute limits at sub-minute granularity (60,000 RPM acts like 1,000 per second), so
@@ -962,6 +994,28 @@ pub struct UpstreamStatus {
     /// The latest failure (status or connection error), without any key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+
+    /// What the upstream reported spent for longer than a queue can wait (its account's credit,
+    /// a spend limit, a daily quota): no request goes there for it until its reset, or until a
+    /// probe (at most one a minute) succeeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exhausted: Vec<ExhaustedStatus>,
+}
+
+/// One quota an upstream reported spent.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExhaustedStatus {
+    /// The model it is spent for; absent when the whole endpoint is (an account's credit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+
+    /// Why: `insufficient_quota`, `billing`, `spend_limit`, `requests_per_day`.
+    pub reason: String,
+
+    /// When the upstream's window resets (RFC 3339), where it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
 }
 
 /// Limits an upstream reported.

@@ -185,6 +185,8 @@ pub struct EndpointLimits {
     pub output_tokens_per_minute: Option<u64>,
     /// Output token bucket capacity.
     pub output_token_burst: u64,
+    /// Requests per day (from midnight US Pacific).
+    pub requests_per_day: Option<u64>,
     /// Per-model limits.
     pub models: BTreeMap<String, ModelLimits>,
 }
@@ -201,6 +203,7 @@ impl EndpointLimits {
             input_token_burst: limits.input_token_burst,
             output_tokens_per_minute: limits.output_tokens_per_minute,
             output_token_burst: limits.output_token_burst,
+            requests_per_day: limits.requests_per_day,
             models: BTreeMap::new(),
         }
     }
@@ -217,6 +220,8 @@ pub struct ModelLimits {
     pub input_tokens_per_minute: Option<u64>,
     /// Output (completion) tokens per minute.
     pub output_tokens_per_minute: Option<u64>,
+    /// Requests per day (from midnight US Pacific).
+    pub requests_per_day: Option<u64>,
 }
 
 /// Rates, already resolved (burst defaults applied).
@@ -238,6 +243,8 @@ pub struct LimitsPolicy {
     pub output_tokens_per_minute: Option<u64>,
     /// Output token bucket capacity.
     pub output_token_burst: u64,
+    /// Requests per day (from midnight US Pacific), `None` for unlimited: Gemini's RPD.
+    pub requests_per_day: Option<u64>,
     /// Upstream requests in flight at once.
     pub max_concurrent: u32,
     /// Completion tokens reserved when a request names no maximum.
@@ -269,6 +276,7 @@ impl LimitsPolicy {
             input_token_burst: 0,
             output_tokens_per_minute: None,
             output_token_burst: 0,
+            requests_per_day: None,
             max_concurrent: 64,
             default_max_tokens: 1024,
             token_accounting: TokenAccounting::Requested,

@@ -41,6 +41,7 @@ impl Policy {
         divide(&mut l.tokens_per_minute, &mut l.token_burst, n);
         divide(&mut l.input_tokens_per_minute, &mut l.input_token_burst, n);
         divide(&mut l.output_tokens_per_minute, &mut l.output_token_burst, n);
+        l.requests_per_day = l.requests_per_day.map(|r| (r / n).max(1));
         for m in l.models.values_mut() {
             *m = m.divided(n);
         }
@@ -51,6 +52,7 @@ impl Policy {
             divide(&mut e.tokens_per_minute, &mut e.token_burst, n);
             divide(&mut e.input_tokens_per_minute, &mut e.input_token_burst, n);
             divide(&mut e.output_tokens_per_minute, &mut e.output_token_burst, n);
+            e.requests_per_day = e.requests_per_day.map(|r| (r / n).max(1));
             for m in e.models.values_mut() {
                 *m = m.divided(n);
             }
@@ -76,6 +78,7 @@ impl ModelLimits {
             tokens_per_minute: each(self.tokens_per_minute),
             input_tokens_per_minute: each(self.input_tokens_per_minute),
             output_tokens_per_minute: each(self.output_tokens_per_minute),
+            requests_per_day: each(self.requests_per_day),
         }
     }
 }

@@ -197,6 +197,7 @@ fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
     let tpm = c.rate("spec.limits", "tokensPerMinute", l.tokens_per_minute);
     let itpm = c.rate("spec.limits", "inputTokensPerMinute", l.input_tokens_per_minute);
     let otpm = c.rate("spec.limits", "outputTokensPerMinute", l.output_tokens_per_minute);
+    let rpd = c.rate("spec.limits", "requestsPerDay", l.requests_per_day);
     let request_burst = match l.burst {
         Some(b) => {
             let b = c.positive("spec.limits.burst", b);
@@ -219,6 +220,7 @@ fn limits(c: &mut Check, l: &LimitsSpec) -> LimitsPolicy {
         input_token_burst: itpm.map_or(0, per_second),
         output_tokens_per_minute: otpm,
         output_token_burst: otpm.map_or(0, per_second),
+        requests_per_day: rpd,
         max_concurrent: u32::try_from(max_concurrent).unwrap_or(u32::MAX),
         default_max_tokens: u32::try_from(default_max_tokens).unwrap_or(u32::MAX),
         token_accounting: l.token_accounting,
@@ -347,6 +349,7 @@ fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
     let tpm = c.rate(&prefix, "tokensPerMinute", l.tokens_per_minute);
     let itpm = c.rate(&prefix, "inputTokensPerMinute", l.input_tokens_per_minute);
     let otpm = c.rate(&prefix, "outputTokensPerMinute", l.output_tokens_per_minute);
+    let rpd = c.rate(&prefix, "requestsPerDay", l.requests_per_day);
     let limits = EndpointLimits {
         requests_per_minute: rpm,
         request_burst: rpm.map_or(1, per_second),
@@ -356,6 +359,7 @@ fn endpoint_of(c: &mut Check, field: &str, e: &EndpointSpec) -> UpstreamPolicy {
         input_token_burst: itpm.map_or(0, per_second),
         output_tokens_per_minute: otpm,
         output_token_burst: otpm.map_or(0, per_second),
+        requests_per_day: rpd,
         models: model_limits(c, &format!("{field}.limits.models"), &l.models),
     };
     let weight = c.positive(&format!("{field}.weight"), e.weight.into());
@@ -379,13 +383,31 @@ fn endpoint(
     if let Err(e) = check_url(&url, u.allow_insecure) {
         c.fail(&format!("{field}.url"), e);
     }
-    let allowed_paths = match &u.allowed_paths {
+    let allowed_paths: Vec<PathRule> = match &u.allowed_paths {
         None => default_allowed_paths(u.provider).iter().filter_map(|r| PathRule::parse(r).ok()).collect(),
         Some(rules) => rules
             .iter()
             .filter_map(|r| PathRule::parse(r).map_err(|e| c.fail(&format!("{field}.allowedPaths"), e)).ok())
             .collect(),
     };
+    let root = if u.provider == Provider::Azure { "openai" } else { "v1" };
+    if let Some(rule) = allowed_paths.iter().find(|r| r.root() != root) {
+        c.fail(
+            &format!("{field}.allowedPaths"),
+            format!("{rule}: a {} upstream's rules start with /{root}/", u.provider.name()),
+        );
+    }
+    let mut limits = limits;
+    if u.provider == Provider::Azure {
+        // Azure enforces its per-minute limits over 10-second slices: a burst of more than a
+        // slice's worth is refused there, whatever the minute's total.
+        if let Some(rpm) = limits.requests_per_minute {
+            limits.request_burst = limits.request_burst.min((rpm / 6).max(1));
+        }
+        if let Some(tpm) = limits.tokens_per_minute {
+            limits.token_burst = limits.token_burst.min((tpm / 6).max(1));
+        }
+    }
     if u.provider != Provider::OpenAi && u.key_header != KeyHeader::Bearer {
         c.fail(
             &format!("{field}.keyHeader"),
@@ -453,6 +475,18 @@ fn io_not_shared(c: &mut Check, spec: &LlmProxySpec, limits: &LimitsPolicy, upst
              shared through Redis yet: use tokensPerMinute here, or one replica without shared state",
         );
     }
+    let daily = |m: &BTreeMap<String, ModelLimits>| m.values().any(|m| m.requests_per_day.is_some());
+    let per_day = limits.requests_per_day.is_some()
+        || daily(&limits.models)
+        || upstreams.iter().any(|u| u.limits.requests_per_day.is_some() || daily(&u.limits.models));
+    if per_day {
+        c.fail(
+            field,
+            "requestsPerDay is counted by each replica on its own and is not shared through Redis yet: \
+             run one replica without shared state, or leave the daily limit to the upstream's own 429s \
+             (llmproxy marks the model spent until the next day when Gemini reports a daily quota)",
+        );
+    }
 }
 
 /// An LlmQuota's model limits as an LlmProxy's (which may also limit input and output apart).
@@ -479,11 +513,13 @@ fn model_limits(
                 tokens_per_minute: c.rate(&f, "tokensPerMinute", m.tokens_per_minute),
                 input_tokens_per_minute: c.rate(&f, "inputTokensPerMinute", m.input_tokens_per_minute),
                 output_tokens_per_minute: c.rate(&f, "outputTokensPerMinute", m.output_tokens_per_minute),
+                requests_per_day: c.rate(&f, "requestsPerDay", m.requests_per_day),
             };
             if limits == ModelLimits::default() {
                 c.fail(
                     &f,
-                    "set at least one of requestsPerMinute, tokensPerMinute, inputTokensPerMinute, outputTokensPerMinute",
+                    "set at least one of requestsPerMinute, tokensPerMinute, inputTokensPerMinute, \
+                     outputTokensPerMinute, requestsPerDay",
                 );
             }
             (name.clone(), limits)

@@ -3,7 +3,9 @@
 //! provider (`provider`).
 
 pub(crate) mod anthropic;
+pub(crate) mod azure;
 pub(crate) mod body;
+pub(crate) mod gemini;
 pub(crate) mod provider;
 pub(crate) mod ratelimit_headers;
 pub(crate) mod sse;

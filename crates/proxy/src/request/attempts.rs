@@ -24,7 +24,7 @@ use super::auth::Client;
 use super::intake::Intake;
 use super::record::Tried;
 use super::respond::Answer;
-use crate::admission::limiter::Verdict;
+use crate::admission::limiter::{Limit, Verdict};
 use crate::admission::queue::{Permit, Rejection, Report};
 use crate::admission::retry::{self, RetryReason};
 use crate::protocol::provider;
@@ -114,7 +114,7 @@ enum Sent {
     /// A 429 about the quota window, read whole (it is small).
     RateLimited { headers: HeaderMap, body: Bytes, hint: Option<Duration> },
     /// A 429 that waiting cannot fix (the account is out of credit), read whole.
-    OutOfQuota { headers: HeaderMap, body: Bytes },
+    OutOfQuota { headers: HeaderMap, body: Bytes, exhaustion: provider::Exhaustion },
     /// A transient error status: the response (to relay if we give up) and what it said.
     Transient(upstream::Response, Failure),
     /// No response at all; `unsent` when no connection was made, so the upstream never saw it.
@@ -182,10 +182,12 @@ async fn send_once(
                 Some(RetryReason::RateLimited) => {
                     let headers = resp.headers().clone();
                     let body = read_small(resp).await;
-                    if provider::out_of_credit(endpoint.provider, &body) {
-                        Sent::OutOfQuota { headers, body }
-                    } else {
-                        Sent::RateLimited { headers, body, hint }
+                    match provider::exhaustion(endpoint.provider, &body, SystemTime::now()) {
+                        Some(exhaustion) => Sent::OutOfQuota { headers, body, exhaustion },
+                        None => {
+                            let hint = hint.or_else(|| provider::retry_delay(endpoint.provider, &body));
+                            Sent::RateLimited { headers, body, hint }
+                        }
                     }
                 }
                 Some(reason) => Sent::Transient(resp, Failure { hint, ..failure(reason) }),
@@ -243,6 +245,11 @@ pub(crate) async fn run(
         let max_queue = if sends == 0 { policy.queue.max_size } else { usize::MAX };
         let permit = match admission.admit(&mut place, &ask, &client.party, deadline, max_queue).await {
             Ok(p) => p,
+            Err(rejection) if rejection.limit == Limit::UpstreamExhausted => {
+                let why = admission.exhausted_for(&ask);
+                let error = ApiError::exhausted(&rejection, &why);
+                return Answer::Refused(Refusal::new(error, Outcome::UpstreamError));
+            }
             Err(rejection) => return throttled(&rejection, client.max_wait),
         };
         if sends == 0 {
@@ -258,6 +265,14 @@ pub(crate) async fn run(
         let (failure, last, permit) = match settle(sent, permit, &endpoint, policy, intake).await {
             Attempted::Done(answer) => return answer,
             Attempted::Failed(failure, last, permit) => (failure, last, permit),
+            Attempted::Exhausted(answer) => {
+                // Not a failure to retry: that endpoint (or model there) is now marked spent,
+                // so admission sends the request to another that serves it, if any.
+                if admission.alternative(&ask, &endpoint.name) {
+                    continue;
+                }
+                return answer;
+            }
         };
         if failure.reason == RetryReason::RateLimited {
             limited += 1;
@@ -316,6 +331,9 @@ fn pause_until(step: Step, now: Instant, max_wait: Duration) -> Option<Instant> 
 enum Attempted {
     Done(Answer),
     Failed(Failure, Last, Permit),
+    /// The upstream said a quota no wait fixes is spent: its own answer, unless another
+    /// endpoint can take the request.
+    Exhausted(Answer),
 }
 
 /// Tell the admission gate what the upstream said of one attempt (its verdict, a refund, the
@@ -352,9 +370,9 @@ async fn settle(
                 Outcome::UpstreamError,
             )))
         }
-        Sent::OutOfQuota { headers, body } => {
-            permit.report(&report(Verdict::Answered, true, None, false));
-            Attempted::Done(Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body })
+        Sent::OutOfQuota { headers, body, exhaustion } => {
+            permit.report(&report(Verdict::Exhausted(exhaustion), true, None, false));
+            Attempted::Exhausted(Answer::Buffered { status: StatusCode::TOO_MANY_REQUESTS, headers, body })
         }
         Sent::RateLimited { headers, body, hint } => {
             // Not counted upstream: refund, then take the upstream's word for what remains.

@@ -9,6 +9,7 @@ use http::{HeaderValue, StatusCode, header};
 use llmproxy_api::Provider;
 use serde_json::json;
 
+use crate::admission::limiter::Limit;
 use crate::admission::queue::Rejection;
 use crate::protocol::anthropic;
 use crate::telemetry::labels::Outcome;
@@ -90,7 +91,41 @@ impl ApiError {
     }
 
     /// 429 from the proxy's own queue, naming the limit that held the request.
+    /// The upstream reported spent the quota a request needs (`why`: which, until when): a 429
+    /// at once, the upstream's words in the message where it gave any.
+    pub(crate) fn exhausted(r: &Rejection, why: &[String]) -> Self {
+        let mut e = Self::throttled(r, Duration::ZERO);
+        if !why.is_empty() {
+            e.message = format!("llmproxy did not send the request: {}", why.join("; "));
+        }
+        e
+    }
+
     pub(crate) fn throttled(r: &Rejection, waited_for: Duration) -> Self {
+        if matches!(
+            r.limit,
+            Limit::UpstreamExhausted
+                | Limit::RequestsPerDay
+                | Limit::UpstreamRequestsPerDay
+                | Limit::ModelRequestsPerDay
+        ) && !r.queue_full
+        {
+            let secs = r.retry_after.as_secs() + u64::from(r.retry_after.subsec_nanos() > 0);
+            let (kind, code) = match r.limit {
+                Limit::UpstreamExhausted => ("insufficient_quota", "upstream_quota_exhausted"),
+                _ => ("rate_limit_error", "requests_per_day_exceeded"),
+            };
+            return Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "llmproxy did not send the request: {} is spent; no queue waits that out (try again in {secs}s)",
+                    r.limit
+                ),
+                kind,
+                code: Some(code),
+                retry_after: Some(r.retry_after),
+            };
+        }
         let message = if r.queue_full {
             format!("llmproxy queue is full: too many requests are already waiting for {}", r.limit)
         } else {
@@ -116,7 +151,7 @@ impl ApiError {
     /// SDK raises its own exception types.
     pub(crate) fn response(self, dialect: Provider) -> Response {
         let body = match dialect {
-            Provider::OpenAi => {
+            Provider::OpenAi | Provider::Azure | Provider::Gemini => {
                 json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
             }
             Provider::Anthropic => anthropic::error_body(self.status.as_u16(), &self.message),

@@ -24,7 +24,8 @@ use crate::{protocol::tokens, upstream};
 /// supplies the base URL and the key).
 pub(crate) struct Outgoing {
     pub(crate) method: http::Method,
-    /// Path after `/v1` and query, appended to the endpoint's URL.
+    /// Path after `/v1` (the whole path for Azure's `/openai/...`) and query, appended to the
+    /// endpoint's URL.
     pub(crate) rest: String,
     /// Forwarded headers; account headers only where some endpoint allows them (each attempt
     /// drops those its endpoint does not).
@@ -154,7 +155,8 @@ async fn read_into(
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     let (body, lease) = read_body(body, declared, options.max_request_bytes, proxy, policy).await?;
 
-    let rest = parts.uri.path().strip_prefix("/v1").unwrap_or_default();
+    let route = Route::of(parts.uri.path());
+    let rest = route.operation;
     let logged = options.record_percent >= 100 || fastrand::u8(0..100) < options.record_percent;
     facts.logged = Some(logged);
     let cacheable =
@@ -171,19 +173,29 @@ async fn read_into(
     let mut strip_usage_event = false;
     let mut body = body;
     if let Some(i) = &inspected {
-        ask = charge(policy, rest, i, logged, facts)?;
-        if i.stream && (rest == "/chat/completions" || rest == "/completions") && !i.include_usage {
+        ask = charge(policy, rest, i, route.deployment.as_deref(), logged, facts)?;
+        // Not for Azure: API versions before 2024-09 refuse `stream_options`, and Azure counts
+        // what a request asked for, not what it used.
+        if i.stream
+            && (rest == "/chat/completions" || rest == "/completions")
+            && !i.include_usage
+            && !route.azure
+        {
             strip_usage_event = true;
             body = ask_for_usage(&body, i).map_err(bad)?;
         }
     }
     let eligible = eligible(policy, &allowing, &mut ask)?;
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = if route.azure {
+        crate::protocol::azure::query(parts.uri.query()).map_err(|e| bad(bad_request(e)))?
+    } else {
+        parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default()
+    };
     ask.client = client.name.clone();
     let account: Vec<String> =
         eligible.iter().flat_map(|u| u.allowed_client_headers.iter().cloned()).collect();
     let headers = upstream::request_headers(&parts.headers, &account);
-    let rest = format!("{rest}{query}");
+    let rest = format!("{}{query}", route.forward);
     let digest = inspected.as_ref().and_then(|i| i.key_digest.as_ref()).filter(|_| cacheable);
     let cache_key = digest.map(|d| cache_key(policy, client, &parts.method, &rest, &headers, d));
     Ok(Intake {
@@ -192,6 +204,35 @@ async fn read_into(
         cache_key,
         _bytes: lease,
     })
+}
+
+/// What a request's path says: the operation as OpenAI names it after `/v1` (what it is
+/// charged, counted and cached as), the path sent after the endpoint's URL, and the model it
+/// names (an Azure deployment).
+struct Route<'a> {
+    operation: &'a str,
+    forward: &'a str,
+    deployment: Option<String>,
+    azure: bool,
+}
+
+impl<'a> Route<'a> {
+    fn of(path: &'a str) -> Self {
+        match crate::protocol::azure::route(path) {
+            Some(r) => Self {
+                operation: r.operation,
+                forward: path,
+                deployment: r
+                    .deployment
+                    .and_then(|d| String::from_utf8(super::path::percent_decode(d)?).ok()),
+                azure: true,
+            },
+            None => {
+                let rest = path.strip_prefix("/v1").unwrap_or_default();
+                Self { operation: rest, forward: rest, deployment: None, azure: false }
+            }
+        }
+    }
 }
 
 /// Who asked: the client its key identifies; without one, the configured header, else the
@@ -216,10 +257,12 @@ fn charge(
     policy: &Policy,
     rest: &str,
     i: &Inspected,
+    deployment: Option<&str>,
     logged: bool,
     facts: &mut Facts,
 ) -> Result<Ask, Refusal> {
-    facts.model = i.model.clone();
+    // An Azure deployment is the model, whatever the body names.
+    facts.model = deployment.map(str::to_owned).or_else(|| i.model.clone());
     facts.stream = i.stream;
     // Anthropic requires `max_tokens` on a message (and charges it against output tokens per
     // minute until the answer says what was used): refuse its absence as Anthropic would,
@@ -236,7 +279,7 @@ fn charge(
         tokens: estimate.total(),
         input: estimate.prompt,
         output: estimate.completion,
-        model: i.model.as_deref().map(Arc::from),
+        model: facts.model.as_deref().map(Arc::from),
         ..Ask::default()
     };
     let l = &policy.limits;

@@ -1,5 +1,5 @@
-//! The request's path, checked before anything else: only plain `/v1/...` paths that the policy
-//! allows reach the upstream. A path that could resolve anywhere else (`..`, `%2e%2e`, encoded
+//! The request's path, checked before anything else: only plain `/v1/...` (and, for Azure
+//! OpenAI, `/openai/...`) paths that the policy allows reach the upstream. A path that could resolve anywhere else (`..`, `%2e%2e`, encoded
 //! slashes or backslashes, empty or control-character segments) is refused outright.
 
 use http::{Method, StatusCode};
@@ -8,7 +8,7 @@ use llmproxy_api::paths::PathRule;
 use crate::request::error::ApiError;
 
 /// Decode `%XX` escapes; `None` for a malformed escape.
-fn percent_decode(segment: &str) -> Option<Vec<u8>> {
+pub(crate) fn percent_decode(segment: &str) -> Option<Vec<u8>> {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -25,15 +25,21 @@ fn percent_decode(segment: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The segments after `/v1/` of a path as the client sent it (still percent-encoded), once
-/// each is known to be a plain name.
+/// The segments of a path as the client sent it (still percent-encoded), its root (`v1` or
+/// `openai`) first, once each is known to be a plain name.
 pub(crate) fn segments(raw: &str) -> Result<Vec<&str>, ApiError> {
     let refuse = |why: &str| {
-        let msg = format!("refused path {raw:?}: {why}; llmproxy passes only plain /v1/... paths");
+        let msg = format!(
+            "refused path {raw:?}: {why}; llmproxy passes only plain /v1/... (or Azure's /openai/...) paths"
+        );
         ApiError::invalid(StatusCode::BAD_REQUEST, msg, Some("invalid_path"))
     };
-    let Some(rest) = raw.strip_prefix("/v1/") else { return Err(refuse("it is not under /v1/")) };
-    let mut out = Vec::new();
+    let rooted = llmproxy_api::paths::ROOTS.iter().find_map(|root| {
+        let rest = raw.strip_prefix('/')?.strip_prefix(*root)?.strip_prefix('/')?;
+        Some((*root, rest))
+    });
+    let Some((root, rest)) = rooted else { return Err(refuse("it is not under /v1/")) };
+    let mut out = vec![root];
     for segment in rest.split('/') {
         let decoded = percent_decode(segment).ok_or_else(|| refuse("a malformed % escape"))?;
         let plain = match decoded.as_slice() {
@@ -78,8 +84,12 @@ mod tests {
 
     #[test]
     fn only_plain_paths_pass() {
-        assert_eq!(segments("/v1/chat/completions").ok(), Some(vec!["chat", "completions"]));
-        assert_eq!(segments("/v1/models/ft%3Agpt-4o").ok(), Some(vec!["models", "ft%3Agpt-4o"]));
+        assert_eq!(segments("/v1/chat/completions").ok(), Some(vec!["v1", "chat", "completions"]));
+        assert_eq!(segments("/v1/models/ft%3Agpt-4o").ok(), Some(vec!["v1", "models", "ft%3Agpt-4o"]));
+        assert_eq!(
+            segments("/openai/deployments/d/embeddings").ok(),
+            Some(vec!["openai", "deployments", "d", "embeddings"])
+        );
         for bad in [
             "/v1/../mock/stats",
             "/v1/%2e%2e/mock/stats",
@@ -94,6 +104,9 @@ mod tests {
             "/v1/x%zz",
             "/v1/x%4",
             "/v2/models",
+            "/openai/../v1/x",
+            "/openai",
+            "/openaix/x",
         ] {
             assert!(segments(bad).is_err(), "{bad}");
         }
@@ -105,11 +118,13 @@ mod tests {
             .iter()
             .filter_map(|r| PathRule::parse(r).ok())
             .collect();
-        assert!(allowed(&rules, &Method::POST, "/v1/chat/completions", &["chat", "completions"]).is_ok());
-        assert!(allowed(&rules, &Method::GET, "/v1/models/x", &["models", "x"]).is_ok());
-        let files = allowed(&rules, &Method::GET, "/v1/files/f/content", &["files", "f", "content"]);
+        assert!(
+            allowed(&rules, &Method::POST, "/v1/chat/completions", &["v1", "chat", "completions"]).is_ok()
+        );
+        assert!(allowed(&rules, &Method::GET, "/v1/models/x", &["v1", "models", "x"]).is_ok());
+        let files = allowed(&rules, &Method::GET, "/v1/files/f/content", &["v1", "files", "f", "content"]);
         assert_eq!(files.map_err(|e| e.status), Err(StatusCode::FORBIDDEN));
-        let delete = allowed(&rules, &Method::DELETE, "/v1/models/ft-1", &["models", "ft-1"]);
+        let delete = allowed(&rules, &Method::DELETE, "/v1/models/ft-1", &["v1", "models", "ft-1"]);
         assert!(delete.is_err());
     }
 }

@@ -15,6 +15,7 @@ use crate::request::error::ApiError;
 pub(crate) fn api(proxy: &Arc<Proxy>) -> Router {
     Router::new()
         .route("/v1/{*rest}", any(crate::request::handle))
+        .route("/openai/{*rest}", any(crate::request::handle))
         .fallback(not_found)
         .with_state(Arc::clone(proxy))
 }
@@ -52,6 +53,9 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 async fn not_found(uri: http::Uri) -> Response {
-    let msg = format!("unknown path {}: llmproxy serves the providers' APIs under /v1/", uri.path());
+    let msg = format!(
+        "unknown path {}: llmproxy serves the providers' APIs under /v1/ (and Azure OpenAI's under /openai/)",
+        uri.path()
+    );
     ApiError::invalid(StatusCode::NOT_FOUND, msg, Some("unknown_url")).into_response()
 }

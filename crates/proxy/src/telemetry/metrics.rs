@@ -365,6 +365,7 @@ impl ByClient {
 struct Upstreams {
     responses: IntCounterVec,
     ejections: IntCounterVec,
+    exhausted: IntCounterVec,
     healthy: IntGaugeVec,
     limit: IntGaugeVec,
     remaining: IntGaugeVec,
@@ -388,6 +389,16 @@ impl Upstreams {
                 "llmproxy_upstream_ejections_total",
                 "Times an upstream endpoint was taken out after failures.",
                 "upstream",
+            )?,
+            exhausted: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "llmproxy_upstream_quota_exhausted_total",
+                        "429s an upstream answered because a quota no wait fixes is spent (reason: insufficient_quota, billing, spend_limit, requests_per_day); its requests are refused at once or sent elsewhere until its reset or a successful probe.",
+                    ),
+                    &["upstream", "reason"],
+                )?,
             )?,
             healthy: register(
                 r,
@@ -543,6 +554,11 @@ impl Metrics {
             }
             self.upstreams.ejections.with_label_values(&[upstream]);
         }
+    }
+
+    /// Count an upstream 429 that said a quota no wait fixes is spent.
+    pub(crate) fn upstream_exhausted(&self, upstream: &str, reason: &str) {
+        self.upstreams.exhausted.with_label_values(&[upstream, reason]).inc();
     }
 
     /// Count an upstream attempt that got no HTTP answer (`reason` is one of `NO_ANSWER`).

@@ -1,7 +1,8 @@
 //! Token buckets that may go into debt, and [`Rates`]: the request, token, input-token and
-//! output-token buckets that hold one quota (the LlmProxy's total, an endpoint's, one model's).
+//! output-token buckets and the daily request count that hold one quota (the LlmProxy's
+//! total, an endpoint's, one model's).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -124,6 +125,47 @@ impl Bucket {
     }
 }
 
+/// Requests counted over a calendar day (Gemini's, from midnight US Pacific): a fixed window,
+/// not a bucket, since the provider's own count starts again at its midnight.
+#[derive(Clone, Debug)]
+pub(crate) struct DayCount {
+    limit: u64,
+    used: u64,
+    ends: Instant,
+}
+
+impl DayCount {
+    fn new(limit: u64, now: Instant) -> Self {
+        Self { limit, used: 0, ends: day_ends(now) }
+    }
+
+    /// A new day starts the count again.
+    fn roll(&mut self, now: Instant) {
+        if now >= self.ends {
+            self.used = 0;
+            self.ends = day_ends(now);
+        }
+    }
+
+    /// When one more request may go: now, or when the day ends.
+    fn ready_at(&mut self, now: Instant) -> Instant {
+        self.roll(now);
+        if self.used < self.limit { now } else { self.ends }
+    }
+
+    fn take(&mut self, now: Instant) {
+        self.roll(now);
+        self.used = self.used.saturating_add(1);
+    }
+}
+
+/// When the provider's day that holds `now` ends, on the monotonic clock.
+fn day_ends(now: Instant) -> Instant {
+    let wall = SystemTime::now();
+    let left = crate::protocol::gemini::day_ends(wall).duration_since(wall).unwrap_or(Duration::ZERO);
+    now + left.max(Duration::from_millis(1))
+}
+
 /// The limits a quota's units are named as when they hold a request.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Names {
@@ -131,6 +173,7 @@ pub(crate) struct Names {
     pub(crate) tokens: Limit,
     pub(crate) input: Limit,
     pub(crate) output: Limit,
+    pub(crate) day: Limit,
 }
 
 impl Names {
@@ -140,6 +183,7 @@ impl Names {
         tokens: Limit::Tokens,
         input: Limit::InputTokens,
         output: Limit::OutputTokens,
+        day: Limit::RequestsPerDay,
     };
     /// A client's caps (which have no input or output limit).
     pub(crate) const CLIENT: Names = Names {
@@ -147,6 +191,7 @@ impl Names {
         tokens: Limit::ClientTokens,
         input: Limit::ClientTokens,
         output: Limit::ClientTokens,
+        day: Limit::ClientRequests,
     };
     /// A model's limits.
     pub(crate) const MODEL: Names = Names {
@@ -154,6 +199,7 @@ impl Names {
         tokens: Limit::ModelTokens,
         input: Limit::ModelInputTokens,
         output: Limit::ModelOutputTokens,
+        day: Limit::ModelRequestsPerDay,
     };
     /// An endpoint's own quota.
     pub(crate) const UPSTREAM: Names = Names {
@@ -161,6 +207,7 @@ impl Names {
         tokens: Limit::UpstreamTokens,
         input: Limit::UpstreamInputTokens,
         output: Limit::UpstreamOutputTokens,
+        day: Limit::UpstreamRequestsPerDay,
     };
 }
 
@@ -175,21 +222,30 @@ pub(crate) struct RateConfig {
     pub(crate) input: Option<(u64, u64)>,
     /// Output tokens per minute and burst.
     pub(crate) output: Option<(u64, u64)>,
+    /// Requests per day.
+    pub(crate) per_day: Option<u64>,
 }
 
 impl RateConfig {
     /// One second's worth of each rate as its burst.
     pub(crate) fn per_minute(requests: Option<u64>, tokens: Option<u64>) -> Self {
         let burst = |pm: u64| (pm, llmproxy_api::policy::per_second(pm));
-        Self { requests: requests.map(burst), tokens: tokens.map(burst), input: None, output: None }
+        Self {
+            requests: requests.map(burst),
+            tokens: tokens.map(burst),
+            input: None,
+            output: None,
+            per_day: None,
+        }
     }
 
     /// A model's limits (`limits.models`), one second's worth of each as its burst.
     pub(crate) fn for_model(m: &llmproxy_api::policy::ModelLimits) -> Self {
-        Self::per_minute(m.requests_per_minute, m.tokens_per_minute).with_io(
+        let rates = Self::per_minute(m.requests_per_minute, m.tokens_per_minute).with_io(
             m.input_tokens_per_minute.map(|pm| (pm, 0)),
             m.output_tokens_per_minute.map(|pm| (pm, 0)),
-        )
+        );
+        Self { per_day: m.requests_per_day, ..rates }
     }
 
     /// The same, with input and output tokens per minute limited apart (one second's worth of
@@ -210,6 +266,10 @@ impl RateConfig {
             tokens: tighter(self.tokens, other.tokens),
             input: tighter(self.input, other.input),
             output: tighter(self.output, other.output),
+            per_day: match (self.per_day, other.per_day) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
         }
     }
 
@@ -224,11 +284,16 @@ impl RateConfig {
             tokens: keep(self.tokens),
             input: keep(self.input),
             output: keep(self.output),
+            per_day: self.per_day,
         }
     }
 
     pub(crate) fn is_unlimited(self) -> bool {
-        self.requests.is_none() && self.tokens.is_none() && self.input.is_none() && self.output.is_none()
+        self.requests.is_none()
+            && self.tokens.is_none()
+            && self.input.is_none()
+            && self.output.is_none()
+            && self.per_day.is_none()
     }
 }
 
@@ -242,6 +307,7 @@ pub(crate) struct Rates {
     pub(crate) tokens: Option<Bucket>,
     pub(crate) input: Option<Bucket>,
     pub(crate) output: Option<Bucket>,
+    pub(crate) day: Option<DayCount>,
     pub(super) config: RateConfig,
     pub(super) withheld: f64,
     pub(super) reports_tokens: bool,
@@ -274,6 +340,7 @@ impl Rates {
             tokens: config.tokens.map(|(pm, burst)| Bucket::full(pm, burst, now)),
             input: config.input.map(|(pm, burst)| Bucket::full(pm, burst, now)),
             output: config.output.map(|(pm, burst)| Bucket::full(pm, burst, now)),
+            day: config.per_day.map(|limit| DayCount::new(limit, now)),
             config,
             withheld: 0.0,
             reports_tokens: false,
@@ -300,6 +367,12 @@ impl Rates {
         update(&mut self.tokens, config.tokens);
         update(&mut self.input, config.input);
         update(&mut self.output, config.output);
+        // The day's count carries over a new limit: the provider's own count does.
+        self.day = match (self.day.take(), config.per_day) {
+            (Some(d), Some(limit)) => Some(DayCount { limit, ..d }),
+            (None, Some(limit)) => Some(DayCount::new(limit, now)),
+            (_, None) => None,
+        };
         self.config = config;
         true
     }
@@ -309,6 +382,12 @@ impl Rates {
         let mut out = (now, names.requests);
         if let Some(b) = &mut self.requests {
             out = (b.ready_at(now, 1), names.requests);
+        }
+        if let Some(d) = &mut self.day {
+            let t = d.ready_at(now);
+            if t > out.0 {
+                out = (t, names.day);
+            }
         }
         for (bucket, units, limit) in [
             (&mut self.tokens, cost.tokens, names.tokens),
@@ -337,6 +416,9 @@ impl Rates {
     pub(crate) fn take(&mut self, now: Instant, cost: Cost) {
         if let Some(b) = &mut self.requests {
             b.take(now, 1);
+        }
+        if let Some(d) = &mut self.day {
+            d.take(now);
         }
         for (bucket, units) in
             [(&mut self.tokens, cost.tokens), (&mut self.input, cost.input), (&mut self.output, cost.output)]

@@ -1,16 +1,18 @@
 //! One upstream endpoint as admission sees it: its own quota (configured, lowered to what its
-//! `x-ratelimit-limit-*` headers report), per-model quotas, the pauses its 429s asked for, and
-//! its health (taken out after failures for a growing back-off, probed one request at a time).
+//! `x-ratelimit-limit-*` headers report), per-model quotas, the pauses its 429s asked for, the
+//! quotas it reported spent for longer than a queue waits, and its health (taken out after
+//! failures for a growing back-off, probed one request at a time).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use llmproxy_api::policy::UpstreamPolicy;
 use tokio::time::Instant;
 
 use super::bucket::{Correction, Names, RateConfig, Rates, Spent};
 use super::limit::{Ask, Cost, Hold, Limit};
+use crate::protocol::provider::Exhaustion;
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// The most models an endpoint keeps quotas or pauses for; beyond it idle ones are forgotten
@@ -20,6 +22,40 @@ pub(crate) const MAX_MODELS: usize = 1024;
 /// Consecutive 5xx answers that take an endpoint out (a refused connection or a timeout does
 /// at once).
 const FAILURES_TO_EJECT: u32 = 3;
+
+/// How often one request may go to an endpoint (or model) whose quota the upstream reported
+/// spent, to see whether it is back (a top-up, a raised limit) before its reset.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(60);
+
+/// A quota the upstream reported spent for longer than a queue waits.
+#[derive(Clone, Debug)]
+pub(crate) struct Exhausted {
+    pub(crate) reason: &'static str,
+    /// The upstream's reset, where known: on the monotonic clock (which decides) and the wall
+    /// clock (which status reports).
+    until: Option<Instant>,
+    pub(crate) reset: Option<SystemTime>,
+    /// When the next probe may go.
+    next_probe: Instant,
+    /// The admission order from which answers are probes: only a success of one of those brings
+    /// the quota back (a request sent before it was spent proves nothing).
+    from_order: u64,
+}
+
+impl Exhausted {
+    fn over(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| u <= now)
+    }
+
+    /// Until when it holds requests back: `None` when it is over or a probe may go now. A known
+    /// reset is the answer's Retry-After; else the next probe.
+    fn holds_until(&self, now: Instant) -> Option<Instant> {
+        if self.over(now) || self.next_probe <= now {
+            return None;
+        }
+        Some(self.until.unwrap_or(self.next_probe))
+    }
+}
 
 /// One model's quota at an endpoint: configured (`limits.models`) and reported by its headers.
 #[derive(Debug)]
@@ -75,6 +111,8 @@ pub(crate) enum Verdict {
     ServerError(String),
     /// No answer: the connection failed or it timed out.
     NoAnswer(String),
+    /// It answered that a quota no wait fixes is spent (its health is fine).
+    Exhausted(Exhaustion),
 }
 
 /// Which quota an answer corrects (its model's, or the endpoint's), and where that quota's
@@ -107,6 +145,9 @@ pub(crate) struct Endpoint {
     models: HashMap<Arc<str>, ModelQuota>,
     key_paused_until: Option<Instant>,
     model_paused_until: HashMap<Arc<str>, Instant>,
+    /// The whole endpoint's quota reported spent (its account's credit), and per model.
+    exhausted: Option<Exhausted>,
+    model_exhausted: HashMap<Arc<str>, Exhausted>,
     /// Token charges of requests sent here and not yet answered, by admission order.
     pub(super) unanswered: BTreeMap<u64, Cost>,
     pub(crate) health: Health,
@@ -126,6 +167,7 @@ pub(super) fn configured(policy: &UpstreamPolicy) -> RateConfig {
         tokens: l.tokens_per_minute.map(|pm| (pm, l.token_burst.max(llmproxy_api::policy::per_second(pm)))),
         input: None,
         output: None,
+        per_day: l.requests_per_day,
     }
     .with_io(
         l.input_tokens_per_minute.map(|pm| (pm, l.input_token_burst)),
@@ -155,6 +197,7 @@ fn reported(q: &QuotaHeaders, spec: RateConfig) -> RateConfig {
         tokens: unit(q.limit_tokens, spec.tokens),
         input: unit(q.limit_input_tokens, spec.input),
         output: unit(q.limit_output_tokens, spec.output),
+        per_day: None,
     }
 }
 
@@ -176,6 +219,8 @@ impl Endpoint {
             models: HashMap::new(),
             key_paused_until: None,
             model_paused_until: HashMap::new(),
+            exhausted: None,
+            model_exhausted: HashMap::new(),
             unanswered: BTreeMap::new(),
             health: Health::default(),
             swrr: 0,
@@ -275,6 +320,7 @@ impl Endpoint {
     /// Charge `ask` here. Returns whether this request is its probe, and where the quota its
     /// answer will correct stood.
     pub(crate) fn take(&mut self, now: Instant, ask: &Ask, order: u64) -> (bool, Target) {
+        self.probe_exhausted(now, ask.model.as_ref());
         self.rates.take(now, ask.cost());
         let model = ask.model.as_ref().and_then(|m| self.models.get_mut(m));
         let spent = match model {
@@ -307,6 +353,84 @@ impl Endpoint {
         if let Some(q) = model.and_then(|m| self.models.get_mut(m)) {
             q.rates.settle(now, reserved, used, true);
         }
+    }
+
+    /// Until when a quota the upstream reported spent holds `model` here (`None`: it does not,
+    /// or a probe may go now).
+    pub(crate) fn exhausted_until(&self, now: Instant, model: Option<&Arc<str>>) -> Option<Instant> {
+        let whole = self.exhausted.as_ref().and_then(|x| x.holds_until(now));
+        let only = model.and_then(|m| self.model_exhausted.get(m)).and_then(|x| x.holds_until(now));
+        whole.max(only)
+    }
+
+    /// A request is about to go here: where it is a probe of a spent quota, the next one waits
+    /// a while; quotas whose reset passed are forgotten.
+    fn probe_exhausted(&mut self, now: Instant, model: Option<&Arc<str>>) {
+        if self.exhausted.as_ref().is_some_and(|x| x.over(now)) {
+            self.exhausted = None;
+        }
+        self.model_exhausted.retain(|_, x| !x.over(now));
+        let model = model.and_then(|m| self.model_exhausted.get_mut(m));
+        for x in self.exhausted.iter_mut().chain(model) {
+            if x.next_probe <= now {
+                x.next_probe = now + PROBE_EVERY;
+            }
+        }
+    }
+
+    /// The upstream reported a quota spent (the endpoint's, or only `model`'s): no request for
+    /// it goes here before its reset or a successful probe; `next_order` is the admission
+    /// order of the next request.
+    pub(crate) fn exhaust(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        model: Option<&Arc<str>>,
+        e: &Exhaustion,
+        next_order: u64,
+    ) {
+        let until = e.reset.map(|r| now + r.duration_since(wall).unwrap_or(Duration::ZERO));
+        let x = Exhausted {
+            reason: e.reason,
+            until,
+            reset: e.reset,
+            next_probe: now + PROBE_EVERY,
+            from_order: next_order,
+        };
+        match model.filter(|_| e.model_only) {
+            None => self.exhausted = Some(x),
+            Some(m) => {
+                if self.model_exhausted.len() >= MAX_MODELS && !self.model_exhausted.contains_key(m) {
+                    self.model_exhausted.retain(|_, x| !x.over(now));
+                    if self.model_exhausted.len() >= MAX_MODELS {
+                        return;
+                    }
+                }
+                self.model_exhausted.insert(Arc::clone(m), x);
+            }
+        }
+    }
+
+    /// A request of admission order `order` was answered: a probe's answer brings a spent quota
+    /// back.
+    pub(crate) fn recovered(&mut self, model: Option<&Arc<str>>, order: u64) {
+        if self.exhausted.as_ref().is_some_and(|x| order >= x.from_order) {
+            self.exhausted = None;
+        }
+        if let Some(m) = model
+            && self.model_exhausted.get(m).is_some_and(|x| order >= x.from_order)
+        {
+            self.model_exhausted.remove(m);
+        }
+    }
+
+    /// The quotas reported spent, for status: the endpoint's (no model) and each model's.
+    pub(crate) fn exhausted_report(&self, now: Instant) -> Vec<(Option<String>, Exhausted)> {
+        let whole = self.exhausted.iter().map(|x| (None, x.clone()));
+        let models = self.model_exhausted.iter().map(|(m, x)| (Some(m.to_string()), x.clone()));
+        let mut out: Vec<_> = whole.chain(models).filter(|(_, x)| !x.over(now)).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Hold requests for `model` here (or, without a model, everything here) until `until`.
@@ -362,6 +486,7 @@ impl Endpoint {
                     tokens: configured.tokens.or(self.configured.tokens),
                     input: configured.input.or(self.configured.input),
                     output: configured.output.or(self.configured.output),
+                    per_day: configured.per_day,
                 };
                 let seen = reported(q, spec);
                 let in_flight = &self.unanswered;
@@ -448,7 +573,7 @@ impl Endpoint {
             h.probing = false;
         }
         let (hard, error) = match verdict {
-            Verdict::Answered => {
+            Verdict::Answered | Verdict::Exhausted(_) => {
                 h.failures = 0;
                 if probe {
                     h.ejections = 0;

@@ -50,11 +50,20 @@ pub enum Limit {
     ModelInputTokens,
     /// A model's output tokens per minute.
     ModelOutputTokens,
+    /// `limits.requestsPerDay`.
+    RequestsPerDay,
+    /// An endpoint's own requests per day.
+    UpstreamRequestsPerDay,
+    /// A model's requests per day.
+    ModelRequestsPerDay,
+    /// Every endpoint that serves the request reported its quota spent for longer than a
+    /// queue waits (out of credit, a spend limit, a daily quota).
+    UpstreamExhausted,
 }
 
 impl Limit {
     /// Every limit, for initialising metric series.
-    pub const ALL: [Limit; 21] = [
+    pub const ALL: [Limit; 25] = [
         Limit::Requests,
         Limit::Tokens,
         Limit::Concurrency,
@@ -76,6 +85,10 @@ impl Limit {
         Limit::UpstreamOutputTokens,
         Limit::ModelInputTokens,
         Limit::ModelOutputTokens,
+        Limit::RequestsPerDay,
+        Limit::UpstreamRequestsPerDay,
+        Limit::ModelRequestsPerDay,
+        Limit::UpstreamExhausted,
     ];
 
     /// A low-cardinality label for metrics.
@@ -102,6 +115,10 @@ impl Limit {
             Limit::UpstreamOutputTokens => "upstream_output_tokens_per_minute",
             Limit::ModelInputTokens => "model_input_tokens_per_minute",
             Limit::ModelOutputTokens => "model_output_tokens_per_minute",
+            Limit::RequestsPerDay => "requests_per_day",
+            Limit::UpstreamRequestsPerDay => "upstream_requests_per_day",
+            Limit::ModelRequestsPerDay => "model_requests_per_day",
+            Limit::UpstreamExhausted => "upstream_quota_exhausted",
         }
     }
 }
@@ -150,6 +167,17 @@ impl fmt::Display for Limit {
             Limit::UpstreamOutputTokens => "the upstream endpoint's output-tokens-per-minute limit",
             Limit::ModelInputTokens => "this model's input-tokens-per-minute limit",
             Limit::ModelOutputTokens => "this model's output-tokens-per-minute limit",
+            Limit::RequestsPerDay => "the requests-per-day limit (the day resets at midnight US Pacific)",
+            Limit::UpstreamRequestsPerDay => {
+                "the upstream endpoint's requests-per-day limit (the day resets at midnight US Pacific)"
+            }
+            Limit::ModelRequestsPerDay => {
+                "this model's requests-per-day limit (the day resets at midnight US Pacific)"
+            }
+            Limit::UpstreamExhausted => {
+                "the upstream's own quota being spent (its credit, a spend limit or a daily quota; see \
+                 status.upstreams[].exhausted)"
+            }
         })
     }
 }

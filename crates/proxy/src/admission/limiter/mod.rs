@@ -21,7 +21,7 @@ pub(crate) mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use llmproxy_api::Policy;
 use llmproxy_api::policy::{ClientsPolicy, LimitsPolicy, QuotaPolicy, UpstreamPolicy};
@@ -99,7 +99,8 @@ pub(crate) struct Mark {
     pub(crate) order: u64,
     /// The endpoint it was admitted to.
     pub(crate) endpoint: Arc<UpstreamPolicy>,
-    model: Option<Arc<str>>,
+    /// The model it was charged for.
+    pub(crate) model: Option<Arc<str>>,
     target: Target,
     /// Token charges of earlier requests to the same endpoint still unanswered when this one
     /// was charged: any of them may reach the upstream after this one.
@@ -136,6 +137,9 @@ pub struct EndpointReport {
     pub remaining: (Option<u64>, Option<u64>),
     /// Times it was taken out.
     pub ejections: u64,
+    /// The quotas it reported spent: the model (none: the whole endpoint), why, and the reset
+    /// where known.
+    pub exhausted: Vec<(Option<String>, &'static str, Option<SystemTime>)>,
 }
 
 /// The most clients with caps tracked at once; idle ones beyond it are forgotten.
@@ -170,6 +174,7 @@ fn total_config(l: &LimitsPolicy) -> RateConfig {
         tokens: l.tokens_per_minute.map(|pm| (pm, l.token_burst)),
         input: l.input_tokens_per_minute.map(|pm| (pm, l.input_token_burst)),
         output: l.output_tokens_per_minute.map(|pm| (pm, l.output_token_burst)),
+        per_day: l.requests_per_day,
     }
 }
 
@@ -349,9 +354,38 @@ impl Limiter {
     /// Whether another endpoint than `avoid` could take `ask` (it serves it and is in, or due
     /// for a probe).
     pub(crate) fn alternative(&self, now: Instant, ask: &Ask, avoid: &str) -> bool {
-        self.endpoints
-            .iter()
-            .any(|e| e.name() != avoid && e.can_serve(ask) && !matches!(e.health.avail(now), Avail::Out(_)))
+        self.endpoints.iter().any(|e| {
+            e.name() != avoid
+                && e.can_serve(ask)
+                && !matches!(e.health.avail(now), Avail::Out(_))
+                && e.exhausted_until(now, ask.model.as_ref()).is_none()
+        })
+    }
+
+    /// What holds `ask` back at the endpoints that serve it and reported its quota spent, in
+    /// words for its 429 (which quota, for which model, until when).
+    pub(crate) fn exhausted_for(&self, now: Instant, ask: &Ask) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in self.endpoints.iter().filter(|e| e.can_serve(ask)) {
+            for (model, x) in e.exhausted_report(now) {
+                if model.is_some() && model.as_deref() != ask.model.as_deref() {
+                    continue;
+                }
+                let what = match x.reason {
+                    "requests_per_day" => "its daily quota",
+                    "spend_limit" => "its spend limit",
+                    "billing" => "its billing",
+                    _ => "its account's credit",
+                };
+                let of = model.map(|m| format!(" for model {m}")).unwrap_or_default();
+                let until = match x.reset.and_then(|r| jiff::Timestamp::try_from(r).ok()) {
+                    Some(t) => format!("until {t}"),
+                    None => "until a probe (one a minute) succeeds".to_owned(),
+                };
+                out.push(format!("upstream {} reports {what} ({}){of} spent {until}", e.name(), x.reason));
+            }
+        }
+        out
     }
 
     /// Requests admitted and tokens charged in the last minute.
@@ -360,7 +394,7 @@ impl Limiter {
     }
 
     /// Every endpoint's state, for metrics and status.
-    pub(crate) fn reports(&self) -> Vec<EndpointReport> {
+    pub(crate) fn reports(&self, now: Instant) -> Vec<EndpointReport> {
         self.endpoints
             .iter()
             .map(|e| EndpointReport {
@@ -371,6 +405,7 @@ impl Limiter {
                 in_force: e.limits_in_force(),
                 remaining: e.remaining,
                 ejections: e.ejections_total,
+                exhausted: e.exhausted_report(now).into_iter().map(|(m, x)| (m, x.reason, x.reset)).collect(),
             })
             .collect()
     }

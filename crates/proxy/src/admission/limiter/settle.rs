@@ -3,6 +3,7 @@
 //! (calibration) and the endpoint's health.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use llmproxy_api::TokenAccounting;
 use tokio::time::Instant;
@@ -150,9 +151,13 @@ impl Limiter {
         let others_in = self.endpoints.iter().any(|e| e.name() != name && e.health.is_in());
         let ejection = self.ejection.clone();
         let backoff = move |n: u32| crate::admission::retry::backoff(&ejection, n, 1.0);
-        match self.endpoint_of(mark) {
-            Some(e) => e.verdict(now, mark.probe, verdict, others_in, backoff),
-            None => false,
+        let next_order = self.next_order;
+        let Some(e) = self.endpoint_of(mark) else { return false };
+        match verdict {
+            Verdict::Exhausted(x) => e.exhaust(now, SystemTime::now(), mark.model.as_ref(), x, next_order),
+            Verdict::Answered => e.recovered(mark.model.as_ref(), mark.order),
+            Verdict::ServerError(_) | Verdict::NoAnswer(_) => {}
         }
+        e.verdict(now, mark.probe, verdict, others_in, backoff)
     }
 }

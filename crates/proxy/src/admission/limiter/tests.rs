@@ -357,7 +357,7 @@ fn a_paused_or_failing_endpoint_sends_requests_to_the_other() {
     assert_eq!((at, limit), (t0 + Duration::from_secs(1), Limit::UpstreamUnavailable));
     // a fails too, but it is the last one in: it stays in.
     assert!(!l.verdict(t0, &first, &Verdict::NoAnswer("reset".into())));
-    let reports = l.reports();
+    let reports = l.reports(t0);
     assert_eq!(
         reports.iter().map(|r| (r.name.as_str(), r.healthy)).collect::<Vec<_>>(),
         [("a", true), ("b", false)]
@@ -424,4 +424,83 @@ fn output_is_charged_max_tokens_then_settled_to_what_the_answer_used() {
 
 fn first_cost() -> Cost {
     Cost { tokens: 510, input: 10, output: 500 }
+}
+
+#[test]
+fn a_spent_quota_sends_requests_elsewhere_refuses_them_with_none_left_and_is_probed_once_a_minute() {
+    use crate::protocol::provider::Exhaustion;
+    let t0 = Instant::now();
+    let p = two("[{name: a, url: 'https://a.example'}, {name: b, url: 'https://b.example', models: [m]}]");
+    let mut l = Limiter::new(&p, t0);
+    let credit = Exhaustion { reason: "insufficient_quota", model_only: false, reset: None };
+    let first = l.admit(t0, &model("m"), 0);
+    l.verdict(t0, &first, &Verdict::Exhausted(credit.clone()));
+    // m goes to b; n, which only a serves, is refused until a's next probe.
+    for _ in 0..3 {
+        assert_eq!(decide(&mut l, t0, &model("m")), Decision::Go(1));
+    }
+    assert!(!l.alternative(t0, &model("n"), "b"), "a is spent for everything");
+    let Decision::Wait { at, limit, .. } = decide(&mut l, t0, &model("n")) else { panic!("refused") };
+    assert_eq!((at, limit), (t0 + Duration::from_secs(60), Limit::UpstreamExhausted));
+    let reports = l.reports(t0);
+    assert_eq!(reports[0].exhausted, [(None, "insufficient_quota", None)]);
+    // A request sent before the quota was spent proves nothing when it succeeds.
+    l.verdict(t0, &first, &Verdict::Answered);
+    assert!(matches!(
+        decide(&mut l, t0, &model("n")),
+        Decision::Wait { limit: Limit::UpstreamExhausted, .. }
+    ));
+    // A minute on, one probe goes; the next waits for the probe after it.
+    let t1 = t0 + Duration::from_secs(60);
+    assert_eq!(decide(&mut l, t1, &model("n")), Decision::Go(0));
+    let probe = l.admit(t1, &model("n"), 0);
+    assert!(matches!(
+        decide(&mut l, t1, &model("n")),
+        Decision::Wait { limit: Limit::UpstreamExhausted, .. }
+    ));
+    // Its success brings a back.
+    l.verdict(t1, &probe, &Verdict::Answered);
+    assert_eq!(decide(&mut l, t1, &model("n")), Decision::Go(0));
+    assert!(l.reports(t1)[0].exhausted.is_empty());
+    // A daily quota of one model, with its reset known: only that model, until the reset.
+    let now = std::time::SystemTime::now();
+    let day = Exhaustion {
+        reason: "requests_per_day",
+        model_only: true,
+        reset: Some(now + Duration::from_secs(30)),
+    };
+    let at_a = l.admit(t1, &model("n"), 0);
+    l.verdict(t1, &at_a, &Verdict::Exhausted(day));
+    let Decision::Wait { at, limit, .. } = decide(&mut l, t1, &model("n")) else { panic!("refused") };
+    assert_eq!(limit, Limit::UpstreamExhausted);
+    assert!(at > t1 + Duration::from_secs(29) && at <= t1 + Duration::from_secs(30), "its reset");
+    assert_eq!(decide(&mut l, t1, &model("o")), Decision::Go(0), "other models still go");
+    let t2 = t1 + Duration::from_secs(31);
+    assert_eq!(decide(&mut l, t2, &model("n")), Decision::Go(0), "the reset passed");
+}
+
+#[test]
+fn requests_per_day_are_counted_until_the_day_ends() {
+    let t0 = Instant::now();
+    let p = two(
+        "[{name: a, url: 'https://a.example', limits: {requestsPerDay: 2}}, {name: b, url: 'https://b.example', limits: {models: {m: {requestsPerDay: 1}}}}]",
+    );
+    let mut l = Limiter::new(&p, t0);
+    let mut went = Vec::new();
+    for _ in 0..3 {
+        let Some(mark) = go(&mut l, t0, &model("m")) else { break };
+        went.push(mark.endpoint.name.clone());
+        l.answered(&mark);
+        l.release();
+    }
+    went.sort();
+    assert_eq!(went, ["a", "a", "b"]);
+    let Decision::Wait { at, limit, .. } = decide(&mut l, t0, &model("m")) else { panic!("spent") };
+    assert!(matches!(limit, Limit::UpstreamRequestsPerDay | Limit::ModelRequestsPerDay), "{limit:?}");
+    let left = at - t0;
+    assert!(left > Duration::ZERO && left <= Duration::from_secs(25 * 3600), "{left:?}");
+    // Another model at b still has b's day.
+    assert!(go(&mut l, t0, &model("n")).is_some());
+    // The next day, the count starts again.
+    assert!(go(&mut l, at, &model("m")).is_some());
 }

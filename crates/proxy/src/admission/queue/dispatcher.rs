@@ -72,7 +72,9 @@ impl Admission {
             };
             // Token debt can shrink: requests in flight settle against real usage.
             let may_shrink = limit.is_token_debt() && shared.limiter.inflight() > 0;
-            if at > w.deadline && !may_shrink {
+            // A quota the upstream reported spent is not waited for, whatever the deadline: its
+            // reset is hours away or unknown, and a probe goes by itself.
+            if (at > w.deadline && !may_shrink) || limit == Limit::UpstreamExhausted {
                 // Refuse at once: waiting cannot help.
                 if let Some(w) = shared.lines.remove(seq) {
                     let rejection = self.reject(&w.party, limit, false, w.start, at - now);

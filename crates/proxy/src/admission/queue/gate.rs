@@ -131,6 +131,16 @@ impl Issuer for Admission {
             shared.limiter.calibrate(now, quota, mark, c);
         }
         drop(shared);
+        if let Verdict::Exhausted(x) = verdict {
+            tracing::warn!(
+                upstream = %mark.endpoint.name,
+                model = mark.model.as_deref().unwrap_or_default(),
+                reason = x.reason,
+                "the upstream reports a quota no wait fixes is spent: its requests are refused at once or \
+                 sent elsewhere until its reset or a successful probe"
+            );
+            self.metrics.upstream_exhausted(&mark.endpoint.name, x.reason);
+        }
         if ejected {
             tracing::warn!(upstream = %mark.endpoint.name, "upstream endpoint taken out after failures");
             self.metrics.upstream_ejected(&mark.endpoint.name);

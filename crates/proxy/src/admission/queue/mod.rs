@@ -231,9 +231,14 @@ impl Admission {
         allowed
     }
 
+    /// Why the endpoints that serve `ask` take none of it: the quotas they reported spent.
+    pub(crate) fn exhausted_for(&self, ask: &Ask) -> Vec<String> {
+        self.lock().limiter.exhausted_for(Instant::now(), ask)
+    }
+
     /// Every endpoint's state, for metrics and status.
     pub fn endpoints(&self) -> Vec<EndpointReport> {
-        self.lock().limiter.reports()
+        self.lock().limiter.reports(Instant::now())
     }
 
     /// Requests admitted and tokens charged in the last minute (for status).
