@@ -59,6 +59,11 @@ fn examples_pass_and_fail_the_standalone_check_like_the_server() {
         (sonnet.input_tokens_per_minute, sonnet.output_tokens_per_minute),
         (Some(450_000), Some(90_000))
     );
+    let (_, azure) = llmproxy_api::from_yaml(&read("examples/azure.yaml")).unwrap();
+    assert_eq!(azure.upstreams[0].provider, llmproxy_api::Provider::Azure);
+    assert!(azure.upstreams[0].allowed_paths.iter().all(|r| r.root() == "openai"));
+    let (_, gemini) = llmproxy_api::from_yaml(&read("examples/gemini.yaml")).unwrap();
+    assert_eq!(gemini.limits.models["gemini-2.5-pro"].requests_per_day, Some(1000));
     let err = llmproxy_api::from_yaml(&read("examples/invalid/backoff-exceeds-max.yaml"))
         .err()
         .map(|e| e.to_string())

@@ -180,9 +180,13 @@ async fn a_real_prometheus_evaluates_every_panel_and_alert_over_real_scrapes() {
         ..MockConfig::default()
     })
     .await;
+    // And one for a model only it serves, whose account is out of credit.
+    let broke = mock(MockConfig::default()).await;
+    broke.mock.set_out_of_credit(true);
     let manifest = format!(
-        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: team}}\nspec:\n  upstreams:\n    - {{name: live, url: '{}'}}\n    - {{name: dead, url: 'http://127.0.0.1:9/v1'}}\n  limits: {{requestsPerMinute: 6000, tokensPerMinute: 100000, maxConcurrent: 2}}\n  queue: {{maxSize: 10, maxWait: 60s}}\n  retry: {{initialBackoff: 10ms}}\n  cache: {{ttl: 5m}}\n",
-        upstream.url()
+        "apiVersion: llmproxy.io/v1alpha1\nkind: LlmProxy\nmetadata: {{name: team}}\nspec:\n  upstreams:\n    - {{name: live, url: '{}', models: [gpt-4o-mini]}}\n    - {{name: dead, url: 'http://127.0.0.1:9/v1', models: [gpt-4o-mini]}}\n    - {{name: broke, url: '{}', models: [credit-test]}}\n  limits: {{requestsPerMinute: 6000, tokensPerMinute: 100000, maxConcurrent: 2}}\n  queue: {{maxSize: 10, maxWait: 60s}}\n  retry: {{initialBackoff: 10ms}}\n  cache: {{ttl: 5m}}\n",
+        upstream.url(),
+        broke.url()
     );
     let proxy = TestProxy::start(&manifest, None).await;
     let operator = llmproxy_operator::Metrics::new(prometheus::Registry::new()).unwrap();
@@ -212,6 +216,8 @@ async fn a_real_prometheus_evaluates_every_panel_and_alert_over_real_scrapes() {
     upstream.mock.inject(Fault::Status { status: 429, retry_after_secs: None, code: None }, 1);
     let _ = load::shoot(&client, &url, None, &load::chat_body(11)).await;
     let _ = load::shoot(&client, &url, None, &load::chat_body(11)).await;
+    let credit = serde_json::json!({"model": "credit-test", "messages": [{"role": "user", "content": "hi"}]});
+    let _ = load::shoot(&client, &url, None, &credit).await;
     upstream.mock.hold();
     let held = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
@@ -253,7 +259,7 @@ async fn a_real_prometheus_evaluates_every_panel_and_alert_over_real_scrapes() {
         r#"{"enabled": true, "throttledPerSecond": 0, "queueFullRatio": 0.01, "upstreamErrorRatio": 0.001, "tokensNearLimitRatio": 0.0001}"#,
     );
     let alerts = alert_exprs(&rules);
-    assert_eq!(alerts.len(), 6, "{rules}");
+    assert_eq!(alerts.len(), 7, "{rules}");
     for (alert, expr) in &alerts {
         match prom.query(expr).await {
             Ok(r) if !r.is_empty() => {}

@@ -220,6 +220,12 @@ async fn observe_one(
         conditions.push(c);
     }
     conditions.extend(status::bottlenecks(&reports, p.metadata.generation, p.status.as_ref(), &now));
+    conditions.push(status::upstream_quota_exhausted(
+        &upstreams,
+        p.metadata.generation,
+        p.status.as_ref(),
+        &now,
+    ));
     let usage = status::usage(&reports, Policy::from_spec(&p.spec).ok().as_ref());
     let stored = p.status.clone().unwrap_or_default();
     let same_conditions = conditions.iter().all(|c| {

@@ -247,7 +247,7 @@ pub(crate) fn unchanged(stored: Option<&LlmProxyStatus>, new: &LlmProxyStatus) -
 
 /// Conditions written from what the proxy pods report, not by the reconciler.
 pub(crate) const OBSERVED_CONDITIONS: &[&str] =
-    &["LimitsAboveUpstream", "QuotaShared", "QuotaBound", "Saturated"];
+    &["LimitsAboveUpstream", "QuotaShared", "QuotaBound", "Saturated", "UpstreamQuotaExhausted"];
 
 fn observed_condition(type_: &str) -> bool {
     OBSERVED_CONDITIONS.contains(&type_)
@@ -265,7 +265,8 @@ pub(crate) fn reconciler_part(status: &LlmProxyStatus) -> LlmProxyStatus {
 
 /// One view of each upstream out of every pod's report: the lowest limit any pod was told
 /// (they share the key, so they normally agree), healthy only if no pod has it taken out (one
-/// pod's ejection is worth a look), and the error of a pod that took it out, else any error.
+/// pod's ejection is worth a look), the error of a pod that took it out, else any error, and
+/// every quota any pod was told is spent.
 pub(crate) fn aggregate_upstreams(reports: &[ProxyReport]) -> Vec<UpstreamStatus> {
     let mut out: Vec<UpstreamStatus> = Vec::new();
     for u in reports.iter().flat_map(|r| &r.upstreams) {
@@ -284,9 +285,62 @@ pub(crate) fn aggregate_upstreams(reports: &[ProxyReport]) -> Vec<UpstreamStatus
         } else if seen.last_error.is_none() {
             seen.last_error = u.last_error.clone();
         }
+        for x in &u.exhausted {
+            if !seen.exhausted.iter().any(|s| s.model == x.model) {
+                seen.exhausted.push(x.clone());
+            }
+        }
+    }
+    for u in &mut out {
+        u.exhausted.sort_by(|a, b| a.model.cmp(&b.model));
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// `UpstreamQuotaExhausted`: true while an upstream reports a quota spent that no wait fixes
+/// (an account out of credit, a spend limit, a daily quota): its requests are refused at once
+/// or sent to another endpoint until its reset, which someone may need to act on.
+pub(crate) fn upstream_quota_exhausted(
+    upstreams: &[UpstreamStatus],
+    generation: Option<i64>,
+    previous: Option<&LlmProxyStatus>,
+    now: &Time,
+) -> Condition {
+    let spent: Vec<String> = upstreams
+        .iter()
+        .flat_map(|u| {
+            u.exhausted.iter().map(move |x| {
+                let of = x.model.as_deref().map(|m| format!(" for {m}")).unwrap_or_default();
+                let until = x.until.as_deref().map(|t| format!(" until {t}")).unwrap_or_default();
+                format!("{}: {}{of}{until}", u.name, x.reason)
+            })
+        })
+        .collect();
+    let mut c = if spent.is_empty() {
+        condition(
+            "UpstreamQuotaExhausted",
+            false,
+            "UpstreamQuotasAvailable",
+            "no upstream reports a spent quota".into(),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            "UpstreamQuotaExhausted",
+            true,
+            "UpstreamReportsQuotaSpent",
+            format!(
+                "{}; those requests are answered 429 at once or sent to another endpoint, and probed once a minute",
+                spent.join("; ")
+            ),
+            generation,
+            now,
+        )
+    };
+    keep_transition(&mut c, previous);
+    c
 }
 
 fn lower(a: Option<i64>, b: Option<i64>) -> Option<i64> {
@@ -596,6 +650,7 @@ mod tests {
                 .map(|r| ObservedLimits { requests_per_minute: Some(r), ..ObservedLimits::default() }),
             healthy,
             last_error: error.map(str::to_owned),
+            exhausted: Vec::new(),
         }
     }
 
@@ -618,6 +673,29 @@ mod tests {
             [seen("a", Some(90), false, Some("connect: refused")), seen("b", Some(600), true, None)]
         );
         assert!(aggregate_upstreams(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_quota_any_pod_was_told_is_spent_is_shown_once_with_a_condition() {
+        let spent = |model: Option<&str>| llmproxy_api::ExhaustedStatus {
+            model: model.map(str::to_owned),
+            reason: "requests_per_day".into(),
+            until: Some("2026-12-03T08:00:00Z".into()),
+        };
+        let pod = |models: &[Option<&str>]| ProxyReport {
+            upstreams: vec![UpstreamStatus {
+                exhausted: models.iter().map(|m| spent(*m)).collect(),
+                ..seen("g", None, true, None)
+            }],
+            ..ProxyReport::default()
+        };
+        let all = aggregate_upstreams(&[pod(&[Some("m2")]), pod(&[Some("m1"), Some("m2")]), pod(&[])]);
+        assert_eq!(all[0].exhausted, [spent(Some("m1")), spent(Some("m2"))]);
+        let c = upstream_quota_exhausted(&all, Some(1), None, &at(5));
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "UpstreamReportsQuotaSpent"));
+        assert!(c.message.contains("g: requests_per_day for m1 until 2026-12-03T08:00:00Z"), "{}", c.message);
+        let clear = upstream_quota_exhausted(&aggregate_upstreams(&[pod(&[])]), Some(1), None, &at(6));
+        assert_eq!(clear.status, "False");
     }
 
     #[test]

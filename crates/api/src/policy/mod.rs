@@ -467,6 +467,35 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
     }
 
     #[test]
+    fn azure_bursts_stay_in_a_10_second_slice_and_its_rules_start_with_openai() {
+        let yaml = "upstream: {url: 'https://r.openai.azure.com', provider: azure}\nlimits: {requestsPerMinute: 600, burst: 500, tokensPerMinute: 60000}";
+        let p = Policy::from_spec(&serde_yaml::from_str::<LlmProxySpec>(yaml).unwrap()).unwrap();
+        assert_eq!(p.limits.request_burst, 500, "the LlmProxy's own burst is as configured");
+        assert_eq!((p.upstreams[0].limits.request_burst, p.upstreams[0].limits.token_burst), (100, 1000));
+        assert!(p.upstreams[0].allowed_paths.iter().all(|r| r.root() == "openai"));
+        let e = errors(
+            "upstream: {url: 'https://r.openai.azure.com', provider: azure, allowedPaths: ['POST /v1/chat/completions']}\nlimits: {requestsPerMinute: 60}",
+        );
+        assert!(e.contains("spec.upstream.allowedPaths: POST /v1/chat/completions: rules for provider azure start with /openai/"), "{e}");
+        let e = errors(
+            "upstream: {url: 'https://api.openai.com/v1', allowedPaths: ['POST /openai/deployments/*/chat/completions']}\nlimits: {requestsPerMinute: 60}",
+        );
+        assert!(e.contains("rules start with /v1/"), "{e}");
+    }
+
+    #[test]
+    fn requests_per_day_are_limits_of_their_own_not_shared_yet() {
+        let yaml = "upstream: {url: 'https://g.example/v1beta/openai', provider: gemini}\nlimits: {requestsPerMinute: 60, requestsPerDay: 1000, models: {g: {requestsPerDay: 50}}}";
+        let p = Policy::from_spec(&serde_yaml::from_str::<LlmProxySpec>(yaml).unwrap()).unwrap();
+        assert_eq!(p.limits.requests_per_day, Some(1000));
+        assert_eq!(p.upstreams[0].limits.requests_per_day, Some(1000));
+        assert_eq!(p.limits.models["g"].requests_per_day, Some(50));
+        assert_eq!(p.clone().for_replicas(4).limits.requests_per_day, Some(250));
+        let e = errors(&format!("{yaml}\nsharedState: {{redis: {{url: 'redis://r:6379'}}}}"));
+        assert!(e.contains("spec.sharedState: requestsPerDay is counted by each replica"), "{e}");
+    }
+
+    #[test]
     fn a_key_header_is_refused_for_a_provider_that_takes_its_key_its_own_way() {
         let e = errors(
             "upstream: {url: 'https://api.anthropic.com/v1', provider: anthropic, keyHeader: api-key}\nlimits: {requestsPerMinute: 50}",

@@ -394,7 +394,7 @@ fn endpoint(
     if let Some(rule) = allowed_paths.iter().find(|r| r.root() != root) {
         c.fail(
             &format!("{field}.allowedPaths"),
-            format!("{rule}: a {} upstream's rules start with /{root}/", u.provider.name()),
+            format!("{rule}: rules for provider {} start with /{root}/", u.provider.name()),
         );
     }
     let mut limits = limits;

@@ -88,6 +88,10 @@ pub(crate) struct Exhaustion {
     pub(crate) reset: Option<SystemTime>,
 }
 
+/// Every `Exhaustion::reason`, for initialising metric series.
+pub(crate) const EXHAUSTION_REASONS: [&str; 4] =
+    ["insufficient_quota", "billing", "spend_limit", "requests_per_day"];
+
 /// Whether a 429's body says a quota no wait fixes is spent, and which.
 pub(crate) fn exhaustion(provider: Provider, body: &[u8], now: SystemTime) -> Option<Exhaustion> {
     let account = |reason| Some(Exhaustion { reason, model_only: false, reset: None });
