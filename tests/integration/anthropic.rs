@@ -334,7 +334,7 @@ async fn output_limits_learned_from_anthropics_headers_alone_keep_429s_rare() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spend_limit_429_is_answered_at_once_and_a_rate_limit_429_waits_its_turn() {
+async fn a_spend_limit_429_is_answered_at_once_then_holds_the_account_and_a_rate_limit_429_waits_its_turn() {
     let upstream = mock(MockConfig::default()).await;
     let queue = "  queue: {maxSize: 100, maxWait: 30s}\n";
     let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 6000}", queue).await;
@@ -357,12 +357,26 @@ async fn a_spend_limit_429_is_answered_at_once_and_a_rate_limit_429_waits_its_tu
     );
     assert!(body.contains("spend limit"), "the upstream's own answer: {body}");
     assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("1"));
+    // The account is spent: the next request is answered at once, in Anthropic's shape, and
+    // never reaches the upstream (until a probe a minute on).
+    let start = std::time::Instant::now();
+    let (status, _, body) = post_json(&url, &message(16)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{body}");
+    assert!(body.contains("spend_limit"), "{body}");
+    assert_eq!(upstream.mock.seen().len(), 1);
+
     // A rate limit: it waits out its retry-after and goes again, and the client never sees it.
+    let upstream = mock(MockConfig::default()).await;
+    let (_dir, proxy) = claude_proxy(&upstream, "{requestsPerMinute: 6000}", queue).await;
+    let url = proxy.url("/messages");
     upstream
         .mock
         .inject(llmproxy_mock::Fault::Status { status: 429, retry_after_secs: Some(1), code: None }, 1);
     let (status, headers, body) = post_json(&url, &message(16)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers.get("x-llmproxy-attempts").and_then(|v| v.to_str().ok()), Some("2"));
-    assert_eq!(upstream.mock.seen().len(), 3);
+    assert_eq!(upstream.mock.seen().len(), 2);
 }

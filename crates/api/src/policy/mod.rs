@@ -480,7 +480,7 @@ limits: {requestsPerMinute: 3500, tokensPerMinute: 90000}
         let e = errors(
             "upstream: {url: 'https://api.openai.com/v1', allowedPaths: ['POST /openai/deployments/*/chat/completions']}\nlimits: {requestsPerMinute: 60}",
         );
-        assert!(e.contains("rules start with /v1/"), "{e}");
+        assert!(e.contains("rules for provider openai start with /v1/"), "{e}");
     }
 
     #[test]

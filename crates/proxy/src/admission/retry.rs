@@ -79,11 +79,13 @@ fn seconds(secs: f64) -> Option<Duration> {
 /// the quota that is at 0 (OpenAI sends those headers on every answer, so on anything else they
 /// say nothing about this failure).
 pub(crate) fn upstream_delay(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(d) = header(headers, "retry-after-ms")
-        .and_then(|v| v.parse::<f64>().ok())
-        .and_then(|ms| seconds(ms / 1000.0))
-    {
-        return Some(d);
+    // OpenAI's and Azure's milliseconds first (Azure sends both spellings).
+    for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
+        if let Some(d) =
+            header(headers, name).and_then(|v| v.parse::<f64>().ok()).and_then(|ms| seconds(ms / 1000.0))
+        {
+            return Some(d);
+        }
     }
     if let Some(v) = header(headers, "retry-after") {
         if let Ok(secs) = v.parse::<f64>() {
@@ -166,6 +168,8 @@ mod tests {
         let d = |h: &HeaderMap| upstream_delay(StatusCode::TOO_MANY_REQUESTS, h, now);
         let ms = headers(&[("retry-after-ms", "1500"), ("retry-after", "7")]);
         assert_eq!(d(&ms), Some(Duration::from_millis(1500)));
+        let azure = headers(&[("x-ms-retry-after-ms", "2500"), ("retry-after", "3")]);
+        assert_eq!(d(&azure), Some(Duration::from_millis(2500)));
         assert_eq!(d(&headers(&[("retry-after", "7")])), Some(Duration::from_secs(7)));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
         let got = d(&headers(&[("retry-after", &date)])).unwrap_or_default();

@@ -132,6 +132,13 @@ mod tests {
         assert_eq!(q.remaining_tokens, None);
         assert_eq!(q.reset_tokens, Some(MAX_UPSTREAM_DELAY));
         assert_eq!(q.reset_requests, Some(Duration::from_millis(1500)));
+        // Azure sends -1 where it does not know: no count, never a limit of nothing.
+        let azure = QuotaHeaders::parse(&headers(&[
+            ("x-ratelimit-remaining-tokens", "-1"),
+            ("x-ratelimit-remaining-requests", "99"),
+        ]))
+        .unwrap_or_default();
+        assert_eq!((azure.remaining_requests, azure.remaining_tokens), (Some(99), None));
         let only_limit = QuotaHeaders { limit_tokens: Some(10), ..QuotaHeaders::default() };
         assert!(!only_limit.says_remaining());
     }
