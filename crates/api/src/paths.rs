@@ -58,6 +58,14 @@ pub fn default_allowed_paths(provider: crate::crd::Provider) -> &'static [&'stat
 /// (Azure OpenAI's deployment and v1 paths).
 pub const ROOTS: &[&str] = &["v1", "openai"];
 
+/// A path's root (one of `ROOTS`) and what follows `/ROOT/`; `None` for a path under none.
+/// Rules and requests split their paths alike, so a rule's root is a request's.
+pub fn split_root(path: &str) -> Option<(&'static str, &str)> {
+    ROOTS
+        .iter()
+        .find_map(|root| Some((*root, path.strip_prefix('/')?.strip_prefix(*root)?.strip_prefix('/')?)))
+}
+
 /// One segment of a rule's path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {
@@ -96,14 +104,10 @@ impl PathRule {
             m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_owned()),
             m => return Err(format!("{text:?}: method {m:?} must be upper case, or * for any")),
         };
-        let path = path.trim();
-        let Some(root) = ROOTS.iter().find(|r| {
-            path.strip_prefix('/').and_then(|p| p.strip_prefix(**r)).is_some_and(|p| p.starts_with('/'))
-        }) else {
+        let Some((root, rest)) = split_root(path.trim()) else {
             return Err(format!("{text:?}: the path must start with /v1/ (or /openai/ for Azure OpenAI)"));
         };
-        let rest = &path[root.len() + 2..];
-        let parts: Vec<&str> = std::iter::once(*root).chain(rest.split('/')).collect();
+        let parts: Vec<&str> = std::iter::once(root).chain(rest.split('/')).collect();
         let mut segments = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             segments.push(match *part {

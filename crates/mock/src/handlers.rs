@@ -170,15 +170,14 @@ fn usage(a: &Admitted) -> Value {
 
 struct Endpoint {
     path: &'static str,
-    /// The path and query it came on, where not `path` (Azure's deployment paths).
-    seen: Option<String>,
+    /// The path (and, on Azure's deployment paths, the query) it came on.
+    seen: String,
     /// Chat (`message`/`delta`) or legacy completions (`text`).
     chat: bool,
 }
 
 async fn generate(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
-    let seen = ep.seen.as_deref().unwrap_or(ep.path);
-    let (req, admitted) = match admit(&mock, &kill, &headers, &body, (ep.path, seen)).await {
+    let (req, admitted) = match admit(&mock, &kill, &headers, &body, (ep.path, &ep.seen)).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -245,7 +244,7 @@ pub(crate) async fn chat(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let seen = Some(uri.path().to_owned());
+    let seen = uri.path().to_owned();
     generate(mock, kill, headers, body, Endpoint { path: "/v1/chat/completions", seen, chat: true }).await
 }
 
@@ -256,7 +255,7 @@ pub(crate) async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let seen = Some(uri.path().to_owned());
+    let seen = uri.path().to_owned();
     generate(mock, kill, headers, body, Endpoint { path: "/v1/completions", seen, chat: false }).await
 }
 
@@ -274,13 +273,13 @@ pub(crate) async fn azure(
         let body = json!({"error": {"code": "404", "message": "Resource not found"}});
         return (StatusCode::NOT_FOUND, Json(body)).into_response();
     }
-    let seen = Some(uri.path_and_query().map_or_else(|| uri.path().to_owned(), ToString::to_string));
+    let seen = uri.path_and_query().map_or_else(|| uri.path().to_owned(), ToString::to_string);
     let op =
         uri.path().strip_prefix("/openai/deployments/").and_then(|p| p.split_once('/')).map(|(_, op)| op);
     let ep = match op {
         Some("chat/completions") => Endpoint { path: "/v1/chat/completions", seen, chat: true },
         Some("completions") => Endpoint { path: "/v1/completions", seen, chat: false },
-        Some("embeddings") => return embed(mock, kill, headers, body, seen).await,
+        Some("embeddings") => return embed(mock, kill, headers, body, &seen).await,
         _ => return not_found(uri).await,
     };
     generate(mock, kill, headers, body, ep).await
@@ -293,17 +292,10 @@ pub(crate) async fn embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    embed(mock, kill, headers, body, Some(uri.path().to_owned())).await
+    embed(mock, kill, headers, body, uri.path()).await
 }
 
-async fn embed(
-    mock: Arc<Mock>,
-    kill: Kill,
-    headers: HeaderMap,
-    body: Bytes,
-    seen: Option<String>,
-) -> Response {
-    let seen = seen.as_deref().unwrap_or("/v1/embeddings");
+async fn embed(mock: Arc<Mock>, kill: Kill, headers: HeaderMap, body: Bytes, seen: &str) -> Response {
     let (req, admitted) = match admit(&mock, &kill, &headers, &body, ("/v1/embeddings", seen)).await {
         Ok(x) => x,
         Err(resp) => return resp,

@@ -353,15 +353,7 @@ impl Proxy {
                 }),
                 healthy: e.healthy,
                 last_error: e.last_error,
-                exhausted: e
-                    .exhausted
-                    .into_iter()
-                    .map(|(model, reason, reset)| llmproxy_api::ExhaustedStatus {
-                        model,
-                        reason: reason.to_owned(),
-                        until: reset.and_then(|r| jiff::Timestamp::try_from(r).ok()).map(|t| t.to_string()),
-                    })
-                    .collect(),
+                exhausted: e.exhausted,
             })
             .collect();
         let (requests_last_minute, tokens_last_minute) = self.admission.last_minute();

@@ -377,7 +377,7 @@ fn endpoint(
     u: &UpstreamSpec,
     weight: u64,
     models: Option<Vec<String>>,
-    limits: EndpointLimits,
+    mut limits: EndpointLimits,
 ) -> UpstreamPolicy {
     let url = u.url.trim_end_matches('/').to_owned();
     if let Err(e) = check_url(&url, u.allow_insecure) {
@@ -397,7 +397,6 @@ fn endpoint(
             format!("{rule}: rules for provider {} start with /{root}/", u.provider.name()),
         );
     }
-    let mut limits = limits;
     if u.provider == Provider::Azure {
         // Azure enforces its per-minute limits over 10-second slices: a burst of more than a
         // slice's worth is refused there, whatever the minute's total.

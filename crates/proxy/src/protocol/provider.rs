@@ -75,62 +75,100 @@ pub(crate) fn sse_tap(provider: Provider, strip_usage_event: bool) -> SseTap {
     }
 }
 
+/// Why a 429 is one no wait in the queue fixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// OpenAI's and Azure's `insufficient_quota`: the account is out of credit.
+    InsufficientQuota,
+    /// A billing problem (OpenAI's `billing_hard_limit_reached`, Anthropic's `billing_error`).
+    Billing,
+    /// Anthropic's spend limit (or usage limits, or credit balance).
+    SpendLimit,
+    /// A daily quota (Gemini's per-day `quotaId`).
+    RequestsPerDay,
+}
+
+impl Reason {
+    /// Every reason, for initialising metric series.
+    pub(crate) const ALL: [Reason; 4] =
+        [Reason::InsufficientQuota, Reason::Billing, Reason::SpendLimit, Reason::RequestsPerDay];
+
+    /// Its name in metrics and status.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Reason::InsufficientQuota => "insufficient_quota",
+            Reason::Billing => "billing",
+            Reason::SpendLimit => "spend_limit",
+            Reason::RequestsPerDay => "requests_per_day",
+        }
+    }
+
+    /// What is spent, in a client's error message.
+    pub(crate) fn what(self) -> &'static str {
+        match self {
+            Reason::InsufficientQuota => "its account's credit",
+            Reason::Billing => "its billing",
+            Reason::SpendLimit => "its spend limit",
+            Reason::RequestsPerDay => "its daily quota",
+        }
+    }
+}
+
 /// A 429 that no wait in the queue fixes: the account is out of credit, a spend limit is
 /// reached, or a long-window (daily) quota is spent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Exhaustion {
-    /// Why, in metrics and status: `insufficient_quota`, `billing`, `spend_limit`,
-    /// `requests_per_day`.
-    pub(crate) reason: &'static str,
+    pub(crate) reason: Reason,
     /// Only the request's model is spent (a per-model daily quota), not the whole endpoint.
     pub(crate) model_only: bool,
     /// When the upstream's window resets, where it is known.
     pub(crate) reset: Option<SystemTime>,
 }
 
-/// Every `Exhaustion::reason`, for initialising metric series.
-pub(crate) const EXHAUSTION_REASONS: [&str; 4] =
-    ["insufficient_quota", "billing", "spend_limit", "requests_per_day"];
+/// What a 429's body says, read once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TooMany {
+    /// A quota no wait fixes is spent.
+    Exhausted(Exhaustion),
+    /// A rate limit: wait, for as long as the body asks where it says (Gemini's `RetryInfo`;
+    /// the other providers say it in headers).
+    Wait(Option<Duration>),
+}
 
-/// Whether a 429's body says a quota no wait fixes is spent, and which.
-pub(crate) fn exhaustion(provider: Provider, body: &[u8], now: SystemTime) -> Option<Exhaustion> {
-    let account = |reason| Some(Exhaustion { reason, model_only: false, reset: None });
+/// Read a 429's body: a quota no wait fixes, or a rate limit to wait out.
+pub(crate) fn too_many(provider: Provider, body: &[u8], now: SystemTime) -> TooMany {
+    let account = |reason| TooMany::Exhausted(Exhaustion { reason, model_only: false, reset: None });
+    let json = || serde_json::from_slice::<serde_json::Value>(body).ok();
     match provider {
         Provider::OpenAi | Provider::Azure => {
-            let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
-            match v.pointer("/error/code").and_then(|c| c.as_str())? {
-                "insufficient_quota" => account("insufficient_quota"),
-                "billing_hard_limit_reached" => account("billing"),
-                _ => None,
+            let v = json();
+            match v.as_ref().and_then(|v| v.pointer("/error/code")?.as_str()) {
+                Some("insufficient_quota") => account(Reason::InsufficientQuota),
+                Some("billing_hard_limit_reached") => account(Reason::Billing),
+                _ => TooMany::Wait(None),
             }
         }
         Provider::Anthropic => {
-            let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+            let v = json().unwrap_or_default();
             let kind = v.pointer("/error/type").and_then(|c| c.as_str());
             let message = v.pointer("/error/message").and_then(|c| c.as_str()).unwrap_or_default();
             let message = message.to_ascii_lowercase();
             if ["spend limit", "usage limits", "credit balance"].iter().any(|m| message.contains(m)) {
-                account("spend_limit")
+                account(Reason::SpendLimit)
             } else if kind.is_some_and(|k| k != "rate_limit_error") {
-                account("billing")
+                account(Reason::Billing)
             } else {
-                None
+                TooMany::Wait(None)
             }
         }
-        Provider::Gemini => gemini::quota_error(body).filter(|q| q.per_day).map(|_| Exhaustion {
-            reason: "requests_per_day",
-            model_only: true,
-            reset: Some(gemini::day_ends(now)),
-        }),
-    }
-}
-
-/// How long a 429's body asks to wait, for a provider that says it there rather than in a
-/// header (Gemini's `RetryInfo`).
-pub(crate) fn retry_delay(provider: Provider, body: &[u8]) -> Option<Duration> {
-    match provider {
-        Provider::Gemini => gemini::quota_error(body)?.retry_delay,
-        Provider::OpenAi | Provider::Azure | Provider::Anthropic => None,
+        Provider::Gemini => match gemini::quota_error(body) {
+            Some(q) if q.per_day => TooMany::Exhausted(Exhaustion {
+                reason: Reason::RequestsPerDay,
+                model_only: true,
+                reset: Some(gemini::day_ends(now)),
+            }),
+            q => TooMany::Wait(q.and_then(|q| q.retry_delay)),
+        },
     }
 }
 
@@ -184,7 +222,10 @@ mod tests {
     #[test]
     fn only_rate_limit_429s_are_waited_out() {
         let now = SystemTime::now();
-        let reason = |p, body: &[u8]| exhaustion(p, body, now).map(|e| (e.reason, e.model_only));
+        let reason = |p, body: &[u8]| match too_many(p, body, now) {
+            TooMany::Exhausted(e) => Some((e.reason.label(), e.model_only)),
+            TooMany::Wait(_) => None,
+        };
         let rate = br#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#;
         let spend = br#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits (spend limit)."}}"#;
         let billing = br#"{"type":"error","error":{"type":"billing_error","message":"no"}}"#;
@@ -197,13 +238,12 @@ mod tests {
         assert_eq!(reason(Provider::Azure, credit), Some(("insufficient_quota", false)));
         assert_eq!(reason(Provider::OpenAi, br#"{"error":{"code":"rate_limit_exceeded"}}"#), None);
         let day = br#"[{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}]"#;
-        let got = exhaustion(Provider::Gemini, day, now);
-        assert_eq!(got.as_ref().map(|e| (e.reason, e.model_only)), Some(("requests_per_day", true)));
-        assert!(got.and_then(|e| e.reset).is_some_and(|r| r > now));
+        assert_eq!(reason(Provider::Gemini, day), Some(("requests_per_day", true)));
+        let TooMany::Exhausted(got) = too_many(Provider::Gemini, day, now) else { panic!("a spent day") };
+        assert!(got.reset.is_some_and(|r| r > now));
         let minute = br#"{"error":{"code":429,"details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"3s"}]}}"#;
-        assert_eq!(reason(Provider::Gemini, minute), None);
-        assert_eq!(retry_delay(Provider::Gemini, minute), Some(Duration::from_secs(3)));
-        assert_eq!(retry_delay(Provider::OpenAi, minute), None);
+        assert_eq!(too_many(Provider::Gemini, minute, now), TooMany::Wait(Some(Duration::from_secs(3))));
+        assert_eq!(too_many(Provider::OpenAi, minute, now), TooMany::Wait(None));
     }
 
     #[test]

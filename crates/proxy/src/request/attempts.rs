@@ -27,7 +27,7 @@ use super::respond::Answer;
 use crate::admission::limiter::{Limit, Verdict};
 use crate::admission::queue::{Permit, Rejection, Report};
 use crate::admission::retry::{self, RetryReason};
-use crate::protocol::provider;
+use crate::protocol::provider::{self, TooMany};
 use crate::proxy::Proxy;
 use crate::request::error::{ApiError, Refusal};
 use crate::telemetry::labels::Outcome;
@@ -182,12 +182,9 @@ async fn send_once(
                 Some(RetryReason::RateLimited) => {
                     let headers = resp.headers().clone();
                     let body = read_small(resp).await;
-                    match provider::exhaustion(endpoint.provider, &body, SystemTime::now()) {
-                        Some(exhaustion) => Sent::OutOfQuota { headers, body, exhaustion },
-                        None => {
-                            let hint = hint.or_else(|| provider::retry_delay(endpoint.provider, &body));
-                            Sent::RateLimited { headers, body, hint }
-                        }
+                    match provider::too_many(endpoint.provider, &body, SystemTime::now()) {
+                        TooMany::Exhausted(exhaustion) => Sent::OutOfQuota { headers, body, exhaustion },
+                        TooMany::Wait(asked) => Sent::RateLimited { headers, body, hint: hint.or(asked) },
                     }
                 }
                 Some(reason) => Sent::Transient(resp, Failure { hint, ..failure(reason) }),

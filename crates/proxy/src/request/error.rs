@@ -42,6 +42,11 @@ pub(crate) struct ApiError {
     pub retry_after: Option<Duration>,
 }
 
+/// A wait in whole seconds, rounded up: a client that waits what Retry-After says is not early.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 impl ApiError {
     /// 400 and friends: the client's request is wrong.
     pub(crate) fn invalid(
@@ -90,7 +95,6 @@ impl ApiError {
         }
     }
 
-    /// 429 from the proxy's own queue, naming the limit that held the request.
     /// The upstream reported spent the quota a request needs (`why`: which, until when): a 429
     /// at once, the upstream's words in the message where it gave any.
     pub(crate) fn exhausted(r: &Rejection, why: &[String]) -> Self {
@@ -101,6 +105,7 @@ impl ApiError {
         e
     }
 
+    /// 429 from the proxy's own queue, naming the limit that held the request.
     pub(crate) fn throttled(r: &Rejection, waited_for: Duration) -> Self {
         if matches!(
             r.limit,
@@ -110,7 +115,7 @@ impl ApiError {
                 | Limit::ModelRequestsPerDay
         ) && !r.queue_full
         {
-            let secs = r.retry_after.as_secs() + u64::from(r.retry_after.subsec_nanos() > 0);
+            let secs = whole_seconds(r.retry_after);
             let (kind, code) = match r.limit {
                 Limit::UpstreamExhausted => ("insufficient_quota", "upstream_quota_exhausted"),
                 _ => ("rate_limit_error", "requests_per_day_exceeded"),
@@ -160,7 +165,7 @@ impl ApiError {
         if let Some(after) = self.retry_after {
             // Whole seconds, rounded up, for clients that read Retry-After; milliseconds for
             // those (the OpenAI SDKs) that read retry-after-ms first.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let secs = whole_seconds(after);
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             resp.headers_mut().insert("retry-after-ms", HeaderValue::from(after.as_millis().max(1) as u64));
         }

@@ -1,6 +1,7 @@
 //! The request's path, checked before anything else: only plain `/v1/...` (and, for Azure
-//! OpenAI, `/openai/...`) paths that the policy allows reach the upstream. A path that could resolve anywhere else (`..`, `%2e%2e`, encoded
-//! slashes or backslashes, empty or control-character segments) is refused outright.
+//! OpenAI, `/openai/...`) paths that the policy allows reach the upstream. A path that could
+//! resolve anywhere else (`..`, `%2e%2e`, encoded slashes or backslashes, empty or
+//! control-character segments) is refused outright.
 
 use http::{Method, StatusCode};
 use llmproxy_api::paths::PathRule;
@@ -34,11 +35,9 @@ pub(crate) fn segments(raw: &str) -> Result<Vec<&str>, ApiError> {
         );
         ApiError::invalid(StatusCode::BAD_REQUEST, msg, Some("invalid_path"))
     };
-    let rooted = llmproxy_api::paths::ROOTS.iter().find_map(|root| {
-        let rest = raw.strip_prefix('/')?.strip_prefix(*root)?.strip_prefix('/')?;
-        Some((*root, rest))
-    });
-    let Some((root, rest)) = rooted else { return Err(refuse("it is not under /v1/")) };
+    let Some((root, rest)) = llmproxy_api::paths::split_root(raw) else {
+        return Err(refuse("it is not under /v1/"));
+    };
     let mut out = vec![root];
     for segment in rest.split('/') {
         let decoded = percent_decode(segment).ok_or_else(|| refuse("a malformed % escape"))?;

@@ -553,8 +553,8 @@ impl Metrics {
                 self.upstreams.responses.with_label_values(&[status, upstream]);
             }
             self.upstreams.ejections.with_label_values(&[upstream]);
-            for reason in crate::protocol::provider::EXHAUSTION_REASONS {
-                self.upstreams.exhausted.with_label_values(&[upstream, reason]);
+            for reason in crate::protocol::provider::Reason::ALL {
+                self.upstreams.exhausted.with_label_values(&[upstream, reason.label()]);
             }
         }
     }

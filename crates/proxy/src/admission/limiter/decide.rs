@@ -76,16 +76,19 @@ impl Limiter {
         }
         // Endpoints whose upstream reported this quota spent take none but a probe: with no
         // other, the request is refused at once (the dispatcher never queues for this limit).
-        let spent: Vec<Instant> = candidates
-            .iter()
-            .filter_map(|i| self.endpoints[*i].exhausted_until(now, ask.model.as_ref()))
-            .collect();
-        if spent.len() == candidates.len() {
-            let at = spent.into_iter().min().unwrap_or(now);
+        let mut spent_until: Option<Instant> = None;
+        candidates.retain(|i| match self.endpoints[*i].exhausted_until(now, ask.model.as_ref()) {
+            Some(until) => {
+                spent_until = Some(spent_until.map_or(until, |s| s.min(until)));
+                false
+            }
+            None => true,
+        });
+        if candidates.is_empty() {
+            let at = spent_until.unwrap_or(now);
             let scope = ask.model.clone().map(Scope::Model);
             return Decision::Wait { at, limit: Limit::UpstreamExhausted, scope };
         }
-        candidates.retain(|i| self.endpoints[*i].exhausted_until(now, ask.model.as_ref()).is_none());
         if let Some(avoid) = &ask.avoid
             && candidates.len() > 1
         {

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::bucket::{Correction, Names, RateConfig, Rates, Spent};
 use super::limit::{Ask, Cost, Hold, Limit};
-use crate::protocol::provider::Exhaustion;
+use crate::protocol::provider::{Exhaustion, Reason};
 use crate::protocol::ratelimit_headers::QuotaHeaders;
 
 /// The most models an endpoint keeps quotas or pauses for; beyond it idle ones are forgotten
@@ -30,7 +30,7 @@ pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(60);
 /// A quota the upstream reported spent for longer than a queue waits.
 #[derive(Clone, Debug)]
 pub(crate) struct Exhausted {
-    pub(crate) reason: &'static str,
+    pub(crate) reason: Reason,
     /// The upstream's reset, where known: on the monotonic clock (which decides) and the wall
     /// clock (which status reports).
     until: Option<Instant>,
@@ -54,6 +54,11 @@ impl Exhausted {
             return None;
         }
         Some(self.until.unwrap_or(self.next_probe))
+    }
+
+    /// Its reset as an RFC 3339 time, where known.
+    pub(crate) fn until_text(&self) -> Option<String> {
+        self.reset.and_then(|r| jiff::Timestamp::try_from(r).ok()).map(|t| t.to_string())
     }
 }
 
@@ -424,10 +429,11 @@ impl Endpoint {
         }
     }
 
-    /// The quotas reported spent, for status: the endpoint's (no model) and each model's.
-    pub(crate) fn exhausted_report(&self, now: Instant) -> Vec<(Option<String>, Exhausted)> {
-        let whole = self.exhausted.iter().map(|x| (None, x.clone()));
-        let models = self.model_exhausted.iter().map(|(m, x)| (Some(m.to_string()), x.clone()));
+    /// The quotas reported spent and not yet over: the endpoint's (no model) first, then each
+    /// model's by name.
+    pub(crate) fn exhausted_report(&self, now: Instant) -> Vec<(Option<&str>, &Exhausted)> {
+        let whole = self.exhausted.iter().map(|x| (None, x));
+        let models = self.model_exhausted.iter().map(|(m, x)| (Some(&**m), x));
         let mut out: Vec<_> = whole.chain(models).filter(|(_, x)| !x.over(now)).collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out

@@ -21,7 +21,7 @@ pub(crate) mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use llmproxy_api::Policy;
 use llmproxy_api::policy::{ClientsPolicy, LimitsPolicy, QuotaPolicy, UpstreamPolicy};
@@ -137,9 +137,8 @@ pub struct EndpointReport {
     pub remaining: (Option<u64>, Option<u64>),
     /// Times it was taken out.
     pub ejections: u64,
-    /// The quotas it reported spent: the model (none: the whole endpoint), why, and the reset
-    /// where known.
-    pub exhausted: Vec<(Option<String>, &'static str, Option<SystemTime>)>,
+    /// The quotas it reported spent, as `status.upstreams[].exhausted` shows them.
+    pub exhausted: Vec<llmproxy_api::ExhaustedStatus>,
 }
 
 /// The most clients with caps tracked at once; idle ones beyond it are forgotten.
@@ -368,21 +367,16 @@ impl Limiter {
         let mut out = Vec::new();
         for e in self.endpoints.iter().filter(|e| e.can_serve(ask)) {
             for (model, x) in e.exhausted_report(now) {
-                if model.is_some() && model.as_deref() != ask.model.as_deref() {
+                if model.is_some() && model != ask.model.as_deref() {
                     continue;
                 }
-                let what = match x.reason {
-                    "requests_per_day" => "its daily quota",
-                    "spend_limit" => "its spend limit",
-                    "billing" => "its billing",
-                    _ => "its account's credit",
-                };
                 let of = model.map(|m| format!(" for model {m}")).unwrap_or_default();
-                let until = match x.reset.and_then(|r| jiff::Timestamp::try_from(r).ok()) {
+                let until = match x.until_text() {
                     Some(t) => format!("until {t}"),
                     None => "until a probe (one a minute) succeeds".to_owned(),
                 };
-                out.push(format!("upstream {} reports {what} ({}){of} spent {until}", e.name(), x.reason));
+                let (what, label) = (x.reason.what(), x.reason.label());
+                out.push(format!("upstream {} reports {what} ({label}){of} spent {until}", e.name()));
             }
         }
         out
@@ -405,7 +399,15 @@ impl Limiter {
                 in_force: e.limits_in_force(),
                 remaining: e.remaining,
                 ejections: e.ejections_total,
-                exhausted: e.exhausted_report(now).into_iter().map(|(m, x)| (m, x.reason, x.reset)).collect(),
+                exhausted: e
+                    .exhausted_report(now)
+                    .into_iter()
+                    .map(|(model, x)| llmproxy_api::ExhaustedStatus {
+                        model: model.map(str::to_owned),
+                        reason: x.reason.label().to_owned(),
+                        until: x.until_text(),
+                    })
+                    .collect(),
             })
             .collect()
     }

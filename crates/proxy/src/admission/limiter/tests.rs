@@ -428,11 +428,11 @@ fn first_cost() -> Cost {
 
 #[test]
 fn a_spent_quota_sends_requests_elsewhere_refuses_them_with_none_left_and_is_probed_once_a_minute() {
-    use crate::protocol::provider::Exhaustion;
+    use crate::protocol::provider::{Exhaustion, Reason};
     let t0 = Instant::now();
     let p = two("[{name: a, url: 'https://a.example'}, {name: b, url: 'https://b.example', models: [m]}]");
     let mut l = Limiter::new(&p, t0);
-    let credit = Exhaustion { reason: "insufficient_quota", model_only: false, reset: None };
+    let credit = Exhaustion { reason: Reason::InsufficientQuota, model_only: false, reset: None };
     let first = l.admit(t0, &model("m"), 0);
     l.verdict(t0, &first, &Verdict::Exhausted(credit.clone()));
     // m goes to b; n, which only a serves, is refused until a's next probe.
@@ -443,7 +443,9 @@ fn a_spent_quota_sends_requests_elsewhere_refuses_them_with_none_left_and_is_pro
     let Decision::Wait { at, limit, .. } = decide(&mut l, t0, &model("n")) else { panic!("refused") };
     assert_eq!((at, limit), (t0 + Duration::from_secs(60), Limit::UpstreamExhausted));
     let reports = l.reports(t0);
-    assert_eq!(reports[0].exhausted, [(None, "insufficient_quota", None)]);
+    let credit_status =
+        llmproxy_api::ExhaustedStatus { model: None, reason: "insufficient_quota".into(), until: None };
+    assert_eq!(reports[0].exhausted, [credit_status]);
     // A request sent before the quota was spent proves nothing when it succeeds.
     l.verdict(t0, &first, &Verdict::Answered);
     assert!(matches!(
@@ -465,7 +467,7 @@ fn a_spent_quota_sends_requests_elsewhere_refuses_them_with_none_left_and_is_pro
     // A daily quota of one model, with its reset known: only that model, until the reset.
     let now = std::time::SystemTime::now();
     let day = Exhaustion {
-        reason: "requests_per_day",
+        reason: Reason::RequestsPerDay,
         model_only: true,
         reset: Some(now + Duration::from_secs(30)),
     };

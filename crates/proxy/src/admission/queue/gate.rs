@@ -135,11 +135,11 @@ impl Issuer for Admission {
             tracing::warn!(
                 upstream = %mark.endpoint.name,
                 model = mark.model.as_deref().unwrap_or_default(),
-                reason = x.reason,
+                reason = x.reason.label(),
                 "the upstream reports a quota no wait fixes is spent: its requests are refused at once or \
                  sent elsewhere until its reset or a successful probe"
             );
-            self.metrics.upstream_exhausted(&mark.endpoint.name, x.reason);
+            self.metrics.upstream_exhausted(&mark.endpoint.name, x.reason.label());
         }
         if ejected {
             tracing::warn!(upstream = %mark.endpoint.name, "upstream endpoint taken out after failures");
